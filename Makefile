@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  make demo   |   make test
+# torch is installed first: TORCH_SPEC (default torch==2.13.0), from TORCH_INDEX_URL when set
+# (e.g. https://download.pytorch.org/whl/cpu for a CPU build on a machine without CUDA).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+PYTEST_ARGS ?=
+
+.PHONY: install test lint demo clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check janus_train tests benchmarks
+
+demo: install
+	bash launch/demo.sh
+
+clean:
+	rm -rf $(VENV) demo_out runs outputs

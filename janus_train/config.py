@@ -1,0 +1,195 @@
+"""The one typed config tree: dataclasses registered in Hydra's ConfigStore; YAML in ``conf/``
+only fills values, so an unknown key or a wrong type fails at compose time naming the field.
+
+Root layout (``conf/config.yaml`` picks the defaults)::
+
+    model       ModelConfig        conf/model/*.yaml       architecture / checkpoint
+    stage       StageConfig        conf/stage/*.yaml       which stage, what trains
+    experiment  ExperimentConfig   conf/experiment/*.yaml  every stage's hyper-parameters
+    deepspeed   DeepSpeedConfig    conf/deepspeed/*.yaml   ZeRO stage, offload, precision
+    data        DataConfig         loader / sample-builder settings
+    train       TrainConfig        loop, logging, checkpoints
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from janus_train.data.config import DataConfig
+from janus_train.model.config import ModelConfig
+from janus_train.model.freeze import validate_trainable
+from janus_train.trainer.config import DeepSpeedConfig, TrainConfig
+
+CONF_DIR = Path(os.environ.get("JANUS_TRAIN_CONF", Path(__file__).resolve().parent.parent / "conf"))
+STAGES = ("stage1", "stage2", "stage3")
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class ChatTemplate(str, Enum):
+    janus = "janus"
+    """Janus 1.3B: ``User`` / ``Assistant`` roles."""
+    janus_pro = "janus_pro"
+    """Janus-Pro: ``<|User|>`` / ``<|Assistant|>`` roles."""
+
+
+class CaptionFormat(str, Enum):
+    plain = "plain"
+    """``<image><caption>`` (stage 1)."""
+    qa = "qa"
+    """``<image>Describe the image in detail.<caption>`` as a conversation (stage 2)."""
+
+
+@dataclass
+class TaskRatio:
+    """Samples of each task per optimizer step, as a ratio (understanding : text : generation)."""
+
+    und: int = 1
+    text: int = 0
+    gen: int = 1
+
+
+@dataclass
+class StageHParams:
+    """One stage's hyper-parameters (spec §5 tables)."""
+
+    lr: float = 1e-3
+    schedule: Schedule = Schedule.constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of lr."""
+    weight_decay: float = 0.0
+    steps: int = 1000
+    global_batch_size: int = 256
+    ratio: TaskRatio = field(default_factory=TaskRatio)
+    data_recipe: str = "tiny"
+    """Name in ``data_recipes/`` (without .yaml) or a path."""
+    stop_at: int | None = None
+    """End the stage at this step although the schedule runs to ``steps`` (Janus-Pro stage 2:
+    scheduled for 360K, stopped at 270K)."""
+
+
+@dataclass
+class ExperimentConfig:
+    """A published recipe: the three stages' hyper-parameters and the chat template."""
+
+    name: str = "tiny"
+    chat_template: ChatTemplate = ChatTemplate.janus_pro
+    stage1: StageHParams = field(default_factory=StageHParams)
+    stage2: StageHParams = field(default_factory=StageHParams)
+    stage3: StageHParams = field(default_factory=StageHParams)
+
+
+@dataclass
+class StageConfig:
+    """What a stage is: which module groups train and how samples are framed (spec §5)."""
+
+    name: str = "stage1"
+    """``stage1`` | ``stage2`` | ``stage3``: selects ``experiment.<name>``."""
+    trainable: list[str] = field(default_factory=lambda: ["und_adaptor", "gen_adaptor", "gen_head"])
+    """Module groups that train: und_encoder, und_adaptor, gen_embeddings, gen_adaptor,
+    gen_head, llm (vq never)."""
+    train_gen_embeddings: bool = False
+    """Add ``gen_embeddings`` to the trainable groups (the papers do not say)."""
+    caption_format: CaptionFormat = CaptionFormat.plain
+    sft: bool = False
+    """Conversations with system/user turns masked (stage 3)."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def hparams(self) -> StageHParams:
+        """The selected stage's hyper-parameters, with ``train.*`` overrides applied."""
+        hp: StageHParams = getattr(self.experiment, self.stage.name)
+        if self.train.steps is not None:
+            hp.steps = self.train.steps
+        if self.train.global_batch_size is not None:
+            hp.global_batch_size = self.train.global_batch_size
+        return hp
+
+    @property
+    def trainable_groups(self) -> list[str]:
+        groups = list(self.stage.trainable)
+        if self.stage.train_gen_embeddings and "gen_embeddings" not in groups:
+            groups.append("gen_embeddings")
+        return groups
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+
+
+register_configs()
+
+
+def validate(cfg: RunConfig) -> None:
+    """Semantic checks that types cannot express; raise ``ValueError`` naming the field."""
+    if cfg.stage.name not in STAGES:
+        raise ValueError(f"stage.name={cfg.stage.name!r}: must be one of {STAGES}")
+    validate_trainable(cfg.trainable_groups, "stage.trainable")
+    hp = cfg.hparams
+    where = f"experiment.{cfg.stage.name}"
+    for k in ("und", "text", "gen"):
+        if getattr(hp.ratio, k) < 0:
+            raise ValueError(f"{where}.ratio.{k} must be >= 0")
+    if hp.ratio.und + hp.ratio.text + hp.ratio.gen <= 0:
+        raise ValueError(f"{where}.ratio: at least one task must have a positive share")
+    if hp.lr <= 0:
+        raise ValueError(f"{where}.lr must be > 0")
+    if hp.steps <= 0:
+        raise ValueError(f"{where}.steps must be > 0")
+    if not 0 <= hp.warmup_steps:
+        raise ValueError(f"{where}.warmup_steps must be >= 0")
+    if hp.global_batch_size <= 0:
+        raise ValueError(f"{where}.global_batch_size must be > 0")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: must be 0..3")
+    if cfg.deepspeed.precision not in ("bf16", "fp32"):
+        raise ValueError(f"deepspeed.precision={cfg.deepspeed.precision!r}: bf16 | fp32")
+    if cfg.train.loss_reduction not in ("token_mean", "task_mean_sum"):
+        raise ValueError(
+            f"train.loss_reduction={cfg.train.loss_reduction!r}: token_mean | task_mean_sum"
+        )
+    if cfg.train.micro_batch_size <= 0:
+        raise ValueError("train.micro_batch_size must be > 0")
+    if cfg.model.image_size % cfg.model.vision.patch_size:
+        raise ValueError(
+            f"model.image_size={cfg.model.image_size} not a multiple of model.vision.patch_size"
+        )
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Hydra's DictConfig -> typed ``RunConfig`` (resolving interpolations), then validated."""
+    run = OmegaConf.to_object(cfg)
+    assert isinstance(run, RunConfig)
+    validate(run)
+    return run
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose the config tree outside a Hydra app (tests, tools)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides or [])

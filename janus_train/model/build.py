@@ -1,0 +1,178 @@
+"""Model assembly on HF transformers' Janus classes: random init from a typed config, or
+``from_pretrained`` on a local HF-format directory; tokenizer/processor alongside.
+
+Nothing here re-implements a Janus module: the model is always a
+``transformers.JanusForConditionalGeneration``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from janus_train.model.config import ModelConfig
+from janus_train.model.tokenizer import SpecialTokens, resolve_special_tokens, train_tiny_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def build_janus_config(cfg: ModelConfig, tokenizer):
+    """A ``JanusConfig`` from the typed dimensions; special-token ids come from `tokenizer`."""
+    from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
+
+    st = resolve_special_tokens(tokenizer)
+    d = cfg.text.hidden_size
+    if cfg.image_size % cfg.vision.patch_size:
+        raise ValueError(
+            f"model.image_size={cfg.image_size} is not a multiple of "
+            f"model.vision.patch_size={cfg.vision.patch_size}"
+        )
+    vq_down = 2 ** (len(cfg.vq.channel_multiplier) - 1)
+    if vq_down != cfg.vision.patch_size:
+        raise ValueError(
+            f"model.vq.channel_multiplier downsamples by {vq_down} but model.vision.patch_size is "
+            f"{cfg.vision.patch_size}: understanding and generation grids must match"
+        )
+    vocab = max(cfg.text.vocab_size, len(tokenizer))
+    text = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=d,
+        intermediate_size=cfg.text.intermediate_size,
+        num_hidden_layers=cfg.text.num_hidden_layers,
+        num_attention_heads=cfg.text.num_attention_heads,
+        num_key_value_heads=cfg.text.num_key_value_heads,
+        max_position_embeddings=cfg.text.max_position_embeddings,
+        rms_norm_eps=cfg.text.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.text.rope_theta},
+        bos_token_id=st.bos,
+        eos_token_id=st.eos,
+        pad_token_id=st.pad,
+        tie_word_embeddings=False,
+    )
+    vision = JanusVisionConfig(
+        hidden_size=cfg.vision.hidden_size,
+        num_hidden_layers=cfg.vision.num_hidden_layers,
+        num_attention_heads=cfg.vision.num_attention_heads,
+        mlp_ratio=cfg.vision.mlp_ratio,
+        image_size=cfg.image_size,
+        patch_size=cfg.vision.patch_size,
+        projection_dim=d,
+        depth=cfg.vision.aligner_depth,
+        num_image_tokens=cfg.num_image_tokens,
+    )
+    vq = JanusVQVAEConfig(
+        embed_dim=cfg.vq.embed_dim,
+        num_embeddings=cfg.vq.num_embeddings,
+        base_channels=cfg.vq.base_channels,
+        channel_multiplier=list(cfg.vq.channel_multiplier),
+        num_res_blocks=cfg.vq.num_res_blocks,
+        latent_channels=cfg.vq.latent_channels,
+        projection_dim=d,
+        image_token_embed_dim=d,
+        num_hidden_layers=cfg.vq.aligner_depth,
+    )
+    return JanusConfig(
+        text_config=text,
+        vision_config=vision,
+        vq_config=vq,
+        image_token_id=st.image,
+        tie_word_embeddings=False,
+    )
+
+
+def load_processor(path: str | os.PathLike):
+    """Tokenizer + image processor from a local directory (no hub access)."""
+    from transformers import JanusProcessor
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"tokenizer/processor directory {str(path)!r} does not exist")
+    return JanusProcessor.from_pretrained(str(path), local_files_only=True)
+
+
+def get_processor(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
+    """The processor named by ``cfg.tokenizer`` (default: ``cfg.init_from``).
+
+    ``tiny`` trains a tiny tokenizer locally into ``workdir/tokenizer`` (or reuses it there).
+    """
+    src = cfg.tokenizer or cfg.init_from
+    if src is None:
+        raise ValueError("model.tokenizer is unset and model.init_from is unset: no tokenizer")
+    if src == "tiny":
+        out = Path(workdir or ".") / "tokenizer"
+        if not (out / "tokenizer.json").exists():
+            train_tiny_tokenizer(
+                out, image_size=cfg.image_size, num_image_tokens=cfg.num_image_tokens
+            )
+        src = str(out)
+    return load_processor(src)
+
+
+def set_generation_config(model, st: SpecialTokens) -> None:
+    """Fill the fields HF's ``generate(generation_mode="image")`` needs (ids found by string)."""
+    gc = model.generation_config
+    gc.bos_token_id = st.bos
+    gc.eos_token_id = st.eos
+    gc.pad_token_id = st.pad
+    kw = dict(getattr(gc, "generation_kwargs", None) or {})
+    kw["boi_token_id"] = st.boi
+    gc.generation_kwargs = kw
+
+
+def reinit_generation_modules(model, include_embeddings_and_adaptor: bool) -> None:
+    """Random re-initialisation of the image head (and optionally the generation adaptor and
+    code embeddings) with HF's own initialiser."""
+    mods = [model.model.generation_head]
+    if include_embeddings_and_adaptor:
+        mods += [model.model.generation_aligner, model.model.generation_embeddings]
+    for mod in mods:
+        for sub in mod.modules():
+            model._init_weights(sub)
+
+
+def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
+    """Build ``(JanusForConditionalGeneration, processor)``.
+
+    Random init uses ``cfg.seed`` so every rank builds identical weights.
+    """
+    from transformers import JanusForConditionalGeneration
+
+    processor = get_processor(cfg, workdir)
+    tokenizer = processor.tokenizer
+    st = resolve_special_tokens(tokenizer)
+    if cfg.init_from:
+        if not Path(cfg.init_from).is_dir():
+            raise FileNotFoundError(f"model.init_from={cfg.init_from!r} is not a directory")
+        model = JanusForConditionalGeneration.from_pretrained(
+            cfg.init_from,
+            local_files_only=True,
+            dtype=torch.float32,
+            attn_implementation=cfg.attn_implementation,
+        )
+        if model.config.image_token_id != st.image:
+            raise ValueError(
+                f"checkpoint {cfg.init_from!r} has image_token_id={model.config.image_token_id} "
+                f"but the tokenizer maps {st.image} to <image_placeholder>"
+            )
+    else:
+        jcfg = build_janus_config(cfg, tokenizer)
+        jcfg._attn_implementation = cfg.attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = JanusForConditionalGeneration(jcfg)
+    if cfg.reinit_gen_head or cfg.reinit_gen_modules:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            reinit_generation_modules(model, cfg.reinit_gen_modules)
+    set_generation_config(model, st)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_img = model.config.vision_config.num_image_tokens
+    if n_img != processor.num_image_tokens:
+        raise ValueError(
+            f"model has {n_img} image tokens per image but the processor inserts "
+            f"{processor.num_image_tokens}: model.image_size / patch size disagree with the processor"
+        )
+    return model, processor

@@ -1,0 +1,81 @@
+"""Typed configuration of the model: which architecture to build or which local checkpoint to load."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TextModelConfig:
+    """The LLM (Llama architecture, DeepSeek-LLM dimensions)."""
+
+    hidden_size: int = 2048
+    """LLM width d; also the width of both adaptors' outputs and the image head's input."""
+    intermediate_size: int = 5632
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 16
+    vocab_size: int = 102400
+    max_position_embeddings: int = 16384
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+
+
+@dataclass
+class VisionModelConfig:
+    """The understanding encoder (SigLIP) and its adaptor."""
+
+    hidden_size: int = 1024
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    aligner_depth: int = 2
+    """Layers of the understanding adaptor MLP."""
+
+
+@dataclass
+class VQModelConfig:
+    """The generation encoder (LlamaGen VQ-16) and the generation adaptor/head."""
+
+    num_embeddings: int = 16384
+    """Codebook size = image-head vocabulary."""
+    embed_dim: int = 8
+    base_channels: int = 128
+    channel_multiplier: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    """Downsample factor is 2 ** (len(channel_multiplier) - 1); must equal the vision patch size."""
+    num_res_blocks: int = 2
+    latent_channels: int = 256
+    aligner_depth: int = 2
+
+
+@dataclass
+class ModelConfig:
+    """What to build. ``init_from`` set: load that local HF-format directory (the tokenizer and
+    processor too, unless ``tokenizer`` names another directory). Unset: random init from the
+    dimensions below, with the tokenizer from ``tokenizer`` (a local directory)."""
+
+    name: str = "tiny"
+    init_from: str | None = None
+    """Local HF-format directory (``save_pretrained`` layout) to load weights from."""
+    tokenizer: str | None = None
+    """Local directory with tokenizer + processor; defaults to ``init_from``. The special value
+    ``tiny`` trains a tiny tokenizer locally into the run dir (tests, demo)."""
+    image_size: int = 384
+    """Input resolution of both encoders; understanding and generation use the same grid."""
+    text: TextModelConfig = field(default_factory=TextModelConfig)
+    vision: VisionModelConfig = field(default_factory=VisionModelConfig)
+    vq: VQModelConfig = field(default_factory=VQModelConfig)
+    reinit_gen_head: bool = False
+    """Re-initialise generation_head (and the generation adaptor/embeddings when
+    ``reinit_gen_modules``) after loading, e.g. for a checkpoint that lacks them."""
+    reinit_gen_modules: bool = False
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    """``sdpa`` | ``eager`` | ``flash_attention_2``."""
+    seed: int = 0
+    """Seed of the random init (same weights on every rank)."""
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.vision.patch_size) ** 2

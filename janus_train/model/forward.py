@@ -1,0 +1,175 @@
+"""The training forward: one LLM pass over a micro-batch that mixes text, understanding and
+generation samples, returning per-task summed cross-entropy and supervised-token counts.
+
+Batch contract (produced by ``janus_train.data`` collate, consumed here)::
+
+    input_ids       (B, T) long   text token ids; <image_placeholder> where SigLIP features go;
+                                  any id (pad) at generation image-code positions
+    attention_mask  (B, T) long   1 = real token, 0 = padding
+    position_ids    (B, T) long   optional; restarts at 0 for each packed sample
+    labels          (B, T) long   text target *at* position t (HF convention, unshifted),
+                                  -100 where unsupervised; predicted by lm_head from t-1
+    image_codes     (B, T) long   VQ code used as input at t (generation image positions),
+                                  -1 = "take from gen_pixel_values", -100 elsewhere; every
+                                  code >= 0 / -1 is also the image-head target predicted from t-1
+    task_ids        (B, T) long   0 text, 1 understanding, 2 generation, -1 padding
+    pixel_values    (N_und, 3, H, W) float  optional; understanding images, row-major order
+    gen_pixel_values (N_gen, 3, H, W) float optional; generation images in [-1, 1], encoded by
+                                  the frozen VQ when the data carries no pre-tokenized codes
+
+Codes are embedded only by ``generation_aligner(generation_embeddings(.))`` and predicted only
+by ``generation_head``; text only by the text embedding table and ``lm_head`` (spec §7).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TASKS = ("text", "und", "gen")
+TASK_IDS = {"text": 0, "und": 1, "gen": 2}
+IGNORE = -100
+CODE_FROM_PIXELS = -1
+
+
+def count_supervised(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Supervised tokens per task, (3,) long in ``TASKS`` order, computed from the batch alone
+    (no forward), so a trainer can all-reduce the step's counts before any backward."""
+    labels, codes, task = batch["labels"], batch["image_codes"], batch["task_ids"]
+    text_sup = labels[:, 1:] != IGNORE
+    img_sup = codes[:, 1:] != IGNORE
+    t = task[:, 1:]
+    return torch.stack(
+        [
+            (text_sup & (t == 0)).sum(),
+            (text_sup & (t == 1)).sum(),
+            (text_sup & (t == 2)).sum() + img_sup.sum(),
+        ]
+    )
+
+
+class JanusTrainModel(nn.Module):
+    """Wraps a ``JanusForConditionalGeneration`` with the training forward.
+
+    ``call_all_modules``: every encoder/adaptor/head runs every step, on a dummy input attached
+    to the loss with weight 0 when the micro-batch lacks that task, so ZeRO-3's parameter
+    gathers happen on every rank in the same order (spec §7).
+    """
+
+    def __init__(self, janus: nn.Module, call_all_modules: bool = True):
+        super().__init__()
+        self.janus = janus
+        self.call_all_modules = call_all_modules
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.janus.config.vision_config.num_image_tokens
+
+    @torch.no_grad()
+    def encode_images(self, gen_pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [-1, 1] -> (N, num_image_tokens) VQ codes with the frozen VQ."""
+        vq = self.janus.model.vqmodel
+        out = vq.encode(gen_pixel_values.to(next(vq.parameters()).dtype))
+        return out.image_tokens.view(gen_pixel_values.shape[0], -1)
+
+    def _fill_codes(self, batch) -> torch.Tensor:
+        codes = batch["image_codes"]
+        need = codes == CODE_FROM_PIXELS
+        gen_px = batch.get("gen_pixel_values")
+        n_need = int(need.sum())
+        if gen_px is None or gen_px.shape[0] == 0:
+            if n_need:
+                raise ValueError(f"batch has {n_need} image-code slots but no gen_pixel_values")
+            if self.call_all_modules:
+                dummy = torch.zeros(
+                    1, 3, self.janus.config.vision_config.image_size,
+                    self.janus.config.vision_config.image_size, device=codes.device,
+                )
+                self.encode_images(dummy)
+            return codes
+        enc = self.encode_images(gen_px).reshape(-1)
+        if enc.numel() != n_need:
+            raise ValueError(
+                f"batch has {n_need} image-code slots but gen_pixel_values encode to {enc.numel()}"
+            )
+        codes = codes.clone()
+        codes[need] = enc.to(codes.dtype)
+        return codes
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Returns ``{"loss_sum": (3,) float32, "n_tokens": (3,) long}`` in ``TASKS`` order:
+        summed CE and supervised-token counts per task (text, und, gen)."""
+        janus = self.janus
+        inner = janus.model
+        input_ids = batch["input_ids"]
+        labels = batch["labels"]
+        task = batch["task_ids"]
+        codes = self._fill_codes(batch)
+        code_pos = codes >= 0
+
+        embed = inner.language_model.get_input_embeddings()
+        pad_id = janus.config.text_config.pad_token_id or 0
+        text_ids = input_ids.masked_fill(code_pos, pad_id)
+        inputs_embeds = embed(text_ids)
+        zero = inputs_embeds.new_zeros(())  # dummy terms attach here with weight 0
+
+        pixel_values = batch.get("pixel_values")
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            feats = inner.get_image_features(pixel_values.to(inputs_embeds.dtype)).pooler_output
+            img_mask = (input_ids == janus.config.image_token_id).unsqueeze(-1)
+            if int(img_mask.sum()) * inputs_embeds.shape[-1] != feats.numel():
+                raise ValueError(
+                    f"batch has {int(img_mask.sum())} <image_placeholder> tokens but "
+                    f"{pixel_values.shape[0]} images x {feats.shape[1]} features"
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(img_mask, feats.to(inputs_embeds.dtype))
+        elif self.call_all_modules:
+            size = janus.config.vision_config.image_size
+            dummy = inputs_embeds.new_zeros(1, 3, size, size)
+            zero = zero + 0.0 * inner.get_image_features(dummy).pooler_output.sum()
+
+        if bool(code_pos.any()):
+            gen_embeds = janus.prepare_embeddings_for_image_generation(codes[code_pos])
+            inputs_embeds = inputs_embeds.masked_scatter(
+                code_pos.unsqueeze(-1), gen_embeds.to(inputs_embeds.dtype)
+            )
+        elif self.call_all_modules:
+            dummy_code = torch.zeros(1, dtype=torch.long, device=codes.device)
+            zero = zero + 0.0 * janus.prepare_embeddings_for_image_generation(dummy_code).sum()
+
+        out = inner.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=batch["attention_mask"],
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        )
+        hidden = out.last_hidden_state[:, :-1]  # position t-1 predicts target at t
+        t_task = task[:, 1:]
+
+        text_sup = labels[:, 1:] != IGNORE
+        img_sup = code_pos[:, 1:]
+        loss_sum = torch.zeros(len(TASKS), dtype=torch.float32, device=hidden.device)
+        n_tok = torch.zeros(len(TASKS), dtype=torch.long, device=hidden.device)
+
+        # Heads run only on supervised positions: avoids (B, T, vocab) logits.
+        if bool(text_sup.any()):
+            logits = janus.lm_head(hidden[text_sup]).float()
+            ce = F.cross_entropy(logits, labels[:, 1:][text_sup], reduction="none")
+            tids = t_task[text_sup].clamp(min=0)
+            loss_sum = loss_sum.index_add(0, tids, ce)
+            n_tok = n_tok.index_add(0, tids, torch.ones_like(tids))
+        elif self.call_all_modules:
+            zero = zero + 0.0 * janus.lm_head(hidden[:, :1]).sum()
+
+        if bool(img_sup.any()):
+            logits = inner.generation_head(hidden[img_sup]).float()
+            ce = F.cross_entropy(logits, codes[:, 1:][img_sup], reduction="sum")
+            gen = torch.full((1,), TASK_IDS["gen"], device=hidden.device)
+            loss_sum = loss_sum.index_add(0, gen, ce.view(1))
+            n_tok = n_tok.index_add(0, gen, img_sup.sum().view(1))
+        elif self.call_all_modules:
+            zero = zero + 0.0 * inner.generation_head(hidden[:, :1]).sum()
+
+        loss_sum = loss_sum + zero.float()
+        return {"loss_sum": loss_sum, "n_tokens": n_tok}
