@@ -184,12 +184,16 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
     return run
 
 
-def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+def compose(
+    overrides: list[str] | None = None,
+    config_name: str = "config",
+    config_dir: str | os.PathLike | None = None,
+) -> DictConfig:
     """Compose the config tree outside a Hydra app (tests, tools)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides or [])

@@ -129,6 +129,10 @@ def reinit_generation_modules(model, include_embeddings_and_adaptor: bool) -> No
         mods += [model.model.generation_aligner, model.model.generation_embeddings]
     for mod in mods:
         for sub in mod.modules():
+            # transformers skips tensors flagged as already initialised (e.g. loaded ones)
+            for t in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]:
+                t._is_hf_initialized = False
+            sub._is_hf_initialized = False
             model._init_weights(sub)
 
 

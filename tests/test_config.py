@@ -1,0 +1,149 @@
+"""The config tree: every shipped config composes, published recipes carry the spec's numbers,
+bad configs fail at compose/validate time naming the field."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import subprocess
+import sys
+
+import pytest
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from janus_train.config import CONF_DIR, compose, to_run_config
+
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+STAGES = sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+DEEPSPEED = sorted(p.stem for p in (CONF_DIR / "deepspeed").glob("*.yaml"))
+
+# Spec §5 hyper-parameter table, typed out independently of the YAML:
+# (lr, schedule, wd, warmup, steps, batch, (und, text, gen))
+SPEC = {
+    "janus_1.3b": {
+        "stage1": (1e-3, "cosine", 0.0, 300, 10_000, 256, (1, 0, 1)),
+        "stage2": (1e-4, "constant", 0.0, 5000, 180_000, 512, (2, 3, 5)),
+        "stage3": (2e-5, "constant", 0.1, 0, 24_000, 256, (7, 3, 10)),
+    },
+    "janus_pro_1b": {
+        "stage1": (1e-3, "constant", 0.0, 600, 20_000, 256, (1, 0, 3)),
+        "stage2": (1e-4, "constant", 0.0, 5000, 360_000, 512, (2, 3, 5)),
+        "stage3": (4e-5, "constant", 0.0, 0, 80_000, 128, (5, 1, 4)),
+    },
+    "janus_pro_7b": {
+        "stage1": (1e-3, "constant", 0.0, 600, 20_000, 256, (1, 0, 3)),
+        "stage2": (1e-4, "constant", 0.0, 5000, 360_000, 512, (2, 3, 5)),
+        "stage3": (4e-5, "constant", 0.0, 0, 40_000, 128, (5, 1, 4)),
+    },
+}
+# Published dimensions (spec §1): (d, layers, heads)
+DIMS = {"janus_1.3b": (2048, 24, 16), "janus_pro_1b": (2048, 24, 16), "janus_pro_7b": (4096, 30, 32)}
+
+
+def test_shipped_groups_present():
+    assert {"tiny", "janus_1.3b", "janus_pro_1b", "janus_pro_7b"} <= set(MODELS)
+    assert {"stage1", "stage2", "stage3"} <= set(STAGES)
+    assert {"janus_1.3b", "janus_pro_1b", "janus_pro_7b"} <= set(EXPERIMENTS)
+    assert {"zero1", "zero2", "zero3", "zero3_offload"} <= set(DEEPSPEED)
+
+
+@pytest.mark.parametrize("exp,stage", list(itertools.product(EXPERIMENTS, STAGES)))
+def test_every_experiment_stage_composes(exp, stage):
+    run = to_run_config(compose([f"experiment={exp}", f"stage={stage}"]))
+    assert run.stage.name == stage
+    assert run.experiment.name == exp
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("ds", DEEPSPEED)
+def test_every_model_and_deepspeed_composes(model, ds):
+    run = to_run_config(compose([f"model={model}", f"deepspeed={ds}"]))
+    assert run.model.name == model
+
+
+@pytest.mark.parametrize("exp", sorted(SPEC))
+def test_published_recipes_match_spec(exp):
+    for stage, (lr, sched, wd, warm, steps, batch, ratio) in SPEC[exp].items():
+        hp = to_run_config(compose([f"experiment={exp}", f"stage={stage}"])).hparams
+        assert (hp.lr, hp.schedule.value, hp.weight_decay, hp.warmup_steps) == (lr, sched, wd, warm)
+        assert (hp.steps, hp.global_batch_size) == (steps, batch)
+        assert (hp.ratio.und, hp.ratio.text, hp.ratio.gen) == ratio
+    run = to_run_config(compose([f"experiment={exp}"]))
+    assert run.model.name == exp
+    t = run.model.text
+    assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads) == DIMS[exp]
+    assert run.model.num_image_tokens == 576
+    assert run.model.vq.num_embeddings == 16384 and run.model.vq.embed_dim == 8
+    assert run.experiment.chat_template.value == ("janus" if exp == "janus_1.3b" else "janus_pro")
+
+
+def test_stage_freeze_lists():
+    get = lambda s: set(to_run_config(compose([f"stage={s}"])).trainable_groups)  # noqa: E731
+    assert get("stage1") == {"und_adaptor", "gen_adaptor", "gen_head"}
+    assert get("stage2") == {"und_adaptor", "gen_adaptor", "gen_head", "llm"}
+    assert get("stage3") == {"und_encoder", "und_adaptor", "gen_adaptor", "gen_head", "llm"}
+
+
+def test_train_overrides_apply_to_hparams():
+    run = to_run_config(compose(["train.steps=7", "train.global_batch_size=4"]))
+    assert (run.hparams.steps, run.hparams.global_batch_size) == (7, 4)
+
+
+@pytest.mark.parametrize(
+    "override,exc,field",
+    [
+        ("model.text.hidden_sz=3", ConfigKeyError, "hidden_sz"),
+        ("model.text.hidden_size=abc", ValidationError, "hidden_size"),
+        ("experiment.stage2.lr=fast", ValidationError, "lr"),
+        ("experiment.stage1.schedule=linear", ValidationError, "schedule"),
+        ("stage.caption_format=markdown", ValidationError, "caption_format"),
+        ("train.micro_batch_sz=2", ConfigKeyError, "micro_batch_sz"),
+    ],
+)
+def test_bad_overrides_fail_at_compose_naming_field(override, exc, field):
+    with pytest.raises(Exception) as info:
+        compose([override])
+    text = str(info.value) + str(getattr(info.value, "__cause__", ""))
+    assert field in text
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("stage.trainable=[llm,vq]", "stage.trainable"),
+        ("stage.trainable=[llm,siglip]", "stage.trainable"),
+        ("stage.name=stage4", "stage.name"),
+        ("experiment.stage1.ratio.gen=-1", "experiment.stage1.ratio.gen"),
+        ("experiment.stage1.lr=0", "experiment.stage1.lr"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+        ("train.loss_reduction=mean", "train.loss_reduction"),
+        ("model.image_size=30", "model.image_size"),
+    ],
+)
+def test_semantic_errors_name_the_field(override, field):
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        to_run_config(compose([override]))
+
+
+def test_bad_yaml_file_names_the_key(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "stage" / "broken.yaml").write_text("name: stage1\ntrainabel: [llm]\n")
+    (conf / "deepspeed" / "typo.yaml").write_text("zero_stage: three\n")
+    with pytest.raises(Exception, match="trainabel"):
+        compose(["stage=broken"], config_dir=conf)
+    with pytest.raises(Exception, match="zero_stage"):
+        compose(["deepspeed=typo"], config_dir=conf)
+
+
+def test_cli_prints_composed_config_and_rejects_unknown_key():
+    cmd = [sys.executable, "-m", "janus_train.train"]
+    ok = subprocess.run(cmd + ["experiment=janus_pro_1b", "stage=stage2", "--cfg", "job"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "hidden_size: 2048" in ok.stdout and "name: stage2" in ok.stdout
+    bad = subprocess.run(cmd + ["stage.trainabel=[llm]", "--cfg", "job"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0
+    assert "trainabel" in bad.stderr

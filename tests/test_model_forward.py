@@ -1,0 +1,171 @@
+"""The training forward against independent computations: HF's own loss for understanding,
+module-by-module CE for generation, per-sample equality in a mixed padded batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from janus_train.model import JanusTrainModel, count_supervised, resolve_special_tokens
+
+IGN = -100
+
+
+def _ids(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+def text_sample(tok, st, text="there is a red circle on the left"):
+    ids = [st.bos, *_ids(tok, text), st.eos]
+    return {"ids": ids, "labels": [IGN, *ids[1:]], "codes": [IGN] * len(ids), "task": 0}
+
+
+def und_sample(tok, st, n_img, q="what color is the circle", a="red"):
+    prompt = [st.bos, *_ids(tok, q), st.boi, *([st.image] * n_img), st.eoi]
+    ans = [*_ids(tok, a), st.eos]
+    ids = prompt + ans
+    return {"ids": ids, "labels": [IGN] * len(prompt) + ans, "codes": [IGN] * len(ids), "task": 1}
+
+
+def gen_sample(tok, st, codes, prompt="a blue square at the top"):
+    head = [st.bos, *_ids(tok, prompt), st.boi]
+    ids = head + [st.pad] * len(codes)
+    return {
+        "ids": ids,
+        "labels": [IGN] * len(ids),
+        "codes": [IGN] * len(head) + list(codes),
+        "task": 2,
+    }
+
+
+def collate(samples, pad_id, images=None):
+    """Right-padded batch following the contract in janus_train/model/forward.py."""
+    T = max(len(s["ids"]) for s in samples)
+    B = len(samples)
+    out = {
+        "input_ids": torch.full((B, T), pad_id),
+        "attention_mask": torch.zeros(B, T, dtype=torch.long),
+        "position_ids": torch.zeros(B, T, dtype=torch.long),
+        "labels": torch.full((B, T), IGN),
+        "image_codes": torch.full((B, T), IGN),
+        "task_ids": torch.full((B, T), -1),
+    }
+    for i, s in enumerate(samples):
+        n = len(s["ids"])
+        out["input_ids"][i, :n] = torch.tensor(s["ids"])
+        out["attention_mask"][i, :n] = 1
+        out["position_ids"][i, :n] = torch.arange(n)
+        out["labels"][i, :n] = torch.tensor(s["labels"])
+        out["image_codes"][i, :n] = torch.tensor(s["codes"])
+        out["task_ids"][i, :n] = s["task"]
+    if images is not None:
+        out["pixel_values"] = images
+    return out
+
+
+@pytest.fixture()
+def setup(tiny_model_and_processor):
+    model, processor = tiny_model_and_processor
+    model.eval()
+    tok = processor.tokenizer
+    st = resolve_special_tokens(tok)
+    return model, tok, st
+
+
+def test_understanding_loss_equals_hf_loss(setup):
+    model, tok, st = setup
+    n_img = model.config.vision_config.num_image_tokens
+    size = model.config.vision_config.image_size
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, size, size)
+    samples = [und_sample(tok, st, n_img), und_sample(tok, st, n_img, "how many shapes", "two")]
+    batch = collate(samples, st.pad, images)
+    with torch.no_grad():
+        out = JanusTrainModel(model)(batch)
+        hf = model(
+            input_ids=batch["input_ids"],
+            pixel_values=images,
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"].masked_fill(batch["attention_mask"] == 0, IGN),
+        )
+    n = out["n_tokens"][1].item()
+    assert n == sum(len(_ids(tok, a)) + 1 for a in ("red", "two"))
+    assert out["n_tokens"][0] == 0 and out["n_tokens"][2] == 0
+    torch.testing.assert_close(out["loss_sum"][1] / n, hf.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_generation_loss_equals_module_by_module_ce(setup):
+    model, tok, st = setup
+    n_img = model.config.vision_config.num_image_tokens
+    n_codes = model.config.vq_config.num_embeddings
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, n_codes, (n_img,), generator=g)
+    s = gen_sample(tok, st, codes.tolist())
+    batch = collate([s], st.pad)
+    with torch.no_grad():
+        out = JanusTrainModel(model)(batch)
+        head = torch.tensor(s["ids"][: len(s["ids"]) - n_img])
+        inner = model.model
+        text_emb = inner.language_model.embed_tokens(head)
+        img_emb = inner.generation_aligner(inner.generation_embeddings(codes))
+        h = inner.language_model(inputs_embeds=torch.cat([text_emb, img_emb])[None]).last_hidden_state[0]
+        # position of <begin_of_image> predicts code 0; code i predicts code i + 1
+        logits = inner.generation_head(h[len(head) - 1 : len(head) - 1 + n_img])
+        ref = F.cross_entropy(logits, codes, reduction="sum")
+    assert out["n_tokens"].tolist() == [0, 0, n_img]
+    torch.testing.assert_close(out["loss_sum"][2], ref, rtol=1e-5, atol=1e-5)
+    # codes are never predicted by lm_head nor embedded with the text table
+    assert out["loss_sum"][0] == 0 and out["loss_sum"][1] == 0
+
+
+def test_codes_from_pixels_match_precomputed_codes(setup):
+    model, tok, st = setup
+    n_img = model.config.vision_config.num_image_tokens
+    size = model.config.vision_config.image_size
+    torch.manual_seed(3)
+    px = torch.rand(1, 3, size, size) * 2 - 1
+    tm = JanusTrainModel(model)
+    codes = tm.encode_images(px)[0]
+    pre = collate([gen_sample(tok, st, codes.tolist())], st.pad)
+    lazy = collate([gen_sample(tok, st, [-1] * n_img)], st.pad)
+    lazy["gen_pixel_values"] = px
+    with torch.no_grad():
+        a, b = tm(pre), tm(lazy)
+    torch.testing.assert_close(a["loss_sum"], b["loss_sum"])
+    assert a["n_tokens"].tolist() == b["n_tokens"].tolist()
+
+
+def test_mixed_padded_batch_equals_each_sample_alone(setup):
+    model, tok, st = setup
+    n_img = model.config.vision_config.num_image_tokens
+    size = model.config.vision_config.image_size
+    torch.manual_seed(4)
+    img = torch.randn(1, 3, size, size)
+    codes = torch.randint(0, model.config.vq_config.num_embeddings, (n_img,)).tolist()
+    samples = [
+        text_sample(tok, st),
+        und_sample(tok, st, n_img),
+        gen_sample(tok, st, codes),
+        text_sample(tok, st, "two small stars"),
+    ]
+    tm = JanusTrainModel(model)
+    batch = collate(samples, st.pad, img)
+    with torch.no_grad():
+        mixed = tm(batch)
+        alone = [
+            tm(collate([s], st.pad, img if s["task"] == 1 else None)) for s in samples
+        ]
+    total = sum(a["loss_sum"] for a in alone)
+    torch.testing.assert_close(mixed["loss_sum"], total, rtol=1e-5, atol=1e-5)
+    assert mixed["n_tokens"].tolist() == sum(a["n_tokens"] for a in alone).tolist()
+    assert count_supervised(batch).tolist() == mixed["n_tokens"].tolist()
+
+
+def test_placeholder_image_count_mismatch_is_an_error(setup):
+    model, tok, st = setup
+    n_img = model.config.vision_config.num_image_tokens
+    size = model.config.vision_config.image_size
+    batch = collate([und_sample(tok, st, n_img)], st.pad, torch.zeros(2, 3, size, size))
+    with pytest.raises(ValueError, match="image_placeholder"):
+        JanusTrainModel(model)(batch)
