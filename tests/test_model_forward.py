@@ -169,3 +169,46 @@ def test_placeholder_image_count_mismatch_is_an_error(setup):
     batch = collate([und_sample(tok, st, n_img)], st.pad, torch.zeros(2, 3, size, size))
     with pytest.raises(ValueError, match="image_placeholder"):
         JanusTrainModel(model)(batch)
+
+
+def test_packed_row_equals_samples_alone(setup):
+    """Two samples packed in one row (position_ids restart) give each sample's own loss:
+    attention does not cross the sample boundary."""
+    model, tok, st = setup
+    n_img = model.config.vision_config.num_image_tokens
+    size = model.config.vision_config.image_size
+    torch.manual_seed(5)
+    img = torch.randn(1, 3, size, size)
+    codes = torch.randint(0, model.config.vq_config.num_embeddings, (n_img,)).tolist()
+    parts = [text_sample(tok, st), und_sample(tok, st, n_img), gen_sample(tok, st, codes)]
+    packed = {k: sum((p[k] for p in parts), []) for k in ("ids", "labels", "codes")}
+    batch = collate([{**packed, "task": 0}], st.pad, img)
+    batch["task_ids"][0] = torch.tensor(sum(([p["task"]] * len(p["ids"]) for p in parts), []))
+    batch["position_ids"][0] = torch.cat([torch.arange(len(p["ids"])) for p in parts])
+    # a second, shorter row so the packed row's partner is right-padded
+    short = collate([text_sample(tok, st, "one star")], st.pad)
+    T = batch["input_ids"].shape[1]
+    for k, fill in (("input_ids", st.pad), ("attention_mask", 0), ("position_ids", 0),
+                    ("labels", IGN), ("image_codes", IGN), ("task_ids", -1)):
+        row = torch.full((1, T), fill)
+        row[0, : short[k].shape[1]] = short[k][0]
+        batch[k] = torch.cat([batch[k], row])
+    tm = JanusTrainModel(model)
+    with torch.no_grad():
+        got = tm(batch)
+        alone = [tm(collate([p], st.pad, img if p["task"] == 1 else None)) for p in parts]
+        alone.append(tm(short))
+    torch.testing.assert_close(got["loss_sum"], sum(a["loss_sum"] for a in alone), rtol=1e-5, atol=1e-5)
+    # and the same row without position restarts (one long sample) gives a different loss
+    batch["position_ids"][0] = torch.arange(T)
+    with torch.no_grad():
+        unpacked = tm(batch)
+    assert not torch.allclose(unpacked["loss_sum"], got["loss_sum"])
+
+
+def test_left_padding_with_position_ids_is_rejected(setup):
+    model, tok, st = setup
+    batch = collate([text_sample(tok, st)], st.pad)
+    batch["attention_mask"][0, 0] = 0
+    with pytest.raises(ValueError, match="right-padded"):
+        JanusTrainModel(model)(batch)

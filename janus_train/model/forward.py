@@ -6,7 +6,9 @@ Batch contract (produced by ``janus_train.data`` collate, consumed here)::
     input_ids       (B, T) long   text token ids; <image_placeholder> where SigLIP features go;
                                   any id (pad) at generation image-code positions
     attention_mask  (B, T) long   1 = real token, 0 = padding
-    position_ids    (B, T) long   optional; restarts at 0 for each packed sample
+    position_ids    (B, T) long   optional; restarts at 0 for each packed sample. When given,
+                                  padding must be on the right and attention is block-causal
+                                  per sample (HF derives the blocks from the restarts)
     labels          (B, T) long   text target *at* position t (HF convention, unshifted),
                                   -100 where unsupervised; predicted by lm_head from t-1
     image_codes     (B, T) long   VQ code used as input at t (generation image positions),
@@ -138,10 +140,19 @@ class JanusTrainModel(nn.Module):
             dummy_code = torch.zeros(1, dtype=torch.long, device=codes.device)
             zero = zero + 0.0 * janus.prepare_embeddings_for_image_generation(dummy_code).sum()
 
+        attention_mask = batch["attention_mask"]
+        position_ids = batch.get("position_ids")
+        if position_ids is not None:
+            # Right padding only: pads come after every real token, so a block-causal mask built
+            # from the position restarts (HF does this when attention_mask is None) keeps packed
+            # samples apart and never lets a real token see a pad.
+            if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
+                raise ValueError("batch with position_ids must be right-padded")
+            attention_mask = None
         out = inner.language_model(
             inputs_embeds=inputs_embeds,
-            attention_mask=batch["attention_mask"],
-            position_ids=batch.get("position_ids"),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
             use_cache=False,
         )
         hidden = out.last_hidden_state[:, :-1]  # position t-1 predicts target at t
