@@ -9,9 +9,9 @@ one is missing.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 IMAGE_TOKEN = "<image_placeholder>"
 BOI_TOKEN = "<begin_of_image>"
