@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# Run the three stages one after another, each initialised from the previous stage's HF export:
+#   stage1 -> $RUN_ROOT/$RUN_NAME/stage1/hf -> stage2 (model.init_from=...) -> ... -> stage3
+#
+#   bash launch/pipeline.sh [override ...]                           # torchrun on this node
+#   EXPERIMENT=janus_pro_1b LAUNCHER=slurm bash launch/pipeline.sh   # 3 Slurm jobs, chained
+#   EXPERIMENT=tiny NPROC_PER_NODE=2 bash launch/pipeline.sh train.steps=2   # CPU smoke run
+#
+# Arguments are Hydra overrides for every stage (not experiment/stage/train.run_dir/
+# model.init_from: the pipeline sets those). A stage whose export exists is skipped, so re-running
+# the same command after an interruption resumes: a half-done stage resumes from its checkpoint.
+#
+# Environment (all optional):
+#   EXPERIMENT      experiment config (default tiny).
+#   LAUNCHER        torchrun (default) | deepspeed: run the stages here, one after another, with
+#                   launch/torchrun.sh or launch/deepspeed.sh (their variables apply: NNODES,
+#                   NPROC_PER_NODE, RDZV_ENDPOINT, HOSTFILE, NUM_GPUS, ...);
+#                   slurm: submit one job per stage with `sbatch --dependency=afterok:<previous>`
+#                   and return (requeued jobs keep their id, so the chain waits for them).
+#   STAGES          stages to run, in order (default "stage1 stage2 stage3").
+#   RUN_ROOT        root of the run directories (default runs).
+#   RUN_NAME        run name under RUN_ROOT (default $EXPERIMENT).
+#   INIT_FROM       model.init_from of the first stage run (default: the model config's; for a later
+#                   first stage, the previous stage's export when it exists).
+#   DEEPSPEED       deepspeed config group for every stage (default: the config's / the sbatch
+#                   file's). Per stage: DEEPSPEED_STAGE1, DEEPSPEED_STAGE2, DEEPSPEED_STAGE3.
+#   STAGE1_ARGS, STAGE2_ARGS, STAGE3_ARGS  extra overrides for one stage, split on spaces.
+#   EXPORT_SUBDIR   where the trainer writes a stage's export inside its run dir (default hf).
+#   SBATCH_SCRIPT   slurm: the job script (default launch/slurm/$EXPERIMENT.sbatch).
+#   SBATCH_ARGS     slurm: extra sbatch options, split on spaces (e.g. "-p gpu -A proj").
+#   PYTHON          interpreter with janus_train installed (default python).
+#   DRY_RUN         1: print the commands instead of running or submitting them.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+EXPERIMENT=${EXPERIMENT:-tiny}
+LAUNCHER=${LAUNCHER:-torchrun}
+STAGES=${STAGES:-stage1 stage2 stage3}
+RUN_ROOT=$(realpath -m "${RUN_ROOT:-runs}")  # absolute: Slurm jobs and init_from outlive this cwd
+RUN_NAME=${RUN_NAME:-$EXPERIMENT}
+EXPORT_SUBDIR=${EXPORT_SUBDIR:-hf}
+DRY_RUN=${DRY_RUN:-0}
+case $LAUNCHER in torchrun | deepspeed | slurm) ;; *)
+  echo "pipeline.sh: LAUNCHER=$LAUNCHER: torchrun | deepspeed | slurm" >&2; exit 2 ;;
+esac
+for arg in "$@"; do
+  case $arg in experiment=* | stage=* | train.run_dir=* | model.init_from=*)
+    echo "pipeline.sh: '$arg' is set by the pipeline (use EXPERIMENT, STAGES, RUN_ROOT," \
+         "RUN_NAME, INIT_FROM)" >&2
+    exit 2 ;;
+  esac
+done
+
+run() {
+  if [[ $DRY_RUN == 1 ]]; then printf '%q ' "$@"; printf '\n'; else "$@"; fi
+}
+
+init_from=${INIT_FROM:-}
+prev_export=
+prev_job=
+for stage in $STAGES; do
+  case $stage in stage1 | stage2 | stage3) ;; *)
+    echo "pipeline.sh: unknown stage '$stage' in STAGES" >&2; exit 2 ;;
+  esac
+  run_dir=$RUN_ROOT/$RUN_NAME/$stage
+  export_dir=$run_dir/$EXPORT_SUBDIR
+  if [[ -z $prev_export && -z $init_from && $stage != stage1 ]]; then
+    # Starting mid-pipeline: hand off from the earlier stage's export.
+    earlier=$RUN_ROOT/$RUN_NAME/stage$(( ${stage#stage} - 1 ))/$EXPORT_SUBDIR
+    if [[ -f $earlier/config.json ]]; then init_from=$earlier; fi
+  fi
+  if [[ -n $prev_export ]]; then init_from=$prev_export; fi
+  upper=${stage^^}
+  ds_var=DEEPSPEED_$upper
+  ds=${!ds_var:-${DEEPSPEED:-}}
+  args_var=${upper}_ARGS
+  read -r -a stage_args <<<"${!args_var:-}"
+
+  if [[ $LAUNCHER != slurm && -f $export_dir/config.json ]]; then
+    echo "pipeline.sh: $stage done ($export_dir); skipping"
+  elif [[ $LAUNCHER == slurm ]]; then
+    script=${SBATCH_SCRIPT:-$here/slurm/$EXPERIMENT.sbatch}
+    if [[ ! -f $script ]]; then
+      echo "pipeline.sh: no Slurm script $script; set SBATCH_SCRIPT" >&2; exit 2
+    fi
+    if [[ $DRY_RUN != 1 ]]; then mkdir -p logs; fi  # the sbatch files' --output directory
+    read -r -a sbatch_args <<<"${SBATCH_ARGS:-}"
+    env_list=ALL,EXPERIMENT=$EXPERIMENT,STAGE=$stage,RUN_ROOT=$RUN_ROOT,RUN_NAME=$RUN_NAME
+    env_list+=,EXPORT_SUBDIR=$EXPORT_SUBDIR
+    if [[ -n $init_from ]]; then env_list+=,INIT_FROM=$init_from; fi
+    if [[ -n $ds ]]; then env_list+=,DEEPSPEED=$ds; fi
+    cmd=(sbatch --parsable --job-name="$EXPERIMENT-$stage" --export="$env_list")
+    if [[ -n $prev_job ]]; then cmd+=(--dependency=afterok:"$prev_job"); fi
+    cmd+=("${sbatch_args[@]}" "$script" "${stage_args[@]}" "$@")
+    if [[ $DRY_RUN == 1 ]]; then
+      run "${cmd[@]}"
+      prev_job=DRYRUN_$stage
+    else
+      prev_job=$("${cmd[@]}")
+      prev_job=${prev_job%%;*}  # --parsable prints "id" or "id;cluster"
+      echo "pipeline.sh: $stage submitted as job $prev_job"
+    fi
+  else
+    overrides=(experiment="$EXPERIMENT" stage="$stage" train.run_dir="$run_dir")
+    if [[ -n $ds ]]; then overrides+=(deepspeed="$ds"); fi
+    if [[ -n $init_from ]]; then overrides+=(model.init_from="$init_from"); fi
+    echo "pipeline.sh: $stage -> $run_dir${init_from:+ (from $init_from)}"
+    run bash "$here/$LAUNCHER.sh" "${overrides[@]}" "${stage_args[@]}" "$@"
+    if [[ $DRY_RUN != 1 && ! -f $export_dir/config.json ]]; then
+      echo "pipeline.sh: $stage ended without an export at $export_dir" >&2
+      exit 1
+    fi
+  fi
+  prev_export=$export_dir
+done

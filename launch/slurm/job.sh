@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Body of the Slurm jobs (launch/slurm/*.sbatch exec this inside the allocation): one stage of one
+# experiment on every node of the allocation, one `srun` task per node running launch/torchrun.sh
+# (all GPUs of the node), c10d rendezvous on the first host of the allocation; checkpoint before
+# the time limit and requeue until the stage is done.
+#
+#   bash launch/slurm/job.sh [override ...]      # inside an allocation; normally via sbatch
+#
+# Run directory: $RUN_ROOT/$RUN_NAME/$STAGE, independent of the job id, so a requeued or
+# resubmitted job finds its checkpoints there and resumes. The stage is done when its export
+# ($RUN_DIR/$EXPORT_SUBDIR/config.json) exists; a job that starts on a finished stage exits 0.
+#
+# Time limit: sbatch --signal=B:USR1@<secs> signals this shell <secs> before the limit. It forwards
+# SIGUSR1 to every process of the job steps (`scancel --signal=USR1`; the torchrun agents ignore
+# it), the trainer ranks checkpoint at the next step boundary and exit, then this shell runs
+# `scontrol requeue` (also when the step ends with REQUEUE_EXIT_CODE). SIGTERM (scancel,
+# preemption) is not requeued here: Slurm's own PreemptMode=REQUEUE does that; the ranks get
+# SIGTERM directly from Slurm and checkpoint if KillWait/GraceTime allow.
+#
+# Environment (set by the sbatch file or at submission; requeued jobs keep the submission's):
+#   EXPERIMENT      experiment config (required; the sbatch files set it).
+#   STAGE           stage1 | stage2 | stage3 (default stage1).
+#   DEEPSPEED       deepspeed config group: zero1 | zero2 | zero3 | zero3_offload (default zero2).
+#   INIT_FROM       HF-format directory for model.init_from, e.g. the previous stage's export
+#                   (default: the model config's init_from).
+#   RUN_ROOT        root of the run directories (default $JANUS_TRAIN_ROOT/runs).
+#   RUN_NAME        name of this run under RUN_ROOT (default $EXPERIMENT).
+#   RUN_DIR         the stage's run directory (default $RUN_ROOT/$RUN_NAME/$STAGE).
+#   EXPORT_SUBDIR   where the trainer writes the stage's HF export inside RUN_DIR (default hf).
+#   LOG_ROOT        per-job log directories go to $LOG_ROOT/<job name>-<job id>/ (default
+#                   $JANUS_TRAIN_ROOT/logs): node<N>.r<restart>.log per node and attempt.
+#   GPUS_PER_NODE   processes per node (default $SLURM_GPUS_ON_NODE, else 8).
+#   CPUS_PER_TASK   CPUs for each node's task (default $SLURM_CPUS_ON_NODE: srun does not inherit
+#                   sbatch's CPU count, and one CPU would starve the data loaders).
+#   RDZV_HOST       rendezvous host (default: first host of `scontrol show hostnames`).
+#   RDZV_PORT       rendezvous port (default 29500).
+#   RDZV_CONF       extra c10d rendezvous settings (default join_timeout=1800).
+#   REQUEUE_EXIT_CODE  exit status meaning "checkpointed, requeue me" (default 75, the trainer's
+#                   janus_train.trainer.checkpoint.EXIT_REQUEUE; torchrun reports a failed worker
+#                   as 1, so the USR1 this shell forwarded is what normally triggers the requeue).
+#   MAX_REQUEUES    stop requeueing after this many restarts (default 50).
+#   JANUS_TRAIN_ROOT  repository root (default $SLURM_SUBMIT_DIR: submit from the repo root).
+#   PYTHON          interpreter (default $JANUS_TRAIN_ROOT/.venv/bin/python if present, else python).
+#   CLUSTER_ENV     shell file sourced before launching: site NCCL/InfiniBand settings, modules
+#                   (template: launch/slurm/cluster_env.example.sh; see docs/cluster.md).
+#   DRY_RUN         1: every node prints its torchrun command instead of running it.
+#   SLURM_JOB_ID, SLURM_JOB_NAME, SLURM_JOB_NODELIST, SLURM_JOB_NUM_NODES, SLURM_RESTART_COUNT,
+#   SLURM_GPUS_ON_NODE, SLURM_CPUS_ON_NODE, SLURM_SUBMIT_DIR: set by Slurm.
+set -euo pipefail
+
+: "${SLURM_JOB_ID:?job.sh runs inside a Slurm allocation: sbatch launch/slurm/<experiment>.sbatch}"
+: "${EXPERIMENT:?set EXPERIMENT (the sbatch files do)}"
+ROOT=${JANUS_TRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+if [[ ! -f $ROOT/launch/torchrun.sh ]]; then
+  echo "job.sh: $ROOT is not the janus_train repository; submit from its root or set" \
+       "JANUS_TRAIN_ROOT" >&2
+  exit 2
+fi
+STAGE=${STAGE:-stage1}
+case $STAGE in stage1 | stage2 | stage3) ;; *)
+  echo "job.sh: STAGE=$STAGE: stage1 | stage2 | stage3" >&2; exit 2 ;;
+esac
+for arg in "$@"; do
+  case $arg in experiment=* | stage=* | deepspeed=* | train.run_dir=* | model.init_from=*)
+    echo "job.sh: '$arg': set EXPERIMENT / STAGE / DEEPSPEED / RUN_DIR / INIT_FROM instead (the" \
+         "run directory is derived from them)" >&2
+    exit 2 ;;
+  esac
+done
+RUN_NAME=${RUN_NAME:-$EXPERIMENT}
+RUN_DIR=${RUN_DIR:-${RUN_ROOT:-$ROOT/runs}/$RUN_NAME/$STAGE}
+EXPORT_DIR=$RUN_DIR/${EXPORT_SUBDIR:-hf}
+RESTART=${SLURM_RESTART_COUNT:-0}
+LOG_DIR=${LOG_ROOT:-$ROOT/logs}/${SLURM_JOB_NAME:-janus}-$SLURM_JOB_ID
+REQUEUE_EXIT_CODE=${REQUEUE_EXIT_CODE:-75}
+MAX_REQUEUES=${MAX_REQUEUES:-50}
+if [[ -z ${PYTHON:-} ]]; then
+  PYTHON=python
+  if [[ -x $ROOT/.venv/bin/python ]]; then PYTHON=$ROOT/.venv/bin/python; fi
+fi
+if [[ -n ${CLUSTER_ENV:-} ]]; then
+  # shellcheck disable=SC1090
+  source "$CLUSTER_ENV"
+fi
+
+if [[ -f $EXPORT_DIR/config.json ]]; then
+  echo "job.sh: $STAGE of $RUN_NAME is complete ($EXPORT_DIR); nothing to do"
+  exit 0
+fi
+
+nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:?}}
+head_host=${RDZV_HOST:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+overrides=(experiment="$EXPERIMENT" stage="$STAGE" deepspeed="${DEEPSPEED:-zero2}"
+           train.run_dir="$RUN_DIR")
+if [[ -n ${INIT_FROM:-} ]]; then overrides+=(model.init_from="$INIT_FROM"); fi
+overrides+=("$@")
+
+# Read by launch/torchrun.sh on every node (srun exports the environment).
+export PYTHON NNODES=$nnodes NPROC_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+export RDZV_ENDPOINT=$head_host:${RDZV_PORT:-29500} RDZV_ID=$SLURM_JOB_ID
+export RDZV_CONF=${RDZV_CONF:-join_timeout=1800} MAX_RESTARTS=0
+
+mkdir -p "$LOG_DIR"
+srun_cmd=(srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1
+          --output="$LOG_DIR/node%n.r$RESTART.log")
+cpus=${CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-}}
+if [[ -n $cpus ]]; then srun_cmd+=(--cpus-per-task="$cpus"); fi
+srun_cmd+=(bash "$ROOT/launch/torchrun.sh" "${overrides[@]}")
+
+echo "job.sh: job $SLURM_JOB_ID attempt $RESTART, $nnodes nodes x $NPROC_PER_NODE," \
+     "rendezvous $RDZV_ENDPOINT, run dir $RUN_DIR, logs $LOG_DIR"
+printf '%q ' "${srun_cmd[@]}" | tee -a "$LOG_DIR/commands.txt"
+printf '\n' | tee -a "$LOG_DIR/commands.txt"
+
+signaled=0
+forward_usr1() {
+  if [[ $signaled == 0 ]]; then
+    signaled=1
+    echo "job.sh: SIGUSR1 (time limit near): asking the ranks to checkpoint and exit"
+    scancel --signal=USR1 "$SLURM_JOB_ID" || true
+  fi
+}
+trap forward_usr1 USR1
+trap 'echo "job.sh: SIGTERM: the ranks got it too; waiting for them"' TERM
+
+# In the background so the traps run while srun is still going (bash defers traps during a
+# foreground child, but `wait` returns on them).
+"${srun_cmd[@]}" &
+srun_pid=$!
+while true; do
+  rc=0
+  wait "$srun_pid" || rc=$?
+  if [[ $rc -gt 128 ]] && kill -0 "$srun_pid" 2>/dev/null; then continue; fi
+  break
+done
+
+if [[ -f $EXPORT_DIR/config.json ]]; then
+  echo "job.sh: $STAGE complete: $EXPORT_DIR"
+  exit 0
+fi
+if [[ $signaled == 1 || $rc == "$REQUEUE_EXIT_CODE" ]]; then
+  if [[ $RESTART -ge $MAX_REQUEUES ]]; then
+    echo "job.sh: not requeueing: $RESTART restarts reached MAX_REQUEUES=$MAX_REQUEUES" >&2
+    exit 1
+  fi
+  echo "job.sh: step ended (rc=$rc) before the stage finished; requeueing job $SLURM_JOB_ID"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+if [[ $rc == 0 ]]; then
+  echo "job.sh: step exited 0 without an export at $EXPORT_DIR (DRY_RUN or" \
+       "train.export_at_end=false)"
+  exit 0
+fi
+echo "job.sh: step failed (rc=$rc); not requeueing (see $LOG_DIR)" >&2
+exit "$rc"

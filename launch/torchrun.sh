@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Launch `janus-train` with torchrun: one node, or one call per node with c10d rendezvous.
+#
+#   bash launch/torchrun.sh experiment=janus_pro_1b stage=stage1 deepspeed=zero2 [override ...]
+#   NNODES=4 RDZV_ENDPOINT=node001:29500 bash launch/torchrun.sh ...    # run on each of 4 nodes
+#
+# Every argument is passed through to the trainer as a Hydra override. Re-running the same command
+# resumes from the latest checkpoint in train.run_dir (default runs/<experiment>/<stage>).
+#
+# Environment (all optional):
+#   NNODES          nodes taking part (default 1). With 1 and no RDZV_ENDPOINT, torchrun runs
+#                   --standalone (local rendezvous on a free port).
+#   NPROC_PER_NODE  processes per node (default: the GPUs `nvidia-smi -L` lists, else 1).
+#   RDZV_ENDPOINT   host:port of the c10d rendezvous store; required when NNODES > 1. The node
+#                   whose hostname matches `host` serves it; every node passes the same value.
+#   RDZV_ID         rendezvous id, the same on every node of one job (default janus).
+#   RDZV_BACKEND    rendezvous backend (default c10d).
+#   RDZV_CONF       extra rendezvous settings, e.g. join_timeout=1800 on slow-starting clusters.
+#   MAX_RESTARTS    torchrun worker-group restarts on failure (default 0: fail fast, let the
+#                   scheduler requeue; the trainer resumes from its last checkpoint either way).
+#   TORCHRUN_ARGS   extra torchrun flags, split on spaces (e.g. "--log-dir logs/ranks --tee 3").
+#   PYTHON          interpreter with janus_train installed (default python).
+#   DRY_RUN         1: print the command (shell-quoted, one line) instead of running it.
+#   NCCL_*, TORCH_NCCL_*, GLOO_SOCKET_IFNAME, OMP_NUM_THREADS: read by NCCL/torch, not here;
+#                   see docs/cluster.md. torchrun sets OMP_NUM_THREADS=1 when unset.
+#
+# Signals: the torchrun agent is started with SIGUSR1 ignored, so a USR1 that a scheduler sends to
+# every process of the job (Slurm does) reaches the trainer ranks, which checkpoint at the next step
+# boundary and exit with the requeue exit code, instead of killing the agent. SIGTERM to the agent
+# is forwarded by torchrun to the ranks (which get 30 s before SIGKILL).
+set -euo pipefail
+
+PYTHON=${PYTHON:-python}
+NNODES=${NNODES:-1}
+if [[ -z ${NPROC_PER_NODE:-} ]]; then
+  NPROC_PER_NODE=1
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    if [[ ${gpus:-0} -gt 0 ]]; then NPROC_PER_NODE=$gpus; fi
+  fi
+fi
+
+cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE")
+if [[ $NNODES -eq 1 && -z ${RDZV_ENDPOINT:-} ]]; then
+  cmd+=(--standalone)
+else
+  if [[ -z ${RDZV_ENDPOINT:-} ]]; then
+    echo "torchrun.sh: NNODES=$NNODES needs RDZV_ENDPOINT=host:port (same on every node)" >&2
+    exit 2
+  fi
+  cmd+=(--rdzv-backend="${RDZV_BACKEND:-c10d}" --rdzv-endpoint="$RDZV_ENDPOINT"
+        --rdzv-id="${RDZV_ID:-janus}")
+  if [[ -n ${RDZV_CONF:-} ]]; then cmd+=(--rdzv-conf="$RDZV_CONF"); fi
+fi
+cmd+=(--max-restarts="${MAX_RESTARTS:-0}")
+if [[ -n ${TORCHRUN_ARGS:-} ]]; then
+  read -r -a extra <<<"$TORCHRUN_ARGS"
+  cmd+=("${extra[@]}")
+fi
+cmd+=(-m janus_train.train "$@")
+
+if [[ ${DRY_RUN:-0} == 1 ]]; then
+  printf '%q ' "${cmd[@]}"
+  printf '\n'
+  exit 0
+fi
+# Ignored dispositions survive exec and torchrun installs no USR1 handler (see header).
+trap '' USR1
+exec "${cmd[@]}"
