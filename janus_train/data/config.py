@@ -15,8 +15,14 @@ class DataConfig:
     seq_len: int = 4096
     """Maximum tokens per sample row."""
     num_workers: int = 2
-    """DataLoader workers per rank."""
+    """DataLoader workers per rank (0: build in the main process). Exact resume needs the same
+    value (and world size) as the run that saved the state."""
+    prefetch_factor: int = 2
+    """Steps each worker builds ahead."""
     seed: int = 0
+    """Seeds shard order, in-shard order, source picks per step, CFG and caption dropout."""
+    shuffle: bool = True
+    """Shuffle shard order per epoch and, for local shards, record order within each shard."""
     cfg_dropout: float = 0.1
     """Probability that a generation sample's prompt becomes unconditional (pad tokens)."""
     first_sentence_prob: float = 0.25
@@ -25,3 +31,7 @@ class DataConfig:
     """Optional system prompt for conversations (None: none)."""
     max_failure_rate: float = 0.05
     """Above this fraction of skipped samples per source the run stops naming the shard."""
+    failure_min_samples: int = 100
+    """Samples a shard (or source) must have tried before ``max_failure_rate`` applies."""
+    pad_to_multiple_of: int = 1
+    """Pad each micro-batch's length to a multiple of this (e.g. 64 for tensor cores)."""

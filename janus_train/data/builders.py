@@ -1,0 +1,385 @@
+"""Per-task sample builders (pure functions that also write the loss masks) and collate.
+
+::
+
+    record (key -> bytes) --decode--> caption / conversation / text / class name (+ images, codes)
+        --builder--> Sample(input_ids, labels, image_codes, task, und_images, gen_image)
+        --collate--> batch dict (contract in janus_train/model/forward.py), padded on the right
+
+Sequences (spec §2, §5; ``U``/``A`` = ``User``/``Assistant`` or ``<|User|>``/``<|Assistant|>``,
+IMG = ``<begin_of_image>`` + N x ``<image_placeholder>`` + ``<end_of_image>``, ``[..]`` =
+supervised):
+
+- caption, plain:  BOS IMG [caption EOS]
+- caption, qa:     BOS "U: " IMG "\\nDescribe the image in detail.\\n\\nA:" [" caption" EOS]
+- conversation:    BOS (system "\\n\\n") "U: msg\\n\\nA:" [" answer" EOS] ... ; ``<image>`` markers
+  become IMG; with ``sft`` false every text token but BOS, the system prompt and IMG is supervised
+- text:            [BOS text EOS] cut into chunks of ``seq_len``
+- generation:      BOS prompt BOI [N codes]; prompt = ``caption`` (plain) or ``"U: caption\\n\\nA:"``
+  (qa); CFG dropout turns every token strictly between BOS and BOI into pad.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from janus_train.data.preprocess import (
+    IMAGE_EXTS,
+    BadSample,
+    decode_image,
+    decode_json,
+    decode_npy,
+    decode_text,
+    gen_pixels,
+    und_pixels,
+)
+from janus_train.model.tokenizer import SpecialTokens
+
+IGNORE = -100
+CODE_FROM_PIXELS = -1
+TASK_ID = {"text": 0, "und": 1, "gen": 2}
+ROLES = {"janus": ("User", "Assistant"), "janus_pro": ("<|User|>", "<|Assistant|>")}
+QA_QUESTION = "Describe the image in detail."
+IMAGE_MARKER = "<image>"
+_SENTENCE = re.compile(r"^(.+?[.!?])(?:\s|$)", re.S)
+
+
+@dataclass
+class BuildContext:
+    """Everything a builder needs; picklable into dataloader workers."""
+
+    tokenizer: object
+    st: SpecialTokens
+    chat_template: str = "janus_pro"
+    caption_format: str = "plain"
+    sft: bool = False
+    seq_len: int = 4096
+    image_size: int = 384
+    num_image_tokens: int = 576
+    codebook_size: int = 16384
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    cfg_dropout: float = 0.1
+    first_sentence_prob: float = 0.25
+    system_prompt: str | None = None
+
+    def enc(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    @property
+    def roles(self) -> tuple[str, str]:
+        return ROLES[self.chat_template]
+
+    def image_block(self) -> list[int]:
+        return [self.st.boi] + [self.st.image] * self.num_image_tokens + [self.st.eoi]
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+    task: str
+    image_codes: list[int] | None = None
+    und_images: list[np.ndarray] = field(default_factory=list)
+    gen_image: np.ndarray | None = None
+    key: str = ""
+
+
+class _Seq:
+    def __init__(self, bos: int):
+        self.ids: list[int] = [bos]
+        self.labels: list[int] = [IGNORE]
+
+    def add(self, ids: list[int], supervised: bool) -> None:
+        self.ids += ids
+        self.labels += ids if supervised else [IGNORE] * len(ids)
+
+
+def _finish(seq: _Seq, ctx: BuildContext, task: str, images: list[np.ndarray]) -> Sample:
+    ids, labels = seq.ids, seq.labels
+    if len(ids) > ctx.seq_len:
+        ids, labels = ids[: ctx.seq_len], labels[: ctx.seq_len]
+        # An image block cut by truncation would misalign features and placeholders.
+        if ids.count(ctx.st.image) != len(images) * ctx.num_image_tokens or (
+            images and ids[-1] in (ctx.st.boi, ctx.st.image)
+        ):
+            raise BadSample("too_long", f"{len(seq.ids)} tokens > seq_len {ctx.seq_len}")
+    if all(lb == IGNORE for lb in labels[1:]):
+        raise BadSample("no_target", "nothing supervised")
+    return Sample(ids, labels, task, und_images=images)
+
+
+def _add_text_with_images(seq: _Seq, ctx: BuildContext, text: str, supervised: bool) -> int:
+    """Add `text`, replacing each ``<image>`` marker by the image block; returns marker count."""
+    parts = text.split(IMAGE_MARKER)
+    for i, part in enumerate(parts):
+        if i:
+            seq.add(ctx.image_block(), False)
+        seq.add(ctx.enc(part), supervised)
+    return len(parts) - 1
+
+
+def build_caption_plain(caption: str, image: np.ndarray, ctx: BuildContext) -> Sample:
+    """Stage 1 understanding: ``BOS IMG [caption EOS]``."""
+    seq = _Seq(ctx.st.bos)
+    seq.add(ctx.image_block(), False)
+    seq.add(ctx.enc(caption) + [ctx.st.eos], True)
+    return _finish(seq, ctx, "und", [image])
+
+
+def build_conversation(
+    turns: list[tuple[str, str]], images: list[np.ndarray], ctx: BuildContext, task: str,
+    mask_user: bool | None = None,
+) -> Sample:
+    """A chat in the Janus template. ``turns``: (role, text), role in system/user/assistant.
+
+    ``mask_user`` (default ``ctx.sft``): supervise only the assistant answers and their EOS.
+    """
+    mask_user = ctx.sft if mask_user is None else mask_user
+    u_role, a_role = ctx.roles
+    seq = _Seq(ctx.st.bos)
+    system = ctx.system_prompt
+    if turns and turns[0][0] == "system":
+        system, turns = turns[0][1], turns[1:]
+    if system:
+        seq.add(ctx.enc(system + "\n\n"), False)
+    markers = 0
+    expect = "user"
+    for role, text in turns:
+        if role != expect:
+            raise BadSample("bad_conversation", f"expected a {expect} turn, got {role}")
+        if role == "user":
+            markers += _add_text_with_images(seq, ctx, f"{u_role}: {text}\n\n{a_role}:", not mask_user)
+            expect = "assistant"
+        else:
+            if IMAGE_MARKER in text:
+                raise BadSample("image_marker_mismatch", "<image> in an assistant turn")
+            seq.add(ctx.enc(" " + text) + [ctx.st.eos], True)
+            expect = "user"
+    if markers != len(images):
+        raise BadSample("image_marker_mismatch", f"{markers} <image> markers, {len(images)} images")
+    return _finish(seq, ctx, task, images)
+
+
+def build_caption_qa(caption: str, image: np.ndarray, ctx: BuildContext) -> Sample:
+    """Stage 2+ understanding: the caption as the answer to the fixed question (masked)."""
+    turns = [("user", f"{IMAGE_MARKER}\n{QA_QUESTION}"), ("assistant", caption)]
+    return build_conversation(turns, [image], ctx, "und", mask_user=True)
+
+
+def build_text(text: str, ctx: BuildContext) -> list[Sample]:
+    """LM chunks of at most ``seq_len`` tokens of ``BOS text EOS``, all supervised."""
+    ids = [ctx.st.bos] + ctx.enc(text) + [ctx.st.eos]
+    out = []
+    for i in range(0, len(ids), ctx.seq_len):
+        chunk = ids[i : i + ctx.seq_len]
+        if len(chunk) < 2:
+            break
+        labels = list(chunk)
+        if i == 0:
+            labels[0] = IGNORE
+        out.append(Sample(chunk, labels, "text"))
+    return out
+
+
+def first_sentence(text: str) -> str:
+    m = _SENTENCE.match(text.strip())
+    return m.group(1) if m else text.strip()
+
+
+def build_generation(
+    prompt: str, ctx: BuildContext, rng: random.Random, codes: np.ndarray | None = None,
+    image: np.ndarray | None = None,
+) -> Sample:
+    """``BOS prompt BOI [N codes]``; the codes, or ``-1`` slots filled from ``image`` on device."""
+    if rng.random() < ctx.first_sentence_prob:
+        prompt = first_sentence(prompt)
+    uncond = rng.random() < ctx.cfg_dropout
+    n = ctx.num_image_tokens
+    budget = ctx.seq_len - 2 - n
+    if budget < 0:
+        raise BadSample("too_long", f"{n} image tokens do not fit seq_len {ctx.seq_len}")
+    while True:
+        text = prompt if ctx.caption_format == "plain" else (
+            f"{ctx.roles[0]}: {prompt}\n\n{ctx.roles[1]}:"
+        )
+        ptoks = ctx.enc(text)
+        if len(ptoks) <= budget or not prompt:
+            break
+        prompt = prompt[: max(0, int(len(prompt) * budget / len(ptoks)) - 1)]
+    if len(ptoks) > budget:
+        raise BadSample("too_long", "generation prompt template exceeds seq_len")
+    if uncond:
+        ptoks = [ctx.st.pad] * len(ptoks)
+    ids = [ctx.st.bos] + ptoks + [ctx.st.boi] + [ctx.st.pad] * n
+    labels = [IGNORE] * len(ids)
+    head = [IGNORE] * (len(ptoks) + 2)
+    if codes is not None:
+        img_codes = head + [int(c) for c in codes]
+        return Sample(ids, labels, "gen", image_codes=img_codes)
+    return Sample(ids, labels, "gen", image_codes=head + [CODE_FROM_PIXELS] * n, gen_image=image)
+
+
+# --------------------------------------------------------------------------- records -> samples
+
+
+def _image_members(members: dict[str, bytes]) -> list[str]:
+    """Image member extensions in order: ``jpg`` alone, or ``0.jpg``, ``1.png``, ..."""
+    exts = [e for e in members if e.rsplit(".", 1)[-1] in IMAGE_EXTS]
+    return sorted(exts, key=lambda e: (len(e), e))
+
+
+def _caption(members: dict[str, bytes], key: str = "txt") -> str:
+    if key in members:
+        cap = decode_text(members[key])
+    elif "json" in members:
+        meta = decode_json(members["json"])
+        cap = meta.get("caption") if isinstance(meta, dict) else None
+        if cap is None:
+            raise BadSample("missing_key", "no txt member and no caption in json")
+        if not isinstance(cap, str):
+            raise BadSample("bad_caption", f"caption is {type(cap).__name__}")
+    else:
+        raise BadSample("missing_key", "no txt member")
+    if not cap.strip():
+        raise BadSample("empty_caption")
+    return cap.strip()
+
+
+def _codes(members: dict[str, bytes], ctx: BuildContext) -> np.ndarray | None:
+    for ext in ("codes.npy", "npy"):
+        if ext in members:
+            arr = decode_npy(members[ext]).reshape(-1)
+            if arr.size != ctx.num_image_tokens:
+                raise BadSample("bad_codes", f"{arr.size} codes, expected {ctx.num_image_tokens}")
+            if arr.min() < 0 or arr.max() >= ctx.codebook_size:
+                raise BadSample("bad_codes", f"codes outside [0, {ctx.codebook_size})")
+            return arr.astype(np.int64)
+    return None
+
+
+def _one_image(members: dict[str, bytes]) -> bytes:
+    exts = _image_members(members)
+    if not exts:
+        raise BadSample("missing_key", "no image member")
+    return members[exts[0]]
+
+
+def _conversation_turns(members: dict[str, bytes]) -> list[tuple[str, str]]:
+    if "json" not in members:
+        raise BadSample("missing_key", "no json member")
+    meta = decode_json(members["json"])
+    conv = meta.get("conversations") if isinstance(meta, dict) else meta
+    if not isinstance(conv, list) or not conv:
+        raise BadSample("bad_conversation", "no conversations list")
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+             "system": "system"}
+    turns = []
+    for t in conv:
+        if not isinstance(t, dict) or not isinstance(t.get("value"), str) or t.get("from") not in roles:
+            raise BadSample("bad_conversation", "turns need from: human|gpt|system and a str value")
+        turns.append((roles[t["from"]], t["value"]))
+    return turns
+
+
+def record_to_samples(
+    members: dict[str, bytes], fmt: str, task: str, ctx: BuildContext, rng: random.Random,
+    class_names: list[str] | None = None,
+) -> list[Sample]:
+    """Decode one record and build its sample(s); raises ``BadSample`` to skip it."""
+    S = ctx.image_size
+    if fmt == "text":
+        if "txt" not in members:
+            raise BadSample("missing_key", "no txt member")
+        text = decode_text(members["txt"])
+        if not text.strip():
+            raise BadSample("empty_text")
+        return build_text(text, ctx)
+    if fmt == "conversation":
+        turns = _conversation_turns(members)
+        exts = _image_members(members)
+        if task == "text" and exts:
+            raise BadSample("image_marker_mismatch", "text conversation with images")
+        imgs = [und_pixels(decode_image(members[e]), S, ctx.mean, ctx.std) for e in exts]
+        return [build_conversation(turns, imgs, ctx, "und" if task == "understanding" else "text")]
+    if fmt == "caption" and task == "understanding":
+        cap = _caption(members)
+        img = und_pixels(decode_image(_one_image(members)), S, ctx.mean, ctx.std)
+        build = build_caption_plain if ctx.caption_format == "plain" else build_caption_qa
+        return [build(cap, img, ctx)]
+    if task == "generation":
+        if fmt == "class_label":
+            prompt = _class_name(members, class_names)
+        else:
+            prompt = _caption(members)
+        codes = _codes(members, ctx)
+        img = None if codes is not None else gen_pixels(decode_image(_one_image(members)), S)
+        return [build_generation(prompt, ctx, rng, codes=codes, image=img)]
+    raise BadSample("bad_format", f"format {fmt!r} cannot feed task {task!r}")
+
+
+def _class_name(members: dict[str, bytes], class_names: list[str] | None) -> str:
+    if "txt" in members:
+        name = decode_text(members["txt"]).strip()
+    elif "cls" in members and class_names:
+        try:
+            idx = int(decode_text(members["cls"]).strip())
+            name = class_names[idx]
+        except (ValueError, IndexError):
+            raise BadSample("bad_label", "cls is not a valid class index") from None
+    else:
+        raise BadSample("missing_key", "no txt (class name) or cls member")
+    if not name:
+        raise BadSample("empty_caption")
+    return name
+
+
+# --------------------------------------------------------------------------- collate
+
+
+def collate(samples: list[Sample], ctx: BuildContext, pad_to_multiple_of: int = 1) -> dict:
+    """Right-padded batch dict following the contract in ``janus_train.model.forward``."""
+    B = len(samples)
+    T = max(len(s.input_ids) for s in samples)
+    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((B, T), ctx.st.pad, dtype=torch.long)
+    attention = torch.zeros((B, T), dtype=torch.long)
+    position = torch.zeros((B, T), dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    codes = torch.full((B, T), IGNORE, dtype=torch.long)
+    task = torch.full((B, T), -1, dtype=torch.long)
+    und, gen = [], []
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        input_ids[i, :n] = torch.tensor(s.input_ids)
+        attention[i, :n] = 1
+        position[i, :n] = torch.arange(n)
+        labels[i, :n] = torch.tensor(s.labels)
+        if s.image_codes is not None:
+            codes[i, :n] = torch.tensor(s.image_codes)
+        task[i, :n] = TASK_ID[s.task]
+        und.extend(s.und_images)
+        if s.gen_image is not None:
+            gen.append(s.gen_image)
+    S = ctx.image_size
+
+    def stack(xs):
+        if not xs:
+            return torch.zeros((0, 3, S, S), dtype=torch.float32)
+        return torch.from_numpy(np.stack(xs))
+
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "position_ids": position,
+        "labels": labels,
+        "image_codes": codes,
+        "task_ids": task,
+        "pixel_values": stack(und),
+        "gen_pixel_values": stack(gen),
+    }

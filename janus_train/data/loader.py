@@ -1,0 +1,301 @@
+"""The training loader: per-rank step batches with an exact task ratio, resumable exactly.
+
+::
+
+    recipe sources --RecordStream (split by rank x worker, seeded)--> records
+        --record_to_samples (decode, preprocess, build + masks; bad data counted)--> samples
+        --step_plan (exact ratio per step, same on every rank)--> grad_accum micro-batches
+        --collate--> batch dicts (janus_train/model/forward.py contract)
+
+Each dataloader worker builds whole steps: logical worker ``w`` builds the steps ``s`` with
+``s % workers == w`` from its own source streams (consumer ``rank * workers + w``), so a step's
+samples never depend on another worker's progress. Every item carries that worker's stream
+position after the step; the loader keeps the position of the last *consumed* step per worker, so
+``state_dict()`` is exact whatever the prefetch depth: restore re-opens each stream at its saved
+record (local shards seek; nothing skipped is decoded) and continues with the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import Counter
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from janus_train.data.builders import BuildContext, Sample, collate, record_to_samples
+from janus_train.data.config import DataConfig
+from janus_train.data.mixing import step_plan, task_counts
+from janus_train.data.preprocess import BadSample
+from janus_train.data.recipe import Recipe, Source, check_recipe_for_stage, load_recipe
+from janus_train.data.shards import RecordStream, stable_seed
+from janus_train.model.tokenizer import resolve_special_tokens
+
+logger = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+__all__ = ["StepLoader", "build_train_loader", "load_recipe", "build_context"]
+
+
+class DataFailure(RuntimeError):
+    """Too many bad samples in a source: the run must stop (message names the shard)."""
+
+
+class SampleStream:
+    """Built samples of one source for one consumer, with skip accounting and resumable state.
+
+    State: ``{"rec": <RecordStream position of the current record>, "sub": samples of it already
+    returned}`` (a text record can yield several chunks).
+    """
+
+    def __init__(self, src: Source, ctx: BuildContext, dcfg: DataConfig, consumer: int,
+                 n_consumers: int, state: dict | None, counters: Counter):
+        self.src, self.ctx, self.dcfg, self.counters = src, ctx, dcfg, counters
+        self.shard_stats: dict[str, list[int]] = {}
+        self.attempts = self.fails = 0
+        st = state or {}
+        self.rs = RecordStream(src.name, src.shards, consumer, n_consumers, dcfg.seed,
+                               shuffle=dcfg.shuffle, state=st.get("rec"),
+                               on_shard_error=self._shard_error)
+        self.cur = self.rs.state()
+        self.sub = 0
+        self.pending: list[Sample] = []
+        if st.get("sub", 0):
+            self._fill()
+            self.pending = self.pending[int(st["sub"]) :]
+            self.sub = int(st["sub"])
+
+    def state(self) -> dict:
+        if self.pending:
+            return {"rec": dict(self.cur), "sub": self.sub}
+        return {"rec": self.rs.state(), "sub": 0}
+
+    def _fail(self, url: str, reason: str, detail: str) -> None:
+        name = self.src.name
+        self.counters[f"skipped/{name}/{reason}"] += 1
+        self.attempts += 1
+        self.fails += 1
+        stats = self.shard_stats.setdefault(url, [0, 0])
+        stats[0] += 1
+        stats[1] += 1
+        if self.counters[f"skipped/{name}/{reason}"] <= 3:
+            logger.warning("data source %s: skipped a sample of %s (%s)", name, url, detail)
+        d = self.dcfg
+        for n_att, n_fail, what in ((stats[0], stats[1], f"shard {url}"),
+                                    (self.attempts, self.fails, "the source")):
+            if n_att >= d.failure_min_samples and n_fail / n_att > d.max_failure_rate:
+                raise DataFailure(
+                    f"data source {name!r}: {n_fail} of {n_att} samples of {what} failed "
+                    f"({n_fail / n_att:.0%} > data.max_failure_rate={d.max_failure_rate}); "
+                    f"shard {url}; last: {detail}"
+                )
+
+    def _shard_error(self, url: str, reason: str, detail: str) -> None:
+        self._fail(url, reason, detail)
+
+    def _fill(self) -> None:
+        while not self.pending:
+            self.cur = self.rs.state()
+            rec = self.rs.next()
+            rng = random.Random(stable_seed(self.dcfg.seed, self.src.name, self.rs.epoch,
+                                            rec.url, rec.key))
+            try:
+                samples = record_to_samples(rec.members, self.src.format, self.src.task,
+                                            self.ctx, rng, self.src.class_names)
+            except BadSample as e:
+                self._fail(rec.url, e.reason, f"{rec.key}: {e}")
+                continue
+            self.attempts += 1
+            self.shard_stats.setdefault(rec.url, [0, 0])[0] += 1
+            for i, s in enumerate(samples):
+                s.key = f"{rec.url}#{rec.key}" + (f"#{i}" if i else "")
+            self.pending, self.sub = samples, 0
+
+    def next(self) -> Sample:
+        self._fill()
+        self.sub += 1
+        self.counters[f"samples/{self.src.name}"] += 1
+        return self.pending.pop(0)
+
+
+class StepDataset(IterableDataset):
+    """Yields this rank's steps ``>= start_step`` built by each (logical) worker."""
+
+    def __init__(self, recipe: Recipe, ctx: BuildContext, dcfg: DataConfig, counts: dict,
+                 rank: int, world_size: int, num_workers: int, micro_batch_size: int,
+                 grad_accum: int, start_step: int, worker_states: list[dict]):
+        super().__init__()
+        self.recipe, self.ctx, self.dcfg, self.counts = recipe, ctx, dcfg, counts
+        self.rank, self.world_size, self.W = rank, world_size, max(1, num_workers)
+        self.mbs, self.ga = micro_batch_size, grad_accum
+        self.start_step, self.worker_states = start_step, worker_states
+
+    def __iter__(self):
+        info = get_worker_info()
+        loader_id = info.id if info is not None else 0
+        if info is not None:
+            torch.set_num_threads(1)
+        # DataLoader hands out items from loader worker 0 first: rotate so that the worker
+        # serving step start_step is logical worker start_step % W (stable across resumes).
+        w = (loader_id + self.start_step) % self.W
+        ws = self.worker_states[w]
+        counters = Counter(ws.get("counters", {}))
+        consumer, C = self.rank * self.W + w, self.world_size * self.W
+        streams: dict[int, SampleStream] = {}
+        src_states = ws.get("sources", {})
+        step = self.start_step + ((w - self.start_step) % self.W)
+        while True:
+            plan = step_plan(self.recipe, self.counts, step, self.world_size, self.mbs,
+                             self.ga, self.dcfg.seed)[self.rank]
+            micro, keys = [], []
+            for src_ids in plan:
+                samples = []
+                for i in src_ids:
+                    if i not in streams:
+                        src = self.recipe.sources[i]
+                        streams[i] = SampleStream(src, self.ctx, self.dcfg, consumer, C,
+                                                  src_states.get(src.name), counters)
+                    samples.append(streams[i].next())
+                micro.append(collate(samples, self.ctx, self.dcfg.pad_to_multiple_of))
+                keys.append([s.key for s in samples])
+            for i, s in streams.items():
+                src_states[self.recipe.sources[i].name] = s.state()
+            state = {"sources": {k: dict(v) for k, v in src_states.items()},
+                     "counters": dict(counters)}
+            yield {"step": step, "worker": w, "micro": micro, "keys": keys, "state": state}
+            step += self.W
+
+
+class StepLoader:
+    """``next_step()`` -> this rank's ``grad_accum`` micro-batches of the next optimizer step."""
+
+    def __init__(self, recipe: Recipe, ctx: BuildContext, dcfg: DataConfig, counts: dict,
+                 rank: int, world_size: int, micro_batch_size: int, grad_accum: int):
+        self.recipe, self.ctx, self.dcfg, self.counts = recipe, ctx, dcfg, counts
+        self.rank, self.world_size = rank, world_size
+        self.mbs, self.ga = micro_batch_size, grad_accum
+        self.num_workers = dcfg.num_workers
+        self.step = 0
+        self.worker_states: list[dict] = [{} for _ in range(max(1, self.num_workers))]
+        self._loader = None
+        self._it = None
+        self.last_keys: list[list[str]] = []
+        """Sample keys (``shard#key``) of the last step's micro-batches."""
+
+    def _start(self) -> None:
+        ds = StepDataset(self.recipe, self.ctx, self.dcfg, self.counts, self.rank,
+                         self.world_size, self.num_workers, self.mbs, self.ga, self.step,
+                         [dict(s) for s in self.worker_states])
+        if self.num_workers > 0:
+            self._loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                      prefetch_factor=self.dcfg.prefetch_factor,
+                                      persistent_workers=False)
+        else:
+            self._loader = ds
+        self._it = iter(self._loader)
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        if self._it is None:
+            self._start()
+        item = next(self._it)
+        if item["step"] != self.step:
+            raise RuntimeError(f"data loader out of order: got step {item['step']}, "
+                               f"expected {self.step}")
+        self.worker_states[item["worker"]] = item["state"]
+        self.step += 1
+        self.last_keys = item["keys"]
+        return item["micro"]
+
+    def counters(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for ws in self.worker_states:
+            total.update(ws.get("counters", {}))
+        return dict(sorted(total.items()))
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "step": self.step,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "seed": self.dcfg.seed,
+            "recipe": self.recipe.name,
+            "sources": [s.name for s in self.recipe.sources],
+            "workers": [dict(ws) for ws in self.worker_states],
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        for key, mine in (("version", STATE_VERSION), ("world_size", self.world_size),
+                          ("num_workers", self.num_workers), ("seed", self.dcfg.seed),
+                          ("rank", self.rank)):
+            if sd.get(key) != mine:
+                raise ValueError(f"loader state has {key}={sd.get(key)!r} but this run has "
+                                 f"{mine!r}: exact resume needs the same value")
+        missing = set(sd["sources"]) - {s.name for s in self.recipe.sources}
+        if missing:
+            logger.warning("loader state has sources %s not in recipe %s", sorted(missing),
+                           self.recipe.name)
+        self.close()
+        self.step = int(sd["step"])
+        self.worker_states = [dict(ws) for ws in sd["workers"]]
+
+    def close(self) -> None:
+        it, self._it, self._loader = self._it, None, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def build_context(run, processor) -> BuildContext:
+    """Builder settings from the run config and the processor (ids resolved by string)."""
+    tok = processor.tokenizer
+    ip = processor.image_processor
+    n_proc = getattr(processor, "num_image_tokens", run.model.num_image_tokens)
+    if n_proc != run.model.num_image_tokens:
+        raise ValueError(f"processor inserts {n_proc} image tokens but model.num_image_tokens "
+                         f"is {run.model.num_image_tokens}")
+    d = run.data
+    return BuildContext(
+        tokenizer=tok,
+        st=resolve_special_tokens(tok),
+        chat_template=getattr(run.experiment.chat_template, "value", run.experiment.chat_template),
+        caption_format=getattr(run.stage.caption_format, "value", run.stage.caption_format),
+        sft=run.stage.sft,
+        seq_len=d.seq_len,
+        image_size=run.model.image_size,
+        num_image_tokens=run.model.num_image_tokens,
+        codebook_size=run.model.vq.num_embeddings,
+        mean=tuple(float(x) for x in ip.image_mean),
+        std=tuple(float(x) for x in ip.image_std),
+        cfg_dropout=d.cfg_dropout,
+        first_sentence_prob=d.first_sentence_prob,
+        system_prompt=d.system_prompt,
+    )
+
+
+def build_train_loader(run, processor, *, rank: int, world_size: int, micro_batch_size: int,
+                       grad_accum: int, recipe: str | None = None) -> StepLoader:
+    """Validate the recipe and batch arithmetic, then the rank's ``StepLoader``."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    hp = run.hparams
+    if micro_batch_size * grad_accum * world_size != hp.global_batch_size:
+        raise ValueError(
+            f"global_batch_size={hp.global_batch_size} != micro_batch_size {micro_batch_size} x "
+            f"grad_accum {grad_accum} x world_size {world_size}"
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    rec = load_recipe(recipe or run.data.recipe or hp.data_recipe)
+    ratio = {"und": hp.ratio.und, "text": hp.ratio.text, "gen": hp.ratio.gen}
+    check_recipe_for_stage(rec, ratio, hp.steps)
+    counts = task_counts(ratio, hp.global_batch_size)
+    ctx = build_context(run, processor)
+    return StepLoader(rec, ctx, run.data, counts, rank, world_size, micro_batch_size, grad_accum)

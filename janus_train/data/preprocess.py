@@ -1,0 +1,115 @@
+"""Image decoding and the Janus preprocessing (spec §3) as pure functions.
+
+Decoding never unpickles: images go through PIL, captions through utf-8, metadata through json,
+codes through ``numpy.load(allow_pickle=False)``. Any other member is ignored.
+
+- understanding: long side -> ``size`` (bicubic), pad to a centred square with (127,127,127),
+  then ``(x / 255 - mean) / std`` with the processor's mean/std.
+- generation: short side -> ``size`` (bicubic), centre crop to ``size``, then ``x / 127.5 - 1``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+PAD_RGB = (127, 127, 127)
+
+
+class BadSample(Exception):
+    """A sample that must be skipped; ``reason`` becomes the counter name."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes -> RGB PIL image with EXIF orientation applied; palette/RGBA/LA/L/CMYK/I;16 -> RGB
+    (transparency composited on white)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img = ImageOps.exif_transpose(img)
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        if img.mode in ("RGBA", "LA", "PA"):
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(bg, rgba)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray((arr / max(arr.max(), 1) * 255).astype(np.uint8))
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        img.load()
+    except Exception as e:  # noqa: BLE001 - any decoder failure is bad data, not a crash
+        raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
+    if img.width < 1 or img.height < 1:
+        raise BadSample("bad_image", "empty image")
+    return img
+
+
+def decode_text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadSample("bad_text", str(e)) from None
+
+
+def decode_json(data: bytes) -> object:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadSample("bad_json", str(e).splitlines()[0]) from None
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise BadSample("bad_codes", f"{type(e).__name__}: {e}") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "iu":
+        raise BadSample("bad_codes", "codes must be an integer array")
+    return arr
+
+
+def resize_long_pad(img: Image.Image, size: int) -> Image.Image:
+    """Long side to `size` (bicubic), centred on a (127,127,127) square (official Janus)."""
+    w, h = img.size
+    scale = size / max(w, h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    if nw == nh == size:
+        return img
+    out = Image.new("RGB", (size, size), PAD_RGB)
+    out.paste(img, ((size - nw) // 2, (size - nh) // 2))
+    return out
+
+
+def resize_short_crop(img: Image.Image, size: int) -> Image.Image:
+    """Short side to `size` (bicubic), centre crop of the long side to `size`."""
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def und_pixels(img: Image.Image, size: int, mean, std) -> np.ndarray:
+    """(3, size, size) float32 normalised understanding input."""
+    x = np.asarray(resize_long_pad(img, size), dtype=np.float32) * (1.0 / 255.0)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def gen_pixels(img: Image.Image, size: int) -> np.ndarray:
+    """(3, size, size) float32 generation target in [-1, 1]."""
+    x = np.asarray(resize_short_crop(img, size), dtype=np.float32) * (1.0 / 127.5) - 1.0
+    return np.ascontiguousarray(x.transpose(2, 0, 1))

@@ -1,0 +1,280 @@
+"""Shard reading and splitting: infinite, seeded, resumable record streams per source.
+
+::
+
+    shard URLs --(epoch permutation, seed)--> this consumer's shards --> records (key -> bytes)
+
+A *consumer* is one dataloader worker of one rank (``consumer = rank * workers + worker``).
+With at least as many shards as consumers, each epoch's shard permutation is dealt round-robin
+(``perm[c::C]``), so no two consumers read the same shard in an epoch. With fewer shards, every
+consumer walks all shards and keeps every C-th record (``counter % C == c``): still disjoint,
+never a hang; the skipped records are not decoded. Local shards are indexed by their tar headers
+(no data read) and their records visited in a seeded permutation per epoch, so resume seeks
+straight to the next record; remote shards (``pipe:``, URLs) stream in order and resume skips
+records without decoding them. The whole position is ``(epoch, cursor, offset, counter)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import tarfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from janus_train.data.recipe import is_remote
+
+logger = logging.getLogger(__name__)
+
+_KEY = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
+
+
+def stable_seed(*parts: object) -> int:
+    """A process-independent 63-bit seed from any printable parts (``hash()`` is salted)."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class ShardError(Exception):
+    """A shard could not be opened or read (counted as a failure of its source)."""
+
+
+@dataclass
+class Record:
+    key: str
+    url: str
+    members: dict[str, bytes]
+    """lower-cased extension (after the first dot of the basename) -> raw bytes."""
+
+
+def split_name(name: str) -> tuple[str, str] | None:
+    m = _KEY.match(name)
+    if not m:
+        return None
+    return m.group(1), m.group(2).lower()
+
+
+def index_local_tar(path: str) -> tuple[list[tuple[str, list[tuple[str, int, int]]]], bool]:
+    """Group a local tar's members into records from the headers alone.
+
+    Returns ``([(key, [(ext, data_offset, size), ...]), ...], truncated)``; a record cut by a
+    truncated file is dropped and ``truncated`` set.
+    """
+    size = os.path.getsize(path)
+    records: list[tuple[str, list[tuple[str, int, int]]]] = []
+    truncated = False
+    try:
+        with tarfile.open(path, mode="r:") as tf:
+            while True:
+                try:
+                    ti = tf.next()
+                except (tarfile.TarError, OSError, EOFError):
+                    truncated = True
+                    break
+                if ti is None:
+                    break
+                if not ti.isfile():
+                    continue
+                if ti.offset_data + ti.size > size:
+                    truncated = True
+                    break
+                kx = split_name(ti.name)
+                if kx is None or os.path.basename(kx[0]).startswith(("_", ".")):
+                    continue
+                key, ext = kx
+                if records and records[-1][0] == key:
+                    records[-1][1].append((ext, ti.offset_data, ti.size))
+                else:
+                    records.append((key, [(ext, ti.offset_data, ti.size)]))
+    except (tarfile.TarError, OSError) as e:
+        if not records:
+            raise ShardError(f"cannot read tar {path!r}: {e}") from None
+        truncated = True
+    if truncated and records:
+        records.pop()  # the last record may be missing members
+    return records, truncated
+
+
+def _open_stream(url: str):
+    import webdataset as wds
+
+    return wds.gopen(url, "rb")
+
+
+def iter_stream_tar(url: str) -> Iterator[Record]:
+    """Records of a tar read sequentially (remote shards). Raises ShardError on a cut stream
+    after yielding the complete records before it."""
+    try:
+        stream = _open_stream(url)
+    except Exception as e:  # noqa: BLE001
+        raise ShardError(f"cannot open {url!r}: {e}") from None
+    cur: Record | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tf:
+            for ti in tf:
+                if not ti.isfile():
+                    continue
+                kx = split_name(ti.name)
+                if kx is None or os.path.basename(kx[0]).startswith(("_", ".")):
+                    continue
+                f = tf.extractfile(ti)
+                data = f.read() if f is not None else b""
+                if len(data) != ti.size:
+                    raise ShardError(f"truncated tar {url!r}")
+                if cur is not None and cur.key != kx[0]:
+                    yield cur
+                    cur = None
+                if cur is None:
+                    cur = Record(kx[0], url, {})
+                cur.members[kx[1]] = data
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError(f"truncated tar {url!r}: {e}") from None
+    finally:
+        try:
+            stream.close()
+        except Exception:  # noqa: BLE001
+            pass
+    if cur is not None:
+        yield cur
+
+
+class ShardCursor:
+    """Records of one shard in this epoch's order, starting at position ``start``."""
+
+    _index_cache: OrderedDict[str, tuple[list, bool]] = OrderedDict()
+
+    def __init__(self, url: str, order_seed: int | None):
+        self.url = url
+        self.truncated = False
+        self.remote = is_remote(url)
+        if self.remote:
+            self.order = None
+            return
+        if not os.path.isfile(url):
+            raise ShardError(f"shard {url!r} does not exist")
+        cache = ShardCursor._index_cache
+        if url in cache:
+            cache.move_to_end(url)
+        else:
+            cache[url] = index_local_tar(url)
+            while len(cache) > 64:
+                cache.popitem(last=False)
+        self.records, self.truncated = cache[url]
+        n = len(self.records)
+        if order_seed is None:
+            self.order = np.arange(n)
+        else:
+            self.order = np.random.default_rng(order_seed).permutation(n)
+
+    def iterate(self, start: int, keep) -> Iterator[tuple[int, Record | None]]:
+        """Yield ``(position, record)`` from ``start``; ``record`` is None where ``keep(pos)``
+        is false (those records are neither read nor decoded)."""
+        if self.remote:
+            for pos, rec in enumerate(iter_stream_tar(self.url)):
+                if pos < start:
+                    continue
+                yield pos, (rec if keep(pos) else None)
+            return
+        with open(self.url, "rb") as f:
+            for pos in range(start, len(self.order)):
+                if not keep(pos):
+                    yield pos, None
+                    continue
+                key, members = self.records[int(self.order[pos])]
+                data: dict[str, bytes] = {}
+                for ext, off, size in members:
+                    f.seek(off)
+                    data[ext] = f.read(size)
+                yield pos, Record(key, self.url, data)
+
+
+class RecordStream:
+    """The infinite record stream of one source for one consumer; position is resumable.
+
+    ``state()`` is the position of the *next* record; ``next()`` returns it and advances.
+    Failures to open/read a shard are reported through ``on_shard_error(url, reason)``.
+    """
+
+    def __init__(
+        self, name: str, shards: list[str], consumer: int, n_consumers: int, seed: int,
+        shuffle: bool = True, state: dict | None = None, on_shard_error=None,
+    ):
+        self.name, self.shards = name, list(shards)
+        self.c, self.C, self.seed, self.shuffle = consumer, n_consumers, seed, shuffle
+        self.stride = len(self.shards) < n_consumers
+        st = state or {}
+        self.epoch = int(st.get("epoch", 0))
+        self.cursor = int(st.get("cursor", 0))
+        self.offset = int(st.get("offset", 0))
+        self.counter = int(st.get("counter", 0))
+        self.on_shard_error = on_shard_error or (lambda url, reason: None)
+        self._it: Iterator | None = None
+        self._epoch_records = 0
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset,
+                "counter": self.counter}
+
+    def epoch_shards(self, epoch: int) -> list[str]:
+        n = len(self.shards)
+        perm = (np.random.default_rng(stable_seed(self.seed, self.name, epoch)).permutation(n)
+                if self.shuffle else np.arange(n))
+        idx = perm if self.stride else perm[self.c :: self.C]
+        return [self.shards[int(i)] for i in idx]
+
+    def _open(self) -> None:
+        shards = self.epoch_shards(self.epoch)
+        empty_epochs = 0
+        while True:
+            if self.cursor >= len(shards):
+                if self._epoch_records == 0 and self.cursor > 0:
+                    empty_epochs += 1
+                    if empty_epochs > 1:
+                        raise RuntimeError(
+                            f"source {self.name!r}: an entire epoch yielded no records "
+                            f"(shards {shards[:3]}...)"
+                        )
+                self.epoch, self.cursor, self.offset, self._epoch_records = self.epoch + 1, 0, 0, 0
+                shards = self.epoch_shards(self.epoch)
+                continue
+            url = shards[self.cursor]
+            seed = stable_seed(self.seed, self.name, self.epoch, url) if self.shuffle else None
+            try:
+                sc = ShardCursor(url, seed)
+            except ShardError as e:
+                self.on_shard_error(url, "shard_error", str(e))
+                self.cursor, self.offset = self.cursor + 1, 0
+                continue
+            if sc.truncated and self.offset == 0:
+                self.on_shard_error(url, "truncated_tar", f"truncated tar {url!r}")
+            base = self.counter - self.offset  # counter value at position 0 of this shard
+            keep = (lambda p: (base + p) % self.C == self.c) if self.stride else (lambda p: True)
+            self._it = sc.iterate(self.offset, keep)
+            self._url = url
+            return
+
+    def next(self) -> Record:
+        while True:
+            if self._it is None:
+                self._open()
+            try:
+                pos, rec = next(self._it)
+            except StopIteration:
+                self._it = None
+                self.cursor, self.offset = self.cursor + 1, 0
+                continue
+            except ShardError as e:
+                self._it = None
+                self.on_shard_error(self._url, "truncated_tar", str(e))
+                self.cursor, self.offset = self.cursor + 1, 0
+                continue
+            self.offset = pos + 1
+            self.counter += 1
+            self._epoch_records += 1
+            if rec is not None:
+                return rec
