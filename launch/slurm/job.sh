@@ -89,7 +89,9 @@ if [[ -f $EXPORT_DIR/config.json ]]; then
 fi
 
 nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:?}}
-head_host=${RDZV_HOST:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+# No `| head -n1`: under pipefail, scontrol dying of SIGPIPE would fail the job.
+hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+head_host=${RDZV_HOST:-${hosts%%$'\n'*}}
 overrides=(experiment="$EXPERIMENT" stage="$STAGE" deepspeed="${DEEPSPEED:-zero2}"
            train.run_dir="$RUN_DIR")
 if [[ -n ${INIT_FROM:-} ]]; then overrides+=(model.init_from="$INIT_FROM"); fi
