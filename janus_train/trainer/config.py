@@ -11,11 +11,16 @@ class DeepSpeedConfig:
 
     zero_stage: int = 2
     offload_optimizer: bool = False
+    """ZeRO optimizer state in CPU memory (uses DeepSpeedCPUAdam)."""
     offload_param: bool = False
+    """ZeRO-3 parameters in CPU memory."""
     precision: str = "bf16"
     """``bf16`` | ``fp32``; bf16 falls back to fp32 where the device lacks it (CPU)."""
     reduce_bucket_size: int = 500_000_000
     overlap_comm: bool = True
+    gradient_clipping: float = 1.0
+    """Global gradient-norm clip (spec §5: 1.0 in every stage)."""
+    adam_eps: float = 1e-8
 
 
 @dataclass
@@ -34,12 +39,27 @@ class TrainConfig:
     ranks). ``task_mean_sum``: sum over tasks of each task's token mean."""
     log_every: int = 10
     ckpt_every: int = 1000
+    """Checkpoint every N optimizer steps (0: only at the end and on a stop signal)."""
     keep_last: int = 2
+    """Committed checkpoints kept; older ones are deleted after a new one is committed."""
     max_consecutive_skips: int = 10
     """Non-finite updates in a row before the run stops."""
     export_at_end: bool = True
+    """Write an HF-format directory (``run_dir/hf``) when the stage ends: the next stage's
+    ``model.init_from``."""
+    eval_every: int = 0
+    """Call ``janus_train.evaluate.run_eval`` every N steps on all ranks (0: never)."""
     dry_run: bool = False
     """Validate config, recipe and batch arithmetic, then exit before building the model."""
+    synthetic_data: bool = False
+    """Train on deterministic synthetic batches (``janus_train.trainer.synthetic``) instead of
+    the WebDataset loader: tests, benchmarks, smoke runs without data."""
+    synthetic_seq_len: int = 64
+    """Row length of synthetic batches."""
     wandb: bool = False
+    """Mirror metrics to wandb (offline mode when WANDB_API_KEY is unset)."""
     wandb_project: str = "janus_train"
+    progress_bar: bool = True
+    """tqdm bar on rank 0 when stderr is a terminal."""
     seed: int = 0
+    """Seed of the per-rank RNGs (dropout); the data order has its own seed."""

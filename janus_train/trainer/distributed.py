@@ -1,0 +1,171 @@
+"""Process group, batch arithmetic and the DeepSpeed engine: the only module (with export and
+checkpoint) that imports deepspeed.
+
+The DeepSpeed JSON is generated from the typed config (:func:`build_deepspeed_config`), saved
+in the run dir and logged; nothing else in the code base reads DeepSpeed settings.
+
+Gradient normalisation: DeepSpeed divides every backward by the accumulation steps and averages
+gradients over data-parallel ranks. The loop pre-multiplies each micro-batch loss by
+``world * grad_accum`` (:attr:`BatchPlan.loss_scale`) so the optimizer sees the gradient of the
+exact step loss (sum of token losses / supervised tokens of the whole step).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(timeout_s: int = 1800) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed (torchrun, deepspeed launcher, Slurm env,
+    or a single process without any launcher). Idempotent."""
+    import deepspeed
+
+    # A bare `python -m janus_train.train` becomes a world of one (DeepSpeed would try MPI).
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                 ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(
+            dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch arithmetic of one stage: global = micro x grad_accum x world."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def loss_scale(self) -> float:
+        """Undoes DeepSpeed's 1/grad_accum backward scaling and 1/world gradient averaging."""
+        return float(self.grad_accum * self.world_size)
+
+
+def plan_batch(global_batch_size: int, micro_batch_size: int, world_size: int) -> BatchPlan:
+    """Derive gradient accumulation; ``ValueError`` naming the fields when it does not divide."""
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"global batch {global_batch_size} is not a multiple of train.micro_batch_size "
+            f"({micro_batch_size}) x world size ({world_size}) = {per_step}; change "
+            f"train.global_batch_size / experiment.<stage>.global_batch_size or the micro-batch"
+        )
+    return BatchPlan(global_batch_size, micro_batch_size, global_batch_size // per_step, world_size)
+
+
+def resolve_precision(requested: str) -> str:
+    """``bf16`` only where the accelerator supports it; fp32 otherwise (CPU)."""
+    if requested == "bf16" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        logger.warning("bf16 requested but unsupported on this device: training in fp32")
+        return "fp32"
+    return requested
+
+
+def build_deepspeed_config(ds_cfg, plan: BatchPlan, precision: str, weight_decay: float,
+                           lr: float) -> dict:
+    """The DeepSpeed JSON for one stage. ``ds_cfg``: :class:`DeepSpeedConfig`.
+
+    The optimizer is AdamW (0.9, 0.95) built by DeepSpeed (torch's AdamW, or DeepSpeedCPUAdam
+    with optimizer offload); its learning rate is set by the loop every step.
+    """
+    if ds_cfg.offload_param and ds_cfg.zero_stage != 3:
+        raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
+    if ds_cfg.offload_optimizer and ds_cfg.zero_stage == 0:
+        raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+    zero: dict = {
+        "stage": ds_cfg.zero_stage,
+        "overlap_comm": ds_cfg.overlap_comm and torch.cuda.is_available(),
+        "contiguous_gradients": True,
+        "reduce_bucket_size": ds_cfg.reduce_bucket_size,
+    }
+    if ds_cfg.zero_stage >= 2:
+        zero["allgather_bucket_size"] = ds_cfg.reduce_bucket_size
+    if ds_cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds_cfg.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds_cfg.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": ds_cfg.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": lr,
+                "betas": [0.9, 0.95],
+                "eps": ds_cfg.adam_eps,
+                "weight_decay": weight_decay,
+                # torch's AdamW needs no compiled op; the CPU-offload path needs DeepSpeed's.
+                "torch_adam": not ds_cfg.offload_optimizer,
+            },
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def init_engine(model: torch.nn.Module, ds_config: dict, param_groups: list[dict]):
+    """``deepspeed.initialize`` with our param groups; returns the engine."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups, config=ds_config
+    )
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def plan_as_dict(plan: BatchPlan) -> dict:
+    return asdict(plan)
