@@ -89,8 +89,10 @@ def is_remote(url: str) -> bool:
     return url.startswith(REMOTE_PREFIXES)
 
 
-def expand_shards(patterns: str | list[str], where: str, base: Path | None = None) -> list[str]:
-    """Brace-, variable- and glob-expand shard patterns; local shards must exist."""
+def expand_shards(
+    patterns: str | list[str], where: str, base: Path | None = None, check: bool = True
+) -> list[str]:
+    """Brace-, variable- and glob-expand shard patterns; local shards must exist (``check``)."""
     from braceexpand import braceexpand
 
     if isinstance(patterns, str):
@@ -99,8 +101,8 @@ def expand_shards(patterns: str | list[str], where: str, base: Path | None = Non
     for pat in patterns:
         if not isinstance(pat, str) or not pat:
             raise ValueError(f"{where}: shard pattern must be a non-empty string, got {pat!r}")
-        pat = expand_vars(pat, where)
-        if is_remote(pat):
+        pat = expand_vars(pat, where) if check else pat
+        if is_remote(pat) or not check:
             # Braces inside a pipe: command expand like any other pattern (one command per shard).
             out.extend(braceexpand(pat))
             continue
@@ -135,7 +137,7 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     return cand
 
 
-def _parse_source(i: int, raw: object, path: Path) -> Source:
+def _parse_source(i: int, raw: object, path: Path, check: bool) -> Source:
     where0 = f"{path}: sources[{i}]"
     if not isinstance(raw, dict):
         raise ValueError(f"{where0}: must be a mapping")
@@ -171,9 +173,9 @@ def _parse_source(i: int, raw: object, path: Path) -> Source:
         steps = (steps[0], steps[1])
     if "shards" not in raw:
         raise ValueError(f"{where}.shards: missing")
-    shards = expand_shards(raw["shards"], f"{where}.shards", base=path.parent)
+    shards = expand_shards(raw["shards"], f"{where}.shards", base=path.parent, check=check)
     class_names = None
-    if raw.get("class_names") is not None:
+    if raw.get("class_names") is not None and check:
         cn = raw["class_names"]
         cn_path = Path(expand_vars(str(cn), f"{where}.class_names"))
         if not cn_path.is_absolute() and not cn_path.exists():
@@ -184,8 +186,11 @@ def _parse_source(i: int, raw: object, path: Path) -> Source:
     return Source(name, task, fmt, shards, float(weight), steps, class_names)
 
 
-def load_recipe(name_or_path: str) -> Recipe:
+def load_recipe(name_or_path: str, check_shards: bool = True) -> Recipe:
     """Load and validate a recipe (a name in ``data_recipes/`` or a YAML path).
+
+    ``check_shards=False`` validates everything but shard existence and environment variables
+    (for checking shipped recipes whose data is not on this machine).
 
     Raises ``ValueError`` / ``FileNotFoundError`` with one line naming the file and the key.
     """
@@ -202,7 +207,7 @@ def load_recipe(name_or_path: str) -> Recipe:
     srcs = raw.get("sources")
     if not isinstance(srcs, list) or not srcs:
         raise ValueError(f"{path}: sources: must be a non-empty list")
-    sources = [_parse_source(i, s, path) for i, s in enumerate(srcs)]
+    sources = [_parse_source(i, s, path, check_shards) for i, s in enumerate(srcs)]
     names = [s.name for s in sources]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
