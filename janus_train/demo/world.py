@@ -123,7 +123,8 @@ def questions(scene: Scene, rng: random.Random, k: int) -> list[tuple[str, str]]
     for o in scene:
         pool.append((f"What color is the shape at the {o.position}?", o.colour))
         pool.append((f"What shape is at the {o.position}?", o.shape))
-        pool.append((f"Where is the {o.name}?", o.position))
+        if sum(x.name == o.name for x in scene) == 1:
+            pool.append((f"Where is the {o.name}?", o.position))
     empty = [p for p in POSITIONS if p not in {o.position for o in scene}]
     for p in empty:
         pool.append((f"Is there a shape at the {p}?", "no"))

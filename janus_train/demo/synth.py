@@ -1,0 +1,212 @@
+"""``janus-data synth``: write the demo world (``janus_train.demo.world``) as WebDataset shards in
+the formats real data uses, deterministically (same arguments -> byte-identical tar files).
+
+Layout under ``--out`` (every source split into ``--shards`` tar files ``shard-NNNNNN.tar``)::
+
+    world.json                      attributes, held-out triples, counts, image size
+    corpus.txt                      every word of the world (tiny tokenizer training)
+    train/caption/                  img2dataset layout: KEY.png + KEY.txt (caption) + KEY.json
+    train/conversation/             LLaVA: KEY.json {"conversations": [{from, value}]} + KEY.png
+    train/text/                     plain text: KEY.txt
+    train/class/                    ImageNet style: KEY.png + KEY.cls (index) + KEY.txt (name)
+    heldout/{caption,conversation,class}/   same formats, scenes with unseen triples
+
+``KEY.json`` of image sources also carries ``"scene"``: the objects as
+``[{"colour", "shape", "position"}]``, which the evaluation uses as ground truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import tarfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from janus_train.demo import world
+
+SOURCES = ("caption", "conversation", "text", "class")
+HELDOUT_SOURCES = ("caption", "conversation", "class")
+
+
+@dataclass
+class SynthConfig:
+    """Sizes of the generated data set."""
+
+    out: str = "demo_out/data"
+    seed: int = 0
+    image_size: int = 32
+    shards: int = 8
+    """Tar files per source; keep >= ranks x loader workers."""
+    n_caption: int = 3000
+    n_conversation: int = 3000
+    n_text: int = 1500
+    n_class: int = 1500
+    n_heldout: int = 200
+    """Samples per held-out source."""
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def _scene_json(scene: world.Scene) -> list[dict]:
+    return [asdict(o) for o in scene]
+
+
+def scene_from_json(objs: list[dict]) -> world.Scene:
+    return tuple(world.Obj(**o) for o in objs)
+
+
+def _caption_sample(scene, rng, size, long: bool) -> dict[str, bytes | str]:
+    text = world.long_caption(scene) if long else world.caption(scene)
+    meta = {"caption": text, "width": size, "height": size, "scene": _scene_json(scene)}
+    return {"png": _png(world.render(scene, size)), "txt": text, "json": json.dumps(meta)}
+
+
+def _conversation_sample(scene, rng, size, max_turns: int) -> dict[str, bytes | str]:
+    qa = world.questions(scene, rng, rng.randint(1, max_turns))
+    if rng.random() < 0.2:
+        qa[-1] = ("Describe the image in detail.", world.caption(scene))
+    conv = []
+    for i, (q, a) in enumerate(qa):
+        conv.append({"from": "human", "value": ("<image>\n" if i == 0 else "") + q})
+        conv.append({"from": "gpt", "value": a})
+    meta = {"conversations": conv, "scene": _scene_json(scene)}
+    return {"png": _png(world.render(scene, size)), "json": json.dumps(meta)}
+
+
+def _class_sample(scene, rng, size) -> dict[str, bytes | str]:
+    names = world.class_names()
+    name = scene[0].name
+    meta = {"label": names.index(name), "class_name": name, "scene": _scene_json(scene)}
+    return {
+        "png": _png(world.render(scene, size)),
+        "cls": str(names.index(name)),
+        "txt": name,
+        "json": json.dumps(meta),
+    }
+
+
+def _single_object_scene(rng: random.Random, heldout: bool) -> world.Scene:
+    held = world.heldout_triples()
+    while True:
+        o = rng.choice(world.all_triples())
+        if (o in held) == heldout:
+            return (o,)
+
+
+def _write_tar(path: Path, samples: list[tuple[str, dict]]) -> None:
+    """A tar whose bytes depend only on the samples (fixed mtime, owner, mode, order)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, sample in samples:
+            for ext in sorted(sample):
+                data = sample[ext]
+                data = data.encode("utf-8") if isinstance(data, str) else data
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
+                ti.uid = ti.gid = 0
+                ti.uname = ti.gname = "root"
+                tar.addfile(ti, io.BytesIO(data))
+
+
+def _write_source(out: Path, split: str, source: str, samples: list[dict], shards: int) -> None:
+    shards = max(1, min(shards, len(samples)))
+    keyed = [(f"{split}-{source}-{i:06d}", s) for i, s in enumerate(samples)]
+    for k in range(shards):
+        _write_tar(out / split / source / f"shard-{k:06d}.tar", keyed[k::shards])
+
+
+def make_samples(cfg: SynthConfig, split: str, source: str) -> list[dict]:
+    """The samples of one source; each (split, source) has its own seeded stream."""
+    heldout = split == "heldout"
+    rng = random.Random(f"{cfg.seed}/{split}/{source}")
+    size = cfg.image_size
+    n = cfg.n_heldout if heldout else getattr(cfg, f"n_{source}")
+    if source == "caption":
+        return [
+            _caption_sample(world.random_scene(rng, heldout), rng, size, long=rng.random() < 0.5)
+            for _ in range(n)
+        ]
+    if source == "conversation":
+        # held-out questions are single-turn so each one is an evaluation item
+        turns = 1 if heldout else 3
+        return [
+            _conversation_sample(world.random_scene(rng, heldout), rng, size, turns)
+            for _ in range(n)
+        ]
+    if source == "class":
+        return [_class_sample(_single_object_scene(rng, heldout), rng, size) for _ in range(n)]
+    if source == "text":
+        return [{"txt": t} for t in world.text_sentences(rng, n)]
+    raise ValueError(f"unknown source {source!r}")
+
+
+def synthesize(cfg: SynthConfig) -> dict:
+    """Write every source of both splits under ``cfg.out``; return the world summary."""
+    out = Path(cfg.out)
+    counts: dict[str, dict[str, int]] = {"train": {}, "heldout": {}}
+    for split, sources in (("train", SOURCES), ("heldout", HELDOUT_SOURCES)):
+        for source in sources:
+            samples = make_samples(cfg, split, source)
+            _write_source(out, split, source, samples, cfg.shards)
+            counts[split][source] = len(samples)
+    summary = {
+        "config": asdict(cfg),
+        "colours": list(world.COLOURS),
+        "shapes": list(world.SHAPES),
+        "positions": list(world.POSITIONS),
+        "heldout_triples": sorted(
+            (asdict(o) for o in world.heldout_triples()),
+            key=lambda d: (d["colour"], d["shape"], d["position"]),
+        ),
+        "counts": counts,
+    }
+    (out / "world.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out / "corpus.txt").write_text("\n".join(world.vocabulary_corpus()) + "\n")
+    return summary
+
+
+def iter_samples(paths: list[str | Path] | str | Path) -> Iterator[dict[str, bytes | str]]:
+    """Samples of tar files (or of every ``*.tar`` in a directory) as ``{"__key__", ext: bytes}``,
+    in order. Only reads bytes: nothing is decoded or unpickled."""
+    if isinstance(paths, (str, Path)):
+        p = Path(paths)
+        paths = sorted(p.glob("*.tar")) if p.is_dir() else [p]
+    for path in paths:
+        with tarfile.open(path) as tar:
+            cur: dict = {}
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, _, ext = m.name.partition(".")
+                if cur and cur["__key__"] != key:
+                    yield cur
+                    cur = {}
+                cur["__key__"] = key
+                cur[ext] = tar.extractfile(m).read()
+            if cur:
+                yield cur
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``janus-data synth [--out DIR] [--seed N] [--image-size PX] [--shards N] [--n-caption N]
+    [--n-conversation N] [--n-text N] [--n-class N] [--n-heldout N]``."""
+    d = SynthConfig()
+    ap = argparse.ArgumentParser(prog="janus-data synth", description=__doc__.splitlines()[0])
+    for name, val in asdict(d).items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(val), default=val)
+    args = ap.parse_args(argv)
+    cfg = SynthConfig(**vars(args))
+    summary = synthesize(cfg)
+    print(f"wrote {cfg.out}: " + json.dumps(summary["counts"]))
+
+
+if __name__ == "__main__":
+    main()
