@@ -24,10 +24,13 @@
 #   NCCL_*, TORCH_NCCL_*, GLOO_SOCKET_IFNAME, OMP_NUM_THREADS: read by NCCL/torch, not here;
 #                   see docs/cluster.md. torchrun sets OMP_NUM_THREADS=1 when unset.
 #
-# Signals: the torchrun agent is started with SIGUSR1 ignored, so a USR1 that a scheduler sends to
-# every process of the job (Slurm does) reaches the trainer ranks, which checkpoint at the next step
-# boundary and exit with the requeue exit code, instead of killing the agent. SIGTERM to the agent
-# is forwarded by torchrun to the ranks (which get 30 s before SIGKILL).
+# Signals: SIGUSR1 (Slurm's time-limit notice) to this script is forwarded to the training ranks,
+# which checkpoint at the next step boundary and exit with the requeue status (75); the torchrun
+# agent itself ignores USR1 (it would die of it and orphan the ranks) even when a scheduler signals
+# every process of the job, as Slurm with proctrack/cgroup does. The ranks run in their own
+# sessions (torchrun starts them so), hence the explicit forwarding. SIGTERM is forwarded to the
+# agent, which passes it to the ranks (they also checkpoint; torchrun allows them 30 s). The exit
+# status is torchrun's: 0, or 1 when any rank exited non-zero, including with 75.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
@@ -64,6 +67,16 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
   printf '\n'
   exit 0
 fi
-# Ignored dispositions survive exec and torchrun installs no USR1 handler (see header).
-trap '' USR1
-exec "${cmd[@]}"
+# The agent starts with USR1 ignored (kept across exec; torchrun installs no USR1 handler).
+(trap '' USR1; exec "${cmd[@]}") &
+agent=$!
+# The ranks are the agent's children: a targeted signal, not a match on process names.
+trap 'pkill -USR1 -P "$agent" || true' USR1
+trap 'kill -TERM "$agent" 2>/dev/null || true' TERM
+while true; do
+  rc=0
+  wait "$agent" || rc=$?
+  # wait returns early (> 128) when a trapped signal arrives; the agent may still be running.
+  if [[ $rc -gt 128 ]] && kill -0 "$agent" 2>/dev/null; then continue; fi
+  exit "$rc"
+done
