@@ -14,7 +14,7 @@
 #   HOSTFILE        hostfile for multi-node runs (default: none = this node only).
 #   NUM_NODES       use the first N hosts of the hostfile (default: all).
 #   NUM_GPUS        GPUs per node to use (default: all the launcher finds).
-#   INCLUDE         DeepSpeed --include filter, e.g. "node1:0,1@node2" (excludes NUM_NODES/NUM_GPUS).
+#   INCLUDE         DeepSpeed --include filter, e.g. "n1:0,1@n2" (not with NUM_NODES/NUM_GPUS).
 #   MASTER_ADDR     address of the first node (default: the launcher resolves the first host).
 #   MASTER_PORT     rendezvous port (default 29500).
 #   DS_LAUNCHER     multi-node backend: pdsh (default), openmpi, mvapich, slurm, mpich, impi.

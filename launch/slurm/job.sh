@@ -40,7 +40,7 @@
 #                   as 1, so the USR1 this shell forwarded is what normally triggers the requeue).
 #   MAX_REQUEUES    stop requeueing after this many restarts (default 50).
 #   JANUS_TRAIN_ROOT  repository root (default $SLURM_SUBMIT_DIR: submit from the repo root).
-#   PYTHON          interpreter (default $JANUS_TRAIN_ROOT/.venv/bin/python if present, else python).
+#   PYTHON          interpreter (default $JANUS_TRAIN_ROOT/.venv/bin/python if there, else python).
 #   CLUSTER_ENV     shell file sourced before launching: site NCCL/InfiniBand settings, modules
 #                   (template: launch/slurm/cluster_env.example.sh; see docs/cluster.md).
 #   DRY_RUN         1: every node prints its torchrun command instead of running it.
