@@ -15,7 +15,7 @@
 # export NCCL_IB_GID_INDEX=3                       # RoCE v2 only: the GID with the IPv4 address
 # export NCCL_SOCKET_IFNAME=ib0                    # bootstrap/TCP interface (never docker0/lo)
 # export GLOO_SOCKET_IFNAME=ib0                    # gloo (CPU collectives, checkpoint barriers)
-# export NCCL_NET_GDR_LEVEL=PHB                    # GPUDirect RDMA distance (default: usually right)
+# export NCCL_NET_GDR_LEVEL=PHB                    # GPUDirect RDMA distance (default usually fine)
 # export NCCL_CROSS_NIC=0                          # rail-optimised fabrics: keep traffic on a rail
 # export NCCL_IB_TIMEOUT=22                        # long IB retry timeout on large/busy fabrics
 
