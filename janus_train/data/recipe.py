@@ -109,7 +109,7 @@ def expand_shards(
         for p in braceexpand(pat):
             if base is not None and not os.path.isabs(p) and not os.path.exists(p):
                 cand = base / p
-                p = str(cand) if cand.exists() or any(glob.has_magic(c) for c in p) else p
+                p = str(cand) if cand.exists() or glob.has_magic(p) else p
             if glob.has_magic(p):
                 hits = sorted(glob.glob(p))
                 if not hits:
