@@ -85,7 +85,7 @@ def build_loader(run: RunConfig, processor, info: DistInfo, micro_batch_size: in
 
 
 def step_weights(n_tokens: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Per-task weights w (3,) such that ``sum(w * loss_sum)`` over the step is its loss.
+    """Per-task weights w (3,) float64 such that ``sum(w * loss_sum)`` over the step is its loss.
     ``n_tokens``: (3,) supervised tokens of the whole step (all micro-batches and ranks)."""
     n = n_tokens.double()
     if reduction == "token_mean":
@@ -93,7 +93,7 @@ def step_weights(n_tokens: torch.Tensor, reduction: str) -> torch.Tensor:
         w = torch.full_like(n, 1.0 / total.item() if total > 0 else 0.0)
     else:  # task_mean_sum: a task absent from the step contributes nothing
         w = torch.where(n > 0, 1.0 / n.clamp(min=1), torch.zeros_like(n))
-    return w.float()
+    return w
 
 
 def forward_backward(engine, micro_batches: list[dict], weights: torch.Tensor,
@@ -104,7 +104,7 @@ def forward_backward(engine, micro_batches: list[dict], weights: torch.Tensor,
     the caller's ``engine.step()`` after this is the accumulation boundary, the real update.
     ``loss_scale`` = world x accumulation undoes DeepSpeed's averaging (see distributed.py).
     """
-    weights = weights.to(engine.device)
+    weights = weights.float().to(engine.device)
     total = torch.zeros(len(TASKS), dtype=torch.float64, device=engine.device)
     for i, mb in enumerate(micro_batches):
         out = engine(mb)
@@ -231,7 +231,7 @@ def run(run: RunConfig) -> int:
                          dtype=torch.float64),
         ]).to(engine.device)).cpu()
         window += red[4:7]
-        loss = float((red[:3] * weights.double()).sum())
+        loss = float((red[:3] * weights).sum())
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         applied = bool(getattr(engine, "_step_applied", True))
         if not finite and applied:

@@ -1,0 +1,404 @@
+"""Multi-process trainer tests: real DeepSpeed on 2 CPU ranks (gloo) through torchrun.
+
+Two kinds of launch keep the wall time low (each torchrun start costs seconds):
+
+* one ``scenarios`` launch runs, in the same two processes: every stage for 2 steps under
+  ZeRO-2 and ZeRO-3; the gradient of a 2-rank x 2-accumulation step (ZeRO-2 token mean, ZeRO-3
+  task-mean sum) for comparison against a single-process plain-torch computation on the same 4
+  samples as one batch; ZeRO-3 with rank 1 text-only; non-finite updates (skip, then stop); and
+  the uninterrupted 6-step reference run of the resume test;
+* a chain of launches of one 6-step command that is killed with SIGKILL during the step-4
+  checkpoint save, SIGKILLed mid-step 5, SIGTERMed (one rank only) in step 5, then completed;
+  per-step losses and final weights must equal the uninterrupted run's bitwise.
+
+This file is also the worker script: ``python tests/test_train_dist.py <scenario> <dir> [mode]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_utils import run_torchrun  # noqa: E402
+
+pytestmark = pytest.mark.dist
+SELF = str(Path(__file__).resolve())
+SEQ = 40
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side
+# ---------------------------------------------------------------------------------------------
+def make_run(root, name, stage="stage2", zero=2, steps=2, gbs=4, extra=()):
+    from janus_train.config import compose, to_run_config
+
+    ov = [f"stage={stage}", f"deepspeed=zero{zero}", "train.synthetic_data=true",
+          f"train.run_dir={root}/{name}", f"train.steps={steps}", f"train.global_batch_size={gbs}",
+          "train.log_every=1", "train.ckpt_every=0", "train.export_at_end=false",
+          "train.progress_bar=false", f"train.synthetic_seq_len={SEQ}", *extra]
+    return to_run_config(compose(ov))
+
+
+def _grads(root, name, zero, reduction):
+    """Full gradients of one 2-rank x 2-micro-batch step, saved by rank 0."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from janus_train.model import (
+        JanusTrainModel,
+        apply_freeze,
+        build_model,
+        count_supervised,
+        get_processor,
+        set_train_mode,
+    )
+    from janus_train.train import forward_backward, step_weights
+    from janus_train.trainer.distributed import (
+        all_reduce_sum,
+        barrier,
+        build_deepspeed_config,
+        init_engine,
+        plan_batch,
+        setup_distributed,
+    )
+    from janus_train.trainer.optim import build_param_groups
+    from janus_train.trainer.synthetic import SyntheticStepLoader
+
+    run = make_run(root, name, "stage2", zero, extra=[f"train.loss_reduction={reduction}"])
+    info = setup_distributed()
+    if info.is_main:
+        get_processor(run.model, run.train.run_dir)
+    barrier()
+    janus, proc = build_model(run.model, workdir=run.train.run_dir)
+    apply_freeze(janus, run.trainable_groups)
+    model = JanusTrainModel(janus)
+    plan = plan_batch(4, 1, info.world_size)
+    assert plan.grad_accum == 2
+    ds = build_deepspeed_config(run.deepspeed, plan, "fp32", 0.0, 1e-3)
+    engine = init_engine(model, ds, build_param_groups(model, 0.0))
+    set_train_mode(janus, run.trainable_groups)
+    loader = SyntheticStepLoader(run, proc, rank=info.rank, world_size=info.world_size,
+                                 micro_batch_size=1, grad_accum=plan.grad_accum)
+    micro = loader.next_step()
+    n = all_reduce_sum(torch.stack([count_supervised(b) for b in micro]).sum(0))
+    forward_backward(engine, micro, step_weights(n, reduction), plan.loss_scale)
+    grads = {}
+    for pname, p in janus.named_parameters():
+        if p.requires_grad:
+            g = safe_get_full_grad(p)  # collective under ZeRO-3
+            grads[pname] = g.detach().clone().cpu()
+    if info.is_main:
+        torch.save(grads, Path(root) / f"{name}.pt")
+    barrier()
+
+
+def _text_only_rank1(root):
+    """ZeRO-3, stage 3 (SigLIP trains): rank 1's micro-batches are text-only."""
+    from janus_train import train
+    from janus_train.trainer.synthetic import SyntheticStepLoader
+
+    class Loader(SyntheticStepLoader):
+        def tasks_for_step(self, step):
+            return ["und", "text", "gen", "text"]  # rows 1, 3 (rank 1) text only
+
+    orig = train.build_loader
+    train.build_loader = lambda run, proc, info, mbs, ga: Loader(
+        run, proc, rank=info.rank, world_size=info.world_size, micro_batch_size=mbs,
+        grad_accum=ga)
+    try:
+        assert train.run(make_run(root, "text_only_z3", "stage3", 3)) == 0
+    finally:
+        train.build_loader = orig
+
+
+def _nonfinite(root):
+    """NaN gradients in chosen steps: skipped and counted; K in a row stop the run."""
+    import torch.distributed as dist
+
+    from janus_train import train
+    from janus_train.model import JanusTrainModel
+
+    orig = JanusTrainModel.forward
+    state = {"calls": 0, "bad": set()}
+
+    def forward(self, batch):
+        out = orig(self, batch)
+        state["calls"] += 1
+        if (state["calls"] - 1) // 2 + 1 in state["bad"]:  # 2 micro-batches per step
+            out["loss_sum"] = out["loss_sum"] * float("nan")
+        return out
+
+    JanusTrainModel.forward = forward
+    try:
+        state["bad"] = {2}
+        run = make_run(root, "nan_skip", "stage1", 2, steps=4,
+                       extra=["train.ckpt_every=1", "train.keep_last=10"])
+        assert train.run(run) == 0
+        state.update(calls=0, bad={2, 3, 4, 5})
+        run = make_run(root, "nan_stop", "stage1", 2, steps=5,
+                       extra=["train.ckpt_every=1", "train.max_consecutive_skips=2"])
+        try:
+            train.run(run)
+            msg = None
+        except RuntimeError as e:
+            msg = str(e)
+        if dist.get_rank() == 0:
+            (Path(root) / "nan_stop.json").write_text(json.dumps({"error": msg}))
+    finally:
+        JanusTrainModel.forward = orig
+
+
+def resume_run(root):
+    return make_run(root, "resume", "stage2", 2, steps=6,
+                    extra=["train.ckpt_every=2", "train.export_at_end=true"])
+
+
+def scenario_main(root):
+    from janus_train import train
+
+    for stage in ("stage1", "stage2", "stage3"):
+        for zero in (2, 3):
+            extra = ["train.export_at_end=true"] if stage == "stage3" else []
+            assert train.run(make_run(root, f"{stage}_z{zero}", stage, zero, extra=extra)) == 0
+    _grads(root, "grad_token_mean_z2", 2, "token_mean")
+    _grads(root, "grad_task_mean_sum_z3", 3, "task_mean_sum")
+    _text_only_rank1(root)
+    _nonfinite(root)
+    ref = make_run(root, "uninterrupted", "stage2", 2, steps=6,
+                   extra=["train.ckpt_every=2", "train.export_at_end=true"])
+    assert train.run(ref) == 0
+
+
+def scenario_resume(root, mode):
+    """One launch of the resumable command, with a fault injected per ``mode``."""
+    import torch.distributed as dist
+
+    from janus_train import train
+    from janus_train.model import JanusTrainModel
+    from janus_train.trainer import checkpoint
+    from janus_train.trainer.synthetic import SyntheticStepLoader
+
+    current = {"step": -1, "calls": 0}
+    orig_next, orig_fwd, orig_commit = (SyntheticStepLoader.next_step, JanusTrainModel.forward,
+                                        checkpoint._commit)
+
+    def next_step(self):
+        current.update(step=self.step, calls=0)
+        if mode == "sigterm" and self.step == 4 and dist.get_rank() == 0:
+            os.kill(os.getpid(), signal.SIGTERM)  # one rank only: the flag is all-reduced
+        return orig_next(self)
+
+    def forward(self, batch):
+        current["calls"] += 1
+        if mode == "kill_mid_step" and current["step"] == 4 and current["calls"] == 2 \
+                and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig_fwd(self, batch)
+
+    def commit(src, dst):
+        if mode == "kill_in_save" and dst.name == "step_00000004":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig_commit(src, dst)
+
+    SyntheticStepLoader.next_step, JanusTrainModel.forward = next_step, forward
+    checkpoint._commit = commit
+    sys.exit(train.run(resume_run(root)))
+
+
+# ---------------------------------------------------------------------------------------------
+# test side
+# ---------------------------------------------------------------------------------------------
+def _metrics(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def scen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_dist")
+    res = run_torchrun([SELF, "main", str(root)], timeout=400)
+    assert res.returncode == 0, res.output[-6000:]
+    return root
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
+@pytest.mark.parametrize("zero", [2, 3])
+def test_stage_runs(scen, stage, zero):
+    d = scen / f"{stage}_z{zero}"
+    ds = json.loads((d / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == zero
+    assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 4
+    assert ds["bf16"]["enabled"] is False  # CPU: fp32
+    recs = _metrics(d / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2]
+    for key in ("loss", "loss/text", "loss/und", "loss/gen", "optim/lr", "optim/grad_norm",
+                "speed/tokens_per_s", "speed/samples_per_s", "data/skipped/synthetic"):
+        assert key in recs[-1], key
+    assert "speed/mfu" not in recs[-1]  # CPU: no peak FLOPs
+    assert all(r["optim/skipped_steps"] == 0 for r in recs)
+    assert sum(v for k, v in recs[-1].items() if k.startswith("data/samples/")) == 8
+    for r in recs:
+        parts = {t: (r[f"loss/{t}"], r[f"tokens/{t}"]) for t in ("text", "und", "gen")}
+        total = sum(n for _, n in parts.values())
+        mean = sum(v * n for v, n in parts.values() if n) / total
+        assert r["loss"] == pytest.approx(mean, rel=1e-9)
+    trainable = json.loads((d / "trainable.json").read_text())
+    assert trainable["vq"]["trainable"] == 0
+    assert (d / "checkpoints" / "latest").read_text() == "step_00000002"
+
+
+def _reference_grads(tmp_path, reduction):
+    """Plain torch, one process: the same 4 samples as one batch, loss from its definition."""
+    from janus_train.config import compose, to_run_config
+    from janus_train.model import JanusTrainModel, apply_freeze, build_model, set_train_mode
+    from janus_train.trainer.synthetic import SyntheticStepLoader, concat_batches
+
+    run = to_run_config(compose(["stage=stage2", "train.synthetic_data=true",
+                                 f"train.synthetic_seq_len={SEQ}"]))
+    janus, proc = build_model(run.model, workdir=tmp_path)
+    apply_freeze(janus, run.trainable_groups)
+    set_train_mode(janus, run.trainable_groups)
+    loader = SyntheticStepLoader(run, proc, rank=0, world_size=1, micro_batch_size=1,
+                                 grad_accum=4)
+    batch = concat_batches(loader.next_step())
+    out = JanusTrainModel(janus)(batch)
+    s, n = out["loss_sum"].double(), out["n_tokens"].double()
+    loss = s.sum() / n.sum() if reduction == "token_mean" else (s[n > 0] / n[n > 0]).sum()
+    loss.backward()
+    return {k: p.grad for k, p in janus.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name,reduction", [("grad_token_mean_z2", "token_mean"),
+                                            ("grad_task_mean_sum_z3", "task_mean_sum")])
+def test_grad_equivalence(scen, tmp_path, name, reduction):
+    dist_grads = torch.load(scen / f"{name}.pt")
+    ref = _reference_grads(tmp_path, reduction)
+    assert dist_grads.keys() == ref.keys()
+    assert any("language_model" in k for k in ref)  # the LLM trains in stage 2
+    for k, g in ref.items():
+        assert g is not None and g.abs().sum() > 0, k
+        # fp32 sums in another order: error relative to the tensor's scale, not elementwise
+        err = (dist_grads[k] - g).abs().max().item()
+        assert err <= 1e-5 * g.abs().max().item(), (k, err, g.abs().max().item())
+
+
+def test_zero3_text_only_rank_does_not_hang(scen):
+    recs = _metrics(scen / "text_only_z3" / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2]
+    assert all(r["tokens/text"] > 0 and r["tokens/und"] > 0 and r["tokens/gen"] > 0
+               for r in recs)
+
+
+def _module_state(ckpt):
+    return torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def test_nonfinite_updates_skipped_then_stop(scen):
+    recs = _metrics(scen / "nan_skip" / "metrics.jsonl")
+    assert [r["optim/skipped_steps"] for r in recs] == [0, 1, 1, 1]
+    c = scen / "nan_skip" / "checkpoints"
+    s1, s2, s3 = (_module_state(c / f"step_0000000{i}") for i in (1, 2, 3))
+    trained = [k for k in s1 if "generation_head" in k]
+    assert trained and all(torch.equal(s1[k], s2[k]) for k in s1)  # skipped: untouched
+    assert any(not torch.equal(s2[k], s3[k]) for k in trained)  # next step updates again
+    assert all(torch.isfinite(v).all() for v in s3.values() if v.is_floating_point())
+    err = json.loads((scen / "nan_stop.json").read_text())["error"]
+    assert err and "2 consecutive non-finite" in err
+    c = scen / "nan_stop" / "checkpoints"
+    assert (c / "latest").read_text() == "step_00000002"
+    state = _module_state(c / "step_00000002")
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def _load_safetensors(d):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(d) / "model.safetensors"))
+
+
+def _initial_weights(tmp_path):
+    from janus_train.config import compose, to_run_config
+    from janus_train.model import build_model
+
+    janus, _ = build_model(to_run_config(compose()).model, workdir=tmp_path)
+    return janus.state_dict()
+
+
+def test_export_zero3_consolidated_and_hf_generate(scen, tmp_path):
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    z2, z3 = (_load_safetensors(scen / f"stage3_z{z}" / "hf") for z in (2, 3))
+    assert z2.keys() == z3.keys()
+    for k in z2:  # same data, same init: ZeRO-3 consolidation must match ZeRO-2's weights
+        torch.testing.assert_close(z3[k], z2[k], rtol=1e-4, atol=1e-5, msg=k)
+    init = _initial_weights(tmp_path)
+    trained = [k for k in z3 if k.startswith(("model.aligner", "model.vision_model", "lm_head"))]
+    assert all(not torch.equal(z3[k], init[k]) for k in trained)  # stage 3 trains these
+    assert all(torch.equal(z3[k], init[k]) for k in z3 if k.startswith("model.vqmodel"))
+    d = scen / "stage3_z3" / "hf"
+    model = JanusForConditionalGeneration.from_pretrained(str(d)).eval()
+    proc = JanusProcessor.from_pretrained(str(d))
+    ids = proc.tokenizer("a red circle", return_tensors="pt").input_ids
+    text = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                          do_sample=False)
+    assert text.shape == (1, ids.shape[1] + 4)
+    boi = proc.tokenizer.convert_tokens_to_ids("<begin_of_image>")
+    prompt = torch.cat([ids, torch.tensor([[boi]])], dim=1)
+    n_img = model.config.vision_config.num_image_tokens
+    torch.manual_seed(0)
+    codes = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                           generation_mode="image", do_sample=True, guidance_scale=2.0)
+    assert codes.shape == (1, n_img)
+    assert int(codes.max()) < model.config.vq_config.num_embeddings
+    img = model.decode_image_tokens(codes)
+    size = model.config.vision_config.image_size
+    assert img.shape == (1, size, size, 3) and torch.isfinite(img).all()  # channels last
+
+
+def test_resume_after_kills_is_bitwise_identical(scen, tmp_path):
+    root = scen  # the uninterrupted reference ran in `scen`; the chain gets its own dir
+    chain = tmp_path
+    ck = chain / "resume" / "checkpoints"
+
+    res = run_torchrun([SELF, "resume", str(chain), "kill_in_save"], timeout=200)
+    assert res.returncode != 0
+    assert (ck / "latest").read_text() == "step_00000002"
+    assert (ck / ".tmp-step_00000004" / "step_00000004").is_dir()  # the save that died
+
+    res = run_torchrun([SELF, "resume", str(chain), "kill_mid_step"], timeout=200)
+    assert res.returncode != 0
+    assert (ck / "latest").read_text() == "step_00000004"
+    assert not list(ck.glob(".tmp-*"))
+
+    res = run_torchrun([SELF, "resume", str(chain), "sigterm"], timeout=200)
+    assert 75 in res.worker_exit_codes(), res.output[-3000:]
+    assert (ck / "latest").read_text() == "step_00000005"
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000004", "step_00000005"]
+
+    res = run_torchrun([SELF, "resume", str(chain), "none"], timeout=200)
+    assert res.returncode == 0, res.output[-3000:]
+
+    ref = {r["step"]: r["loss"] for r in _metrics(root / "uninterrupted" / "metrics.jsonl")}
+    got = {}
+    for r in _metrics(chain / "resume" / "metrics.jsonl"):
+        assert got.get(r["step"], r["loss"]) == r["loss"]  # a replayed step repeats exactly
+        got[r["step"]] = r["loss"]
+    assert got == ref and len(ref) == 6
+    a = _load_safetensors(root / "uninterrupted" / "hf")
+    b = _load_safetensors(chain / "resume" / "hf")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+if __name__ == "__main__":
+    scenario, root = sys.argv[1], sys.argv[2]
+    if scenario == "main":
+        scenario_main(root)
+    elif scenario == "resume":
+        scenario_resume(root, sys.argv[3])
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")
