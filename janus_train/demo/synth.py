@@ -1,15 +1,18 @@
 """``janus-data synth``: write the demo world (``janus_train.demo.world``) as WebDataset shards in
 the formats real data uses, deterministically (same arguments -> byte-identical tar files).
 
-Layout under ``--out`` (every source split into ``--shards`` tar files ``shard-NNNNNN.tar``)::
+Layout under ``--out``: each split is a ``JANUS_DATA_ROOT`` for the tiny recipes
+(``data_recipes/tiny_stage*.yaml``, docs/data.md); every source is split into ``--shards`` tar
+files ``SOURCE/SOURCE-NNNNNN.tar``::
 
-    world.json                      attributes, held-out triples, counts, image size
-    corpus.txt                      every word of the world (tiny tokenizer training)
-    train/caption/                  img2dataset layout: KEY.png + KEY.txt (caption) + KEY.json
-    train/conversation/             LLaVA: KEY.json {"conversations": [{from, value}]} + KEY.png
-    train/text/                     plain text: KEY.txt
-    train/class/                    ImageNet style: KEY.png + KEY.cls (index) + KEY.txt (name)
-    heldout/{caption,conversation,class}/   same formats, scenes with unseen triples
+    world.json                  attributes, held-out triples, counts, image size
+    corpus.txt                  every word of the world (tiny tokenizer training)
+    train/caption/              img2dataset layout: KEY.png + KEY.txt (caption) + KEY.json
+    train/conversation/         LLaVA: KEY.json {"conversations": [{from, value}]} + KEY.png
+    train/chat/                 text-only conversations: KEY.json {"conversations": [...]}
+    train/text/                 plain text: KEY.txt
+    train/imagenet/             ImageNet style: KEY.png + KEY.cls (index) + KEY.txt (class name)
+    heldout/{caption,conversation,imagenet}/   same formats, every scene has an unseen triple
 
 ``KEY.json`` of image sources also carries ``"scene"``: the objects as
 ``[{"colour", "shape", "position"}]``, which the evaluation uses as ground truth.
@@ -28,8 +31,8 @@ from pathlib import Path
 
 from janus_train.demo import world
 
-SOURCES = ("caption", "conversation", "text", "class")
-HELDOUT_SOURCES = ("caption", "conversation", "class")
+SOURCES = ("caption", "conversation", "chat", "text", "imagenet")
+HELDOUT_SOURCES = ("caption", "conversation", "imagenet")
 
 
 @dataclass
@@ -39,12 +42,13 @@ class SynthConfig:
     out: str = "demo_out/data"
     seed: int = 0
     image_size: int = 32
-    shards: int = 8
-    """Tar files per source; keep >= ranks x loader workers."""
+    shards: int = 2
+    """Tar files per source (the tiny recipes read ``{000000..000001}``)."""
     n_caption: int = 3000
     n_conversation: int = 3000
-    n_text: int = 1500
-    n_class: int = 1500
+    n_chat: int = 500
+    n_text: int = 1000
+    n_imagenet: int = 1500
     n_heldout: int = 200
     """Samples per held-out source."""
 
@@ -93,6 +97,14 @@ def _class_sample(scene, rng, size) -> dict[str, bytes | str]:
     }
 
 
+def _chat_sample(rng: random.Random) -> dict[str, str]:
+    qa = rng.sample(world.chat_pairs(), rng.randint(1, 3))
+    conv = []
+    for q, a in qa:
+        conv += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    return {"json": json.dumps({"conversations": conv})}
+
+
 def _single_object_scene(rng: random.Random, heldout: bool) -> world.Scene:
     held = world.heldout_triples()
     while True:
@@ -120,7 +132,7 @@ def _write_source(out: Path, split: str, source: str, samples: list[dict], shard
     shards = max(1, min(shards, len(samples)))
     keyed = [(f"{split}-{source}-{i:06d}", s) for i, s in enumerate(samples)]
     for k in range(shards):
-        _write_tar(out / split / source / f"shard-{k:06d}.tar", keyed[k::shards])
+        _write_tar(out / split / source / f"{source}-{k:06d}.tar", keyed[k::shards])
 
 
 def make_samples(cfg: SynthConfig, split: str, source: str) -> list[dict]:
@@ -141,7 +153,9 @@ def make_samples(cfg: SynthConfig, split: str, source: str) -> list[dict]:
             _conversation_sample(world.random_scene(rng, heldout), rng, size, turns)
             for _ in range(n)
         ]
-    if source == "class":
+    if source == "chat":
+        return [_chat_sample(rng) for _ in range(n)]
+    if source == "imagenet":
         return [_class_sample(_single_object_scene(rng, heldout), rng, size) for _ in range(n)]
     if source == "text":
         return [{"txt": t} for t in world.text_sentences(rng, n)]
@@ -197,7 +211,7 @@ def iter_samples(paths: list[str | Path] | str | Path) -> Iterator[dict[str, byt
 
 def main(argv: list[str] | None = None) -> None:
     """``janus-data synth [--out DIR] [--seed N] [--image-size PX] [--shards N] [--n-caption N]
-    [--n-conversation N] [--n-text N] [--n-class N] [--n-heldout N]``."""
+    [--n-conversation N] [--n-chat N] [--n-text N] [--n-imagenet N] [--n-heldout N]``."""
     d = SynthConfig()
     ap = argparse.ArgumentParser(prog="janus-data synth", description=__doc__.splitlines()[0])
     for name, val in asdict(d).items():

@@ -125,7 +125,7 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
     return {"train_rec_mse": float(rec_loss), "seconds": time.time() - t0}
 
 
-def load_images(data_dir: str | Path, sources=("caption", "class"), per_source: int = 2000):
+def load_images(data_dir: str | Path, sources=("caption", "imagenet"), per_source: int = 2000):
     """Decode the PNGs of the train split's image sources (the VQ never sees held-out images)."""
     from janus_train.demo.synth import iter_samples
 

@@ -158,6 +158,19 @@ def text_sentences(rng: random.Random, n: int) -> list[str]:
     return out
 
 
+def chat_pairs() -> list[tuple[str, str]]:
+    """Text-only questions about the world and their answers."""
+    sides = {"circle": "zero", "square": "four", "triangle": "three"}
+    pairs = [(f"How many sides does a {s} have?", n) for s, n in sides.items()]
+    pairs += [(f"Is {c} a color?", "yes") for c in COLOURS]
+    pairs += [(f"Is {s} a color?", "no") for s in SHAPES]
+    pairs += [(f"Is a {s} a shape?", "yes") for s in SHAPES]
+    pairs += [(f"Is {c} a shape?", "no") for c in COLOURS]
+    pairs.append(("Which colors are there?", ", ".join(COLOURS) + "."))
+    pairs.append(("Which shapes are there?", ", ".join(SHAPES) + "."))
+    return pairs
+
+
 def vocabulary_corpus() -> list[str]:
     """Every word the world uses, for training the tiny tokenizer."""
     rng = random.Random(0)
@@ -168,6 +181,7 @@ def vocabulary_corpus() -> list[str]:
         lines += [f"{q} {a}" for q, a in questions(scene, rng, 4)]
     lines += text_sentences(rng, 50)
     lines += class_names()
+    lines += [f"{q} {a}" for q, a in chat_pairs()]
     lines += [
         "<|User|>: <|Assistant|>: User: Assistant:",
         "You are a helpful language and vision assistant. You are able to understand the visual "

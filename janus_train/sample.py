@@ -1,0 +1,287 @@
+"""``janus-sample``: answer questions about images and generate images from prompts with any
+HF-format export directory (``JanusForConditionalGeneration`` + ``JanusProcessor``, local).
+
+    janus-sample --model DIR understand --image a.png --question "What color is ..." [...]
+    janus-sample --model DIR generate --prompt "a red circle at the top left." --n 4 \
+        --guidance 5 --temperature 1 --top-k 0 --top-p 1 --out samples/
+
+Prompts are built exactly as the training sample builders build them
+(``janus_train.data.builders``), so a model is asked in the format it was trained on:
+
+- ``chat`` (stage 2/3): ``BOS [system "\\n\\n"] "U: " IMG "\\nQ\\n\\nA:"`` for understanding,
+  ``BOS "U: prompt\\n\\nA:" BOI`` for generation (``U``/``A`` per ``--chat-template``).
+- ``plain`` (stage 1): ``BOS IMG`` (the model captions) and ``BOS prompt BOI``.
+
+Batches are left-padded with the pad token and carry attention masks. Text answers use HF
+``generate``; images use HF ``generate(generation_mode="image")``, which doubles the batch for
+classifier-free guidance (unconditional rows: every token but BOS/BOI replaced by pad, masks
+kept) and decodes with the image head. It passes no position ids, so a left-padded row's
+positions are shifted by its pad count; RoPE attention depends only on position differences,
+so the padded rows still match unbatched runs (tested).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from janus_train.model.tokenizer import SpecialTokens, resolve_special_tokens
+
+ROLES = {"janus": ("User", "Assistant"), "janus_pro": ("<|User|>", "<|Assistant|>")}
+
+
+@dataclass
+class PromptFormat:
+    """How prompts are framed: ``chat`` with a template's roles, or ``plain`` (stage 1)."""
+
+    style: str = "chat"
+    chat_template: str = "janus_pro"
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.style not in ("chat", "plain"):
+            raise ValueError(f"prompt style {self.style!r}: chat | plain")
+        if self.chat_template not in ROLES:
+            raise ValueError(f"chat template {self.chat_template!r}: one of {sorted(ROLES)}")
+
+
+def _enc(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False) if text else []
+
+
+def understanding_ids(
+    question: str, tokenizer, st: SpecialTokens, num_image_tokens: int, fmt: PromptFormat
+) -> list[int]:
+    """Prompt ids for one image + question, ending where the answer starts."""
+    img = [st.boi] + [st.image] * num_image_tokens + [st.eoi]
+    if fmt.style == "plain":
+        return [st.bos] + img
+    u, a = ROLES[fmt.chat_template]
+    ids = [st.bos]
+    if fmt.system_prompt:
+        ids += _enc(tokenizer, fmt.system_prompt + "\n\n")
+    return ids + _enc(tokenizer, f"{u}: ") + img + _enc(tokenizer, f"\n{question}\n\n{a}:")
+
+
+def generation_ids(prompt: str, tokenizer, st: SpecialTokens, fmt: PromptFormat) -> list[int]:
+    """Prompt ids for text-to-image, ending with ``<begin_of_image>``."""
+    if fmt.style == "plain":
+        text = prompt
+    else:
+        u, a = ROLES[fmt.chat_template]
+        text = f"{u}: {prompt}\n\n{a}:"
+    return [st.bos] + _enc(tokenizer, text) + [st.boi]
+
+
+def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids left-padded with `pad` and the (B, T) attention mask."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, T - len(s) :] = 1
+    return ids, mask
+
+
+def unwrap(model):
+    """The ``JanusForConditionalGeneration`` inside a ``JanusTrainModel`` (or itself)."""
+    return getattr(model, "janus", model)
+
+
+def load(model_dir: str | os.PathLike, device: str = "cpu", dtype=torch.float32):
+    """``(model, processor)`` from a local export directory, in eval mode."""
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    from janus_train.model.build import set_generation_config
+
+    processor = JanusProcessor.from_pretrained(str(model_dir), local_files_only=True)
+    model = JanusForConditionalGeneration.from_pretrained(
+        str(model_dir), local_files_only=True, dtype=dtype
+    ).to(device)
+    set_generation_config(model, resolve_special_tokens(processor.tokenizer))
+    model.eval()
+    return model, processor
+
+
+@torch.no_grad()
+def answer(
+    model,
+    processor,
+    images: list[Image.Image],
+    questions: list[str],
+    fmt: PromptFormat | None = None,
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers, one per (image, question), in left-padded batches."""
+    model = unwrap(model)
+    fmt = fmt or PromptFormat()
+    tok = processor.tokenizer
+    st = resolve_special_tokens(tok)
+    n_img = model.config.vision_config.num_image_tokens
+    device = next(model.parameters()).device
+    out: list[str] = []
+    for i in range(0, len(questions), batch_size):
+        qs, ims = questions[i : i + batch_size], images[i : i + batch_size]
+        ids, mask = left_pad([understanding_ids(q, tok, st, n_img, fmt) for q in qs], st.pad)
+        px = processor.image_processor(
+            [im.convert("RGB") for im in ims], return_tensors="pt"
+        )["pixel_values"]
+        gen = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            pixel_values=px.to(device, next(model.parameters()).dtype),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=st.eos,
+            pad_token_id=st.pad,
+            generation_mode="text",
+        )
+        new = gen[:, ids.shape[1] :]
+        out += [tok.decode(row, skip_special_tokens=True).strip() for row in new.tolist()]
+    return out
+
+
+@dataclass
+class SampleConfig:
+    """Image sampling settings (official defaults: CFG 5, temperature 1)."""
+
+    guidance_scale: float = 5.0
+    """Must be > 1 (HF's image generate has no un-guided path)."""
+    temperature: float = 1.0
+    """0 = greedy."""
+    top_k: int = 0
+    """0 = off."""
+    top_p: float = 1.0
+    num_images: int = 1
+    """Images per prompt."""
+    batch_size: int = 16
+    """Prompts per generate call."""
+    seed: int = 0
+
+
+@torch.no_grad()
+def generate_codes(
+    model, processor, prompts: list[str], cfg: SampleConfig | None = None,
+    fmt: PromptFormat | None = None,
+) -> torch.Tensor:
+    """(len(prompts) * num_images, num_image_tokens) VQ codes, prompt-major order."""
+    model = unwrap(model)
+    cfg = cfg or SampleConfig()
+    fmt = fmt or PromptFormat()
+    if cfg.guidance_scale <= 1:
+        raise ValueError(f"guidance_scale={cfg.guidance_scale}: must be > 1")
+    tok = processor.tokenizer
+    st = resolve_special_tokens(tok)
+    device = next(model.parameters()).device
+    greedy = cfg.temperature <= 0
+    sampling = {} if greedy else {
+        "temperature": cfg.temperature,
+        "top_k": cfg.top_k if cfg.top_k > 0 else None,
+        "top_p": cfg.top_p if cfg.top_p < 1 else None,
+    }
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    outs = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        ids, mask = left_pad(
+            [generation_ids(p, tok, st, fmt) for p in prompts[i : i + cfg.batch_size]], st.pad
+        )
+        # torch.multinomial inside HF generate draws from the global RNG: seed it per batch
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        codes = model.generate(
+            inputs=ids.to(device),
+            attention_mask=mask.to(device),
+            generation_mode="image",
+            do_sample=not greedy,
+            guidance_scale=cfg.guidance_scale,
+            num_return_sequences=cfg.num_images,
+            **sampling,
+        )
+        outs.append(codes.cpu())
+    return torch.cat(outs)
+
+
+@torch.no_grad()
+def decode_codes(model, codes: torch.Tensor) -> list[Image.Image]:
+    """VQ-decode (N, num_image_tokens) codes into PIL images."""
+    model = unwrap(model)
+    device = next(model.parameters()).device
+    px = model.decode_image_tokens(codes.to(device)).float().cpu()  # (N, H, W, 3) in [-1, 1]
+    arr = ((px.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def generate_images(model, processor, prompts, cfg=None, fmt=None) -> list[Image.Image]:
+    return decode_codes(model, generate_codes(model, processor, prompts, cfg, fmt))
+
+
+def image_grid(images: list[Image.Image], cols: int, scale: int = 1, pad: int = 2) -> Image.Image:
+    """Tile images (same size) into one image with a white gap."""
+    w, h = images[0].size
+    w, h = w * scale, h * scale
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid.paste(im.resize((w, h), Image.NEAREST), (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="janus-sample", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="HF-format export directory")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--style", default="chat", choices=["chat", "plain"])
+    ap.add_argument("--chat-template", default="janus_pro", choices=sorted(ROLES))
+    ap.add_argument("--system-prompt", default=None)
+    ap.add_argument("--batch-size", type=int, default=16)
+    sub = ap.add_subparsers(dest="mode", required=True)
+    u = sub.add_parser("understand", help="answer questions about images")
+    u.add_argument("--image", action="append", required=True, help="repeat; one per question")
+    u.add_argument("--question", action="append", required=True)
+    u.add_argument("--max-new-tokens", type=int, default=64)
+    g = sub.add_parser("generate", help="text-to-image with classifier-free guidance")
+    g.add_argument("--prompt", action="append", required=True)
+    g.add_argument("--n", type=int, default=1, help="images per prompt")
+    g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default="samples")
+    args = ap.parse_args(argv)
+
+    model, processor = load(args.model, args.device)
+    fmt = PromptFormat(args.style, args.chat_template, args.system_prompt)
+    if args.mode == "understand":
+        paths = args.image * len(args.question) if len(args.image) == 1 else args.image
+        if len(paths) != len(args.question):
+            ap.error("give one --image per --question (or a single --image)")
+        images = [Image.open(p) for p in paths]
+        answers = answer(model, processor, images, args.question, fmt,
+                         args.max_new_tokens, args.batch_size)
+        for path, q, a in zip(paths, args.question, answers):
+            print(json.dumps({"image": path, "question": q, "answer": a}))
+        return
+    cfg = SampleConfig(args.guidance, args.temperature, args.top_k, args.top_p, args.n,
+                       args.batch_size, args.seed)
+    images = generate_images(model, processor, args.prompt, cfg, fmt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        p, k = divmod(i, args.n)
+        path = out / f"prompt{p:03d}_{k:02d}.png"
+        im.save(path)
+        print(json.dumps({"prompt": args.prompt[p], "image": str(path)}))
+    image_grid(images, cols=args.n, scale=max(1, 128 // images[0].size[0])).save(out / "grid.png")
+
+
+if __name__ == "__main__":
+    main()
