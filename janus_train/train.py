@@ -143,6 +143,12 @@ def run(run: RunConfig) -> int:
     precision = resolve_precision(run.deepspeed.precision)
     ds_config = build_deepspeed_config(run.deepspeed, plan, precision, hp.weight_decay, hp.lr)
     stop_step = min(hp.steps, hp.stop_at) if hp.stop_at else hp.steps
+    if not tc.synthetic_data:  # recipe, sources and shard existence, before any model
+        from janus_train.data.recipe import check_recipe_for_stage, load_recipe
+
+        recipe = load_recipe(run.data.recipe or hp.data_recipe)
+        check_recipe_for_stage(recipe, {"und": hp.ratio.und, "text": hp.ratio.text,
+                                        "gen": hp.ratio.gen}, hp.steps)
     run_dir, ckpt_dir = Path(tc.run_dir), Path(tc.run_dir) / "checkpoints"
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

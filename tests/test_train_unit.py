@@ -1,0 +1,228 @@
+"""Single-process unit tests of the trainer's parts: batch arithmetic, DeepSpeed config, AdamW
+groups, LR schedule, loss weights, checkpoint commit/prune, stop signals, FLOP accounting, the
+synthetic loader, and the dry run (which must exit before building a model)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from janus_train.config import compose, to_run_config
+from janus_train.model import TASKS, JanusTrainModel, apply_freeze, build_model, count_supervised
+from janus_train.train import step_weights
+from janus_train.trainer import checkpoint as ckpt
+from janus_train.trainer.config import DeepSpeedConfig
+from janus_train.trainer.distributed import build_deepspeed_config, plan_batch
+from janus_train.trainer.metrics import FlopCounter, MetricsLogger, peak_flops
+from janus_train.trainer.optim import build_param_groups, lr_at
+from janus_train.trainer.synthetic import SyntheticStepLoader, concat_batches, split_by_ratio
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    run = to_run_config(compose(["stage=stage3", "train.synthetic_data=true",
+                                 "train.synthetic_seq_len=40"]))
+    janus, proc = build_model(run.model, workdir=tmp_path_factory.mktemp("tiny"))
+    apply_freeze(janus, run.trainable_groups)
+    return run, janus, proc
+
+
+def test_plan_batch_derives_accumulation_and_rejects_bad_arithmetic():
+    p = plan_batch(256, 4, 16)
+    assert (p.grad_accum, p.loss_scale) == (4, 64.0)
+    with pytest.raises(ValueError, match="train.micro_batch_size"):
+        plan_batch(100, 4, 16)
+
+
+def test_deepspeed_config_from_typed_config():
+    plan = plan_batch(64, 2, 4)
+    ds = build_deepspeed_config(DeepSpeedConfig(zero_stage=3, offload_optimizer=True,
+                                                offload_param=True), plan, "bf16", 0.1, 2e-5)
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 8 and ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["bf16"]["enabled"] is True
+    opt = ds["optimizer"]
+    assert opt["type"] == "AdamW" and opt["params"]["betas"] == [0.9, 0.95]
+    assert opt["params"]["weight_decay"] == 0.1 and opt["params"]["torch_adam"] is False
+    with pytest.raises(ValueError, match="offload_param"):
+        build_deepspeed_config(DeepSpeedConfig(zero_stage=2, offload_param=True), plan, "fp32",
+                               0.0, 1e-3)
+
+
+def test_param_groups_no_decay_on_norms_biases_embeddings(tiny):
+    _, janus, _ = tiny
+    decay, no_decay = build_param_groups(janus, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in janus.named_parameters()}
+    d = {names[id(p)] for p in decay["params"]}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert "model.language_model.embed_tokens.weight" in nd
+    assert "model.language_model.norm.weight" in nd
+    assert any(n.endswith(".bias") for n in nd) and not any(n.endswith(".bias") for n in d)
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in d
+    trainable = {n for n, p in janus.named_parameters() if p.requires_grad}
+    assert d | nd == trainable and not d & nd
+    assert not any(n.startswith("model.vqmodel") for n in d | nd)  # frozen: not in the optimizer
+
+
+def test_lr_schedule_warmup_constant_cosine():
+    lr = 1e-3
+    assert [lr_at(s, lr, 4, 20, "constant") for s in range(4)] == [lr * k / 4 for k in (1, 2, 3, 4)]
+    assert lr_at(10, lr, 4, 20, "constant") == lr
+    assert lr_at(4, lr, 4, 20, "cosine") == pytest.approx(lr)
+    assert lr_at(12, lr, 4, 20, "cosine") == pytest.approx(lr / 2)  # half way: cos(pi/2)
+    assert lr_at(20, lr, 4, 20, "cosine", min_lr_ratio=0.1) == pytest.approx(lr * 0.1)
+    expected = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 16)))
+    assert lr_at(7, lr, 4, 20, "cosine", min_lr_ratio=0.1) == pytest.approx(expected)
+
+
+def test_step_weights():
+    n = torch.tensor([0, 30, 10])
+    s = torch.tensor([0.0, 60.0, 50.0], dtype=torch.float64)
+    assert float((step_weights(n, "token_mean") * s).sum()) == pytest.approx(110 / 40)
+    assert float((step_weights(n, "task_mean_sum") * s).sum()) == pytest.approx(2.0 + 5.0)
+    assert step_weights(torch.zeros(3, dtype=torch.long), "token_mean").sum() == 0
+
+
+def test_checkpoint_commit_prune_and_interrupted_save(tmp_path):
+    c = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        src = tmp_path / f".tmp-{ckpt.tag_for(step)}" / ckpt.tag_for(step)
+        src.mkdir(parents=True)
+        (src / "x").write_text(str(step))
+        c.mkdir(exist_ok=True)
+        ckpt._commit(src, c / ckpt.tag_for(step))
+        ckpt._prune(c, keep_last=2)
+    assert ckpt.read_latest(c) == "step_00000006"
+    assert sorted(p.name for p in c.iterdir() if p.is_dir()) == ["step_00000004", "step_00000006"]
+    # A save that died before its commit leaves `latest` unchanged.
+    (c / ".tmp-step_00000008" / "step_00000008").mkdir(parents=True)
+    assert ckpt.read_latest(c) == "step_00000006"
+    assert ckpt.read_latest(tmp_path / "none") is None
+
+
+def test_stop_signal_sets_flag_only():
+    stop = ckpt.StopSignal()
+    try:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested and stop.received == signal.SIGUSR1
+    finally:
+        stop.restore()
+
+
+def test_peak_flops_lookup():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("Some Accelerator") is None
+
+
+def test_flop_counter_matches_formula(tiny):
+    run, janus, _ = tiny
+    fc = FlopCounter(janus)
+    t = run.model.text
+    d, f, L, V = t.hidden_size, t.intermediate_size, t.num_hidden_layers, janus.lm_head.out_features
+    layer = 4 * d * d + 3 * d * f + 2 * d  # q k v o, gate up down, two RMSNorms
+    n = L * layer + d + d * V  # + final norm + lm_head
+    assert fc.n_params == n
+    assert fc.per_token(40) == 6 * n + 12 * L * d * 40
+    # SigLIP + aligner on one image: matmul FLOPs counted independently from the dimensions.
+    v = run.model.vision
+    P, dv, p = run.model.num_image_tokens, v.hidden_size, v.patch_size
+    per_layer = 2 * P * (4 * dv * dv + 2 * dv * int(dv * v.mlp_ratio)) + 2 * 2 * P * P * dv
+    und = 2 * P * 3 * p * p * dv + v.num_hidden_layers * per_layer + 2 * P * (dv * d + d * d)
+    assert fc.und_image == pytest.approx(und, rel=0.02)
+    assert fc.gen_image > 0
+    assert fc.mfu(1e12, 1.0, 1) is None or fc.peak is not None  # CPU: no peak, no MFU
+
+
+def test_metrics_logger_writes_jsonl_on_rank0_only(tmp_path):
+    MetricsLogger(tmp_path, enabled=False).log({"step": 1, "loss": 1.0})
+    assert not (tmp_path / "metrics.jsonl").exists()
+    m = MetricsLogger(tmp_path, enabled=True)
+    m.log({"step": 1, "loss": 1.0})
+    m.log({"step": 2, "loss": 0.5})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
+
+
+def test_split_by_ratio():
+    assert sorted(split_by_ratio(10, {"und": 2, "text": 3, "gen": 5})) == sorted(
+        ["und"] * 2 + ["text"] * 3 + ["gen"] * 5)
+    assert split_by_ratio(4, {"und": 1, "text": 0, "gen": 3}).count("gen") == 3
+
+
+def test_synthetic_loader_split_invariant_and_resumable(tiny):
+    run, janus, proc = tiny
+
+    def loader(rank, world, accum):
+        return SyntheticStepLoader(run, proc, rank=rank, world_size=world, micro_batch_size=1,
+                                   grad_accum=accum)
+
+    one = concat_batches(loader(0, 1, 4).next_step())
+    r0, r1 = loader(0, 2, 2).next_step(), loader(1, 2, 2).next_step()
+    two = concat_batches([r0[0], r1[0], r0[1], r1[1]])  # row g = m * world + rank
+    assert one.keys() == two.keys()
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    tasks = {TASKS[int(t[0])] for t in one["task_ids"]}
+    assert tasks == {"und", "gen"}  # stage 3 ratio und 5 : text 1 : gen 4 over 4 rows -> 2:0:2
+    # count_supervised agrees with the forward's own count on the same batch
+    out = JanusTrainModel(janus)(one)
+    assert torch.equal(out["n_tokens"], count_supervised(one))
+    # state_dict = position: a restored loader continues with the same step
+    a = loader(1, 2, 2)
+    a.next_step()
+    b = loader(1, 2, 2)
+    b.load_state_dict(a.state_dict())
+    x, y = a.next_step(), b.next_step()
+    assert all(torch.equal(x[i][k], y[i][k]) for i in range(2) for k in x[i])
+
+
+def test_dry_run_validates_and_exits_before_building_the_model(tmp_path):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    base = [sys.executable, "-m", "janus_train.train", "train.synthetic_data=true",
+            f"train.run_dir={tmp_path}/ok", "train.dry_run=true", "train.global_batch_size=8",
+            "train.micro_batch_size=2"]
+    res = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ds = json.loads((tmp_path / "ok" / "ds_config.json").read_text())
+    assert ds["gradient_accumulation_steps"] == 4
+    assert not (tmp_path / "ok" / "tokenizer").exists()  # no model (nor tokenizer) was built
+    bad = base[:4] + [f"train.run_dir={tmp_path}/bad", "train.dry_run=true",
+                      "train.global_batch_size=7", "train.micro_batch_size=2"]
+    res = subprocess.run(bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "train.micro_batch_size" in res.stderr + res.stdout
+    assert not (tmp_path / "bad" / "ds_config.json").exists()
+
+
+class _Lin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(4, 3)
+        self.lin = nn.Linear(3, 3)
+        self.norm = nn.LayerNorm(3)
+
+
+def test_param_groups_drop_empty_and_reject_all_frozen():
+    m = _Lin()
+    m.lin.weight.requires_grad_(False)
+    groups = build_param_groups(m, 0.1)
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
+    for p in m.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable"):
+        build_param_groups(m, 0.1)
