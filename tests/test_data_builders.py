@@ -28,9 +28,11 @@ from janus_train.data.preprocess import (
     BadSample,
     decode_image,
     gen_pixels,
+    gen_uint8,
     resize_long_pad,
     resize_short_crop,
     und_pixels,
+    und_uint8,
 )
 from janus_train.model.tokenizer import resolve_special_tokens, train_tiny_tokenizer
 
@@ -56,7 +58,7 @@ def enc(proc, s):
 
 
 def img_arr():
-    return np.zeros((3, 32, 32), np.float32)
+    return np.zeros((32, 32, 3), np.uint8)
 
 
 def test_caption_plain_masks(proc):
@@ -146,7 +148,7 @@ def test_generation_sequences(proc):
     assert s.image_codes == [X] * (len(p) + 2) + list(range(N))
     assert st.eoi not in s.input_ids
     # Without codes: -1 slots and the [-1, 1] image travels along.
-    im = np.zeros((3, 32, 32), np.float32)
+    im = img_arr()
     s = build_generation("a red circle", make_ctx(proc, caption_format="qa"), random.Random(0),
                          image=im)
     p = enc(proc, "<|User|>: a red circle\n\n<|Assistant|>:")
@@ -279,10 +281,12 @@ def test_record_reasons_and_no_unpickling(proc, tmp_path):
 
 
 def test_collate_contract(proc):
-    ctx = make_ctx(proc)
+    ctx = make_ctx(proc, mean=(0.48, 0.45, 0.4), std=(0.26, 0.26, 0.27))
     st = ctx.st
-    a = build_caption_plain("a red", img_arr() + 1, ctx)
-    g = build_generation("blue", ctx, random.Random(0), image=img_arr() - 1)
+    rng = np.random.default_rng(1)
+    pil = Image.fromarray(rng.integers(0, 256, (20, 40, 3), dtype=np.uint8))
+    a = build_caption_plain("a red", und_uint8(pil, 32), ctx)
+    g = build_generation("blue", ctx, random.Random(0), image=gen_uint8(pil, 32))
     t = build_text("the red circle", ctx)[0]
     b = collate([a, g, t], ctx)
     T = max(len(a.input_ids), len(g.input_ids), len(t.input_ids))
@@ -292,8 +296,12 @@ def test_collate_contract(proc):
     assert b["labels"][2, n:].eq(X).all() and b["task_ids"][2, n:].eq(-1).all()
     assert b["position_ids"][2, :n].tolist() == list(range(n))
     assert b["task_ids"][0, 0] == 1 and b["task_ids"][1, 0] == 2 and b["task_ids"][2, 0] == 0
-    assert b["pixel_values"].shape == (1, 3, 32, 32) and b["pixel_values"].eq(1).all()
-    assert b["gen_pixel_values"].shape == (1, 3, 32, 32) and b["gen_pixel_values"].eq(-1).all()
+    # batched normalisation == the per-image reference of spec §3
+    assert b["pixel_values"].shape == (1, 3, 32, 32) and b["pixel_values"].dtype == torch.float32
+    np.testing.assert_allclose(b["pixel_values"][0].numpy(), und_pixels(pil, 32, ctx.mean, ctx.std),
+                               atol=1e-5)
+    assert b["gen_pixel_values"].shape == (1, 3, 32, 32)
+    np.testing.assert_allclose(b["gen_pixel_values"][0].numpy(), gen_pixels(pil, 32), atol=1e-6)
     assert int((b["image_codes"] == -1).sum()) == N
     assert int((b["input_ids"] == st.image).sum()) == N
     assert collate([t], ctx, pad_to_multiple_of=8)["input_ids"].shape[1] % 8 == 0

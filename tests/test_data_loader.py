@@ -19,7 +19,6 @@ from janus_train.data.mixing import task_counts
 from janus_train.data.synthetic import (
     caption_records,
     class_records,
-    text_records,
     write_tar,
     write_tiny_dataset,
 )

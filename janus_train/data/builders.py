@@ -35,8 +35,9 @@ from janus_train.data.preprocess import (
     decode_json,
     decode_npy,
     decode_text,
-    gen_pixels,
-    und_pixels,
+    gen_uint8,
+    normalize_batch,
+    und_uint8,
 )
 from janus_train.model.tokenizer import SpecialTokens
 
@@ -86,7 +87,9 @@ class Sample:
     task: str
     image_codes: list[int] | None = None
     und_images: list[np.ndarray] = field(default_factory=list)
+    """(S, S, 3) uint8 padded understanding images, in marker order."""
     gen_image: np.ndarray | None = None
+    """(S, S, 3) uint8 cropped generation image (when the record carries no codes)."""
     key: str = ""
 
 
@@ -305,11 +308,11 @@ def record_to_samples(
         exts = _image_members(members)
         if task == "text" and exts:
             raise BadSample("image_marker_mismatch", "text conversation with images")
-        imgs = [und_pixels(decode_image(members[e]), S, ctx.mean, ctx.std) for e in exts]
+        imgs = [und_uint8(decode_image(members[e]), S) for e in exts]
         return [build_conversation(turns, imgs, ctx, "und" if task == "understanding" else "text")]
     if fmt == "caption" and task == "understanding":
         cap = _caption(members)
-        img = und_pixels(decode_image(_one_image(members)), S, ctx.mean, ctx.std)
+        img = und_uint8(decode_image(_one_image(members)), S)
         build = build_caption_plain if ctx.caption_format == "plain" else build_caption_qa
         return [build(cap, img, ctx)]
     if task == "generation":
@@ -318,7 +321,7 @@ def record_to_samples(
         else:
             prompt = _caption(members)
         codes = _codes(members, ctx)
-        img = None if codes is not None else gen_pixels(decode_image(_one_image(members)), S)
+        img = None if codes is not None else gen_uint8(decode_image(_one_image(members)), S)
         return [build_generation(prompt, ctx, rng, codes=codes, image=img)]
     raise BadSample("bad_format", f"format {fmt!r} cannot feed task {task!r}")
 
@@ -368,10 +371,10 @@ def collate(samples: list[Sample], ctx: BuildContext, pad_to_multiple_of: int = 
             gen.append(s.gen_image)
     S = ctx.image_size
 
-    def stack(xs):
+    def stack(xs, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         if not xs:
             return torch.zeros((0, 3, S, S), dtype=torch.float32)
-        return torch.from_numpy(np.stack(xs))
+        return normalize_batch(xs, mean, std)
 
     return {
         "input_ids": input_ids,
@@ -380,6 +383,6 @@ def collate(samples: list[Sample], ctx: BuildContext, pad_to_multiple_of: int = 
         "labels": labels,
         "image_codes": codes,
         "task_ids": task,
-        "pixel_values": stack(und),
+        "pixel_values": stack(und, ctx.mean, ctx.std),
         "gen_pixel_values": stack(gen),
     }

@@ -102,6 +102,36 @@ def resize_short_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+def und_uint8(img: Image.Image, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 padded understanding image; normalised per batch in collate."""
+    return np.asarray(resize_long_pad(img, size), dtype=np.uint8)
+
+
+def gen_uint8(img: Image.Image, size: int) -> np.ndarray:
+    """(size, size, 3) uint8 cropped generation image; scaled to [-1, 1] per batch in collate."""
+    return np.asarray(resize_short_crop(img, size), dtype=np.uint8)
+
+
+def normalize_batch(xs: list[np.ndarray], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    """(H, W, 3) uint8 images -> (N, 3, H, W) float32 ``(x / 255 - mean) / std`` (mean = std =
+    0.5 is the generation scaling ``x / 127.5 - 1``), batched: one converting copy and one
+    in-place affine pass. In a dataloader worker the output is allocated in shared memory, so
+    sending it to the trainer process needs no extra copy."""
+    import torch
+    from torch.utils.data import get_worker_info
+
+    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    if get_worker_info() is not None:
+        out.share_memory_()
+    out.copy_(x)
+    m = np.asarray(mean, np.float64)
+    s = np.asarray(std, np.float64)
+    scale = torch.tensor(1.0 / (255.0 * s), dtype=torch.float32).view(1, 3, 1, 1)
+    shift = torch.tensor(-m / s, dtype=torch.float32).view(1, 3, 1, 1)
+    return out.mul_(scale).add_(shift)
+
+
 def und_pixels(img: Image.Image, size: int, mean, std) -> np.ndarray:
     """(3, size, size) float32 normalised understanding input."""
     x = np.asarray(resize_long_pad(img, size), dtype=np.float32) * (1.0 / 255.0)

@@ -253,7 +253,10 @@ class RecordStream:
             if sc.truncated and self.offset == 0:
                 self.on_shard_error(url, "truncated_tar", f"truncated tar {url!r}")
             base = self.counter - self.offset  # counter value at position 0 of this shard
-            keep = (lambda p: (base + p) % self.C == self.c) if self.stride else (lambda p: True)
+            keep = (
+                (lambda p, base=base: (base + p) % self.C == self.c)
+                if self.stride else (lambda p: True)
+            )
             self._it = sc.iterate(self.offset, keep)
             self._url = url
             return

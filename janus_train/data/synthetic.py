@@ -128,10 +128,10 @@ def write_tiny_dataset(root: str | Path, n_shards: int = 2, per_shard: int = 16,
             recs = fn(s * per_shard, per_shard) if name == "text" else fn(
                 s * per_shard, per_shard, size)
             write_tar(root / pat.format(s), recs)
-        out[name] = str(root / pat.replace("{:06d}", "{000000..%06d}" % (n_shards - 1)))
+        out[name] = str(root / pat.replace("{:06d}", f"{{000000..{n_shards - 1:06d}}}"))
     # Text-only conversations for stage 3's text share.
     for s in range(n_shards):
         write_tar(root / f"chat/chat-{s:06d}.tar",
                   conversation_records(s * per_shard, per_shard, with_image=False))
-    out["chat"] = str(root / ("chat/chat-{000000..%06d}.tar" % (n_shards - 1)))
+    out["chat"] = str(root / f"chat/chat-{{000000..{n_shards - 1:06d}}}.tar")
     return out
