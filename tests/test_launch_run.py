@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,9 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 def launch_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "RDZV_", "NNODES", "DRY_RUN", "WANDB_"))}
-    env.update(WANDB_MODE="disabled", **extra)
+    # PYTHON: the scripts would run `python` from PATH, which need not be this interpreter (CI
+    # runs .venv/bin/python -m pytest without activating the venv).
+    env.update(WANDB_MODE="disabled", PYTHON=sys.executable, **extra)
     return env
 
 

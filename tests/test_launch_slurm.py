@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,8 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 JOB_ID = "4242"
 
 # Emulates srun: one task per node (SLURM_NODEID/SLURMD_NODENAME set), stdout to --output with
-# %n expanded, like Slurm. STUB_SRUN_WAIT=1: wait for scancel's signal forwarding, then exit
-# with STUB_SRUN_RC (a step that checkpointed on USR1).
+# %n expanded, each task in its own process group (recorded, so the scancel stub can signal the
+# step like slurmstepd does). STUB_SRUN_WAIT=1: run nothing, wait for scancel's signal
+# forwarding, then exit with STUB_SRUN_RC (a step that checkpointed on USR1).
 SRUN = r'''
 import json, os, re, subprocess, sys, time
 log = os.environ["STUB_LOG"]
@@ -38,7 +40,6 @@ while args[i].startswith("-"):
 cmd = args[i:]
 hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
                        capture_output=True, text=True, check=True).stdout.split()
-rc = 0
 if os.environ.get("STUB_SRUN_WAIT") == "1":
     open(os.path.join(log, "srun.started"), "w").close()
     for _ in range(400):
@@ -46,30 +47,42 @@ if os.environ.get("STUB_SRUN_WAIT") == "1":
             break
         time.sleep(0.05)
     sys.exit(int(os.environ.get("STUB_SRUN_RC", "1")))
+tasks = []
 for n in range(int(opts["--nodes"])):
     env = dict(os.environ, SLURM_NODEID=str(n), SLURM_PROCID=str(n), SLURMD_NODENAME=hosts[n])
-    with open(opts["--output"].replace("%n", str(n)), "a") as out:
-        rc = max(rc, subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode)
+    out = open(opts["--output"].replace("%n", str(n)), "a")
+    tasks.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True))
+    with open(os.path.join(log, "step_pgids"), "a") as f:
+        f.write(f"{tasks[-1].pid}\n")
+rc = max(t.wait() for t in tasks)
 sys.exit(int(os.environ.get("STUB_SRUN_RC", rc)))
 '''
 
-# `scontrol show hostnames prefix[a-b]` expands the range; `scontrol requeue ID` is recorded.
+# `scontrol show hostnames prefix[a-b]` expands the range (a plain name stays itself); `scontrol requeue ID` is recorded.
 SCONTROL = r'''
 import os, re, sys
 if sys.argv[1:3] == ["show", "hostnames"]:
     m = re.fullmatch(r"(\w+)\[(\d+)-(\d+)\]", sys.argv[3])
-    width = len(m.group(2))
-    for k in range(int(m.group(2)), int(m.group(3)) + 1):
-        print(f"{m.group(1)}{k:0{width}d}")
+    if m is None:
+        print(sys.argv[3])
+    else:
+        width = len(m.group(2))
+        for k in range(int(m.group(2)), int(m.group(3)) + 1):
+            print(f"{m.group(1)}{k:0{width}d}")
 else:
     with open(os.path.join(os.environ["STUB_LOG"], "scontrol.txt"), "a") as f:
         f.write(" ".join(sys.argv[1:]) + "\n")
 '''
 
 SCANCEL = r'''
-import os, sys
-with open(os.path.join(os.environ["STUB_LOG"], "scancel.txt"), "a") as f:
+import os, signal, sys
+log = os.environ["STUB_LOG"]
+with open(os.path.join(log, "scancel.txt"), "a") as f:
     f.write(" ".join(sys.argv[1:]) + "\n")
+if sys.argv[1] == "--signal=USR1" and os.path.exists(os.path.join(log, "step_pgids")):
+    for pgid in open(os.path.join(log, "step_pgids")).read().split():
+        os.killpg(int(pgid), signal.SIGUSR1)
 '''
 
 # Records its arguments, prints "<id>;cluster" like `sbatch --parsable` on a federation.
@@ -107,6 +120,12 @@ def slurm_env(env: dict, tmp_path: Path, job: str, nodes: int, **extra: str) -> 
         SLURM_CPUS_ON_NODE="96", RUN_ROOT=str(tmp_path / "runs"), LOG_ROOT=str(tmp_path / "logs"),
         **extra,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def sbatch_directives(script: Path) -> dict[str, str]:
@@ -284,3 +303,43 @@ def test_torchrun_and_deepspeed_scripts_render(tmp_path):
                  "--master_addr=10.0.0.1", "--no_local_rank"]:
         assert flag in cmd
     assert cmd[-3:] == ["--module", "janus_train.train", "stage=stage2"]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_slurm_job_really_trains_checkpoints_on_usr1_requeues_and_resumes(stubs, tmp_path):
+    """The whole preemption path for real on one emulated node (2 CPU ranks, tiny model):
+    USR1 to the batch shell -> scancel stub signals the step's process group -> torchrun.sh
+    forwards to the ranks -> checkpoint, exit 75 -> `scontrol requeue`; the requeued attempt
+    (same job id, same command) resumes from the checkpoint, finishes and exports."""
+    script = "launch/slurm/janus_pro_1b.sbatch"
+    smoke = ["model=tiny", "train.synthetic_data=true", "train.steps=300", "train.log_every=1",
+             "train.global_batch_size=4", "train.micro_batch_size=1", "train.progress_bar=false"]
+    env = slurm_env(stubs, tmp_path, "janus_pro_1b", 1, EXPERIMENT="tiny", GPUS_PER_NODE="2",
+                    PYTHON=sys.executable, WANDB_MODE="disabled", RDZV_PORT=str(free_port()))
+    env["SLURM_JOB_NODELIST"] = socket.gethostname()  # the rendezvous host must resolve
+    run_dir = tmp_path / "runs/tiny/stage1"
+    metrics = run_dir / "metrics.jsonl"
+    proc = subprocess.Popen(["bash", str(REPO / script), *smoke], env=env, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no step logged within 120 s"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    node_log = (tmp_path / f"logs/janus_pro_1b-{JOB_ID}/node0.r0.log").read_text()
+    assert proc.returncode == 0, out + node_log[-3000:]
+    assert re.search(r"exitcode\s*: 75\b", node_log), node_log[-3000:]  # EXIT_REQUEUE
+    assert (tmp_path / "stublog/scontrol.txt").read_text().split() == ["requeue", JOB_ID]
+    stopped_at = int((run_dir / "checkpoints/latest").read_text().strip().removeprefix("step_"))
+    assert 1 <= stopped_at < 300 and not (run_dir / "hf").exists()
+
+    res = run_job(script, dict(env, SLURM_RESTART_COUNT="1"), *smoke)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "complete" in res.stdout and (run_dir / "hf/config.json").is_file()
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 301))  # resumed where it stopped: no step lost or repeated
+    assert f"resuming at step {stopped_at}" in (run_dir / "train.log").read_text()
+    assert len((tmp_path / "stublog/scontrol.txt").read_text().splitlines()) == 1  # no requeue
