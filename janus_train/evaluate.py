@@ -1,0 +1,270 @@
+"""In-training and post-training evaluation on a held-out *eval recipe*: per-task loss, a grid
+of generated images, understanding answers, and accuracy figures.
+
+    run_eval(model, processor, run, step, out_dir) -> {"loss/text": .., "und/accuracy": .., ...}
+
+The trainer calls it every ``train.eval_every`` steps on **every rank**: every rank runs the same
+forwards on the same data (ZeRO-3 gathers parameters collectively), rank 0 writes the files.
+
+Eval recipe: ``train.eval_recipe`` when the config has it, else ``$JANUS_EVAL_RECIPE`` (a recipe
+name or path), else the demo's held-out split under ``$JANUS_EVAL_DATA_ROOT`` (default
+``data/tiny_heldout``; layout in ``janus_train.demo.synth``). The first ``max_per_source``
+records of each source are read in order (no shuffle), built by the training sample builders
+with the stage's framing but without CFG dropout or caption truncation, so the figures are
+comparable between evaluations.
+
+- ``loss/{text,und,gen}``: token-mean CE per task (``JanusTrainModel`` forward).
+- ``und/accuracy``: greedy answers equal (case and final period ignored) to the reference answer
+  of single-question conversations (chat framing), or the generated caption equals the reference
+  caption (stage 1 plain framing).
+- ``gen/token_accuracy``: codes generated greedily with CFG equal the VQ codes of the reference
+  image, position by position (chance: 1 / codebook size).
+- ``gen/scene_accuracy``: decoded image's recognised objects (colour + shape per quadrant,
+  ``janus_train.demo.recognize``) equal the prompt's scene, where records carry one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from janus_train import sample as S
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    max_per_source: int = 32
+    """Records read from each source of the eval recipe (loss)."""
+    batch_size: int = 16
+    n_und: int = 32
+    """Held-out questions answered."""
+    n_gen: int = 16
+    """Held-out prompts generated (greedy, with CFG)."""
+    n_grid: int = 8
+    """Prompts shown in the image grid (greedy + 2 sampled images each)."""
+    guidance_scale: float = 5.0
+    max_new_tokens: int = 24
+
+
+def _is_main() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def eval_recipe(run):
+    """The eval recipe (see module docstring)."""
+    from janus_train.data.recipe import Recipe, Source, expand_shards, load_recipe
+
+    name = getattr(run.train, "eval_recipe", None) or os.environ.get("JANUS_EVAL_RECIPE")
+    if name:
+        return load_recipe(name)
+    root = Path(os.environ.get("JANUS_EVAL_DATA_ROOT", "data/tiny_heldout"))
+    spec = [
+        ("text", "text", "text", "text"),
+        ("captions", "understanding", "caption", "caption"),
+        ("conversations", "understanding", "conversation", "conversation"),
+        ("t2i", "generation", "caption", "caption"),
+        ("imagenet", "generation", "class_label", "imagenet"),
+    ]
+    sources = []
+    for name, task, fmt, d in spec:
+        if (root / d).is_dir():
+            shards = expand_shards(str(root / d / "*.tar"), f"eval source {name}")
+            sources.append(Source(name, task, fmt, shards))
+    if not sources:
+        raise FileNotFoundError(f"no eval shards under {root} (set JANUS_EVAL_DATA_ROOT)")
+    return Recipe("demo_heldout", str(root), sources)
+
+
+def _records(src, n: int):
+    from janus_train.data.shards import iter_stream_tar
+
+    out = []
+    for url in src.shards:
+        for rec in iter_stream_tar(url):
+            out.append(rec)
+            if len(out) >= n:
+                return out
+    return out
+
+
+def eval_context(run, processor):
+    """The stage's BuildContext without CFG dropout and caption truncation."""
+    from janus_train.data.loader import build_context
+
+    ctx = build_context(run, processor)
+    return dataclasses.replace(ctx, cfg_dropout=0.0, first_sentence_prob=0.0)
+
+
+@torch.no_grad()
+def heldout_losses(janus, ctx, recipe, cfg: EvalConfig) -> dict[str, float]:
+    """Token-mean CE per task over the first records of every source."""
+    from janus_train.data.builders import collate, record_to_samples
+    from janus_train.data.preprocess import BadSample
+    from janus_train.model import TASKS, JanusTrainModel
+
+    samples = []
+    for src in recipe.sources:
+        rng = random.Random(0)
+        for rec in _records(src, cfg.max_per_source):
+            try:
+                samples += record_to_samples(rec.members, src.format, src.task, ctx, rng,
+                                             src.class_names)
+            except BadSample:
+                continue
+    model = JanusTrainModel(janus)
+    device = next(janus.parameters()).device
+    loss_sum = torch.zeros(3, dtype=torch.float64)
+    n_tok = torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(samples), cfg.batch_size):
+        batch = collate(samples[i : i + cfg.batch_size], ctx)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(batch)
+        loss_sum += out["loss_sum"].double().cpu()
+        n_tok += out["n_tokens"].double().cpu()
+    return {f"loss/{t}": float(loss_sum[i] / n_tok[i]) for i, t in enumerate(TASKS) if n_tok[i]}
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
+def _image(members):
+    from janus_train.data.builders import _one_image
+    from janus_train.data.preprocess import decode_image
+
+    return decode_image(_one_image(members)).convert("RGB")
+
+
+def _understanding_items(recipe, fmt: S.PromptFormat, n: int):
+    """(image, question, reference answer) from the eval recipe's understanding sources."""
+    from janus_train.data.builders import _caption, _conversation_turns
+
+    want = "conversation" if fmt.style == "chat" else "caption"
+    items = []
+    for src in recipe.sources:
+        if src.task != "understanding" or src.format != want:
+            continue
+        for rec in _records(src, n - len(items)):
+            if want == "caption":
+                items.append((_image(rec.members), "", _caption(rec.members)))
+                continue
+            turns = [t for t in _conversation_turns(rec.members) if t[0] != "system"]
+            if len(turns) >= 2 and turns[0][1].count("<image>") == 1:
+                q = turns[0][1].replace("<image>", "").strip()
+                items.append((_image(rec.members), q, turns[1][1]))
+    return items
+
+
+def _generation_items(recipe, n: int):
+    """(prompt, reference image, scene or None) from the eval recipe's generation sources."""
+    from janus_train.data.builders import _caption, _class_name
+    from janus_train.data.preprocess import decode_json
+
+    items = []
+    for src in recipe.sources:
+        if src.task != "generation":
+            continue
+        for rec in _records(src, n - len(items)):
+            m = rec.members
+            prompt = _class_name(m, src.class_names) if src.format == "class_label" else _caption(m)
+            meta = decode_json(m["json"]) if "json" in m else {}
+            scene = meta.get("scene") if isinstance(meta, dict) else None
+            # a class name does not fix the position: only captions define a whole scene
+            items.append((prompt, _image(m), scene if src.format == "caption" else None))
+    return items
+
+
+def reference_codes(janus, images, size: int) -> torch.Tensor:
+    """VQ codes of reference images after the generation preprocessing (crop, [-1, 1])."""
+    from janus_train.data.preprocess import resize_short_crop
+
+    arr = np.stack([np.asarray(resize_short_crop(im, size), dtype=np.float32) for im in images])
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+    vq = janus.model.vqmodel
+    x = x.to(next(vq.parameters()).device, next(vq.parameters()).dtype)
+    with torch.no_grad():
+        return vq.encode(x).image_tokens.view(len(images), -1).cpu()
+
+
+def prompt_format(run) -> S.PromptFormat:
+    style = "plain" if getattr(run.stage.caption_format, "value", run.stage.caption_format) == "plain" else "chat"
+    tmpl = getattr(run.experiment.chat_template, "value", run.experiment.chat_template)
+    return S.PromptFormat(style, tmpl, run.data.system_prompt)
+
+
+@torch.no_grad()
+def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None = None) -> dict:
+    """Evaluate on every rank; rank 0 writes ``out_dir/{metrics.json, answers.jsonl,
+    generated.png}``. Returns flat metrics (the caller logs them, e.g. prefixed ``eval/``)."""
+    from janus_train.demo.recognize import recognize_scene
+
+    cfg = cfg or EvalConfig()
+    janus = S.unwrap(model)
+    was_training = janus.training
+    janus.eval()
+    recipe = eval_recipe(run)
+    fmt = prompt_format(run)
+    size = janus.config.vision_config.image_size
+    metrics: dict[str, float] = {}
+    metrics.update(heldout_losses(janus, eval_context(run, processor), recipe, cfg))
+
+    und = _understanding_items(recipe, fmt, cfg.n_und)
+    answers = []
+    if und:
+        preds = S.answer(janus, processor, [u[0] for u in und], [u[1] for u in und], fmt,
+                         cfg.max_new_tokens, cfg.batch_size)
+        answers = [{"question": q, "answer": p, "reference": r, "correct": _norm(p) == _norm(r)}
+                   for (_, q, r), p in zip(und, preds)]
+        metrics["und/accuracy"] = float(np.mean([a["correct"] for a in answers]))
+
+    gen = _generation_items(recipe, cfg.n_gen)
+    grid = None
+    if gen:
+        greedy = S.SampleConfig(guidance_scale=cfg.guidance_scale, temperature=0.0,
+                                batch_size=cfg.batch_size)
+        codes = S.generate_codes(janus, processor, [g[0] for g in gen], greedy, fmt)
+        ref = reference_codes(janus, [g[1] for g in gen], size)
+        metrics["gen/token_accuracy"] = float((codes == ref).float().mean())
+        decoded = S.decode_codes(janus, codes)
+        scenes = [(g[2], im) for g, im in zip(gen, decoded) if g[2] is not None]
+        if scenes:
+            metrics["gen/scene_accuracy"] = float(np.mean(
+                [recognize_scene(im) == {(o["position"], o["colour"], o["shape"]) for o in sc}
+                 for sc, im in scenes]))
+        k = min(cfg.n_grid, len(gen))
+        sampled = S.SampleConfig(guidance_scale=cfg.guidance_scale, temperature=1.0,
+                                 num_images=2, batch_size=cfg.batch_size, seed=step)
+        samp = S.decode_codes(janus, S.generate_codes(janus, processor, [g[0] for g in gen[:k]],
+                                                      sampled, fmt))
+        tiles = []
+        for i in range(k):
+            tiles += [gen[i][1].resize((size, size)), decoded[i], samp[2 * i], samp[2 * i + 1]]
+        grid = S.image_grid(tiles, cols=4, scale=max(1, 96 // size))
+        gen_log = [{"prompt": g[0], "token_accuracy": float((c == r).float().mean())}
+                   for g, c, r in zip(gen, codes, ref)]
+    if _is_main():
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=1) + "\n")
+        with open(out / "answers.jsonl", "w") as f:
+            for a in answers:
+                f.write(json.dumps(a) + "\n")
+        if grid is not None:
+            grid.save(out / "generated.png")
+            (out / "generated.json").write_text(json.dumps(
+                {"columns": ["reference", "greedy", "sample", "sample"], "rows": gen_log[:k]},
+                indent=1) + "\n")
+    if was_training:
+        janus.train()
+    logger.info("eval step %d: %s", step, json.dumps(metrics))
+    return metrics
