@@ -257,7 +257,7 @@ def run(run: RunConfig) -> int:
 
         if step % tc.log_every == 0 or step == stop_step:
             elapsed = time.perf_counter() - t_log
-            rec = {"step": step, "loss": loss, "optim/lr": lr, "optim/grad_norm": grad_norm,
+            rec = {"step": step, "time": time.time(), "loss": loss, "optim/lr": lr, "optim/grad_norm": grad_norm,
                    "optim/skipped_steps": skipped_total}
             for i, task in enumerate(TASKS):
                 n = float(n_tokens[i])
