@@ -153,3 +153,15 @@ def test_tar_members_written_by_converters_are_plain(tmp_path):
         names = sorted(m.name for m in tf.getmembers())
     assert names == ["000000.jpg", "000000.json", "000000.txt"]
     assert Image.open(io.BytesIO(caption_records(0, 1)[0][1]["jpg"])).format == "JPEG"
+
+
+def test_convert_captions_from_local_hf_dataset(tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.open(io.BytesIO(shape_image("red", "circle")))], "caption": ["a red"]},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "hf"))
+    cli.main(["convert", "captions", "--input", str(tmp_path / "hf"), "--out", str(tmp_path / "o")])
+    (rec,) = read_records(tmp_path / "o")
+    assert rec.members["txt"] == b"a red" and decode_image(rec.members["jpg"]).size == (48, 40)

@@ -111,14 +111,17 @@ def convert_text(args) -> Counter:
     return _write_all(gen(), args.out, args.prefix or "text", args.maxcount, None, "text")
 
 
-def _table_rows(path: str) -> tuple[Iterator[dict], int | None]:
+def _table_rows(path: str, image_col: str) -> tuple[Iterator[dict], int | None]:
     p = Path(path)
     if p.is_dir():
+        from datasets import Image as HFImage
         from datasets import load_from_disk
 
         ds = load_from_disk(str(p))
         if hasattr(ds, "keys") and not hasattr(ds, "column_names"):
             ds = ds[next(iter(ds.keys()))]
+        if isinstance(ds.features.get(image_col), HFImage):
+            ds = ds.cast_column(image_col, HFImage(decode=False))  # keep the original bytes
         return iter(ds), len(ds)
     if p.suffix in (".csv", ".tsv"):
         import csv
@@ -161,7 +164,7 @@ def _sniff(data: bytes) -> tuple[str, bytes]:
 
 
 def convert_captions(args) -> Counter:
-    rows, total = _table_rows(args.input)
+    rows, total = _table_rows(args.input, args.image_col)
     root = Path(args.image_root) if args.image_root else None
 
     def gen():

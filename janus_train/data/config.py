@@ -19,6 +19,9 @@ class DataConfig:
     value (and world size) as the run that saved the state."""
     prefetch_factor: int = 2
     """Steps each worker builds ahead."""
+    mp_context: str | None = None
+    """Worker start method: None (platform default, fork on Linux), ``spawn`` or ``forkserver``
+    (safer when the trainer process already runs many threads; slower worker start)."""
     seed: int = 0
     """Seeds shard order, in-shard order, source picks per step, CFG and caption dropout."""
     shuffle: bool = True

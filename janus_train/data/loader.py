@@ -191,7 +191,8 @@ class StepLoader:
         if self.num_workers > 0:
             self._loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                       prefetch_factor=self.dcfg.prefetch_factor,
-                                      persistent_workers=False)
+                                      persistent_workers=False,
+                                      multiprocessing_context=self.dcfg.mp_context)
         else:
             self._loader = ds
         self._it = iter(self._loader)
@@ -297,5 +298,12 @@ def build_train_loader(run, processor, *, rank: int, world_size: int, micro_batc
     ratio = {"und": hp.ratio.und, "text": hp.ratio.text, "gen": hp.ratio.gen}
     check_recipe_for_stage(rec, ratio, hp.steps)
     counts = task_counts(ratio, hp.global_batch_size)
+    consumers = world_size * max(1, run.data.num_workers)
+    for s in rec.sources:
+        if ratio[s.task_key] > 0 and len(s.shards) < consumers:
+            logger.warning(
+                "data source %s has %d shards < %d ranks x workers: every worker reads all of "
+                "them and keeps every %d-th record (correct, but reads %dx the bytes; "
+                "write more shards)", s.name, len(s.shards), consumers, consumers, consumers)
     ctx = build_context(run, processor)
     return StepLoader(rec, ctx, run.data, counts, rank, world_size, micro_batch_size, grad_accum)
