@@ -118,3 +118,18 @@ def test_pipeline_sh_runs_three_tiny_stages_through_exports(tmp_path):
     res = subprocess.run(["bash", str(REPO / "launch/pipeline.sh"), *SMOKE, "train.steps=2"],
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and res.stdout.count("skipping") == 3, res.stdout + res.stderr
+
+
+def test_deepspeed_sh_trains_tiny_through_the_deepspeed_launcher(tmp_path):
+    # The CPU accelerator exposes one device, so one rank; what is checked is that the launcher's
+    # `--no_local_rank --module janus_train.train <overrides>` starts the Hydra app correctly.
+    # MASTER_PORT=0: a single rank's store may take any free port (tests run in parallel).
+    run_dir = tmp_path / "run"
+    res = subprocess.run(
+        ["bash", str(REPO / "launch/deepspeed.sh"), "experiment=tiny", *SMOKE, "train.steps=2",
+         f"train.run_dir={run_dir}"],
+        env=launch_env(NUM_GPUS="1", MASTER_PORT="0"), cwd=tmp_path, capture_output=True,
+        text=True, timeout=180)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert [r["step"] for r in read_metrics(run_dir)] == [2]
+    assert (run_dir / "hf/config.json").is_file()
