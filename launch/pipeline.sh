@@ -9,6 +9,8 @@
 # Arguments are Hydra overrides for every stage (not experiment/stage/train.run_dir/
 # model.init_from: the pipeline sets those). A stage whose export exists is skipped, so re-running
 # the same command after an interruption resumes: a half-done stage resumes from its checkpoint.
+# Several nodes without Slurm: run the same command on every node (NNODES, RDZV_ENDPOINT set; the
+# run root on a shared filesystem), or once with LAUNCHER=deepspeed and a HOSTFILE.
 #
 # Environment (all optional):
 #   EXPERIMENT      experiment config (default tiny).

@@ -59,7 +59,8 @@ rc = max(t.wait() for t in tasks)
 sys.exit(int(os.environ.get("STUB_SRUN_RC", rc)))
 '''
 
-# `scontrol show hostnames prefix[a-b]` expands the range (a plain name stays itself); `scontrol requeue ID` is recorded.
+# `scontrol show hostnames prefix[a-b]` expands the range (a plain name stays itself);
+# `scontrol requeue ID` is recorded.
 SCONTROL = r'''
 import os, re, sys
 if sys.argv[1:3] == ["show", "hostnames"]:
