@@ -50,6 +50,19 @@ set -euo pipefail
 
 : "${SLURM_JOB_ID:?job.sh runs inside a Slurm allocation: sbatch launch/slurm/<experiment>.sbatch}"
 : "${EXPERIMENT:?set EXPERIMENT (the sbatch files do)}"
+
+# First, so a USR1 that comes early (short jobs) is never the default action (exit).
+signaled=0
+forward_usr1() {
+  if [[ $signaled == 0 ]]; then
+    signaled=1
+    echo "job.sh: SIGUSR1 (time limit near): asking the ranks to checkpoint and exit"
+    scancel --signal=USR1 "$SLURM_JOB_ID" || true
+  fi
+}
+trap forward_usr1 USR1
+trap 'echo "job.sh: SIGTERM: the ranks got it too; waiting for them"' TERM
+
 ROOT=${JANUS_TRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
 if [[ ! -f $ROOT/launch/torchrun.sh ]]; then
   echo "job.sh: $ROOT is not the janus_train repository; submit from its root or set" \
@@ -113,17 +126,6 @@ echo "job.sh: job $SLURM_JOB_ID attempt $RESTART, $nnodes nodes x $NPROC_PER_NOD
      "rendezvous $RDZV_ENDPOINT, run dir $RUN_DIR, logs $LOG_DIR"
 printf '%q ' "${srun_cmd[@]}" | tee -a "$LOG_DIR/commands.txt"
 printf '\n' | tee -a "$LOG_DIR/commands.txt"
-
-signaled=0
-forward_usr1() {
-  if [[ $signaled == 0 ]]; then
-    signaled=1
-    echo "job.sh: SIGUSR1 (time limit near): asking the ranks to checkpoint and exit"
-    scancel --signal=USR1 "$SLURM_JOB_ID" || true
-  fi
-}
-trap forward_usr1 USR1
-trap 'echo "job.sh: SIGTERM: the ranks got it too; waiting for them"' TERM
 
 # In the background so the traps run while srun is still going (bash defers traps during a
 # foreground child, but `wait` returns on them).
