@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Site settings for the Slurm jobs: copy, edit, and point CLUSTER_ENV at the copy, e.g.
 #   cp launch/slurm/cluster_env.example.sh cluster_env.sh
 #   CLUSTER_ENV=$PWD/cluster_env.sh sbatch launch/slurm/janus_pro_1b.sbatch

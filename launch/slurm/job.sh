@@ -53,7 +53,7 @@ set -euo pipefail
 
 # First, so a USR1 that comes early (short jobs) is never the default action (exit).
 signaled=0
-forward_usr1() {
+forward_usr1() {  # shellcheck disable=SC2317  # (called by the trap)
   if [[ $signaled == 0 ]]; then
     signaled=1
     echo "job.sh: SIGUSR1 (time limit near): asking the ranks to checkpoint and exit"
