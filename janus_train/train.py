@@ -214,8 +214,13 @@ def run(run: RunConfig) -> int:
     window = torch.zeros(3, dtype=torch.float64)  # tokens, samples, FLOPs since last log
     t_log, saved_at = time.perf_counter(), step if resumed else -1
     while step < stop_step:
-        micro = [_to_device(b, engine.device) for b in loader.next_step()]
-        local_n = torch.stack([count_supervised(b) for b in micro]).sum(0)
+        host = loader.next_step()
+        # Counted on the host copies: no device synchronisation inside the step.
+        local_n = torch.stack([count_supervised(b) for b in host]).sum(0)
+        local_tokens = sum(int(b["attention_mask"].sum()) for b in host)
+        local_samples = sum(int(b["input_ids"].shape[0]) for b in host)
+        local_flops = sum(flops.batch_flops(b) for b in host)
+        micro = [_to_device(b, engine.device) for b in host]
         n_tokens = all_reduce_sum(local_n.to(engine.device)).cpu()
         weights = step_weights(n_tokens, tc.loss_reduction)
         lr = lr_at(step, hp.lr, hp.warmup_steps, hp.steps, hp.schedule.value, hp.min_lr_ratio)
@@ -223,22 +228,19 @@ def run(run: RunConfig) -> int:
 
         loss_sum = forward_backward(engine, micro, weights, plan.loss_scale)
         engine.step()
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        grad_norm = engine.get_global_grad_norm()  # None when DeepSpeed computed none
+        grad_norm = None if grad_norm is None else float(grad_norm)
         step += 1
 
         # One all-reduce per step end: CE sums, stop flag, throughput counters.
-        local_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        local_samples = sum(int(b["input_ids"].shape[0]) for b in micro)
-        local_flops = sum(flops.batch_flops(b) for b in micro)
         red = all_reduce_sum(torch.cat([
-            loss_sum.cpu(),
+            loss_sum,
             torch.tensor([float(stop.requested), local_tokens, local_samples, local_flops],
-                         dtype=torch.float64),
-        ]).to(engine.device)).cpu()
+                         dtype=torch.float64, device=engine.device),
+        ])).cpu()
         window += red[4:7]
         loss = float((red[:3] * weights).sum())
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
         applied = bool(getattr(engine, "_step_applied", True))
         if not finite and applied:
             raise RuntimeError(f"step {step}: DeepSpeed applied a non-finite update "
@@ -257,8 +259,8 @@ def run(run: RunConfig) -> int:
 
         if step % tc.log_every == 0 or step == stop_step:
             elapsed = time.perf_counter() - t_log
-            rec = {"step": step, "time": time.time(), "loss": loss, "optim/lr": lr, "optim/grad_norm": grad_norm,
-                   "optim/skipped_steps": skipped_total}
+            rec = {"step": step, "time": time.time(), "loss": loss, "optim/lr": lr,
+                   "optim/grad_norm": grad_norm, "optim/skipped_steps": skipped_total}
             for i, task in enumerate(TASKS):
                 n = float(n_tokens[i])
                 rec[f"loss/{task}"] = float(red[i]) / n if n > 0 else None

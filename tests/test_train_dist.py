@@ -136,10 +136,11 @@ def _nonfinite(root):
 
     JanusTrainModel.forward = forward
     try:
-        state["bad"] = {2}
-        run = make_run(root, "nan_skip", "stage1", 2, steps=4,
-                       extra=["train.ckpt_every=1", "train.keep_last=10"])
-        assert train.run(run) == 0
+        for zero in (2, 3):
+            state.update(calls=0, bad={2})
+            run = make_run(root, f"nan_skip_z{zero}", "stage1", zero, steps=4,
+                           extra=["train.ckpt_every=1", "train.keep_last=10"])
+            assert train.run(run) == 0
         state.update(calls=0, bad={2, 3, 4, 5})
         run = make_run(root, "nan_stop", "stage1", 2, steps=5,
                        extra=["train.ckpt_every=1", "train.max_consecutive_skips=2"])
@@ -159,13 +160,37 @@ def resume_run(root):
                     extra=["train.ckpt_every=2", "train.export_at_end=true"])
 
 
+def _install_fake_eval(root):
+    """Stand-in ``janus_train.evaluate``: records its calls; runs a forward on every rank."""
+    import types
+
+    import torch.distributed as dist
+
+    def run_eval(model, processor, run, step, out_dir):
+        model.eval()
+        with torch.no_grad():
+            ids = processor.tokenizer("a red circle", return_tensors="pt").input_ids
+            logits = model(input_ids=ids).logits  # collective under ZeRO-3
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / f"rank{dist.get_rank()}").write_text(str(step))
+        return {"fake_logit_mean": float(logits.float().mean())}
+
+    sys.modules["janus_train.evaluate"] = types.SimpleNamespace(run_eval=run_eval)
+
+
 def scenario_main(root):
     from janus_train import train
 
+    _install_fake_eval(root)
+    extras = {("stage1", 2): ["train.eval_every=1"],  # the in-training eval call point
+              ("stage2", 3): ["model.gradient_checkpointing=true"],
+              ("stage3", 2): ["train.export_at_end=true"],
+              ("stage3", 3): ["train.export_at_end=true"]}
     for stage in ("stage1", "stage2", "stage3"):
         for zero in (2, 3):
-            extra = ["train.export_at_end=true"] if stage == "stage3" else []
-            assert train.run(make_run(root, f"{stage}_z{zero}", stage, zero, extra=extra)) == 0
+            run = make_run(root, f"{stage}_z{zero}", stage, zero,
+                           extra=extras.get((stage, zero), []))
+            assert train.run(run) == 0
     _grads(root, "grad_token_mean_z2", 2, "token_mean")
     _grads(root, "grad_task_mean_sum_z3", 3, "task_mean_sum")
     _text_only_rank1(root)
@@ -234,7 +259,7 @@ def test_stage_runs(scen, stage, zero):
     assert ds["zero_optimization"]["stage"] == zero
     assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 4
     assert ds["bf16"]["enabled"] is False  # CPU: fp32
-    recs = _metrics(d / "metrics.jsonl")
+    recs = [r for r in _metrics(d / "metrics.jsonl") if "loss" in r]  # not eval records
     assert [r["step"] for r in recs] == [1, 2]
     for key in ("loss", "loss/text", "loss/und", "loss/gen", "optim/lr", "optim/grad_norm",
                 "speed/tokens_per_s", "speed/samples_per_s", "data/skipped/synthetic"):
@@ -287,6 +312,18 @@ def test_grad_equivalence(scen, tmp_path, name, reduction):
         assert err <= 1e-5 * g.abs().max().item(), (k, err, g.abs().max().item())
 
 
+def test_eval_call_point_and_gradient_checkpointing(scen):
+    recs = _metrics(scen / "stage1_z2" / "metrics.jsonl")
+    evals = [r for r in recs if "eval/fake_logit_mean" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    for step in (1, 2):
+        d = scen / "stage1_z2" / "eval" / f"step_0000000{step}"
+        assert sorted(p.name for p in d.iterdir()) == ["rank0", "rank1"]
+    cfg = (scen / "stage2_z3" / "config.yaml").read_text()
+    assert "gradient_checkpointing: true" in cfg
+    assert [r["step"] for r in _metrics(scen / "stage2_z3" / "metrics.jsonl")] == [1, 2]
+
+
 def test_zero3_text_only_rank_does_not_hang(scen):
     recs = _metrics(scen / "text_only_z3" / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2]
@@ -299,9 +336,13 @@ def _module_state(ckpt):
 
 
 def test_nonfinite_updates_skipped_then_stop(scen):
-    recs = _metrics(scen / "nan_skip" / "metrics.jsonl")
-    assert [r["optim/skipped_steps"] for r in recs] == [0, 1, 1, 1]
-    c = scen / "nan_skip" / "checkpoints"
+    for zero in (2, 3):
+        recs = _metrics(scen / f"nan_skip_z{zero}" / "metrics.jsonl")
+        assert [r["optim/skipped_steps"] for r in recs] == [0, 1, 1, 1]
+        assert recs[1]["loss"] is None  # NaN written as null
+        assert all(r["loss"] is not None and r["optim/grad_norm"] is not None
+                   for r in recs[2:])  # training goes on with finite values
+    c = scen / "nan_skip_z2" / "checkpoints"
     s1, s2, s3 = (_module_state(c / f"step_0000000{i}") for i in (1, 2, 3))
     trained = [k for k in s1 if "generation_head" in k]
     assert trained and all(torch.equal(s1[k], s2[k]) for k in s1)  # skipped: untouched

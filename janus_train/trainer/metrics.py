@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -137,8 +138,11 @@ class MetricsLogger:
     def log(self, metrics: dict) -> None:
         if not self.enabled:
             return
+        # Strict JSON: a non-finite value (a skipped step's loss) is written as null.
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                 for k, v in metrics.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if k != "step"},
                                step=metrics["step"])
