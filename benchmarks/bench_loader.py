@@ -8,7 +8,9 @@ Writes JPEG caption shards (photo-like 640x480 images by default), then measures
   understanding (or only generation) samples: decode, preprocess, normalise, tokenise, build
   masks, collate, ship to the main process.
 
-Reports samples/s per worker for each and their ratio (target >= 0.8).
+Reports samples/s per worker for each and their ratio (target >= 0.8), by wall clock and by CPU
+time (worker processes' user+sys from /proc, plus the main process), which stays meaningful on a
+machine shared with other jobs or with fewer cores than workers + 1.
 
     python benchmarks/bench_loader.py [--records 512] [--workers 2] [--image-size 384]
 """
@@ -62,13 +64,23 @@ def bare_loop(paths: list[str], task: str, size: int, repeats: int) -> float:
     from janus_train.data.shards import ShardCursor
 
     fn = resize_long_pad if task == "und" else resize_short_crop
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     for _ in range(repeats):
         for p in paths:
             for _, rec in ShardCursor(p, None).iterate(0, lambda q: True):
                 fn(decode_image(rec.members["jpg"]), size)
                 n += 1
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), n / (time.process_time() - c0)
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return total
 
 
 def loader_rate(root: Path, n_shards: int, task: str, size: int, workers: int, steps: int,
@@ -96,13 +108,16 @@ def loader_rate(root: Path, n_shards: int, task: str, size: int, workers: int, s
                            grad_accum=4)
     for _ in range(max(2, workers)):  # warm-up: worker start, shard indexing
         L.next_step()
-    t0 = time.perf_counter()
+    pids = [w.pid for w in getattr(L._it, "_workers", [])]
+    t0, c0, w0 = time.perf_counter(), time.process_time(), _cpu_seconds(pids)
     for _ in range(steps):
         L.next_step()
-    rate = steps * batch / (time.perf_counter() - t0)
-    counters = L.counters()
+    wall = time.perf_counter() - t0
+    main_cpu, worker_cpu = time.process_time() - c0, _cpu_seconds(pids) - w0
+    n = steps * batch
     L.close()
-    return rate, counters
+    return {"wall": n / wall, "cpu": n / (main_cpu + worker_cpu),
+            "worker_cpu": n / worker_cpu if pids else n / main_cpu}
 
 
 def main() -> None:
@@ -123,16 +138,21 @@ def main() -> None:
         results = {"cpu_count": os.cpu_count(), "workers": args.workers,
                    "image": f"{args.width}x{args.height} JPEG -> {args.image_size}"}
         for task in ("und", "gen"):
-            bare = bare_loop(paths, task, args.image_size, repeats=1)
-            rate, _ = loader_rate(root, args.shards, task, args.image_size, args.workers,
-                                  args.steps, args.batch)
-            bare2 = bare_loop(paths, task, args.image_size, repeats=1)  # bracket the loader run
-            bare_avg = (bare + bare2) / 2
+            b1 = bare_loop(paths, task, args.image_size, repeats=1)
+            r = loader_rate(root, args.shards, task, args.image_size, args.workers, args.steps,
+                            args.batch)
+            b2 = bare_loop(paths, task, args.image_size, repeats=1)  # bracket the loader run
+            bare_wall, bare_cpu = (b1[0] + b2[0]) / 2, (b1[1] + b2[1]) / 2
+            per_worker = r["wall"] / max(1, args.workers)
             results[task] = {
-                "bare_samples_per_s": round(bare_avg, 1),
-                "loader_samples_per_s": round(rate, 1),
-                "loader_samples_per_s_per_worker": round(rate / args.workers, 1),
-                "ratio_per_worker": round(rate / args.workers / bare_avg, 3),
+                "bare_samples_per_s": round(bare_wall, 1),
+                "loader_samples_per_s": round(r["wall"], 1),
+                "loader_samples_per_s_per_worker": round(per_worker, 1),
+                "ratio_per_worker_wall": round(per_worker / bare_wall, 3),
+                "bare_samples_per_cpu_s": round(bare_cpu, 1),
+                "loader_samples_per_cpu_s": round(r["cpu"], 1),
+                "ratio_cpu": round(r["cpu"] / bare_cpu, 3),
+                "ratio_cpu_workers_only": round(r["worker_cpu"] / bare_cpu, 3),
             }
         print(json.dumps(results, indent=2))
 
