@@ -19,6 +19,9 @@ comparable between evaluations.
   caption (stage 1 plain framing).
 - ``gen/token_accuracy``: codes generated greedily with CFG equal the VQ codes of the reference
   image, position by position (chance: 1 / codebook size).
+- ``gen/object_token_accuracy``: the same on the positions whose reference code is not the most
+  frequent reference code (the background); ``gen/token_accuracy_mode_baseline``: accuracy of
+  predicting that most frequent code everywhere.
 - ``gen/scene_accuracy``: decoded image's recognised objects (colour + shape per quadrant,
   ``janus_train.demo.recognize``) equal the prompt's scene, where records carry one.
 """
@@ -234,9 +237,16 @@ def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None =
                                 batch_size=cfg.batch_size)
         codes = S.generate_codes(janus, processor, [g[0] for g in gen], greedy, fmt)
         ref = reference_codes(janus, [g[1] for g in gen], size)
-        metrics["gen/token_accuracy"] = float((codes == ref).float().mean())
+        hit = codes == ref
+        metrics["gen/token_accuracy"] = float(hit.float().mean())
+        # baseline: the reference's most frequent code everywhere (the background here)
+        mode = ref.flatten().mode().values
+        metrics["gen/token_accuracy_mode_baseline"] = float((ref == mode).float().mean())
         decoded = S.decode_codes(janus, codes)
         scenes = [(g[2], im) for g, im in zip(gen, decoded) if g[2] is not None]
+        fg = ref != mode
+        if bool(fg.any()):
+            metrics["gen/object_token_accuracy"] = float(hit[fg].float().mean())
         if scenes:
             metrics["gen/scene_accuracy"] = float(np.mean(
                 [recognize_scene(im) == {(o["position"], o["colour"], o["shape"]) for o in sc}

@@ -131,52 +131,53 @@ def _gather_counters(loader) -> dict[str, int]:
     return out
 
 
-def run(run: RunConfig) -> int:
+def run(cfg: RunConfig) -> int:
     """Train one stage; returns the exit status (``EXIT_OK`` or ``EXIT_REQUEUE``)."""
-    tc, hp = run.train, run.hparams
+    tc, hp = cfg.train, cfg.hparams
     info = setup_distributed()
-    logging.basicConfig(level=logging.INFO if info.is_main else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logger.setLevel(logging.INFO if info.is_main else logging.WARNING)
 
     # ---- validate and plan before any model exists ------------------------------------
     plan = plan_batch(hp.global_batch_size, tc.micro_batch_size, info.world_size)
-    precision = resolve_precision(run.deepspeed.precision)
-    ds_config = build_deepspeed_config(run.deepspeed, plan, precision, hp.weight_decay, hp.lr)
+    precision = resolve_precision(cfg.deepspeed.precision)
+    ds_config = build_deepspeed_config(cfg.deepspeed, plan, precision, hp.weight_decay, hp.lr)
     stop_step = min(hp.steps, hp.stop_at) if hp.stop_at else hp.steps
     if not tc.synthetic_data:  # recipe, sources and shard existence, before any model
         from janus_train.data.recipe import check_recipe_for_stage, load_recipe
 
-        recipe = load_recipe(run.data.recipe or hp.data_recipe)
+        recipe = load_recipe(cfg.data.recipe or hp.data_recipe)
         check_recipe_for_stage(recipe, {"und": hp.ratio.und, "text": hp.ratio.text,
                                         "gen": hp.ratio.gen}, hp.steps)
     run_dir, ckpt_dir = Path(tc.run_dir), Path(tc.run_dir) / "checkpoints"
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ds_config.json").write_text(_json(ds_config))
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
         logger.info("%s %s: %d steps, batch %d = %d micro x %d accum x %d ranks, %s, ZeRO-%d",
-                    run.experiment.name, run.stage.name, stop_step, plan.global_batch_size,
+                    cfg.experiment.name, cfg.stage.name, stop_step, plan.global_batch_size,
                     plan.micro_batch_size, plan.grad_accum, plan.world_size, precision,
-                    run.deepspeed.zero_stage)
+                    cfg.deepspeed.zero_stage)
     if tc.dry_run:
         if info.is_main:
             print(_json({"batch": plan_as_dict(plan), "deepspeed": ds_config}))
         return EXIT_OK
 
     # ---- model, freezing, engine ------------------------------------------------------
+    stop = StopSignal()  # from here on a pre-emption notice is honoured after the next step
     torch.manual_seed(tc.seed + info.rank)
     if info.is_main:  # a locally trained tokenizer is written once, then read by every rank
-        get_processor(run.model, run_dir)
+        get_processor(cfg.model, run_dir)
     barrier()
-    janus, processor = build_model(run.model, workdir=run_dir)
-    report = apply_freeze(janus, run.trainable_groups)
+    janus, processor = build_model(cfg.model, workdir=run_dir)
+    report = apply_freeze(janus, cfg.trainable_groups)
     if info.is_main:
         write_trainable_report(report, run_dir / "trainable.json")
     flops = FlopCounter(janus)
     model = JanusTrainModel(janus)
     engine = init_engine(model, ds_config, build_param_groups(model, hp.weight_decay))
-    set_train_mode(janus, run.trainable_groups)
-    loader = build_loader(run, processor, info, plan.micro_batch_size, plan.grad_accum)
+    set_train_mode(janus, cfg.trainable_groups)
+    loader = build_loader(cfg, processor, info, plan.micro_batch_size, plan.grad_accum)
 
     # ---- resume -----------------------------------------------------------------------
     step, skipped_total, consecutive, wandb_id = 0, 0, 0, None
@@ -191,17 +192,16 @@ def run(run: RunConfig) -> int:
         logger.info("resuming at step %d", step)
     wandb_cfg = None
     if tc.wandb:
-        wandb_cfg = dict(project=tc.wandb_project, name=f"{run.experiment.name}-{run.stage.name}",
-                         config=OmegaConf.to_container(OmegaConf.structured(run), resolve=True,
+        wandb_cfg = dict(project=tc.wandb_project, name=f"{cfg.experiment.name}-{cfg.stage.name}",
+                         config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True,
                                                        enum_to_str=True),
                          run_id=wandb_id, run_dir=str(run_dir))
     metrics = MetricsLogger(run_dir, info.is_main, wandb_cfg)
-    stop = StopSignal()
     bar = None
     if info.is_main and tc.progress_bar and sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=stop_step, initial=step, desc=run.stage.name, dynamic_ncols=True)
+        bar = tqdm(total=stop_step, initial=step, desc=cfg.stage.name, dynamic_ncols=True)
 
     def checkpoint() -> None:
         client = {"janus_train": {"step": step, "wandb_id": metrics.wandb_id or wandb_id,
@@ -283,10 +283,10 @@ def run(run: RunConfig) -> int:
         if tc.eval_every and step % tc.eval_every == 0:
             from janus_train.evaluate import run_eval
 
-            res = run_eval(janus, processor, run, step, run_dir / "eval" / tag_for(step))
+            res = run_eval(janus, processor, cfg, step, run_dir / "eval" / tag_for(step))
             metrics.log({"step": step, **{k if k.startswith("eval/") else f"eval/{k}": v
                                           for k, v in res.items()}})
-            set_train_mode(janus, run.trainable_groups)
+            set_train_mode(janus, cfg.trainable_groups)
 
         if red[3] > 0:  # some rank got SIGTERM/SIGUSR1: all ranks checkpoint and leave
             checkpoint()
@@ -294,6 +294,7 @@ def run(run: RunConfig) -> int:
                            EXIT_REQUEUE)
             loader.close()
             metrics.close()
+            stop.restore()
             return EXIT_REQUEUE
         if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == stop_step:
             checkpoint()
@@ -306,7 +307,7 @@ def run(run: RunConfig) -> int:
         bar.close()
     out = run_dir / "hf"
     if tc.export_at_end and not is_exported(out, step):
-        export_hf(janus, processor, out, run.deepspeed.zero_stage, info, step)
+        export_hf(janus, processor, out, cfg.deepspeed.zero_stage, info, step)
         logger.info("exported %s (next stage: model.init_from=%s)", out, out.resolve())
     loader.close()
     metrics.close()

@@ -12,7 +12,7 @@ files ``SOURCE/SOURCE-NNNNNN.tar``::
     train/chat/                 text-only conversations: KEY.json {"conversations": [...]}
     train/text/                 plain text: KEY.txt
     train/imagenet/             ImageNet style: KEY.png + KEY.cls (index) + KEY.txt (class name)
-    heldout/{caption,conversation,imagenet}/   same formats, every scene has an unseen triple
+    heldout/{caption,conversation,text,imagenet}/   same formats, scenes with unseen triples
 
 ``KEY.json`` of image sources also carries ``"scene"``: the objects as
 ``[{"colour", "shape", "position"}]``, which the evaluation uses as ground truth.
@@ -32,7 +32,7 @@ from pathlib import Path
 from janus_train.demo import world
 
 SOURCES = ("caption", "conversation", "chat", "text", "imagenet")
-HELDOUT_SOURCES = ("caption", "conversation", "imagenet")
+HELDOUT_SOURCES = ("caption", "conversation", "text", "imagenet")
 
 
 @dataclass
@@ -158,7 +158,7 @@ def make_samples(cfg: SynthConfig, split: str, source: str) -> list[dict]:
     if source == "imagenet":
         return [_class_sample(_single_object_scene(rng, heldout), rng, size) for _ in range(n)]
     if source == "text":
-        return [{"txt": t} for t in world.text_sentences(rng, n)]
+        return [{"txt": t} for t in world.text_sentences(rng, n, heldout)]
     raise ValueError(f"unknown source {source!r}")
 
 

@@ -139,7 +139,7 @@ def class_names() -> list[str]:
     return [f"{c} {s}" for c, s in itertools.product(COLOURS, SHAPES)]
 
 
-def text_sentences(rng: random.Random, n: int) -> list[str]:
+def text_sentences(rng: random.Random, n: int, heldout: bool = False) -> list[str]:
     """Plain text about the world (facts and scene descriptions) for the text-only task."""
     facts = [
         "a circle is round.",
@@ -153,8 +153,7 @@ def text_sentences(rng: random.Random, n: int) -> list[str]:
         if rng.random() < 0.3:
             out.append(" ".join(rng.sample(facts, 3)))
         else:
-            scene = random_scene(rng, heldout=False)
-            out.append(long_caption(scene))
+            out.append(long_caption(random_scene(rng, heldout)))
     return out
 
 
