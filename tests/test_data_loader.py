@@ -241,3 +241,23 @@ def test_batch_arithmetic_validated(proc, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="does not exist"):
         build_train_loader(run, proc, rank=0, world_size=2, micro_batch_size=2, grad_accum=2)
     assert os.environ["JANUS_DATA_ROOT"].endswith("missing")
+
+
+def test_unreadable_remote_and_missing_shards_are_counted(proc, tmp_path):
+    write_tar(tmp_path / "ok.tar", caption_records(0, 3))
+    write_tar(tmp_path / "g.tar", class_records(0, 4))
+    gone = write_tar(tmp_path / "gone.tar", caption_records(10, 3))
+    rec = recipe_file(tmp_path, [
+        {"name": "cap", "task": "understanding", "format": "caption",
+         "shards": [str(tmp_path / "ok.tar"), f"pipe:cat {tmp_path}/nope.tar", gone]},
+        {"name": "gen", "task": "generation", "format": "class_label",
+         "shards": str(tmp_path / "g.tar")}])
+    run = make_run("stage1", rec, 2, num_workers=0, shuffle=False, max_failure_rate=0.9)
+    L = build_train_loader(run, proc, rank=0, world_size=1, micro_batch_size=1, grad_accum=2)
+    os.remove(gone)  # deleted after validation: read time failure
+    for _ in range(4):  # 3 records of ok.tar, the two bad shards, then ok.tar again
+        L.next_step()
+    c = L.counters()
+    assert c["samples/cap"] == 4
+    assert sum(v for k, v in c.items() if k.startswith("skipped/cap/")) == 2, c
+    assert c.get("skipped/cap/shard_error", 0) >= 1, c

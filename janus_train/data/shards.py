@@ -43,6 +43,10 @@ def stable_seed(*parts: object) -> int:
 class ShardError(Exception):
     """A shard could not be opened or read (counted as a failure of its source)."""
 
+    def __init__(self, msg: str, reason: str = "shard_error"):
+        super().__init__(msg)
+        self.reason = reason
+
 
 @dataclass
 class Record:
@@ -125,7 +129,7 @@ def iter_stream_tar(url: str) -> Iterator[Record]:
                 f = tf.extractfile(ti)
                 data = f.read() if f is not None else b""
                 if len(data) != ti.size:
-                    raise ShardError(f"truncated tar {url!r}")
+                    raise ShardError(f"truncated tar {url!r}", "truncated_tar")
                 if cur is not None and cur.key != kx[0]:
                     yield cur
                     cur = None
@@ -133,7 +137,7 @@ def iter_stream_tar(url: str) -> Iterator[Record]:
                     cur = Record(kx[0], url, {})
                 cur.members[kx[1]] = data
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise ShardError(f"truncated tar {url!r}: {e}") from None
+        raise ShardError(f"truncated tar {url!r}: {e}", "truncated_tar") from None
     finally:
         try:
             stream.close()
@@ -197,7 +201,7 @@ class RecordStream:
     """The infinite record stream of one source for one consumer; position is resumable.
 
     ``state()`` is the position of the *next* record; ``next()`` returns it and advances.
-    Failures to open/read a shard are reported through ``on_shard_error(url, reason)``.
+    Failures to open/read a shard are reported through ``on_shard_error(url, reason, detail)``.
     """
 
     def __init__(
@@ -212,7 +216,7 @@ class RecordStream:
         self.cursor = int(st.get("cursor", 0))
         self.offset = int(st.get("offset", 0))
         self.counter = int(st.get("counter", 0))
-        self.on_shard_error = on_shard_error or (lambda url, reason: None)
+        self.on_shard_error = on_shard_error or (lambda url, reason, detail: None)
         self._it: Iterator | None = None
         self._epoch_records = 0
 
@@ -273,7 +277,7 @@ class RecordStream:
                 continue
             except ShardError as e:
                 self._it = None
-                self.on_shard_error(self._url, "truncated_tar", str(e))
+                self.on_shard_error(self._url, e.reason, str(e))
                 self.cursor, self.offset = self.cursor + 1, 0
                 continue
             self.offset = pos + 1
