@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from janus_train.trainer.checkpoint import EXIT_REQUEUE
+
 REPO = Path(__file__).resolve().parent.parent
 JOB_ID = "4242"
 
@@ -219,14 +221,14 @@ def test_usr1_checkpoints_then_requeues_and_the_requeued_job_resumes_same_run_di
 @pytest.mark.parametrize(
     "srun_rc,extra,expect_rc,expect_requeue",
     [
-        ("75", {}, 0, True),  # the trainer's EXIT_REQUEUE reached srun
-        ("1", {}, 1, False),  # a crash: no requeue loop
-        ("75", {"SLURM_RESTART_COUNT": "50"}, 1, False),  # MAX_REQUEUES reached
+        (EXIT_REQUEUE, {}, 0, True),  # the trainer's "requeue me" reached srun (job.sh default)
+        (1, {}, 1, False),  # a crash: no requeue loop
+        (EXIT_REQUEUE, {"SLURM_RESTART_COUNT": "50"}, 1, False),  # MAX_REQUEUES reached
     ],
 )
 def test_requeue_decision_from_exit_code(stubs, tmp_path, srun_rc, extra, expect_rc,
                                          expect_requeue):
-    env = slurm_env(stubs, tmp_path, "janus_pro_7b", 32, STUB_SRUN_RC=srun_rc, DRY_RUN="1",
+    env = slurm_env(stubs, tmp_path, "janus_pro_7b", 32, STUB_SRUN_RC=str(srun_rc), DRY_RUN="1",
                     **extra)
     res = run_job("launch/slurm/janus_pro_7b.sbatch", env)
     assert res.returncode == expect_rc, res.stderr + res.stdout
@@ -332,7 +334,7 @@ def test_slurm_job_really_trains_checkpoints_on_usr1_requeues_and_resumes(stubs,
     out, _ = proc.communicate(timeout=120)
     node_log = (tmp_path / f"logs/janus_pro_1b-{JOB_ID}/node0.r0.log").read_text()
     assert proc.returncode == 0, out + node_log[-3000:]
-    assert re.search(r"exitcode\s*: 75\b", node_log), node_log[-3000:]  # EXIT_REQUEUE
+    assert re.search(rf"exitcode\s*: {EXIT_REQUEUE}\b", node_log), node_log[-3000:]
     assert (tmp_path / "stublog/scontrol.txt").read_text().split() == ["requeue", JOB_ID]
     stopped_at = int((run_dir / "checkpoints/latest").read_text().strip().removeprefix("step_"))
     assert 1 <= stopped_at < 300 and not (run_dir / "hf").exists()
