@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -331,6 +332,12 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # The `deepspeed` launcher appends --local_rank=N unless given --no_local_rank; Hydra would
+    # reject it, and LOCAL_RANK in the environment carries the same information.
+    for arg in list(sys.argv[1:]):
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            sys.argv.remove(arg)
     _hydra_main()
     sys.exit(_exit_status)
 

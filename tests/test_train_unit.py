@@ -194,7 +194,8 @@ def test_synthetic_loader_split_invariant_and_resumable(tiny):
 
 def test_dry_run_validates_and_exits_before_building_the_model(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    base = [sys.executable, "-m", "janus_train.train", "train.synthetic_data=true",
+    # --local_rank=0: what the `deepspeed` launcher appends without --no_local_rank
+    base = [sys.executable, "-m", "janus_train.train", "--local_rank=0", "train.synthetic_data=true",
             f"train.run_dir={tmp_path}/ok", "train.dry_run=true", "train.global_batch_size=8",
             "train.micro_batch_size=2"]
     res = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -202,7 +203,7 @@ def test_dry_run_validates_and_exits_before_building_the_model(tmp_path):
     ds = json.loads((tmp_path / "ok" / "ds_config.json").read_text())
     assert ds["gradient_accumulation_steps"] == 4
     assert not (tmp_path / "ok" / "tokenizer").exists()  # no model (nor tokenizer) was built
-    bad = base[:4] + [f"train.run_dir={tmp_path}/bad", "train.dry_run=true",
+    bad = base[:5] + [f"train.run_dir={tmp_path}/bad", "train.dry_run=true",
                       "train.global_batch_size=7", "train.micro_batch_size=2"]
     res = subprocess.run(bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "train.micro_batch_size" in res.stderr + res.stdout
