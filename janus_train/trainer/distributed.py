@@ -133,7 +133,9 @@ def build_deepspeed_config(ds_cfg, plan: BatchPlan, precision: str, weight_decay
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": ds_cfg.gradient_clipping,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        # check_grad_overflow: a non-finite gradient norm skips the update (the loop counts it)
+        "bf16": ({"enabled": True, "check_grad_overflow": True} if precision == "bf16"
+                 else {"enabled": False}),
         "fp16": {"enabled": False},
         "optimizer": {
             "type": "AdamW",
