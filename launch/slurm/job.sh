@@ -44,8 +44,8 @@
 #   CLUSTER_ENV     shell file sourced before launching: site NCCL/InfiniBand settings, modules
 #                   (template: launch/slurm/cluster_env.example.sh; see docs/cluster.md).
 #   DRY_RUN         1: every node prints its torchrun command instead of running it.
-#   SLURM_JOB_ID, SLURM_JOB_NAME, SLURM_JOB_NODELIST, SLURM_JOB_NUM_NODES, SLURM_RESTART_COUNT,
-#   SLURM_GPUS_ON_NODE, SLURM_CPUS_ON_NODE, SLURM_SUBMIT_DIR: set by Slurm.
+#   SLURM_JOB_ID, SLURM_JOB_NAME, SLURM_JOB_NODELIST, SLURM_JOB_NUM_NODES (or SLURM_NNODES),
+#   SLURM_RESTART_COUNT, SLURM_GPUS_ON_NODE, SLURM_CPUS_ON_NODE, SLURM_SUBMIT_DIR: set by Slurm.
 set -euo pipefail
 
 : "${SLURM_JOB_ID:?job.sh runs inside a Slurm allocation: sbatch launch/slurm/<experiment>.sbatch}"
