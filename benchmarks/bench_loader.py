@@ -13,6 +13,7 @@ time (worker processes' user+sys from /proc, plus the main process), which stays
 machine shared with other jobs or with fewer cores than workers + 1.
 
     python benchmarks/bench_loader.py [--records 512] [--workers 2] [--image-size 384]
+                                      [--pixels-uint8]
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 
 def loader_rate(root: Path, n_shards: int, task: str, size: int, workers: int, steps: int,
-                batch: int) -> tuple[float, dict]:
+                batch: int, pixels_uint8: bool = False) -> dict:
     import yaml
 
     from janus_train.config import compose, to_run_config
@@ -101,6 +102,7 @@ def loader_rate(root: Path, n_shards: int, task: str, size: int, workers: int, s
         f"experiment.stage2.ratio={ratio}", f"train.global_batch_size={batch}"]))
     run.data.recipe = str(recipe)
     run.data.num_workers = workers
+    run.data.pixels_uint8 = pixels_uint8
     n_tok = (size // 16) ** 2
     tok_dir = root / f"tok{n_tok}"
     proc = train_tiny_tokenizer(tok_dir, image_size=size, num_image_tokens=n_tok)
@@ -130,17 +132,20 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32, help="samples per step")
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--pixels-uint8", action="store_true",
+                    help="data.pixels_uint8: ship uint8 pixels, normalise on the device")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = write_shards(root, args.records, args.shards, args.width, args.height)
         results = {"cpu_count": os.cpu_count(), "workers": args.workers,
+                   "pixels_uint8": args.pixels_uint8,
                    "image": f"{args.width}x{args.height} JPEG -> {args.image_size}"}
         for task in ("und", "gen"):
             b1 = bare_loop(paths, task, args.image_size, repeats=1)
             r = loader_rate(root, args.shards, task, args.image_size, args.workers, args.steps,
-                            args.batch)
+                            args.batch, args.pixels_uint8)
             b2 = bare_loop(paths, task, args.image_size, repeats=1)  # bracket the loader run
             bare_wall, bare_cpu = (b1[0] + b2[0]) / 2, (b1[1] + b2[1]) / 2
             per_worker = r["wall"] / max(1, args.workers)

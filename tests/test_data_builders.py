@@ -305,3 +305,20 @@ def test_collate_contract(proc):
     assert int((b["image_codes"] == -1).sum()) == N
     assert int((b["input_ids"] == st.image).sum()) == N
     assert collate([t], ctx, pad_to_multiple_of=8)["input_ids"].shape[1] % 8 == 0
+
+
+def test_uint8_pixels_finish_equals_float_contract(proc):
+    from janus_train.data.builders import finish_pixels
+
+    ctx = make_ctx(proc, mean=(0.48, 0.45, 0.4), std=(0.26, 0.26, 0.27))
+    rng = np.random.default_rng(2)
+    pil = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    samples = [build_caption_plain("a red", und_uint8(pil, 32), ctx),
+               build_generation("blue", ctx, random.Random(0), image=gen_uint8(pil, 32))]
+    ref = collate(samples, ctx)
+    raw = collate(samples, ctx, pixels_uint8=True)
+    assert raw["pixel_values"].dtype == torch.uint8 and raw["gen_pixel_values"].dtype == torch.uint8
+    done = finish_pixels(raw, ctx.mean, ctx.std)
+    for k in ref:
+        assert done[k].dtype == ref[k].dtype
+        torch.testing.assert_close(done[k], ref[k], atol=1e-5, rtol=0)

@@ -37,6 +37,7 @@ from janus_train.data.preprocess import (
     decode_text,
     gen_uint8,
     normalize_batch,
+    stack_uint8,
     und_uint8,
 )
 from janus_train.model.tokenizer import SpecialTokens
@@ -345,35 +346,47 @@ def _class_name(members: dict[str, bytes], class_names: list[str] | None) -> str
 # --------------------------------------------------------------------------- collate
 
 
-def collate(samples: list[Sample], ctx: BuildContext, pad_to_multiple_of: int = 1) -> dict:
-    """Right-padded batch dict following the contract in ``janus_train.model.forward``."""
+def collate(samples: list[Sample], ctx: BuildContext, pad_to_multiple_of: int = 1,
+            pixels_uint8: bool = False) -> dict:
+    """Right-padded batch dict following the contract in ``janus_train.model.forward``.
+
+    ``pixels_uint8``: ``pixel_values`` / ``gen_pixel_values`` stay (N, 3, S, S) uint8 and
+    :func:`finish_pixels` normalises them where the batch lands (the GPU): 4x less host memory
+    traffic, no float pass on the loader's CPU.
+    """
     B = len(samples)
     T = max(len(s.input_ids) for s in samples)
     T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    input_ids = torch.full((B, T), ctx.st.pad, dtype=torch.long)
-    attention = torch.zeros((B, T), dtype=torch.long)
-    position = torch.zeros((B, T), dtype=torch.long)
-    labels = torch.full((B, T), IGNORE, dtype=torch.long)
-    codes = torch.full((B, T), IGNORE, dtype=torch.long)
-    task = torch.full((B, T), -1, dtype=torch.long)
+    # numpy slice assignment from lists: one conversion per row and field (cheaper than torch)
+    input_ids = np.full((B, T), ctx.st.pad, dtype=np.int64)
+    attention = np.zeros((B, T), dtype=np.int64)
+    position = np.zeros((B, T), dtype=np.int64)
+    labels = np.full((B, T), IGNORE, dtype=np.int64)
+    codes = np.full((B, T), IGNORE, dtype=np.int64)
+    task = np.full((B, T), -1, dtype=np.int64)
     und, gen = [], []
     for i, s in enumerate(samples):
         n = len(s.input_ids)
-        input_ids[i, :n] = torch.tensor(s.input_ids)
+        input_ids[i, :n] = s.input_ids
         attention[i, :n] = 1
-        position[i, :n] = torch.arange(n)
-        labels[i, :n] = torch.tensor(s.labels)
+        position[i, :n] = np.arange(n)
+        labels[i, :n] = s.labels
         if s.image_codes is not None:
-            codes[i, :n] = torch.tensor(s.image_codes)
+            codes[i, :n] = s.image_codes
         task[i, :n] = TASK_ID[s.task]
         und.extend(s.und_images)
         if s.gen_image is not None:
             gen.append(s.gen_image)
+    input_ids, attention, position, labels, codes, task = (
+        torch.from_numpy(a) for a in (input_ids, attention, position, labels, codes, task)
+    )
     S = ctx.image_size
 
     def stack(xs, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         if not xs:
-            return torch.zeros((0, 3, S, S), dtype=torch.float32)
+            return torch.zeros((0, 3, S, S), dtype=torch.uint8 if pixels_uint8 else torch.float32)
+        if pixels_uint8:
+            return stack_uint8(xs)
         return normalize_batch(xs, mean, std)
 
     return {
@@ -386,3 +399,17 @@ def collate(samples: list[Sample], ctx: BuildContext, pad_to_multiple_of: int = 
         "pixel_values": stack(und, ctx.mean, ctx.std),
         "gen_pixel_values": stack(gen),
     }
+
+
+def finish_pixels(batch: dict, mean, std) -> dict:
+    """Normalise uint8 pixel tensors of a ``pixels_uint8`` batch in place of the batch dict, on
+    the tensors' device: understanding ``(x / 255 - mean) / std``, generation ``x / 127.5 - 1``.
+    Float pixels pass through unchanged."""
+    for key, m, s in (("pixel_values", mean, std), ("gen_pixel_values", (0.5,) * 3, (0.5,) * 3)):
+        x = batch.get(key)
+        if x is None or x.dtype != torch.uint8:
+            continue
+        scale = torch.tensor([1.0 / (255.0 * v) for v in s], device=x.device).view(1, 3, 1, 1)
+        shift = torch.tensor([-a / b for a, b in zip(m, s)], device=x.device).view(1, 3, 1, 1)
+        batch[key] = x.float().mul_(scale).add_(shift)
+    return batch

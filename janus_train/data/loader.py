@@ -25,7 +25,13 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from janus_train.data.builders import BuildContext, Sample, collate, record_to_samples
+from janus_train.data.builders import (
+    BuildContext,
+    Sample,
+    collate,
+    finish_pixels,
+    record_to_samples,
+)
 from janus_train.data.config import DataConfig
 from janus_train.data.mixing import step_plan, task_counts
 from janus_train.data.preprocess import BadSample
@@ -158,7 +164,8 @@ class StepDataset(IterableDataset):
                         streams[i] = SampleStream(src, self.ctx, self.dcfg, consumer, C,
                                                   src_states.get(src.name), counters)
                     samples.append(streams[i].next())
-                micro.append(collate(samples, self.ctx, self.dcfg.pad_to_multiple_of))
+                micro.append(collate(samples, self.ctx, self.dcfg.pad_to_multiple_of,
+                                     self.dcfg.pixels_uint8))
                 keys.append([s.key for s in samples])
             for i, s in streams.items():
                 src_states[self.recipe.sources[i].name] = s.state()
@@ -208,6 +215,11 @@ class StepLoader:
         self.step += 1
         self.last_keys = item["keys"]
         return item["micro"]
+
+    def finish(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With ``data.pixels_uint8``: normalise a (device) batch's uint8 pixels to the float
+        contract; otherwise the batch unchanged. Call after moving the batch to the device."""
+        return finish_pixels(batch, self.ctx.mean, self.ctx.std)
 
     def counters(self) -> dict[str, int]:
         total: Counter = Counter()

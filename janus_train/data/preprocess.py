@@ -132,6 +132,19 @@ def normalize_batch(xs: list[np.ndarray], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0
     return out.mul_(scale).add_(shift)
 
 
+def stack_uint8(xs: list[np.ndarray]):
+    """(H, W, 3) uint8 images -> (N, 3, H, W) uint8 torch view, stacked straight into shared
+    memory inside a dataloader worker (no copy when the batch is sent to the trainer)."""
+    import torch
+    from torch.utils.data import get_worker_info
+
+    out = torch.empty((len(xs), *xs[0].shape), dtype=torch.uint8)
+    if get_worker_info() is not None:
+        out.share_memory_()
+    np.stack(xs, out=out.numpy())
+    return out.permute(0, 3, 1, 2)
+
+
 def und_pixels(img: Image.Image, size: int, mean, std) -> np.ndarray:
     """(3, size, size) float32 normalised understanding input."""
     x = np.asarray(resize_long_pad(img, size), dtype=np.float32) * (1.0 / 255.0)
