@@ -17,6 +17,7 @@ record (local shards seek; nothing skipped is decoded) and continues with the ne
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -318,4 +319,5 @@ def build_train_loader(run, processor, *, rank: int, world_size: int, micro_batc
                 "them and keeps every %d-th record (correct, but reads %dx the bytes; "
                 "write more shards)", s.name, len(s.shards), consumers, consumers, consumers)
     ctx = build_context(run, processor)
-    return StepLoader(rec, ctx, run.data, counts, rank, world_size, micro_batch_size, grad_accum)
+    dcfg = dataclasses.replace(run.data)  # a snapshot: later edits of run.data do not leak in
+    return StepLoader(rec, ctx, dcfg, counts, rank, world_size, micro_batch_size, grad_accum)
