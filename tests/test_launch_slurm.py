@@ -155,6 +155,7 @@ def test_sbatch_renders_one_torchrun_per_node(stubs, tmp_path, experiment, nodes
     assert d["--nodes"] == str(nodes)
     assert d["--ntasks-per-node"] == "1" and d["--gpus-per-node"] == "8"
     assert re.fullmatch(r"B:USR1@\d+", d["--signal"]) and "--requeue" in d
+    assert d["--mem"] == "0" and "--exclusive" in d  # whole nodes, all their memory
 
     init = "/ckpt/stage1/hf"
     env = slurm_env(stubs, tmp_path, experiment, nodes, STAGE="stage2", INIT_FROM=init,
