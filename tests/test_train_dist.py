@@ -156,7 +156,7 @@ def _nonfinite(root):
 
 
 def resume_run(root):
-    return make_run(root, "resume", "stage2", 2, steps=6,
+    return make_run(root, "resume", "stage2", 3, steps=6,
                     extra=["train.ckpt_every=2", "train.export_at_end=true"])
 
 
@@ -195,7 +195,7 @@ def scenario_main(root):
     _grads(root, "grad_task_mean_sum_z3", 3, "task_mean_sum")
     _text_only_rank1(root)
     _nonfinite(root)
-    ref = make_run(root, "uninterrupted", "stage2", 2, steps=6,
+    ref = make_run(root, "uninterrupted", "stage2", 3, steps=6,
                    extra=["train.ckpt_every=2", "train.export_at_end=true"])
     assert train.run(ref) == 0
 
