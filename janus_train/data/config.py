@@ -19,6 +19,9 @@ class DataConfig:
     value (and world size) as the run that saved the state."""
     prefetch_factor: int = 2
     """Steps each worker builds ahead."""
+    pin_memory: bool = True
+    """Pin batches in page-locked memory (when CUDA is available) so host-to-device copies
+    with ``non_blocking=True`` overlap compute."""
     mp_context: str | None = None
     """Worker start method: None (platform default, fork on Linux), ``spawn`` or ``forkserver``
     (safer when the trainer process already runs many threads; slower worker start)."""

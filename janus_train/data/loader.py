@@ -200,6 +200,8 @@ class StepLoader:
             self._loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                       prefetch_factor=self.dcfg.prefetch_factor,
                                       persistent_workers=False,
+                                      pin_memory=self.dcfg.pin_memory
+                                      and torch.cuda.is_available(),
                                       multiprocessing_context=self.dcfg.mp_context)
         else:
             self._loader = ds
