@@ -221,7 +221,7 @@ def run(cfg: RunConfig) -> int:
         local_tokens = sum(int(b["attention_mask"].sum()) for b in host)
         local_samples = sum(int(b["input_ids"].shape[0]) for b in host)
         local_flops = sum(flops.batch_flops(b) for b in host)
-        micro = [_to_device(b, engine.device) for b in host]
+        micro = [loader.finish(_to_device(b, engine.device)) for b in host]  # uint8 -> float
         n_tokens = all_reduce_sum(local_n.to(engine.device)).cpu()
         weights = step_weights(n_tokens, tc.loss_reduction)
         lr = lr_at(step, hp.lr, hp.warmup_steps, hp.steps, hp.schedule.value, hp.min_lr_ratio)

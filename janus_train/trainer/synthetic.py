@@ -90,6 +90,10 @@ class SyntheticStepLoader:
     def counters(self) -> dict[str, int]:
         return {**self.counts, "skipped/synthetic": 0}
 
+    def finish(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Device-side last step of the interface; synthetic pixels are already float."""
+        return batch
+
     def close(self) -> None:
         pass
 
