@@ -322,3 +322,37 @@ def test_uint8_pixels_finish_equals_float_contract(proc):
     for k in ref:
         assert done[k].dtype == ref[k].dtype
         torch.testing.assert_close(done[k], ref[k], atol=1e-5, rtol=0)
+
+
+def test_packed_collate(proc):
+    from janus_train.data.builders import pack_rows
+    from janus_train.model.forward import count_supervised
+
+    ctx = make_ctx(proc, seq_len=64)
+    ims = [np.full((32, 32, 3), v, np.uint8) for v in (10, 20, 30)]
+    long = "the red circle is on the left and the blue square is on the right of it"
+    samples = [build_caption_plain(long, ims[0], ctx),
+               build_caption_plain(long, ims[1], ctx),  # no room left in row 0
+               build_text("red", ctx)[0],
+               build_caption_plain("red", ims[2], ctx)]  # first fit: back into row 0
+    lens = [len(s.input_ids) for s in samples]
+    rows = pack_rows(samples, 64)
+    assert all(sum(len(s.input_ids) for s in r) <= 64 for r in rows) and len(rows) < 4
+    assert sorted(id(s) for r in rows for s in r) == sorted(id(s) for s in samples)
+    packed, flat = collate(samples, ctx, pack=True), collate(samples, ctx)
+    assert packed["input_ids"].shape[0] == len(rows)
+    assert torch.equal(count_supervised(packed), count_supervised(flat))
+    assert int(packed["attention_mask"].sum()) == sum(lens)
+    # position_ids restart at each packed sample; images follow the packed row-major layout
+    for i, row in enumerate(rows):
+        a = 0
+        for s in row:
+            n = len(s.input_ids)
+            assert packed["position_ids"][i, a : a + n].tolist() == list(range(n))
+            assert packed["input_ids"][i, a : a + n].tolist() == s.input_ids
+            a += n
+    order = [s for r in rows for s in r if s.und_images]
+    assert [s.und_images[0][0, 0, 0] for s in order] == [10, 30, 20]  # packed, not input, order
+    want = [float(und_pixels(Image.fromarray(s.und_images[0]), 32, ctx.mean, ctx.std)[0, 0, 0])
+            for s in order]
+    assert packed["pixel_values"][:, 0, 0, 0].tolist() == pytest.approx(want, abs=1e-6)

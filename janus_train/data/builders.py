@@ -346,18 +346,38 @@ def _class_name(members: dict[str, bytes], class_names: list[str] | None) -> str
 # --------------------------------------------------------------------------- collate
 
 
+def pack_rows(samples: list[Sample], seq_len: int) -> list[list[Sample]]:
+    """First-fit packing of samples (kept in order within a row) into rows of <= seq_len."""
+    rows: list[list[Sample]] = []
+    room: list[int] = []
+    for s in samples:
+        n = len(s.input_ids)
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(s)
+                room[r] -= n
+                break
+        else:
+            rows.append([s])
+            room.append(seq_len - n)
+    return rows
+
+
 def collate(samples: list[Sample], ctx: BuildContext, pad_to_multiple_of: int = 1,
-            pixels_uint8: bool = False) -> dict:
+            pixels_uint8: bool = False, pack: bool = False) -> dict:
     """Right-padded batch dict following the contract in ``janus_train.model.forward``.
 
+    ``pack``: several samples per row (first fit into ``ctx.seq_len``), ``position_ids``
+    restarting at each; images follow the packed layout in row-major order.
     ``pixels_uint8``: ``pixel_values`` / ``gen_pixel_values`` stay (N, 3, S, S) uint8 and
     :func:`finish_pixels` normalises them where the batch lands (the GPU): 4x less host memory
     traffic, no float pass on the loader's CPU.
     """
-    B = len(samples)
-    T = max(len(s.input_ids) for s in samples)
+    rows = pack_rows(samples, ctx.seq_len) if pack else [[s] for s in samples]
+    B = len(rows)
+    T = max(sum(len(s.input_ids) for s in row) for row in rows)
     T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    # numpy slice assignment from lists: one conversion per row and field (cheaper than torch)
+    # numpy slice assignment from lists: one conversion per sample and field (cheaper than torch)
     input_ids = np.full((B, T), ctx.st.pad, dtype=np.int64)
     attention = np.zeros((B, T), dtype=np.int64)
     position = np.zeros((B, T), dtype=np.int64)
@@ -365,18 +385,21 @@ def collate(samples: list[Sample], ctx: BuildContext, pad_to_multiple_of: int = 
     codes = np.full((B, T), IGNORE, dtype=np.int64)
     task = np.full((B, T), -1, dtype=np.int64)
     und, gen = [], []
-    for i, s in enumerate(samples):
-        n = len(s.input_ids)
-        input_ids[i, :n] = s.input_ids
-        attention[i, :n] = 1
-        position[i, :n] = np.arange(n)
-        labels[i, :n] = s.labels
-        if s.image_codes is not None:
-            codes[i, :n] = s.image_codes
-        task[i, :n] = TASK_ID[s.task]
-        und.extend(s.und_images)
-        if s.gen_image is not None:
-            gen.append(s.gen_image)
+    for i, row in enumerate(rows):
+        a = 0
+        for s in row:
+            n = len(s.input_ids)
+            input_ids[i, a : a + n] = s.input_ids
+            attention[i, a : a + n] = 1
+            position[i, a : a + n] = np.arange(n)
+            labels[i, a : a + n] = s.labels
+            if s.image_codes is not None:
+                codes[i, a : a + n] = s.image_codes
+            task[i, a : a + n] = TASK_ID[s.task]
+            und.extend(s.und_images)
+            if s.gen_image is not None:
+                gen.append(s.gen_image)
+            a += n
     input_ids, attention, position, labels, codes, task = (
         torch.from_numpy(a) for a in (input_ids, attention, position, labels, codes, task)
     )

@@ -43,5 +43,9 @@ class DataConfig:
     """Ship ``pixel_values`` / ``gen_pixel_values`` as (N, 3, S, S) uint8 and normalise them on
     the device with ``StepLoader.finish(batch)`` (the trainer must call it): saves the loader's
     float pass and 3/4 of the host memory traffic. False: float32, the batch contract as is."""
+    pack: bool = False
+    """Pack each micro-batch's samples into rows of ``seq_len`` (first fit; ``position_ids``
+    restart per sample). Samples of a row then share attention unless the attention
+    implementation separates them by ``position_ids`` (flash_attention_2)."""
     pad_to_multiple_of: int = 1
     """Pad each micro-batch's length to a multiple of this (e.g. 64 for tensor cores)."""

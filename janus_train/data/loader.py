@@ -166,7 +166,7 @@ class StepDataset(IterableDataset):
                                                   src_states.get(src.name), counters)
                     samples.append(streams[i].next())
                 micro.append(collate(samples, self.ctx, self.dcfg.pad_to_multiple_of,
-                                     self.dcfg.pixels_uint8))
+                                     self.dcfg.pixels_uint8, self.dcfg.pack))
                 keys.append([s.key for s in samples])
             for i, s in streams.items():
                 src_states[self.recipe.sources[i].name] = s.state()
