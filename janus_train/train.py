@@ -212,7 +212,7 @@ def run(cfg: RunConfig) -> int:
         save_checkpoint(engine, ckpt_dir, step, client, rank_state, info, tc.keep_last)
 
     # ---- the loop ---------------------------------------------------------------------
-    window = torch.zeros(3, dtype=torch.float64)  # tokens, samples, FLOPs since last log
+    window = torch.zeros(4, dtype=torch.float64)  # tokens, samples, FLOPs, steps since last log
     t_log, saved_at = time.perf_counter(), step if resumed else -1
     while step < stop_step:
         host = loader.next_step()
@@ -239,7 +239,7 @@ def run(cfg: RunConfig) -> int:
             torch.tensor([float(stop.requested), local_tokens, local_samples, local_flops],
                          dtype=torch.float64, device=engine.device),
         ])).cpu()
-        window += red[4:7]
+        window += torch.cat([red[4:7], torch.ones(1, dtype=torch.float64)])
         loss = float((red[:3] * weights).sum())
         finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
         applied = bool(getattr(engine, "_step_applied", True))
@@ -268,7 +268,7 @@ def run(cfg: RunConfig) -> int:
                 rec[f"tokens/{task}"] = int(n)
             rec["speed/tokens_per_s"] = float(window[0]) / elapsed
             rec["speed/samples_per_s"] = float(window[1]) / elapsed
-            rec["speed/step_time_s"] = elapsed / max(1, tc.log_every)
+            rec["speed/step_time_s"] = elapsed / float(window[3])
             mfu = flops.mfu(float(window[2]), elapsed, info.world_size)
             if mfu is not None:
                 rec["speed/mfu"] = mfu
@@ -284,10 +284,12 @@ def run(cfg: RunConfig) -> int:
         if tc.eval_every and step % tc.eval_every == 0:
             from janus_train.evaluate import run_eval
 
+            t_eval = time.perf_counter()
             res = run_eval(janus, processor, cfg, step, run_dir / "eval" / tag_for(step))
             metrics.log({"step": step, **{k if k.startswith("eval/") else f"eval/{k}": v
                                           for k, v in res.items()}})
             set_train_mode(janus, cfg.trainable_groups)
+            t_log += time.perf_counter() - t_eval  # throughput counts training time only
 
         if red[3] > 0:  # some rank got SIGTERM/SIGUSR1: all ranks checkpoint and leave
             checkpoint()
@@ -298,8 +300,10 @@ def run(cfg: RunConfig) -> int:
             stop.restore()
             return EXIT_REQUEUE
         if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == stop_step:
+            t_ckpt = time.perf_counter()
             checkpoint()
             saved_at = step
+            t_log += time.perf_counter() - t_ckpt
 
     # ---- end of stage: final checkpoint, HF export -------------------------------------
     if saved_at != step:
