@@ -217,16 +217,18 @@ def test_tiny_recipes_feed_the_model_forward(proc, tmp_path, monkeypatch):
     run.data.recipe = None  # the stage's own recipe name
     model, _ = build_model(run.model, workdir=tmp_path)
     wrapped = JanusTrainModel(model)
-    for stage in ("stage1", "stage2", "stage3"):
-        run = make_run(stage, "x", 8, num_workers=0)
+    for stage, pack in (("stage1", False), ("stage2", False), ("stage3", False), ("stage2", True)):
+        run = make_run(stage, "x", 8, num_workers=0, pack=pack, seq_len=128)
         run.data.recipe = None
         L = build_train_loader(run, proc, rank=0, world_size=2, micro_batch_size=2, grad_accum=2)
         for mb in L.next_step():
+            assert mb["input_ids"].shape[0] == (1 if pack else 2)
             out = wrapped(mb)
             assert torch.isfinite(out["loss_sum"]).all()
             assert torch.equal(out["n_tokens"], count_supervised(mb))
-            n_gen = int((mb["task_ids"][:, 0] == 2).sum())
+            n_gen = mb["gen_pixel_values"].shape[0]
             assert int((mb["image_codes"] == -1).sum()) == 16 * n_gen
+            assert int((mb["input_ids"] == L.ctx.st.image).sum()) == 16 * mb["pixel_values"].shape[0]
         L.close()
     assert json.dumps(L.state_dict())  # plain python types
     # data.pixels_uint8 + finish() on the "device" gives the float contract's batch
