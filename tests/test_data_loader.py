@@ -232,12 +232,14 @@ def test_tiny_recipes_feed_the_model_forward(proc, tmp_path, monkeypatch):
         L.close()
     assert json.dumps(L.state_dict())  # plain python types
     # data.pixels_uint8 + finish() on the "device" gives the float contract's batch
+    run = make_run("stage1", "x", 8, num_workers=0)
+    run.data.recipe = None
     run.data.pixels_uint8 = True
     L8 = build_train_loader(run, proc, rank=0, world_size=2, micro_batch_size=2, grad_accum=2)
     run.data.pixels_uint8 = False
     L = build_train_loader(run, proc, rank=0, world_size=2, micro_batch_size=2, grad_accum=2)
     for a, b in zip(L8.next_step(), L.next_step()):
-        assert a["pixel_values"].dtype == torch.uint8 and a["pixel_values"].shape[0] > 0
+        assert a["pixel_values"].dtype == torch.uint8 and a["pixel_values"].shape[0] == 1
         a = L8.finish(a)
         for k in b:
             torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
