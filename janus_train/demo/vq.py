@@ -122,7 +122,7 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
     vq.eval()
     for p in vq.parameters():
         p.requires_grad_(False)
-    return {"train_rec_mse": float(rec_loss), "seconds": time.time() - t0}
+    return {"train_rec_mse": float(rec_loss.detach()), "seconds": time.time() - t0}
 
 
 def load_images(data_dir: str | Path, sources=("caption", "imagenet"), per_source: int = 2000):
