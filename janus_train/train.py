@@ -19,6 +19,7 @@ share of the step loss.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -159,6 +160,8 @@ def run(cfg: RunConfig) -> int:
                     cfg.experiment.name, cfg.stage.name, stop_step, plan.global_batch_size,
                     plan.micro_batch_size, plan.grad_accum, plan.world_size, precision,
                     cfg.deepspeed.zero_stage)
+        logger.info("DeepSpeed config (also in %s): %s", run_dir / "ds_config.json",
+                    json.dumps(ds_config, sort_keys=True))
     if tc.dry_run:
         if info.is_main:
             print(_json({"batch": plan_as_dict(plan), "deepspeed": ds_config}))
@@ -321,8 +324,6 @@ def run(cfg: RunConfig) -> int:
 
 
 def _json(obj) -> str:
-    import json
-
     return json.dumps(obj, indent=2, default=str)
 
 
