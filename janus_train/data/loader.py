@@ -176,6 +176,15 @@ class StepDataset(IterableDataset):
             step += self.W
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Slurm may signal every process of a job (workers included): only the trainer reacts to
+    SIGUSR1/SIGTERM (checkpoint, then exit), so a spawned worker must not die of them."""
+    import signal
+
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StepLoader:
     """``next_step()`` -> this rank's ``grad_accum`` micro-batches of the next optimizer step."""
 
@@ -202,12 +211,14 @@ class StepLoader:
                                       persistent_workers=False,
                                       pin_memory=self.dcfg.pin_memory
                                       and torch.cuda.is_available(),
-                                      multiprocessing_context=self.dcfg.mp_context)
+                                      multiprocessing_context=self.dcfg.mp_context,
+                                      worker_init_fn=_ignore_stop_signals)
         else:
             self._loader = ds
         self._it = iter(self._loader)
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
+        """The ``grad_accum`` micro-batches of this rank for the next optimizer step."""
         if self._it is None:
             self._start()
         item = next(self._it)
