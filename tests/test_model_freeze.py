@@ -151,3 +151,16 @@ def test_tokenizer_without_janus_tokens_is_rejected(tmp_path):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
     with pytest.raises(ValueError, match="<image_placeholder>"):
         resolve_special_tokens(fast)
+
+
+def test_saved_model_keeps_image_generation_config(fresh_tiny_model, tmp_path):
+    """A plain save_pretrained -> from_pretrained keeps the boi_token_id that
+    generate(generation_mode="image") needs."""
+    from transformers import JanusForConditionalGeneration
+
+    model, processor = fresh_tiny_model
+    model.save_pretrained(tmp_path / "m")
+    loaded = JanusForConditionalGeneration.from_pretrained(tmp_path / "m", local_files_only=True)
+    boi = processor.tokenizer.convert_tokens_to_ids("<begin_of_image>")
+    assert loaded.generation_config.generation_kwargs["boi_token_id"] == boi
+    assert loaded.generation_config.pad_token_id == processor.tokenizer.pad_token_id

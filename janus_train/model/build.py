@@ -119,6 +119,9 @@ def set_generation_config(model, st: SpecialTokens) -> None:
     kw = dict(getattr(gc, "generation_kwargs", None) or {})
     kw["boi_token_id"] = st.boi
     gc.generation_kwargs = kw
+    # A config marked "from the model config" is reloaded by from_pretrained without its
+    # generation_kwargs: mark it as our own so exports keep boi_token_id.
+    gc._from_model_config = False
 
 
 def reinit_generation_modules(model, include_embeddings_and_adaptor: bool) -> None:

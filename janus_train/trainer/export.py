@@ -57,9 +57,6 @@ def export_hf(janus: torch.nn.Module, processor, out_dir: str | os.PathLike, zer
     if info.is_main:
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        # A config "from the model config" is reloaded without its generation_kwargs (the
-        # boi_token_id that generate(generation_mode="image") needs): mark it as our own.
-        janus.generation_config._from_model_config = False
         janus.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
         processor.save_pretrained(str(tmp))
         (tmp / COMPLETE).write_text(f"{step}\n")
