@@ -92,6 +92,8 @@ def _records(src, n: int):
     from janus_train.data.shards import iter_stream_tar
 
     out = []
+    if n <= 0:
+        return out
     for url in src.shards:
         for rec in iter_stream_tar(url):
             out.append(rec)
