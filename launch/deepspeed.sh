@@ -25,7 +25,7 @@
 #   DRY_RUN         1: print the command (shell-quoted, one line) instead of running it.
 #   NCCL_*, PYTHON*, UCX_*: the launcher forwards these to remote nodes by itself; anything else a
 #                   remote rank needs goes into ./.deepspeed_env or ~/.deepspeed_env (KEY=VALUE
-#                   lines). See docs/cluster.md for the InfiniBand/NCCL settings.
+#                   lines). See README.md ("Train on a cluster") for the InfiniBand/NCCL settings.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}

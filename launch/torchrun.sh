@@ -22,7 +22,7 @@
 #   PYTHON          interpreter with janus_train installed (default python).
 #   DRY_RUN         1: print the command (shell-quoted, one line) instead of running it.
 #   NCCL_*, TORCH_NCCL_*, GLOO_SOCKET_IFNAME, OMP_NUM_THREADS: read by NCCL/torch, not here;
-#                   see docs/cluster.md. torchrun sets OMP_NUM_THREADS=1 when unset.
+#                   see README.md ("Train on a cluster"). torchrun sets OMP_NUM_THREADS=1 when unset.
 #
 # Signals: SIGUSR1 (Slurm's time-limit notice) to this script is forwarded to the training ranks,
 # which checkpoint at the next step boundary and exit with the requeue status (75); the torchrun

@@ -42,7 +42,7 @@
 #   JANUS_TRAIN_ROOT  repository root (default $SLURM_SUBMIT_DIR: submit from the repo root).
 #   PYTHON          interpreter (default $JANUS_TRAIN_ROOT/.venv/bin/python if there, else python).
 #   CLUSTER_ENV     shell file sourced before launching: site NCCL/InfiniBand settings, modules
-#                   (template: launch/slurm/cluster_env.example.sh; see docs/cluster.md).
+#                   (template: launch/slurm/cluster_env.example.sh; see README.md ("Train on a cluster")).
 #   DRY_RUN         1: every node prints its torchrun command instead of running it.
 #   SLURM_JOB_ID, SLURM_JOB_NAME, SLURM_JOB_NODELIST, SLURM_JOB_NUM_NODES (or SLURM_NNODES),
 #   SLURM_RESTART_COUNT, SLURM_GPUS_ON_NODE, SLURM_CPUS_ON_NODE, SLURM_SUBMIT_DIR: set by Slurm.
