@@ -131,9 +131,9 @@ def answer(
     for i in range(0, len(questions), batch_size):
         qs, ims = questions[i : i + batch_size], images[i : i + batch_size]
         ids, mask = left_pad([understanding_ids(q, tok, st, n_img, fmt) for q in qs], st.pad)
-        px = processor.image_processor(
-            [im.convert("RGB") for im in ims], return_tensors="pt"
-        )["pixel_values"]
+        px = processor.image_processor([im.convert("RGB") for im in ims], return_tensors="pt")[
+            "pixel_values"
+        ]
         gen = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -169,7 +169,10 @@ class SampleConfig:
 
 @torch.no_grad()
 def generate_codes(
-    model, processor, prompts: list[str], cfg: SampleConfig | None = None,
+    model,
+    processor,
+    prompts: list[str],
+    cfg: SampleConfig | None = None,
     fmt: PromptFormat | None = None,
 ) -> torch.Tensor:
     """(len(prompts) * num_images, num_image_tokens) VQ codes, prompt-major order."""
@@ -182,11 +185,15 @@ def generate_codes(
     st = resolve_special_tokens(tok)
     device = next(model.parameters()).device
     greedy = cfg.temperature <= 0
-    sampling = {} if greedy else {
-        "temperature": cfg.temperature,
-        "top_k": cfg.top_k if cfg.top_k > 0 else None,
-        "top_p": cfg.top_p if cfg.top_p < 1 else None,
-    }
+    sampling = (
+        {}
+        if greedy
+        else {
+            "temperature": cfg.temperature,
+            "top_k": cfg.top_k if cfg.top_k > 0 else None,
+            "top_p": cfg.top_p if cfg.top_p < 1 else None,
+        }
+    )
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     outs = []
     for i in range(0, len(prompts), cfg.batch_size):
@@ -265,13 +272,15 @@ def main(argv: list[str] | None = None) -> None:
         if len(paths) != len(args.question):
             ap.error("give one --image per --question (or a single --image)")
         images = [Image.open(p) for p in paths]
-        answers = answer(model, processor, images, args.question, fmt,
-                         args.max_new_tokens, args.batch_size)
+        answers = answer(
+            model, processor, images, args.question, fmt, args.max_new_tokens, args.batch_size
+        )
         for path, q, a in zip(paths, args.question, answers):
             print(json.dumps({"image": path, "question": q, "answer": a}))
         return
-    cfg = SampleConfig(args.guidance, args.temperature, args.top_k, args.top_p, args.n,
-                       args.batch_size, args.seed)
+    cfg = SampleConfig(
+        args.guidance, args.temperature, args.top_k, args.top_p, args.n, args.batch_size, args.seed
+    )
     images = generate_images(model, processor, args.prompt, cfg, fmt)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@
 #   NPROC_PER_NODE  training processes (default 2).
 #   STEPS1, STEPS2, STEPS3   optimizer steps per stage (defaults below; DEMO_QUICK=1: 4 each).
 #   BATCH           global batch size of every stage (default 16).
-#   VQ_STEPS        steps of the tiny VQ fit (default 500).
+#   VQ_STEPS        steps of the tiny VQ fit (default 600).
 #   PYTHON          interpreter with janus_train installed (default: .venv/bin/python when it
 #                   exists, else python).
 set -euo pipefail
@@ -30,11 +30,11 @@ export NPROC_PER_NODE=${NPROC_PER_NODE:-2}
 if [[ ${DEMO_QUICK:-0} == 1 ]]; then
   STEPS1=${STEPS1:-4}; STEPS2=${STEPS2:-4}; STEPS3=${STEPS3:-4}; VQ_STEPS=${VQ_STEPS:-20}
 fi
-STEPS1=${STEPS1:-300}
-STEPS2=${STEPS2:-1200}
-STEPS3=${STEPS3:-600}
+STEPS1=${STEPS1:-100}
+STEPS2=${STEPS2:-2000}
+STEPS3=${STEPS3:-1200}
 BATCH=${BATCH:-16}
-VQ_STEPS=${VQ_STEPS:-500}
+VQ_STEPS=${VQ_STEPS:-600}
 # one micro-batch per rank per step: no accumulation needed at this size
 MICRO=$(( BATCH / NPROC_PER_NODE ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false

@@ -60,8 +60,9 @@ def test_formats_match_the_tiny_recipes_and_build(data_dir, tiny_model_and_proce
             assert recs, src.name
             rng = random.Random(0)
             for rec in recs[:10]:
-                samples = record_to_samples(rec.members, src.format, src.task, ctx, rng,
-                                            src.class_names)
+                samples = record_to_samples(
+                    rec.members, src.format, src.task, ctx, rng, src.class_names
+                )
                 assert samples and all(s.input_ids for s in samples)
 
 
@@ -131,7 +132,10 @@ def test_vq_fit_beats_random_vq(data_dir):
     vqm = model.model.vqmodel
     x = V.images_to_tensor(V.load_images(data_dir, per_source=40), 32)
     held = V.images_to_tensor(
-        [Image.open(io.BytesIO(s["png"])) for s in synth.iter_samples(data_dir / "heldout" / "caption")],
+        [
+            Image.open(io.BytesIO(s["png"]))
+            for s in synth.iter_samples(data_dir / "heldout" / "caption")
+        ],
         32,
     )
     before = V.reconstruction_mse(vqm, held)

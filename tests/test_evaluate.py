@@ -46,8 +46,9 @@ def test_run_eval_metrics_and_files(heldout, tiny_model_and_processor, tmp_path,
     assert model.training == was_training
 
 
-def test_heldout_text_loss_matches_hf_forward(heldout, tiny_model_and_processor, tmp_path,
-                                              monkeypatch):
+def test_heldout_text_loss_matches_hf_forward(
+    heldout, tiny_model_and_processor, tmp_path, monkeypatch
+):
     recipe = tmp_path / "text_only.yaml"
     recipe.write_text(
         "name: text_only\nsources:\n  - name: text\n    task: text\n    format: text\n"
@@ -65,8 +66,9 @@ def test_heldout_text_loss_matches_hf_forward(heldout, tiny_model_and_processor,
     total, n = 0.0, 0
     with torch.no_grad():
         for t in texts:
-            ids = torch.tensor([[tok.bos_token_id, *tok.encode(t, add_special_tokens=False),
-                                 tok.eos_token_id]])
+            ids = torch.tensor(
+                [[tok.bos_token_id, *tok.encode(t, add_special_tokens=False), tok.eos_token_id]]
+            )
             loss = model(input_ids=ids, labels=ids).loss
             total += float(loss) * (ids.shape[1] - 1)
             n += ids.shape[1] - 1

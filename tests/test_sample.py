@@ -29,10 +29,16 @@ def loaded(export_dir):
     return S.load(export_dir)
 
 
-QUESTIONS = ["What color is the shape at the top left?", "How many?",
-             "Where is the red circle? Describe the image in detail."]
-PROMPTS = ["a red circle.", "a blue square at the top left and a green triangle at the bottom right.",
-           "two"]
+QUESTIONS = [
+    "What color is the shape at the top left?",
+    "How many?",
+    "Where is the red circle? Describe the image in detail.",
+]
+PROMPTS = [
+    "a red circle.",
+    "a blue square at the top left and a green triangle at the bottom right.",
+    "two",
+]
 
 
 def _images(n: int) -> list[Image.Image]:
@@ -54,12 +60,16 @@ def test_prompt_ids_match_training_builders(loaded):
         ctx.cfg_dropout = ctx.first_sentence_prob = 0.0
         fmt = S.PromptFormat(style, "janus_pro")
         g = build_generation(PROMPTS[1], ctx, random.Random(0), codes=[0] * ctx.num_image_tokens)
-        assert S.generation_ids(PROMPTS[1], tok, st, fmt) == g.input_ids[: g.input_ids.index(st.boi) + 1]
+        assert (
+            S.generation_ids(PROMPTS[1], tok, st, fmt)
+            == g.input_ids[: g.input_ids.index(st.boi) + 1]
+        )
     for tmpl in ("janus", "janus_pro"):
         ctx.chat_template = tmpl
         fmt = S.PromptFormat("chat", tmpl)
-        c = build_conversation([("user", "<image>\n" + QUESTIONS[0]), ("assistant", "red")],
-                               [None], ctx, "und")
+        c = build_conversation(
+            [("user", "<image>\n" + QUESTIONS[0]), ("assistant", "red")], [None], ctx, "und"
+        )
         prompt = S.understanding_ids(QUESTIONS[0], tok, st, ctx.num_image_tokens, fmt)
         assert c.input_ids[: len(prompt)] == prompt
         assert c.labels[len(prompt)] != -100 and c.labels[len(prompt) - 1] == -100
@@ -69,8 +79,10 @@ def test_answers_batched_equal_unbatched(loaded):
     model, processor = loaded
     images = _images(3)
     batched = S.answer(model, processor, images, QUESTIONS, max_new_tokens=6, batch_size=3)
-    single = [S.answer(model, processor, [im], [q], max_new_tokens=6)[0]
-              for im, q in zip(images, QUESTIONS)]
+    single = [
+        S.answer(model, processor, [im], [q], max_new_tokens=6)[0]
+        for im, q in zip(images, QUESTIONS)
+    ]
     assert batched == single
     assert len(set(single)) > 1  # the images and questions matter: the check can fail
 
@@ -87,17 +99,24 @@ def test_image_codes_batched_equal_unbatched(loaded):
 
     # Without the attention mask the padded prompt differs: what the masks protect against.
     st = resolve_special_tokens(processor.tokenizer)
-    ids, mask = S.left_pad([S.generation_ids(p, processor.tokenizer, st, S.PromptFormat())
-                            for p in PROMPTS], st.pad)
-    unmasked = model.generate(inputs=ids, attention_mask=torch.ones_like(mask),
-                              generation_mode="image", do_sample=False, guidance_scale=3.0)
+    ids, mask = S.left_pad(
+        [S.generation_ids(p, processor.tokenizer, st, S.PromptFormat()) for p in PROMPTS], st.pad
+    )
+    unmasked = model.generate(
+        inputs=ids,
+        attention_mask=torch.ones_like(mask),
+        generation_mode="image",
+        do_sample=False,
+        guidance_scale=3.0,
+    )
     assert not torch.equal(unmasked[0], single[0])
 
 
 def test_sampling_several_images_per_prompt(loaded):
     model, processor = loaded
-    cfg = S.SampleConfig(guidance_scale=5.0, temperature=1.0, top_k=8, top_p=0.9, num_images=3,
-                         batch_size=2, seed=1)
+    cfg = S.SampleConfig(
+        guidance_scale=5.0, temperature=1.0, top_k=8, top_p=0.9, num_images=3, batch_size=2, seed=1
+    )
     codes = S.generate_codes(model, processor, PROMPTS, cfg)
     assert codes.shape[0] == 9 and int(codes.max()) < model.config.vq_config.num_embeddings
     assert torch.equal(codes, S.generate_codes(model, processor, PROMPTS, cfg))  # seeded
@@ -110,13 +129,43 @@ def test_sampling_several_images_per_prompt(loaded):
 def test_cli_both_modes(export_dir, tmp_path, capsys):
     img = tmp_path / "a.png"
     _images(1)[0].save(img)
-    S.main(["--model", str(export_dir), "understand", "--image", str(img),
-            "--question", QUESTIONS[0], "--question", QUESTIONS[1], "--max-new-tokens", "4"])
+    S.main(
+        [
+            "--model",
+            str(export_dir),
+            "understand",
+            "--image",
+            str(img),
+            "--question",
+            QUESTIONS[0],
+            "--question",
+            QUESTIONS[1],
+            "--max-new-tokens",
+            "4",
+        ]
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["question"] for x in lines] == QUESTIONS[:2]
     out = tmp_path / "gen"
-    S.main(["--model", str(export_dir), "generate", "--prompt", PROMPTS[0], "--prompt",
-            PROMPTS[1], "--n", "2", "--guidance", "4", "--top-k", "16", "--out", str(out)])
+    S.main(
+        [
+            "--model",
+            str(export_dir),
+            "generate",
+            "--prompt",
+            PROMPTS[0],
+            "--prompt",
+            PROMPTS[1],
+            "--n",
+            "2",
+            "--guidance",
+            "4",
+            "--top-k",
+            "16",
+            "--out",
+            str(out),
+        ]
+    )
     pngs = sorted(p.name for p in out.glob("prompt*.png"))
     assert pngs == ["prompt000_00.png", "prompt000_01.png", "prompt001_00.png", "prompt001_01.png"]
     assert Image.open(out / "grid.png").size[0] > 2 * 32

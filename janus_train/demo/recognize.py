@@ -47,6 +47,8 @@ def recognize_scene(img: Image.Image) -> set[tuple[str, str, str]]:
             continue
         mean = q[fg].mean(0)
         colour = names[int(np.argmin(((palette - mean) ** 2).sum(-1)))]
-        iou = {s: (fg & tmpl[(p, s)]).sum() / max(1, (fg | tmpl[(p, s)]).sum()) for s in world.SHAPES}
+        iou = {
+            s: (fg & tmpl[(p, s)]).sum() / max(1, (fg | tmpl[(p, s)]).sum()) for s in world.SHAPES
+        }
         found.add((p, colour, max(iou, key=iou.get)))
     return found

@@ -15,8 +15,12 @@ from pathlib import Path
 from janus_train.config import STAGES
 
 TASK_KEYS = ("loss/text", "loss/und", "loss/gen")
-EVAL_KEYS = ("und/accuracy", "gen/token_accuracy", "gen/object_token_accuracy",
-             "gen/scene_accuracy")
+EVAL_KEYS = (
+    "und/accuracy",
+    "gen/token_accuracy",
+    "gen/object_token_accuracy",
+    "gen/scene_accuracy",
+)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -52,13 +56,26 @@ def plot_losses(runs: Path, out_png: Path) -> dict[str, dict[str, float]]:
             pts = [(offset + r["step"], r[key]) for r in recs if r.get(key) is not None]
             if pts:
                 x, y = zip(*pts)
-                ax.plot(x, y, color=colors[key], label=key if stage == "stage1" or
-                        key not in ax.get_legend_handles_labels()[1] else None)
+                ax.plot(
+                    x,
+                    y,
+                    color=colors[key],
+                    label=key
+                    if stage == "stage1" or key not in ax.get_legend_handles_labels()[1]
+                    else None,
+                )
         last[stage] = {k: recs[-1][k] for k in TASK_KEYS if recs[-1].get(k) is not None}
         end = offset + recs[-1]["step"]
         ax.axvline(end, color="gray", ls=":", lw=1)
-        ax.text((offset + end) / 2, 0.98, stage, transform=ax.get_xaxis_transform(),
-                ha="center", va="top", color="gray")
+        ax.text(
+            (offset + end) / 2,
+            0.98,
+            stage,
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="top",
+            color="gray",
+        )
         offset = end
     ax.set_xlabel("optimizer step (stages back to back)")
     ax.set_ylabel("cross-entropy (token mean)")
@@ -77,8 +94,11 @@ def final_eval(export: Path, eval_dir: Path, n_und: int, n_gen: int) -> dict[str
     from janus_train.evaluate import EvalConfig, run_eval
     from janus_train.sample import load
 
-    run = to_run_config(compose(
-        ["experiment=tiny", "stage=stage3", f"model.init_from={export}", "model.tokenizer=null"]))
+    run = to_run_config(
+        compose(
+            ["experiment=tiny", "stage=stage3", f"model.init_from={export}", "model.tokenizer=null"]
+        )
+    )
     model, processor = load(export)
     cfg = EvalConfig(max_per_source=64, n_und=n_und, n_gen=n_gen, n_grid=12)
     return run_eval(model, processor, run, -1, eval_dir, cfg)
@@ -96,19 +116,37 @@ def stage_evals(runs: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def majority_baseline(answers_jsonl: Path) -> float | None:
+    """Accuracy of answering each question type (text before " the ") with its most frequent
+    reference answer: the best any image-blind constant answerer can do."""
+    if not answers_jsonl.exists():
+        return None
+    by_type: dict[str, list[str]] = {}
+    for line in answers_jsonl.read_text().splitlines():
+        a = json.loads(line)
+        by_type.setdefault(a["question"].split(" the ")[0], []).append(a["reference"])
+    n = sum(len(v) for v in by_type.values())
+    return sum(max(v.count(x) for x in v) for v in by_type.values()) / n if n else None
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def write_report(out: Path, runs: Path, n_und: int = 200, n_gen: int = 100,
-                 timings: dict | None = None) -> dict:
+def write_report(
+    out: Path, runs: Path, n_und: int = 200, n_gen: int = 100, timings: dict | None = None
+) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     last = plot_losses(runs, out / "loss_curves.png")
     t0 = time.time()
     final = final_eval(runs / "stage3" / "hf", out / "final_eval", n_und, n_gen)
     eval_s = time.time() - t0
-    world = json.loads((out / "data" / "world.json").read_text()) if (
-        out / "data" / "world.json").exists() else None
+    majority = majority_baseline(out / "final_eval" / "answers.jsonl")
+    world = (
+        json.loads((out / "data" / "world.json").read_text())
+        if (out / "data" / "world.json").exists()
+        else None
+    )
     codebook = None
     cfg_path = runs / "stage3" / "hf" / "config.json"
     if cfg_path.exists():
@@ -125,15 +163,15 @@ def write_report(out: Path, runs: Path, n_und: int = 200, n_gen: int = 100,
         "| metric | value | chance |",
         "|---|---|---|",
         f"| understanding accuracy (exact answer, {n_und} questions) | "
-        f"{_fmt(final.get('und/accuracy'))} | ~0.3 (answer classes: 2-5) |",
+        f"{_fmt(final.get('und/accuracy'))} | {_fmt(majority)} (best answer per question type) |",
         f"| generation token accuracy (greedy, CFG 5, vs reference VQ codes) | "
         f"{_fmt(final.get('gen/token_accuracy'))} | "
         f"{_fmt(1 / codebook) if codebook else '-'} |",
-        f"| generation object-token accuracy (tokens whose reference code is not the background code) | "
-        f"{_fmt(final.get('gen/object_token_accuracy'))} | "
+        "| generation object-token accuracy (tokens whose reference code is not the blank "
+        f"image's) | {_fmt(final.get('gen/object_token_accuracy'))} | "
         f"{_fmt(1 / codebook) if codebook else '-'} |",
-        f"| all-background baseline of token accuracy | "
-        f"{_fmt(final.get('gen/token_accuracy_mode_baseline'))} | |",
+        "| token accuracy of drawing a blank image (baseline) | "
+        f"{_fmt(final.get('gen/token_accuracy_blank_baseline'))} | |",
         f"| generation scene accuracy (colour + shape recognised in every quadrant) | "
         f"{_fmt(final.get('gen/scene_accuracy'))} | < 0.01 |",
         f"| held-out loss text / und / gen | {_fmt(final.get('loss/text'))} / "
@@ -153,28 +191,49 @@ def write_report(out: Path, runs: Path, n_und: int = 200, n_gen: int = 100,
         "|---|---|---|---|",
     ]
     for stage, d in last.items():
-        lines.append(f"| {stage} | {_fmt(d.get('loss/text'))} | {_fmt(d.get('loss/und'))} | "
-                     f"{_fmt(d.get('loss/gen'))} |")
+        lines.append(
+            f"| {stage} | {_fmt(d.get('loss/text'))} | {_fmt(d.get('loss/und'))} | "
+            f"{_fmt(d.get('loss/gen'))} |"
+        )
     evals = stage_evals(runs)
     if evals:
-        lines += ["", "## In-training evaluation (end of each stage)", "",
-                  "| stage | " + " | ".join(EVAL_KEYS) + " |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## In-training evaluation (end of each stage)",
+            "",
+            "| stage | " + " | ".join(EVAL_KEYS) + " |",
+            "|---|---|---|---|---|",
+        ]
         for stage, d in evals.items():
             lines.append(f"| {stage} | " + " | ".join(_fmt(d.get(k)) for k in EVAL_KEYS) + " |")
-        lines += ["", "Stage 1 trains with plain framing (`<image><caption>`): its understanding "
-                  "figure is exact caption match, later stages answer questions."]
+        lines += [
+            "",
+            "Stage 1 trains with plain framing (`<image><caption>`): its understanding "
+            "figure is exact caption match, later stages answer questions.",
+        ]
     if world:
-        held = ", ".join(f"{h['colour']} {h['shape']} at the {h['position']}"
-                         for h in world["heldout_triples"][:6])
-        lines += ["", "## Data", "",
-                  f"Sample counts: `{json.dumps(world['counts'])}`. Held-out triples "
-                  f"(never in training): {held}, ... ({len(world['heldout_triples'])} in all)."]
+        held = ", ".join(
+            f"{h['colour']} {h['shape']} at the {h['position']}"
+            for h in world["heldout_triples"][:6]
+        )
+        lines += [
+            "",
+            "## Data",
+            "",
+            f"Sample counts: `{json.dumps(world['counts'])}`. Held-out triples "
+            f"(never in training): {held}, ... ({len(world['heldout_triples'])} in all).",
+        ]
     if timings:
         lines += ["", "## Timings (seconds)", "", "| phase | s |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
         lines.append(f"| final evaluation | {eval_s:.0f} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    summary = {"final": final, "last_train_loss": last, "stage_evals": evals}
+    summary = {
+        "final": final,
+        "und_majority_baseline": majority,
+        "last_train_loss": last,
+        "stage_evals": evals,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 @dataclass
 class VQFitConfig:
     steps: int = 600
-    batch_size: int = 64
-    lr: float = 2e-3
+    batch_size: int = 32
+    lr: float = 3e-3
     beta: float = 0.25
     restart_every: int = 50
     """Restart codes unused over this many steps on random latents of the current batch."""
@@ -43,7 +43,9 @@ class VQFitConfig:
 
 def images_to_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
     """PIL images -> (N, 3, size, size) float in [-1, 1] (already square: plain resize)."""
-    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images])
+    arr = np.stack(
+        [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images]
+    )
     return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
@@ -89,6 +91,7 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
     opt = torch.optim.Adam(vq.parameters(), lr=cfg.lr)
     usage = torch.zeros(n_codes)
     t0 = time.time()
+    rec_loss = torch.tensor(float("nan"))  # steps=0: codebook initialised on latents only
     for step in range(cfg.steps):
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
         x = images[idx]
@@ -139,11 +142,13 @@ def load_images(data_dir: str | Path, sources=("caption", "imagenet"), per_sourc
 
 
 def build_tiny(tokenizer_dir: str | Path, overrides: list[str] | None = None):
-    """The tiny model (random init, ``conf/model/tiny.yaml``) with the tokenizer in `tokenizer_dir`."""
+    """The tiny model (random init, ``conf/model/tiny.yaml``), tokenizer from `tokenizer_dir`."""
     from janus_train.config import compose, to_run_config
     from janus_train.model import build_model
 
-    run = to_run_config(compose(["experiment=tiny", f"model.tokenizer={tokenizer_dir}"] + (overrides or [])))
+    run = to_run_config(
+        compose(["experiment=tiny", f"model.tokenizer={tokenizer_dir}"] + (overrides or []))
+    )
     return build_model(run.model)
 
 
@@ -165,8 +170,13 @@ def prepare_init(data_dir: str | Path, out_dir: str | Path, cfg: VQFitConfig) ->
     model.save_pretrained(out)
     processor.save_pretrained(out)
     n_used = len(torch.unique(vq.encode(x[:1024]).image_tokens))
-    result = {"mse_random": before, "mse_fitted": after, "codes_used": n_used, **stats,
-              "fit": asdict(cfg)}
+    result = {
+        "mse_random": before,
+        "mse_fitted": after,
+        "codes_used": n_used,
+        **stats,
+        "fit": asdict(cfg),
+    }
     (out / "vq_fit.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 

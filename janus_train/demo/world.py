@@ -101,7 +101,9 @@ def render(scene: Scene, size: int = 32) -> Image.Image:
         elif o.shape == "square":
             draw.rectangle(box, fill=fill)
         else:
-            draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+            draw.polygon(
+                [((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill
+            )
     return img
 
 
