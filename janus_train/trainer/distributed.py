@@ -47,6 +47,13 @@ def setup_distributed(timeout_s: int = 1800) -> DistInfo:
         os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if not torch.cuda.is_available():
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce used only by
+            # inference_all_reduce (never by ZeRO training): skip the C++ build (about a minute
+            # per fresh machine, and a compiler requirement).
+            from deepspeed import ops
+
+            ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(
             dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
         )
