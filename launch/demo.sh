@@ -3,7 +3,7 @@
 # through stage 1 -> 2 -> 3 with launch/pipeline.sh (2 processes, DeepSpeed on CPU), evaluate on
 # held-out combinations, and write $DEMO_OUT/report.md (loss curves, image grid, accuracies).
 #
-#   bash launch/demo.sh                     # about 10-15 minutes on 2 CPU cores
+#   bash launch/demo.sh                     # about 10 minutes on 2 CPU cores
 #   DEMO_QUICK=1 bash launch/demo.sh        # a few steps per stage (smoke run)
 #
 # Re-running resumes: data, the VQ init and finished stages are kept (delete $DEMO_OUT to redo).
@@ -31,8 +31,8 @@ if [[ ${DEMO_QUICK:-0} == 1 ]]; then
   STEPS1=${STEPS1:-4}; STEPS2=${STEPS2:-4}; STEPS3=${STEPS3:-4}; VQ_STEPS=${VQ_STEPS:-20}
 fi
 STEPS1=${STEPS1:-100}
-STEPS2=${STEPS2:-2000}
-STEPS3=${STEPS3:-1200}
+STEPS2=${STEPS2:-6000}
+STEPS3=${STEPS3:-4000}
 BATCH=${BATCH:-16}
 VQ_STEPS=${VQ_STEPS:-600}
 # one micro-batch per rank per step: no accumulation needed at this size

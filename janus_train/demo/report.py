@@ -223,6 +223,18 @@ def write_report(
             f"Sample counts: `{json.dumps(world['counts'])}`. Held-out triples "
             f"(never in training): {held}, ... ({len(world['heldout_triples'])} in all).",
         ]
+    vq_fit = out / "init" / "vq_fit.json"
+    if vq_fit.exists():
+        v = json.loads(vq_fit.read_text())
+        lines += [
+            "",
+            "## Tiny VQ",
+            "",
+            f"Fitted for {v['fit']['steps']} steps on the training images: reconstruction "
+            f"MSE (HF `encode` -> `decode`, pixels in [-1, 1]) {v['mse_random']:.3f} random "
+            f"-> {v['mse_fitted']:.3f} fitted; {v['codes_used']} of the codebook's codes "
+            "in use. Frozen in all three stages.",
+        ]
     if timings:
         lines += ["", "## Timings (seconds)", "", "| phase | s |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
