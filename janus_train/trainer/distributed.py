@@ -168,7 +168,22 @@ def init_engine(model: torch.nn.Module, ds_config: dict, param_groups: list[dict
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups, config=ds_config
     )
+    if ds_config.get("zero_optimization", {}).get("stage") == 3:
+        register_external_parameters(engine.module)
     return engine
+
+
+def register_external_parameters(model: torch.nn.Module) -> None:
+    """ZeRO-3 gathers a module's own parameters when its forward runs. HF's VQ quantizer reads
+    its child's ``embedding.weight`` directly (no child forward): inside the engine's forward
+    DeepSpeed detects that, outside it (evaluation, sampling from a live engine) the codebook
+    stays partitioned (shape 0). Declare it as the quantizer's parameter."""
+    from deepspeed.runtime.zero import register_external_parameter
+    from transformers.models.janus.modeling_janus import JanusVQVAEVectorQuantizer
+
+    for mod in model.modules():
+        if isinstance(mod, JanusVQVAEVectorQuantizer):
+            register_external_parameter(mod, mod.embedding.weight)
 
 
 def set_lr(engine, lr: float) -> None:
