@@ -288,9 +288,11 @@ def run(cfg: RunConfig) -> int:
             from janus_train.evaluate import run_eval
 
             t_eval = time.perf_counter()
-            res = run_eval(janus, processor, cfg, step, run_dir / "eval" / tag_for(step))
+            eval_dir = run_dir / "eval" / tag_for(step)
+            res = run_eval(janus, processor, cfg, step, eval_dir)
             metrics.log({"step": step, **{k if k.startswith("eval/") else f"eval/{k}": v
                                           for k, v in res.items()}})
+            metrics.log_eval_media(step, eval_dir)
             set_train_mode(janus, cfg.trainable_groups)
             t_log += time.perf_counter() - t_eval  # throughput counts training time only
 

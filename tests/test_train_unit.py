@@ -233,3 +233,33 @@ def test_param_groups_drop_empty_and_reject_all_frozen():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
         build_param_groups(m, 0.1)
+
+
+def test_eval_media_reach_wandb(tmp_path):
+    """The evaluation's image grid and answers are logged to wandb at the eval step (a
+    recording stand-in for the wandb run object; the payloads are real wandb media)."""
+    import wandb
+    from PIL import Image
+
+    logged = []
+
+    class Run:
+        def log(self, data, step):
+            logged.append((step, data))
+
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "generated.png")
+    rows = [{"question": "q1", "answer": "red", "reference": "red", "correct": True},
+            {"question": "q2", "answer": "top", "reference": "left", "correct": False}]
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    logger = MetricsLogger(tmp_path, enabled=True)
+    logger.log_eval_media(7, tmp_path)  # wandb off: nothing happens
+    assert logged == []
+    logger.wandb_run = Run()
+    logger.log_eval_media(7, tmp_path)
+    (step, data), = logged
+    assert step == 7
+    assert isinstance(data["eval/generated"], wandb.Image)
+    table = data["eval/answers"]
+    assert isinstance(table, wandb.Table)
+    assert table.columns == ["answer", "correct", "question", "reference"]
+    assert [r[2] for r in table.data] == ["q1", "q2"]

@@ -49,6 +49,9 @@ class TrainConfig:
     ``model.init_from``."""
     eval_every: int = 0
     """Call ``janus_train.evaluate.run_eval`` every N steps on all ranks (0: never)."""
+    eval_recipe: str | None = None
+    """Held-out recipe of the evaluation (name in ``data_recipes/`` or path); unset:
+    ``$JANUS_EVAL_RECIPE``, else the demo's held-out split under ``$JANUS_EVAL_DATA_ROOT``."""
     dry_run: bool = False
     """Validate config, recipe and batch arithmetic, then exit before building the model."""
     synthetic_data: bool = False

@@ -147,6 +147,27 @@ class MetricsLogger:
             self.wandb_run.log({k: v for k, v in metrics.items() if k != "step"},
                                step=metrics["step"])
 
+    def log_eval_media(self, step: int, eval_dir: str | os.PathLike) -> None:
+        """wandb only: the evaluation's image grid and understanding answers (both are also
+        files in ``eval_dir``)."""
+        if self.wandb_run is None:
+            return
+        import wandb
+
+        eval_dir = Path(eval_dir)
+        media: dict = {}
+        if (eval_dir / "generated.png").is_file():
+            media["eval/generated"] = wandb.Image(str(eval_dir / "generated.png"))
+        if (eval_dir / "answers.jsonl").is_file():
+            rows = [json.loads(line) for line in (eval_dir / "answers.jsonl").read_text().splitlines()
+                    if line.strip()]
+            if rows:
+                cols = sorted({k for r in rows for k in r})
+                media["eval/answers"] = wandb.Table(
+                    columns=cols, data=[[str(r.get(c, "")) for c in cols] for r in rows])
+        if media:
+            self.wandb_run.log(media, step=step)
+
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
