@@ -39,10 +39,11 @@ class DataConfig:
     """Above this fraction of skipped samples per source the run stops naming the shard."""
     failure_min_samples: int = 100
     """Samples a shard (or source) must have tried before ``max_failure_rate`` applies."""
-    pixels_uint8: bool = False
+    pixels_uint8: bool = True
     """Ship ``pixel_values`` / ``gen_pixel_values`` as (N, 3, S, S) uint8 and normalise them on
-    the device with ``StepLoader.finish(batch)`` (the trainer must call it): saves the loader's
-    float pass and 3/4 of the host memory traffic. False: float32, the batch contract as is."""
+    the device with ``StepLoader.finish(batch)`` (the trainer calls it): saves the loader's
+    float pass and 3/4 of the host-to-device traffic (BENCHMARKS.md). False: float32 from the
+    workers, the batch contract as is."""
     pack: bool = False
     """Pack each micro-batch's samples into rows of ``seq_len`` (first fit; ``position_ids``
     restart per sample). Samples of a row then share attention unless the attention
