@@ -178,7 +178,7 @@ def run(cfg: RunConfig) -> int:
     if info.is_main:
         write_trainable_report(report, run_dir / "trainable.json")
     flops = FlopCounter(janus)
-    model = JanusTrainModel(janus)
+    model = JanusTrainModel(janus, params_partitioned=cfg.deepspeed.zero_stage == 3)
     engine = init_engine(model, ds_config, build_param_groups(model, hp.weight_decay))
     set_train_mode(janus, cfg.trainable_groups)
     loader = build_loader(cfg, processor, info, plan.micro_batch_size, plan.grad_accum)

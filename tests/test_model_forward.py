@@ -212,3 +212,20 @@ def test_left_padding_with_position_ids_is_rejected(setup):
     batch["attention_mask"][0, 0] = 0
     with pytest.raises(ValueError, match="right-padded"):
         JanusTrainModel(model)(batch)
+
+
+@pytest.mark.parametrize("partitioned", [False, True])
+def test_frozen_vq_runs_on_a_dummy_only_when_params_are_partitioned(setup, partitioned):
+    """With pre-tokenized codes the VQ has nothing to encode: a dummy encode is needed only to
+    keep ZeRO-3's gathers in step across ranks, and is wasted work otherwise."""
+    model, tok, st = setup
+    n_img = model.config.vision_config.num_image_tokens
+    calls = []
+    handle = model.model.vqmodel.encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        batch = collate([gen_sample(tok, st, [1] * n_img), text_sample(tok, st)], st.pad)
+        with torch.no_grad():
+            JanusTrainModel(model, params_partitioned=partitioned)(batch)
+    finally:
+        handle.remove()
+    assert len(calls) == (1 if partitioned else 0)

@@ -77,7 +77,7 @@ def _grads(root, name, zero, reduction):
     barrier()
     janus, proc = build_model(run.model, workdir=run.train.run_dir)
     apply_freeze(janus, run.trainable_groups)
-    model = JanusTrainModel(janus)
+    model = JanusTrainModel(janus, params_partitioned=zero == 3)  # as janus_train.train does
     plan = plan_batch(4, 1, info.world_size)
     assert plan.grad_accum == 2
     ds = build_deepspeed_config(run.deepspeed, plan, "fp32", 0.0, 1e-3)

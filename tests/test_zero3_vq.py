@@ -25,7 +25,7 @@ def _worker(workdir: str) -> None:
     janus, proc = build_model(run.model, workdir=workdir)
     ref = JanusTrainModel(build_model(run.model, workdir=workdir)[0])
     apply_freeze(janus, run.trainable_groups)
-    model = JanusTrainModel(janus)
+    model = JanusTrainModel(janus, params_partitioned=True)
     cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
            "zero_optimization": {"stage": 3},
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}

@@ -56,13 +56,20 @@ class JanusTrainModel(nn.Module):
 
     ``call_all_modules``: every encoder/adaptor/head runs every step, on a dummy input attached
     to the loss with weight 0 when the micro-batch lacks that task, so ZeRO-3's parameter
-    gathers happen on every rank in the same order (spec §7).
+    gathers happen on every rank in the same order (spec §7) and every trainable parameter
+    gets a gradient.
+    ``params_partitioned`` (ZeRO-3): also run the frozen VQ encoder on a dummy image when the
+    micro-batch has nothing to encode. Without partitioning it has no collective to keep in
+    step, and with pre-tokenized codes it would be a wasted VQ encode per micro-batch.
     """
 
-    def __init__(self, janus: nn.Module, call_all_modules: bool = True):
+    def __init__(
+        self, janus: nn.Module, call_all_modules: bool = True, params_partitioned: bool = False
+    ):
         super().__init__()
         self.janus = janus
         self.call_all_modules = call_all_modules
+        self.params_partitioned = params_partitioned
 
     @property
     def num_image_tokens(self) -> int:
@@ -83,7 +90,7 @@ class JanusTrainModel(nn.Module):
         if gen_px is None or gen_px.shape[0] == 0:
             if n_need:
                 raise ValueError(f"batch has {n_need} image-code slots but no gen_pixel_values")
-            if self.call_all_modules:
+            if self.call_all_modules and self.params_partitioned:
                 dummy = torch.zeros(
                     1, 3, self.janus.config.vision_config.image_size,
                     self.janus.config.vision_config.image_size, device=codes.device,

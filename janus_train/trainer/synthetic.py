@@ -148,22 +148,20 @@ class SyntheticStepLoader:
         return out
 
 
+_ROW_KEYS = ("input_ids", "attention_mask", "labels", "image_codes", "task_ids")
+_IMAGE_KEYS = ("pixel_values", "gen_pixel_values")
+
+
 def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack per-row tensors to (B, T); concatenate images in row order."""
-    batch = {k: torch.stack([r[k] for r in rows]) for k in
-             ("input_ids", "attention_mask", "labels", "image_codes", "task_ids")}
-    for k in ("pixel_values", "gen_pixel_values"):
-        imgs = [r[k] for r in rows if k in r]
-        if imgs:
-            batch[k] = torch.cat(imgs)
-    return batch
+    """Per-row (T,) tensors -> one (B, T) batch; images concatenated in row order."""
+    return concat_batches([{k: v if k in _IMAGE_KEYS else v[None] for k, v in r.items()}
+                           for r in rows])
 
 
 def concat_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Micro-batches of equal length -> one batch (images keep row-major order)."""
-    out = {k: torch.cat([b[k] for b in batches]) for k in
-           ("input_ids", "attention_mask", "labels", "image_codes", "task_ids")}
-    for k in ("pixel_values", "gen_pixel_values"):
+    out = {k: torch.cat([b[k] for b in batches]) for k in _ROW_KEYS}
+    for k in _IMAGE_KEYS:
         imgs = [b[k] for b in batches if k in b]
         if imgs:
             out[k] = torch.cat(imgs)
