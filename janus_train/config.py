@@ -170,6 +170,10 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.train.micro_batch_size <= 0:
         raise ValueError("train.micro_batch_size must be > 0")
+    if cfg.train.eval_guidance_scale < 1:
+        raise ValueError(
+            f"train.eval_guidance_scale={cfg.train.eval_guidance_scale}: must be >= 1 (1 = none)"
+        )
     if cfg.model.image_size % cfg.model.vision.patch_size:
         raise ValueError(
             f"model.image_size={cfg.model.image_size} not a multiple of model.vision.patch_size"

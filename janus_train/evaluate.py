@@ -17,13 +17,18 @@ comparable between evaluations.
 - ``und/accuracy``: greedy answers equal (case and final period ignored) to the reference answer
   of single-question conversations (chat framing), or the generated caption equals the reference
   caption (stage 1 plain framing).
-- ``gen/token_accuracy``: codes generated greedily with CFG equal the VQ codes of the reference
-  image, position by position (chance: 1 / codebook size).
+- ``gen/token_accuracy``: codes generated greedily with classifier-free guidance
+  ``train.eval_guidance_scale`` (``gen/guidance_scale``; 1 = none) equal the VQ codes of the
+  reference image, position by position (chance: 1 / codebook size);
+  ``gen/token_accuracy@cfg{s}`` for ``EvalConfig.extra_guidance_scales``.
 - ``gen/object_token_accuracy``: the same on the positions whose reference code differs from the
   code of a blank (black) image there; ``gen/token_accuracy_blank_baseline``: the accuracy of
   "drawing" the blank image (the demo's background), the floor a model must beat.
 - ``gen/scene_accuracy``: decoded image's recognised objects (colour + shape per quadrant,
-  ``janus_train.demo.recognize``) equal the prompt's scene, where records carry one.
+  ``janus_train.demo.recognize``) equal the prompt's scene, where records carry one;
+  ``gen/object_accuracy``: the fraction of the prompts' objects recognised at their position;
+  ``gen/unseen_object_accuracy``: the same for objects whose (colour, shape, position) never
+  occurs in the demo's training data (``janus_train.demo.world.heldout_triples``).
 """
 
 from __future__ import annotations
@@ -56,7 +61,10 @@ class EvalConfig:
     """Held-out prompts generated (greedy, with CFG)."""
     n_grid: int = 8
     """Prompts shown in the image grid (greedy + 2 sampled images each)."""
-    guidance_scale: float = 5.0
+    guidance_scale: float | None = None
+    """Classifier-free guidance of generated images; None: ``train.eval_guidance_scale``."""
+    extra_guidance_scales: tuple[float, ...] = ()
+    """Further scales whose greedy ``gen/token_accuracy@cfg{s}`` is also reported."""
     max_new_tokens: int = 24
 
 
@@ -249,14 +257,23 @@ def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None =
 
     gen = _generation_items(recipe, cfg.n_gen)
     grid = None
+    scale = cfg.guidance_scale or getattr(run.train, "eval_guidance_scale", 5.0)
     if gen:
-        greedy = S.SampleConfig(
-            guidance_scale=cfg.guidance_scale, temperature=0.0, batch_size=cfg.batch_size
-        )
+        greedy = S.SampleConfig(guidance_scale=scale, temperature=0.0, batch_size=cfg.batch_size)
         codes = S.generate_codes(janus, processor, [g[0] for g in gen], greedy, fmt)
         ref = reference_codes(janus, [g[1] for g in gen], size)
         hit = codes == ref
         metrics["gen/token_accuracy"] = float(hit.float().mean())
+        metrics["gen/guidance_scale"] = float(scale)
+        for s in cfg.extra_guidance_scales:
+            other = S.generate_codes(
+                janus,
+                processor,
+                [g[0] for g in gen],
+                dataclasses.replace(greedy, guidance_scale=s),
+                fmt,
+            )
+            metrics[f"gen/token_accuracy@cfg{s:g}"] = float((other == ref).float().mean())
         # baseline: the reference's most frequent code everywhere (the background here)
         # baseline: the codes of a blank (black) image, i.e. "draw nothing"
         blank = reference_codes(janus, [Image.new("RGB", (size, size))], size)
@@ -267,18 +284,22 @@ def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None =
         if bool(fg.any()):
             metrics["gen/object_token_accuracy"] = float(hit[fg].float().mean())
         if scenes:
+            from janus_train.demo.world import Obj, heldout_triples
+
+            unseen = heldout_triples()
+            found = [(sc, recognize_scene(im)) for sc, im in scenes]
+            want = [{(o["position"], o["colour"], o["shape"]) for o in sc} for sc, _ in found]
             metrics["gen/scene_accuracy"] = float(
-                np.mean(
-                    [
-                        recognize_scene(im)
-                        == {(o["position"], o["colour"], o["shape"]) for o in sc}
-                        for sc, im in scenes
-                    ]
-                )
+                np.mean([w == f for w, (_, f) in zip(want, found)])
             )
+            objs = [(Obj(**o) in unseen, o, f) for sc, f in found for o in sc]
+            hits = [(u, (o["position"], o["colour"], o["shape"]) in f) for u, o, f in objs]
+            metrics["gen/object_accuracy"] = float(np.mean([h for _, h in hits]))
+            if any(u for u, _ in hits):
+                metrics["gen/unseen_object_accuracy"] = float(np.mean([h for u, h in hits if u]))
         k = min(cfg.n_grid, len(gen))
         sampled = S.SampleConfig(
-            guidance_scale=cfg.guidance_scale,
+            guidance_scale=scale,
             temperature=1.0,
             num_images=2,
             batch_size=cfg.batch_size,

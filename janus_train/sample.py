@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers import LogitsProcessorList
 
 from janus_train.model.tokenizer import SpecialTokens, resolve_special_tokens
 
@@ -154,7 +155,8 @@ class SampleConfig:
     """Image sampling settings (official defaults: CFG 5, temperature 1)."""
 
     guidance_scale: float = 5.0
-    """Must be > 1 (HF's image generate has no un-guided path)."""
+    """Classifier-free guidance scale, >= 1; 1 = no guidance (the conditional rows alone
+    decide: ``ConditionalOnly``)."""
     temperature: float = 1.0
     """0 = greedy."""
     top_k: int = 0
@@ -165,6 +167,15 @@ class SampleConfig:
     batch_size: int = 16
     """Prompts per generate call."""
     seed: int = 0
+
+
+class ConditionalOnly:
+    """Logits processor for HF's image ``generate`` at guidance scale 1 (= no guidance): HF
+    always runs the conditional and unconditional rows but only installs its CFG processor,
+    which halves the batch, for scales > 1; this keeps the conditional half."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores[: scores.shape[0] // 2]
 
 
 @torch.no_grad()
@@ -179,8 +190,8 @@ def generate_codes(
     model = unwrap(model)
     cfg = cfg or SampleConfig()
     fmt = fmt or PromptFormat()
-    if cfg.guidance_scale <= 1:
-        raise ValueError(f"guidance_scale={cfg.guidance_scale}: must be > 1")
+    if cfg.guidance_scale < 1:
+        raise ValueError(f"guidance_scale={cfg.guidance_scale}: must be >= 1 (1 = no guidance)")
     tok = processor.tokenizer
     st = resolve_special_tokens(tok)
     device = next(model.parameters()).device
@@ -208,6 +219,7 @@ def generate_codes(
             generation_mode="image",
             do_sample=not greedy,
             guidance_scale=cfg.guidance_scale,
+            logits_processor=LogitsProcessorList([ConditionalOnly()] if cfg.guidance_scale == 1 else []),
             num_return_sequences=cfg.num_images,
             **sampling,
         )

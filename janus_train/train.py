@@ -215,17 +215,24 @@ def run(cfg: RunConfig) -> int:
         save_checkpoint(engine, ckpt_dir, step, client, rank_state, info, tc.keep_last)
 
     # ---- the loop ---------------------------------------------------------------------
-    window = torch.zeros(4, dtype=torch.float64)  # tokens, samples, FLOPs, steps since last log
+    window = torch.zeros(4, dtype=torch.float64)  # local tokens, samples, FLOPs; steps
     t_log, saved_at = time.perf_counter(), step if resumed else -1
     while step < stop_step:
         host = loader.next_step()
         # Counted on the host copies: no device synchronisation inside the step.
         local_n = torch.stack([count_supervised(b) for b in host]).sum(0)
-        local_tokens = sum(int(b["attention_mask"].sum()) for b in host)
-        local_samples = sum(int(b["input_ids"].shape[0]) for b in host)
-        local_flops = sum(flops.batch_flops(b) for b in host)
+        window += torch.tensor([sum(int(b["attention_mask"].sum()) for b in host),
+                                sum(int(b["input_ids"].shape[0]) for b in host),
+                                sum(flops.batch_flops(b) for b in host), 1.0],
+                               dtype=torch.float64)
         micro = [loader.finish(_to_device(b, engine.device)) for b in host]  # uint8 -> float
-        n_tokens = all_reduce_sum(local_n.to(engine.device)).cpu()
+        # The loop's one collective of a non-logging step: the supervised-token counts (the
+        # loss normalisation, needed before any backward) and the stop flag (a signal that
+        # arrived before this step is honoured right after it, on every rank together).
+        red = all_reduce_sum(torch.cat([
+            local_n.to(torch.float64), torch.tensor([float(stop.requested)], dtype=torch.float64)
+        ]).to(engine.device)).cpu()
+        n_tokens, stop_now = red[:3].to(local_n.dtype), bool(red[3] > 0)
         weights = step_weights(n_tokens, tc.loss_reduction)
         lr = lr_at(step, hp.lr, hp.warmup_steps, hp.steps, hp.schedule.value, hp.min_lr_ratio)
         set_lr(engine, lr)
@@ -236,15 +243,19 @@ def run(cfg: RunConfig) -> int:
         grad_norm = None if grad_norm is None else float(grad_norm)
         step += 1
 
-        # One all-reduce per step end: CE sums, stop flag, throughput counters.
-        red = all_reduce_sum(torch.cat([
-            loss_sum,
-            torch.tensor([float(stop.requested), local_tokens, local_samples, local_flops],
-                         dtype=torch.float64, device=engine.device),
-        ])).cpu()
-        window += torch.cat([red[4:7], torch.ones(1, dtype=torch.float64)])
-        loss = float((red[:3] * weights).sum())
-        finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+        # Non-finite steps are detected on values every rank shares: DeepSpeed's global grad
+        # norm and its overflow skip, plus the all-reduced loss where that is computed: at
+        # logging steps (CE sums and throughput counters), or every step when DeepSpeed gives
+        # no grad norm. Other steps leave the loss on the device (no host sync).
+        log_now = step % tc.log_every == 0 or step == stop_step
+        loss = None
+        if log_now or grad_norm is None:
+            summed = all_reduce_sum(torch.cat([
+                loss_sum.to(torch.float64), window[:3].to(engine.device)
+            ])).cpu()
+            loss = float((summed[:3] * weights).sum())
+        finite = (grad_norm is None or math.isfinite(grad_norm)) and (
+            loss is None or math.isfinite(loss))
         applied = bool(getattr(engine, "_step_applied", True))
         if not finite and applied:
             raise RuntimeError(f"step {step}: DeepSpeed applied a non-finite update "
@@ -261,13 +272,14 @@ def run(cfg: RunConfig) -> int:
                     f"(train.max_consecutive_skips={tc.max_consecutive_skips}); the last good "
                     f"checkpoint is {ckpt_dir / 'latest'}")
 
-        if step % tc.log_every == 0 or step == stop_step:
+        if log_now:
             elapsed = time.perf_counter() - t_log
+            window[:3] = summed[3:6]  # every rank's tokens, samples and FLOPs
             rec = {"step": step, "time": time.time(), "loss": loss, "optim/lr": lr,
                    "optim/grad_norm": grad_norm, "optim/skipped_steps": skipped_total}
             for i, task in enumerate(TASKS):
                 n = float(n_tokens[i])
-                rec[f"loss/{task}"] = float(red[i]) / n if n > 0 else None
+                rec[f"loss/{task}"] = float(summed[i]) / n if n > 0 else None
                 rec[f"tokens/{task}"] = int(n)
             rec["speed/tokens_per_s"] = float(window[0]) / elapsed
             rec["speed/samples_per_s"] = float(window[1]) / elapsed
@@ -296,7 +308,7 @@ def run(cfg: RunConfig) -> int:
             set_train_mode(janus, cfg.trainable_groups)
             t_log += time.perf_counter() - t_eval  # throughput counts training time only
 
-        if red[3] > 0:  # some rank got SIGTERM/SIGUSR1: all ranks checkpoint and leave
+        if stop_now:  # some rank got SIGTERM/SIGUSR1: all ranks checkpoint and leave
             checkpoint()
             logger.warning("stop signal: checkpointed step %d, exiting %d (requeue)", step,
                            EXIT_REQUEUE)

@@ -31,8 +31,8 @@ if [[ ${DEMO_QUICK:-0} == 1 ]]; then
   STEPS1=${STEPS1:-4}; STEPS2=${STEPS2:-4}; STEPS3=${STEPS3:-4}; VQ_STEPS=${VQ_STEPS:-20}
 fi
 STEPS1=${STEPS1:-100}
-STEPS2=${STEPS2:-6000}
-STEPS3=${STEPS3:-4000}
+STEPS2=${STEPS2:-3000}
+STEPS3=${STEPS3:-2500}
 BATCH=${BATCH:-16}
 VQ_STEPS=${VQ_STEPS:-600}
 # one micro-batch per rank per step: no accumulation needed at this size
@@ -58,19 +58,25 @@ if [[ ! -f $OUT/data/world.json ]]; then
   phase "generate data" "$PYTHON" -m janus_train.demo.synth --out "$OUT/data"
 fi
 if [[ ! -f $OUT/init/config.json ]]; then
-  phase "tokenizer + VQ fit" "$PYTHON" -m janus_train.demo.vq --data "$OUT/data" \
-    --out "$OUT/init" --steps "$VQ_STEPS"
+  # one process: give it every core (training below runs NPROC_PER_NODE x 1 thread)
+  phase "tokenizer + VQ fit" env OMP_NUM_THREADS="$(nproc)" "$PYTHON" -m janus_train.demo.vq \
+    --data "$OUT/data" --out "$OUT/init" --steps "$VQ_STEPS"
 fi
 
 export JANUS_DATA_ROOT=$OUT/data/train          # read by data_recipes/tiny_stage*.yaml
 export JANUS_EVAL_DATA_ROOT=$OUT/data/heldout   # read by janus_train.evaluate
 export EXPERIMENT=tiny RUN_ROOT=$OUT/runs RUN_NAME=tiny INIT_FROM=$OUT/init LAUNCHER=torchrun
 export STAGE1_ARGS="train.steps=$STEPS1 train.eval_every=$STEPS1"
-export STAGE2_ARGS="train.steps=$STEPS2 train.eval_every=$STEPS2"
-export STAGE3_ARGS="train.steps=$STEPS3 train.eval_every=$STEPS3"
+# und:text:gen mixes of the demo (tiny experiment defaults: stage 2 2:3:5, stage 3 5:1:4): the
+# world's text is trivial and generation converges first, understanding needs the samples
+export STAGE2_ARGS="train.steps=$STEPS2 train.eval_every=$STEPS2 experiment.stage2.ratio.und=5 \
+experiment.stage2.ratio.text=1 experiment.stage2.ratio.gen=4"
+export STAGE3_ARGS="train.steps=$STEPS3 train.eval_every=$STEPS3 experiment.stage3.ratio.und=6 \
+experiment.stage3.ratio.text=1 experiment.stage3.ratio.gen=3"
 phase "train stages 1-3" bash "$here/pipeline.sh" model.tokenizer=null deepspeed=zero2 \
   deepspeed.precision=fp32 train.global_batch_size="$BATCH" train.micro_batch_size="$MICRO" \
-  train.log_every=10 train.ckpt_every=0 data.num_workers=1 "$@"
+  train.log_every=10 train.ckpt_every=0 data.num_workers=1 train.eval_guidance_scale=1 "$@"
+# (evaluation generates without classifier-free guidance: the report shows why, with a sweep)
 
 "$PYTHON" -m janus_train.demo.report --out "$OUT" --timings "$timings"
 echo "demo: report in $OUT/report.md"

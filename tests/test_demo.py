@@ -8,6 +8,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -120,8 +121,9 @@ def test_recognizer_reads_rendered_scenes():
     assert recognize_scene(Image.new("RGB", (32, 32))) == set()
 
 
-def test_vq_fit_beats_random_vq(data_dir):
-    """Fitting HF's JanusVQVAE reduces the HF encode->decode reconstruction error by far."""
+@pytest.fixture(scope="module")
+def fitted_vq(data_dir):
+    """The tiny model's VQ before and after a short fit on the train images."""
     from janus_train.demo import vq as V
     from janus_train.model import train_tiny_tokenizer
 
@@ -139,7 +141,15 @@ def test_vq_fit_beats_random_vq(data_dir):
         32,
     )
     before = V.reconstruction_mse(vqm, held)
-    V.fit_vq(vqm, x, V.VQFitConfig(steps=120, batch_size=16, restart_every=20))
+    stats = V.fit_vq(vqm, x, V.VQFitConfig(steps=150, batch_size=16))
+    return vqm, held, before, stats
+
+
+def test_vq_fit_beats_random_vq(fitted_vq):
+    """Fitting HF's JanusVQVAE reduces the HF encode->decode reconstruction error by far."""
+    from janus_train.demo import vq as V
+
+    vqm, held, before, _ = fitted_vq
     after = V.reconstruction_mse(vqm, held)
     # independent check of the metric: plain MSE of HF's own forward (encode + decode)
     with torch.no_grad():
@@ -147,3 +157,69 @@ def test_vq_fit_beats_random_vq(data_dir):
     assert torch.allclose(((rec - held) ** 2).mean(), torch.tensor(after), rtol=1e-4)
     assert after < 0.3 * before, (before, after)
     assert torch.allclose(vqm.quantize.embedding.weight.norm(dim=-1), torch.ones(1), atol=1e-5)
+
+
+def _codes(vqm, scenes) -> torch.Tensor:
+    from janus_train.demo import vq as V
+
+    x = V.images_to_tensor([world.render(s) for s in scenes], 32)
+    with torch.no_grad():
+        return vqm.encode(x).image_tokens.view(len(scenes), 4, 4)
+
+
+def test_vq_codes_depend_on_the_block_only(fitted_vq):
+    """The fitted VQ gives an object the same 2x2 codes wherever it is drawn and whatever else the
+    image holds (held-out placements included), and different objects different codes: the code
+    language the transformer learns is compositional. Checked on rendered scenes, with HF encode."""
+    vqm = fitted_vq[0]
+    rng = random.Random(0)
+    quad = {p: (2 * (i // 2), 2 * (i % 2)) for i, p in enumerate(world.POSITIONS)}
+    same = total = 0
+    for colour in world.COLOURS:
+        for shape in world.SHAPES:
+            alone = world.Obj(colour, shape, "top left")
+            ref = _codes(vqm, [(alone,)])[0, :2, :2]
+            for pos in world.POSITIONS:
+                others = [
+                    world.Obj(rng.choice(list(world.COLOURS)), rng.choice(world.SHAPES), p)
+                    for p in world.POSITIONS
+                    if p != pos and rng.random() < 0.6
+                ]
+                scene = tuple(
+                    sorted(
+                        others + [world.Obj(colour, shape, pos)],
+                        key=lambda o: world.POSITIONS.index(o.position),
+                    )
+                )
+                r, c = quad[pos]
+                got = _codes(vqm, [scene])[0, r : r + 2, c : c + 2]
+                same += int((got == ref).sum())
+                total += 4
+    assert same / total >= 0.95, same / total
+    # the empty quadrant has one code, distinct from every object's codes
+    blank = _codes(vqm, [()])[0]
+    assert (blank == blank[0, 0]).all()
+    objs = [(world.Obj(c, s, "top left"),) for c in world.COLOURS for s in world.SHAPES]
+    tl = _codes(vqm, objs)[:, :2, :2].reshape(len(objs), 4)
+    assert len({tuple(t.tolist()) for t in tl}) == len(objs)
+
+
+def test_patch_codes_are_exact_block_classes():
+    """Targets of the local fit: equal pixel blocks <=> equal code; the world has 61 blocks."""
+    from janus_train.demo import vq as V
+
+    rng = random.Random(1)
+    scenes = [world.random_scene(rng, False) for _ in range(300)]
+    scenes += [(o,) for o in world.all_triples()]
+    x = V.images_to_tensor([world.render(s) for s in scenes], 32)
+    codes = V.patch_codes(x, 8, 64, torch.Generator().manual_seed(0))
+    arr = np.stack([np.asarray(world.render(s)) for s in scenes])  # independent block split
+    blocks = arr.reshape(len(scenes), 4, 8, 4, 8, 3).transpose(0, 1, 3, 2, 4, 5)
+    keys = [b.tobytes() for b in blocks.reshape(-1, 8, 8, 3)]
+    flat = codes.reshape(-1).tolist()
+    assert len(set(keys)) == 61 == len(set(flat))
+    pairs = {(k, c) for k, c in zip(keys, flat)}
+    assert len(pairs) == 61  # a bijection between distinct blocks and codes
+    # more distinct blocks than codes: k-means, every code used, equal blocks -> equal code
+    few = V.patch_codes(x, 8, 8, torch.Generator().manual_seed(0)).reshape(-1).tolist()
+    assert set(few) <= set(range(8)) and len({(k, c) for k, c in zip(keys, few)}) == 61

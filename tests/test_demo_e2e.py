@@ -35,8 +35,8 @@ def demo_run(tmp_path_factory):
             n_heldout=48,
         )
     )
-    # VQ codebook initialised on encoder latents only (no fit): the test is about the LLM
-    V.prepare_init(data, root / "init", V.VQFitConfig(steps=0))
+    # a short local-code VQ fit (the demo's, fewer steps): codes that the LLM can compose
+    fit = V.prepare_init(data, root / "init", V.VQFitConfig(steps=150, batch_size=16))
     run_dir = root / "run"
     env = {
         **os.environ,
@@ -63,15 +63,17 @@ def demo_run(tmp_path_factory):
         "data.num_workers=1",
         "deepspeed.precision=fp32",
         "experiment.stage2.ratio.text=0",
+        "train.eval_guidance_scale=1",
     ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return run_dir, recs
+    return run_dir, recs, fit
 
 
 def test_short_demo_learns_beyond_chance(demo_run):
-    run_dir, recs = demo_run
+    run_dir, recs, fit = demo_run
+    assert fit["code_agreement"] > 0.9 and fit["code_consistency"] > 0.9, fit
     ev = [r for r in recs if "eval/loss/und" in r][-1]
     assert ev["step"] == STEPS
     vocab = json.loads((run_dir / "hf" / "config.json").read_text())["text_config"]["vocab_size"]

@@ -9,6 +9,17 @@ neighbour) and stores the codebook normalised, so ``encode`` and ``decode`` agre
 trained. Loss: pixel MSE + codebook + beta * commitment (straight-through gradients); unused codes
 are restarted on random latents so the small codebook is fully used.
 
+Local codes. The demo world is made of independent cells (its quadrants): the same object is
+drawn with the same pixels in every cell. For the codes to be a language the transformer can learn
+compositionally, the code of a token should depend on its cell's content only, not on what the
+other cells hold or where the cell is. HF's encoder has global self-attention blocks and global
+GroupNorm statistics, so it does not give that by itself: the fit (1) sets the encoder's attention
+output projections to zero and keeps them there (each block is then the identity; the module
+structure is unchanged), and (2) adds a *cell-consistency* loss: the batch's cells are shuffled
+across images and positions into new images, whose latents must equal the latents the same cells
+had in their source images. ``prepare_init`` reports the fraction of tokens whose code survives
+such a shuffle (``code_consistency``) next to the reconstruction error.
+
     python -m janus_train.demo.vq --data DIR --out DIR [--steps N]
 """
 
@@ -38,6 +49,12 @@ class VQFitConfig:
     beta: float = 0.25
     restart_every: int = 50
     """Restart codes unused over this many steps on random latents of the current batch."""
+    local_codes: bool = True
+    """Codes fixed by each token's pixel block (``patch_codes``), else a plain VQ-VAE fit."""
+    temperature: float = 0.1
+    """Softmax temperature of the encoder's code prediction (``local_codes``)."""
+    cell_size: int = 0
+    """Pixels per cell of ``code_consistency`` (0: half the image, the world's quadrants)."""
     seed: int = 0
 
 
@@ -77,18 +94,107 @@ def reconstruction_mse(vq, x: torch.Tensor) -> float:
     return float(F.mse_loss(reconstruct(vq, x), x))
 
 
+def _cells(x: torch.Tensor, cell: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N * H/cell * W/cell, C, cell, cell), cells in raster order per image."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // cell, cell, w // cell, cell).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(-1, c, cell, cell)
+
+
+def _uncells(cells: torch.Tensor, n: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of ``_cells``."""
+    c, cell = cells.shape[1], cells.shape[-1]
+    x = cells.reshape(n, h // cell, w // cell, c, cell, cell).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(n, c, h, w)
+
+
+def shuffle_cells(x: torch.Tensor, cell: int, gen: torch.Generator):
+    """Reassemble the batch's cells, shuffled across images and positions, into new images.
+    Returns ``(x2, perm)``: cell ``i`` of ``x2`` (in ``_cells`` order) is cell ``perm[i]`` of x."""
+    cells = _cells(x, cell)
+    perm = torch.randperm(cells.shape[0], generator=gen)
+    return _uncells(cells[perm], *x.shape[:1], *x.shape[2:]), perm
+
+
+def _token_cells(z: torch.Tensor, tokens_per_cell: int) -> torch.Tensor:
+    """(N, h, w, C) latents -> cells of tokens, matching ``_cells`` of the pixels."""
+    return _cells(z.permute(0, 3, 1, 2), tokens_per_cell)
+
+
+def _zero_encoder_attention(vq) -> None:
+    """Make every encoder self-attention block the identity (``x + proj_out(...)`` with a zero
+    ``proj_out``) and keep it so: tokens then see a bounded neighbourhood only."""
+    for mod in vq.encoder.modules():
+        if type(mod).__name__ == "JanusVQVAEAttnBlock":
+            with torch.no_grad():
+                mod.proj_out.weight.zero_()
+                mod.proj_out.bias.zero_()
+            for p in mod.parameters():
+                p.requires_grad_(False)
+
+
+@torch.no_grad()
+def code_consistency(vq, x: torch.Tensor, cell: int, seed: int = 1) -> float:
+    """Fraction of tokens whose HF ``encode`` code is the same after the cells are shuffled into
+    other images and positions (1.0: codes depend on the cell's content only)."""
+    gen = torch.Generator().manual_seed(seed)
+    x2, perm = shuffle_cells(x, cell, gen)
+    tpc = cell // (x.shape[-1] // vq.quantize.quant_state_dims[0])
+    c1 = vq.encode(x).image_tokens.view(x.shape[0], *vq.quantize.quant_state_dims)
+    c2 = vq.encode(x2).image_tokens.view_as(c1)
+    a = _token_cells(c1.unsqueeze(-1), tpc)[perm]
+    b = _token_cells(c2.unsqueeze(-1), tpc)
+    return float((a == b).float().mean())
+
+
+def patch_codes(images: torch.Tensor, patch: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Target code of every token: the raw ``patch`` x ``patch`` pixel blocks clustered into `k`
+    codes. Exact when the images hold at most `k` distinct blocks (the demo world: 15 objects x 4
+    quarter blocks + black = 61), else k-means (Lloyd, 20 iterations) on the distinct blocks
+    weighted by their counts. Returns (N, H/patch, W/patch) long."""
+    n, c, h, w = images.shape
+    blocks = _cells(images, patch).reshape(n * (h // patch) * (w // patch), -1)
+    uniq, inverse, counts = torch.unique(blocks, dim=0, return_inverse=True, return_counts=True)
+    if len(uniq) <= k:
+        order = torch.argsort(counts, descending=True)  # code 0 = the most frequent block
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order))
+        codes = rank[inverse]
+    else:
+        cent = uniq[torch.argsort(counts, descending=True)[:k]].clone()
+        wts = counts.float()
+        for _ in range(20):
+            assign = torch.cdist(uniq, cent).argmin(1)
+            for j in range(k):
+                m = assign == j
+                if m.any():
+                    cent[j] = (uniq[m] * wts[m, None]).sum(0) / wts[m].sum()
+        codes = torch.cdist(uniq, cent).argmin(1)[inverse]
+    return codes.view(n, h // patch, w // patch)
+
+
 def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
-    """Train `vq` (a ``JanusVQVAE``) in place on `images` (N, 3, H, W) in [-1, 1]."""
+    """Train `vq` (a ``JanusVQVAE``) in place on `images` (N, 3, H, W) in [-1, 1].
+
+    ``cfg.local_codes``: each token's code is fixed beforehand by its pixel block
+    (``patch_codes``); the encoder learns to predict it (cross-entropy over the cosine
+    similarities to the codebook, so HF's nearest-code ``encode`` returns it) and the decoder to
+    reconstruct the image from those codes. Otherwise: a plain VQ-VAE fit (nearest code,
+    straight-through, commitment loss, dead-code restarts), whose codes depend on context."""
     gen = torch.Generator().manual_seed(cfg.seed)
     codebook = vq.quantize.embedding.weight
     n_codes = codebook.shape[0]
+    patch = images.shape[-1] // vq.quantize.quant_state_dims[0]
+    targets = patch_codes(images, patch, n_codes, gen) if cfg.local_codes else None
     with torch.no_grad():
         # init the codebook on real latents: avoids codes that are never nearest from step 0
         idx = torch.randperm(images.shape[0], generator=gen)[: max(n_codes, cfg.batch_size)]
         z = _latents(vq, images[idx]).reshape(-1, codebook.shape[1])
         codebook.copy_(z[torch.randperm(z.shape[0], generator=gen)[:n_codes]])
+    if cfg.local_codes:
+        _zero_encoder_attention(vq)
     vq.train()
-    opt = torch.optim.Adam(vq.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam([p for p in vq.parameters() if p.requires_grad], lr=cfg.lr)
     usage = torch.zeros(n_codes)
     t0 = time.time()
     rec_loss = torch.tensor(float("nan"))  # steps=0: codebook initialised on latents only
@@ -97,10 +203,17 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
         x = images[idx]
         z = _latents(vq, x)
         e = F.normalize(codebook, dim=-1)
-        codes = (z.reshape(-1, z.shape[-1]) @ e.t()).argmax(-1)
-        zq = e[codes].view_as(z)
-        vq_loss = F.mse_loss(zq, z.detach()) + cfg.beta * F.mse_loss(z, zq.detach())
-        zq_st = (z + (zq - z).detach()).permute(0, 3, 1, 2)
+        logits = z.reshape(-1, z.shape[-1]) @ e.t()
+        if targets is not None:
+            codes = targets[idx].reshape(-1)
+            # the encoder predicts the block's code; the decoder reconstructs from those codes
+            vq_loss = F.cross_entropy(logits / cfg.temperature, codes)
+            zq_st = e[codes].view_as(z).permute(0, 3, 1, 2)
+        else:
+            codes = logits.argmax(-1)
+            zq = e[codes].view_as(z)
+            vq_loss = F.mse_loss(zq, z.detach()) + cfg.beta * F.mse_loss(z, zq.detach())
+            zq_st = (z + (zq - z).detach()).permute(0, 3, 1, 2)
         rec = vq.decoder(vq.post_quant_conv(zq_st))
         rec_loss = F.mse_loss(rec, x)
         loss = rec_loss + vq_loss
@@ -110,7 +223,8 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
         for g in opt.param_groups:
             g["lr"] = cfg.lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / cfg.steps))
         usage += torch.bincount(codes, minlength=n_codes).float()
-        if (step + 1) % cfg.restart_every == 0 and step + 1 < cfg.steps * 0.8:
+        restart = targets is None and (step + 1) % cfg.restart_every == 0
+        if restart and step + 1 < cfg.steps * 0.8:
             dead = (usage == 0).nonzero().flatten()
             if len(dead):
                 with torch.no_grad():
@@ -125,7 +239,13 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
     vq.eval()
     for p in vq.parameters():
         p.requires_grad_(False)
-    return {"train_rec_mse": float(rec_loss.detach()), "seconds": time.time() - t0}
+    out = {"train_rec_mse": float(rec_loss.detach()), "seconds": time.time() - t0}
+    if targets is not None:
+        n = min(1024, len(images))
+        got = vq.encode(images[:n]).image_tokens.view(n, -1)
+        out["code_agreement"] = float((got == targets[:n].reshape(n, -1)).float().mean())
+        out["distinct_blocks"] = int(targets.max()) + 1
+    return out
 
 
 def load_images(data_dir: str | Path, sources=("caption", "imagenet"), per_source: int = 2000):
@@ -139,6 +259,25 @@ def load_images(data_dir: str | Path, sources=("caption", "imagenet"), per_sourc
                 break
             images.append(Image.open(io.BytesIO(s["png"])).convert("RGB"))
     return images
+
+
+def recognized_reconstructions(vq, source_dir: Path, size: int, n: int = 256) -> float | None:
+    """Fraction of a source's scenes (held-out captions) whose HF ``encode`` -> ``decode``
+    reconstruction ``recognize_scene`` reads exactly: the VQ's ceiling for scene accuracy."""
+    from janus_train.demo.recognize import recognize_scene
+    from janus_train.demo.synth import iter_samples
+
+    if not source_dir.is_dir():
+        return None
+    items = []
+    for s in iter_samples(source_dir):
+        if len(items) >= n:
+            break
+        scene = json.loads(s["json"])["scene"]
+        items.append((Image.open(io.BytesIO(s["png"])).convert("RGB"), scene))
+    rec = tensor_to_images(reconstruct(vq, images_to_tensor([im for im, _ in items], size)))
+    want = [{(o["position"], o["colour"], o["shape"]) for o in sc} for _, sc in items]
+    return float(np.mean([recognize_scene(r) == w for r, w in zip(rec, want)]))
 
 
 def build_tiny(tokenizer_dir: str | Path, overrides: list[str] | None = None):
@@ -170,10 +309,13 @@ def prepare_init(data_dir: str | Path, out_dir: str | Path, cfg: VQFitConfig) ->
     model.save_pretrained(out)
     processor.save_pretrained(out)
     n_used = len(torch.unique(vq.encode(x[:1024]).image_tokens))
+    recognized = recognized_reconstructions(vq, Path(data_dir) / "heldout" / "caption", size)
     result = {
         "mse_random": before,
         "mse_fitted": after,
         "codes_used": n_used,
+        "code_consistency": code_consistency(vq, x[:1024], cfg.cell_size or size // 2),
+        "recognized_reconstructions": recognized,
         **stats,
         "fit": asdict(cfg),
     }

@@ -52,6 +52,8 @@ class TrainConfig:
     eval_recipe: str | None = None
     """Held-out recipe of the evaluation (name in ``data_recipes/`` or path); unset:
     ``$JANUS_EVAL_RECIPE``, else the demo's held-out split under ``$JANUS_EVAL_DATA_ROOT``."""
+    eval_guidance_scale: float = 5.0
+    """Classifier-free guidance of the evaluation's generated images (>= 1; 1 = none)."""
     dry_run: bool = False
     """Validate config, recipe and batch arithmetic, then exit before building the model."""
     synthetic_data: bool = False
