@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     g = sub.add_parser("generate", help="text-to-image with classifier-free guidance")
     g.add_argument("--prompt", action="append", required=True)
     g.add_argument("--n", type=int, default=1, help="images per prompt")
-    g.add_argument("--guidance", type=float, default=5.0)
+    g.add_argument("--guidance", type=float, default=5.0, help="CFG scale >= 1 (1 = none)")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
