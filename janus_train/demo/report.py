@@ -243,7 +243,7 @@ def write_report(
             "## In-training evaluation (end of each stage)",
             "",
             "| stage | " + " | ".join(EVAL_KEYS) + " |",
-            "|---|---|---|---|---|",
+            "|" + "---|" * (len(EVAL_KEYS) + 1),
         ]
         for stage, d in evals.items():
             lines.append(f"| {stage} | " + " | ".join(_fmt(d.get(k)) for k in EVAL_KEYS) + " |")

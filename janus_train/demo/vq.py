@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class VQFitConfig:
     steps: int = 600
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 3e-3
     beta: float = 0.25
     restart_every: int = 50
