@@ -7,7 +7,7 @@ timed loops so data generation costs the same on each side):
 - bare: ``for mb in loader.next_step(): engine.backward(engine(mb)["loss_sum"].sum()/n);
   engine.step()`` and nothing else;
 - janus-train: ``janus_train.train.run`` (token-count all-reduce, exact loss weights, LR set,
-  non-finite check, end-of-step all-reduce, FLOP accounting, metrics.jsonl every step, loader
+  non-finite check, CE sums all-reduced at log steps, FLOP accounting, metrics.jsonl every step, loader
   counters gathered every step); its step time is the gap between consecutive log calls.
 
 Step times are means over windows of ``--log-every`` steps (the first window is warm-up);

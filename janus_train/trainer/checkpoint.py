@@ -12,8 +12,8 @@ the directory into place and replaces ``latest`` atomically (write + ``os.replac
 any moment therefore leaves ``latest`` naming a complete checkpoint. Resume reads only
 ``latest``.
 
-SIGTERM / SIGUSR1 (Slurm's pre-emption notice) only set a flag; the loop all-reduces it at the
-next step boundary, checkpoints, and exits with :data:`EXIT_REQUEUE`.
+SIGTERM / SIGUSR1 (Slurm's pre-emption notice) only set a flag; the loop all-reduces it with the
+next step's token counts, finishes that step, checkpoints, and exits with :data:`EXIT_REQUEUE`.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def load_latest(engine, ckpt_dir: str | os.PathLike, info: DistInfo) -> tuple[di
 
 
 class StopSignal:
-    """Records SIGTERM / SIGUSR1; the loop acts on it at the next step boundary."""
+    """Records SIGTERM / SIGUSR1; the loop shares it with the next step's token-count
+    all-reduce and checkpoints after that step."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
