@@ -119,6 +119,7 @@ def test_bad_overrides_fail_at_compose_naming_field(override, exc, field):
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
         ("train.loss_reduction=mean", "train.loss_reduction"),
         ("model.image_size=30", "model.image_size"),
+        ("train.eval_guidance_scale=0.5", "train.eval_guidance_scale"),
     ],
 )
 def test_semantic_errors_name_the_field(override, field):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from janus_train.demo import synth
+from janus_train.demo import synth, world
 from janus_train.evaluate import EvalConfig, run_eval
 from tests.conftest import tiny_run
 
@@ -73,3 +73,58 @@ def test_heldout_text_loss_matches_hf_forward(
             total += float(loss) * (ids.shape[1] - 1)
             n += ids.shape[1] - 1
     assert res["loss/text"] == pytest.approx(total / n, rel=1e-4)
+
+
+def test_generation_metrics_against_known_outputs(
+    heldout, tiny_model_and_processor, tmp_path, monkeypatch
+):
+    """Wiring of the generation metrics, with the generator replaced by known answers: codes =
+    the reference codes and decoded images = the reference renders -> every accuracy is 1; a
+    blank image -> no object found and the token accuracy equals the blank baseline. The
+    guidance scale comes from ``train.eval_guidance_scale`` and extra scales are reported."""
+    from PIL import Image
+
+    from janus_train import evaluate as E
+    from janus_train import sample as S
+
+    monkeypatch.setenv("JANUS_EVAL_DATA_ROOT", str(heldout))
+    monkeypatch.delenv("JANUS_EVAL_RECIPE", raising=False)
+    model, processor = tiny_model_and_processor
+    size = model.config.vision_config.image_size
+    items = E._generation_items(E.eval_recipe(tiny_run([])), 4)
+    assert len(items) == 4 and all(g[2] for g in items)  # captions: whole scenes
+    unseen = world.heldout_triples()
+    assert all(any(o in unseen for o in synth.scene_from_json(g[2])) for g in items)
+    ref = E.reference_codes(model, [g[1] for g in items], size)
+    blank = E.reference_codes(model, [Image.new("RGB", (size, size))], size)
+    state = {"mode": "perfect", "scales": []}
+
+    def fake_codes(m, p, prompts, cfg, fmt=None):  # prompt-major, num_images per prompt
+        state["scales"].append(cfg.guidance_scale)
+        base = ref if state["mode"] == "perfect" else blank.expand(len(items), -1)
+        return base[: len(prompts)].repeat_interleave(cfg.num_images, 0)
+
+    def fake_decode(m, codes):
+        if state["mode"] == "perfect":
+            by_codes = {tuple(r.tolist()): g[1].resize((size, size)) for r, g in zip(ref, items)}
+            return [by_codes[tuple(c.tolist())] for c in codes]
+        return [Image.new("RGB", (size, size)) for _ in codes]
+
+    monkeypatch.setattr(S, "generate_codes", fake_codes)
+    monkeypatch.setattr(S, "decode_codes", fake_decode)
+    cfg = EvalConfig(max_per_source=4, batch_size=4, n_und=0, n_gen=4, n_grid=2,
+                     extra_guidance_scales=(4.0,))
+    run = tiny_run(["stage=stage3", "train.eval_guidance_scale=1.5"])
+    for mode in ("perfect", "blank"):
+        state.update(mode=mode, scales=[])
+        res = run_eval(model, processor, run, 1, tmp_path / mode, cfg)
+        assert res["gen/guidance_scale"] == 1.5 and state["scales"][0] == 1.5
+        assert 4.0 in state["scales"] and "gen/token_accuracy@cfg4" in res
+        if mode == "perfect":
+            for k in ("token_accuracy", "object_token_accuracy", "scene_accuracy",
+                      "object_accuracy", "unseen_object_accuracy"):
+                assert res[f"gen/{k}"] == 1.0, k
+        else:
+            assert res["gen/token_accuracy"] == res["gen/token_accuracy_blank_baseline"] < 1
+            assert res["gen/object_accuracy"] == 0.0 == res["gen/unseen_object_accuracy"]
+            assert res["gen/scene_accuracy"] == 0.0
