@@ -225,7 +225,7 @@ def prompt_format(run) -> S.PromptFormat:
 def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None = None) -> dict:
     """Evaluate on every rank; rank 0 writes ``out_dir/{metrics.json, answers.jsonl,
     generated.png}``. Returns flat metrics (the caller logs them, e.g. prefixed ``eval/``)."""
-    from janus_train.demo.recognize import recognize_scene
+    from janus_train.demo.recognize import recognize_scene, scene_set
 
     cfg = cfg or EvalConfig()
     janus = S.unwrap(model)
@@ -274,7 +274,6 @@ def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None =
                 fmt,
             )
             metrics[f"gen/token_accuracy@cfg{s:g}"] = float((other == ref).float().mean())
-        # baseline: the reference's most frequent code everywhere (the background here)
         # baseline: the codes of a blank (black) image, i.e. "draw nothing"
         blank = reference_codes(janus, [Image.new("RGB", (size, size))], size)
         metrics["gen/token_accuracy_blank_baseline"] = float((ref == blank).float().mean())
@@ -287,13 +286,16 @@ def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None =
             from janus_train.demo.world import Obj, heldout_triples
 
             unseen = heldout_triples()
-            found = [(sc, recognize_scene(im)) for sc, im in scenes]
-            want = [{(o["position"], o["colour"], o["shape"]) for o in sc} for sc, _ in found]
+            found = [recognize_scene(im) for _, im in scenes]
             metrics["gen/scene_accuracy"] = float(
-                np.mean([w == f for w, (_, f) in zip(want, found)])
+                np.mean([scene_set(sc) == f for (sc, _), f in zip(scenes, found)])
             )
-            objs = [(Obj(**o) in unseen, o, f) for sc, f in found for o in sc]
-            hits = [(u, (o["position"], o["colour"], o["shape"]) in f) for u, o, f in objs]
+            # (object is a held-out triple, object recognised at its position)
+            hits = [
+                (Obj(**o) in unseen, scene_set([o]) <= f)
+                for (sc, _), f in zip(scenes, found)
+                for o in sc
+            ]
             metrics["gen/object_accuracy"] = float(np.mean([h for _, h in hits]))
             if any(u for u, _ in hits):
                 metrics["gen/unseen_object_accuracy"] = float(np.mean([h for u, h in hits if u]))

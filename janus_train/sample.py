@@ -219,7 +219,9 @@ def generate_codes(
             generation_mode="image",
             do_sample=not greedy,
             guidance_scale=cfg.guidance_scale,
-            logits_processor=LogitsProcessorList([ConditionalOnly()] if cfg.guidance_scale == 1 else []),
+            logits_processor=LogitsProcessorList(
+                [ConditionalOnly()] if cfg.guidance_scale == 1 else []
+            ),
             num_return_sequences=cfg.num_images,
             **sampling,
         )

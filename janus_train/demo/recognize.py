@@ -31,6 +31,12 @@ def _templates(size: int) -> dict[tuple[str, str], np.ndarray]:
 _CACHE: dict[int, dict] = {}
 
 
+def scene_set(objs: list[dict]) -> set[tuple[str, str, str]]:
+    """A scene as stored in the shards' ``json`` (``[{colour, shape, position}]``) in the form
+    ``recognize_scene`` returns."""
+    return {(o["position"], o["colour"], o["shape"]) for o in objs}
+
+
 def recognize_scene(img: Image.Image) -> set[tuple[str, str, str]]:
     """``{(position, colour, shape)}`` of the objects visible in `img` (square RGB)."""
     arr = np.asarray(img.convert("RGB")).astype(np.float32)

@@ -9,16 +9,18 @@ neighbour) and stores the codebook normalised, so ``encode`` and ``decode`` agre
 trained. Loss: pixel MSE + codebook + beta * commitment (straight-through gradients); unused codes
 are restarted on random latents so the small codebook is fully used.
 
-Local codes. The demo world is made of independent cells (its quadrants): the same object is
-drawn with the same pixels in every cell. For the codes to be a language the transformer can learn
-compositionally, the code of a token should depend on its cell's content only, not on what the
-other cells hold or where the cell is. HF's encoder has global self-attention blocks and global
-GroupNorm statistics, so it does not give that by itself: the fit (1) sets the encoder's attention
-output projections to zero and keeps them there (each block is then the identity; the module
-structure is unchanged), and (2) adds a *cell-consistency* loss: the batch's cells are shuffled
-across images and positions into new images, whose latents must equal the latents the same cells
-had in their source images. ``prepare_init`` reports the fraction of tokens whose code survives
-such a shuffle (``code_consistency``) next to the reconstruction error.
+Local codes (the default, ``local_codes``). The demo world is made of independent cells (its
+quadrants): the same object is drawn with the same pixels in every cell. For the codes to be a
+language the transformer can learn compositionally, a token's code should depend on its own 8x8
+pixel block only, not on the rest of the image. HF's encoder has global self-attention and
+GroupNorm statistics, so the plain fit above gives context-dependent codes. The local fit instead
+fixes every token's code beforehand from its pixel block (``patch_codes``), trains the encoder to
+predict it (cross-entropy over the cosine similarities to the codebook, so HF's nearest-code
+``encode`` returns it) and the decoder to reconstruct the image from those codes; the encoder's
+attention output projections are set to zero and kept there (each block is then the identity;
+the module structure is unchanged). ``prepare_init`` reports the fraction of tokens whose code
+survives shuffling the cells across images and positions (``code_consistency``) next to the
+reconstruction error.
 
     python -m janus_train.demo.vq --data DIR --out DIR [--steps N]
 """
@@ -147,7 +149,7 @@ def code_consistency(vq, x: torch.Tensor, cell: int, seed: int = 1) -> float:
     return float((a == b).float().mean())
 
 
-def patch_codes(images: torch.Tensor, patch: int, k: int, gen: torch.Generator) -> torch.Tensor:
+def patch_codes(images: torch.Tensor, patch: int, k: int) -> torch.Tensor:
     """Target code of every token: the raw ``patch`` x ``patch`` pixel blocks clustered into `k`
     codes. Exact when the images hold at most `k` distinct blocks (the demo world: 15 objects x 4
     quarter blocks + black = 61), else k-means (Lloyd, 20 iterations) on the distinct blocks
@@ -173,6 +175,21 @@ def patch_codes(images: torch.Tensor, patch: int, k: int, gen: torch.Generator) 
     return codes.view(n, h // patch, w // patch)
 
 
+def _restart_dead_codes(codebook, usage, codes, z, step: int, cfg: VQFitConfig, gen) -> None:
+    """Plain fit: count code use; every ``restart_every`` steps (until 80% of the fit) move the
+    codes no latent picked onto random latents of the current batch."""
+    usage += torch.bincount(codes, minlength=codebook.shape[0]).float()
+    if (step + 1) % cfg.restart_every or step + 1 >= cfg.steps * 0.8:
+        return
+    dead = (usage == 0).nonzero().flatten()
+    if len(dead):
+        with torch.no_grad():
+            flat = z.detach().reshape(-1, z.shape[-1])
+            pick = torch.randint(0, flat.shape[0], (len(dead),), generator=gen)
+            codebook[dead] = flat[pick]
+    usage.zero_()
+
+
 def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
     """Train `vq` (a ``JanusVQVAE``) in place on `images` (N, 3, H, W) in [-1, 1].
 
@@ -185,7 +202,7 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
     codebook = vq.quantize.embedding.weight
     n_codes = codebook.shape[0]
     patch = images.shape[-1] // vq.quantize.quant_state_dims[0]
-    targets = patch_codes(images, patch, n_codes, gen) if cfg.local_codes else None
+    targets = patch_codes(images, patch, n_codes) if cfg.local_codes else None
     with torch.no_grad():
         # init the codebook on real latents: avoids codes that are never nearest from step 0
         idx = torch.randperm(images.shape[0], generator=gen)[: max(n_codes, cfg.batch_size)]
@@ -222,16 +239,8 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
         opt.step()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / cfg.steps))
-        usage += torch.bincount(codes, minlength=n_codes).float()
-        restart = targets is None and (step + 1) % cfg.restart_every == 0
-        if restart and step + 1 < cfg.steps * 0.8:
-            dead = (usage == 0).nonzero().flatten()
-            if len(dead):
-                with torch.no_grad():
-                    flat = z.detach().reshape(-1, z.shape[-1])
-                    pick = torch.randint(0, flat.shape[0], (len(dead),), generator=gen)
-                    codebook[dead] = flat[pick]
-            usage.zero_()
+        if targets is None:  # plain fit: restart codes no latent picked lately
+            _restart_dead_codes(codebook, usage, codes, z, step, cfg, gen)
         if step % 100 == 0 or step == cfg.steps - 1:
             logger.info("vq step %d rec %.4f vq %.4f", step, rec_loss.item(), vq_loss.item())
     with torch.no_grad():
@@ -264,7 +273,7 @@ def load_images(data_dir: str | Path, sources=("caption", "imagenet"), per_sourc
 def recognized_reconstructions(vq, source_dir: Path, size: int, n: int = 256) -> float | None:
     """Fraction of a source's scenes (held-out captions) whose HF ``encode`` -> ``decode``
     reconstruction ``recognize_scene`` reads exactly: the VQ's ceiling for scene accuracy."""
-    from janus_train.demo.recognize import recognize_scene
+    from janus_train.demo.recognize import recognize_scene, scene_set
     from janus_train.demo.synth import iter_samples
 
     if not source_dir.is_dir():
@@ -276,8 +285,7 @@ def recognized_reconstructions(vq, source_dir: Path, size: int, n: int = 256) ->
         scene = json.loads(s["json"])["scene"]
         items.append((Image.open(io.BytesIO(s["png"])).convert("RGB"), scene))
     rec = tensor_to_images(reconstruct(vq, images_to_tensor([im for im, _ in items], size)))
-    want = [{(o["position"], o["colour"], o["shape"]) for o in sc} for _, sc in items]
-    return float(np.mean([recognize_scene(r) == w for r, w in zip(rec, want)]))
+    return float(np.mean([recognize_scene(r) == scene_set(sc) for r, (_, sc) in zip(rec, items)]))
 
 
 def build_tiny(tokenizer_dir: str | Path, overrides: list[str] | None = None):
