@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo clean
+.PHONY: install test test-fast lint demo clean
 
 install: $(VENV)/.installed
 
@@ -18,8 +18,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# one line per test file with its progress, then the 15 slowest tests
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+
+# unit tests only (no multi-process, no end-to-end runs)
+test-fast: install
+	$(PY) -m pytest -m "not dist and not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check janus_train tests benchmarks

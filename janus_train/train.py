@@ -357,6 +357,11 @@ def main() -> None:
         if arg.startswith(("--local_rank=", "--local-rank=")):
             os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
             sys.argv.remove(arg)
+    if {"--help", "-h"} & set(sys.argv[1:]):  # ours; Hydra's own stays under --hydra-help
+        from janus_train.cli_help import render
+
+        print(render([a for a in sys.argv[1:] if not a.startswith("-")]))
+        sys.exit(0)
     _hydra_main()
     sys.exit(_exit_status)
 
