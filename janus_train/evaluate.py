@@ -46,6 +46,7 @@ import torch
 from PIL import Image
 
 from janus_train import sample as S
+from janus_train.model.vq_codes import vq_codes
 
 logger = logging.getLogger(__name__)
 
@@ -200,15 +201,14 @@ def _generation_items(recipe, n: int):
 
 
 def reference_codes(janus, images, size: int) -> torch.Tensor:
-    """VQ codes of reference images after the generation preprocessing (crop, [-1, 1])."""
+    """VQ codes (DeepSeek's cosine assignment) of reference images after the generation
+    preprocessing (crop, [-1, 1])."""
     from janus_train.data.preprocess import resize_short_crop
 
     arr = np.stack([np.asarray(resize_short_crop(im, size), dtype=np.float32) for im in images])
     x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
     vq = janus.model.vqmodel
-    x = x.to(next(vq.parameters()).device, next(vq.parameters()).dtype)
-    with torch.no_grad():
-        return vq.encode(x).image_tokens.view(len(images), -1).cpu()
+    return vq_codes(vq, x.to(next(vq.parameters()).device)).cpu()
 
 
 def prompt_format(run) -> S.PromptFormat:

@@ -149,7 +149,7 @@ def fitted_vq(data_dir):
 
 
 def test_vq_fit_beats_random_vq(fitted_vq):
-    """Fitting HF's JanusVQVAE reduces the HF encode->decode reconstruction error by far."""
+    """Fitting HF's JanusVQVAE reduces the codes->decode reconstruction error by far."""
     from janus_train.demo import vq as V
 
     vqm, held, before = fitted_vq[:3]
@@ -162,18 +162,31 @@ def test_vq_fit_beats_random_vq(fitted_vq):
     assert torch.allclose(vqm.quantize.embedding.weight.norm(dim=-1), torch.ones(1), atol=1e-5)
 
 
+def test_fitted_vq_codes_agree_with_hf_encode(fitted_vq):
+    """The fit stores the codebook normalised, so HF's raw-distance ``encode`` and the project's
+    cosine assignment (``vq_codes``) give the same codes on the demo's VQs: the demo's targets
+    did not change when the project switched to DeepSeek's assignment."""
+    from janus_train.model.vq_codes import vq_codes
+
+    vqm, held, plain = fitted_vq[0], fitted_vq[1], fitted_vq[4]
+    for v in (vqm, plain):
+        with torch.no_grad():
+            hf = v.encode(held).image_tokens.view(len(held), -1)
+        assert torch.equal(vq_codes(v, held), hf)
+
+
 def _codes(vqm, scenes) -> torch.Tensor:
     from janus_train.demo import vq as V
+    from janus_train.model.vq_codes import vq_codes
 
     x = V.images_to_tensor([world.render(s) for s in scenes], 32)
-    with torch.no_grad():
-        return vqm.encode(x).image_tokens.view(len(scenes), 4, 4)
+    return vq_codes(vqm, x).view(len(scenes), 4, 4)
 
 
 def _placement_agreement(vqm, rng) -> float:
     """Fraction of an object's 2x2 codes equal to its codes alone at the top left, over every
     (colour, shape) drawn at every position among random other objects (held-out placements
-    included). Computed on rendered scenes with HF ``encode``."""
+    included). Computed on rendered scenes with ``vq_codes``."""
     quad = {p: (2 * (i // 2), 2 * (i % 2)) for i, p in enumerate(world.POSITIONS)}
     same = total = 0
     for colour in world.COLOURS:

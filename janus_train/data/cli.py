@@ -277,6 +277,7 @@ def _encode_shard(job: tuple[str, str, str, str, int, int]) -> dict:
     from janus_train.data.builders import _image_members
     from janus_train.data.preprocess import BadSample, decode_image, gen_pixels
     from janus_train.data.shards import ShardCursor
+    from janus_train.model.vq_codes import vq_codes
 
     url, out_path, model_dir, device, batch_size, threads = job
     vq, size = _load_vq(model_dir, device)
@@ -299,7 +300,7 @@ def _encode_shard(job: tuple[str, str, str, str, int, int]) -> dict:
         for b in range(0, len(todo), batch_size):
             idx = todo[b : b + batch_size]
             x = torch.from_numpy(np.stack([pixels[i] for i in idx])).to(device)
-            toks = vq.encode(x).image_tokens.view(len(idx), -1).cpu().numpy().astype(np.int32)
+            toks = vq_codes(vq, x).cpu().numpy().astype(np.int32)
             for i, t in zip(idx, toks):
                 codes[i] = t
     from janus_train.data.synthetic import write_tar

@@ -272,7 +272,7 @@ def write_report(
             "## Tiny VQ",
             "",
             f"Fitted for {v['fit']['steps']} steps on the training images: reconstruction "
-            f"MSE (HF `encode` -> `decode`, pixels in [-1, 1]) {v['mse_random']:.3f} random "
+            f"MSE (cosine code assignment -> HF `decode`, pixels in [-1, 1]) {v['mse_random']:.3f} random "
             f"-> {v['mse_fitted']:.3f} fitted; {v['codes_used']} of the codebook's codes "
             "in use. Frozen in all three stages.",
             "",
@@ -283,7 +283,7 @@ def write_report(
             f"quadrants are shuffled across images: {_fmt(v.get('code_consistency'))}); so an "
             "object has the same codes wherever it is drawn and the transformer can compose "
             "unseen colour-shape-position triples from seen parts. Held-out scenes whose "
-            "reconstruction (`encode` -> `decode`) the recogniser reads exactly: "
+            "reconstruction (codes -> `decode`) the recogniser reads exactly: "
             f"{_fmt(v.get('recognized_reconstructions'))} (the ceiling of the scene accuracy "
             "above).",
         ]

@@ -2,11 +2,11 @@
 HF-format directory stage 1 starts from (``model.init_from``); the VQ stays frozen afterwards.
 
 The fitted module is HF's own ``JanusVQVAE`` (encoder, ``quant_conv``, codebook,
-``post_quant_conv``, decoder). Its inference path ``decode`` looks codes up in the *L2-normalised*
-codebook (LlamaGen VQ-16), and ``encode`` picks the nearest raw codebook vector; training here
-therefore quantises L2-normalised latents against the normalised codebook (cosine nearest
-neighbour) and stores the codebook normalised, so ``encode`` and ``decode`` agree with what was
-trained. Loss: pixel MSE + codebook + beta * commitment (straight-through gradients); unused codes
+``post_quant_conv``, decoder). Codes are assigned as DeepSeek's quantizer does and as the whole
+project does (``janus_train.model.vq_codes``: L2-normalised latents against the L2-normalised
+codebook, cosine nearest neighbour), and ``decode`` looks codes up in the normalised codebook;
+training here quantises the same way. The codebook is stored normalised, so HF's own ``encode``
+(nearest raw codebook vector) also returns these codes. Loss: pixel MSE + codebook + beta * commitment (straight-through gradients); unused codes
 are restarted on random latents so the small codebook is fully used.
 
 Local codes (the default, ``local_codes``). The demo world is made of independent cells (its
@@ -15,8 +15,8 @@ language the transformer can learn compositionally, a token's code should depend
 pixel block only, not on the rest of the image. HF's encoder has global self-attention and
 GroupNorm statistics, so the plain fit above gives context-dependent codes. The local fit instead
 fixes every token's code beforehand from its pixel block (``patch_codes``), trains the encoder to
-predict it (cross-entropy over the cosine similarities to the codebook, so HF's nearest-code
-``encode`` returns it) and the decoder to reconstruct the image from those codes; the encoder's
+predict it (cross-entropy over the cosine similarities to the codebook, so the cosine assignment
+returns it) and the decoder to reconstruct the image from those codes; the encoder's
 attention output projections are set to zero and kept there (each block is then the identity;
 the module structure is unchanged). ``prepare_init`` reports the fraction of tokens whose code
 survives shuffling the cells across images and positions (``code_consistency``) next to the
@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from janus_train.model.vq_codes import normalized_latents, vq_codes
 
 logger = logging.getLogger(__name__)
 
@@ -74,25 +76,19 @@ def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.numpy()) for a in arr]
 
 
-def _latents(vq, x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, h, w, C) L2-normalised pre-quantisation latents."""
-    h = vq.quant_conv(vq.encoder(x))
-    return F.normalize(h.permute(0, 2, 3, 1), dim=-1)
-
-
 @torch.no_grad()
 def reconstruct(vq, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """HF's inference path: ``encode`` -> codes -> ``decode``."""
+    """The project's path: ``vq_codes`` (cosine assignment) -> codes -> HF ``decode``."""
     outs = []
     for i in range(0, x.shape[0], batch_size):
         xb = x[i : i + batch_size]
-        codes = vq.encode(xb).image_tokens.view(xb.shape[0], -1)
+        codes = vq_codes(vq, xb)
         outs.append(vq.decode(codes))
     return torch.cat(outs)
 
 
 def reconstruction_mse(vq, x: torch.Tensor) -> float:
-    """Mean squared error in [-1, 1] pixel units of HF ``encode`` + ``decode``."""
+    """Mean squared error in [-1, 1] pixel units of ``vq_codes`` + HF ``decode``."""
     return float(F.mse_loss(reconstruct(vq, x), x))
 
 
@@ -137,13 +133,13 @@ def _zero_encoder_attention(vq) -> None:
 
 @torch.no_grad()
 def code_consistency(vq, x: torch.Tensor, cell: int, seed: int = 1) -> float:
-    """Fraction of tokens whose HF ``encode`` code is the same after the cells are shuffled into
+    """Fraction of tokens whose code (``vq_codes``) is the same after the cells are shuffled into
     other images and positions (1.0: codes depend on the cell's content only)."""
     gen = torch.Generator().manual_seed(seed)
     x2, perm = shuffle_cells(x, cell, gen)
     tpc = cell // (x.shape[-1] // vq.quantize.quant_state_dims[0])
-    c1 = vq.encode(x).image_tokens.view(x.shape[0], *vq.quantize.quant_state_dims)
-    c2 = vq.encode(x2).image_tokens.view_as(c1)
+    c1 = vq_codes(vq, x).view(x.shape[0], *vq.quantize.quant_state_dims)
+    c2 = vq_codes(vq, x2).view_as(c1)
     a = _token_cells(c1.unsqueeze(-1), tpc)[perm]
     b = _token_cells(c2.unsqueeze(-1), tpc)
     return float((a == b).float().mean())
@@ -195,7 +191,8 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
 
     ``cfg.local_codes``: each token's code is fixed beforehand by its pixel block
     (``patch_codes``); the encoder learns to predict it (cross-entropy over the cosine
-    similarities to the codebook, so HF's nearest-code ``encode`` returns it) and the decoder to
+    similarities to the codebook, so the cosine assignment ``vq_codes`` returns it) and the
+    decoder to
     reconstruct the image from those codes. Otherwise: a plain VQ-VAE fit (nearest code,
     straight-through, commitment loss, dead-code restarts), whose codes depend on context."""
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -206,7 +203,7 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
     with torch.no_grad():
         # init the codebook on real latents: avoids codes that are never nearest from step 0
         idx = torch.randperm(images.shape[0], generator=gen)[: max(n_codes, cfg.batch_size)]
-        z = _latents(vq, images[idx]).reshape(-1, codebook.shape[1])
+        z = normalized_latents(vq, images[idx]).reshape(-1, codebook.shape[1])
         codebook.copy_(z[torch.randperm(z.shape[0], generator=gen)[:n_codes]])
     if cfg.local_codes:
         _zero_encoder_attention(vq)
@@ -218,7 +215,7 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
     for step in range(cfg.steps):
         idx = torch.randint(0, images.shape[0], (cfg.batch_size,), generator=gen)
         x = images[idx]
-        z = _latents(vq, x)
+        z = normalized_latents(vq, x)
         e = F.normalize(codebook, dim=-1)
         logits = z.reshape(-1, z.shape[-1]) @ e.t()
         if targets is not None:
@@ -244,6 +241,7 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
         if step % 100 == 0 or step == cfg.steps - 1:
             logger.info("vq step %d rec %.4f vq %.4f", step, rec_loss.item(), vq_loss.item())
     with torch.no_grad():
+        # stored normalised: HF's encode (raw nearest vector) then agrees with vq_codes too
         codebook.copy_(F.normalize(codebook, dim=-1))
     vq.eval()
     for p in vq.parameters():
@@ -251,7 +249,7 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
     out = {"train_rec_mse": float(rec_loss.detach()), "seconds": time.time() - t0}
     if targets is not None:
         n = min(1024, len(images))
-        got = vq.encode(images[:n]).image_tokens.view(n, -1)
+        got = vq_codes(vq, images[:n])
         out["code_agreement"] = float((got == targets[:n].reshape(n, -1)).float().mean())
         out["distinct_blocks"] = int(targets.max()) + 1
     return out
@@ -271,7 +269,7 @@ def load_images(data_dir: str | Path, sources=("caption", "imagenet"), per_sourc
 
 
 def recognized_reconstructions(vq, source_dir: Path, size: int, n: int = 256) -> float | None:
-    """Fraction of a source's scenes (held-out captions) whose HF ``encode`` -> ``decode``
+    """Fraction of a source's scenes (held-out captions) whose ``vq_codes`` -> ``decode``
     reconstruction ``recognize_scene`` reads exactly: the VQ's ceiling for scene accuracy."""
     from janus_train.demo.recognize import recognize_scene, scene_set
     from janus_train.demo.synth import iter_samples
@@ -316,7 +314,7 @@ def prepare_init(data_dir: str | Path, out_dir: str | Path, cfg: VQFitConfig) ->
     after = reconstruction_mse(vq, x[:512])
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    n_used = len(torch.unique(vq.encode(x[:1024]).image_tokens))
+    n_used = len(torch.unique(vq_codes(vq, x[:1024])))
     recognized = recognized_reconstructions(vq, Path(data_dir) / "heldout" / "caption", size)
     result = {
         "mse_random": before,

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from janus_train.model.vq_codes import vq_codes
+
 TASKS = ("text", "und", "gen")
 TASK_IDS = {"text": 0, "und": 1, "gen": 2}
 IGNORE = -100
@@ -77,10 +79,10 @@ class JanusTrainModel(nn.Module):
 
     @torch.no_grad()
     def encode_images(self, gen_pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [-1, 1] -> (N, num_image_tokens) VQ codes with the frozen VQ."""
-        vq = self.janus.model.vqmodel
-        out = vq.encode(gen_pixel_values.to(next(vq.parameters()).dtype))
-        return out.image_tokens.view(gen_pixel_values.shape[0], -1)
+        """(N, 3, H, W) in [-1, 1] -> (N, num_image_tokens) VQ codes with the frozen VQ, assigned
+        by cosine as DeepSeek's quantizer does (``janus_train.model.vq_codes``), not by HF's
+        ``encode``."""
+        return vq_codes(self.janus.model.vqmodel, gen_pixel_values)
 
     def _fill_codes(self, batch) -> torch.Tensor:
         codes = batch["image_codes"]
