@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from janus_train.data.config import DataConfig
 from janus_train.model.config import ModelConfig
 from janus_train.model.freeze import validate_trainable
+from janus_train.model.lora import validate_lora
 from janus_train.trainer.config import DeepSpeedConfig, TrainConfig
 
 CONF_DIR = Path(os.environ.get("JANUS_TRAIN_CONF", Path(__file__).resolve().parent.parent / "conf"))
@@ -145,6 +146,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.stage.name not in STAGES:
         raise ValueError(f"stage.name={cfg.stage.name!r}: must be one of {STAGES}")
     validate_trainable(cfg.trainable_groups, "stage.trainable")
+    validate_lora(cfg.model.lora, cfg.trainable_groups)
     hp = cfg.hparams
     where = f"experiment.{cfg.stage.name}"
     for k in ("und", "text", "gen"):

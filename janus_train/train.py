@@ -174,7 +174,7 @@ def run(cfg: RunConfig) -> int:
         get_processor(cfg.model, run_dir)
     barrier()
     janus, processor = build_model(cfg.model, workdir=run_dir)
-    report = apply_freeze(janus, cfg.trainable_groups)
+    report = apply_freeze(janus, cfg.trainable_groups, cfg.model.lora)  # + LoRA adapters
     if info.is_main:
         write_trainable_report(report, run_dir / "trainable.json")
     flops = FlopCounter(janus)

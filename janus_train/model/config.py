@@ -50,6 +50,39 @@ class VQModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on module groups that the stage trains (``model.lora``).
+
+    A group listed in ``groups`` trains through adapters only (its base weights, norms and
+    biases stay frozen); the stage's other trainable groups train fully. Adapters are injected
+    into the existing modules (no ``PeftModel`` wrapper), after freezing; the export merges them
+    into ``hf/`` and writes them unmerged to ``adapter/``."""
+
+    enabled: bool = False
+    groups: list[str] = field(default_factory=lambda: ["llm"])
+    """Module groups with adapters: llm, und_encoder, und_adaptor, gen_adaptor, gen_head. Each
+    must be in the stage's trainable groups; the VQ never gets adapters."""
+    target_modules: dict[str, list[str]] = field(default_factory=dict)
+    """Per group, the Linear layers that get adapters, by name: a name matches a layer whose
+    path inside the group ends with it (a trailing list index ignored: ``hidden_layers`` matches
+    ``hidden_layers.0``). A group not listed uses ``janus_train.model.lora.DEFAULT_TARGETS``
+    (llm: q/k/v/o_proj, gate/up/down_proj; und_encoder: q/k/v_proj, projection_layer, fc1, fc2;
+    adaptors and image head: every Linear)."""
+    r: int = 16
+    """Rank of every adapter."""
+    alpha: float = 32.0
+    """Scaling numerator: the update is (alpha / r) * B @ A."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input (training mode only)."""
+    init: str = "default"
+    """``default`` (peft's: A Kaiming-uniform, B zero, so training starts from the base model) |
+    ``gaussian`` (A normal, B zero) | ``random`` (A and B random: tests only, the adapted model
+    then differs from the base)."""
+    seed: int = 0
+    """Seed of the adapters' random init (identical on every rank)."""
+
+
+@dataclass
 class ModelConfig:
     """What to build. ``init_from`` set: load that local HF-format directory (the tokenizer and
     processor too, unless ``tokenizer`` names another directory). Unset: random init from the
@@ -75,6 +108,8 @@ class ModelConfig:
     """``sdpa`` | ``eager`` | ``flash_attention_2``."""
     seed: int = 0
     """Seed of the random init (same weights on every rank)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters (off by default)."""
 
     @property
     def num_image_tokens(self) -> int:

@@ -12,6 +12,9 @@ import os
 
 from torch import nn
 
+from janus_train.model.config import LoraConfig
+from janus_train.model.lora import is_adapter_param
+
 # group -> attribute paths on JanusForConditionalGeneration
 GROUPS: dict[str, tuple[str, ...]] = {
     "und_encoder": ("model.vision_model",),
@@ -48,9 +51,20 @@ def group_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
     return out
 
 
-def apply_freeze(model: nn.Module, trainable: list[str]) -> dict[str, dict[str, int]]:
-    """Set ``requires_grad`` on every parameter; return per-group trainable/frozen counts."""
+def apply_freeze(
+    model: nn.Module, trainable: list[str], lora: LoraConfig | None = None
+) -> dict[str, dict[str, int]]:
+    """Set ``requires_grad`` on every parameter; return per-group trainable/frozen counts
+    (with ``lora`` enabled: adapters injected first, their parameters counted as trainable
+    and, per group, as ``adapter``)."""
     validate_trainable(trainable)
+    lora_groups: set[str] = set()
+    if lora is not None and lora.enabled:
+        from janus_train.model.lora import inject_lora, validate_lora
+
+        validate_lora(lora, trainable)
+        inject_lora(model, lora)
+        lora_groups = set(lora.groups)
     owner: dict[int, str] = {}
     for group, mods in group_modules(model).items():
         n = 0
@@ -61,12 +75,19 @@ def apply_freeze(model: nn.Module, trainable: list[str]) -> dict[str, dict[str, 
         if n == 0:
             raise ValueError(f"module group {group!r} matches no parameter")
     report = {g: {"trainable": 0, "frozen": 0} for g in GROUPS}
+    if lora_groups:
+        for g in GROUPS:
+            report[g]["adapter"] = 0
     for name, p in model.named_parameters():
         group = owner.get(id(p))
         if group is None:
             raise ValueError(f"parameter {name!r} belongs to no module group")
-        p.requires_grad_(group in trainable)
+        adapter = is_adapter_param(name)
+        # peft marked only adapters trainable model-wide: every flag is set again here
+        p.requires_grad_(adapter or (group in trainable and group not in lora_groups))
         report[group]["trainable" if p.requires_grad else "frozen"] += p.numel()
+        if adapter:
+            report[group]["adapter"] += p.numel()
     return report
 
 

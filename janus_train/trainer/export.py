@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from janus_train.model.lora import export_lora
 from janus_train.trainer.distributed import DistInfo, barrier
 
 COMPLETE = "export_complete"
@@ -55,6 +56,8 @@ def export_hf(janus: torch.nn.Module, processor, out_dir: str | os.PathLike, zer
     out = Path(out_dir)
     sd = consolidated_state_dict(janus, zero_stage, info)
     if info.is_main:
+        # LoRA: merged from the consolidated weights into hf/; unmerged to adapter/ beside it
+        sd = export_lora(janus, sd, out.with_name("adapter"))
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         janus.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
