@@ -59,6 +59,7 @@ class LoraConfig:
     into ``hf/`` and writes them unmerged to ``adapter/``."""
 
     enabled: bool = False
+    """Inject adapters (off: every trainable group trains fully)."""
     groups: list[str] = field(default_factory=lambda: ["llm"])
     """Module groups with adapters: llm, und_encoder, und_adaptor, gen_adaptor, gen_head. Each
     must be in the stage's trainable groups; the VQ never gets adapters."""
