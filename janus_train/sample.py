@@ -98,11 +98,11 @@ def unwrap(model):
 
 def load(model_dir: str | os.PathLike, device: str = "cpu", dtype=torch.float32):
     """``(model, processor)`` from a local export directory, in eval mode."""
-    from transformers import JanusForConditionalGeneration, JanusProcessor
+    from transformers import JanusForConditionalGeneration
 
-    from janus_train.model.build import set_generation_config
+    from janus_train.model.build import load_processor, set_generation_config
 
-    processor = JanusProcessor.from_pretrained(str(model_dir), local_files_only=True)
+    processor = load_processor(model_dir)  # checks the tokenizer before the model loads
     model = JanusForConditionalGeneration.from_pretrained(
         str(model_dir), local_files_only=True, dtype=dtype
     ).to(device)

@@ -14,7 +14,12 @@ from pathlib import Path
 import torch
 
 from janus_train.model.config import ModelConfig
-from janus_train.model.tokenizer import SpecialTokens, resolve_special_tokens, train_tiny_tokenizer
+from janus_train.model.tokenizer import (
+    SpecialTokens,
+    check_tokenizer,
+    resolve_special_tokens,
+    train_tiny_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,12 +89,15 @@ def build_janus_config(cfg: ModelConfig, tokenizer):
 
 
 def load_processor(path: str | os.PathLike):
-    """Tokenizer + image processor from a local directory (no hub access)."""
+    """Tokenizer + image processor from a local directory (no hub access), its tokenizer
+    checked by :func:`check_tokenizer` (every entry point loads it here)."""
     from transformers import JanusProcessor
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"tokenizer/processor directory {str(path)!r} does not exist")
-    return JanusProcessor.from_pretrained(str(path), local_files_only=True)
+    processor = JanusProcessor.from_pretrained(str(path), local_files_only=True)
+    check_tokenizer(processor.tokenizer)
+    return processor
 
 
 def get_processor(cfg: ModelConfig, workdir: str | os.PathLike | None = None):

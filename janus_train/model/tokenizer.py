@@ -52,6 +52,43 @@ def resolve_special_tokens(tokenizer) -> SpecialTokens:
     )
 
 
+# Spaces (single, double, leading, trailing), newlines, a tab, accents, CJK and an emoji: what a
+# loading path that swaps DeepSeek's byte-level pre-tokenizer for another one loses.
+ROUND_TRIP_PROBE = " Hello world,  two  spaces.\nA new line\n\n\tcafé naïve 中文 🙂 end "
+TESTED_TRANSFORMERS = ">=5.24,<5.25"
+"""The transformers range the project is tested with (pyproject.toml pins the same)."""
+
+
+def check_tokenizer(tokenizer) -> None:
+    """Stop with one line unless `tokenizer` round-trips text and keeps each special token whole.
+
+    Some transformers 5.x loading paths turn DeepSeek's byte-level tokenizer into one that drops
+    spaces; training on it would silently corrupt every sample. Checks: ``decode(encode(probe))``
+    returns the probe exactly (spaces, newlines, unicode), and every Janus special token encodes
+    to its own single id, alone and inside text.
+    """
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    hint = f"(tested with transformers{TESTED_TRANSFORMERS}; see docs/fidelity.md)"
+    ids = tokenizer.encode(ROUND_TRIP_PROBE, add_special_tokens=False)
+    got = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    if got != ROUND_TRIP_PROBE:
+        raise ValueError(
+            f"tokenizer {name!r} does not round-trip text: {ROUND_TRIP_PROBE!r} decodes to "
+            f"{got!r} {hint}"
+        )
+    vocab = tokenizer.get_vocab()
+    for tok in JANUS_SPECIAL_TOKENS:
+        if tok not in vocab:
+            continue  # resolve_special_tokens names missing ones
+        alone = tokenizer.encode(tok, add_special_tokens=False)
+        inside = tokenizer.encode(f"a{tok}b", add_special_tokens=False)
+        if alone != [vocab[tok]] or inside.count(vocab[tok]) != 1:
+            raise ValueError(
+                f"tokenizer {name!r} splits the special token {tok!r} into {alone} (its id is "
+                f"{vocab[tok]}) {hint}"
+            )
+
+
 def _default_corpus() -> list[str]:
     words = (
         "a an the red green blue yellow purple orange white black circle square triangle star "
@@ -96,7 +133,11 @@ def train_tiny_tokenizer(
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        extra_special_tokens={"image_token": IMAGE_TOKEN, "boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN},
+        extra_special_tokens={
+            "image_token": IMAGE_TOKEN,
+            "boi_token": BOI_TOKEN,
+            "eoi_token": EOI_TOKEN,
+        },
         padding_side="left",
         add_bos_token=True,
     )
