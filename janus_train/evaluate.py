@@ -212,13 +212,9 @@ def reference_codes(janus, images, size: int) -> torch.Tensor:
 
 
 def prompt_format(run) -> S.PromptFormat:
-    style = (
-        "plain"
-        if getattr(run.stage.caption_format, "value", run.stage.caption_format) == "plain"
-        else "chat"
-    )
-    tmpl = getattr(run.experiment.chat_template, "value", run.experiment.chat_template)
-    return S.PromptFormat(style, tmpl, run.data.system_prompt)
+    from janus_train.model.chat_template import run_prompt_format
+
+    return run_prompt_format(run)
 
 
 @torch.no_grad()

@@ -5,12 +5,13 @@ HF-format export directory (``JanusForConditionalGeneration`` + ``JanusProcessor
     janus-sample --model DIR generate --prompt "a red circle at the top left." --n 4 \
         --guidance 5 --temperature 1 --top-k 0 --top-p 1 --out samples/
 
-Prompts are built exactly as the training sample builders build them
-(``janus_train.data.builders``), so a model is asked in the format it was trained on:
-
-- ``chat`` (stage 2/3): ``BOS [system "\\n\\n"] "U: " IMG "\\nQ\\n\\nA:"`` for understanding,
-  ``BOS "U: prompt\\n\\nA:" BOI`` for generation (``U``/``A`` per ``--chat-template``).
-- ``plain`` (stage 1): ``BOS IMG`` (the model captions) and ``BOS prompt BOI``.
+Prompts come from the export's chat template (``processor.apply_chat_template``, the template
+every export carries, generated from the training builders' strings by
+``janus_train.model.chat_template``), so a model is asked in the format it was trained on and
+exactly as plain transformers would ask it; ``--style/--chat-template/--system-prompt`` override
+it (exports without a template). Understanding: one user message ``[image, question]`` (plain,
+stage-1 exports: pass ``--question ""`` to caption); text-to-image: ``[prompt]`` rendered with
+``generation_mode="image"`` (no system prompt), ending with ``<begin_of_image>``.
 
 Batches are left-padded with the pad token and carry attention masks. Text answers use HF
 ``generate``; images use HF ``generate(generation_mode="image")``, which doubles the batch for
@@ -23,6 +24,7 @@ so the padded rows still match unbatched runs (tested).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -32,63 +34,88 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessorList
 
-from janus_train.model.tokenizer import SpecialTokens, resolve_special_tokens
+from janus_train.model.chat_template import ROLES, STYLES, PromptFormat
+from janus_train.model.tokenizer import BOI_TOKEN, resolve_special_tokens
 
-ROLES = {"janus": ("User", "Assistant"), "janus_pro": ("<|User|>", "<|Assistant|>")}
-
-
-@dataclass
-class PromptFormat:
-    """How prompts are framed: ``chat`` with a template's roles, or ``plain`` (stage 1)."""
-
-    style: str = "chat"
-    chat_template: str = "janus_pro"
-    system_prompt: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.style not in ("chat", "plain"):
-            raise ValueError(f"prompt style {self.style!r}: chat | plain")
-        if self.chat_template not in ROLES:
-            raise ValueError(f"chat template {self.chat_template!r}: one of {sorted(ROLES)}")
+__all__ = [
+    "PromptFormat",
+    "answer",
+    "generate_codes",
+    "generation_inputs",
+    "load",
+    "understanding_inputs",
+]
 
 
-def _enc(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False) if text else []
+def chat_template_of(processor, fmt: PromptFormat | None = None) -> str:
+    """The Jinja template prompts are rendered with: ``fmt``'s, else the processor's own."""
+    if fmt is not None:
+        return fmt.jinja()
+    if not getattr(processor, "chat_template", None):
+        raise ValueError(
+            "the processor has no chat template (an export from before janus_train wrote one): "
+            "give the format, e.g. --style chat --chat-template janus_pro"
+        )
+    return processor.chat_template
 
 
-def understanding_ids(
-    question: str, tokenizer, st: SpecialTokens, num_image_tokens: int, fmt: PromptFormat
-) -> list[int]:
-    """Prompt ids for one image + question, ending where the answer starts."""
-    img = [st.boi] + [st.image] * num_image_tokens + [st.eoi]
-    if fmt.style == "plain":
-        return [st.bos] + img
-    u, a = ROLES[fmt.chat_template]
-    ids = [st.bos]
-    if fmt.system_prompt:
-        ids += _enc(tokenizer, fmt.system_prompt + "\n\n")
-    return ids + _enc(tokenizer, f"{u}: ") + img + _enc(tokenizer, f"\n{question}\n\n{a}:")
+def _processor_for(processor, fmt: PromptFormat | None):
+    """With an explicit format the template carries the system prompt: the processor must not
+    prepend HF's default one (released checkpoints set ``use_default_system_prompt``)."""
+    if fmt is None or not getattr(processor, "use_default_system_prompt", False):
+        return processor
+    p = copy.copy(processor)
+    p.use_default_system_prompt = False
+    return p
 
 
-def generation_ids(prompt: str, tokenizer, st: SpecialTokens, fmt: PromptFormat) -> list[int]:
-    """Prompt ids for text-to-image, ending with ``<begin_of_image>``."""
-    if fmt.style == "plain":
-        text = prompt
-    else:
-        u, a = ROLES[fmt.chat_template]
-        text = f"{u}: {prompt}\n\n{a}:"
-    return [st.bos] + _enc(tokenizer, text) + [st.boi]
+def understanding_inputs(
+    processor, images: list[Image.Image], questions: list[str], fmt: PromptFormat | None = None
+):
+    """Left-padded ``input_ids``, ``attention_mask``, ``pixel_values`` for one image + question
+    each, ending where the answer starts."""
+    tmpl = chat_template_of(processor, fmt)
+    texts = []
+    for q in questions:
+        content = [{"type": "image"}] + ([{"type": "text", "text": q}] if q else [])
+        texts.append(
+            processor.apply_chat_template(
+                [{"role": "user", "content": content}],
+                chat_template=tmpl,
+                add_generation_prompt=True,
+            )
+        )
+    return _processor_for(processor, fmt)(
+        text=texts,
+        images=[im.convert("RGB") for im in images],
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+    )
 
 
-def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) ids left-padded with `pad` and the (B, T) attention mask."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, T - len(s) :] = 1
-    return ids, mask
+def generation_inputs(processor, prompts: list[str], fmt: PromptFormat | None = None):
+    """Left-padded ``input_ids``, ``attention_mask`` of text-to-image prompts ending with
+    ``<begin_of_image>``."""
+    tmpl = chat_template_of(processor, fmt)
+    # The processor's image mode appends <begin_of_image> (and skips HF's default system
+    # prompt); our templates render it already, released ones do not.
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "text", "text": p}]}],
+            chat_template=tmpl,
+            add_generation_prompt=True,
+            generation_mode="image",
+        ).removesuffix(BOI_TOKEN)
+        for p in prompts
+    ]
+    return _processor_for(processor, fmt)(
+        text=texts,
+        generation_mode="image",
+        padding=True,
+        padding_side="left",
+        return_tensors="pt",
+    )
 
 
 def unwrap(model):
@@ -123,22 +150,18 @@ def answer(
 ) -> list[str]:
     """Greedy answers, one per (image, question), in left-padded batches."""
     model = unwrap(model)
-    fmt = fmt or PromptFormat()
     tok = processor.tokenizer
     st = resolve_special_tokens(tok)
-    n_img = model.config.vision_config.num_image_tokens
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     out: list[str] = []
     for i in range(0, len(questions), batch_size):
         qs, ims = questions[i : i + batch_size], images[i : i + batch_size]
-        ids, mask = left_pad([understanding_ids(q, tok, st, n_img, fmt) for q in qs], st.pad)
-        px = processor.image_processor([im.convert("RGB") for im in ims], return_tensors="pt")[
-            "pixel_values"
-        ]
+        inputs = understanding_inputs(processor, ims, qs, fmt)
+        ids = inputs["input_ids"]
         gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            pixel_values=px.to(device, next(model.parameters()).dtype),
+            input_ids=ids.to(param.device),
+            attention_mask=inputs["attention_mask"].to(param.device),
+            pixel_values=inputs["pixel_values"].to(param.device, param.dtype),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=st.eos,
@@ -189,11 +212,8 @@ def generate_codes(
     """(len(prompts) * num_images, num_image_tokens) VQ codes, prompt-major order."""
     model = unwrap(model)
     cfg = cfg or SampleConfig()
-    fmt = fmt or PromptFormat()
     if cfg.guidance_scale < 1:
         raise ValueError(f"guidance_scale={cfg.guidance_scale}: must be >= 1 (1 = no guidance)")
-    tok = processor.tokenizer
-    st = resolve_special_tokens(tok)
     device = next(model.parameters()).device
     greedy = cfg.temperature <= 0
     sampling = (
@@ -208,14 +228,12 @@ def generate_codes(
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     outs = []
     for i in range(0, len(prompts), cfg.batch_size):
-        ids, mask = left_pad(
-            [generation_ids(p, tok, st, fmt) for p in prompts[i : i + cfg.batch_size]], st.pad
-        )
+        inputs = generation_inputs(processor, prompts[i : i + cfg.batch_size], fmt)
         # torch.multinomial inside HF generate draws from the global RNG: seed it per batch
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
         codes = model.generate(
-            inputs=ids.to(device),
-            attention_mask=mask.to(device),
+            inputs=inputs["input_ids"].to(device),
+            attention_mask=inputs["attention_mask"].to(device),
             generation_mode="image",
             do_sample=not greedy,
             guidance_scale=cfg.guidance_scale,
@@ -259,9 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="janus-sample", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="HF-format export directory")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--style", default="chat", choices=["chat", "plain"])
-    ap.add_argument("--chat-template", default="janus_pro", choices=sorted(ROLES))
-    ap.add_argument("--system-prompt", default=None)
+    ap.add_argument("--style", choices=STYLES, help="override the export's chat template")
+    ap.add_argument("--chat-template", choices=sorted(ROLES), help="override (roles)")
+    ap.add_argument("--system-prompt", default=None, help="override (with --chat-template)")
     ap.add_argument("--batch-size", type=int, default=16)
     sub = ap.add_subparsers(dest="mode", required=True)
     u = sub.add_parser("understand", help="answer questions about images")
@@ -280,7 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     model, processor = load(args.model, args.device)
-    fmt = PromptFormat(args.style, args.chat_template, args.system_prompt)
+    fmt = None  # the export's own chat template
+    if args.style or args.chat_template or args.system_prompt is not None:
+        fmt = PromptFormat(
+            args.style or "chat", args.chat_template or "janus_pro", args.system_prompt
+        )
     if args.mode == "understand":
         paths = args.image * len(args.question) if len(args.image) == 1 else args.image
         if len(paths) != len(args.question):

@@ -43,6 +43,7 @@ from janus_train.model import (
     set_train_mode,
     write_trainable_report,
 )
+from janus_train.model.chat_template import run_prompt_format, set_chat_template
 from janus_train.trainer.checkpoint import (
     EXIT_REQUEUE,
     StopSignal,
@@ -174,6 +175,12 @@ def run(cfg: RunConfig) -> int:
         get_processor(cfg.model, run_dir)
     barrier()
     janus, processor = build_model(cfg.model, workdir=run_dir)
+    # The trained prompt format as the processor's chat template (evaluation, the export),
+    # saved at once in run_dir/processor.
+    replaced = set_chat_template(processor, run_prompt_format(cfg))
+    if info.is_main:
+        processor.save_pretrained(run_dir / "processor")
+        logger.info("chat template: %s", "the run's format" if replaced else "the checkpoint's own")
     report = apply_freeze(janus, cfg.trainable_groups, cfg.model.lora)  # + LoRA adapters
     if info.is_main:
         write_trainable_report(report, run_dir / "trainable.json")

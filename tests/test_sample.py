@@ -1,8 +1,10 @@
-"""janus-sample on an export directory: prompts as the training builders build them, left-padded
+"""janus-sample on an export directory: prompts from the export's chat template equal the
+training builders' and plain transformers' ``apply_chat_template`` + ``generate``, left-padded
 batches equal unbatched runs (greedy), CFG image generation, the CLI in both modes."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import random
@@ -13,7 +15,10 @@ from PIL import Image
 
 from janus_train import sample as S
 from janus_train.demo import world
+from janus_train.model.chat_template import PromptFormat, set_chat_template
 from janus_train.model.tokenizer import resolve_special_tokens
+
+SYSTEM = "You are a helpful language and vision assistant."
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +26,8 @@ def export_dir(tmp_path_factory, tiny_model_and_processor):
     model, processor = tiny_model_and_processor
     out = tmp_path_factory.mktemp("export") / "hf"
     model.save_pretrained(out)
+    processor = copy.deepcopy(processor)
+    set_chat_template(processor, PromptFormat("chat", "janus_pro", SYSTEM))
     processor.save_pretrained(out)
     return out
 
@@ -47,33 +54,79 @@ def _images(n: int) -> list[Image.Image]:
     return [world.render(world.random_scene(rng, False)) for _ in range(n)]
 
 
-def test_prompt_ids_match_training_builders(loaded):
-    """Independent check: the sampler's prompts are the prefixes the data builders train on."""
+def test_prompts_from_the_export_template_equal_the_training_builders(loaded):
+    """Independent check: the sampler's prompts (the export's own template) are the prefixes the
+    data builders train on; an explicit format overrides the export's template."""
     from janus_train.data.builders import build_conversation, build_generation
     from janus_train.data.loader import build_context
     from tests.conftest import tiny_run
 
     model, processor = loaded
-    tok = processor.tokenizer
-    st = resolve_special_tokens(tok)
-    for stage, style in (("stage1", "plain"), ("stage3", "chat")):
-        ctx = build_context(tiny_run([f"stage={stage}"]), processor)
-        ctx.cfg_dropout = ctx.first_sentence_prob = 0.0
-        fmt = S.PromptFormat(style, "janus_pro")
-        g = build_generation(PROMPTS[1], ctx, random.Random(0), codes=[0] * ctx.num_image_tokens)
-        assert (
-            S.generation_ids(PROMPTS[1], tok, st, fmt)
-            == g.input_ids[: g.input_ids.index(st.boi) + 1]
+    st = resolve_special_tokens(processor.tokenizer)
+    ctx = build_context(tiny_run(["stage=stage3", f"data.system_prompt={SYSTEM}"]), processor)
+    ctx.cfg_dropout = ctx.first_sentence_prob = 0.0
+    g = build_generation(PROMPTS[1], ctx, random.Random(0), codes=[0] * ctx.num_image_tokens)
+    ids = S.generation_inputs(processor, [PROMPTS[1]])["input_ids"][0].tolist()
+    assert ids == g.input_ids[: g.input_ids.index(st.boi) + 1]
+    c = build_conversation(
+        [("user", "<image>\n" + QUESTIONS[0]), ("assistant", "red")], [None], ctx, "und"
+    )
+    ids = S.understanding_inputs(processor, _images(1), QUESTIONS[:1])["input_ids"][0].tolist()
+    assert c.input_ids[: len(ids)] == ids and ids[1] != st.image  # system prompt first
+    assert c.labels[len(ids)] != -100 and c.labels[len(ids) - 1] == -100
+
+    ctx.chat_template, ctx.system_prompt = "janus", None
+    c = build_conversation(
+        [("user", "<image>\n" + QUESTIONS[0]), ("assistant", "red")], [None], ctx, "und"
+    )
+    fmt = S.PromptFormat("chat", "janus")
+    ids = S.understanding_inputs(processor, _images(1), QUESTIONS[:1], fmt)["input_ids"][0]
+    assert c.input_ids[: len(ids)] == ids.tolist()
+    bare = copy.copy(processor)
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        S.understanding_inputs(bare, _images(1), QUESTIONS[:1])
+
+
+def test_plain_transformers_with_apply_chat_template_equals_janus_sample(loaded):
+    """A user of the export with nothing but transformers: apply_chat_template + generate give
+    janus-sample's answers and (greedy, guided) image codes."""
+    model, processor = loaded
+    images = _images(3)
+    ours = S.answer(model, processor, images, QUESTIONS, max_new_tokens=6)
+    hf = []
+    for im, q in zip(images, QUESTIONS):
+        msgs = [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": im}, {"type": "text", "text": q}],
+            }
+        ]
+        inputs = processor.apply_chat_template(
+            msgs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
         )
-    for tmpl in ("janus", "janus_pro"):
-        ctx.chat_template = tmpl
-        fmt = S.PromptFormat("chat", tmpl)
-        c = build_conversation(
-            [("user", "<image>\n" + QUESTIONS[0]), ("assistant", "red")], [None], ctx, "und"
+        out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        hf.append(
+            processor.decode(
+                out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            ).strip()
         )
-        prompt = S.understanding_ids(QUESTIONS[0], tok, st, ctx.num_image_tokens, fmt)
-        assert c.input_ids[: len(prompt)] == prompt
-        assert c.labels[len(prompt)] != -100 and c.labels[len(prompt) - 1] == -100
+    assert hf == ours and len(set(ours)) > 1
+
+    greedy = S.SampleConfig(guidance_scale=3.0, temperature=0.0)
+    ours = S.generate_codes(model, processor, PROMPTS[:2], greedy)
+    for p, codes in zip(PROMPTS, ours):
+        msgs = [{"role": "user", "content": [{"type": "text", "text": p}]}]
+        inputs = processor.apply_chat_template(
+            msgs,
+            add_generation_prompt=True,
+            generation_mode="image",
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+        out = model.generate(**inputs, generation_mode="image", do_sample=False, guidance_scale=3.0)
+        assert torch.equal(out[0], codes)
 
 
 def test_answers_batched_equal_unbatched(loaded):
@@ -99,13 +152,11 @@ def test_image_codes_batched_equal_unbatched(loaded):
     assert not torch.equal(batched[0], batched[1])  # prompts matter
 
     # Without the attention mask the padded prompt differs: what the masks protect against.
-    st = resolve_special_tokens(processor.tokenizer)
-    ids, mask = S.left_pad(
-        [S.generation_ids(p, processor.tokenizer, st, S.PromptFormat()) for p in PROMPTS], st.pad
-    )
+    inputs = S.generation_inputs(processor, PROMPTS)
+    assert (inputs["attention_mask"] == 0).any()
     unmasked = model.generate(
-        inputs=ids,
-        attention_mask=torch.ones_like(mask),
+        inputs=inputs["input_ids"],
+        attention_mask=torch.ones_like(inputs["attention_mask"]),
         generation_mode="image",
         do_sample=False,
         guidance_scale=3.0,
@@ -159,7 +210,7 @@ def test_guided_greedy_codes_equal_a_hand_written_cfg_decode(loaded, scale):
     fmt = S.PromptFormat()
     greedy = S.SampleConfig(guidance_scale=scale, temperature=0.0)
     for p in PROMPTS[:2]:
-        ids = S.generation_ids(p, processor.tokenizer, st, fmt)
+        ids = S.generation_inputs(processor, [p], fmt)["input_ids"][0].tolist()
         got = S.generate_codes(model, processor, [p], greedy, fmt)[0].tolist()
         assert got == _greedy_cfg_by_hand(model, ids, st.pad, st.bos, st.boi, scale)
     one = S.generate_codes(

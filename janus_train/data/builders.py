@@ -40,14 +40,19 @@ from janus_train.data.preprocess import (
     stack_uint8,
     und_uint8,
 )
+from janus_train.model.chat_template import (
+    ANSWER_START,
+    IMAGE_MARKER,
+    ROLES,
+    SYSTEM_END,
+    user_turn,
+)
 from janus_train.model.tokenizer import SpecialTokens
 
 IGNORE = -100
 CODE_FROM_PIXELS = -1
 TASK_ID = {"text": 0, "und": 1, "gen": 2}
-ROLES = {"janus": ("User", "Assistant"), "janus_pro": ("<|User|>", "<|Assistant|>")}
 QA_QUESTION = "Describe the image in detail."
-IMAGE_MARKER = "<image>"
 _SENTENCE = re.compile(r"^(.+?[.!?])(?:\s|$)", re.S)
 
 
@@ -145,25 +150,25 @@ def build_conversation(
     ``mask_user`` (default ``ctx.sft``): supervise only the assistant answers and their EOS.
     """
     mask_user = ctx.sft if mask_user is None else mask_user
-    u_role, a_role = ctx.roles
     seq = _Seq(ctx.st.bos)
     system = ctx.system_prompt
     if turns and turns[0][0] == "system":
         system, turns = turns[0][1], turns[1:]
     if system:
-        seq.add(ctx.enc(system + "\n\n"), False)
+        seq.add(ctx.enc(system + SYSTEM_END), False)
     markers = 0
     expect = "user"
     for role, text in turns:
         if role != expect:
             raise BadSample("bad_conversation", f"expected a {expect} turn, got {role}")
         if role == "user":
-            markers += _add_text_with_images(seq, ctx, f"{u_role}: {text}\n\n{a_role}:", not mask_user)
+            turn = user_turn(ctx.chat_template, text)
+            markers += _add_text_with_images(seq, ctx, turn, not mask_user)
             expect = "assistant"
         else:
             if IMAGE_MARKER in text:
                 raise BadSample("image_marker_mismatch", "<image> in an assistant turn")
-            seq.add(ctx.enc(" " + text) + [ctx.st.eos], True)
+            seq.add(ctx.enc(ANSWER_START + text) + [ctx.st.eos], True)
             expect = "user"
     if markers != len(images):
         raise BadSample("image_marker_mismatch", f"{markers} <image> markers, {len(images)} images")
@@ -209,9 +214,7 @@ def build_generation(
     if budget < 0:
         raise BadSample("too_long", f"{n} image tokens do not fit seq_len {ctx.seq_len}")
     while True:
-        text = prompt if ctx.caption_format == "plain" else (
-            f"{ctx.roles[0]}: {prompt}\n\n{ctx.roles[1]}:"
-        )
+        text = prompt if ctx.caption_format == "plain" else user_turn(ctx.chat_template, prompt)
         ptoks = ctx.enc(text)
         if len(ptoks) <= budget or not prompt:
             break
