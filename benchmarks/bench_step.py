@@ -41,31 +41,22 @@ def overrides(args, run_dir: str) -> list[str]:
 
 def bare_step_times(run, args) -> list[float]:
     """The same model, DeepSpeed config and batches in the plainest DeepSpeed loop."""
-    import torch.distributed as dist
-
-    from janus_train.model import JanusTrainModel, apply_freeze, build_model, get_processor
+    from janus_train.train import build_engine
     from janus_train.trainer.distributed import (
         build_deepspeed_config,
-        init_engine,
         plan_batch,
         resolve_precision,
         setup_distributed,
     )
-    from janus_train.trainer.optim import build_param_groups
     from janus_train.trainer.synthetic import SyntheticStepLoader
 
     info = setup_distributed()
     hp = run.hparams
-    if info.is_main:
-        get_processor(run.model, run.train.run_dir)
-    dist.barrier()
-    janus, proc = build_model(run.model, workdir=run.train.run_dir)
-    apply_freeze(janus, run.trainable_groups)
     plan = plan_batch(hp.global_batch_size, 1, info.world_size)
     ds = build_deepspeed_config(run.deepspeed, plan, resolve_precision(run.deepspeed.precision),
                                 hp.weight_decay, hp.lr)
-    model = JanusTrainModel(janus)
-    engine = init_engine(model, ds, build_param_groups(model, hp.weight_decay))
+    t = build_engine(run, info, ds, run.train.run_dir)  # the trainer's own set-up
+    engine, proc = t.engine, t.processor
     loader = SyntheticStepLoader(run, proc, rank=info.rank, world_size=info.world_size,
                                  micro_batch_size=1, grad_accum=plan.grad_accum)
     stamps = [_now()]

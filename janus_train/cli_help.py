@@ -33,6 +33,7 @@ ENV_VARS = {
 EXIT_STATUSES = {
     0: "stage done (or dry run passed)",
     2: "user error: config, recipe, missing file, data above data.max_failure_rate",
+    70: "stuck: no progress within train.stop_grace_s after SIGTERM/SIGUSR1 (nothing saved)",
     75: "stopped by SIGTERM/SIGUSR1 after a checkpoint: requeue me",
 }
 

@@ -7,8 +7,13 @@
     janus-train ... train.dry_run=true   # validate config + batch arithmetic, write ds_config.json
 
 Re-running the same command resumes from ``run_dir/checkpoints/latest``. Exit status:
-0 done; 75 (``EXIT_REQUEUE``) checkpointed after SIGTERM/SIGUSR1, requeue me; anything else is
-an error (e.g. ``train.max_consecutive_skips`` non-finite updates in a row).
+0 done; 75 (``EXIT_REQUEUE``) checkpointed after SIGTERM/SIGUSR1, requeue me; 70 stuck after
+such a signal (``trainer/guard.py``); anything else is an error (e.g.
+``train.max_consecutive_skips`` non-finite updates in a row).
+
+``run`` reads top to bottom: :func:`prepare` (validate, plan), :func:`build_engine` (model,
+freezing, DeepSpeed), the loop of :func:`train_step` inside one :class:`RunGuard` (clean-up on
+every exit path), with the :class:`TrainState` saved and loaded as one.
 
 Loss of an optimizer step (``train.loss_reduction``): ``token_mean`` = sum of every supervised
 token's CE over all micro-batches and ranks / number of those tokens; ``task_mean_sum`` = sum
@@ -25,6 +30,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -44,16 +50,9 @@ from janus_train.model import (
     write_trainable_report,
 )
 from janus_train.model.chat_template import run_prompt_format, set_chat_template
-from janus_train.trainer.checkpoint import (
-    EXIT_REQUEUE,
-    StopSignal,
-    get_rng_state,
-    load_latest,
-    save_checkpoint,
-    set_rng_state,
-    tag_for,
-)
+from janus_train.trainer.checkpoint import EXIT_REQUEUE, tag_for
 from janus_train.trainer.distributed import (
+    BatchPlan,
     DistInfo,
     all_reduce_sum,
     barrier,
@@ -66,20 +65,61 @@ from janus_train.trainer.distributed import (
     setup_distributed,
 )
 from janus_train.trainer.export import export_hf, is_exported
-from janus_train.trainer.metrics import FlopCounter, MetricsLogger
+from janus_train.trainer.guard import RunGuard
+from janus_train.trainer.metrics import FlopCounter, MetricsLogger, Throughput
 from janus_train.trainer.optim import build_param_groups, lr_at
+from janus_train.trainer.state import TrainState, load_train_state, save_train_state
 from janus_train.trainer.synthetic import SyntheticStepLoader
 
 logger = logging.getLogger("janus_train")
 EXIT_OK = 0
-__all__ = ["EXIT_OK", "EXIT_REQUEUE", "forward_backward", "run", "step_weights"]
+__all__ = ["EXIT_OK", "EXIT_REQUEUE", "build_engine", "forward_backward", "run", "step_weights"]
 
 
-def build_loader(run: RunConfig, processor, info: DistInfo, micro_batch_size: int,
-                 grad_accum: int):
+@dataclass
+class Prepared:
+    """A validated, planned stage (no model yet)."""
+
+    plan: BatchPlan
+    precision: str
+    ds_config: dict
+    stop_step: int
+    run_dir: Path
+    ckpt_dir: Path
+
+
+@dataclass
+class Trainee:
+    """The model being trained: the HF model, its processor, the DeepSpeed engine wrapping it."""
+
+    janus: torch.nn.Module
+    processor: object
+    engine: object
+    flops: FlopCounter
+
+
+@dataclass
+class StepOut:
+    """What one optimizer step leaves for the checks and the log."""
+
+    n_tokens: torch.Tensor  # (3,) supervised tokens of the step, all ranks
+    weights: torch.Tensor  # (3,) per-task loss weights
+    lr: float
+    grad_norm: float | None  # None when DeepSpeed computed none
+    loss: float | None  # all-reduced; None on steps that neither log nor need it
+    summed: torch.Tensor | None  # (6,) all-reduced CE sums + throughput counters, with loss
+    stop: bool  # some rank got a stop signal before this step
+    applied: bool  # DeepSpeed applied the update (not an overflow skip)
+
+
+def build_loader(run: RunConfig, processor, info: DistInfo, micro_batch_size: int, grad_accum: int):
     """The step loader: synthetic batches or the WebDataset pipeline (same interface)."""
-    kw = dict(rank=info.rank, world_size=info.world_size, micro_batch_size=micro_batch_size,
-              grad_accum=grad_accum)
+    kw = dict(
+        rank=info.rank,
+        world_size=info.world_size,
+        micro_batch_size=micro_batch_size,
+        grad_accum=grad_accum,
+    )
     if run.train.synthetic_data:
         return SyntheticStepLoader(run, processor, **kw)
     from janus_train.data.loader import build_train_loader
@@ -99,8 +139,9 @@ def step_weights(n_tokens: torch.Tensor, reduction: str) -> torch.Tensor:
     return w
 
 
-def forward_backward(engine, micro_batches: list[dict], weights: torch.Tensor,
-                     loss_scale: float) -> torch.Tensor:
+def forward_backward(
+    engine, micro_batches: list[dict], weights: torch.Tensor, loss_scale: float
+) -> torch.Tensor:
     """Forward + backward of one step's micro-batches; returns the summed per-task CE (3,).
 
     ``engine.step()`` runs after all but the last micro-batch (DeepSpeed counts micro-steps);
@@ -134,14 +175,10 @@ def _gather_counters(loader) -> dict[str, int]:
     return out
 
 
-def run(cfg: RunConfig) -> int:
-    """Train one stage; returns the exit status (``EXIT_OK`` or ``EXIT_REQUEUE``)."""
+def prepare(cfg: RunConfig, info: DistInfo) -> Prepared:
+    """Validate and plan before any model exists; writes ``ds_config.json`` and
+    ``config.yaml`` into the run dir."""
     tc, hp = cfg.train, cfg.hparams
-    info = setup_distributed()
-    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    logger.setLevel(logging.INFO if info.is_main else logging.WARNING)
-
-    # ---- validate and plan before any model exists ------------------------------------
     plan = plan_batch(hp.global_batch_size, tc.micro_batch_size, info.world_size)
     precision = resolve_precision(cfg.deepspeed.precision)
     ds_config = build_deepspeed_config(cfg.deepspeed, plan, precision, hp.weight_decay, hp.lr)
@@ -150,27 +187,41 @@ def run(cfg: RunConfig) -> int:
         from janus_train.data.recipe import check_recipe_for_stage, load_recipe
 
         recipe = load_recipe(cfg.data.recipe or hp.data_recipe)
-        check_recipe_for_stage(recipe, {"und": hp.ratio.und, "text": hp.ratio.text,
-                                        "gen": hp.ratio.gen}, hp.steps)
-    run_dir, ckpt_dir = Path(tc.run_dir), Path(tc.run_dir) / "checkpoints"
+        check_recipe_for_stage(
+            recipe, {"und": hp.ratio.und, "text": hp.ratio.text, "gen": hp.ratio.gen}, hp.steps
+        )
+    run_dir = Path(tc.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ds_config.json").write_text(_json(ds_config))
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        logger.info("%s %s: %d steps, batch %d = %d micro x %d accum x %d ranks, %s, ZeRO-%d",
-                    cfg.experiment.name, cfg.stage.name, stop_step, plan.global_batch_size,
-                    plan.micro_batch_size, plan.grad_accum, plan.world_size, precision,
-                    cfg.deepspeed.zero_stage)
-        logger.info("DeepSpeed config (also in %s): %s", run_dir / "ds_config.json",
-                    json.dumps(ds_config, sort_keys=True))
-    if tc.dry_run:
-        if info.is_main:
-            print(_json({"batch": plan_as_dict(plan), "deepspeed": ds_config}))
-        return EXIT_OK
+        logger.info(
+            "%s %s: %d steps, batch %d = %d micro x %d accum x %d ranks, %s, ZeRO-%d",
+            cfg.experiment.name,
+            cfg.stage.name,
+            stop_step,
+            plan.global_batch_size,
+            plan.micro_batch_size,
+            plan.grad_accum,
+            plan.world_size,
+            precision,
+            cfg.deepspeed.zero_stage,
+        )
+        logger.info(
+            "DeepSpeed config (also in %s): %s",
+            run_dir / "ds_config.json",
+            json.dumps(ds_config, sort_keys=True),
+        )
+    return Prepared(plan, precision, ds_config, stop_step, run_dir, run_dir / "checkpoints")
 
-    # ---- model, freezing, engine ------------------------------------------------------
-    stop = StopSignal()  # from here on a pre-emption notice is honoured after the next step
-    torch.manual_seed(tc.seed + info.rank)
+
+def build_engine(
+    cfg: RunConfig, info: DistInfo, ds_config: dict, run_dir: str | os.PathLike
+) -> Trainee:
+    """Model, freezing and DeepSpeed engine, as every stage trains them (also used by the tests
+    and benchmarks that drive the engine directly). Collective."""
+    run_dir = Path(run_dir)
+    torch.manual_seed(cfg.train.seed + info.rank)
     if info.is_main:  # a locally trained tokenizer is written once, then read by every rank
         get_processor(cfg.model, run_dir)
     barrier()
@@ -184,163 +235,243 @@ def run(cfg: RunConfig) -> int:
     report = apply_freeze(janus, cfg.trainable_groups, cfg.model.lora)  # + LoRA adapters
     if info.is_main:
         write_trainable_report(report, run_dir / "trainable.json")
-    flops = FlopCounter(janus)
+    flops = FlopCounter(janus)  # before ZeRO-3 partitions the parameters
     model = JanusTrainModel(janus, params_partitioned=cfg.deepspeed.zero_stage == 3)
-    engine = init_engine(model, ds_config, build_param_groups(model, hp.weight_decay))
+    engine = init_engine(model, ds_config, build_param_groups(model, cfg.hparams.weight_decay))
     set_train_mode(janus, cfg.trainable_groups)
-    loader = build_loader(cfg, processor, info, plan.micro_batch_size, plan.grad_accum)
+    return Trainee(janus, processor, engine, flops)
 
-    # ---- resume -----------------------------------------------------------------------
-    step, skipped_total, consecutive, wandb_id = 0, 0, 0, None
-    resumed = load_latest(engine, ckpt_dir, info)
-    if resumed is not None:
-        client, rank_state = resumed
-        client = client["janus_train"]  # namespaced: DeepSpeed owns top-level keys
-        step, wandb_id = client["step"], client.get("wandb_id")
-        skipped_total, consecutive = client["skipped_steps"], client["consecutive_skips"]
-        loader.load_state_dict(rank_state["loader"])
-        set_rng_state(rank_state["rng"])
-        logger.info("resuming at step %d", step)
+
+def train_step(
+    cfg: RunConfig,
+    plan: BatchPlan,
+    t: Trainee,
+    loader,
+    step: int,
+    guard: RunGuard,
+    meter: Throughput,
+    log_now: bool,
+) -> StepOut:
+    """One optimizer step (index ``step``, 0-based) on every rank. Collective."""
+    tc, hp, engine = cfg.train, cfg.hparams, t.engine
+    host = loader.next_step()
+    local_n = torch.stack([count_supervised(b) for b in host]).sum(0)
+    meter.add_step(host)
+    micro = [loader.finish(_to_device(b, engine.device)) for b in host]  # uint8 -> float
+    # The loop's one collective of a non-logging step: the supervised-token counts (the loss
+    # normalisation, needed before any backward) and the stop flag (a signal that arrived
+    # before this step is honoured right after it, on every rank together).
+    red = all_reduce_sum(
+        torch.cat(
+            [
+                local_n.to(torch.float64),
+                torch.tensor([float(guard.stop_requested)], dtype=torch.float64),
+            ]
+        ).to(engine.device)
+    ).cpu()
+    n_tokens, stop = red[:3].to(local_n.dtype), bool(red[3] > 0)
+    weights = step_weights(n_tokens, tc.loss_reduction)
+    lr = lr_at(step, hp.lr, hp.warmup_steps, hp.steps, hp.schedule.value, hp.min_lr_ratio)
+    set_lr(engine, lr)
+
+    loss_sum = forward_backward(engine, micro, weights, plan.loss_scale)
+    engine.step()
+    grad_norm = engine.get_global_grad_norm()
+    grad_norm = None if grad_norm is None else float(grad_norm)
+    # The loss is all-reduced (a host sync) only at logging steps, or every step when DeepSpeed
+    # gives no grad norm to detect non-finite updates with.
+    loss = summed = None
+    if log_now or grad_norm is None:
+        summed = all_reduce_sum(
+            torch.cat([loss_sum.to(torch.float64), meter.local[:3].to(engine.device)])
+        ).cpu()
+        loss = float((summed[:3] * weights).sum())
+    return StepOut(
+        n_tokens, weights, lr, grad_norm, loss, summed, stop, bool(engine.was_step_applied())
+    )
+
+
+def check_update(out: StepOut, state: TrainState, tc, ckpt_dir: Path) -> None:
+    """Non-finite updates, detected on values every rank shares (DeepSpeed's global grad norm
+    and overflow skip, the all-reduced loss where computed): counted while skipped, fatal after
+    ``train.max_consecutive_skips`` in a row or when DeepSpeed applied one."""
+    finite = (out.grad_norm is None or math.isfinite(out.grad_norm)) and (
+        out.loss is None or math.isfinite(out.loss)
+    )
+    if not finite and out.applied:
+        raise RuntimeError(
+            f"step {state.step}: DeepSpeed applied a non-finite update "
+            f"(loss {out.loss}, grad norm {out.grad_norm}); use ZeRO stage >= 1"
+        )
+    if finite and out.applied:
+        state.consecutive_skips = 0
+        return
+    state.skipped_steps += 1
+    state.consecutive_skips += 1
+    logger.warning(
+        "step %d: non-finite loss %s / grad norm %s, update skipped (%d in a row)",
+        state.step,
+        out.loss,
+        out.grad_norm,
+        state.consecutive_skips,
+    )
+    if state.consecutive_skips >= tc.max_consecutive_skips:
+        raise RuntimeError(
+            f"stopping at step {state.step}: {state.consecutive_skips} consecutive non-finite "
+            f"updates (train.max_consecutive_skips={tc.max_consecutive_skips}); the last good "
+            f"checkpoint is {ckpt_dir / 'latest'}"
+        )
+
+
+def step_record(
+    out: StepOut, state: TrainState, meter: Throughput, loader, world_size: int
+) -> dict:
+    """The metrics row of a logging step. Collective (loader counters are gathered)."""
+    rec = {
+        "step": state.step,
+        "time": time.time(),
+        "loss": out.loss,
+        "optim/lr": out.lr,
+        "optim/grad_norm": out.grad_norm,
+        "optim/skipped_steps": state.skipped_steps,
+    }
+    for i, task in enumerate(TASKS):
+        n = float(out.n_tokens[i])
+        rec[f"loss/{task}"] = float(out.summed[i]) / n if n > 0 else None
+        rec[f"tokens/{task}"] = int(n)
+    rec.update(meter.record(out.summed[3:6], world_size))
+    rec.update({f"data/{k}": v for k, v in _gather_counters(loader).items()})
+    return rec
+
+
+def evaluate(cfg: RunConfig, t: Trainee, step: int, run_dir: Path, metrics: MetricsLogger) -> None:
+    """In-training evaluation on all ranks (``train.eval_every``)."""
+    from janus_train.evaluate import run_eval
+
+    eval_dir = run_dir / "eval" / tag_for(step)
+    res = run_eval(t.janus, t.processor, cfg, step, eval_dir)
+    metrics.log(
+        {"step": step, **{k if k.startswith("eval/") else f"eval/{k}": v for k, v in res.items()}}
+    )
+    metrics.log_eval_media(step, eval_dir)
+    set_train_mode(t.janus, cfg.trainable_groups)
+
+
+def build_metrics(
+    cfg: RunConfig, info: DistInfo, run_dir: Path, state: TrainState, total_steps: int
+) -> MetricsLogger:
+    """Rank 0's metrics: ``metrics.jsonl`` (rows after ``state.step`` dropped), wandb when
+    enabled, a log line per logged step when no progress bar shows."""
+    tc = cfg.train
     wandb_cfg = None
     if tc.wandb:
-        wandb_cfg = dict(project=tc.wandb_project, name=f"{cfg.experiment.name}-{cfg.stage.name}",
-                         config=OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True,
-                                                       enum_to_str=True),
-                         run_id=wandb_id, run_dir=str(run_dir))
-    metrics = MetricsLogger(run_dir, info.is_main, wandb_cfg)
-    bar = None
-    if info.is_main and tc.progress_bar and sys.stderr.isatty():
-        from tqdm import tqdm
+        wandb_cfg = dict(
+            project=tc.wandb_project,
+            name=f"{cfg.experiment.name}-{cfg.stage.name}",
+            config=OmegaConf.to_container(
+                OmegaConf.structured(cfg), resolve=True, enum_to_str=True
+            ),
+            run_id=state.wandb_id,
+            run_dir=str(run_dir),
+        )
+    metrics = MetricsLogger(
+        run_dir,
+        info.is_main,
+        wandb_cfg,
+        resume_step=state.step,
+        total_steps=total_steps,
+        console=not (tc.progress_bar and sys.stderr.isatty()),
+    )
+    state.wandb_id = metrics.wandb_id or state.wandb_id
+    return metrics
 
-        bar = tqdm(total=stop_step, initial=step, desc=cfg.stage.name, dynamic_ncols=True)
 
-    def checkpoint() -> None:
-        client = {"janus_train": {"step": step, "wandb_id": metrics.wandb_id or wandb_id,
-                                  "skipped_steps": skipped_total,
-                                  "consecutive_skips": consecutive}}
-        rank_state = {"loader": loader.state_dict(), "rng": get_rng_state()}
-        save_checkpoint(engine, ckpt_dir, step, client, rank_state, info, tc.keep_last)
+class _Bar:
+    """tqdm bar on rank 0 when stderr is a terminal (else a no-op)."""
 
-    # ---- the loop ---------------------------------------------------------------------
-    window = torch.zeros(4, dtype=torch.float64)  # local tokens, samples, FLOPs; steps
-    t_log, saved_at = time.perf_counter(), step if resumed else -1
-    while step < stop_step:
-        host = loader.next_step()
-        # Counted on the host copies: no device synchronisation inside the step.
-        local_n = torch.stack([count_supervised(b) for b in host]).sum(0)
-        window += torch.tensor([sum(int(b["attention_mask"].sum()) for b in host),
-                                sum(int(b["input_ids"].shape[0]) for b in host),
-                                sum(flops.batch_flops(b) for b in host), 1.0],
-                               dtype=torch.float64)
-        micro = [loader.finish(_to_device(b, engine.device)) for b in host]  # uint8 -> float
-        # The loop's one collective of a non-logging step: the supervised-token counts (the
-        # loss normalisation, needed before any backward) and the stop flag (a signal that
-        # arrived before this step is honoured right after it, on every rank together).
-        red = all_reduce_sum(torch.cat([
-            local_n.to(torch.float64), torch.tensor([float(stop.requested)], dtype=torch.float64)
-        ]).to(engine.device)).cpu()
-        n_tokens, stop_now = red[:3].to(local_n.dtype), bool(red[3] > 0)
-        weights = step_weights(n_tokens, tc.loss_reduction)
-        lr = lr_at(step, hp.lr, hp.warmup_steps, hp.steps, hp.schedule.value, hp.min_lr_ratio)
-        set_lr(engine, lr)
+    def __init__(self, enabled: bool, total: int, initial: int, desc: str) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
 
-        loss_sum = forward_backward(engine, micro, weights, plan.loss_scale)
-        engine.step()
-        grad_norm = engine.get_global_grad_norm()  # None when DeepSpeed computed none
-        grad_norm = None if grad_norm is None else float(grad_norm)
-        step += 1
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
-        # Non-finite steps are detected on values every rank shares: DeepSpeed's global grad
-        # norm and its overflow skip, plus the all-reduced loss where that is computed: at
-        # logging steps (CE sums and throughput counters), or every step when DeepSpeed gives
-        # no grad norm. Other steps leave the loss on the device (no host sync).
-        log_now = step % tc.log_every == 0 or step == stop_step
-        loss = None
-        if log_now or grad_norm is None:
-            summed = all_reduce_sum(torch.cat([
-                loss_sum.to(torch.float64), window[:3].to(engine.device)
-            ])).cpu()
-            loss = float((summed[:3] * weights).sum())
-        finite = (grad_norm is None or math.isfinite(grad_norm)) and (
-            loss is None or math.isfinite(loss))
-        applied = bool(getattr(engine, "_step_applied", True))
-        if not finite and applied:
-            raise RuntimeError(f"step {step}: DeepSpeed applied a non-finite update "
-                               f"(loss {loss}, grad norm {grad_norm}); use ZeRO stage >= 1")
-        if finite and applied:
-            consecutive = 0
-        else:
-            skipped_total, consecutive = skipped_total + 1, consecutive + 1
-            logger.warning("step %d: non-finite loss %s / grad norm %s, update skipped (%d in a "
-                           "row)", step, loss, grad_norm, consecutive)
-            if consecutive >= tc.max_consecutive_skips:
-                raise RuntimeError(
-                    f"stopping at step {step}: {consecutive} consecutive non-finite updates "
-                    f"(train.max_consecutive_skips={tc.max_consecutive_skips}); the last good "
-                    f"checkpoint is {ckpt_dir / 'latest'}")
+    def update(self, out: StepOut) -> None:
+        if self.bar is not None:
+            if out.loss is not None:
+                self.bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{out.lr:.2e}")
+            self.bar.update(1)
 
-        if log_now:
-            elapsed = time.perf_counter() - t_log
-            window[:3] = summed[3:6]  # every rank's tokens, samples and FLOPs
-            rec = {"step": step, "time": time.time(), "loss": loss, "optim/lr": lr,
-                   "optim/grad_norm": grad_norm, "optim/skipped_steps": skipped_total}
-            for i, task in enumerate(TASKS):
-                n = float(n_tokens[i])
-                rec[f"loss/{task}"] = float(summed[i]) / n if n > 0 else None
-                rec[f"tokens/{task}"] = int(n)
-            rec["speed/tokens_per_s"] = float(window[0]) / elapsed
-            rec["speed/samples_per_s"] = float(window[1]) / elapsed
-            rec["speed/step_time_s"] = elapsed / float(window[3])
-            mfu = flops.mfu(float(window[2]), elapsed, info.world_size)
-            if mfu is not None:
-                rec["speed/mfu"] = mfu
-            rec.update({f"data/{k}": v for k, v in _gather_counters(loader).items()})
-            metrics.log(rec)
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            window.zero_()
-            t_log = time.perf_counter()
-        if bar is not None:
-            bar.update(1)
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
-        if tc.eval_every and step % tc.eval_every == 0:
-            from janus_train.evaluate import run_eval
 
-            t_eval = time.perf_counter()
-            eval_dir = run_dir / "eval" / tag_for(step)
-            res = run_eval(janus, processor, cfg, step, eval_dir)
-            metrics.log({"step": step, **{k if k.startswith("eval/") else f"eval/{k}": v
-                                          for k, v in res.items()}})
-            metrics.log_eval_media(step, eval_dir)
-            set_train_mode(janus, cfg.trainable_groups)
-            t_log += time.perf_counter() - t_eval  # throughput counts training time only
+def run(cfg: RunConfig) -> int:
+    """Train one stage; returns the exit status (``EXIT_OK`` or ``EXIT_REQUEUE``)."""
+    tc = cfg.train
+    info = setup_distributed()
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logger.setLevel(logging.INFO if info.is_main else logging.WARNING)
+    prep = prepare(cfg, info)
+    if tc.dry_run:
+        if info.is_main:
+            print(_json({"batch": plan_as_dict(prep.plan), "deepspeed": prep.ds_config}))
+        return EXIT_OK
 
-        if stop_now:  # some rank got SIGTERM/SIGUSR1: all ranks checkpoint and leave
+    # From here on, whatever ends the run (end, exception, signal) closes what `guard` holds.
+    with RunGuard(tc.stop_grace_s) as guard:
+        t = build_engine(cfg, info, prep.ds_config, prep.run_dir)
+        loader = guard.add(
+            build_loader(cfg, t.processor, info, prep.plan.micro_batch_size, prep.plan.grad_accum)
+        )
+        state = load_train_state(t.engine, prep.ckpt_dir, loader, info)
+        metrics = guard.add(build_metrics(cfg, info, prep.run_dir, state, prep.stop_step))
+        bar = guard.add(
+            _Bar(info.is_main and tc.progress_bar, prep.stop_step, state.step, cfg.stage.name)
+        )
+        meter = Throughput(t.flops)
+        saved_at = state.step if state.resumed_from is not None else -1
+
+        def checkpoint() -> None:
+            t0 = time.perf_counter()
+            save_train_state(t.engine, prep.ckpt_dir, state, loader, info, tc.keep_last)
+            meter.exclude(time.perf_counter() - t0)  # throughput counts training time only
+            guard.progress()
+
+        while state.step < prep.stop_step:
+            log_now = (state.step + 1) % tc.log_every == 0 or state.step + 1 == prep.stop_step
+            out = train_step(cfg, prep.plan, t, loader, state.step, guard, meter, log_now)
+            state.step += 1
+            guard.progress()
+            check_update(out, state, tc, prep.ckpt_dir)
+            if log_now:
+                metrics.log(step_record(out, state, meter, loader, info.world_size))
+            bar.update(out)
+            if tc.eval_every and state.step % tc.eval_every == 0:
+                t0 = time.perf_counter()
+                evaluate(cfg, t, state.step, prep.run_dir, metrics)
+                meter.exclude(time.perf_counter() - t0)
+                guard.progress()
+            if out.stop:  # some rank got SIGTERM/SIGUSR1: all ranks checkpoint and leave
+                checkpoint()
+                logger.warning(
+                    "stop signal: checkpointed step %d, exiting %d (requeue)",
+                    state.step,
+                    EXIT_REQUEUE,
+                )
+                return EXIT_REQUEUE
+            if (tc.ckpt_every and state.step % tc.ckpt_every == 0) or state.step == prep.stop_step:
+                checkpoint()
+                saved_at = state.step
+
+        # ---- end of stage: final checkpoint, HF export ---------------------------------
+        if saved_at != state.step:
             checkpoint()
-            logger.warning("stop signal: checkpointed step %d, exiting %d (requeue)", step,
-                           EXIT_REQUEUE)
-            loader.close()
-            metrics.close()
-            stop.restore()
-            return EXIT_REQUEUE
-        if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == stop_step:
-            t_ckpt = time.perf_counter()
-            checkpoint()
-            saved_at = step
-            t_log += time.perf_counter() - t_ckpt
-
-    # ---- end of stage: final checkpoint, HF export -------------------------------------
-    if saved_at != step:
-        checkpoint()
-    if bar is not None:
-        bar.close()
-    out = run_dir / "hf"
-    if tc.export_at_end and not is_exported(out, step):
-        export_hf(janus, processor, out, cfg.deepspeed.zero_stage, info, step)
-        logger.info("exported %s (next stage: model.init_from=%s)", out, out.resolve())
-    loader.close()
-    metrics.close()
-    stop.restore()
+        out_dir = prep.run_dir / "hf"
+        if tc.export_at_end and not is_exported(out_dir, state.step):
+            export_hf(t.janus, t.processor, out_dir, cfg.deepspeed.zero_stage, info, state.step)
+            logger.info("exported %s (next stage: model.init_from=%s)", out_dir, out_dir.resolve())
     return EXIT_OK
 
 

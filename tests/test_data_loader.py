@@ -275,3 +275,45 @@ def test_unreadable_remote_and_missing_shards_are_counted(proc, tmp_path):
     assert c["samples/cap"] == 4
     assert sum(v for k, v in c.items() if k.startswith("skipped/cap/")) == 2, c
     assert c.get("skipped/cap/shard_error", 0) >= 1, c
+
+
+def test_loader_worker_ignores_sigterm_and_dies_with_its_parent(tmp_path):
+    """A worker survives the SIGTERM Slurm sends every process (the trainer checkpoints first)
+    but not the death of its trainer (SIGKILL: no clean-up ran)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import multiprocessing as mp, os, sys, time\n"
+        "from janus_train.data.loader import _init_worker\n"
+        "def work(parent):\n"
+        "    _init_worker(parent, 0)\n"
+        "    time.sleep(120)\n"
+        "if __name__ == '__main__':\n"
+        "    w = mp.get_context('fork').Process(target=work, args=(os.getpid(),))\n"
+        "    w.start()\n"
+        "    print(w.pid, flush=True)\n"
+        "    time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        time.sleep(1.0)  # past _init_worker
+        os.kill(worker, signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(worker, 0)  # still alive: SIGTERM ignored
+        parent.kill()
+        parent.wait()
+        for _ in range(50):
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            raise AssertionError("loader worker outlived its parent")
+    finally:
+        parent.kill()

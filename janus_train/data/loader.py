@@ -18,9 +18,11 @@ record (local shards seek; nothing skipped is decoded) and continues with the ne
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import random
+import sys
 from collections import Counter
 
 import torch
@@ -176,13 +178,50 @@ class StepDataset(IterableDataset):
             step += self.W
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Slurm may signal every process of a job (workers included): only the trainer reacts to
-    SIGUSR1/SIGTERM (checkpoint, then exit), so a spawned worker must not die of them."""
+def _init_worker(parent_pid: int, _worker_id: int) -> None:
+    """A loader worker's life is tied to the trainer's.
+
+    Slurm may signal every process of a job (workers included): only the trainer reacts to
+    SIGUSR1/SIGTERM (checkpoint, then exit), so a worker ignores them, and the trainer kills it
+    in ``StepLoader.close``. If the trainer dies without closing (SIGKILL, ``os._exit``), the
+    worker must not outlive it: the kernel kills it with the parent (``PR_SET_PDEATHSIG``, Linux;
+    the parent is the trainer under the fork and spawn contexts), and a thread polls the trainer's
+    pid (every context, every OS; forkserver workers' parent is the fork server).
+    """
     import signal
+    import threading
+    import time
 
     for sig in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by someone else (pid reused): treat as gone
+            return False
+        return True
+
+    direct = os.getppid() == parent_pid  # fork / spawn: a dead parent means a new ppid
+
+    def watch() -> None:
+        while alive(parent_pid) and not (direct and os.getppid() != parent_pid):
+            time.sleep(1.0)
+        os._exit(1)
+
+    if not alive(parent_pid):  # died between the fork and here
+        os._exit(1)
+    threading.Thread(target=watch, name="janus-parent-watch", daemon=True).start()
 
 
 class StepLoader:
@@ -212,7 +251,8 @@ class StepLoader:
                                       pin_memory=self.dcfg.pin_memory
                                       and torch.cuda.is_available(),
                                       multiprocessing_context=self.dcfg.mp_context,
-                                      worker_init_fn=_ignore_stop_signals)
+                                      worker_init_fn=functools.partial(_init_worker,
+                                                                os.getpid()))
         else:
             self._loader = ds
         self._it = iter(self._loader)
@@ -270,9 +310,23 @@ class StepLoader:
         self.worker_states = [dict(ws) for ws in sd["workers"]]
 
     def close(self) -> None:
+        """Stop the worker processes: asked to finish, killed when they have not after torch's
+        grace (5 s per worker). Safe to call twice; the next ``next_step()`` starts new workers
+        at the current position."""
         it, self._it, self._loader = self._it, None, None
-        if it is not None and hasattr(it, "_shutdown_workers"):
+        if it is None or not hasattr(it, "_shutdown_workers"):
+            return
+        workers = list(getattr(it, "_workers", []))
+        # torch's shutdown asks each worker to finish, joins it with a timeout, then sends
+        # SIGTERM, which workers ignore (_init_worker): a worker busy in a long step or blocked
+        # on a full queue would keep this process waiting at exit forever. Kill what is left.
+        try:
             it._shutdown_workers()
+        finally:
+            for w in workers:
+                if w.is_alive():
+                    w.kill()
+                w.join(timeout=5)
 
     def __del__(self):
         try:

@@ -98,8 +98,15 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
-def save_checkpoint(engine, ckpt_dir: str | os.PathLike, step: int, client_state: dict,
-                    rank_state: dict, info: DistInfo, keep_last: int) -> str:
+def save_checkpoint(
+    engine,
+    ckpt_dir: str | os.PathLike,
+    step: int,
+    client_state: dict,
+    rank_state: dict,
+    info: DistInfo,
+    keep_last: int,
+) -> str:
     """Collective: every rank writes its shards and ``rank_state``; rank 0 commits. Returns the
     tag. ``client_state`` (same on all ranks) goes into DeepSpeed's files, ``rank_state``
     (loader position, RNG) into ``trainer_state_rank{r}.pt``."""

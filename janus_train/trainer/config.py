@@ -68,3 +68,7 @@ class TrainConfig:
     """tqdm bar on rank 0 when stderr is a terminal."""
     seed: int = 0
     """Seed of the per-rank RNGs (dropout); the data order has its own seed."""
+    stop_grace_s: float = 300.0
+    """After SIGTERM/SIGUSR1 the loop must complete a step, evaluation or checkpoint at least
+    this often, else the rank is stuck (e.g. in a collective with a dead peer) and exits 70
+    without saving (the last committed checkpoint stays valid)."""

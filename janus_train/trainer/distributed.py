@@ -40,8 +40,12 @@ def setup_distributed(timeout_s: int = 1800) -> DistInfo:
     import deepspeed
 
     # A bare `python -m janus_train.train` becomes a world of one (DeepSpeed would try MPI).
-    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                 ("MASTER_ADDR", "127.0.0.1")):
+    for k, v in (
+        ("RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("LOCAL_RANK", "0"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
@@ -109,8 +113,9 @@ def resolve_precision(requested: str) -> str:
     return requested
 
 
-def build_deepspeed_config(ds_cfg, plan: BatchPlan, precision: str, weight_decay: float,
-                           lr: float) -> dict:
+def build_deepspeed_config(
+    ds_cfg, plan: BatchPlan, precision: str, weight_decay: float, lr: float
+) -> dict:
     """The DeepSpeed JSON for one stage. ``ds_cfg``: :class:`DeepSpeedConfig`.
 
     The optimizer is AdamW (0.9, 0.95) built by DeepSpeed (torch's AdamW, or DeepSpeedCPUAdam
@@ -141,8 +146,11 @@ def build_deepspeed_config(ds_cfg, plan: BatchPlan, precision: str, weight_decay
         "gradient_clipping": ds_cfg.gradient_clipping,
         "zero_optimization": zero,
         # check_grad_overflow: a non-finite gradient norm skips the update (the loop counts it)
-        "bf16": ({"enabled": True, "check_grad_overflow": True} if precision == "bf16"
-                 else {"enabled": False}),
+        "bf16": (
+            {"enabled": True, "check_grad_overflow": True}
+            if precision == "bf16"
+            else {"enabled": False}
+        ),
         "fp16": {"enabled": False},
         "optimizer": {
             "type": "AdamW",

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -112,25 +113,50 @@ class FlopCounter:
 
 
 class MetricsLogger:
-    """Rank-0 JSONL (+ wandb) logger; a no-op on other ranks."""
+    """Rank-0 JSONL (+ wandb) logger; a no-op on other ranks.
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool, wandb_cfg: dict | None = None):
+    ``resume_step``: the step the run (re)starts from; rows of later steps, written before an
+    interruption and about to be replayed, are dropped so each step appears once.
+    ``total_steps`` with ``console``: each training row is also one log line (step, losses,
+    learning rate, tokens/s, ETA), for logs that are not a terminal (Slurm, ``nohup``).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        enabled: bool,
+        wandb_cfg: dict | None = None,
+        resume_step: int = 0,
+        total_steps: int | None = None,
+        console: bool = False,
+    ):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.wandb_run = None
         self.wandb_id: str | None = None
+        self.total_steps, self.console = total_steps, console
+        if enabled:
+            drop_rows_after(self.path, resume_step)
         if enabled and wandb_cfg is not None:
             self._init_wandb(**wandb_cfg)
 
-    def _init_wandb(self, project: str, name: str, config: dict, run_id: str | None,
-                    run_dir: str) -> None:
+    def _init_wandb(
+        self, project: str, name: str, config: dict, run_id: str | None, run_dir: str
+    ) -> None:
         try:
             import wandb
         except ImportError as e:
-            raise RuntimeError("train.wandb=true but wandb is not installed (pip install wandb)") from e
+            raise RuntimeError(
+                "train.wandb=true but wandb is not installed (pip install wandb)"
+            ) from e
         mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         self.wandb_run = wandb.init(
-            project=project, name=name, config=config, id=run_id, resume="allow", mode=mode,
+            project=project,
+            name=name,
+            config=config,
+            id=run_id,
+            resume="allow",
+            mode=mode,
             dir=run_dir,
         )
         self.wandb_id = self.wandb_run.id
@@ -139,13 +165,18 @@ class MetricsLogger:
         if not self.enabled:
             return
         # Strict JSON: a non-finite value (a skipped step's loss) is written as null.
-        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v
-                 for k, v in metrics.items()}
+        clean = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in metrics.items()
+        }
         with open(self.path, "a") as f:
             f.write(json.dumps(clean, allow_nan=False) + "\n")
+        if self.console and "loss" in metrics:
+            logger.info("%s", format_row(metrics, self.total_steps))
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in metrics.items() if k != "step"},
-                               step=metrics["step"])
+            self.wandb_run.log(
+                {k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"]
+            )
 
     def log_eval_media(self, step: int, eval_dir: str | os.PathLike) -> None:
         """wandb only: the evaluation's image grid and understanding answers (both are also
@@ -159,15 +190,105 @@ class MetricsLogger:
         if (eval_dir / "generated.png").is_file():
             media["eval/generated"] = wandb.Image(str(eval_dir / "generated.png"))
         if (eval_dir / "answers.jsonl").is_file():
-            rows = [json.loads(line) for line in (eval_dir / "answers.jsonl").read_text().splitlines()
-                    if line.strip()]
+            rows = [
+                json.loads(line)
+                for line in (eval_dir / "answers.jsonl").read_text().splitlines()
+                if line.strip()
+            ]
             if rows:
                 cols = sorted({k for r in rows for k in r})
                 media["eval/answers"] = wandb.Table(
-                    columns=cols, data=[[str(r.get(c, "")) for c in cols] for r in rows])
+                    columns=cols, data=[[str(r.get(c, "")) for c in cols] for r in rows]
+                )
         if media:
             self.wandb_run.log(media, step=step)
 
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Remove the rows of ``path`` (JSONL) whose ``step`` is above ``step`` (atomic rewrite);
+    returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    keep = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    dropped = len([ln for ln in lines if ln.strip()]) - len(keep)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
+        logger.info("%s: dropped %d rows after step %d (replayed on resume)", path, dropped, step)
+    return dropped
+
+
+def format_row(rec: dict, total_steps: int | None) -> str:
+    """One line per logged step: ``step 40/100 loss 5.1234 (und 6.0 text - gen 4.1) lr 1.0e-03
+    grad 2.31 tok/s 1234 eta 0:01:10``."""
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    step = rec["step"]
+    parts = [
+        f"step {step}" + (f"/{total_steps}" if total_steps else ""),
+        f"loss {num(rec.get('loss'), '.4f')}",
+    ]
+    tasks = [k.split("/", 1)[1] for k in rec if k.startswith("loss/")]
+    if tasks:
+        parts.append("(" + " ".join(f"{t} {num(rec[f'loss/{t}'], '.3f')}" for t in tasks) + ")")
+    parts += [
+        f"lr {num(rec.get('optim/lr'), '.2e')}",
+        f"grad {num(rec.get('optim/grad_norm'), '.3g')}",
+        f"tok/s {num(rec.get('speed/tokens_per_s'), '.0f')}",
+    ]
+    step_time = rec.get("speed/step_time_s")
+    if total_steps and step_time is not None:
+        eta = int(round(step_time * max(0, total_steps - step)))
+        parts.append(f"eta {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+    return " ".join(parts)
+
+
+class Throughput:
+    """Per-rank counters of the steps since the last log (tokens, samples, model FLOPs, steps)
+    and the training time they took (evaluation and checkpoint time excluded)."""
+
+    def __init__(self, flops: FlopCounter) -> None:
+        self.flops = flops
+        self.local = torch.zeros(4, dtype=torch.float64)
+        self.t0 = time.perf_counter()
+
+    def add_step(self, host_batches: list[dict]) -> None:
+        """Counted on the host copies: no device synchronisation inside the step."""
+        self.local += torch.tensor(
+            [
+                sum(int(b["attention_mask"].sum()) for b in host_batches),
+                sum(int(b["input_ids"].shape[0]) for b in host_batches),
+                sum(self.flops.batch_flops(b) for b in host_batches),
+                1.0,
+            ],
+            dtype=torch.float64,
+        )
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent outside training (evaluation, checkpoint) does not count."""
+        self.t0 += seconds
+
+    def record(self, summed: torch.Tensor, world_size: int) -> dict:
+        """``speed/*`` of the window from ``summed`` = every rank's (tokens, samples, FLOPs);
+        then starts a new window."""
+        elapsed = time.perf_counter() - self.t0
+        steps = float(self.local[3])
+        rec = {
+            "speed/tokens_per_s": float(summed[0]) / elapsed,
+            "speed/samples_per_s": float(summed[1]) / elapsed,
+            "speed/step_time_s": elapsed / steps,
+        }
+        mfu = self.flops.mfu(float(summed[2]), elapsed, world_size)
+        if mfu is not None:
+            rec["speed/mfu"] = mfu
+        self.local.zero_()
+        self.t0 = time.perf_counter()
+        return rec

@@ -1,0 +1,138 @@
+"""No hang on any exit path: the trainer ends, and leaves no process behind, when a data source
+fails, when evaluation fails (with loader workers running, on 1 and 2 ranks), and when it gets
+SIGTERM while stuck in a collective; loader workers die with their parent.
+
+The command-line runs are real ``janus-train`` processes (tiny model, shards in tmp_path); every
+process below them is recorded while they run and must be gone afterwards. This file is also
+the worker script of the stuck-collective run: ``python tests/test_train_lifecycle.py stuck``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_utils import run_watched, torchrun_cmd  # noqa: E402
+
+pytestmark = pytest.mark.dist
+SELF = str(Path(__file__).resolve())
+EXIT_BOUND_S = 30
+
+
+def _recipe(root: Path, bad: bool) -> Path:
+    from janus_train.data.synthetic import caption_records, class_records, write_tar
+
+    caps = caption_records(0, 40)
+    if bad:  # good records first (a few steps run), then only bad ones
+        caps = caps[:8] + [(f"{i:06d}", {"jpg": b"not an image", "txt": b"a red circle"})
+                           for i in range(8, 40)]
+    write_tar(root / "cap-0.tar", caps)
+    write_tar(root / "cls-0.tar", class_records(0, 40))
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump({"name": "lifecycle", "sources": [
+        {"name": "cap", "task": "understanding", "format": "caption",
+         "shards": str(root / "cap-0.tar")},
+        {"name": "cls", "task": "generation", "format": "class_label",
+         "shards": str(root / "cls-0.tar")}]}))
+    return path
+
+
+def _train_args(root: Path, recipe: Path, workers: int, extra=()) -> list[str]:
+    return ["experiment=tiny", "stage=stage1", "deepspeed=zero2", f"data.recipe={recipe}",
+            f"data.num_workers={workers}", "data.failure_min_samples=4",
+            "data.max_failure_rate=0.5", "data.shuffle=false", f"train.run_dir={root}/run", "train.steps=6",
+            "train.global_batch_size=4", "train.log_every=1", "train.ckpt_every=0",
+            "train.export_at_end=false", "train.progress_bar=false", *extra]
+
+
+@pytest.mark.parametrize("failure,ranks,workers", [
+    ("data", 1, 2), ("data", 2, 1), ("eval", 1, 1), ("eval", 2, 2)])
+def test_failure_exits_nonzero_and_leaves_no_process(tmp_path, failure, ranks, workers):
+    recipe = _recipe(tmp_path, bad=failure == "data")
+    extra = ["train.eval_every=1"] if failure == "eval" else []
+    args = ["-m", "janus_train.train", *_train_args(tmp_path, recipe, workers, extra)]
+    cmd = torchrun_cmd(args[1:], nproc=ranks, module=True) if ranks > 1 \
+        else [sys.executable, *args]
+    # The data failure is near once a worker reports its first bad sample; the eval failure
+    # comes right after step 1's log line (no eval data under JANUS_EVAL_DATA_ROOT).
+    marker = "skipped a sample" if failure == "data" else "step 1/6"
+    res = run_watched(cmd, marker, timeout=240,
+                      env={"JANUS_EVAL_DATA_ROOT": str(tmp_path / "no_eval_data")})
+    out = res.output
+    assert res.returncode != 0, out[-3000:]
+    assert ("max_failure_rate" if failure == "data" else "no eval shards") in out, out[-3000:]
+    assert res.seconds_after_marker is not None, out[-3000:]
+    assert res.seconds_after_marker < EXIT_BOUND_S, (res.seconds_after_marker, out[-3000:])
+    # the ranks and their loader workers ran (the agent's ranks under torchrun)
+    assert len(res.descendants) >= ranks * workers + (ranks if ranks > 1 else 0)
+    time.sleep(1)
+    assert res.survivors() == [], out[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM while stuck in a collective
+# ---------------------------------------------------------------------------------------------
+def scenario_stuck(root: str) -> None:
+    """Rank 1 stops taking part before step 2 (sleeps): rank 0 blocks in that step's
+    all-reduce. Each rank writes its pid; rank 1 writes ``stuck`` when it stops."""
+    import torch.distributed as dist
+
+    from janus_train import train
+    from janus_train.config import compose, to_run_config
+    from janus_train.trainer.synthetic import SyntheticStepLoader
+
+    orig = SyntheticStepLoader.next_step
+
+    def next_step(self):
+        if self.step == 1 and dist.get_rank() == 1:
+            (Path(root) / "stuck").write_text("1")
+            time.sleep(3600)
+        return orig(self)
+
+    SyntheticStepLoader.next_step = next_step
+    run = to_run_config(compose([
+        "stage=stage1", "deepspeed=zero2", "train.synthetic_data=true", f"train.run_dir={root}",
+        "train.steps=4", "train.global_batch_size=2", "train.log_every=1",
+        "train.ckpt_every=0", "train.export_at_end=false", "train.progress_bar=false",
+        "train.synthetic_seq_len=32", "train.stop_grace_s=5"]))
+    (Path(root) / f"pid{os.environ['RANK']}").write_text(str(os.getpid()))
+    sys.exit(train.run(run))
+
+
+def test_sigterm_to_a_rank_stuck_in_a_collective_ends_it(tmp_path):
+    from janus_train.trainer.guard import EXIT_STUCK
+
+    sent: list[float] = []
+
+    def on_line(line, proc):  # noqa: ARG001
+        if not sent and "step 1/4" in line:
+            for _ in range(300):
+                if (tmp_path / "stuck").exists():
+                    break
+                time.sleep(0.1)
+            time.sleep(2)  # rank 0 is in step 2's all-reduce by now
+            os.kill(int((tmp_path / "pid0").read_text()), signal.SIGTERM)
+            sent.append(time.monotonic())
+
+    res = run_watched(torchrun_cmd([SELF, "stuck", str(tmp_path)], nproc=2), "step 1/4",
+                      timeout=240, on_line=on_line)
+    assert sent, res.output[-3000:]
+    assert res.returncode != 0
+    assert f"exiting {EXIT_STUCK}" in res.output, res.output[-3000:]
+    assert res.seconds_after_marker < EXIT_BOUND_S, res.seconds_after_marker
+    time.sleep(1)
+    assert res.survivors() == [], res.output[-3000:]
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "stuck":
+        scenario_stuck(sys.argv[2])
+    else:
+        raise SystemExit(f"unknown scenario {sys.argv[1]}")
