@@ -279,7 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--style", choices=STYLES, help="override the export's chat template")
     ap.add_argument("--chat-template", choices=sorted(ROLES), help="override (roles)")
-    ap.add_argument("--system-prompt", default=None, help="override (with --chat-template)")
+    ap.add_argument(
+        "--system-prompt", help="override (default with --style/--chat-template: DeepSeek's; '' none)"
+    )
     ap.add_argument("--batch-size", type=int, default=16)
     sub = ap.add_subparsers(dest="mode", required=True)
     u = sub.add_parser("understand", help="answer questions about images")
@@ -300,9 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = load(args.model, args.device)
     fmt = None  # the export's own chat template
     if args.style or args.chat_template or args.system_prompt is not None:
-        fmt = PromptFormat(
-            args.style or "chat", args.chat_template or "janus_pro", args.system_prompt
-        )
+        kw = {} if args.system_prompt is None else {"system_prompt": args.system_prompt}
+        fmt = PromptFormat(args.style or "chat", args.chat_template or "janus_pro", **kw)
     if args.mode == "understand":
         paths = args.image * len(args.question) if len(args.image) == 1 else args.image
         if len(paths) != len(args.question):

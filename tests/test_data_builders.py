@@ -48,7 +48,8 @@ def proc(tmp_path_factory):
 def make_ctx(proc, **kw) -> BuildContext:
     tok = proc.tokenizer
     base = dict(tokenizer=tok, st=resolve_special_tokens(tok), image_size=32, num_image_tokens=N,
-                codebook_size=64, cfg_dropout=0.0, first_sentence_prob=0.0, seq_len=512)
+                codebook_size=64, cfg_dropout=0.0, first_sentence_prob=0.0, seq_len=512,
+                system_prompt=None)
     base.update(kw)
     return BuildContext(**base)
 

@@ -79,7 +79,7 @@ def test_prompts_from_the_export_template_equal_the_training_builders(loaded):
     c = build_conversation(
         [("user", "<image>\n" + QUESTIONS[0]), ("assistant", "red")], [None], ctx, "und"
     )
-    fmt = S.PromptFormat("chat", "janus")
+    fmt = S.PromptFormat("chat", "janus", None)
     ids = S.understanding_inputs(processor, _images(1), QUESTIONS[:1], fmt)["input_ids"][0]
     assert c.input_ids[: len(ids)] == ids.tolist()
     bare = copy.copy(processor)

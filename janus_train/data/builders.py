@@ -13,10 +13,13 @@ supervised):
 - caption, plain:  BOS IMG [caption EOS]
 - caption, qa:     BOS "U: " IMG "\\nDescribe the image in detail.\\n\\nA:" [" caption" EOS]
 - conversation:    BOS (system "\\n\\n") "U: msg\\n\\nA:" [" answer" EOS] ... ; ``<image>`` markers
-  become IMG; with ``sft`` false every text token but BOS, the system prompt and IMG is supervised
+  become IMG; with ``sft`` false every text token but BOS, the system prompt and IMG is supervised;
+  system = ``ctx.system_prompt`` (DeepSeek's by default) unless the conversation has its own;
+  system and messages are stripped of surrounding whitespace, as DeepSeek's template does
 - text:            [BOS text EOS] cut into chunks of ``seq_len``
 - generation:      BOS prompt BOI [N codes]; prompt = ``caption`` (plain) or ``"U: caption\\n\\nA:"``
-  (qa); CFG dropout turns every token strictly between BOS and BOI into pad.
+  (qa; never a system prompt); CFG dropout turns every token strictly between BOS and BOI
+  into pad.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from janus_train.model.chat_template import (
     IMAGE_MARKER,
     ROLES,
     SYSTEM_END,
+    SYSTEM_PROMPT,
     user_turn,
 )
 from janus_train.model.tokenizer import SpecialTokens
@@ -73,7 +77,8 @@ class BuildContext:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     cfg_dropout: float = 0.1
     first_sentence_prob: float = 0.25
-    system_prompt: str | None = None
+    system_prompt: str | None = SYSTEM_PROMPT
+    """Conversations' default system prompt (None or '': none)."""
 
     def enc(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
@@ -154,21 +159,21 @@ def build_conversation(
     system = ctx.system_prompt
     if turns and turns[0][0] == "system":
         system, turns = turns[0][1], turns[1:]
-    if system:
-        seq.add(ctx.enc(system + SYSTEM_END), False)
+    if system and system.strip():
+        seq.add(ctx.enc(system.strip() + SYSTEM_END), False)
     markers = 0
     expect = "user"
     for role, text in turns:
         if role != expect:
             raise BadSample("bad_conversation", f"expected a {expect} turn, got {role}")
         if role == "user":
-            turn = user_turn(ctx.chat_template, text)
+            turn = user_turn(ctx.chat_template, text.strip())
             markers += _add_text_with_images(seq, ctx, turn, not mask_user)
             expect = "assistant"
         else:
             if IMAGE_MARKER in text:
                 raise BadSample("image_marker_mismatch", "<image> in an assistant turn")
-            seq.add(ctx.enc(ANSWER_START + text) + [ctx.st.eos], True)
+            seq.add(ctx.enc(ANSWER_START + text.strip()) + [ctx.st.eos], True)
             expect = "user"
     if markers != len(images):
         raise BadSample("image_marker_mismatch", f"{markers} <image> markers, {len(images)} images")
@@ -214,7 +219,7 @@ def build_generation(
     if budget < 0:
         raise BadSample("too_long", f"{n} image tokens do not fit seq_len {ctx.seq_len}")
     while True:
-        text = prompt if ctx.caption_format == "plain" else user_turn(ctx.chat_template, prompt)
+        text = prompt if ctx.caption_format == "plain" else user_turn(ctx.chat_template, prompt.strip())
         ptoks = ctx.enc(text)
         if len(ptoks) <= budget or not prompt:
             break

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from janus_train.model.chat_template import SYSTEM_PROMPT
+
 
 @dataclass
 class DataConfig:
@@ -33,8 +35,11 @@ class DataConfig:
     """Probability that a generation sample's prompt becomes unconditional (pad tokens)."""
     first_sentence_prob: float = 0.25
     """Probability that a generation caption keeps only its first sentence."""
-    system_prompt: str | None = None
-    """Optional system prompt for conversations (None: none)."""
+    system_prompt: str | None = SYSTEM_PROMPT
+    """System prompt of understanding and chat conversations (captions as QA, SFT, evaluation,
+    the export's chat template; a conversation's own ``system`` turn wins). Default: DeepSeek's
+    (``chat_template.SYSTEM_PROMPT``). ``data.system_prompt=null`` (or ``''``) disables it.
+    Text-to-image prompts never have one."""
     max_failure_rate: float = 0.05
     """Above this fraction of skipped samples per source the run stops naming the shard."""
     failure_min_samples: int = 100

@@ -32,6 +32,13 @@ ANSWER_START = " "
 """Between the assistant role's colon and the answer."""
 IMAGE_SEP = "\n"
 """Between an image entry of HF message content and its neighbouring entries."""
+SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. "
+    "You are able to understand the visual content that the user provides, "
+    "and assist the user with a variety of tasks using natural language."
+)
+"""DeepSeek's default system prompt of understanding conversations (``processing_vlm.py``
+``VLChatProcessor.system_prompt``); text-to-image prompts have none."""
 
 
 def user_prefix(template: str) -> str:
@@ -54,7 +61,8 @@ class PromptFormat:
 
     style: str = "chat"
     chat_template: str = "janus_pro"
-    system_prompt: str | None = None
+    system_prompt: str | None = SYSTEM_PROMPT
+    """None or '': none. Stripped, as DeepSeek's template strips every message."""
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
@@ -147,7 +155,7 @@ def jinja_template(fmt: PromptFormat) -> str:
     }
     if fmt.style == "chat":
         consts.update(
-            SYSTEM_PROMPT=fmt.system_prompt or "",
+            SYSTEM_PROMPT=(fmt.system_prompt or "").strip(),
             SYSTEM_END=SYSTEM_END,
             USER_PREFIX=user_prefix(fmt.chat_template),
             USER_END=USER_END,
