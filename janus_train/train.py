@@ -61,6 +61,7 @@ from janus_train.trainer.distributed import (
     plan_as_dict,
     plan_batch,
     resolve_precision,
+    set_collective_timeout,
     set_lr,
     setup_distributed,
 )
@@ -410,7 +411,7 @@ class _Bar:
 def run(cfg: RunConfig) -> int:
     """Train one stage; returns the exit status (``EXIT_OK`` or ``EXIT_REQUEUE``)."""
     tc = cfg.train
-    info = setup_distributed()
+    info = setup_distributed(tc.init_timeout_s)
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     logger.setLevel(logging.INFO if info.is_main else logging.WARNING)
     prep = prepare(cfg, info)
@@ -431,11 +432,14 @@ def run(cfg: RunConfig) -> int:
             _Bar(info.is_main and tc.progress_bar, prep.stop_step, state.step, cfg.stage.name)
         )
         meter = Throughput(t.flops)
+        set_collective_timeout(tc.collective_timeout_s)  # set-up done: training collectives
         saved_at = state.step if state.resumed_from is not None else -1
 
         def checkpoint() -> None:
             t0 = time.perf_counter()
+            set_collective_timeout(tc.init_timeout_s)  # rank 0 writes more than the others
             save_train_state(t.engine, prep.ckpt_dir, state, loader, info, tc.keep_last)
+            set_collective_timeout(tc.collective_timeout_s)
             meter.exclude(time.perf_counter() - t0)  # throughput counts training time only
             guard.progress()
 
@@ -468,6 +472,7 @@ def run(cfg: RunConfig) -> int:
         # ---- end of stage: final checkpoint, HF export ---------------------------------
         if saved_at != state.step:
             checkpoint()
+        set_collective_timeout(tc.init_timeout_s)  # consolidation on rank 0 may be slow
         out_dir = prep.run_dir / "hf"
         if tc.export_at_end and not is_exported(out_dir, state.step):
             export_hf(t.janus, t.processor, out_dir, cfg.deepspeed.zero_stage, info, state.step)

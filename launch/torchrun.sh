@@ -15,7 +15,11 @@
 #                   whose hostname matches `host` serves it; every node passes the same value.
 #   RDZV_ID         rendezvous id, the same on every node of one job (default janus).
 #   RDZV_BACKEND    rendezvous backend (default c10d).
-#   RDZV_CONF       extra rendezvous settings, e.g. join_timeout=1800 on slow-starting clusters.
+#   RDZV_CONF       extra rendezvous settings (comma-separated key=value). Its join_timeout, when
+#                   absent, is the trainer's init timeout: a train.init_timeout_s=N argument,
+#                   else INIT_TIMEOUT_S, else 1800 (that field's default).
+#   INIT_TIMEOUT_S  seconds to join the rendezvous and the process group and for the set-up's
+#                   collectives; passed on as train.init_timeout_s=N (unless given as argument).
 #   MAX_RESTARTS    torchrun worker-group restarts on failure (default 0: fail fast, let the
 #                   scheduler requeue; the trainer resumes from its last checkpoint either way).
 #   TORCHRUN_ARGS   extra torchrun flags, split on spaces (e.g. "--log-dir logs/ranks --tee 3").
@@ -43,6 +47,19 @@ if [[ -z ${NPROC_PER_NODE:-} ]]; then
   fi
 fi
 
+# One init timeout for the rendezvous (here) and the trainer's process group (train.init_timeout_s).
+init_timeout=1800
+timeout_arg=0
+for arg in "$@"; do
+  if [[ $arg == train.init_timeout_s=* ]]; then init_timeout=${arg#*=}; timeout_arg=1; fi
+done
+trainer_args=("$@")
+if [[ -n ${INIT_TIMEOUT_S:-} && $timeout_arg == 0 ]]; then
+  init_timeout=$INIT_TIMEOUT_S
+  trainer_args+=("train.init_timeout_s=$INIT_TIMEOUT_S")
+fi
+init_timeout=${init_timeout%.*}  # torchrun wants whole seconds
+
 cmd=("$PYTHON" -m torch.distributed.run --nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE")
 if [[ $NNODES -eq 1 && -z ${RDZV_ENDPOINT:-} ]]; then
   cmd+=(--standalone)
@@ -53,14 +70,18 @@ else
   fi
   cmd+=(--rdzv-backend="${RDZV_BACKEND:-c10d}" --rdzv-endpoint="$RDZV_ENDPOINT"
         --rdzv-id="${RDZV_ID:-janus}")
-  if [[ -n ${RDZV_CONF:-} ]]; then cmd+=(--rdzv-conf="$RDZV_CONF"); fi
+  rdzv_conf=${RDZV_CONF:-}
+  if [[ $rdzv_conf != *join_timeout=* ]]; then
+    rdzv_conf="join_timeout=$init_timeout${rdzv_conf:+,$rdzv_conf}"
+  fi
+  cmd+=(--rdzv-conf="$rdzv_conf")
 fi
 cmd+=(--max-restarts="${MAX_RESTARTS:-0}")
 if [[ -n ${TORCHRUN_ARGS:-} ]]; then
   read -r -a extra <<<"$TORCHRUN_ARGS"
   cmd+=("${extra[@]}")
 fi
-cmd+=(-m janus_train.train "$@")
+cmd+=(-m janus_train.train "${trainer_args[@]}")
 
 if [[ ${DRY_RUN:-0} == 1 ]]; then
   printf '%q ' "${cmd[@]}"

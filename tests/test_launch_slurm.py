@@ -347,3 +347,29 @@ def test_slurm_job_really_trains_checkpoints_on_usr1_requeues_and_resumes(stubs,
     assert steps == list(range(1, 301))  # resumed where it stopped: no step lost or repeated
     assert f"resuming at step {stopped_at}" in (run_dir / "train.log").read_text()
     assert len((tmp_path / "stublog/scontrol.txt").read_text().splitlines()) == 1  # no requeue
+
+
+def test_torchrun_rendezvous_join_timeout_is_the_trainers_init_timeout():
+    env = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "RDZV_CONF",
+                                                            "INIT_TIMEOUT_S")}
+    env.update(DRY_RUN="1", NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT="n1:29400")
+
+    def render(*args, **extra):
+        out = subprocess.run(["bash", str(REPO / "launch/torchrun.sh"), *args],
+                             env={**env, **extra}, capture_output=True, text=True, check=True)
+        return shlex.split(out.stdout)
+
+    cmd = render("experiment=tiny")
+    assert "--rdzv-conf=join_timeout=1800" in cmd  # train.init_timeout_s's default
+    assert not any(a.startswith("train.init_timeout_s") for a in cmd)
+    cmd = render("experiment=tiny", "train.init_timeout_s=240")
+    assert "--rdzv-conf=join_timeout=240" in cmd and cmd[-1] == "train.init_timeout_s=240"
+    cmd = render("experiment=tiny", INIT_TIMEOUT_S="300", RDZV_CONF="read_timeout=60")
+    assert "--rdzv-conf=join_timeout=300,read_timeout=60" in cmd
+    assert cmd[-1] == "train.init_timeout_s=300"  # the trainer gets the same value
+    cmd = render("experiment=tiny", RDZV_CONF="join_timeout=99")
+    assert "--rdzv-conf=join_timeout=99" in cmd
+
+    from janus_train.trainer.config import TrainConfig
+
+    assert TrainConfig().init_timeout_s == 1800  # the script's default is the field's

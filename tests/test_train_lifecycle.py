@@ -79,9 +79,10 @@ def test_failure_exits_nonzero_and_leaves_no_process(tmp_path, failure, ranks, w
 # ---------------------------------------------------------------------------------------------
 # SIGTERM while stuck in a collective
 # ---------------------------------------------------------------------------------------------
-def scenario_stuck(root: str) -> None:
-    """Rank 1 stops taking part before step 2 (sleeps): rank 0 blocks in that step's
-    all-reduce. Each rank writes its pid; rank 1 writes ``stuck`` when it stops."""
+def scenario(root: str, mode: str) -> None:
+    """``stuck``: rank 1 stops taking part before step 2 (sleeps), so rank 0 blocks in that
+    step's all-reduce; rank 1 writes ``stuck`` when it stops. ``frozen``: a long run with a
+    20 s collective timeout (the test SIGSTOPs a rank). Each rank writes its pid."""
     import torch.distributed as dist
 
     from janus_train import train
@@ -91,17 +92,18 @@ def scenario_stuck(root: str) -> None:
     orig = SyntheticStepLoader.next_step
 
     def next_step(self):
-        if self.step == 1 and dist.get_rank() == 1:
+        if mode == "stuck" and self.step == 1 and dist.get_rank() == 1:
             (Path(root) / "stuck").write_text("1")
             time.sleep(3600)
         return orig(self)
 
     SyntheticStepLoader.next_step = next_step
+    steps = 4 if mode == "stuck" else 500
     run = to_run_config(compose([
         "stage=stage1", "deepspeed=zero2", "train.synthetic_data=true", f"train.run_dir={root}",
-        "train.steps=4", "train.global_batch_size=2", "train.log_every=1",
+        f"train.steps={steps}", "train.global_batch_size=2", "train.log_every=1",
         "train.ckpt_every=0", "train.export_at_end=false", "train.progress_bar=false",
-        "train.synthetic_seq_len=32", "train.stop_grace_s=5"]))
+        "train.synthetic_seq_len=32", "train.stop_grace_s=5", "train.collective_timeout_s=20"]))
     (Path(root) / f"pid{os.environ['RANK']}").write_text(str(os.getpid()))
     sys.exit(train.run(run))
 
@@ -131,8 +133,49 @@ def test_sigterm_to_a_rank_stuck_in_a_collective_ends_it(tmp_path):
     assert res.survivors() == [], res.output[-3000:]
 
 
+def test_a_frozen_rank_makes_the_others_exit_after_the_collective_timeout(tmp_path):
+    """SIGSTOP on rank 1 mid-run: rank 0 fails within train.collective_timeout_s (20) + 60 s
+    instead of torch's 30 min."""
+    from dist_utils import _start_time
+
+    stopped: list[float] = []
+    rank0_gone: list[float] = []
+
+    def on_line(line, proc):  # noqa: ARG001
+        if not stopped and "step 3/500" in line:
+            os.kill(int((tmp_path / "pid1").read_text()), signal.SIGSTOP)
+            stopped.append(time.monotonic())
+            pid0 = int((tmp_path / "pid0").read_text())
+            t0 = _start_time(pid0)
+
+            def watch():
+                while _start_time(pid0) == t0:
+                    time.sleep(0.2)
+                rank0_gone.append(time.monotonic())
+                try:  # let the frozen rank see the agent's SIGTERM (or die of its SIGKILL)
+                    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGCONT)
+                except OSError:
+                    pass
+
+            import threading
+
+            threading.Thread(target=watch, daemon=True).start()
+
+    try:
+        res = run_watched(torchrun_cmd([SELF, "frozen", str(tmp_path)], nproc=2), "step 3/500",
+                          timeout=300, on_line=on_line)
+    finally:
+        if (tmp_path / "pid1").exists():
+            try:
+                os.kill(int((tmp_path / "pid1").read_text()), signal.SIGCONT)
+            except OSError:
+                pass
+    assert stopped and rank0_gone, res.output[-3000:]
+    assert res.returncode != 0
+    assert rank0_gone[0] - stopped[0] < 20 + 60, (rank0_gone[0] - stopped[0], res.output[-3000:])
+    time.sleep(1)
+    assert res.survivors() == [], res.output[-3000:]
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "stuck":
-        scenario_stuck(sys.argv[2])
-    else:
-        raise SystemExit(f"unknown scenario {sys.argv[1]}")
+    scenario(sys.argv[2], sys.argv[1])

@@ -68,6 +68,13 @@ class TrainConfig:
     """tqdm bar on rank 0 when stderr is a terminal."""
     seed: int = 0
     """Seed of the per-rank RNGs (dropout); the data order has its own seed."""
+    collective_timeout_s: float = 600.0
+    """Timeout of every collective of the training loop: a rank that stops progressing (frozen,
+    lost node, deadlock) makes the others exit non-zero after this long instead of waiting."""
+    init_timeout_s: float = 1800.0
+    """Timeout of joining the process group and of the collectives of the set-up (model load,
+    checkpoint load) and the final export; ``launch/torchrun.sh`` also uses it as the
+    rendezvous ``join_timeout``."""
     stop_grace_s: float = 300.0
     """After SIGTERM/SIGUSR1 the loop must complete a step, evaluation or checkpoint at least
     this often, else the rank is stuck (e.g. in a collective with a dead peer) and exits 70

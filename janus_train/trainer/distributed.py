@@ -34,9 +34,12 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed(timeout_s: int = 1800) -> DistInfo:
+def setup_distributed(timeout_s: float = 1800) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (torchrun, deepspeed launcher, Slurm env,
-    or a single process without any launcher). Idempotent."""
+    or a single process without any launcher). Idempotent. ``timeout_s``
+    (``train.init_timeout_s``): joining the process group, and every collective until
+    :func:`set_collective_timeout` changes it (the set-up: rank 0 may train a tokenizer or
+    read a checkpoint while the others wait)."""
     import deepspeed
 
     # A bare `python -m janus_train.train` becomes a world of one (DeepSpeed would try MPI).
@@ -65,6 +68,32 @@ def setup_distributed(timeout_s: int = 1800) -> DistInfo:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def set_collective_timeout(timeout_s: float) -> int:
+    """Timeout of every collective from now on, in every process group (the default one and
+    those DeepSpeed created, which otherwise keep torch's 10 / 30 min default): a rank that
+    stops progressing makes the others fail after ``timeout_s`` instead of waiting. NCCL aborts
+    the communicator (TORCH_NCCL_ASYNC_ERROR_HANDLING), gloo raises. Returns the number of
+    groups changed (0 without a process group)."""
+    if not dist.is_initialized():
+        return 0
+    from torch.distributed import distributed_c10d as c10d
+
+    # torch has no public setter for an existing group's timeout; _set_pg_timeout is the
+    # documented private one (torch >= 2.2). Without it, the init timeout stays in force.
+    setter = getattr(c10d, "_set_pg_timeout", None)
+    groups = list(getattr(getattr(c10d, "_world", None), "pg_map", {}) or [])
+    if setter is None or not groups:
+        logger.warning(
+            "this torch cannot change a process group's timeout: collectives keep "
+            "train.init_timeout_s"
+        )
+        return 0
+    delta = datetime.timedelta(seconds=timeout_s)
+    for group in groups:
+        setter(delta, group)
+    return len(groups)
 
 
 def barrier() -> None:

@@ -34,7 +34,9 @@
 #                   sbatch's CPU count, and one CPU would starve the data loaders).
 #   RDZV_HOST       rendezvous host (default: first host of `scontrol show hostnames`).
 #   RDZV_PORT       rendezvous port (default 29500).
-#   RDZV_CONF       extra c10d rendezvous settings (default join_timeout=1800).
+#   RDZV_CONF       extra c10d rendezvous settings (join_timeout defaults to the trainer's
+#                   train.init_timeout_s / INIT_TIMEOUT_S: see launch/torchrun.sh).
+#   INIT_TIMEOUT_S  rendezvous + process-group join + set-up timeout (train.init_timeout_s).
 #   REQUEUE_EXIT_CODE  exit status meaning "checkpointed, requeue me" (default 75, the trainer's
 #                   janus_train.trainer.checkpoint.EXIT_REQUEUE; torchrun reports a failed worker
 #                   as 1, so the USR1 this shell forwarded is what normally triggers the requeue).
@@ -113,7 +115,7 @@ overrides+=("$@")
 # Read by launch/torchrun.sh on every node (srun exports the environment).
 export PYTHON NNODES=$nnodes NPROC_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 export RDZV_ENDPOINT=$head_host:${RDZV_PORT:-29500} RDZV_ID=$SLURM_JOB_ID
-export RDZV_CONF=${RDZV_CONF:-join_timeout=1800} MAX_RESTARTS=0
+export RDZV_CONF=${RDZV_CONF:-} MAX_RESTARTS=0
 
 mkdir -p "$LOG_DIR"
 srun_cmd=(srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1
