@@ -77,6 +77,9 @@ class StageHParams:
     stop_at: int | None = None
     """End the stage at this step although the schedule runs to ``steps`` (Janus-Pro stage 2:
     scheduled for 360K, stopped at 270K)."""
+    first_sentence_prob: float = 0.0
+    """Probability that a generation caption keeps only its first sentence (Janus stage 2:
+    0.25, paper §4.2; the other stages: 0)."""
 
 
 @dataclass

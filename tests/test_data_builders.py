@@ -132,10 +132,13 @@ def test_text_chunks(proc):
     text = "the red circle is on the left and the blue square is on the right"
     ids = [st.bos] + enc(proc, text) + [st.eos]
     chunks = build_text(text, ctx)
-    assert [c.input_ids for c in chunks] == [ids[i:i + 8] for i in range(0, len(ids), 8)
-                                             if len(ids[i:i + 8]) >= 2]
-    assert chunks[0].labels == [X] + ids[1:8]
-    assert all(c.labels == c.input_ids for c in chunks[1:])
+    # chunks overlap by one token; no chunk's first token is a target (packed, it would be
+    # predicted from the previous sample of the row); every token after BOS is a target once
+    assert all(len(c.input_ids) <= 8 and c.labels[0] == X for c in chunks)
+    assert all(c.labels[1:] == c.input_ids[1:] for c in chunks)
+    assert all(a.input_ids[-1] == b.input_ids[0] for a, b in zip(chunks, chunks[1:]))
+    targets = [t for c in chunks for t in c.labels if t != X]
+    assert targets == ids[1:]
 
 
 def test_generation_sequences(proc):

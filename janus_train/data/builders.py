@@ -16,7 +16,8 @@ supervised):
   become IMG; with ``sft`` false every text token but BOS, the system prompt and IMG is supervised;
   system = ``ctx.system_prompt`` (DeepSeek's by default) unless the conversation has its own;
   system and messages are stripped of surrounding whitespace, as DeepSeek's template does
-- text:            [BOS text EOS] cut into chunks of ``seq_len``
+- text:            BOS [text EOS] cut into chunks of ``seq_len`` overlapping by one token; a
+                   chunk's first token is context only (never predicted across a packed row)
 - generation:      BOS prompt BOI [N codes]; prompt = ``caption`` (plain) or ``"U: caption\\n\\nA:"``
   (qa; never a system prompt); CFG dropout turns every token strictly between BOS and BOI
   into pad.
@@ -76,7 +77,7 @@ class BuildContext:
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     cfg_dropout: float = 0.1
-    first_sentence_prob: float = 0.25
+    first_sentence_prob: float = 0.0
     system_prompt: str | None = SYSTEM_PROMPT
     """Conversations' default system prompt (None or '': none)."""
 
@@ -187,17 +188,17 @@ def build_caption_qa(caption: str, image: np.ndarray, ctx: BuildContext) -> Samp
 
 
 def build_text(text: str, ctx: BuildContext) -> list[Sample]:
-    """LM chunks of at most ``seq_len`` tokens of ``BOS text EOS``, all supervised."""
+    """LM chunks of at most ``seq_len`` tokens of ``BOS text EOS``. A chunk's first token is
+    never a target (packed, it would be predicted from the previous sample in the row), so
+    chunks overlap by one token: each token after BOS is a target exactly once, predicted from
+    its true predecessor."""
     ids = [ctx.st.bos] + ctx.enc(text) + [ctx.st.eos]
     out = []
-    for i in range(0, len(ids), ctx.seq_len):
+    for i in range(0, max(len(ids) - 1, 1), max(ctx.seq_len - 1, 1)):
         chunk = ids[i : i + ctx.seq_len]
         if len(chunk) < 2:
             break
-        labels = list(chunk)
-        if i == 0:
-            labels[0] = IGNORE
-        out.append(Sample(chunk, labels, "text"))
+        out.append(Sample(chunk, [IGNORE] + chunk[1:], "text"))
     return out
 
 

@@ -33,8 +33,6 @@ class DataConfig:
     """Shuffle shard order per epoch and, for local shards, record order within each shard."""
     cfg_dropout: float = 0.1
     """Probability that a generation sample's prompt becomes unconditional (pad tokens)."""
-    first_sentence_prob: float = 0.25
-    """Probability that a generation caption keeps only its first sentence."""
     system_prompt: str | None = SYSTEM_PROMPT
     """System prompt of understanding and chat conversations (captions as QA, SFT, evaluation,
     the export's chat template; a conversation's own ``system`` turn wins). Default: DeepSeek's

@@ -357,7 +357,7 @@ def build_context(run, processor) -> BuildContext:
         mean=tuple(float(x) for x in ip.image_mean),
         std=tuple(float(x) for x in ip.image_std),
         cfg_dropout=d.cfg_dropout,
-        first_sentence_prob=d.first_sentence_prob,
+        first_sentence_prob=run.hparams.first_sentence_prob,  # per stage (experiment)
         system_prompt=d.system_prompt,
     )
 

@@ -20,6 +20,7 @@ from janus_train.model.tokenizer import (
     resolve_special_tokens,
     train_tiny_tokenizer,
 )
+from janus_train.model.vq_codes import normalized_codebook
 
 logger = logging.getLogger(__name__)
 
@@ -133,11 +134,13 @@ def set_generation_config(model, st: SpecialTokens) -> None:
 
 
 def reinit_generation_modules(model, include_embeddings_and_adaptor: bool) -> None:
-    """Random re-initialisation of the image head (and optionally the generation adaptor and
-    code embeddings) with HF's own initialiser."""
+    """Random re-initialisation of the image head (and optionally the generation adaptor) with
+    HF's own initialiser; the code embeddings (with the adaptor) become the VQ's L2-normalised
+    codebook, the "codebook embeddings" the Janus paper's generation adaptor maps (§3.1) and what
+    DeepSeek's quantizer outputs, so they are meaningful while frozen (the default)."""
     mods = [model.model.generation_head]
     if include_embeddings_and_adaptor:
-        mods += [model.model.generation_aligner, model.model.generation_embeddings]
+        mods += [model.model.generation_aligner]
     for mod in mods:
         for sub in mod.modules():
             # transformers skips tensors flagged as already initialised (e.g. loaded ones)
@@ -145,6 +148,18 @@ def reinit_generation_modules(model, include_embeddings_and_adaptor: bool) -> No
                 t._is_hf_initialized = False
             sub._is_hf_initialized = False
             model._init_weights(sub)
+    if include_embeddings_and_adaptor:
+        with torch.no_grad():
+            emb = model.model.generation_embeddings.weight
+            emb.copy_(normalized_codebook(model.model.vqmodel).to(emb.dtype))
+
+
+def train_pad_embedding(model) -> None:
+    """Let the pad token's text embedding train. HF's Llama passes ``pad_token_id`` as the
+    embedding's ``padding_idx``, which zeroes that row's gradient; DeepSeek's model builds its
+    Llama from a config without ``pad_token_id`` (``padding_idx`` None), so the pad embedding,
+    the input of every classifier-free-guidance-dropped prompt, trains with the LLM."""
+    model.get_input_embeddings().padding_idx = None
 
 
 def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
@@ -181,6 +196,7 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
             reinit_generation_modules(model, cfg.reinit_gen_modules)
+    train_pad_embedding(model)
     set_generation_config(model, st)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

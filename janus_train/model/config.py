@@ -104,6 +104,8 @@ class ModelConfig:
     """Re-initialise generation_head (and the generation adaptor/embeddings when
     ``reinit_gen_modules``) after loading, e.g. for a checkpoint that lacks them."""
     reinit_gen_modules: bool = False
+    """Also re-initialise the generation adaptor (random) and the code embeddings (from the VQ's
+    L2-normalised codebook, the codebook embeddings of the Janus paper §3.1)."""
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     """``sdpa`` | ``eager`` | ``flash_attention_2``."""
