@@ -79,7 +79,7 @@ class StageHParams:
     scheduled for 360K, stopped at 270K)."""
     first_sentence_prob: float = 0.0
     """Probability that a generation caption keeps only its first sentence (Janus stage 2:
-    0.25, paper §4.2; the other stages: 0)."""
+    0.25, the paper's data setup; the other stages: 0)."""
 
 
 @dataclass

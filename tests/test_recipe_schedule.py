@@ -1,6 +1,6 @@
 """The shipped Janus and Janus-Pro recipes give the papers' text-to-image source schedule, as the
-mixer draws it step by step (Janus arXiv 2410.13848 §4.2: ImageNet-1k alone for the first 2/3 of
-stage II, 120K of 180K steps, then general text-to-image data; Janus-Pro arXiv 2501.17811 §3.2:
+mixer draws it step by step (Janus arXiv 2410.13848, data setup: ImageNet-1k alone for the first 2/3 of
+stage II, 120K of 180K steps, then general text-to-image data; Janus-Pro arXiv 2501.17811, data scaling:
 no ImageNet in stage II, real : synthetic aesthetic data 1 : 1)."""
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def set_generation_config(model, st: SpecialTokens) -> None:
 def reinit_generation_modules(model, include_embeddings_and_adaptor: bool) -> None:
     """Random re-initialisation of the image head (and optionally the generation adaptor) with
     HF's own initialiser; the code embeddings (with the adaptor) become the VQ's L2-normalised
-    codebook, the "codebook embeddings" the Janus paper's generation adaptor maps (§3.1) and what
+    codebook, the "codebook embeddings" the Janus paper's generation adaptor maps (its architecture section) and what
     DeepSeek's quantizer outputs, so they are meaningful while frozen (the default)."""
     mods = [model.model.generation_head]
     if include_embeddings_and_adaptor:

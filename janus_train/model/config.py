@@ -105,7 +105,7 @@ class ModelConfig:
     ``reinit_gen_modules``) after loading, e.g. for a checkpoint that lacks them."""
     reinit_gen_modules: bool = False
     """Also re-initialise the generation adaptor (random) and the code embeddings (from the VQ's
-    L2-normalised codebook, the codebook embeddings of the Janus paper §3.1)."""
+    L2-normalised codebook, the codebook embeddings of the Janus paper's architecture section)."""
     gradient_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     """``sdpa`` | ``eager`` | ``flash_attention_2``."""
