@@ -373,16 +373,16 @@ def pack_rows(samples: list[Sample], seq_len: int) -> list[list[Sample]]:
 
 
 def collate(samples: list[Sample], ctx: BuildContext, pad_to_multiple_of: int = 1,
-            pixels_uint8: bool = False, pack: bool = False) -> dict:
+            pixels_uint8: bool = False, pack: bool = False, row_len: int | None = None) -> dict:
     """Right-padded batch dict following the contract in ``janus_train.model.forward``.
 
-    ``pack``: several samples per row (first fit into ``ctx.seq_len``), ``position_ids``
-    restarting at each; images follow the packed layout in row-major order.
+    ``pack``: several samples per row (first fit into ``row_len``, default ``ctx.seq_len``),
+    ``position_ids`` restarting at each; images follow the packed layout in row-major order.
     ``pixels_uint8``: ``pixel_values`` / ``gen_pixel_values`` stay (N, 3, S, S) uint8 and
     :func:`finish_pixels` normalises them where the batch lands (the GPU): 4x less host memory
     traffic, no float pass on the loader's CPU.
     """
-    rows = pack_rows(samples, ctx.seq_len) if pack else [[s] for s in samples]
+    rows = pack_rows(samples, row_len or ctx.seq_len) if pack else [[s] for s in samples]
     B = len(rows)
     T = max(sum(len(s.input_ids) for s in row) for row in rows)
     T = -(-T // pad_to_multiple_of) * pad_to_multiple_of

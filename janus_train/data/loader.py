@@ -36,7 +36,8 @@ from janus_train.data.builders import (
     record_to_samples,
 )
 from janus_train.data.config import DataConfig
-from janus_train.data.mixing import step_plan, task_counts
+from janus_train.data.mixing import rank_supply, step_plan, task_counts
+from janus_train.data.packing import Layout, balance_takes, empty_micro, layout
 from janus_train.data.preprocess import BadSample
 from janus_train.data.recipe import Recipe, Source, check_recipe_for_stage, load_recipe
 from janus_train.data.shards import RecordStream, stable_seed
@@ -45,7 +46,7 @@ from janus_train.model.tokenizer import resolve_special_tokens
 logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
-__all__ = ["StepLoader", "build_train_loader", "load_recipe", "build_context"]
+__all__ = ["StepLoader", "TokenStepLoader", "build_train_loader", "load_recipe", "build_context"]
 
 
 class DataFailure(RuntimeError):
@@ -134,8 +135,12 @@ class StepDataset(IterableDataset):
 
     def __init__(self, recipe: Recipe, ctx: BuildContext, dcfg: DataConfig, counts: dict,
                  rank: int, world_size: int, num_workers: int, micro_batch_size: int,
-                 grad_accum: int, start_step: int, worker_states: list[dict]):
+                 grad_accum: int, start_step: int, worker_states: list[dict],
+                 raw: bool = False):
         super().__init__()
+        self.raw = raw
+        """Yield the rank's built samples of the step (its ``rank_supply``) uncollated, for
+        the token-budget loader to balance and pack."""
         self.recipe, self.ctx, self.dcfg, self.counts = recipe, ctx, dcfg, counts
         self.rank, self.world_size, self.W = rank, world_size, max(1, num_workers)
         self.mbs, self.ga = micro_batch_size, grad_accum
@@ -157,7 +162,7 @@ class StepDataset(IterableDataset):
         step = self.start_step + ((w - self.start_step) % self.W)
         while True:
             plan = step_plan(self.recipe, self.counts, step, self.world_size, self.mbs,
-                             self.ga, self.dcfg.seed)[self.rank]
+                             0 if self.raw else self.ga, self.dcfg.seed)[self.rank]
             micro, keys = [], []
             for src_ids in plan:
                 samples = []
@@ -167,6 +172,9 @@ class StepDataset(IterableDataset):
                         streams[i] = SampleStream(src, self.ctx, self.dcfg, consumer, C,
                                                   src_states.get(src.name), counters)
                     samples.append(streams[i].next())
+                if self.raw:
+                    micro.append(list(zip(src_ids, samples)))
+                    continue
                 micro.append(collate(samples, self.ctx, self.dcfg.pad_to_multiple_of,
                                      self.dcfg.pixels_uint8, self.dcfg.pack))
                 keys.append([s.key for s in samples])
@@ -242,8 +250,8 @@ class StepLoader:
 
     def _start(self) -> None:
         ds = StepDataset(self.recipe, self.ctx, self.dcfg, self.counts, self.rank,
-                         self.world_size, self.num_workers, self.mbs, self.ga, self.step,
-                         [dict(s) for s in self.worker_states])
+                         self.world_size, self.num_workers, self.mbs, self.ga, self._next_pull(),
+                         [dict(s) for s in self.worker_states], raw=self._raw)
         if self.num_workers > 0:
             self._loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                       prefetch_factor=self.dcfg.prefetch_factor,
@@ -256,6 +264,11 @@ class StepLoader:
         else:
             self._loader = ds
         self._it = iter(self._loader)
+
+    _raw = False
+
+    def _next_pull(self) -> int:
+        return self.step
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """The ``grad_accum`` micro-batches of this rank for the next optimizer step."""
@@ -335,6 +348,118 @@ class StepLoader:
             pass
 
 
+class TokenStepLoader(StepLoader):
+    """Token-budget micro-batches (``train.tokens_per_micro``), exact and resumable.
+
+    Each rank *builds* its ``rank_supply`` share of every step (the plan of ``mixing.py``) into
+    per-source FIFO queues, one step ahead. At step ``s`` the ranks exchange the lengths of
+    their queued samples (``exchange``: an all-gather the trainer provides; the one collective
+    of the loader) and every rank computes the same decision (``packing.balance_takes``): how
+    many samples each rank takes from the head of each of its queues so that the step holds
+    exactly the plan's count of every source (so the exact task ratio and ``G`` samples)
+    while tokens per rank are balanced. A rank may take up to one step ahead of its supply, or
+    leave at most one step's share (plus the next step's supply) queued, so no sample waits
+    long. Every rank then packs its share (``packing.layout``: first fit decreasing into
+    ``tokens_per_micro``; the micro-step count is the max over ranks, computed identically
+    everywhere) into one packed row per micro-batch. Queued samples of a source that is no
+    longer active are dropped (``dropped/<source>``). State = worker stream positions after the
+    last *built* step + the queued samples themselves, so resume is exact.
+    """
+
+    _raw = True
+
+    def __init__(self, *args, tokens_per_micro: int, exchange=None, **kw):
+        super().__init__(*args, **kw)
+        self.tokens_per_micro = tokens_per_micro
+        self.exchange = exchange or (lambda obj: [obj])
+        """``exchange(obj) -> [obj of rank 0, ..., obj of rank world-1]`` (all-gather)."""
+        n = len(self.recipe.sources)
+        self.queues: list[list[Sample]] = [[] for _ in range(n)]
+        self.pulled = 0
+        """Steps whose supply has been built into the queues."""
+        self.dropped: Counter = Counter()
+        self.last_layout: Layout | None = None
+
+    def _next_pull(self) -> int:
+        return self.pulled
+
+    def _supply(self, step: int) -> list[list[int]]:
+        return rank_supply(self.recipe, self.counts, step, self.world_size, self.dcfg.seed)
+
+    def _pull(self) -> None:
+        if self._it is None:
+            self._start()
+        item = next(self._it)
+        if item["step"] != self.pulled:
+            raise RuntimeError(f"data loader out of order: got step {item['step']}, "
+                               f"expected {self.pulled}")
+        self.worker_states[item["worker"]] = item["state"]
+        for src, sample in item["micro"][0]:
+            self.queues[src].append(sample)
+        self.pulled += 1
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        s = self.step
+        while self.pulled <= s + 1:  # this step's supply and the next one's
+            self._pull()
+        need = Counter(i for share in self._supply(s) for i in share)
+        nxt = self._supply(s + 1)
+        world = self.world_size
+        keep = {i: [sum(1 for j in nxt[r] if j == i) + -(-need[i] // world)
+                    for r in range(world)] for i in need}
+        mine = {i: [len(x.input_ids) for x in q] for i, q in enumerate(self.queues) if q}
+        every = self.exchange(mine)
+        queues = [{i: r_q.get(i, []) for i in need} for r_q in every]
+        takes = balance_takes(queues, dict(need), keep)
+        order = sorted(need)
+        rank_lengths = [[n for i in order for n in queues[r][i][: takes[r][i]]]
+                        for r in range(world)]
+        lay = layout(rank_lengths, self.tokens_per_micro)
+        taken: list[Sample] = []
+        for i in order:
+            k = takes[self.rank][i]
+            taken += self.queues[i][:k]
+            del self.queues[i][:k]
+        for i, src in enumerate(self.recipe.sources):  # a source that ends leaves nothing
+            if self.queues[i] and not src.active(s + 1):
+                self.dropped[f"dropped/{src.name}"] += len(self.queues[i])
+                self.queues[i] = []
+        d = self.dcfg
+        out, keys = [], []
+        for pack in lay.packs[self.rank]:
+            samples = [taken[j] for j in pack]
+            keys.append([x.key for x in samples])
+            out.append(collate(samples, self.ctx, d.pad_to_multiple_of, d.pixels_uint8,
+                               pack=True, row_len=self.tokens_per_micro) if samples
+                       else empty_micro(self.ctx.st.pad, self.ctx.image_size, d.pixels_uint8))
+        self.step += 1
+        self.last_keys, self.last_layout = keys, lay
+        return out
+
+    def counters(self) -> dict[str, int]:
+        return dict(sorted({**super().counters(), **self.dropped}.items()))
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd.update(tokens_per_micro=self.tokens_per_micro, pulled=self.pulled,
+                  dropped=dict(self.dropped),
+                  queues={src.name: list(q) for src, q in zip(self.recipe.sources, self.queues)})
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        if "pulled" not in sd:
+            raise ValueError("loader state was written without train.tokens_per_micro: exact "
+                             "resume needs the same batching mode")
+        super().load_state_dict(sd)
+        self.pulled = int(sd["pulled"])
+        self.dropped = Counter(sd.get("dropped", {}))
+        by_name = {src.name: i for i, src in enumerate(self.recipe.sources)}
+        self.queues = [[] for _ in self.recipe.sources]
+        for name, q in sd["queues"].items():
+            if name in by_name:
+                self.queues[by_name[name]] = list(q)
+
+
 def build_context(run, processor) -> BuildContext:
     """Builder settings from the run config and the processor (ids resolved by string)."""
     tok = processor.tokenizer
@@ -363,11 +488,18 @@ def build_context(run, processor) -> BuildContext:
 
 
 def build_train_loader(run, processor, *, rank: int, world_size: int, micro_batch_size: int,
-                       grad_accum: int, recipe: str | None = None) -> StepLoader:
-    """Validate the recipe and batch arithmetic, then the rank's ``StepLoader``."""
+                       grad_accum: int, recipe: str | None = None,
+                       tokens_per_micro: int | None = None, exchange=None) -> StepLoader:
+    """Validate the recipe and batch arithmetic, then the rank's loader: a
+    ``TokenStepLoader`` with ``tokens_per_micro`` > 0 (``exchange``: the all-gather of the
+    ranks' queue lengths; None = a world of one), else a fixed-count ``StepLoader``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     hp = run.hparams
-    if micro_batch_size * grad_accum * world_size != hp.global_batch_size:
+    if tokens_per_micro:
+        if tokens_per_micro < run.data.seq_len:
+            raise ValueError(f"train.tokens_per_micro={tokens_per_micro} < data.seq_len="
+                             f"{run.data.seq_len}: a sample of seq_len tokens must fit")
+    elif micro_batch_size * grad_accum * world_size != hp.global_batch_size:
         raise ValueError(
             f"global_batch_size={hp.global_batch_size} != micro_batch_size {micro_batch_size} x "
             f"grad_accum {grad_accum} x world_size {world_size}"
@@ -387,4 +519,7 @@ def build_train_loader(run, processor, *, rank: int, world_size: int, micro_batc
                 "write more shards)", s.name, len(s.shards), consumers, consumers, consumers)
     ctx = build_context(run, processor)
     dcfg = dataclasses.replace(run.data)  # a snapshot: later edits of run.data do not leak in
+    if tokens_per_micro:
+        return TokenStepLoader(rec, ctx, dcfg, counts, rank, world_size, 1, 1,
+                               tokens_per_micro=tokens_per_micro, exchange=exchange)
     return StepLoader(rec, ctx, dcfg, counts, rank, world_size, micro_batch_size, grad_accum)

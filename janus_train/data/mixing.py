@@ -60,13 +60,26 @@ def pick_sources(weights: list[float], n: int, seed: int) -> list[int]:
     return [int(p) for p in picks]
 
 
+def rank_supply(recipe: Recipe, counts: dict[str, int], step: int, world_size: int,
+                seed: int) -> list[list[int]]:
+    """``supply[rank]`` = recipe source indices of the step's slots dealt to that rank (the
+    step_plan dealing without the micro-batch split; ``G`` need not divide by the world).
+    With token-budget micro-batches a rank *builds* these samples; which rank *trains* which
+    sample is then balanced by tokens (``janus_train.data.packing``)."""
+    plan = step_plan(recipe, counts, step, world_size, 1, 0, seed)
+    return [micro[0] for micro in plan]
+
+
 def step_plan(
     recipe: Recipe, counts: dict[str, int], step: int, world_size: int, micro_batch_size: int,
     grad_accum: int, seed: int,
 ) -> list[list[list[int]]]:
-    """``plan[rank][micro]`` = recipe source indices of that micro-batch's samples."""
+    """``plan[rank][micro]`` = recipe source indices of that micro-batch's samples.
+    ``grad_accum=0``: one list per rank holding all its slots (``rank_supply``)."""
     seq = task_sequence(counts)
-    assert len(seq) == world_size * micro_batch_size * grad_accum
+    flat = grad_accum == 0
+    grad_accum = max(1, grad_accum)
+    assert flat or len(seq) == world_size * micro_batch_size * grad_accum
     picks: dict[str, list[int]] = {}
     for t in TASK_ORDER:
         if counts[t] == 0:

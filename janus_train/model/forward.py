@@ -8,7 +8,7 @@ Batch contract (produced by ``janus_train.data`` collate, consumed here)::
     attention_mask  (B, T) long   1 = real token, 0 = padding
     position_ids    (B, T) long   optional; restarts at 0 for each packed sample. When given,
                                   padding must be on the right and attention is block-causal
-                                  per sample (HF derives the blocks from the restarts)
+                                  per sample (``varlen_kwargs``; PACKED_SAFE_IMPLS only)
     labels          (B, T) long   text target *at* position t (HF convention, unshifted),
                                   -100 where unsupervised; predicted by lm_head from t-1
     image_codes     (B, T) long   VQ code used as input at t (generation image positions),
@@ -35,6 +35,43 @@ TASKS = ("text", "und", "gen")
 TASK_IDS = {"text": 0, "und": 1, "gen": 2}
 IGNORE = -100
 CODE_FROM_PIXELS = -1
+
+
+# Attention implementations that keep packed samples apart, and how (see ``varlen_kwargs``):
+# the mask-based ones get HF's block-causal mask derived from the position_ids restarts (a
+# (B, 1, T, T) mask for eager/sdpa: the CPU path; a sparse BlockMask for flex_attention); the
+# flash ones get explicit cu_seqlens (varlen kernels, no mask, any number of rows).
+MASK_PACKED_IMPLS = ("eager", "sdpa", "flex_attention")
+VARLEN_IMPLS = ("flash_attention_2", "flash_attention_3")
+PACKED_SAFE_IMPLS = MASK_PACKED_IMPLS + VARLEN_IMPLS
+
+
+def check_attn_implementation(impl: str | None, field: str = "model.attn_implementation") -> None:
+    """Refuse an attention implementation that would let packed samples see each other."""
+    if impl not in PACKED_SAFE_IMPLS:
+        raise ValueError(
+            f"{field}={impl!r} cannot keep packed samples apart (samples would attend to each "
+            f"other): use one of {', '.join(PACKED_SAFE_IMPLS)}"
+        )
+
+
+def varlen_kwargs(position_ids: torch.Tensor | None, impl: str | None) -> dict:
+    """Flash attention's varlen arguments for a batch of packed rows, from ``position_ids``.
+
+    HF infers sample boundaries from ``position_ids`` only for a single row; here the (B, T)
+    rows are flattened into one token stream whose sequences start where ``position_ids`` is 0
+    (each sample, and each right-padding token on its own), so several packed rows stay apart
+    too. Empty for non-flash implementations (they get HF's packed mask instead)."""
+    if position_ids is None or impl not in VARLEN_IMPLS:
+        return {}
+    flat = position_ids.reshape(-1)
+    starts = (flat == 0).nonzero().view(-1).to(torch.int32)
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        raise ValueError("packed rows must start each sample at position_ids 0")
+    cu = torch.cat([starts, starts.new_tensor([flat.numel()])])
+    max_len = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len,
+            "max_length_k": max_len}
 
 
 def count_supervised(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -163,6 +200,7 @@ class JanusTrainModel(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,
+            **varlen_kwargs(position_ids, inner.language_model.config._attn_implementation),
         )
         hidden = out.last_hidden_state[:, :-1]  # position t-1 predicts target at t
         t_task = task[:, 1:]

@@ -28,8 +28,15 @@ class TrainConfig:
     """Loop, logging and checkpoint settings shared by all stages."""
 
     run_dir: str = "runs/${experiment.name}/${stage.name}"
+    tokens_per_micro: int = 4096
+    """Token-budget micro-batches (> 0, the default): the step's ``global_batch_size`` samples
+    (exact task ratio) are assigned to ranks balancing tokens, and each rank packs its share
+    into micro-batches of one row of at most this many tokens, samples isolated by attention;
+    all ranks run the same number of micro-steps. Must be >= ``data.seq_len``. 0: fixed
+    ``micro_batch_size`` samples per micro-batch, one per padded row."""
     micro_batch_size: int = 1
-    """Samples per rank per micro-batch; accumulation = global batch / (micro x world)."""
+    """With ``tokens_per_micro: 0``: samples per rank per micro-batch; accumulation = global
+    batch / (micro x world). Ignored with token-budget micro-batches."""
     steps: int | None = None
     """Override the stage's step count (smoke runs)."""
     global_batch_size: int | None = None

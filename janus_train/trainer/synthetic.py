@@ -7,8 +7,16 @@ remainder, then a seeded shuffle). Row ``g`` of step ``s`` is generated from
 ``m``: the step's data is the same whatever the split over ranks and accumulation, which is what
 the gradient-equivalence test relies on. State = the step position.
 
+With ``tokens_per_micro`` (``train.tokens_per_micro`` > 0, the default) the step holds
+``global_batch_size`` samples ``g = 0..G-1``, generated the same way; every rank computes every
+sample's length (a cheap draw, no row built), assigns the step's samples to ranks balancing
+tokens (``janus_train.data.packing.assign_balanced``) and packs its share into micro-batches of
+one row of at most ``tokens_per_micro`` tokens (``position_ids`` restart per sample); every rank
+returns the same number of micro-batches (empty ones where it has fewer). The step's samples
+are again independent of world size and packing.
+
 Rows follow the batch contract of ``janus_train.model.forward`` (fixed length
-``train.synthetic_seq_len``, right padding):
+``train.synthetic_seq_len``, right padding; packed rows are unpadded):
 
     text  BOS w1..wk EOS                         labels on w2..EOS
     und   BOS BOI IMG*n EOI a1..ak EOS           labels on a1..EOS, one pixel image
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from janus_train.data.packing import assign_balanced, empty_micro, layout
 from janus_train.model.forward import IGNORE, TASK_IDS, TASKS
 from janus_train.model.tokenizer import resolve_special_tokens
 
@@ -47,10 +56,19 @@ class SyntheticStepLoader:
     """``next_step()`` -> ``grad_accum`` micro-batches (dicts of tensors) of this rank."""
 
     def __init__(self, run, processor, *, rank: int, world_size: int, micro_batch_size: int,
-                 grad_accum: int, seq_len: int | None = None, seed: int | None = None):
+                 grad_accum: int, seq_len: int | None = None, seed: int | None = None,
+                 tokens_per_micro: int | None = None,
+                 text_lengths: dict[str, tuple[int, int]] | None = None):
         mc = run.model
         self.rank, self.world, self.micro, self.accum = rank, world_size, micro_batch_size, grad_accum
         self.seq_len = seq_len or run.train.synthetic_seq_len
+        self.tokens_per_micro = (run.train.tokens_per_micro if tokens_per_micro is None
+                                 else tokens_per_micro)
+        self.global_batch = (run.hparams.global_batch_size if self.tokens_per_micro
+                             else micro_batch_size * grad_accum * world_size)
+        self.text_lengths = text_lengths
+        """Optional ``{task: (lo, hi)}``: text tokens of a sample (inclusive), instead of the
+        defaults derived from ``seq_len``."""
         self.seed = run.data.seed if seed is None else seed
         self.n_img = mc.num_image_tokens
         self.image_size = mc.image_size
@@ -63,11 +81,17 @@ class SyntheticStepLoader:
         self.ratio = {"text": r.text, "und": r.und, "gen": r.gen}
         if self.seq_len < self.n_img + 8:
             raise ValueError(f"train.synthetic_seq_len={self.seq_len} < image tokens + 8")
+        if self.tokens_per_micro and self.tokens_per_micro < self.seq_len:
+            raise ValueError(f"train.tokens_per_micro={self.tokens_per_micro} < "
+                             f"train.synthetic_seq_len={self.seq_len}: a sample must fit")
+        self.pad_id = self.st.pad
         self.step = 0
         self.counts = {f"samples/synthetic_{t}": 0 for t in TASKS}
 
     # -- interface -----------------------------------------------------------------------
     def next_step(self) -> list[dict[str, torch.Tensor]]:
+        if self.tokens_per_micro:
+            return self._next_packed_step()
         tasks = self.tasks_for_step(self.step)
         out = []
         for m in range(self.accum):
@@ -97,15 +121,50 @@ class SyntheticStepLoader:
     def close(self) -> None:
         pass
 
+    def _next_packed_step(self) -> list[dict[str, torch.Tensor]]:
+        tasks = self.tasks_for_step(self.step)
+        lengths = [self.row_length(t, self.step, g) for g, t in enumerate(tasks)]
+        shares = assign_balanced(lengths, self.world)
+        lay = layout([[lengths[g] for g in share] for share in shares], self.tokens_per_micro)
+        mine = shares[self.rank]
+        out = []
+        for pack in lay.packs[self.rank]:
+            rows = []
+            for i in pack:
+                g = mine[i]
+                row = self.make_row(tasks[g], self.step, g)
+                rows.append(trim_row(row, lengths[g]))
+                self.counts[f"samples/synthetic_{tasks[g]}"] += 1
+            out.append(pack_row(rows) if rows else empty_micro(self.pad_id, self.image_size))
+        self.step += 1
+        return out
+
     # -- generation ----------------------------------------------------------------------
     def tasks_for_step(self, step: int) -> list[str]:
-        n = self.micro * self.accum * self.world
+        n = self.global_batch
         tasks = split_by_ratio(n, self.ratio)
         g = torch.Generator().manual_seed(_mix(self.seed, step, -1))
         return [tasks[i] for i in torch.randperm(n, generator=g).tolist()]
 
     def _words(self, g: torch.Generator, k: int) -> torch.Tensor:
         return self.words[torch.randint(len(self.words), (k,), generator=g)]
+
+    def _text_range(self, task: str) -> tuple[int, int]:
+        """[lo, hi) of the text tokens k of a sample of ``task``."""
+        if self.text_lengths and task in self.text_lengths:
+            lo, hi = self.text_lengths[task]
+            return lo, hi + 1
+        T, n = self.seq_len, self.n_img
+        return {"text": (T // 2, T - 1), "und": (2, T - n - 4), "gen": (1, T - n - 2)}[task]
+
+    def _draw_k(self, task: str, g: torch.Generator) -> int:
+        lo, hi = self._text_range(task)
+        return int(torch.randint(lo, hi, (1,), generator=g))
+
+    def row_length(self, task: str, step: int, row: int) -> int:
+        """Tokens of sample ``row`` of ``step`` without building it (the row's first draw)."""
+        k = self._draw_k(task, torch.Generator().manual_seed(_mix(self.seed, step, row)))
+        return k + {"text": 2, "und": self.n_img + 4, "gen": self.n_img + 2}[task]
 
     def make_row(self, task: str, step: int, row: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(_mix(self.seed, step, row))
@@ -115,13 +174,13 @@ class SyntheticStepLoader:
         codes = torch.full((T,), IGNORE, dtype=torch.long)
         out: dict[str, torch.Tensor] = {}
         if task == "text":
-            k = int(torch.randint(T // 2, T - 1, (1,), generator=g))
+            k = self._draw_k(task, g)
             seq = torch.cat([torch.tensor([st.bos]), self._words(g, k), torch.tensor([st.eos])])
             length = len(seq)
             ids[:length] = seq
             labels[1:length] = seq[1:]
         elif task == "und":
-            k = int(torch.randint(2, T - n - 4, (1,), generator=g))
+            k = self._draw_k(task, g)
             head = torch.tensor([st.bos, st.boi] + [st.image] * n + [st.eoi])
             ans = torch.cat([self._words(g, k), torch.tensor([st.eos])])
             length = len(head) + len(ans)
@@ -129,7 +188,7 @@ class SyntheticStepLoader:
             labels[len(head):length] = ans
             out["pixel_values"] = torch.randn(1, 3, self.image_size, self.image_size, generator=g)
         else:
-            k = int(torch.randint(1, T - n - 2, (1,), generator=g))
+            k = self._draw_k(task, g)
             head = torch.cat([torch.tensor([st.bos]), self._words(g, k), torch.tensor([st.boi])])
             ids[: len(head)] = head
             start, length = len(head), len(head) + n
@@ -156,6 +215,22 @@ def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Per-row (T,) tensors -> one (B, T) batch; images concatenated in row order."""
     return concat_batches([{k: v if k in _IMAGE_KEYS else v[None] for k, v in r.items()}
                            for r in rows])
+
+
+def trim_row(row: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """A generated (T,) row cut to its ``length`` real tokens."""
+    return {k: v if k in _IMAGE_KEYS else v[:length] for k, v in row.items()}
+
+
+def pack_row(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Unpadded rows -> one packed (1, sum T) row, ``position_ids`` restarting per sample."""
+    out = {k: torch.cat([r[k] for r in rows])[None] for k in _ROW_KEYS}
+    out["position_ids"] = torch.cat([torch.arange(len(r["input_ids"])) for r in rows])[None]
+    for k in _IMAGE_KEYS:
+        imgs = [r[k] for r in rows if k in r]
+        if imgs:
+            out[k] = torch.cat(imgs)
+    return out
 
 
 def concat_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,140 @@
+"""Token-budget micro-batches: which rank trains which of a step's samples, and how each rank
+packs its share into micro-batches of at most ``tokens_per_micro`` tokens, samples isolated.
+
+::
+
+    a step's samples (exact task ratio, mixing.py), their lengths known on every rank
+        --balance_takes / assign_balanced (tokens, not counts; same result on every rank)-->
+        per-rank shares --pack_micro (first fit decreasing into tokens_per_micro)-->
+        per-rank micro-batches --layout: n_micro = max over ranks, empty micro-steps for the
+        rest--> collate_packed: one row per micro-batch, position_ids restart per sample
+
+Everything here is a pure function of lengths, so every rank computes every rank's layout (and
+so the common micro-step count) without a collective beyond the one that shares the lengths.
+A micro-batch is one packed row: no padding between samples, attention kept per sample by the
+``position_ids`` restarts (``janus_train.model.forward``), so a row costs what its tokens cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def pack_micro(lengths: list[int], budget: int) -> list[list[int]]:
+    """First-fit decreasing: indices of ``lengths`` grouped into bins of total <= ``budget``.
+    Deterministic (ties by index); every bin non-empty; each bin's indices in ascending order."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        if n > budget:
+            raise ValueError(f"a sample of {n} tokens exceeds train.tokens_per_micro={budget}")
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(budget - n)
+    return [sorted(b) for b in bins]
+
+
+def assign_balanced(lengths: list[int], world_size: int) -> list[list[int]]:
+    """Longest-processing-time assignment of samples to ranks (any sample to any rank):
+    ``out[rank]`` = sample indices, ascending. Largest first onto the least-loaded rank (ties
+    to the lower rank): the max load is at most (4/3 - 1/(3 world)) x the optimum (Graham)."""
+    load = [0] * world_size
+    out: list[list[int]] = [[] for _ in range(world_size)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        out[r].append(i)
+        load[r] += lengths[i]
+    return [sorted(x) for x in out]
+
+
+def balance_takes(queues: list[dict[str, list[int]]], need: dict[str, int],
+                  keep: dict[str, list[int]]) -> list[dict[str, int]]:
+    """How many samples each rank takes from the head of each of its per-source queues.
+
+    ``queues[r][src]``: lengths of rank r's queued samples of ``src`` (FIFO order); ``need``:
+    samples of each source in the step (the plan's exact counts, summed over ranks);
+    ``keep[src][r]``: at most this many may stay in rank r's queue (bounds how far a rank lags,
+    so no sample waits forever). Returns ``takes[r][src]`` with ``sum_r takes = need`` and
+    ``takes <= len(queue)``, greedily balancing tokens: the least-loaded rank takes its largest
+    available head. Raises if the queues cannot cover ``need`` (a loader bug)."""
+    world = len(queues)
+    takes = [{s: 0 for s in need} for _ in range(world)]
+    load = [0] * world
+    left = dict(need)
+
+    def take(r: int, s: str) -> None:
+        load[r] += queues[r][s][takes[r][s]]
+        takes[r][s] += 1
+        left[s] -= 1
+
+    for s in need:  # mandatory: queues above their keep bound, largest excess first
+        excess = sorted(range(world),
+                        key=lambda r: (-(len(queues[r].get(s, [])) - keep[s][r]), r))
+        for r in excess:
+            for _ in range(max(0, len(queues[r].get(s, [])) - keep[s][r])):
+                if left[s] == 0:
+                    break
+                take(r, s)
+    while any(left.values()):
+        best = None
+        for r in sorted(range(world), key=lambda r: (load[r], r)):
+            heads = [(queues[r][s][takes[r][s]], s) for s in need
+                     if left[s] > 0 and takes[r][s] < len(queues[r].get(s, []))]
+            if heads:
+                best = (r, max(heads, key=lambda h: (h[0], -list(need).index(h[1])))[1])
+                break
+        if best is None:
+            raise RuntimeError(f"queues cannot cover the step's samples (left {left})")
+        take(*best)
+    return takes
+
+
+@dataclass
+class Layout:
+    """One step's micro-batch layout over all ranks (identical on every rank)."""
+
+    packs: list[list[list[int]]]
+    """``packs[rank][micro]`` = indices into that rank's sample list; empty = an empty step."""
+    tokens: list[int]
+    """Real tokens per rank."""
+
+    @property
+    def n_micro(self) -> int:
+        return len(self.packs[0])
+
+
+def layout(rank_lengths: list[list[int]], budget: int) -> Layout:
+    """Pack every rank's samples; pad every rank to the common (max) micro-step count."""
+    packs = [pack_micro(lens, budget) for lens in rank_lengths]
+    n = max(1, max(len(p) for p in packs))
+    packs = [p + [[] for _ in range(n - len(p))] for p in packs]
+    return Layout(packs, [sum(lens) for lens in rank_lengths])
+
+
+def imbalance(tokens: list[int]) -> float:
+    """``max / mean - 1`` of tokens per rank (0 when every rank holds the same)."""
+    mean = sum(tokens) / max(1, len(tokens))
+    return max(tokens) / mean - 1.0 if mean > 0 else 0.0
+
+
+def empty_micro(pad_id: int, image_size: int, pixels_uint8: bool = False) -> dict:
+    """A micro-batch with nothing to learn: one pad token, no images. The forward still calls
+    every module on its zero-weighted dummies (ZeRO-3's gathers stay in step) and its loss and
+    gradient contributions are exactly zero."""
+    one = torch.full((1, 1), -100, dtype=torch.long)
+    empty = torch.zeros((0, 3, image_size, image_size),
+                        dtype=torch.uint8 if pixels_uint8 else torch.float32)
+    return {"input_ids": torch.full((1, 1), pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((1, 1), dtype=torch.long),
+            "position_ids": torch.zeros((1, 1), dtype=torch.long),
+            "labels": one, "image_codes": one.clone(),
+            "task_ids": torch.full((1, 1), -1, dtype=torch.long),
+            "pixel_values": empty, "gen_pixel_values": empty.clone()}
