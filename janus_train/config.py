@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from janus_train.data.config import DataConfig
 from janus_train.model.config import ModelConfig
+from janus_train.model.forward import check_attn_implementation
 from janus_train.model.freeze import validate_trainable
 from janus_train.model.lora import validate_lora
 from janus_train.trainer.config import DeepSpeedConfig, TrainConfig
@@ -175,6 +176,16 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.train.micro_batch_size <= 0:
         raise ValueError("train.micro_batch_size must be > 0")
+    tpm = cfg.train.tokens_per_micro
+    if tpm < 0:
+        raise ValueError(f"train.tokens_per_micro={tpm} must be >= 0 (0: fixed micro-batches)")
+    seq_field = "train.synthetic_seq_len" if cfg.train.synthetic_data else "data.seq_len"
+    seq = cfg.train.synthetic_seq_len if cfg.train.synthetic_data else cfg.data.seq_len
+    if tpm and tpm < seq:
+        raise ValueError(f"train.tokens_per_micro={tpm} < {seq_field}={seq}: a sample must fit")
+    # rows hold several samples (token budget, data.pack) or carry position_ids: attention
+    # must keep them apart
+    check_attn_implementation(cfg.model.attn_implementation)
     if cfg.train.eval_guidance_scale < 1:
         raise ValueError(
             f"train.eval_guidance_scale={cfg.train.eval_guidance_scale}: must be >= 1 (1 = none)"

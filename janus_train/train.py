@@ -54,6 +54,7 @@ from janus_train.trainer.checkpoint import EXIT_REQUEUE, tag_for
 from janus_train.trainer.distributed import (
     BatchPlan,
     DistInfo,
+    all_gather_objects,
     all_reduce_sum,
     barrier,
     build_deepspeed_config,
@@ -67,7 +68,7 @@ from janus_train.trainer.distributed import (
 )
 from janus_train.trainer.export import export_hf, is_exported
 from janus_train.trainer.guard import RunGuard
-from janus_train.trainer.metrics import FlopCounter, MetricsLogger, Throughput
+from janus_train.trainer.metrics import FlopCounter, MetricsLogger, Throughput, fill_metrics
 from janus_train.trainer.optim import build_param_groups, lr_at
 from janus_train.trainer.state import TrainState, load_train_state, save_train_state
 from janus_train.trainer.synthetic import SyntheticStepLoader
@@ -125,7 +126,11 @@ def build_loader(run: RunConfig, processor, info: DistInfo, micro_batch_size: in
         return SyntheticStepLoader(run, processor, **kw)
     from janus_train.data.loader import build_train_loader
 
-    return build_train_loader(run, processor, **kw)
+    # token-budget mode: the ranks exchange their queued sample lengths once per step
+    return build_train_loader(
+        run, processor, **kw, tokens_per_micro=run.train.tokens_per_micro,
+        exchange=all_gather_objects,
+    )
 
 
 def step_weights(n_tokens: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -145,15 +150,18 @@ def forward_backward(
 ) -> torch.Tensor:
     """Forward + backward of one step's micro-batches; returns the summed per-task CE (3,).
 
-    ``engine.step()`` runs after all but the last micro-batch (DeepSpeed counts micro-steps);
-    the caller's ``engine.step()`` after this is the accumulation boundary, the real update.
-    ``loss_scale`` = world x accumulation undoes DeepSpeed's averaging (see distributed.py).
+    The number of micro-batches may change from step to step (token-budget micro-batches; the
+    same on every rank): the last one is marked as the accumulation boundary explicitly, and
+    backwards are not divided by DeepSpeed's nominal accumulation steps. ``engine.step()``
+    runs after all but the last micro-batch; the caller's ``engine.step()`` after this is the
+    real update. ``loss_scale`` = world undoes DeepSpeed's averaging (see distributed.py).
     """
     weights = weights.float().to(engine.device)
     total = torch.zeros(len(TASKS), dtype=torch.float64, device=engine.device)
     for i, mb in enumerate(micro_batches):
+        engine.set_gradient_accumulation_boundary(i == len(micro_batches) - 1)
         out = engine(mb)
-        engine.backward((out["loss_sum"] * weights).sum() * loss_scale)
+        engine.backward((out["loss_sum"] * weights).sum() * loss_scale, scale_wrt_gas=False)
         total += out["loss_sum"].detach().double()
         if i < len(micro_batches) - 1:
             engine.step()
@@ -180,7 +188,9 @@ def prepare(cfg: RunConfig, info: DistInfo) -> Prepared:
     """Validate and plan before any model exists; writes ``ds_config.json`` and
     ``config.yaml`` into the run dir."""
     tc, hp = cfg.train, cfg.hparams
-    plan = plan_batch(hp.global_batch_size, tc.micro_batch_size, info.world_size)
+    plan = plan_batch(
+        hp.global_batch_size, tc.micro_batch_size, info.world_size, tc.tokens_per_micro
+    )
     precision = resolve_precision(cfg.deepspeed.precision)
     ds_config = build_deepspeed_config(cfg.deepspeed, plan, precision, hp.weight_decay, hp.lr)
     stop_step = min(hp.steps, hp.stop_at) if hp.stop_at else hp.steps
@@ -260,17 +270,24 @@ def train_step(
     meter.add_step(host)
     micro = [loader.finish(_to_device(b, engine.device)) for b in host]  # uint8 -> float
     # The loop's one collective of a non-logging step: the supervised-token counts (the loss
-    # normalisation, needed before any backward) and the stop flag (a signal that arrived
-    # before this step is honoured right after it, on every rank together).
+    # normalisation, needed before any backward), the stop flag (a signal that arrived
+    # before this step is honoured right after it, on every rank together) and the
+    # micro-step count m (equal on all ranks iff world * sum m^2 == (sum m)^2).
+    m = float(len(host))
     red = all_reduce_sum(
         torch.cat(
             [
                 local_n.to(torch.float64),
-                torch.tensor([float(guard.stop_requested)], dtype=torch.float64),
+                torch.tensor([float(guard.stop_requested), m, m * m], dtype=torch.float64),
             ]
         ).to(engine.device)
     ).cpu()
     n_tokens, stop = red[:3].to(local_n.dtype), bool(red[3] > 0)
+    if float(red[5]) * plan.world_size != float(red[4]) ** 2:
+        raise RuntimeError(
+            f"step {step}: ranks hold different micro-step counts (this rank {len(host)}); "
+            "ZeRO's collectives would hang"
+        )
     weights = step_weights(n_tokens, tc.loss_reduction)
     lr = lr_at(step, hp.lr, hp.warmup_steps, hp.steps, hp.schedule.value, hp.min_lr_ratio)
     set_lr(engine, lr)
@@ -342,6 +359,8 @@ def step_record(
         rec[f"tokens/{task}"] = int(n)
     rec.update(meter.record(out.summed[3:6], world_size))
     rec.update({f"data/{k}": v for k, v in _gather_counters(loader).items()})
+    rec.update(fill_metrics(all_gather_objects(meter.fill)))
+    meter.fill = []
     return rec
 
 

@@ -46,8 +46,11 @@ def make_run(root, name, stage="stage2", zero=2, steps=2, gbs=4, extra=()):
     return to_run_config(compose(ov))
 
 
-def _grads(root, name, zero, reduction):
-    """Full gradients of one 2-rank x 2-micro-batch step, saved by rank 0."""
+def _grads(root, name, zero, reduction, tokens_per_micro=0):
+    """Full gradients of one 2-rank x 2-micro-batch step, saved by rank 0. With
+    ``tokens_per_micro``: the same 4 samples balanced over the ranks by tokens and packed into
+    rows of at most that many tokens (micro-step counts agreed, empty micro-steps where a rank
+    has fewer)."""
     from deepspeed.utils import safe_get_full_grad
 
     from janus_train.model import count_supervised
@@ -61,9 +64,10 @@ def _grads(root, name, zero, reduction):
     )
     from janus_train.trainer.synthetic import SyntheticStepLoader
 
-    run = make_run(root, name, "stage2", zero, extra=[f"train.loss_reduction={reduction}"])
+    run = make_run(root, name, "stage2", zero, extra=[f"train.loss_reduction={reduction}",
+                                                     f"train.tokens_per_micro={tokens_per_micro}"])
     info = setup_distributed()
-    plan = plan_batch(4, 1, info.world_size)
+    plan = plan_batch(4, 1, info.world_size, tokens_per_micro)
     assert plan.grad_accum == 2
     ds = build_deepspeed_config(run.deepspeed, plan, "fp32", 0.0, 1e-3)
     t = build_engine(run, info, ds, run.train.run_dir)  # as janus_train.train does
@@ -71,6 +75,10 @@ def _grads(root, name, zero, reduction):
     loader = SyntheticStepLoader(run, proc, rank=info.rank, world_size=info.world_size,
                                  micro_batch_size=1, grad_accum=plan.grad_accum)
     micro = loader.next_step()
+    if tokens_per_micro:
+        assert all(b["input_ids"].shape[0] == 1 for b in micro)  # one packed row each
+        (Path(root) / f"{name}.rank{info.rank}.json").write_text(json.dumps(
+            [int(b["attention_mask"].sum()) for b in micro]))
     n = all_reduce_sum(torch.stack([count_supervised(b) for b in micro]).sum(0))
     forward_backward(engine, micro, step_weights(n, reduction), plan.loss_scale)
     grads = {}
@@ -97,7 +105,8 @@ def _text_only_rank1(root):
         run, proc, rank=info.rank, world_size=info.world_size, micro_batch_size=mbs,
         grad_accum=ga)
     try:
-        assert train.run(make_run(root, "text_only_z3", "stage3", 3)) == 0
+        assert train.run(make_run(root, "text_only_z3", "stage3", 3,
+                                  extra=["train.tokens_per_micro=0"])) == 0
     finally:
         train.build_loader = orig
 
@@ -124,11 +133,13 @@ def _nonfinite(root):
         for zero in (2, 3):
             state.update(calls=0, bad={2})
             run = make_run(root, f"nan_skip_z{zero}", "stage1", zero, steps=4,
-                           extra=["train.ckpt_every=1", "train.keep_last=10"])
+                           extra=["train.ckpt_every=1", "train.keep_last=10",
+                                  "train.tokens_per_micro=0"])
             assert train.run(run) == 0
         state.update(calls=0, bad={2, 3, 4, 5})
         run = make_run(root, "nan_stop", "stage1", 2, steps=5,
-                       extra=["train.ckpt_every=1", "train.max_consecutive_skips=2"])
+                       extra=["train.ckpt_every=1", "train.max_consecutive_skips=2",
+                              "train.tokens_per_micro=0"])
         try:
             train.run(run)
             msg = None
@@ -141,8 +152,10 @@ def _nonfinite(root):
 
 
 def resume_run(root):
+    # packed rows of <= SEQ tokens: several micro-steps per step, their count varying
     return make_run(root, "resume", "stage2", 3, steps=6,
-                    extra=["train.ckpt_every=2", "train.export_at_end=true"])
+                    extra=["train.ckpt_every=2", "train.export_at_end=true",
+                           f"train.tokens_per_micro={SEQ}"])
 
 
 def _install_fake_eval(root):
@@ -178,10 +191,13 @@ def scenario_main(root):
             assert train.run(run) == 0
     _grads(root, "grad_token_mean_z2", 2, "token_mean")
     _grads(root, "grad_task_mean_sum_z3", 3, "task_mean_sum")
+    _grads(root, "grad_packed_token_mean_z2", 2, "token_mean", tokens_per_micro=SEQ)
+    _grads(root, "grad_packed_task_mean_sum_z3", 3, "task_mean_sum", tokens_per_micro=SEQ)
     _text_only_rank1(root)
     _nonfinite(root)
     ref = make_run(root, "uninterrupted", "stage2", 3, steps=6,
-                   extra=["train.ckpt_every=2", "train.export_at_end=true"])
+                   extra=["train.ckpt_every=2", "train.export_at_end=true",
+                          f"train.tokens_per_micro={SEQ}"])
     assert train.run(ref) == 0
 
 
@@ -250,6 +266,8 @@ def test_stage_runs(scen, stage, zero):
                 "speed/tokens_per_s", "speed/samples_per_s", "data/skipped/synthetic"):
         assert key in recs[-1], key
     assert "speed/mfu" not in recs[-1]  # CPU: no peak FLOPs
+    # token-budget rows (default): unpadded, one micro-step per rank here, so every slot is real
+    assert all(r["data/token_fill"] == 1.0 and 0 <= r["data/rank_imbalance"] < 1 for r in recs)
     assert all(r["optim/skipped_steps"] == 0 for r in recs)
     assert sum(v for k, v in recs[-1].items() if k.startswith("data/samples/")) == 8
     for r in recs:
@@ -274,7 +292,7 @@ def _reference_grads(tmp_path, reduction):
     apply_freeze(janus, run.trainable_groups)
     set_train_mode(janus, run.trainable_groups)
     loader = SyntheticStepLoader(run, proc, rank=0, world_size=1, micro_batch_size=1,
-                                 grad_accum=4)
+                                 grad_accum=4, tokens_per_micro=0)
     batch = concat_batches(loader.next_step())
     out = JanusTrainModel(janus)(batch)
     s, n = out["loss_sum"].double(), out["n_tokens"].double()
@@ -284,8 +302,16 @@ def _reference_grads(tmp_path, reduction):
 
 
 @pytest.mark.parametrize("name,reduction", [("grad_token_mean_z2", "token_mean"),
-                                            ("grad_task_mean_sum_z3", "task_mean_sum")])
+                                            ("grad_task_mean_sum_z3", "task_mean_sum"),
+                                            ("grad_packed_token_mean_z2", "token_mean"),
+                                            ("grad_packed_task_mean_sum_z3", "task_mean_sum")])
 def test_grad_equivalence(scen, tmp_path, name, reduction):
+    """2 ranks x 2 micro-batches, or the same 4 samples balanced by tokens and packed (equal
+    micro-step counts, an empty micro-step where a rank has fewer) = 1 batch of 4."""
+    if "packed" in name:
+        per_rank = [json.loads((scen / f"{name}.rank{r}.json").read_text()) for r in (0, 1)]
+        assert len(per_rank[0]) == len(per_rank[1]) >= 2, per_rank
+        assert all(0 <= n <= SEQ for r in per_rank for n in r)
     dist_grads = torch.load(scen / f"{name}.pt")
     ref = _reference_grads(tmp_path, reduction)
     assert dist_grads.keys() == ref.keys()

@@ -40,7 +40,7 @@ def tiny(tmp_path_factory):
 
 def test_plan_batch_derives_accumulation_and_rejects_bad_arithmetic():
     p = plan_batch(256, 4, 16)
-    assert (p.grad_accum, p.loss_scale) == (4, 64.0)
+    assert (p.grad_accum, p.loss_scale) == (4, 16.0)
     with pytest.raises(ValueError, match="train.micro_batch_size"):
         plan_batch(100, 4, 16)
 
@@ -177,7 +177,7 @@ def test_synthetic_loader_split_invariant_and_resumable(tiny):
 
     def loader(rank, world, accum):
         return SyntheticStepLoader(run, proc, rank=rank, world_size=world, micro_batch_size=1,
-                                   grad_accum=accum)
+                                   grad_accum=accum, tokens_per_micro=0)
 
     one = concat_batches(loader(0, 1, 4).next_step())
     r0, r1 = loader(0, 2, 2).next_step(), loader(1, 2, 2).next_step()
@@ -203,14 +203,15 @@ def test_dry_run_validates_and_exits_before_building_the_model(tmp_path):
     # --local_rank=0: what the `deepspeed` launcher appends without --no_local_rank
     base = [sys.executable, "-m", "janus_train.train", "--local_rank=0", "train.synthetic_data=true",
             f"train.run_dir={tmp_path}/ok", "train.dry_run=true", "train.global_batch_size=8",
-            "train.micro_batch_size=2"]
+            "train.micro_batch_size=2", "train.tokens_per_micro=0"]
     res = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     ds = json.loads((tmp_path / "ok" / "ds_config.json").read_text())
     assert ds["gradient_accumulation_steps"] == 4
     assert not (tmp_path / "ok" / "tokenizer").exists()  # no model (nor tokenizer) was built
     bad = base[:5] + [f"train.run_dir={tmp_path}/bad", "train.dry_run=true",
-                      "train.global_batch_size=7", "train.micro_batch_size=2"]
+                      "train.global_batch_size=7", "train.micro_batch_size=2",
+                      "train.tokens_per_micro=0"]
     res = subprocess.run(bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "train.micro_batch_size" in res.stderr + res.stdout
     assert not (tmp_path / "bad" / "ds_config.json").exists()
@@ -263,3 +264,26 @@ def test_eval_media_reach_wandb(tmp_path):
     assert isinstance(table, wandb.Table)
     assert table.columns == ["answer", "correct", "question", "reference"]
     assert [r[2] for r in table.data] == ["q1", "q2"]
+
+
+def test_synthetic_packed_steps_same_samples_for_any_world_and_budget(tiny):
+    """Token-budget mode: the step's samples (so its summed loss and token counts) do not
+    depend on the world size or the budget; ranks get equal micro-step counts, rows <= budget."""
+    run, janus, proc = tiny
+    run.hparams.global_batch_size = 6
+    model = JanusTrainModel(janus)
+    totals = []
+    for world, budget in ((1, 400), (2, 64), (3, 40)):
+        steps = [SyntheticStepLoader(run, proc, rank=r, world_size=world, micro_batch_size=1,
+                                     grad_accum=1, tokens_per_micro=budget).next_step()
+                 for r in range(world)]
+        assert len({len(s) for s in steps}) == 1
+        mbs = [mb for s in steps for mb in s]
+        assert all(mb["input_ids"].shape == (1, mb["input_ids"].shape[1]) for mb in mbs)
+        assert all(mb["input_ids"].shape[1] <= budget for mb in mbs)
+        with torch.no_grad():
+            outs = [model(mb) for mb in mbs]
+        totals.append((sum(o["loss_sum"] for o in outs), sum(o["n_tokens"] for o in outs)))
+    for loss, n in totals[1:]:
+        torch.testing.assert_close(loss, totals[0][0], rtol=1e-5, atol=1e-4)
+        assert torch.equal(n, totals[0][1])

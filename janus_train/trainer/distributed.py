@@ -4,10 +4,12 @@ checkpoint) that imports deepspeed.
 The DeepSpeed JSON is generated from the typed config (:func:`build_deepspeed_config`), saved
 in the run dir and logged; nothing else in the code base reads DeepSpeed settings.
 
-Gradient normalisation: DeepSpeed divides every backward by the accumulation steps and averages
-gradients over data-parallel ranks. The loop pre-multiplies each micro-batch loss by
-``world * grad_accum`` (:attr:`BatchPlan.loss_scale`) so the optimizer sees the gradient of the
-exact step loss (sum of token losses / supervised tokens of the whole step).
+Gradient normalisation: DeepSpeed averages gradients over data-parallel ranks; the loop runs
+its backwards with ``scale_wrt_gas=False`` (no division by the accumulation steps: their number
+varies per step with token-budget micro-batches, the loop marks the accumulation boundary
+itself) and pre-multiplies each micro-batch loss by ``world`` (:attr:`BatchPlan.loss_scale`), so
+the optimizer sees the gradient of the exact step loss (sum of token losses / supervised tokens
+of the whole step).
 """
 
 from __future__ import annotations
@@ -101,6 +103,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_gather_objects(obj) -> list:
+    """``[obj of rank 0, ..., obj of rank world-1]`` (small picklable objects)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -109,21 +120,31 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """Batch arithmetic of one stage: global = micro x grad_accum x world."""
+    """Batch arithmetic of one stage: global = micro x grad_accum x world; with token-budget
+    micro-batches (``tokens_per_micro`` > 0) micro and grad_accum are DeepSpeed's nominal
+    values only (the loop sets each step's accumulation boundary itself)."""
 
     global_batch_size: int
     micro_batch_size: int
     grad_accum: int
     world_size: int
+    tokens_per_micro: int = 0
 
     @property
     def loss_scale(self) -> float:
-        """Undoes DeepSpeed's 1/grad_accum backward scaling and 1/world gradient averaging."""
-        return float(self.grad_accum * self.world_size)
+        """Undoes DeepSpeed's 1/world gradient averaging (backwards run unscaled by the
+        accumulation steps, see the module docstring)."""
+        return float(self.world_size)
 
 
-def plan_batch(global_batch_size: int, micro_batch_size: int, world_size: int) -> BatchPlan:
-    """Derive gradient accumulation; ``ValueError`` naming the fields when it does not divide."""
+def plan_batch(global_batch_size: int, micro_batch_size: int, world_size: int,
+               tokens_per_micro: int = 0) -> BatchPlan:
+    """Derive gradient accumulation; ``ValueError`` naming the fields when it does not divide.
+    Token-budget mode: any global batch; nominal accumulation ceil(G / world), at least 2
+    (DeepSpeed's offload path accumulates only when it expects more than one micro-step)."""
+    if tokens_per_micro:
+        return BatchPlan(global_batch_size, 1, max(2, -(-global_batch_size // world_size)),
+                         world_size, tokens_per_micro)
     per_step = micro_batch_size * world_size
     if global_batch_size % per_step:
         raise ValueError(
@@ -169,7 +190,7 @@ def build_deepspeed_config(
     if ds_cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     return {
-        "train_batch_size": plan.global_batch_size,
+        "train_batch_size": plan.micro_batch_size * plan.grad_accum * plan.world_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": ds_cfg.gradient_clipping,

@@ -98,8 +98,15 @@ class FlopCounter:
         return 6.0 * self.n_params + 12.0 * self.layers * self.width * seq_len
 
     def batch_flops(self, batch: dict) -> float:
+        """Padded rows: every real token attends over the row length T (PaLM). Packed rows
+        (``position_ids``): a token's attention term uses its own sample's length."""
         tokens = float(batch["attention_mask"].sum())
-        flops = self.per_token(batch["input_ids"].shape[1]) * tokens
+        if "position_ids" in batch:
+            n = sample_lengths(batch).double()
+            flops = self.per_token(0) * tokens + 12.0 * self.layers * self.width * float(
+                (n * n).sum())
+        else:
+            flops = self.per_token(batch["input_ids"].shape[1]) * tokens
         if "pixel_values" in batch:
             flops += self.und_image * batch["pixel_values"].shape[0]
         if "gen_pixel_values" in batch:
@@ -251,6 +258,42 @@ def format_row(rec: dict, total_steps: int | None) -> str:
     return " ".join(parts)
 
 
+def count_samples(batch: dict) -> int:
+    """Samples in a (packed or padded) batch: starts of ``position_ids`` runs on real tokens,
+    or rows with a real token when there are no ``position_ids``."""
+    mask = batch["attention_mask"].bool()
+    if "position_ids" in batch:
+        return int(((batch["position_ids"] == 0) & mask).sum())
+    return int(mask.any(1).sum())
+
+
+def sample_lengths(batch: dict) -> torch.Tensor:
+    """(n_samples,) real-token lengths of the batch's samples (packed rows split at the
+    ``position_ids`` restarts)."""
+    mask = batch["attention_mask"].bool()
+    if "position_ids" not in batch:
+        return mask.sum(1)[mask.any(1)]
+    pos = batch["position_ids"][mask]  # real tokens, row-major: each row starts a sample
+    starts = (pos == 0).nonzero().view(-1)
+    return torch.diff(torch.cat([starts, starts.new_tensor([pos.numel()])]))
+
+
+def fill_metrics(per_rank: list[list[tuple[int, int]]]) -> dict[str, float]:
+    """``data/token_fill``: real (non-pad) tokens / token slots (B x T of every micro-batch,
+    empty micro-steps included) over all ranks and the window's steps; ``data/rank_imbalance``:
+    the worst step's max/mean - 1 of real tokens per rank. ``per_rank[rank][step]`` = that
+    rank's ``Throughput.fill``."""
+    from janus_train.data.packing import imbalance
+
+    steps = list(zip(*per_rank))  # [step][rank] -> (real, slots)
+    real = sum(r for st in steps for r, _ in st)
+    slots = sum(n for st in steps for _, n in st)
+    return {
+        "data/token_fill": real / slots if slots else 0.0,
+        "data/rank_imbalance": max((imbalance([r for r, _ in st]) for st in steps), default=0.0),
+    }
+
+
 class Throughput:
     """Per-rank counters of the steps since the last log (tokens, samples, model FLOPs, steps)
     and the training time they took (evaluation and checkpoint time excluded)."""
@@ -259,13 +302,17 @@ class Throughput:
         self.flops = flops
         self.local = torch.zeros(4, dtype=torch.float64)
         self.t0 = time.perf_counter()
+        self.fill: list[tuple[int, int]] = []
+        """This rank's (real tokens, token slots) per step since the last log."""
 
     def add_step(self, host_batches: list[dict]) -> None:
         """Counted on the host copies: no device synchronisation inside the step."""
+        real = sum(int(b["attention_mask"].sum()) for b in host_batches)
+        self.fill.append((real, sum(b["attention_mask"].numel() for b in host_batches)))
         self.local += torch.tensor(
             [
-                sum(int(b["attention_mask"].sum()) for b in host_batches),
-                sum(int(b["input_ids"].shape[0]) for b in host_batches),
+                real,
+                sum(count_samples(b) for b in host_batches),
                 sum(self.flops.batch_flops(b) for b in host_batches),
                 1.0,
             ],
