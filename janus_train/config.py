@@ -174,6 +174,15 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(
             f"train.loss_reduction={cfg.train.loss_reduction!r}: token_mean | task_mean_sum"
         )
+    try:
+        from transformers.utils.hub import convert_file_size_to_int
+
+        convert_file_size_to_int(cfg.train.export_max_shard_size)
+    except ValueError:
+        raise ValueError(
+            f"train.export_max_shard_size={cfg.train.export_max_shard_size!r}: a size like "
+            "5GB, 500MB or 2GiB"
+        ) from None
     if cfg.train.micro_batch_size <= 0:
         raise ValueError("train.micro_batch_size must be > 0")
     tpm = cfg.train.tokens_per_micro

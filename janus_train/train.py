@@ -69,6 +69,7 @@ from janus_train.trainer.distributed import (
 from janus_train.trainer.export import export_hf, is_exported
 from janus_train.trainer.guard import RunGuard
 from janus_train.trainer.metrics import FlopCounter, MetricsLogger, Throughput, fill_metrics
+from janus_train.trainer.model_card import model_card
 from janus_train.trainer.optim import build_param_groups, lr_at
 from janus_train.trainer.state import TrainState, load_train_state, save_train_state
 from janus_train.trainer.synthetic import SyntheticStepLoader
@@ -494,7 +495,11 @@ def run(cfg: RunConfig) -> int:
         set_collective_timeout(tc.init_timeout_s)  # consolidation on rank 0 may be slow
         out_dir = prep.run_dir / "hf"
         if tc.export_at_end and not is_exported(out_dir, state.step):
-            export_hf(t.janus, t.processor, out_dir, cfg.deepspeed.zero_stage, info, state.step)
+            card = None
+            if info.is_main:
+                card = model_card(cfg, t.processor, state.step, info.world_size)
+            export_hf(t.janus, t.processor, out_dir, cfg.deepspeed.zero_stage, info, state.step,
+                      tc.export_max_shard_size, card)
             logger.info("exported %s (next stage: model.init_from=%s)", out_dir, out_dir.resolve())
     return EXIT_OK
 

@@ -54,6 +54,9 @@ class TrainConfig:
     export_at_end: bool = True
     """Write an HF-format directory (``run_dir/hf``) when the stage ends: the next stage's
     ``model.init_from``."""
+    export_max_shard_size: str = "5GB"
+    """Largest safetensors file of the export (``"5GB"``, ``"500MB"``, ``"2GiB"``): bigger models
+    are written in shards with an index, and load shard by shard."""
     eval_every: int = 0
     """Call ``janus_train.evaluate.run_eval`` every N steps on all ranks (0: never)."""
     eval_recipe: str | None = None

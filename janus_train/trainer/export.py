@@ -1,6 +1,8 @@
 """Stage hand-off: an HF-format directory (``save_pretrained`` model + processor) that
 ``JanusForConditionalGeneration.from_pretrained`` loads as-is; the next stage's
-``model.init_from``.
+``model.init_from``. A complete Hugging Face model repo: sharded safetensors, the processor with
+the run's chat template (``janus_train.model.chat_template``), a model card
+(``janus_train.trainer.model_card``).
 
 Weights are the fp32 master copies (DeepSpeed's optimizer partitions for trainable parameters,
 gathered under ZeRO-3; the module's own tensors for frozen ones), so a bf16 run hands off
@@ -49,10 +51,20 @@ def consolidated_state_dict(janus: torch.nn.Module, zero_stage: int, info: DistI
     return sd
 
 
-def export_hf(janus: torch.nn.Module, processor, out_dir: str | os.PathLike, zero_stage: int,
-              info: DistInfo, step: int) -> Path:
-    """Collective: write ``out_dir`` (model safetensors + config + generation config +
-    processor) atomically; the marker file records ``step``. Returns the path."""
+def export_hf(
+    janus: torch.nn.Module,
+    processor,
+    out_dir: str | os.PathLike,
+    zero_stage: int,
+    info: DistInfo,
+    step: int,
+    max_shard_size: int | str = "5GB",
+    model_card: str | None = None,
+) -> Path:
+    """Collective: write ``out_dir`` atomically: model safetensors (in shards of at most
+    ``max_shard_size`` plus ``model.safetensors.index.json``, so large models load shard by
+    shard), config, generation config, processor with its chat template, ``model_card`` as
+    ``README.md``; the marker file records ``step``. Returns the path."""
     out = Path(out_dir)
     sd = consolidated_state_dict(janus, zero_stage, info)
     if info.is_main:
@@ -60,8 +72,12 @@ def export_hf(janus: torch.nn.Module, processor, out_dir: str | os.PathLike, zer
         sd = export_lora(janus, sd, out.with_name("adapter"))
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        janus.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+        janus.save_pretrained(
+            str(tmp), state_dict=sd, safe_serialization=True, max_shard_size=max_shard_size
+        )
         processor.save_pretrained(str(tmp))
+        if model_card is not None:
+            (tmp / "README.md").write_text(model_card)
         (tmp / COMPLETE).write_text(f"{step}\n")
         if out.exists():
             shutil.rmtree(out)

@@ -1,0 +1,156 @@
+"""The export as a complete Hugging Face model repo: sharded safetensors that load back to the
+same weights, the processor and tokenizer with the run's chat template, a model card whose
+figures come from metrics.jsonl and whose usage code runs as written against the export."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from janus_train.model.chat_template import run_prompt_format, set_chat_template
+from janus_train.trainer.distributed import DistInfo
+from janus_train.trainer.export import export_hf, is_exported
+from janus_train.trainer.model_card import MODEL_DIR, model_card, read_metrics
+from tests.conftest import tiny_run
+
+SYSTEM = "You are a helpful language and vision assistant."
+METRICS = [
+    {"step": 5, "loss": 3.5, "loss/und": 3.25, "loss/gen": 4.0, "optim/lr": 1e-3},
+    {"step": 6, "eval/loss/und": 2.5, "eval/und/accuracy": 0.75},
+    {"step": 7, "loss": 2.123456, "loss/und": 1.5, "loss/gen": 2.75, "optim/lr": 1e-3},
+]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_and_processor, tmp_path_factory):
+    janus, processor = tiny_model_and_processor
+    processor = copy.deepcopy(processor)
+    root = tmp_path_factory.mktemp("run")
+    run = tiny_run(
+        [
+            f"train.run_dir={root}",
+            "stage=stage3",
+            f"data.system_prompt={SYSTEM}",
+            "experiment.stage3.lr=3e-05",
+            "train.global_batch_size=8",
+            "train.micro_batch_size=2",
+        ]
+    )
+    set_chat_template(processor, run_prompt_format(run))
+    (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in METRICS) + "\n{trunc")
+    card = model_card(run, processor, step=7, world_size=2)
+    total = sum(t.numel() * 4 for t in janus.state_dict().values())
+    out = export_hf(
+        janus,
+        processor,
+        root / "hf",
+        zero_stage=0,
+        info=DistInfo(0, 1, 0),
+        step=7,
+        max_shard_size=f"{total // 3 // 1000}KB",
+        model_card=card,
+    )
+    return janus, run, out
+
+
+def test_sharded_safetensors_load_back_to_the_same_weights(exported):
+    from transformers import JanusForConditionalGeneration
+
+    janus, _, out = exported
+    shards = sorted(out.glob("model-*-of-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) >= 3 and not (out / "model.safetensors").exists()
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    assert is_exported(out, 7) and not is_exported(out, 6)
+    loaded = JanusForConditionalGeneration.from_pretrained(out, local_files_only=True)
+    want, got = janus.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_processor_and_tokenizer_carry_the_runs_chat_template(exported):
+    from transformers import AutoTokenizer, JanusProcessor
+
+    _, run, out = exported
+    want = run_prompt_format(run).jinja()
+    proc = JanusProcessor.from_pretrained(out, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert proc.chat_template == tok.chat_template == want
+    assert not proc.use_default_system_prompt  # the template renders the system prompt
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == f"{SYSTEM}\n\n<|User|>: hi\n\n<|Assistant|>:"
+
+
+def test_model_card_figures_and_format(exported):
+    _, run, out = exported
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "# tiny — stage3 (step 7)" in card
+    assert "random initialisation (`model=tiny`)" in card
+    assert "| steps | 7 of " in card
+    assert "8 samples = 2 per GPU x 2 accumulation x 2 GPUs" in card
+    assert "lr 3e-05" in card
+    recipe = run.hparams.data_recipe
+    assert f"Data recipe `{recipe}`" in card and "| understanding |" in card
+    # the last training record and the last held-out record, not earlier ones
+    assert "Training, step 7" in card and "| `loss` | 2.123 |" in card
+    assert "| `loss/gen` | 2.75 |" in card and "3.5" not in card
+    assert "Held-out evaluation, step 6" in card and "| `eval/und/accuracy` | 0.75 |" in card
+    assert f"{SYSTEM}\n\n<|User|>: <image_placeholder>\nWhat is it?\n\n<|Assistant|>:" in card
+    assert "<|User|>: a red circle at the top left.\n\n<|Assistant|>:<begin_of_image>" in card
+    assert read_metrics(out / "missing.jsonl") == (None, None)
+
+
+def test_model_card_usage_code_runs_against_the_export(exported, tmp_path, monkeypatch):
+    """The card's "how to load" is executed as written (path substituted): understanding and
+    text-to-image with plain transformers."""
+    _, _, out = exported
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    assert MODEL_DIR in code
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (48, 40), (200, 30, 30)).save("image.png")
+    exec(compile(code.replace(MODEL_DIR, str(out)), "README.md", "exec"), {})
+    assert Image.open("generated.png").size == (32, 32)
+
+
+def test_bad_shard_size_fails_at_config_time():
+    with pytest.raises(ValueError, match="train.export_max_shard_size='big'"):
+        tiny_run(["train.export_max_shard_size=big"])
+
+
+@pytest.mark.slow
+def test_a_run_saves_its_processor_and_exports_card_and_template(tmp_path):
+    """janus-train wiring: run_dir/processor at the start, hf/ with README.md and the template."""
+    run_dir = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "janus_train.train",
+        "experiment=tiny",
+        "model=tiny",
+        "stage=stage2",
+        "train.synthetic_data=true",
+        "train.steps=1",
+        "train.global_batch_size=1",
+        f"train.run_dir={run_dir}",
+        "train.log_every=1",
+        "train.export_max_shard_size=2MB",
+        "train.progress_bar=false",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    want = run_prompt_format(tiny_run(["stage=stage2"])).jinja()
+    for d in (run_dir / "processor", run_dir / "hf"):
+        assert (d / "chat_template.jinja").read_text() == want
+    assert len(list((run_dir / "hf").glob("model-*.safetensors"))) > 1
+    card = (run_dir / "hf" / "README.md").read_text()
+    assert "# tiny — stage2 (step 1)" in card and "Synthetic batches" in card
