@@ -88,7 +88,7 @@ def test_prompts_from_the_export_template_equal_the_training_builders(loaded):
         S.understanding_inputs(bare, _images(1), QUESTIONS[:1])
 
 
-def test_plain_transformers_with_apply_chat_template_equals_janus_sample(loaded):
+def test_plain_transformers_with_apply_chat_template_equals_janus_sample(loaded, export_dir):
     """A user of the export with nothing but transformers: apply_chat_template + generate give
     janus-sample's answers and (greedy, guided) image codes."""
     model, processor = loaded
@@ -112,6 +112,10 @@ def test_plain_transformers_with_apply_chat_template_equals_janus_sample(loaded)
             ).strip()
         )
     assert hf == ours and len(set(ours)) > 1
+    # the demo report's batched plain-transformers check (left padding from the processor)
+    from janus_train.demo.report import plain_transformers_answers
+
+    assert plain_transformers_answers(export_dir, images, QUESTIONS, 6, batch_size=3) == ours
 
     greedy = S.SampleConfig(guidance_scale=3.0, temperature=0.0)
     ours = S.generate_codes(model, processor, PROMPTS[:2], greedy)

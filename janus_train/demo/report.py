@@ -118,7 +118,61 @@ def final_eval(
     cfg = EvalConfig(
         max_per_source=64, n_und=n_und, n_gen=n_gen, n_grid=12, extra_guidance_scales=extra
     )
-    return run_eval(model, processor, run, -1, eval_dir, cfg)
+    metrics = run_eval(model, processor, run, -1, eval_dir, cfg)
+    # The same held-out questions asked with nothing but transformers and the export's template.
+    from janus_train.evaluate import _norm, _understanding_items, eval_recipe, prompt_format
+
+    items = _understanding_items(eval_recipe(run), prompt_format(run), n_und)
+    answers_path = eval_dir / "answers.jsonl"
+    if items and answers_path.exists():
+        ours = [json.loads(x)["answer"] for x in answers_path.read_text().splitlines()]
+        hf = plain_transformers_answers(
+            export, [i[0] for i in items], [i[1] for i in items], cfg.max_new_tokens
+        )
+        metrics["und/accuracy_plain_transformers"] = sum(
+            _norm(a) == _norm(r) for a, (_, _, r) in zip(hf, items)
+        ) / len(items)
+        metrics["und/same_answers_as_janus_sample"] = sum(a == b for a, b in zip(hf, ours)) / len(
+            items
+        )
+    return metrics
+
+
+def plain_transformers_answers(
+    export: Path, images: list, questions: list[str], max_new_tokens: int, batch_size: int = 16
+) -> list[str]:
+    """Greedy answers from the export with plain transformers only, as a user of the export
+    would: ``JanusProcessor.apply_chat_template`` (the export's chat template) + ``generate``."""
+    import torch
+    from transformers import JanusForConditionalGeneration, JanusProcessor
+
+    model = JanusForConditionalGeneration.from_pretrained(export, local_files_only=True).eval()
+    processor = JanusProcessor.from_pretrained(export, local_files_only=True)
+    out: list[str] = []
+    for i in range(0, len(questions), batch_size):
+        convs = [
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": im.convert("RGB")}]
+                    + ([{"type": "text", "text": q}] if q else []),
+                }
+            ]
+            for im, q in zip(images[i : i + batch_size], questions[i : i + batch_size])
+        ]
+        inputs = processor.apply_chat_template(
+            convs,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"padding": True},
+        )
+        with torch.no_grad():
+            gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        new = gen[:, inputs["input_ids"].shape[1] :]
+        out += [processor.decode(row, skip_special_tokens=True).strip() for row in new]
+    return out
 
 
 def stage_guidance(runs: Path) -> float:
@@ -192,6 +246,9 @@ def write_report(
         "|---|---|---|",
         f"| understanding accuracy (exact answer, {n_und} questions) | "
         f"{_fmt(final.get('und/accuracy'))} | {_fmt(majority)} (best answer per question type) |",
+        "| understanding accuracy, plain transformers (`apply_chat_template` on the export; "
+        f"answers identical to janus-sample's: {_fmt(final.get('und/same_answers_as_janus_sample'))}) | "
+        f"{_fmt(final.get('und/accuracy_plain_transformers'))} | |",
         f"| generation token accuracy (greedy, CFG {guidance:g}, vs reference VQ codes) | "
         f"{_fmt(final.get('gen/token_accuracy'))} | "
         f"{_fmt(1 / codebook) if codebook else '-'} |",
