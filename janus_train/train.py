@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from janus_train.config import CONF_DIR, RunConfig, to_run_config
+from janus_train.errors import EXIT_USER_ERROR, debug_requested, is_user_error, report_user_error
 from janus_train.model import (
     TASKS,
     JanusTrainModel,
@@ -49,6 +51,7 @@ from janus_train.model import (
     set_train_mode,
     write_trainable_report,
 )
+from janus_train.model.build import check_init_from
 from janus_train.model.chat_template import run_prompt_format, set_chat_template
 from janus_train.trainer.checkpoint import EXIT_REQUEUE, tag_for
 from janus_train.trainer.distributed import (
@@ -192,6 +195,7 @@ def prepare(cfg: RunConfig, info: DistInfo) -> Prepared:
     plan = plan_batch(
         hp.global_batch_size, tc.micro_batch_size, info.world_size, tc.tokens_per_micro
     )
+    check_init_from(cfg.model)
     precision = resolve_precision(cfg.deepspeed.precision)
     ds_config = build_deepspeed_config(cfg.deepspeed, plan, precision, hp.weight_decay, hp.lr)
     stop_step = min(hp.steps, hp.stop_at) if hp.stop_at else hp.steps
@@ -509,12 +513,16 @@ def _json(obj) -> str:
 
 
 _exit_status = EXIT_OK
+_error: Exception | None = None
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(dcfg: DictConfig) -> None:
-    global _exit_status
-    _exit_status = run(to_run_config(dcfg))
+    global _exit_status, _error
+    try:
+        _exit_status = run(to_run_config(dcfg))
+    except Exception as e:  # noqa: BLE001  # classified in main(), outside Hydra's reporting
+        _error = e
 
 
 def main() -> None:
@@ -529,7 +537,23 @@ def main() -> None:
 
         print(render([a for a in sys.argv[1:] if not a.startswith("-")]))
         sys.exit(0)
-    _hydra_main()
+    global _error
+    try:
+        _hydra_main()
+    except SystemExit as e:
+        # run()'s exceptions never reach Hydra (above): a non-zero exit of Hydra's own is a
+        # composition error (unknown key, bad override), a user error.
+        if e.code not in (0, None):
+            sys.exit(EXIT_USER_ERROR)
+        raise
+    except Exception as e:  # noqa: BLE001  # Hydra re-raises under HYDRA_FULL_ERROR=1
+        _error = e
+    if _error is not None:
+        if not is_user_error(_error):
+            raise _error
+        if debug_requested():
+            traceback.print_exception(_error)
+        sys.exit(report_user_error("janus-train", _error))
     sys.exit(_exit_status)
 
 

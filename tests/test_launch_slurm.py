@@ -42,6 +42,9 @@ while args[i].startswith("-"):
 cmd = args[i:]
 hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
                        capture_output=True, text=True, check=True).stdout.split()
+if os.environ.get("STUB_SRUN_USER_ERROR") == "1":  # a rank stopped on a user error
+    with open(os.environ["JANUS_USER_ERROR_FILE"], "w") as f:
+        f.write("janus-train: error: model.init_from='/x' is not a directory\n")
 if os.environ.get("STUB_SRUN_WAIT") == "1":
     open(os.path.join(log, "srun.started"), "w").close()
     for _ in range(400):
@@ -223,8 +226,12 @@ def test_usr1_checkpoints_then_requeues_and_the_requeued_job_resumes_same_run_di
     "srun_rc,extra,expect_rc,expect_requeue",
     [
         (EXIT_REQUEUE, {}, 0, True),  # the trainer's "requeue me" reached srun (job.sh default)
-        (1, {}, 1, False),  # a crash: no requeue loop
+        (1, {}, 0, True),  # a crash (lost node, collective timeout): resume in a new attempt
+        (70, {"MAX_REQUEUES": "3", "SLURM_RESTART_COUNT": "2"}, 0, True),
+        (1, {"MAX_REQUEUES": "3", "SLURM_RESTART_COUNT": "3"}, 1, False),  # crashes capped
         (EXIT_REQUEUE, {"SLURM_RESTART_COUNT": "50"}, 1, False),  # MAX_REQUEUES reached
+        (2, {}, 2, False),  # a user error fails the same way again: never requeued
+        (1, {"STUB_SRUN_USER_ERROR": "1"}, 2, False),  # a rank's user error behind torchrun's 1
     ],
 )
 def test_requeue_decision_from_exit_code(stubs, tmp_path, srun_rc, extra, expect_rc,
@@ -235,6 +242,8 @@ def test_requeue_decision_from_exit_code(stubs, tmp_path, srun_rc, extra, expect
     assert res.returncode == expect_rc, res.stderr + res.stdout
     requeued = (tmp_path / "stublog/scontrol.txt").exists()
     assert requeued == expect_requeue
+    if "STUB_SRUN_USER_ERROR" in extra:
+        assert "model.init_from" in res.stderr  # the rank's one line, in the job's log
 
 
 def test_finished_stage_exits_without_srun_and_bad_overrides_fail(stubs, tmp_path):

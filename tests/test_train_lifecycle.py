@@ -10,6 +10,7 @@ the worker script of the stuck-collective run: ``python tests/test_train_lifecyc
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -20,6 +21,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_utils import run_watched, torchrun_cmd  # noqa: E402
+
+from janus_train.errors import EXIT_USER_ERROR  # noqa: E402
 
 pytestmark = pytest.mark.dist
 SELF = str(Path(__file__).resolve())
@@ -66,8 +69,12 @@ def test_failure_exits_nonzero_and_leaves_no_process(tmp_path, failure, ranks, w
     res = run_watched(cmd, marker, timeout=240,
                       env={"JANUS_EVAL_DATA_ROOT": str(tmp_path / "no_eval_data")})
     out = res.output
-    assert res.returncode != 0, out[-3000:]
-    assert ("max_failure_rate" if failure == "data" else "no eval shards") in out, out[-3000:]
+    # both are user errors: one line naming the field / file, exit 2 (a rank's, under torchrun)
+    codes = [res.returncode] if ranks == 1 else \
+        [int(x) for x in re.findall(r"exitcode\s*:\s*(-?\d+)", out)]
+    assert EXIT_USER_ERROR in codes, (codes, out[-3000:])
+    line = [ln for ln in out.splitlines() if "janus-train: error:" in ln][0]
+    assert ("data.max_failure_rate" if failure == "data" else "no eval shards") in line, line
     assert res.seconds_after_marker is not None, out[-3000:]
     assert res.seconds_after_marker < EXIT_BOUND_S, (res.seconds_after_marker, out[-3000:])
     # the ranks and their loader workers ran (the agent's ranks under torchrun)

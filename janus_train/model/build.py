@@ -207,3 +207,28 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
             f"{processor.num_image_tokens}: model.image_size / patch size disagree with the processor"
         )
     return model, processor
+
+
+def check_init_from(cfg: ModelConfig) -> None:
+    """``model.init_from`` (and ``model.tokenizer`` when it is a directory) hold what
+    :func:`build_model` reads: config, weights, tokenizer. Checked before any model is built
+    (also by ``train.dry_run``); the error names the field instead of HF's hub-download hint."""
+    if cfg.tokenizer and cfg.tokenizer != "tiny" and not Path(cfg.tokenizer).is_dir():
+        raise FileNotFoundError(f"model.tokenizer={cfg.tokenizer!r} is not a directory")
+    if not cfg.init_from:
+        return
+    d = Path(cfg.init_from)
+    if not d.is_dir():
+        raise FileNotFoundError(f"model.init_from={cfg.init_from!r} is not a directory")
+    missing = []
+    if not (d / "config.json").is_file():
+        missing.append("config.json")
+    if not any(d.glob("*.safetensors")) and not any(d.glob("pytorch_model*.bin")):
+        missing.append("weights (*.safetensors)")
+    if not cfg.tokenizer and not (d / "tokenizer.json").is_file() \
+            and not (d / "tokenizer_config.json").is_file():
+        missing.append("tokenizer (tokenizer.json; or set model.tokenizer)")
+    if missing:
+        raise FileNotFoundError(
+            f"model.init_from={cfg.init_from!r} lacks {', '.join(missing)}: expected an "
+            f"HF-format Janus directory (a stage's run_dir/hf export or a converted release)")

@@ -13,7 +13,10 @@
 # Time limit: sbatch --signal=B:USR1@<secs> signals this shell <secs> before the limit. It forwards
 # SIGUSR1 to every process of the job steps (`scancel --signal=USR1`; the torchrun agents ignore
 # it), the trainer ranks checkpoint at the next step boundary and exit, then this shell runs
-# `scontrol requeue` (also when the step ends with REQUEUE_EXIT_CODE). SIGTERM (scancel,
+# `scontrol requeue` (also when the step ends with REQUEUE_EXIT_CODE). A step that fails for a
+# reason that is not the user's (lost node, collective error or timeout) is requeued too, up to
+# MAX_REQUEUES restarts in all; a user error (exit 2, or a line in JANUS_USER_ERROR_FILE: bad
+# config, recipe, missing file, data failure) never is, and the job exits 2. SIGTERM (scancel,
 # preemption) is not requeued here: Slurm's own PreemptMode=REQUEUE does that; the ranks get
 # SIGTERM directly from Slurm and checkpoint if KillWait/GraceTime allow.
 #
@@ -40,7 +43,8 @@
 #   REQUEUE_EXIT_CODE  exit status meaning "checkpointed, requeue me" (default 75, the trainer's
 #                   janus_train.trainer.checkpoint.EXIT_REQUEUE; torchrun reports a failed worker
 #                   as 1, so the USR1 this shell forwarded is what normally triggers the requeue).
-#   MAX_REQUEUES    stop requeueing after this many restarts (default 50).
+#   MAX_REQUEUES    stop requeueing (after signals and crashes alike) after this many restarts
+#                   (default 50).
 #   JANUS_TRAIN_ROOT  repository root (default $SLURM_SUBMIT_DIR: submit from the repo root).
 #   PYTHON          interpreter (default $JANUS_TRAIN_ROOT/.venv/bin/python if there, else python).
 #   CLUSTER_ENV     shell file sourced before launching: site NCCL/InfiniBand settings, modules
@@ -116,8 +120,11 @@ overrides+=("$@")
 export PYTHON NNODES=$nnodes NPROC_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 export RDZV_ENDPOINT=$head_host:${RDZV_PORT:-29500} RDZV_ID=$SLURM_JOB_ID
 export RDZV_CONF=${RDZV_CONF:-} MAX_RESTARTS=0
+# Where a rank writes its one-line user error (janus_train/errors.py); one file per attempt.
+export JANUS_USER_ERROR_FILE=$LOG_DIR/user_error.r$RESTART
 
 mkdir -p "$LOG_DIR"
+rm -f "$JANUS_USER_ERROR_FILE"
 srun_cmd=(srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1
           --output="$LOG_DIR/node%n.r$RESTART.log")
 cpus=${CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-}}
@@ -144,19 +151,31 @@ if [[ -f $EXPORT_DIR/config.json ]]; then
   echo "job.sh: $STAGE complete: $EXPORT_DIR"
   exit 0
 fi
-if [[ $signaled == 1 || $rc == "$REQUEUE_EXIT_CODE" ]]; then
-  if [[ $RESTART -ge $MAX_REQUEUES ]]; then
-    echo "job.sh: not requeueing: $RESTART restarts reached MAX_REQUEUES=$MAX_REQUEUES" >&2
-    exit 1
-  fi
-  echo "job.sh: step ended (rc=$rc) before the stage finished; requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID"
-  exit 0
+# A user error (bad config, recipe, missing file, data above data.max_failure_rate) fails the
+# same way again: never requeued. A rank reports it in $JANUS_USER_ERROR_FILE (torchrun turns
+# every rank's status into 1); exit 2 is also one.
+if [[ -s $JANUS_USER_ERROR_FILE || $rc == 2 ]]; then
+  echo "job.sh: user error, not requeueing: $(cat "$JANUS_USER_ERROR_FILE" 2>/dev/null ||
+        echo "exit 2")" >&2
+  exit 2
 fi
-if [[ $rc == 0 ]]; then
+if [[ $rc == 0 && $signaled == 0 ]]; then
   echo "job.sh: step exited 0 without an export at $EXPORT_DIR (DRY_RUN or" \
        "train.export_at_end=false)"
   exit 0
 fi
-echo "job.sh: step failed (rc=$rc); not requeueing (see $LOG_DIR)" >&2
-exit "$rc"
+# Checkpointed on a signal (75), or a crash that is not the user's (lost node, collective error
+# or timeout, a rank stuck after a stop signal): resume from the last checkpoint in a new attempt.
+if [[ $signaled == 1 || $rc == "$REQUEUE_EXIT_CODE" ]]; then
+  why="step ended (rc=$rc) before the stage finished"
+else
+  why="step failed (rc=$rc, not a user error; see $LOG_DIR)"
+fi
+if [[ $RESTART -ge $MAX_REQUEUES ]]; then
+  echo "job.sh: $why; not requeueing: $RESTART restarts reached MAX_REQUEUES=$MAX_REQUEUES" >&2
+  exit 1
+fi
+echo "job.sh: $why; requeueing job $SLURM_JOB_ID (restart $((RESTART + 1)) of at most" \
+     "$MAX_REQUEUES)"
+scontrol requeue "$SLURM_JOB_ID"
+exit 0

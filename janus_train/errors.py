@@ -1,0 +1,92 @@
+"""User errors vs crashes at the command line.
+
+A user error (a bad config value, recipe or override, a missing file, a data source above
+``data.max_failure_rate``) prints one line naming the field or file and exits
+:data:`EXIT_USER_ERROR` (2); retrying cannot fix it, so ``launch/slurm/job.sh`` never requeues
+it. Anything else is a crash and keeps its traceback (exit 1): a lost node or a collective
+timeout, which a requeue may fix. ``JANUS_DEBUG=1`` (or ``HYDRA_FULL_ERROR=1``) prints the full
+traceback of user errors too.
+
+Under torchrun the launcher's own status is 1 whatever the ranks returned, so a rank that stops
+on a user error also writes its line to ``$JANUS_USER_ERROR_FILE`` when that is set (job.sh
+sets it and reads it after the job step).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+_PKG = str(Path(__file__).resolve().parent)
+
+
+def _raised_in_package(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    return last is not None and os.path.abspath(last.tb_frame.f_code.co_filename).startswith(_PKG)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Validation errors raised by this package (``ValueError``, ``FileNotFoundError``,
+    ``NotADirectoryError``), a data failure (also when a loader worker re-raises it), and
+    config errors of OmegaConf / Hydra (a typo, a wrong type, an unset variable). The same
+    exception types raised inside torch or DeepSpeed are crashes."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from janus_train.data.loader import DataFailure
+
+    if isinstance(exc, (DataFailure, OmegaConfBaseException)):
+        return True
+    if type(exc).__name__ == "DataFailure" or "DataFailure: " in str(exc):
+        return True  # torch's DataLoader re-raises a worker's exception as a wrapped copy
+    try:
+        from hydra.errors import HydraException
+
+        if isinstance(exc, HydraException):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(
+        exc, (ValueError, FileNotFoundError, NotADirectoryError)
+    ) and _raised_in_package(exc)
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (a worker's wrapped traceback: its last line)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    msg = lines[-1] if len(lines) > 1 and "Traceback" in str(exc) else " ".join(lines)
+    head, sep, rest = msg.partition(": ")
+    if (
+        sep
+        and head.replace(".", "").replace("_", "").isalnum()
+        and head.split(".")[-1][:1].isupper()
+    ):
+        msg = rest  # "janus_train.data.loader.DataFailure: ..." -> the message
+    return msg
+
+
+def debug_requested() -> bool:
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("JANUS_DEBUG", "HYDRA_FULL_ERROR"))
+
+
+def report_user_error(prog: str, exc: BaseException) -> int:
+    """Print the one line (stderr), record it for job.sh; returns :data:`EXIT_USER_ERROR`."""
+    import sys
+
+    line = f"{prog}: error: {one_line(exc)}"
+    print(line + "  [JANUS_DEBUG=1 for the traceback]", file=sys.stderr, flush=True)
+    path = os.environ.get("JANUS_USER_ERROR_FILE")
+    if path:
+        try:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            Path(tmp).write_text(line + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return EXIT_USER_ERROR
