@@ -27,6 +27,8 @@ ENV_VARS = {
     "JANUS_DATA_RECIPES": "directory of the named data recipes (default data_recipes/)",
     "JANUS_TRAIN_CONF": "directory of the config tree (default conf/)",
     "JANUS_DEBUG": "1: full Python tracebacks for user errors (also HYDRA_FULL_ERROR=1)",
+    "JANUS_USER_ERROR_FILE": "a user error's one line is also written there (launch/slurm/job.sh "
+    "reads it: no requeue)",
     "WANDB_API_KEY": "with train.wandb=true: online wandb run (offline files without it)",
 }
 
