@@ -18,9 +18,17 @@ def _main(monkeypatch, capsys, tmp_path, *overrides, env=None):
     for k, v in (env or {}).items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(train, "_error", None)
-    monkeypatch.setattr(sys, "argv", ["janus-train", "train.synthetic_data=true",
-                                      f"train.run_dir={tmp_path}/run", "train.dry_run=true",
-                                      *overrides])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "janus-train",
+            "train.synthetic_data=true",
+            f"train.run_dir={tmp_path}/run",
+            "train.dry_run=true",
+            *overrides,
+        ],
+    )
     with pytest.raises(SystemExit) as e:
         train.main()
     cap = capsys.readouterr()
@@ -33,23 +41,35 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-def test_bad_config_value_is_one_line_exit_2_and_debug_shows_traceback(monkeypatch, capsys,
-                                                                       tmp_path):
-    code, err = _main(monkeypatch, capsys, tmp_path, "train.micro_batch_size=3",
-                      "train.global_batch_size=8")
+def test_bad_config_value_is_one_line_exit_2_and_debug_shows_traceback(
+    monkeypatch, capsys, tmp_path
+):
+    code, err = _main(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        "train.tokens_per_micro=0",
+        "train.micro_batch_size=3",
+        "train.global_batch_size=8",
+    )
     assert code == EXIT_USER_ERROR
     assert "train.micro_batch_size" in _one_error_line(err)
     status = tmp_path / "user_error.txt"
-    code, err = _main(monkeypatch, capsys, tmp_path, "train.micro_batch_size=3",
-                      "train.global_batch_size=8",
-                      env={"JANUS_DEBUG": "1", "JANUS_USER_ERROR_FILE": str(status)})
+    code, err = _main(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        "train.tokens_per_micro=0",
+        "train.micro_batch_size=3",
+        "train.global_batch_size=8",
+        env={"JANUS_DEBUG": "1", "JANUS_USER_ERROR_FILE": str(status)},
+    )
     assert code == EXIT_USER_ERROR and "Traceback" in err and "plan_batch" in err
     assert "train.micro_batch_size" in status.read_text()  # what job.sh reads
 
 
 @pytest.mark.parametrize("content", ["empty", "config_only"])
-def test_init_from_checked_by_the_dry_run_naming_the_field(monkeypatch, capsys, tmp_path,
-                                                            content):
+def test_init_from_checked_by_the_dry_run_naming_the_field(monkeypatch, capsys, tmp_path, content):
     d = tmp_path / "init"
     d.mkdir()
     if content == "config_only":
@@ -64,8 +84,13 @@ def test_init_from_checked_by_the_dry_run_naming_the_field(monkeypatch, capsys, 
 def test_unknown_key_and_missing_recipe_are_user_errors(monkeypatch, capsys, tmp_path):
     code, err = _main(monkeypatch, capsys, tmp_path, "train.no_such_key=1")
     assert code == EXIT_USER_ERROR and "no_such_key" in err
-    code, err = _main(monkeypatch, capsys, tmp_path, "train.synthetic_data=false",
-                      f"data.recipe={tmp_path}/missing.yaml")
+    code, err = _main(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        "train.synthetic_data=false",
+        f"data.recipe={tmp_path}/missing.yaml",
+    )
     assert code == EXIT_USER_ERROR and "missing.yaml" in _one_error_line(err)
 
 
@@ -80,9 +105,11 @@ def test_crashes_are_not_user_errors():
         int("x")  # ValueError raised outside this package
     except ValueError as e:
         assert not is_user_error(e)
-    wrapped = RuntimeError("Caught DataFailure in DataLoader worker process 0.\nOriginal "
-                           "Traceback (most recent call last):\n  File \"x.py\", line 1\n"
-                           "janus_train.data.loader.DataFailure: data source 'cap': 5 of 9 "
-                           "failed")
+    wrapped = RuntimeError(
+        "Caught DataFailure in DataLoader worker process 0.\nOriginal "
+        'Traceback (most recent call last):\n  File "x.py", line 1\n'
+        "janus_train.data.loader.DataFailure: data source 'cap': 5 of 9 "
+        "failed"
+    )
     assert is_user_error(wrapped)
     assert one_line(wrapped) == "data source 'cap': 5 of 9 failed"
