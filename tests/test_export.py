@@ -97,7 +97,7 @@ def test_model_card_figures_and_format(exported):
     assert "# tiny — stage3 (step 7)" in card
     assert "random initialisation (`model=tiny`)" in card
     assert "| steps | 7 of " in card
-    assert "8 samples = 2 per GPU x 2 accumulation x 2 GPUs" in card
+    assert "8 samples per step over 2 GPUs, micro-batches packed to at most 4096 tokens" in card
     assert "lr 3e-05" in card
     recipe = run.hparams.data_recipe
     assert f"Data recipe `{recipe}`" in card and "| understanding |" in card
@@ -130,7 +130,7 @@ def test_bad_shard_size_fails_at_config_time():
 @pytest.mark.slow
 def test_a_run_saves_its_processor_and_exports_card_and_template(tmp_path):
     """janus-train wiring: run_dir/processor at the start, hf/ with README.md and the template."""
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / "run"  # fixed micro-batches here: the card's other batch wording
     cmd = [
         sys.executable,
         "-m",
@@ -145,6 +145,7 @@ def test_a_run_saves_its_processor_and_exports_card_and_template(tmp_path):
         "train.log_every=1",
         "train.export_max_shard_size=2MB",
         "train.progress_bar=false",
+        "train.tokens_per_micro=0",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -154,3 +155,4 @@ def test_a_run_saves_its_processor_and_exports_card_and_template(tmp_path):
     assert len(list((run_dir / "hf").glob("model-*.safetensors"))) > 1
     card = (run_dir / "hf" / "README.md").read_text()
     assert "# tiny — stage2 (step 1)" in card and "Synthetic batches" in card
+    assert "1 samples per step over 1 GPUs, 1 per GPU x 1 accumulation" in card

@@ -159,8 +159,12 @@ def model_card(run, processor, step: int, world_size: int, metrics_path=None) ->
         f"| steps | {step} of {hp.steps} scheduled"
         + (f" (stop at {hp.stop_at})" if hp.stop_at else "")
         + " |",
-        f"| global batch | {hp.global_batch_size} samples = {micro} per GPU x {accum} accumulation "
-        f"x {world_size} GPUs |",
+        f"| global batch | {hp.global_batch_size} samples per step over {world_size} GPUs, "
+        + (
+            f"micro-batches packed to at most {tc.tokens_per_micro} tokens |"
+            if getattr(tc, "tokens_per_micro", 0)
+            else f"{micro} per GPU x {accum} accumulation |"
+        ),
         f"| task ratio und : text : gen | {hp.ratio.und} : {hp.ratio.text} : {hp.ratio.gen} |",
         f"| optimiser | AdamW, lr {_val(hp.lr)}, {_val(hp.schedule)} schedule, warmup "
         f"{hp.warmup_steps}, min lr ratio {_val(hp.min_lr_ratio)}, weight decay "
