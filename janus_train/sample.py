@@ -148,7 +148,8 @@ def answer(
     max_new_tokens: int = 16,
     batch_size: int = 16,
 ) -> list[str]:
-    """Greedy answers, one per (image, question), in left-padded batches."""
+    """Greedy answers, one per (image, question), in left-padded batches; prompts from the
+    processor's chat template, or from ``fmt`` when given."""
     model = unwrap(model)
     tok = processor.tokenizer
     st = resolve_special_tokens(tok)
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--style", choices=STYLES, help="override the export's chat template")
     ap.add_argument("--chat-template", choices=sorted(ROLES), help="override (roles)")
     ap.add_argument(
-        "--system-prompt", help="override (default with --style/--chat-template: DeepSeek's; '' none)"
+        "--system-prompt",
+        help="override (default with --style/--chat-template: DeepSeek's; '' none)",
     )
     ap.add_argument("--batch-size", type=int, default=16)
     sub = ap.add_subparsers(dest="mode", required=True)

@@ -156,3 +156,27 @@ def test_a_run_saves_its_processor_and_exports_card_and_template(tmp_path):
     card = (run_dir / "hf" / "README.md").read_text()
     assert "# tiny — stage2 (step 1)" in card and "Synthetic batches" in card
     assert "1 samples per step over 1 GPUs, 1 per GPU x 1 accumulation" in card
+
+
+@pytest.mark.slow
+def test_demo_report_asks_the_export_with_plain_transformers(
+    tiny_model_and_processor, tmp_path, monkeypatch
+):
+    """The demo report's final evaluation scores the held-out questions with janus-sample and
+    again with plain transformers + the export's template: the same answers."""
+    from janus_train.demo import synth
+    from janus_train.demo.report import final_eval
+
+    small = dict(n_caption=4, n_conversation=4, n_chat=2, n_text=2, n_imagenet=4, n_heldout=8)
+    synth.synthesize(synth.SynthConfig(out=str(tmp_path / "data"), **small))
+    monkeypatch.setenv("JANUS_EVAL_DATA_ROOT", str(tmp_path / "data" / "heldout"))
+    monkeypatch.delenv("JANUS_EVAL_RECIPE", raising=False)
+    janus, processor = tiny_model_and_processor
+    processor = copy.deepcopy(processor)
+    set_chat_template(processor, run_prompt_format(tiny_run(["stage=stage3"])))
+    export = tmp_path / "hf"
+    janus.save_pretrained(export)
+    processor.save_pretrained(export)
+    res = final_eval(export, tmp_path / "final_eval", n_und=6, n_gen=1, guidance=1.0)
+    assert res["und/same_answers_as_janus_sample"] == 1.0
+    assert res["und/accuracy_plain_transformers"] == res["und/accuracy"]
