@@ -11,6 +11,10 @@ Two kinds of launch keep the wall time low (each torchrun start costs seconds):
   checkpoint save, SIGKILLed mid-step 5, SIGTERMed (one rank only) in step 5, then completed;
   per-step losses and final weights must equal the uninterrupted run's bitwise.
 
+LoRA (``model.lora``) rides along: a ZeRO-1 stage-3 run, the gradient comparison with adapters
+(ZeRO-2, packed rows), and a ZeRO-3 6-step reference for a shorter SIGKILL-then-resume chain and
+the merged export (hf/ against peft's own forward of adapter/).
+
 This file is also the worker script: ``python tests/test_train_dist.py <scenario> <dir> [mode]``.
 """
 
@@ -31,6 +35,10 @@ from dist_utils import run_torchrun  # noqa: E402
 pytestmark = pytest.mark.dist
 SELF = str(Path(__file__).resolve())
 SEQ = 40
+# adapters on the LLM; random B so that every adapter parameter gets a gradient at step 1
+LORA = ["model.lora.enabled=true", "model.lora.groups=[llm]", "model.lora.init=random"]
+LORA_GRAD = [*LORA, "model.lora.dropout=0"]  # the reference cannot replay dropout masks
+LORA_RESUME = [*LORA, "model.lora.dropout=0.1"]  # dropout RNG restored on resume
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,7 +54,7 @@ def make_run(root, name, stage="stage2", zero=2, steps=2, gbs=4, extra=()):
     return to_run_config(compose(ov))
 
 
-def _grads(root, name, zero, reduction, tokens_per_micro=0):
+def _grads(root, name, zero, reduction, tokens_per_micro=0, extra=()):
     """Full gradients of one 2-rank x 2-micro-batch step, saved by rank 0. With
     ``tokens_per_micro``: the same 4 samples balanced over the ranks by tokens and packed into
     rows of at most that many tokens (micro-step counts agreed, empty micro-steps where a rank
@@ -65,7 +73,8 @@ def _grads(root, name, zero, reduction, tokens_per_micro=0):
     from janus_train.trainer.synthetic import SyntheticStepLoader
 
     run = make_run(root, name, "stage2", zero, extra=[f"train.loss_reduction={reduction}",
-                                                     f"train.tokens_per_micro={tokens_per_micro}"])
+                                                     f"train.tokens_per_micro={tokens_per_micro}",
+                                                     *extra])
     info = setup_distributed()
     plan = plan_batch(4, 1, info.world_size, tokens_per_micro)
     assert plan.grad_accum == 2
@@ -151,11 +160,11 @@ def _nonfinite(root):
         JanusTrainModel.forward = orig
 
 
-def resume_run(root):
+def resume_run(root, name="resume", extra=()):
     # packed rows of <= SEQ tokens: several micro-steps per step, their count varying
-    return make_run(root, "resume", "stage2", 3, steps=6,
+    return make_run(root, name, "stage2", 3, steps=6,
                     extra=["train.ckpt_every=2", "train.export_at_end=true",
-                           f"train.tokens_per_micro={SEQ}"])
+                           f"train.tokens_per_micro={SEQ}", *extra])
 
 
 def _install_fake_eval(root):
@@ -193,15 +202,21 @@ def scenario_main(root):
     _grads(root, "grad_task_mean_sum_z3", 3, "task_mean_sum")
     _grads(root, "grad_packed_token_mean_z2", 2, "token_mean", tokens_per_micro=SEQ)
     _grads(root, "grad_packed_task_mean_sum_z3", 3, "task_mean_sum", tokens_per_micro=SEQ)
+    _grads(root, "grad_lora_packed_token_mean_z2", 2, "token_mean", tokens_per_micro=SEQ,
+           extra=LORA_GRAD)
+    run = make_run(root, "lora_stage3_z1", "stage3", 1,
+                   extra=[*LORA, "model.lora.groups=[llm,und_encoder]", "train.export_at_end=true"])
+    assert train.run(run) == 0
     _text_only_rank1(root)
     _nonfinite(root)
     ref = make_run(root, "uninterrupted", "stage2", 3, steps=6,
                    extra=["train.ckpt_every=2", "train.export_at_end=true",
                           f"train.tokens_per_micro={SEQ}"])
     assert train.run(ref) == 0
+    assert train.run(resume_run(root, "uninterrupted_lora", LORA_RESUME)) == 0
 
 
-def scenario_resume(root, mode):
+def scenario_resume(root, mode, variant=""):
     """One launch of the resumable command, with a fault injected per ``mode``."""
     import torch.distributed as dist
 
@@ -234,7 +249,8 @@ def scenario_resume(root, mode):
 
     SyntheticStepLoader.next_step, JanusTrainModel.forward = next_step, forward
     checkpoint._commit = commit
-    sys.exit(train.run(resume_run(root)))
+    run = resume_run(root, "resume_lora", LORA_RESUME) if variant == "lora" else resume_run(root)
+    sys.exit(train.run(run))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,16 +296,16 @@ def test_stage_runs(scen, stage, zero):
     assert (d / "checkpoints" / "latest").read_text() == "step_00000002"
 
 
-def _reference_grads(tmp_path, reduction):
+def _reference_grads(tmp_path, reduction, extra=()):
     """Plain torch, one process: the same 4 samples as one batch, loss from its definition."""
     from janus_train.config import compose, to_run_config
     from janus_train.model import JanusTrainModel, apply_freeze, build_model, set_train_mode
     from janus_train.trainer.synthetic import SyntheticStepLoader, concat_batches
 
     run = to_run_config(compose(["stage=stage2", "train.synthetic_data=true",
-                                 f"train.synthetic_seq_len={SEQ}"]))
+                                 f"train.synthetic_seq_len={SEQ}", *extra]))
     janus, proc = build_model(run.model, workdir=tmp_path)
-    apply_freeze(janus, run.trainable_groups)
+    apply_freeze(janus, run.trainable_groups, run.model.lora)
     set_train_mode(janus, run.trainable_groups)
     loader = SyntheticStepLoader(run, proc, rank=0, world_size=1, micro_batch_size=1,
                                  grad_accum=4, tokens_per_micro=0)
@@ -301,11 +317,14 @@ def _reference_grads(tmp_path, reduction):
     return {k: p.grad for k, p in janus.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("name,reduction", [("grad_token_mean_z2", "token_mean"),
-                                            ("grad_task_mean_sum_z3", "task_mean_sum"),
-                                            ("grad_packed_token_mean_z2", "token_mean"),
-                                            ("grad_packed_task_mean_sum_z3", "task_mean_sum")])
-def test_grad_equivalence(scen, tmp_path, name, reduction):
+@pytest.mark.parametrize("name,reduction,extra", [
+    ("grad_token_mean_z2", "token_mean", ()),
+    ("grad_task_mean_sum_z3", "task_mean_sum", ()),
+    ("grad_packed_token_mean_z2", "token_mean", ()),
+    ("grad_packed_task_mean_sum_z3", "task_mean_sum", ()),
+    ("grad_lora_packed_token_mean_z2", "token_mean", LORA_GRAD),  # LLM through adapters only
+])
+def test_grad_equivalence(scen, tmp_path, name, reduction, extra):
     """2 ranks x 2 micro-batches, or the same 4 samples balanced by tokens and packed (equal
     micro-step counts, an empty micro-step where a rank has fewer) = 1 batch of 4."""
     if "packed" in name:
@@ -313,9 +332,11 @@ def test_grad_equivalence(scen, tmp_path, name, reduction):
         assert len(per_rank[0]) == len(per_rank[1]) >= 2, per_rank
         assert all(0 <= n <= SEQ for r in per_rank for n in r)
     dist_grads = torch.load(scen / f"{name}.pt")
-    ref = _reference_grads(tmp_path, reduction)
+    ref = _reference_grads(tmp_path, reduction, extra)
     assert dist_grads.keys() == ref.keys()
     assert any("language_model" in k for k in ref)  # the LLM trains in stage 2
+    llm = [k for k in ref if k.startswith(("model.language_model", "lm_head"))]
+    assert all(".lora_" in k for k in llm) == bool(extra)  # with LoRA: only its adapters
     for k, g in ref.items():
         assert g is not None and g.abs().sum() > 0, k
         # fp32 sums in another order: error relative to the tensor's scale, not elementwise
@@ -446,11 +467,82 @@ def test_resume_after_kills_is_bitwise_identical(scen, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_lora_zero1_run_and_export(scen):
+    from safetensors.torch import load_file
+
+    d = scen / "lora_stage3_z1"
+    assert json.loads((d / "ds_config.json").read_text())["zero_optimization"]["stage"] == 1
+    assert [r["step"] for r in _metrics(d / "metrics.jsonl")] == [1, 2]
+    rep = json.loads((d / "trainable.json").read_text())
+    assert rep["llm"]["adapter"] == rep["llm"]["trainable"] > 0
+    assert rep["und_encoder"]["adapter"] == rep["und_encoder"]["trainable"] > 0
+    assert rep["gen_head"]["adapter"] == 0 < rep["gen_head"]["trainable"]
+    assert not any(".lora_" in k or "base_layer" in k for k in _load_safetensors(d / "hf"))
+    adapter = load_file(str(d / "adapter" / "adapter_model.safetensors"))
+    assert any("vision_model" in k and ".lora_A." in k for k in adapter)
+
+
+def test_lora_resume_after_sigkill_is_bitwise_identical(scen, tmp_path):
+    """SIGKILL mid-step 5, then resume from step 4: losses, merged export and adapters equal the
+    uninterrupted run's bitwise (adapter weights and their optimizer state in the checkpoint)."""
+    from safetensors.torch import load_file
+
+    ck = tmp_path / "resume_lora" / "checkpoints"
+    res = run_torchrun([SELF, "resume", str(tmp_path), "kill_mid_step", "lora"], timeout=200)
+    assert res.returncode != 0
+    assert (ck / "latest").read_text() == "step_00000004"
+    states = torch.load(ck / "step_00000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                        weights_only=False)
+    optimized = [k for group in states["param_shapes"] for k in group]  # the optimizer's params
+    llm = [k for k in optimized if "language_model" in k]
+    assert llm and all(".lora_" in k for k in llm)  # adapters (and their state) in the checkpoint
+    res = run_torchrun([SELF, "resume", str(tmp_path), "none", "lora"], timeout=200)
+    assert res.returncode == 0, res.output[-3000:]
+    ref = {r["step"]: r["loss"] for r in _metrics(scen / "uninterrupted_lora" / "metrics.jsonl")}
+    got = {}
+    for r in _metrics(tmp_path / "resume_lora" / "metrics.jsonl"):
+        assert got.get(r["step"], r["loss"]) == r["loss"]
+        got[r["step"]] = r["loss"]
+    assert got == ref and len(ref) == 6
+    for sub, name in (("hf", "model.safetensors"), ("adapter", "adapter_model.safetensors")):
+        a = load_file(str(scen / "uninterrupted_lora" / sub / name))
+        b = load_file(str(tmp_path / "resume_lora" / sub / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+def test_lora_zero3_merged_export_equals_peft_forward(scen, tmp_path):
+    """ZeRO-3: hf/ is merged from the consolidated weights. Its logits equal peft's own
+    unmerged forward of adapter/ on the untrained base, within 1e-5."""
+    from peft import PeftModel
+    from transformers import JanusForConditionalGeneration
+
+    from janus_train.config import compose, to_run_config
+    from janus_train.model import build_model
+
+    d = scen / "uninterrupted_lora"
+    merged = JanusForConditionalGeneration.from_pretrained(str(d / "hf")).eval()
+    base, proc = build_model(to_run_config(compose()).model, workdir=tmp_path)
+    adapted = PeftModel.from_pretrained(base, str(d / "adapter")).eval()
+    ids = proc.tokenizer("a red circle left of a blue square", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = adapted(input_ids=ids, output_hidden_states=True)
+        got = merged(input_ids=ids, output_hidden_states=True)
+    torch.testing.assert_close(got.logits, want.logits, rtol=0, atol=1e-5)
+    head_got = merged.model.generation_head(got.hidden_states[-1])
+    head_want = adapted.base_model.model.model.generation_head(want.hidden_states[-1])
+    torch.testing.assert_close(head_got, head_want, rtol=0, atol=1e-5)
+    init = _initial_weights(tmp_path)
+    hf = _load_safetensors(d / "hf")
+    q = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(hf[q], init[q])  # adapters merged into the LLM's base weight
+    assert torch.equal(hf["lm_head.weight"], init["lm_head.weight"])  # not adapted: frozen
+
+
 if __name__ == "__main__":
     scenario, root = sys.argv[1], sys.argv[2]
     if scenario == "main":
         scenario_main(root)
     elif scenario == "resume":
-        scenario_resume(root, sys.argv[3])
+        scenario_resume(root, *sys.argv[3:])
     else:
         raise SystemExit(f"unknown scenario {scenario}")

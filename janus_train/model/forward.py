@@ -195,6 +195,12 @@ class JanusTrainModel(nn.Module):
             if bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
                 raise ValueError("batch with position_ids must be right-padded")
             attention_mask = None
+        if self.params_partitioned and torch.is_grad_enabled() and not inputs_embeds.requires_grad:
+            # ZeRO-3 gathers a layer's weights in backward only where autograd reaches it. With a
+            # frozen embedding table (LoRA on the LLM) and no trainable image features in this
+            # micro-batch, the LLM input needs a gradient so that every rank runs the same
+            # backward (the same gathers) as a rank whose micro-batch has images.
+            inputs_embeds = inputs_embeds.detach().requires_grad_()
         out = inner.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
