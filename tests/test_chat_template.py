@@ -92,6 +92,23 @@ SHAPES = {
         ],
         0,
     ),
+    "surrounding_whitespace": (
+        [
+            {"role": "system", "content": "  Be brief.\n"},
+            {"role": "user", "content": [_image(2), _text("  what shape?  ")]},
+            {"role": "assistant", "content": " a star\n"},
+            {"role": "user", "content": "\n and its color? "},
+            {"role": "assistant", "content": [_text(" yellow ")]},
+        ],
+        [
+            ("system", "  Be brief.\n"),
+            ("user", "<image>\n  what shape?  "),
+            ("assistant", " a star\n"),
+            ("user", "\n and its color? "),
+            ("assistant", " yellow "),
+        ],
+        1,
+    ),
     "explicit_system": (
         [
             {"role": "system", "content": "Answer in one word."},
@@ -145,7 +162,7 @@ def test_template_token_ids_equal_the_builders(processor, shape, template, syste
     assert hf["assistant_masks"] == [int(lb != IGNORE) for lb in full.labels]
 
     # The prompt: the conversation without its last answer, ending with the assistant role.
-    answer = ctx.enc(" " + turns[-1][1]) + [ctx.st.eos]
+    answer = ctx.enc(" " + turns[-1][1].strip()) + [ctx.st.eos]
     prompt = _hf(processor, messages[:-1], add_generation_prompt=True)["input_ids"]
     assert prompt == full.input_ids[: -len(answer)]
     assert full.labels[len(prompt) - 1] == IGNORE and full.labels[len(prompt)] != IGNORE
