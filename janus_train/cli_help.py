@@ -23,7 +23,7 @@ ENV_VARS = {
     "(default checkpoints)",
     "JANUS_EVAL_RECIPE": "held-out recipe of the in-training evaluation when train.eval_recipe "
     "is unset",
-    "JANUS_EVAL_DATA_ROOT": "held-out split of the demo layout, used when no eval recipe is set",
+    "JANUS_EVAL_DATA_ROOT": "held-out directory in the tiny layout (docs/data.md), used when no eval recipe is set",
     "JANUS_DATA_RECIPES": "directory of the named data recipes (default data_recipes/)",
     "JANUS_TRAIN_CONF": "directory of the config tree (default conf/)",
     "JANUS_DEBUG": "1: full Python tracebacks for user errors (also HYDRA_FULL_ERROR=1)",

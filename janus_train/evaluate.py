@@ -7,8 +7,9 @@ The trainer calls it every ``train.eval_every`` steps on **every rank**: every r
 forwards on the same data (ZeRO-3 gathers parameters collectively), rank 0 writes the files.
 
 Eval recipe: ``train.eval_recipe`` when the config has it, else ``$JANUS_EVAL_RECIPE`` (a recipe
-name or path), else the demo's held-out split under ``$JANUS_EVAL_DATA_ROOT`` (default
-``data/tiny_heldout``; layout in ``janus_train.demo.synth``). The first ``max_per_source``
+name or path), else a held-out directory under ``$JANUS_EVAL_DATA_ROOT`` (default
+``data/tiny_heldout``) in the tiny layout (``docs/data.md``: ``text/``, ``caption/``, ...; what
+``janus-data synth`` writes). The first ``max_per_source``
 records of each source are read in order (no shuffle), built by the training sample builders
 with the stage's framing but without CFG dropout or caption truncation, so the figures are
 comparable between evaluations.
@@ -23,21 +24,25 @@ comparable between evaluations.
   ``gen/token_accuracy@cfg{s}`` for ``EvalConfig.extra_guidance_scales``.
 - ``gen/object_token_accuracy``: the same on the positions whose reference code differs from the
   code of a blank (black) image there; ``gen/token_accuracy_blank_baseline``: the accuracy of
-  "drawing" the blank image (the demo's background), the floor a model must beat.
-- ``gen/scene_accuracy``: decoded image's recognised objects (colour + shape per quadrant,
-  ``janus_train.demo.recognize``) equal the prompt's scene, where records carry one;
-  ``gen/object_accuracy``: the fraction of the prompts' objects recognised at their position;
-  ``gen/unseen_object_accuracy``: the same for objects whose (colour, shape, position) never
-  occurs in the demo's training data (``janus_train.demo.world.heldout_triples``).
+  "drawing" the blank image, the floor a model must beat when images are objects on a plain
+  background.
+
+Application metrics: ``train.eval_metrics`` names callables (``"package.module:function"``), each
+called on every rank with the ``GenerationOutputs`` (the held-out prompts, reference
+images, their records' ``json`` metadata, generated codes and decoded images) and returning
+``{name: value}`` merged into the metrics. The demo's scene, object and unseen-object accuracies
+come this way (``janus_demo.metrics``); the library itself never imports an application.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +100,7 @@ def eval_recipe(run):
             sources.append(Source(name, task, fmt, shards))
     if not sources:
         raise FileNotFoundError(f"no eval shards under {root} (set JANUS_EVAL_DATA_ROOT)")
-    return Recipe("demo_heldout", str(root), sources)
+    return Recipe("heldout", str(root), sources)
 
 
 def _records(src, n: int):
@@ -182,7 +187,9 @@ def _understanding_items(recipe, fmt: S.PromptFormat, n: int):
 
 
 def _generation_items(recipe, n: int):
-    """(prompt, reference image, scene or None) from the eval recipe's generation sources."""
+    """(prompt, reference image, metadata) from the eval recipe's generation sources; metadata is
+    the record's ``json`` member for captions (it describes the whole image) and ``{}`` for class
+    labels (a class name does not fix the rest of the image)."""
     from janus_train.data.builders import _caption, _class_name
     from janus_train.data.preprocess import decode_json
 
@@ -193,10 +200,8 @@ def _generation_items(recipe, n: int):
         for rec in _records(src, n - len(items)):
             m = rec.members
             prompt = _class_name(m, src.class_names) if src.format == "class_label" else _caption(m)
-            meta = decode_json(m["json"]) if "json" in m else {}
-            scene = meta.get("scene") if isinstance(meta, dict) else None
-            # a class name does not fix the position: only captions define a whole scene
-            items.append((prompt, _image(m), scene if src.format == "caption" else None))
+            meta = decode_json(m["json"]) if "json" in m and src.format == "caption" else {}
+            items.append((prompt, _image(m), meta if isinstance(meta, dict) else {}))
     return items
 
 
@@ -211,6 +216,42 @@ def reference_codes(janus, images, size: int) -> torch.Tensor:
     return vq_codes(vq, x.to(next(vq.parameters()).device)).cpu()
 
 
+@dataclass
+class GenerationOutputs:
+    """What an application metric (``train.eval_metrics``) sees of the greedy generation."""
+
+    prompts: list[str]
+    references: list[Image.Image]
+    """Reference images of the prompts (as stored, RGB)."""
+    metadata: list[dict]
+    """Each record's ``json`` member (``{}`` when absent or for class labels)."""
+    codes: torch.Tensor
+    """Generated codes, (n, image tokens)."""
+    reference_codes: torch.Tensor
+    """VQ codes of the reference images, (n, image tokens)."""
+    images: list[Image.Image]
+    """Generated images (``codes`` decoded by the VQ)."""
+    run: object
+    """The run config (``RunConfig``)."""
+
+
+MetricFn = Callable[[GenerationOutputs], dict]
+
+
+def load_metric(spec: str) -> MetricFn:
+    """``"package.module:function"`` -> the function (``train.eval_metrics``)."""
+    mod, sep, fn = spec.partition(":")
+    if not sep or not mod or not fn:
+        raise ValueError(f"train.eval_metrics: {spec!r} is not 'package.module:function'")
+    try:
+        obj = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"train.eval_metrics: cannot load {spec!r} ({e})") from e
+    if not callable(obj):
+        raise ValueError(f"train.eval_metrics: {spec!r} is not callable")
+    return obj
+
+
 def prompt_format(run) -> S.PromptFormat:
     from janus_train.model.chat_template import run_prompt_format
 
@@ -221,9 +262,9 @@ def prompt_format(run) -> S.PromptFormat:
 def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None = None) -> dict:
     """Evaluate on every rank; rank 0 writes ``out_dir/{metrics.json, answers.jsonl,
     generated.png}``. Returns flat metrics (the caller logs them, e.g. prefixed ``eval/``)."""
-    from janus_train.demo.recognize import recognize_scene, scene_set
-
     cfg = cfg or EvalConfig()
+    # loaded before any forward: a wrong name fails in a second, not after the generation
+    extra_metrics = [load_metric(m) for m in getattr(run.train, "eval_metrics", None) or ()]
     janus = S.unwrap(model)
     was_training = janus.training
     janus.eval()
@@ -274,27 +315,20 @@ def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None =
         blank = reference_codes(janus, [Image.new("RGB", (size, size))], size)
         metrics["gen/token_accuracy_blank_baseline"] = float((ref == blank).float().mean())
         decoded = S.decode_codes(janus, codes)
-        scenes = [(g[2], im) for g, im in zip(gen, decoded) if g[2] is not None]
         fg = ref != blank
         if bool(fg.any()):
             metrics["gen/object_token_accuracy"] = float(hit[fg].float().mean())
-        if scenes:
-            from janus_train.demo.world import Obj, heldout_triples
-
-            unseen = heldout_triples()
-            found = [recognize_scene(im) for _, im in scenes]
-            metrics["gen/scene_accuracy"] = float(
-                np.mean([scene_set(sc) == f for (sc, _), f in zip(scenes, found)])
-            )
-            # (object is a held-out triple, object recognised at its position)
-            hits = [
-                (Obj(**o) in unseen, scene_set([o]) <= f)
-                for (sc, _), f in zip(scenes, found)
-                for o in sc
-            ]
-            metrics["gen/object_accuracy"] = float(np.mean([h for _, h in hits]))
-            if any(u for u, _ in hits):
-                metrics["gen/unseen_object_accuracy"] = float(np.mean([h for u, h in hits if u]))
+        outputs = GenerationOutputs(
+            prompts=[g[0] for g in gen],
+            references=[g[1] for g in gen],
+            metadata=[g[2] for g in gen],
+            codes=codes,
+            reference_codes=ref,
+            images=decoded,
+            run=run,
+        )
+        for fn in extra_metrics:
+            metrics.update({k: float(v) for k, v in fn(outputs).items()})
         k = min(cfg.n_grid, len(gen))
         sampled = S.SampleConfig(
             guidance_scale=scale,

@@ -25,6 +25,11 @@ if [[ -z ${PYTHON:-} ]]; then
   if [[ -x $root/.venv/bin/python ]]; then PYTHON=$root/.venv/bin/python; else PYTHON=python; fi
 fi
 export PYTHON
+# the demo is an application on top of the library (janus_demo/, installed beside janus_train)
+if ! "$PYTHON" -c "import janus_demo" 2>/dev/null; then
+  echo "demo.sh: $PYTHON cannot import janus_demo (the demo app): pip install -e $root" >&2
+  exit 2
+fi
 OUT=$(realpath -m "${DEMO_OUT:-demo_out}")
 export NPROC_PER_NODE=${NPROC_PER_NODE:-2}
 if [[ ${DEMO_QUICK:-0} == 1 ]]; then
@@ -55,11 +60,11 @@ EOF
 }
 
 if [[ ! -f $OUT/data/world.json ]]; then
-  phase "generate data" "$PYTHON" -m janus_train.demo.synth --out "$OUT/data"
+  phase "generate data" "$PYTHON" -m janus_demo.synth --out "$OUT/data"
 fi
 if [[ ! -f $OUT/init/config.json ]]; then
   # one process: give it every core (training below runs NPROC_PER_NODE x 1 thread)
-  phase "tokenizer + VQ fit" env OMP_NUM_THREADS="$(nproc)" "$PYTHON" -m janus_train.demo.vq \
+  phase "tokenizer + VQ fit" env OMP_NUM_THREADS="$(nproc)" "$PYTHON" -m janus_demo.vq \
     --data "$OUT/data" --out "$OUT/init" --steps "$VQ_STEPS"
 fi
 
@@ -75,8 +80,10 @@ export STAGE3_ARGS="train.steps=$STEPS3 train.eval_every=$STEPS3 experiment.stag
 experiment.stage3.ratio.text=1 experiment.stage3.ratio.gen=3"
 phase "train stages 1-3" bash "$here/pipeline.sh" model.tokenizer=null deepspeed=zero2 \
   deepspeed.precision=fp32 train.global_batch_size="$BATCH" train.micro_batch_size="$MICRO" \
-  train.log_every=10 train.ckpt_every=0 data.num_workers=1 train.eval_guidance_scale=1 "$@"
-# (evaluation generates without classifier-free guidance: the report shows why, with a sweep)
+  train.log_every=10 train.ckpt_every=0 data.num_workers=1 train.eval_guidance_scale=1 \
+  'train.eval_metrics=[janus_demo.metrics:scene_metrics]' "$@"
+# (evaluation generates without classifier-free guidance: the report shows why, with a sweep;
+# the demo's scene/object accuracies come from its own metrics, janus_demo.metrics)
 
-"$PYTHON" -m janus_train.demo.report --out "$OUT" --timings "$timings"
+"$PYTHON" -m janus_demo.report --out "$OUT" --timings "$timings"
 echo "demo: report in $OUT/report.md"

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_train.demo import synth, world
-from janus_train.demo.recognize import recognize_scene
+from janus_demo import synth, world
+from janus_demo.recognize import recognize_scene
 
 SMALL = dict(n_caption=40, n_conversation=40, n_chat=10, n_text=10, n_imagenet=20, n_heldout=30)
 
@@ -125,7 +125,7 @@ def test_recognizer_reads_rendered_scenes():
 @pytest.fixture(scope="module")
 def fitted_vq(data_dir):
     """The tiny model's VQ before and after a short fit on the train images."""
-    from janus_train.demo import vq as V
+    from janus_demo import vq as V
     from janus_train.model import train_tiny_tokenizer
 
     tok = data_dir.parent / "tok"
@@ -150,7 +150,7 @@ def fitted_vq(data_dir):
 
 def test_vq_fit_beats_random_vq(fitted_vq):
     """Fitting HF's JanusVQVAE reduces the codes->decode reconstruction error by far."""
-    from janus_train.demo import vq as V
+    from janus_demo import vq as V
 
     vqm, held, before = fitted_vq[:3]
     after = V.reconstruction_mse(vqm, held)
@@ -176,7 +176,7 @@ def test_fitted_vq_codes_agree_with_hf_encode(fitted_vq):
 
 
 def _codes(vqm, scenes) -> torch.Tensor:
-    from janus_train.demo import vq as V
+    from janus_demo import vq as V
     from janus_train.model.vq_codes import vq_codes
 
     x = V.images_to_tensor([world.render(s) for s in scenes], 32)
@@ -226,7 +226,7 @@ def test_vq_codes_depend_on_the_block_only(fitted_vq):
 
 def test_patch_codes_are_exact_block_classes():
     """Targets of the local fit: equal pixel blocks <=> equal code; the world has 61 blocks."""
-    from janus_train.demo import vq as V
+    from janus_demo import vq as V
 
     rng = random.Random(1)
     scenes = [world.random_scene(rng, False) for _ in range(300)]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from janus_train.demo import synth
-from janus_train.demo import vq as V
+from janus_demo import synth
+from janus_demo import vq as V
 
 pytestmark = pytest.mark.slow
 STEPS = 700

@@ -1,5 +1,5 @@
-"""run_eval on the demo's held-out split: metrics, files, and the held-out text loss against
-HF's own forward."""
+"""run_eval on the demo's held-out split: metrics, files, the held-out text loss against
+HF's own forward, and application metrics plugged in through ``train.eval_metrics``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from janus_train.demo import synth, world
-from janus_train.evaluate import EvalConfig, run_eval
+from janus_demo import synth, world
+from janus_demo.metrics import SCENE_METRICS
+from janus_train.evaluate import EvalConfig, GenerationOutputs, run_eval
 from tests.conftest import tiny_run
 
 SMALL = dict(n_caption=8, n_conversation=8, n_chat=4, n_text=4, n_imagenet=8, n_heldout=12)
@@ -30,7 +31,8 @@ def test_run_eval_metrics_and_files(heldout, tiny_model_and_processor, tmp_path,
     was_training = model.training
     for stage in ("stage1", "stage3"):
         out = tmp_path / stage
-        res = run_eval(model, processor, tiny_run([f"stage={stage}"]), 7, out, cfg)
+        run = tiny_run([f"stage={stage}", f"train.eval_metrics=[{SCENE_METRICS}]"])
+        res = run_eval(model, processor, run, 7, out, cfg)
         for k in ("loss/text", "loss/und", "loss/gen"):
             assert 0 < res[k] < 20
         for k in ("und/accuracy", "gen/token_accuracy", "gen/scene_accuracy"):
@@ -92,9 +94,9 @@ def test_generation_metrics_against_known_outputs(
     model, processor = tiny_model_and_processor
     size = model.config.vision_config.image_size
     items = E._generation_items(E.eval_recipe(tiny_run([])), 4)
-    assert len(items) == 4 and all(g[2] for g in items)  # captions: whole scenes
+    assert len(items) == 4 and all(g[2]["scene"] for g in items)  # captions: whole scenes
     unseen = world.heldout_triples()
-    assert all(any(o in unseen for o in synth.scene_from_json(g[2])) for g in items)
+    assert all(any(o in unseen for o in synth.scene_from_json(g[2]["scene"])) for g in items)
     ref = E.reference_codes(model, [g[1] for g in items], size)
     blank = E.reference_codes(model, [Image.new("RGB", (size, size))], size)
     state = {"mode": "perfect", "scales": []}
@@ -112,19 +114,71 @@ def test_generation_metrics_against_known_outputs(
 
     monkeypatch.setattr(S, "generate_codes", fake_codes)
     monkeypatch.setattr(S, "decode_codes", fake_decode)
-    cfg = EvalConfig(max_per_source=4, batch_size=4, n_und=0, n_gen=4, n_grid=2,
-                     extra_guidance_scales=(4.0,))
-    run = tiny_run(["stage=stage3", "train.eval_guidance_scale=1.5"])
+    cfg = EvalConfig(
+        max_per_source=4, batch_size=4, n_und=0, n_gen=4, n_grid=2, extra_guidance_scales=(4.0,)
+    )
+    run = tiny_run(
+        ["stage=stage3", "train.eval_guidance_scale=1.5", f"train.eval_metrics=[{SCENE_METRICS}]"]
+    )
     for mode in ("perfect", "blank"):
         state.update(mode=mode, scales=[])
         res = run_eval(model, processor, run, 1, tmp_path / mode, cfg)
         assert res["gen/guidance_scale"] == 1.5 and state["scales"][0] == 1.5
         assert 4.0 in state["scales"] and "gen/token_accuracy@cfg4" in res
         if mode == "perfect":
-            for k in ("token_accuracy", "object_token_accuracy", "scene_accuracy",
-                      "object_accuracy", "unseen_object_accuracy"):
+            for k in (
+                "token_accuracy",
+                "object_token_accuracy",
+                "scene_accuracy",
+                "object_accuracy",
+                "unseen_object_accuracy",
+            ):
                 assert res[f"gen/{k}"] == 1.0, k
         else:
             assert res["gen/token_accuracy"] == res["gen/token_accuracy_blank_baseline"] < 1
             assert res["gen/object_accuracy"] == 0.0 == res["gen/unseen_object_accuracy"]
             assert res["gen/scene_accuracy"] == 0.0
+
+
+SEEN: list[GenerationOutputs] = []
+
+
+def record_outputs(outputs: GenerationOutputs) -> dict[str, float]:
+    """An application metric (``train.eval_metrics``) for the test below."""
+    SEEN.append(outputs)
+    return {"app/n_prompts": len(outputs.prompts)}
+
+
+def test_application_metrics_hook(heldout, tiny_model_and_processor, tmp_path, monkeypatch):
+    """``train.eval_metrics`` callables get the generation's outputs and add their metrics;
+    without them no demo metric appears; a bad name fails before any forward."""
+    from janus_train import evaluate as E
+
+    monkeypatch.setenv("JANUS_EVAL_DATA_ROOT", str(heldout))
+    monkeypatch.delenv("JANUS_EVAL_RECIPE", raising=False)
+    model, processor = tiny_model_and_processor
+    cfg = EvalConfig(max_per_source=2, batch_size=3, n_und=0, n_gen=3, n_grid=1, max_new_tokens=2)
+    SEEN.clear()
+    run = tiny_run(["stage=stage3", f"train.eval_metrics=[{__name__}:record_outputs]"])
+    res = run_eval(model, processor, run, 0, tmp_path / "a", cfg)
+    assert res["app/n_prompts"] == 3 and len(SEEN) == 1
+    out = SEEN[0]
+    assert len(out.prompts) == len(out.references) == len(out.images) == len(out.metadata) == 3
+    assert out.codes.shape == out.reference_codes.shape and out.codes.shape[0] == 3
+    assert all("scene" in m for m in out.metadata)  # the records' json, as the demo wrote it
+    assert out.run is run
+    res = run_eval(model, processor, tiny_run(["stage=stage3"]), 0, tmp_path / "b", cfg)
+    assert "gen/token_accuracy" in res and not any("scene" in k or "object_acc" in k for k in res)
+
+    calls = []
+    monkeypatch.setattr(E, "heldout_losses", lambda *a: calls.append(a) or {})
+    for spec, msg in [
+        ("no_colon", "is not 'package.module:function'"),
+        ("janus_no_such_module:f", "cannot load"),
+        (f"{__name__}:no_such_function", "cannot load"),
+        (f"{__name__}:SEEN", "is not callable"),
+    ]:
+        bad = tiny_run(["stage=stage3", f"train.eval_metrics=[{spec}]"])
+        with pytest.raises(ValueError, match=f"train.eval_metrics: .*{msg}"):
+            run_eval(model, processor, bad, 0, tmp_path / "c", cfg)
+    assert calls == []

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from janus_train import sample as S
-from janus_train.demo import world
+from janus_demo import world
 from janus_train.model.chat_template import PromptFormat, set_chat_template
 from janus_train.model.tokenizer import resolve_special_tokens
 
@@ -113,7 +113,7 @@ def test_plain_transformers_with_apply_chat_template_equals_janus_sample(loaded,
         )
     assert hf == ours and len(set(ours)) > 1
     # the demo report's batched plain-transformers check (left padding from the processor)
-    from janus_train.demo.report import plain_transformers_answers
+    from janus_demo.report import plain_transformers_answers
 
     assert plain_transformers_answers(export_dir, images, QUESTIONS, 6, batch_size=3) == ours
 

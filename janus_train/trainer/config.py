@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -61,7 +61,11 @@ class TrainConfig:
     """Call ``janus_train.evaluate.run_eval`` every N steps on all ranks (0: never)."""
     eval_recipe: str | None = None
     """Held-out recipe of the evaluation (name in ``data_recipes/`` or path); unset:
-    ``$JANUS_EVAL_RECIPE``, else the demo's held-out split under ``$JANUS_EVAL_DATA_ROOT``."""
+    ``$JANUS_EVAL_RECIPE``, else the tiny layout under ``$JANUS_EVAL_DATA_ROOT``."""
+    eval_metrics: list[str] = field(default_factory=list)
+    """Application metrics added to the evaluation: ``"package.module:function"`` callables
+    (``janus_train.evaluate.GenerationOutputs`` -> ``{name: value}``); the demo adds
+    ``janus_demo.metrics:scene_metrics``."""
     eval_guidance_scale: float = 5.0
     """Classifier-free guidance of the evaluation's generated images (>= 1; 1 = none)."""
     dry_run: bool = False

@@ -1,7 +1,7 @@
 """The demo report: per-task loss curves across the three stages, the final held-out evaluation
 (understanding accuracy, generation token and scene accuracy, image grid) -> ``report.md``.
 
-    python -m janus_train.demo.report --out demo_out [--runs demo_out/runs/tiny]
+    python -m janus_demo.report --out demo_out [--runs demo_out/runs/tiny]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import time
 from pathlib import Path
 
+from janus_demo.metrics import SCENE_METRICS
 from janus_train.config import STAGES
 
 TASK_KEYS = ("loss/text", "loss/und", "loss/gen")
@@ -110,6 +111,7 @@ def final_eval(
                 f"model.init_from={export}",
                 "model.tokenizer=null",
                 f"train.eval_guidance_scale={guidance}",
+                f"train.eval_metrics=[{SCENE_METRICS}]",
             ]
         )
     )

@@ -1,4 +1,4 @@
-"""``janus-data synth``: write the demo world (``janus_train.demo.world``) as WebDataset shards in
+"""``janus-data synth``: write the demo world (``janus_demo.world``) as WebDataset shards in
 the formats real data uses, deterministically (same arguments -> byte-identical tar files).
 
 Layout under ``--out``: each split is a ``JANUS_DATA_ROOT`` for the tiny recipes
@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from janus_train.demo import world
+from janus_demo import world
 
 SOURCES = ("caption", "conversation", "chat", "text", "imagenet")
 HELDOUT_SOURCES = ("caption", "conversation", "text", "imagenet")

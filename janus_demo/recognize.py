@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from janus_train.demo import world
+from janus_demo import world
 
 FOREGROUND = 80
 """A pixel is foreground when its brightest channel exceeds this (background is black)."""

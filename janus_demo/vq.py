@@ -22,7 +22,7 @@ the module structure is unchanged). ``prepare_init`` reports the fraction of tok
 survives shuffling the cells across images and positions (``code_consistency``) next to the
 reconstruction error.
 
-    python -m janus_train.demo.vq --data DIR --out DIR [--steps N]
+    python -m janus_demo.vq --data DIR --out DIR [--steps N]
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def fit_vq(vq, images: torch.Tensor, cfg: VQFitConfig) -> dict[str, float]:
 
 def load_images(data_dir: str | Path, sources=("caption", "imagenet"), per_source: int = 2000):
     """Decode the PNGs of the train split's image sources (the VQ never sees held-out images)."""
-    from janus_train.demo.synth import iter_samples
+    from janus_demo.synth import iter_samples
 
     images = []
     for source in sources:
@@ -271,8 +271,8 @@ def load_images(data_dir: str | Path, sources=("caption", "imagenet"), per_sourc
 def recognized_reconstructions(vq, source_dir: Path, size: int, n: int = 256) -> float | None:
     """Fraction of a source's scenes (held-out captions) whose ``vq_codes`` -> ``decode``
     reconstruction ``recognize_scene`` reads exactly: the VQ's ceiling for scene accuracy."""
-    from janus_train.demo.recognize import recognize_scene, scene_set
-    from janus_train.demo.synth import iter_samples
+    from janus_demo.recognize import recognize_scene, scene_set
+    from janus_demo.synth import iter_samples
 
     if not source_dir.is_dir():
         return None

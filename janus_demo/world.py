@@ -4,7 +4,7 @@ square image, with captions, questions and answers, class names and plain text a
 A scene holds 1-3 objects, each a ``(colour, shape, position)`` triple, at most one per quadrant.
 Each quadrant covers exactly 2x2 VQ tokens of the tiny model (32 px image, 8 px tokens), and an
 object is always drawn with the same pixels in every quadrant, so the world has 61 distinct 8x8
-blocks; the demo's VQ fit (``janus_train.demo.vq``) gives each block its own code, so an object
+blocks; the demo's VQ fit (``janus_demo.vq``) gives each block its own code, so an object
 has the same codes in every quadrant and context.
 
 Held-out split: for every ``(colour, shape)`` pair one position is held out (a Latin-square style

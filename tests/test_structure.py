@@ -1,0 +1,64 @@
+"""The import graph runs one way: the demo application (``janus_demo``) imports the library
+(``janus_train``), never the reverse."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+APPS = ("janus_demo",)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, imported module) of every import statement in `path`, at any depth."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module))
+            out += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return out
+
+
+def _app_imports(path: Path, root: Path = ROOT) -> list[str]:
+    return [
+        f"{path.relative_to(root)}:{line} imports {mod}"
+        for line, mod in _imports(path)
+        if mod.split(".")[0] in APPS
+        or mod in ("janus_train.demo",)
+        or mod.startswith("janus_train.demo.")
+    ]
+
+
+def test_library_never_imports_an_application():
+    files = sorted((ROOT / "janus_train").rglob("*.py"))
+    assert len(files) > 20  # the walk found the package
+    assert not (ROOT / "janus_train" / "demo").exists(), "the demo lives in janus_demo/"
+    bad = [b for f in files for b in _app_imports(f)]
+    assert bad == []
+
+
+@pytest.mark.parametrize(
+    "src",
+    [
+        "import janus_demo",
+        "from janus_demo.world import Obj",
+        "def f():\n    import janus_demo.vq\n",
+        "from janus_train import demo",
+        "from janus_train.demo.synth import main",
+    ],
+)
+def test_the_check_sees_every_import_form(tmp_path, src):
+    f = tmp_path / "m.py"
+    f.write_text(src)
+    assert len(_app_imports(f, tmp_path)) >= 1
+
+
+def test_the_demo_app_imports_the_library():
+    """The arrow that must exist: the app sits on top of janus_train."""
+    mods = {m for f in (ROOT / "janus_demo").glob("*.py") for _, m in _imports(f)}
+    assert any(m.startswith("janus_train") for m in mods)
