@@ -164,8 +164,8 @@ def test_demo_report_asks_the_export_with_plain_transformers(
 ):
     """The demo report's final evaluation scores the held-out questions with janus-sample and
     again with plain transformers + the export's template: the same answers."""
-    from janus_train.demo import synth
-    from janus_train.demo.report import final_eval
+    from janus_demo import synth
+    from janus_demo.report import final_eval
 
     small = dict(n_caption=4, n_conversation=4, n_chat=2, n_text=2, n_imagenet=4, n_heldout=8)
     synth.synthesize(synth.SynthConfig(out=str(tmp_path / "data"), **small))
