@@ -212,9 +212,10 @@ def model_card(run, processor, step: int, world_size: int, metrics_path=None) ->
         und,
         "```",
         "",
-        'A text-to-image prompt (`generation_mode="image"`: no system prompt, ends with '
-        "`<begin_of_image>`; do not pass `generation_mode` to the processor as well, or it is "
-        "appended twice):",
+        'A text-to-image prompt: pass `generation_mode="image"` to `apply_chat_template` (no '
+        "system prompt, ends with `<begin_of_image>`). Unlike the recipe in transformers' Janus "
+        "documentation, do not pass it to the processor as well (`<begin_of_image>` would come "
+        "twice), and do not leave it out (the prompt would carry the system prompt):",
         "",
         "```text",
         gen,
