@@ -192,6 +192,8 @@ def validate(cfg: RunConfig) -> None:
     seq = cfg.train.synthetic_seq_len if cfg.train.synthetic_data else cfg.data.seq_len
     if tpm and tpm < seq:
         raise ValueError(f"train.tokens_per_micro={tpm} < {seq_field}={seq}: a sample must fit")
+    if cfg.model.checkpoint_every < 1:
+        raise ValueError(f"model.checkpoint_every={cfg.model.checkpoint_every}: must be >= 1")
     # rows hold several samples (token budget, data.pack) or carry position_ids: attention
     # must keep them apart
     check_attn_implementation(cfg.model.attn_implementation)

@@ -55,16 +55,19 @@ def assign_balanced(lengths: list[int], world_size: int) -> list[list[int]]:
     return [sorted(x) for x in out]
 
 
-def balance_takes(queues: list[dict[str, list[int]]], need: dict[str, int],
-                  keep: dict[str, list[int]]) -> list[dict[str, int]]:
+def balance_takes(
+    queues: list[dict[str, list[int]]], need: dict[str, int], keep: dict[str, list[int]]
+) -> list[dict[str, int]]:
     """How many samples each rank takes from the head of each of its per-source queues.
 
     ``queues[r][src]``: lengths of rank r's queued samples of ``src`` (FIFO order); ``need``:
     samples of each source in the step (the plan's exact counts, summed over ranks);
     ``keep[src][r]``: at most this many may stay in rank r's queue (bounds how far a rank lags,
     so no sample waits forever). Returns ``takes[r][src]`` with ``sum_r takes = need`` and
-    ``takes <= len(queue)``, greedily balancing tokens: the least-loaded rank takes its largest
-    available head. Raises if the queues cannot cover ``need`` (a loader bug)."""
+    ``takes <= len(queue)``, balancing tokens: greedily (the least-loaded rank takes its
+    largest available head), then local moves that lower the most-loaded rank (it gives back
+    its last-taken sample of a source, or swaps one of two sources with a light rank, which
+    takes its next head instead). Raises if the queues cannot cover ``need`` (a loader bug)."""
     world = len(queues)
     takes = [{s: 0 for s in need} for _ in range(world)]
     load = [0] * world
@@ -76,25 +79,74 @@ def balance_takes(queues: list[dict[str, list[int]]], need: dict[str, int],
         left[s] -= 1
 
     for s in need:  # mandatory: queues above their keep bound, largest excess first
-        excess = sorted(range(world),
-                        key=lambda r: (-(len(queues[r].get(s, [])) - keep[s][r]), r))
+        excess = sorted(range(world), key=lambda r: (-(len(queues[r].get(s, [])) - keep[s][r]), r))
         for r in excess:
             for _ in range(max(0, len(queues[r].get(s, [])) - keep[s][r])):
                 if left[s] == 0:
                     break
                 take(r, s)
+    lower = [dict(t) for t in takes]
     while any(left.values()):
         best = None
         for r in sorted(range(world), key=lambda r: (load[r], r)):
-            heads = [(queues[r][s][takes[r][s]], s) for s in need
-                     if left[s] > 0 and takes[r][s] < len(queues[r].get(s, []))]
+            heads = [
+                (queues[r][s][takes[r][s]], s)
+                for s in need
+                if left[s] > 0 and takes[r][s] < len(queues[r].get(s, []))
+            ]
             if heads:
                 best = (r, max(heads, key=lambda h: (h[0], -list(need).index(h[1])))[1])
                 break
         if best is None:
             raise RuntimeError(f"queues cannot cover the step's samples (left {left})")
         take(*best)
+    _improve(queues, takes, load, lower)
     return takes
+
+
+def _improve(queues, takes, load, lower, rounds: int = 64, partners: int = 8) -> None:
+    """Lower the max load by moves (a gives its last s to b, b takes its next s) and swaps (a
+    gives s and takes t, b does the opposite), ``partners`` lightest ranks tried: FIFO order,
+    per-source counts and the mandatory takes (``lower``) are kept."""
+    world = len(queues)
+    srcs = list(takes[0])
+
+    def last(r, s):  # length of r's last-taken s (may be given back)
+        return queues[r][s][takes[r][s] - 1] if takes[r][s] > lower[r][s] else None
+
+    def head(r, s):  # length of r's next s (may be taken)
+        q = queues[r].get(s, [])
+        return q[takes[r][s]] if takes[r][s] < len(q) else None
+
+    for _ in range(rounds):
+        a = max(range(world), key=lambda r: (load[r], -r))
+        light = sorted((r for r in range(world) if r != a), key=lambda r: (load[r], r))
+        best = None  # (new max of a and b, b, give s, take t or None)
+        for b in light[:partners]:
+            for s in srcs:
+                ga, hb = last(a, s), head(b, s)
+                if ga is None or hb is None:
+                    continue
+                cand = [(max(load[a] - ga, load[b] + hb), b, s, None)]
+                for t in srcs:
+                    ha, gb = head(a, t), last(b, t)
+                    if t != s and ha is not None and gb is not None:
+                        cand.append((max(load[a] - ga + ha, load[b] + hb - gb), b, s, t))
+                for c in cand:
+                    if c[0] < load[a] and (best is None or c[0] < best[0]):
+                        best = c
+        if best is None:
+            return
+        _, b, s, t = best
+        load[a] -= last(a, s)
+        takes[a][s] -= 1
+        load[b] += head(b, s)
+        takes[b][s] += 1
+        if t is not None:
+            load[b] -= last(b, t)
+            takes[b][t] -= 1
+            load[a] += head(a, t)
+            takes[a][t] += 1
 
 
 @dataclass
@@ -130,11 +182,16 @@ def empty_micro(pad_id: int, image_size: int, pixels_uint8: bool = False) -> dic
     every module on its zero-weighted dummies (ZeRO-3's gathers stay in step) and its loss and
     gradient contributions are exactly zero."""
     one = torch.full((1, 1), -100, dtype=torch.long)
-    empty = torch.zeros((0, 3, image_size, image_size),
-                        dtype=torch.uint8 if pixels_uint8 else torch.float32)
-    return {"input_ids": torch.full((1, 1), pad_id, dtype=torch.long),
-            "attention_mask": torch.zeros((1, 1), dtype=torch.long),
-            "position_ids": torch.zeros((1, 1), dtype=torch.long),
-            "labels": one, "image_codes": one.clone(),
-            "task_ids": torch.full((1, 1), -1, dtype=torch.long),
-            "pixel_values": empty, "gen_pixel_values": empty.clone()}
+    empty = torch.zeros(
+        (0, 3, image_size, image_size), dtype=torch.uint8 if pixels_uint8 else torch.float32
+    )
+    return {
+        "input_ids": torch.full((1, 1), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((1, 1), dtype=torch.long),
+        "position_ids": torch.zeros((1, 1), dtype=torch.long),
+        "labels": one,
+        "image_codes": one.clone(),
+        "task_ids": torch.full((1, 1), -1, dtype=torch.long),
+        "pixel_values": empty,
+        "gen_pixel_values": empty.clone(),
+    }

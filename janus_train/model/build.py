@@ -162,6 +162,15 @@ def train_pad_embedding(model) -> None:
     model.get_input_embeddings().padding_idx = None
 
 
+def set_checkpoint_every(model, k: int) -> None:
+    """Keep activation checkpointing on every k-th LLM decoder layer only (HF enables it on all
+    of them); ``k`` <= 0 is refused."""
+    if k <= 0:
+        raise ValueError(f"model.checkpoint_every={k}: must be >= 1 (1 = every layer)")
+    for i, layer in enumerate(model.model.language_model.layers):
+        layer.gradient_checkpointing = i % k == 0
+
+
 def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
     """Build ``(JanusForConditionalGeneration, processor)``.
 
@@ -200,6 +209,7 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
     set_generation_config(model, st)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpoint_every(model, cfg.checkpoint_every)
     n_img = model.config.vision_config.num_image_tokens
     if n_img != processor.num_image_tokens:
         raise ValueError(

@@ -107,8 +107,15 @@ class ModelConfig:
     """Also re-initialise the generation adaptor (random) and the code embeddings (from the VQ's
     L2-normalised codebook, the codebook embeddings of the Janus paper's architecture section)."""
     gradient_checkpointing: bool = False
+    """Activation checkpointing (recompute in backward) of the decoder layers (and SigLIP)."""
+    checkpoint_every: int = 1
+    """With ``gradient_checkpointing``: checkpoint every k-th LLM decoder layer (1 = all,
+    ``full``; 2 = half of them, ...): memory traded for less recompute."""
     attn_implementation: str = "sdpa"
-    """``sdpa`` | ``eager`` | ``flash_attention_2``."""
+    """``sdpa`` | ``eager`` (packed samples kept apart by a block-causal mask: the CPU path) |
+    ``flex_attention`` (a sparse BlockMask; GPU) | ``flash_attention_2`` | ``flash_attention_3``
+    (varlen kernels with cu_seqlens, no mask; need the ``flash-attn`` package). Anything else
+    is refused: it could let packed samples attend to each other."""
     seed: int = 0
     """Seed of the random init (same weights on every rank)."""
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -74,7 +74,11 @@ class TrainConfig:
     """Train on deterministic synthetic batches (``janus_train.trainer.synthetic``) instead of
     the WebDataset loader: tests, benchmarks, smoke runs without data."""
     synthetic_seq_len: int = 64
-    """Row length of synthetic batches."""
+    """Row length of synthetic batches (the longest synthetic sample)."""
+    synthetic_length_mix: str = "uniform"
+    """Text tokens per synthetic sample: ``uniform`` (text rows T/2..T, und/gen captions up to
+    the row) or ``janus`` (the papers' mix: understanding 20-300 answer tokens, generation
+    10-80 prompt tokens, text documents 100-4096 tokens; capped by ``synthetic_seq_len``)."""
     wandb: bool = False
     """Mirror metrics to wandb (offline mode when WANDB_API_KEY is unset)."""
     wandb_project: str = "janus_train"

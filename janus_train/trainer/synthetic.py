@@ -32,6 +32,10 @@ from janus_train.data.packing import assign_balanced, empty_micro, layout
 from janus_train.model.forward import IGNORE, TASK_IDS, TASKS
 from janus_train.model.tokenizer import resolve_special_tokens
 
+JANUS_MIX = {"und": (20, 300), "gen": (10, 80), "text": (98, 4094)}
+"""Text tokens of a sample per task (inclusive): answers of understanding samples, prompts of
+generation samples, text documents (100-4096 tokens with BOS/EOS)."""
+
 
 def _mix(*xs: int) -> int:
     """A seed from integers, identical in every process (unlike ``hash`` of a str)."""
@@ -66,6 +70,14 @@ class SyntheticStepLoader:
                                  else tokens_per_micro)
         self.global_batch = (run.hparams.global_batch_size if self.tokens_per_micro
                              else micro_batch_size * grad_accum * world_size)
+        mix = run.train.synthetic_length_mix
+        if text_lengths is None and mix == "janus":
+            text_lengths = {task: (min(lo, hi_cap), min(hi, hi_cap)) for task, (lo, hi), hi_cap
+                            in (("und", JANUS_MIX["und"], self.seq_len - mc.num_image_tokens - 4),
+                                ("gen", JANUS_MIX["gen"], self.seq_len - mc.num_image_tokens - 2),
+                                ("text", JANUS_MIX["text"], self.seq_len - 2))}
+        elif mix not in ("uniform", "janus"):
+            raise ValueError(f"train.synthetic_length_mix={mix!r}: uniform | janus")
         self.text_lengths = text_lengths
         """Optional ``{task: (lo, hi)}``: text tokens of a sample (inclusive), instead of the
         defaults derived from ``seq_len``."""

@@ -1,0 +1,247 @@
+"""One-GPU throughput of the shipped stage-2 configuration against the LLM alone, same run.
+
+    python benchmarks/bench_gpu.py                         # janus_pro_1b on the GPU (CPU: tiny)
+    python benchmarks/bench_gpu.py --model janus_pro_7b --checkpointing full
+    python benchmarks/bench_gpu.py --checkpointing 2 --tokens-per-micro 16384 --attn sdpa
+
+1. **Trainer**: ``janus_train.train.run`` (one process, DeepSpeed ZeRO-2, bf16 where
+   supported) on the shipped ``experiment=<model> stage=stage2`` configuration, random init,
+   on synthetic samples with the papers' length mix (``train.synthetic_length_mix=janus``:
+   understanding 576 image + 20-300 text tokens, generation 10-80 prompt + 576 codes, text
+   documents 100-4096 tokens) in token-budget micro-batches; MFU, tokens/s and token fill are
+   the trainer's own ``metrics.jsonl`` figures (first logged window dropped: warm-up).
+2. **Reference**: the LLM alone (HF ``LlamaForCausalLM`` of the same dimensions and vocabulary)
+   in a plain PyTorch loop: full rows of ``--ref-seq-len`` tokens, bf16 autocast over fp32
+   weights, fused AdamW, the same attention implementation; MFU by the same PaLM formula.
+
+Prints one JSON line per part, peak memory included, and the trainer/reference MFU ratio. On a
+machine without CUDA it runs the tiny model (rows of 512 tokens) so the script and the trainer
+path stay tested, and reports no MFU (no peak FLOP/s to divide by).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _attn(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if _cuda():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            return "sdpa"
+    return "sdpa"
+
+
+def _checkpointing(spec: str) -> list[str]:
+    """``none`` | ``full`` | k (every k-th decoder layer)."""
+    if spec == "none":
+        return ["model.gradient_checkpointing=false"]
+    k = 1 if spec == "full" else int(spec)
+    return ["model.gradient_checkpointing=true", f"model.checkpoint_every={k}"]
+
+
+def trainer_part(args, run_dir: Path) -> dict:
+    from janus_train.config import compose, to_run_config
+    from janus_train.train import run
+
+    ov = [
+        f"experiment={args.model}",
+        "stage=stage2",
+        "deepspeed=zero2",
+        "model.init_from=null",
+        "model.tokenizer=tiny",
+        f"model.attn_implementation={args.attn}",
+        *_checkpointing(args.checkpointing),
+        "train.synthetic_data=true",
+        "train.synthetic_length_mix=janus",
+        f"train.synthetic_seq_len={args.seq_len}",
+        f"train.tokens_per_micro={args.tokens_per_micro}",
+        f"train.global_batch_size={args.global_batch}",
+        f"train.steps={args.steps}",
+        f"train.log_every={args.log_every}",
+        "train.ckpt_every=0",
+        "train.export_at_end=false",
+        "train.progress_bar=false",
+        f"train.run_dir={run_dir}",
+    ]
+    if _cuda():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    assert run(to_run_config(compose(ov))) == 0
+    wall = time.perf_counter() - t0
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "speed/tokens_per_s" in r][1:] or recs[-1:]
+
+    def mean(key):
+        vals = [r[key] for r in recs if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    return {
+        "part": "trainer",
+        "model": args.model,
+        "attn": args.attn,
+        "checkpointing": args.checkpointing,
+        "tokens_per_micro": args.tokens_per_micro,
+        "global_batch": args.global_batch,
+        "mfu": mean("speed/mfu"),
+        "tokens_per_s": mean("speed/tokens_per_s"),
+        "step_time_s": mean("speed/step_time_s"),
+        "token_fill": mean("data/token_fill"),
+        "rank_imbalance": mean("data/rank_imbalance"),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None,
+        "wall_s": wall,
+        "overrides": ov,
+    }
+
+
+def reference_part(args, workdir: Path) -> dict:
+    """The LLM alone on full rows in plain PyTorch (the ceiling the trainer is compared with)."""
+    from transformers import LlamaForCausalLM
+
+    from janus_train.config import compose, to_run_config
+    from janus_train.model.build import build_janus_config, get_processor
+    from janus_train.trainer.metrics import peak_flops
+
+    run = to_run_config(
+        compose([f"experiment={args.model}", "model.init_from=null", "model.tokenizer=tiny"])
+    )
+    tok = get_processor(run.model, workdir).tokenizer
+    tcfg = build_janus_config(run.model, tok).text_config
+    tcfg._attn_implementation = args.attn
+    dev = torch.device("cuda" if _cuda() else "cpu")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tcfg).to(dev)
+    model.train()
+    if args.checkpointing != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        k = 1 if args.checkpointing == "full" else int(args.checkpointing)
+        for i, layer in enumerate(model.model.layers):
+            layer.gradient_checkpointing = i % k == 0
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=_cuda())
+    T = args.ref_seq_len
+    rows = max(1, args.tokens_per_micro // T)
+    n = sum(p.numel() for name, p in model.model.named_parameters() if "embed_tokens" not in name)
+    n += model.lm_head.weight.numel()
+    flops_per_row = T * (6.0 * n + 12.0 * tcfg.num_hidden_layers * tcfg.hidden_size * T)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if _cuda()
+        else torch.autocast("cpu", enabled=False)
+    )
+    g = torch.Generator().manual_seed(1)
+    if _cuda():
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.ref_steps):
+        t0 = time.perf_counter()
+        for _ in range(args.ref_accum):
+            ids = torch.randint(0, tcfg.vocab_size, (rows, T), generator=g).to(dev)
+            with amp:
+                loss = model(input_ids=ids, labels=ids).loss / args.ref_accum
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if _cuda():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    dt = sum(times[1:]) / max(1, len(times) - 1)  # first step: warm-up
+    peak = peak_flops()
+    step_flops = flops_per_row * rows * args.ref_accum
+    return {
+        "part": "reference_llm_alone",
+        "attn": args.attn,
+        "rows_per_micro": rows,
+        "seq_len": T,
+        "accum": args.ref_accum,
+        "mfu": step_flops / (dt * peak) if peak else None,
+        "tokens_per_s": rows * T * args.ref_accum / dt,
+        "step_time_s": dt,
+        "token_fill": 1.0,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="janus_pro_1b (GPU default) | janus_pro_7b | janus_1.3b | tiny (CPU default)",
+    )
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--log-every", type=int, default=None)
+    ap.add_argument("--global-batch", type=int, default=None)
+    ap.add_argument("--tokens-per-micro", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=None, help="longest sample (4096)")
+    ap.add_argument("--checkpointing", default="none", help="none | full | k (every k-th layer)")
+    ap.add_argument("--attn", default="auto", help="auto: flash_attention_2 if installed, sdpa")
+    ap.add_argument("--ref-seq-len", type=int, default=None)
+    ap.add_argument("--ref-steps", type=int, default=None)
+    ap.add_argument("--ref-accum", type=int, default=None)
+    ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
+    args = ap.parse_args()
+    gpu = _cuda()
+    defaults = (
+        dict(
+            model="janus_pro_1b",
+            steps=30,
+            log_every=5,
+            global_batch=64,
+            tokens_per_micro=8192,
+            seq_len=4096,
+            ref_seq_len=4096,
+            ref_steps=6,
+            ref_accum=4,
+        )
+        if gpu
+        else dict(
+            model="tiny",
+            steps=6,
+            log_every=2,
+            global_batch=16,
+            tokens_per_micro=1024,
+            seq_len=512,
+            ref_seq_len=512,
+            ref_steps=4,
+            ref_accum=2,
+        )
+    )
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.attn = _attn(args.attn)
+    device = torch.cuda.get_device_name() if gpu else "cpu (no MFU: no peak FLOP/s)"
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_gpu_"))
+    trainer = trainer_part(args, out / "trainer")
+    ref = reference_part(args, out)
+    for row in (trainer, ref):
+        print(json.dumps({"device": device, **row}))
+    ratio = (trainer["mfu"] / ref["mfu"]) if trainer["mfu"] and ref["mfu"] else None
+    print(
+        json.dumps(
+            {
+                "device": device,
+                "mfu_ratio_trainer_over_reference": ratio,
+                "tokens_per_s_ratio": trainer["tokens_per_s"] / ref["tokens_per_s"],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
