@@ -5,7 +5,7 @@ micro-batches they replace (``tokens_per_micro=0``, 8 padded rows per micro-batc
 
     python benchmarks/bench_fill.py --steps 40 [--out /tmp/bench_fill] [--tokens-per-micro 4096]
 
-Writes the demo world (``janus_train.demo.synth``) and a tokenizer trained on its corpus
+Writes the demo world (``janus_demo.synth``) and a tokenizer trained on its corpus
 (as ``launch/demo.sh`` does; the model is random: fill and balance depend only on the data),
 runs ``janus_train.train`` under ``torchrun --nproc_per_node 2`` for each mode with
 ``train.log_every=1``, and prints, per mode, the minimum ``data/token_fill`` and maximum
@@ -31,7 +31,7 @@ def prepare(out: Path) -> Path:
     data, tok = out / "data", out / "tokenizer"
     if not (data / "world.json").exists():
         subprocess.run(
-            [sys.executable, "-m", "janus_train.demo.synth", "--out", str(data)],
+            [sys.executable, "-m", "janus_demo.synth", "--out", str(data)],
             check=True,
             cwd=REPO,
         )
