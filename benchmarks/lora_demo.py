@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="the stage-2 HF export the LoRA run started from")
-    ap.add_argument("--lora", required=True, help="the LoRA stage-3 run dir (hf/, adapter/)")
+    ap.add_argument("--lora", required=True, help="the stage-3 run dir (hf/, adapter/ if LoRA)")
     ap.add_argument("--n-und", type=int, default=200)
     ap.add_argument("--out", default=None, help="also write the result as JSON here")
     args = ap.parse_args(argv)
@@ -49,14 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     model, proc = load(base)
     res["stage2_export"], res["questions"] = und_accuracy(model, proc, base, args.n_und)
     model, proc = load(run_dir / "hf")
-    res["lora_stage3_merged_hf"], _ = und_accuracy(model, proc, run_dir / "hf", args.n_und)
+    res["stage3_hf"], _ = und_accuracy(model, proc, run_dir / "hf", args.n_und)
     if (run_dir / "adapter").is_dir():  # the same model rebuilt by peft from adapter/
         from peft import PeftModel
 
         model, proc = load(base)
         model = PeftModel.from_pretrained(model, str(run_dir / "adapter")).eval()
         model = model.base_model.model
-        res["lora_stage3_peft_adapter"], _ = und_accuracy(model, proc, base, args.n_und)
+        res["stage3_adapter_via_peft"], _ = und_accuracy(model, proc, base, args.n_und)
     res["eval_seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(res))
     if args.out:
