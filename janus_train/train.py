@@ -74,7 +74,12 @@ from janus_train.trainer.guard import RunGuard
 from janus_train.trainer.metrics import FlopCounter, MetricsLogger, Throughput, fill_metrics
 from janus_train.trainer.model_card import model_card
 from janus_train.trainer.optim import build_param_groups, lr_at
-from janus_train.trainer.state import TrainState, load_train_state, save_train_state
+from janus_train.trainer.state import (
+    TrainState,
+    load_train_state,
+    prepare_resume,
+    save_train_state,
+)
 from janus_train.trainer.synthetic import SyntheticStepLoader
 
 logger = logging.getLogger("janus_train")
@@ -132,7 +137,10 @@ def build_loader(run: RunConfig, processor, info: DistInfo, micro_batch_size: in
 
     # token-budget mode: the ranks exchange their queued sample lengths once per step
     return build_train_loader(
-        run, processor, **kw, tokens_per_micro=run.train.tokens_per_micro,
+        run,
+        processor,
+        **kw,
+        tokens_per_micro=run.train.tokens_per_micro,
         exchange=all_gather_objects,
     )
 
@@ -446,11 +454,12 @@ def run(cfg: RunConfig) -> int:
 
     # From here on, whatever ends the run (end, exception, signal) closes what `guard` holds.
     with RunGuard(tc.stop_grace_s) as guard:
+        universal = prepare_resume(prep.ckpt_dir, info, prep.ds_config)  # world size changed
         t = build_engine(cfg, info, prep.ds_config, prep.run_dir)
         loader = guard.add(
             build_loader(cfg, t.processor, info, prep.plan.micro_batch_size, prep.plan.grad_accum)
         )
-        state = load_train_state(t.engine, prep.ckpt_dir, loader, info)
+        state = load_train_state(t.engine, prep.ckpt_dir, loader, info, universal)
         metrics = guard.add(build_metrics(cfg, info, prep.run_dir, state, prep.stop_step))
         bar = guard.add(
             _Bar(info.is_main and tc.progress_bar, prep.stop_step, state.step, cfg.stage.name)
@@ -502,8 +511,16 @@ def run(cfg: RunConfig) -> int:
             card = None
             if info.is_main:
                 card = model_card(cfg, t.processor, state.step, info.world_size)
-            export_hf(t.janus, t.processor, out_dir, cfg.deepspeed.zero_stage, info, state.step,
-                      tc.export_max_shard_size, card)
+            export_hf(
+                t.janus,
+                t.processor,
+                out_dir,
+                cfg.deepspeed.zero_stage,
+                info,
+                state.step,
+                tc.export_max_shard_size,
+                card,
+            )
             logger.info("exported %s (next stage: model.init_from=%s)", out_dir, out_dir.resolve())
     return EXIT_OK
 

@@ -322,6 +322,50 @@ class StepLoader:
         self.step = int(sd["step"])
         self.worker_states = [dict(ws) for ws in sd["workers"]]
 
+    def can_resume_exactly(self, sd: dict) -> bool:
+        """Whether ``sd`` was saved by the same rank of the same consumer layout."""
+        return all(sd.get(k) == v for k, v in (
+            ("version", STATE_VERSION), ("world_size", self.world_size),
+            ("num_workers", self.num_workers), ("rank", self.rank)))
+
+    def load_resharded(self, sds: list[dict]) -> None:
+        """Continue from every rank's state of a run with another world size or
+        ``data.num_workers`` (``sds`` in rank order): each source carries on inside its epoch
+        without reading a record twice; the records skipped are counted on rank 0 as
+        ``skipped/<source>/reshard*`` (see ``janus_train.data.reshard``), the old counters
+        summed there too."""
+        from janus_train.data.reshard import plan_carry
+
+        for sd in sds:
+            if sd.get("seed") != self.dcfg.seed or sd.get("version") != STATE_VERSION:
+                raise ValueError(f"loader state has data.seed={sd.get('seed')!r} "
+                                 f"(version {sd.get('version')}), this run "
+                                 f"{self.dcfg.seed!r}: the data order cannot continue")
+        if len({int(sd["step"]) for sd in sds}) != 1:
+            raise ValueError("loader states of the ranks are at different steps")
+        old = [ws for sd in sorted(sds, key=lambda d: d["rank"])
+               for ws in (sd["workers"] + [{}] * max(1, sd["num_workers"]))[
+                   : max(1, sd["num_workers"])]]
+        sources, total = {}, Counter()
+        for ws in old:
+            total.update(ws.get("counters", {}))
+        for src in self.recipe.sources:
+            state, counts = plan_carry(src.name, src.shards, self.dcfg.seed, self.dcfg.shuffle,
+                                       [ws.get("sources", {}).get(src.name) for ws in old])
+            sources[src.name] = {"rec": state, "sub": 0}
+            for k, v in counts.items():
+                total[f"skipped/{src.name}/{k}"] += v
+            if any(counts.values()) and self.rank == 0:
+                logger.warning("data source %s: resumed on %d consumers from %d: %s", src.name,
+                               self.world_size * max(1, self.num_workers), len(old),
+                               dict(counts))
+        self.close()
+        self.step = int(sds[0]["step"])
+        self.worker_states = [{"sources": {k: {"rec": dict(v["rec"]), "sub": 0}
+                                           for k, v in sources.items()},
+                               "counters": dict(total) if self.rank == 0 and w == 0 else {}}
+                              for w in range(max(1, self.num_workers))]
+
     def close(self) -> None:
         """Stop the worker processes: asked to finish, killed when they have not after torch's
         grace (5 s per worker). Safe to call twice; the next ``next_step()`` starts new workers
@@ -445,6 +489,24 @@ class TokenStepLoader(StepLoader):
                   dropped=dict(self.dropped),
                   queues={src.name: list(q) for src, q in zip(self.recipe.sources, self.queues)})
         return sd
+
+    def can_resume_exactly(self, sd: dict) -> bool:
+        return super().can_resume_exactly(sd) and "pulled" in sd
+
+    def load_resharded(self, sds: list[dict]) -> None:
+        """As :meth:`StepLoader.load_resharded`; the samples the old ranks had built but not
+        trained on (their queues) are not carried: counted on rank 0 as
+        ``skipped/<source>/reshard_queued``."""
+        super().load_resharded(sds)
+        self.pulled = self.step
+        self.queues = [[] for _ in self.recipe.sources]
+        self.dropped = Counter()
+        if self.rank == 0:
+            for sd in sds:
+                self.dropped.update(sd.get("dropped", {}))
+                for name, q in sd.get("queues", {}).items():
+                    if q:
+                        self.dropped[f"skipped/{name}/reshard_queued"] += len(q)
 
     def load_state_dict(self, sd: dict) -> None:
         if "pulled" not in sd:

@@ -216,15 +216,32 @@ class RecordStream:
         self.cursor = int(st.get("cursor", 0))
         self.offset = int(st.get("offset", 0))
         self.counter = int(st.get("counter", 0))
+        # A resume on another number of consumers (janus_train.data.reshard): in its first
+        # epoch, the shards still unread with the first unread position of each.
+        self.carry: list[list] | None = st.get("carry")
+        self.carry_epoch = self.epoch
         self.on_shard_error = on_shard_error or (lambda url, reason, detail: None)
         self._it: Iterator | None = None
         self._epoch_records = 0
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset,
-                "counter": self.counter}
+        st = {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset,
+              "counter": self.counter}
+        if self._in_carry(self.epoch):
+            st["carry"] = self.carry
+        return st
+
+    def _in_carry(self, epoch: int) -> bool:
+        return self.carry is not None and epoch == self.carry_epoch
+
+    def _stride(self, epoch: int) -> bool:
+        n = len(self.carry) if self._in_carry(epoch) else len(self.shards)
+        return n < self.C
 
     def epoch_shards(self, epoch: int) -> list[str]:
+        if self._in_carry(epoch):
+            urls = [u for u, _ in self.carry]
+            return urls if self._stride(epoch) else urls[self.c :: self.C]
         n = len(self.shards)
         perm = (np.random.default_rng(stable_seed(self.seed, self.name, epoch)).permutation(n)
                 if self.shuffle else np.arange(n))
@@ -256,10 +273,14 @@ class RecordStream:
                 continue
             if sc.truncated and self.offset == 0:
                 self.on_shard_error(url, "truncated_tar", f"truncated tar {url!r}")
+            if self._in_carry(self.epoch) and self.offset == 0:
+                # counter counts the carry's positions from each start: base + p stays the
+                # index among the positions still unread, whatever the starts
+                self.offset = int(dict(map(tuple, self.carry)).get(url, 0))
             base = self.counter - self.offset  # counter value at position 0 of this shard
             keep = (
                 (lambda p, base=base: (base + p) % self.C == self.c)
-                if self.stride else (lambda p: True)
+                if self._stride(self.epoch) else (lambda p: True)
             )
             self._it = sc.iterate(self.offset, keep)
             self._url = url

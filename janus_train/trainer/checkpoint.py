@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 EXIT_REQUEUE = 75
 """Exit status after a checkpoint on SIGTERM/SIGUSR1: "requeue me" (BSD EX_TEMPFAIL)."""
 LATEST = "latest"
+UNIVERSAL_SUFFIX = "_universal"
 _TAG_RE = re.compile(r"^step_(\d{8})$")
 
 
@@ -96,6 +97,9 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
     for tag in tags[: max(0, len(tags) - keep_last)]:
         if tag != latest:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    for d in ckpt_dir.glob(f"*{UNIVERSAL_SUFFIX}"):  # conversions of older checkpoints
+        if d.name != f"{latest}{UNIVERSAL_SUFFIX}":
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -128,9 +132,57 @@ def save_checkpoint(
     return tag
 
 
-def load_latest(engine, ckpt_dir: str | os.PathLike, info: DistInfo) -> tuple[dict, dict] | None:
+def saved_world_size(ckpt_dir: str | os.PathLike) -> int | None:
+    """Ranks that wrote the checkpoint ``latest`` names (None when there is none)."""
+    tag = read_latest(ckpt_dir)
+    if tag is None:
+        return None
+    return len(list((Path(ckpt_dir) / tag).glob("trainer_state_rank*.pt")))
+
+
+def convert_to_universal(ckpt_dir: str | os.PathLike, tag: str, info: DistInfo) -> str:
+    """Collective: rank 0 converts ``tag`` into a DeepSpeed universal checkpoint
+    ``<tag>_universal`` beside it (once; written under ``.tmp-`` and renamed, so complete or
+    absent), which any world size loads. Returns the universal tag."""
+    ckpt_dir = Path(ckpt_dir)
+    out = ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}"
+    if info.is_main and not out.is_dir():
+        import argparse
+
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = ckpt_dir / f".tmp-{out.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("converting %s to a universal checkpoint (world size changed)", tag)
+        ds_to_universal(
+            argparse.Namespace(
+                input_folder=str(ckpt_dir / tag),
+                output_folder=str(tmp),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=True,
+            )
+        )
+        for f in (ckpt_dir / tag).glob("trainer_state_rank*.pt"):
+            shutil.copy2(f, tmp / f.name)
+        os.rename(tmp, out)
+        # ds_to_universal also points a `latest_universal` file at its (temporary) output;
+        # resume reads only `latest`
+        (ckpt_dir / "latest_universal").unlink(missing_ok=True)
+    barrier()
+    return out.name
+
+
+def load_latest(
+    engine, ckpt_dir: str | os.PathLike, info: DistInfo, universal: bool = False
+) -> tuple[dict, list[dict]] | None:
     """Load the checkpoint ``latest`` names into ``engine``; returns ``(client_state,
-    rank_state)`` or None when there is none. Removes leftovers of interrupted saves."""
+    rank_states)`` or None when there is none. ``rank_states``: every saving rank's
+    ``trainer_state_rank{r}.pt`` (loader position, RNG), in rank order. ``universal``: load the
+    universal conversion of ``latest`` (:func:`convert_to_universal`; the engine must have been
+    built with ``checkpoint.load_universal``). Removes leftovers of interrupted saves."""
     ckpt_dir = Path(ckpt_dir)
     if info.is_main and ckpt_dir.is_dir():
         for d in ckpt_dir.glob(".tmp-*"):
@@ -140,20 +192,27 @@ def load_latest(engine, ckpt_dir: str | os.PathLike, info: DistInfo) -> tuple[di
     tag = read_latest(ckpt_dir)
     if tag is None:
         return None
-    rank_file = ckpt_dir / tag / f"trainer_state_rank{info.rank}.pt"
-    if not rank_file.is_file():
+    if universal:
+        tag = f"{tag}{UNIVERSAL_SUFFIX}"
+    n = len(list((ckpt_dir / tag).glob("trainer_state_rank*.pt")))
+    if n != info.world_size and not universal:
         raise RuntimeError(
-            f"{rank_file} is missing: {ckpt_dir / tag} was written by a different number of "
-            f"ranks than the current {info.world_size}"
+            f"{ckpt_dir / tag} was written by {n} ranks, this run has "
+            f"{info.world_size}: load its universal conversion"
         )
     path, client_state = engine.load_checkpoint(
         str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
+    rank_states = [
+        torch.load(
+            ckpt_dir / tag / f"trainer_state_rank{r}.pt", map_location="cpu", weights_only=False
+        )
+        for r in range(n)
+    ]
     logger.info("resumed from %s", ckpt_dir / tag)
-    return client_state, rank_state
+    return client_state, rank_states
 
 
 class StopSignal:

@@ -15,9 +15,12 @@ import os
 from dataclasses import dataclass
 
 from janus_train.trainer.checkpoint import (
+    convert_to_universal,
     get_rng_state,
     load_latest,
+    read_latest,
     save_checkpoint,
+    saved_world_size,
     set_rng_state,
 )
 from janus_train.trainer.distributed import DistInfo
@@ -66,14 +69,48 @@ def save_train_state(
     )
 
 
-def load_train_state(engine, ckpt_dir: str | os.PathLike, loader, info: DistInfo) -> TrainState:
-    """Collective: resume engine, loader and RNG from ``latest``; a fresh state when none."""
-    resumed = load_latest(engine, ckpt_dir, info)
+def prepare_resume(ckpt_dir: str | os.PathLike, info: DistInfo, ds_config: dict) -> bool:
+    """Collective, before the engine exists: when ``latest`` was written by another number of
+    ranks, convert it to a DeepSpeed universal checkpoint and set ``ds_config`` to load that
+    (``checkpoint.load_universal``). Returns whether the resume is universal."""
+    saved = saved_world_size(ckpt_dir)
+    if saved is None or saved == info.world_size:
+        return False
+    logger.warning(
+        "the checkpoint was written by %d ranks, this run has %d: resuming through "
+        "a universal checkpoint",
+        saved,
+        info.world_size,
+    )
+    convert_to_universal(ckpt_dir, read_latest(ckpt_dir), info)
+    ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    return True
+
+
+def load_train_state(
+    engine, ckpt_dir: str | os.PathLike, loader, info: DistInfo, universal: bool = False
+) -> TrainState:
+    """Collective: resume engine, loader and RNG from ``latest``; a fresh state when none.
+
+    Same world size and loader layout: exact (every rank's own loader position and RNG).
+    Otherwise the loader continues from all saving ranks' positions (``load_resharded``: no
+    sample twice, what is skipped counted in its ``data/skipped/*/reshard`` counters) and the
+    RNGs keep this run's seeds."""
+    resumed = load_latest(engine, ckpt_dir, info, universal)
     if resumed is None:
         return TrainState()
-    client, rank_state = resumed
+    client, rank_states = resumed
     state = TrainState.from_client_state(client)
-    loader.load_state_dict(rank_state["loader"])
-    set_rng_state(rank_state["rng"])
+    loader_states = [rs["loader"] for rs in rank_states]
+    if len(rank_states) == info.world_size and loader.can_resume_exactly(loader_states[info.rank]):
+        loader.load_state_dict(loader_states[info.rank])
+        set_rng_state(rank_states[info.rank]["rng"])
+    else:
+        loader.load_resharded(loader_states)
+        logger.warning(
+            "resumed on %d ranks from %d: loader positions carried over, RNG reseeded",
+            info.world_size,
+            len(rank_states),
+        )
     logger.info("resuming at step %d", state.step)
     return state

@@ -123,6 +123,19 @@ class SyntheticStepLoader:
         self.step = int(sd["step"])
         self.counts = dict(sd["counts"])
 
+    def can_resume_exactly(self, sd: dict) -> bool:  # noqa: ARG002
+        return True  # rows are a function of (step, global row): any world size continues
+
+    def load_resharded(self, sds: list[dict]) -> None:
+        """Continue from the states of another world size: the same step; the old ranks'
+        counts summed on rank 0 (totals over ranks stay consistent)."""
+        self.step = int(sds[0]["step"])
+        self.counts = {k: 0 for k in self.counts}
+        if self.rank == 0:
+            for sd in sds:
+                for k, v in sd["counts"].items():
+                    self.counts[k] = self.counts.get(k, 0) + int(v)
+
     def counters(self) -> dict[str, int]:
         return {**self.counts, "skipped/synthetic": 0}
 

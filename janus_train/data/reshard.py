@@ -1,0 +1,128 @@
+"""Carry a loader position over to another number of consumers (ranks x workers).
+
+An exact resume needs the consumer layout of the run that saved (``data.shards``: each consumer
+reads its own shards, or its own residue of records). With another layout, each source restarts
+*inside its current epoch* from what every old consumer read:
+
+    old consumers' positions --> per shard: first position after everything read (high water),
+        positions below it nobody read (skipped) --> ``carry``: the epoch's unfinished shards
+        with their start positions, dealt to the new consumers like a normal epoch
+
+No record is read twice. Skipped records are counted (``skipped/<source>/reshard``): none when
+the old run dealt whole shards (each shard's reading is a prefix), at most a few per shard when
+consumers strided over few shards; the rest of an epoch that some old consumer had not finished
+while another had moved on is skipped too; a record whose samples were partly used is not
+continued (``skipped/<source>/reshard_partial``). Remote shards cannot be measured: a source with
+remote shards whose reading was not a prefix restarts at its next epoch instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from janus_train.data.recipe import is_remote
+from janus_train.data.shards import RecordStream, index_local_tar
+
+logger = logging.getLogger(__name__)
+
+
+class _Unknown(Exception):
+    """A remote shard's length is needed and cannot be known without reading it."""
+
+
+def _length(url: str, cache: dict) -> int:
+    if url not in cache:
+        if is_remote(url):
+            raise _Unknown(url)
+        try:
+            cache[url] = len(index_local_tar(url)[0])
+        except Exception:  # noqa: BLE001  # unreadable: counted as empty (the stream skips it)
+            cache[url] = 0
+    return cache[url]
+
+
+def _count_residue(a: int, b: int, base: int, c: int, C: int) -> int:
+    """Positions p in [a, b) with (base + p) % C == c."""
+    if b <= a:
+        return 0
+    first = a + (c - base - a) % C
+    return 0 if first >= b else (b - 1 - first) // C + 1
+
+
+def plan_carry(name: str, shards: list[str], seed: int, shuffle: bool,
+               old: list[dict | None]) -> tuple[dict, Counter]:
+    """The record-stream state every new consumer of this source starts from, and the counts
+    ``{"reshard": skipped records, "reshard_partial": partly used records}``.
+
+    ``old[c]``: old consumer ``c``'s ``SampleStream`` state (``{"rec": ..., "sub": k}``), None
+    when it never read the source."""
+    C = len(old)
+    recs = [dict((st or {}).get("rec") or {}) for st in old]
+    subs = [int((st or {}).get("sub", 0)) for st in old]
+    E = max(int(r.get("epoch", 0)) for r in recs)
+    streams = [RecordStream(name, shards, c, C, seed, shuffle=shuffle, state=recs[c] or None)
+               for c in range(C)]
+    lengths: dict[str, int] = {}
+    counts: Counter = Counter()
+    try:
+        high: dict[str, int] = {}  # first position after everything read, per shard of epoch E
+        read: Counter = Counter()  # positions read below it (excluding the carried start)
+        done: set[str] = set()
+        starts: dict[str, int] = {}
+        order: list[str] = []
+        for c, rs in enumerate(streams):
+            e = rs.epoch
+            L = rs.epoch_shards(e)
+            carry = dict(map(tuple, rs.carry)) if rs._in_carry(e) else {}
+            stride = rs._stride(e)
+            if e < E:  # the rest of this consumer's older epoch is not continued
+                for i in range(rs.cursor, len(L)):
+                    a = rs.offset if i == rs.cursor else carry.get(L[i], 0)
+                    n = _length(L[i], lengths)
+                    counts["reshard"] += (
+                        _count_residue(a, n, rs.counter - rs.offset if i == rs.cursor else 0,
+                                       c, C) if stride else max(0, n - a))
+                continue
+            if not order:
+                order = [u for u, _ in rs.carry] if carry else \
+                    RecordStream(name, shards, 0, 1, seed, shuffle=shuffle).epoch_shards(e)
+            # shards before the cursor were passed completely, the cursor's up to offset
+            opened = rs.counter - rs.offset  # + the start: counter when the cursor's shard opened
+            for i in range(min(rs.cursor, len(L) - 1), -1, -1):
+                url = L[i]
+                s = carry.get(url, 0)
+                starts[url] = s
+                if i == rs.cursor:
+                    base = rs.counter - rs.offset
+                    end = rs.offset
+                    if subs[c]:  # the consumer's next record gave some of its samples
+                        end += (c - base - end) % C if stride else 0
+                        end += 1
+                        counts["reshard_partial"] += 1
+                    opened += s
+                else:
+                    if not stride:
+                        done.add(url)
+                        continue
+                    end = _length(url, lengths)
+                    opened -= end - s
+                    base = opened - s
+                high[url] = max(high.get(url, 0), end)
+                read[url] += _count_residue(s, end, base, c, C) if stride else end - s
+        carry_out = []
+        for url in order:
+            if url in done:
+                continue
+            h = high.get(url, starts.get(url, 0))
+            s = starts.get(url, 0)
+            counts["reshard"] += max(0, h - s - read[url])
+            if is_remote(url) or h < _length(url, lengths):
+                carry_out.append([url, h])
+        state = {"epoch": E, "cursor": 0, "offset": 0, "counter": 0, "carry": carry_out}
+    except _Unknown as e:
+        logger.warning("data source %s: remote shard %s cannot be measured: restarting the "
+                       "source at epoch %d (the rest of epoch %d is skipped)", name, e, E + 1, E)
+        state = {"epoch": E + 1, "cursor": 0, "offset": 0, "counter": 0}
+        counts["reshard_rest_of_epoch"] += 1
+    return state, counts
