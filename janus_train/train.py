@@ -210,10 +210,17 @@ def prepare(cfg: RunConfig, info: DistInfo) -> Prepared:
     if not tc.synthetic_data:  # recipe, sources and shard existence, before any model
         from janus_train.data.recipe import check_recipe_for_stage, load_recipe
 
-        recipe = load_recipe(cfg.data.recipe or hp.data_recipe)
-        check_recipe_for_stage(
-            recipe, {"und": hp.ratio.und, "text": hp.ratio.text, "gen": hp.ratio.gen}, hp.steps
-        )
+        err = None
+        try:  # only rank 0 stats every shard (once per job, not once per rank)
+            recipe = load_recipe(cfg.data.recipe or hp.data_recipe, stat_shards=info.is_main)
+            check_recipe_for_stage(
+                recipe, {"und": hp.ratio.und, "text": hp.ratio.text, "gen": hp.ratio.gen}, hp.steps
+            )
+        except (ValueError, FileNotFoundError) as e:
+            err = e
+        dev = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else None
+        if all_reduce_sum(torch.tensor([float(err is not None)], device=dev)).item():
+            raise err or ValueError("data recipe check failed on rank 0 (see its log)")
     run_dir = Path(tc.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,10 @@
 #   EXPERIMENT=janus_pro_1b LAUNCHER=slurm bash launch/pipeline.sh   # 3 Slurm jobs, chained
 #   EXPERIMENT=tiny NPROC_PER_NODE=2 bash launch/pipeline.sh train.steps=2   # CPU smoke run
 #
+# Before anything runs or is submitted, every stage is checked (janus_train.plan.check): its
+# config, data recipe and shards, batch arithmetic at its world size, the model.init_from chain,
+# and janus-plan's feasibility on the GPU model; a failing stage is named and nothing starts.
+#
 # Arguments are Hydra overrides for every stage (not experiment/stage/train.run_dir/
 # model.init_from: the pipeline sets those). A stage whose export exists is skipped, so re-running
 # the same command after an interruption resumes: a half-done stage resumes from its checkpoint.
@@ -24,8 +28,17 @@
 #   RUN_NAME        run name under RUN_ROOT (default $EXPERIMENT).
 #   INIT_FROM       model.init_from of the first stage run (default: the model config's; for a later
 #                   first stage, the previous stage's export when it exists).
-#   DEEPSPEED       deepspeed config group for every stage (default: the config's / the sbatch
-#                   file's). Per stage: DEEPSPEED_STAGE1, DEEPSPEED_STAGE2, DEEPSPEED_STAGE3.
+#   DEEPSPEED       deepspeed config group for every stage (default: the config's; slurm: the
+#                   sbatch file's `#PLAN <stage> nodes=N deepspeed=X` line, what janus-plan
+#                   recommends). Per stage: DEEPSPEED_STAGE1, DEEPSPEED_STAGE2, DEEPSPEED_STAGE3.
+#   NODES_STAGE1, NODES_STAGE2, NODES_STAGE3  slurm: nodes of one stage's job (default: its #PLAN
+#                   line, else the sbatch file's --nodes); passed to sbatch as --nodes.
+#   GPUS_PER_NODE   slurm: GPUs per node (default 8).
+#   GPU             GPU model for the planner check (a100-40gb | a100-80gb | h100-80gb | h200-141gb;
+#                   default: the sbatch file's `#PLAN gpu=` line; local: none = no planner check).
+#   CHECK           0: skip the checks below (default 1).
+#   CHECK_DATA      0: check everything but shard and model.init_from existence (data not mounted
+#                   where the pipeline runs; default 1).
 #   STAGE1_ARGS, STAGE2_ARGS, STAGE3_ARGS  extra overrides for one stage, split on spaces.
 #   EXPORT_SUBDIR   where the trainer writes a stage's export inside its run dir (default hf).
 #   SBATCH_SCRIPT   slurm: the job script (default launch/slurm/$EXPERIMENT.sbatch).
@@ -57,9 +70,38 @@ run() {
   if [[ $DRY_RUN == 1 ]]; then printf '%q ' "$@"; printf '\n'; else "$@"; fi
 }
 
+script=${SBATCH_SCRIPT:-$here/slurm/$EXPERIMENT.sbatch}
+if [[ $LAUNCHER == slurm && ! -f $script ]]; then
+  echo "pipeline.sh: no Slurm script $script; set SBATCH_SCRIPT" >&2; exit 2
+fi
+plan_value() {  # plan_value <stage|-> <key>: a value from the sbatch file's "#PLAN" lines
+  local line re="^#PLAN( .*)? $2=([^ ]+)"
+  if [[ $1 != - ]]; then re="^#PLAN $1( .*)? $2=([^ ]+)"; fi
+  while read -r line; do
+    if [[ $line =~ $re ]]; then echo "${BASH_REMATCH[2]}"; return; fi
+  done <"$script"
+}
+if [[ $LAUNCHER == slurm ]]; then
+  gpn=${GPUS_PER_NODE:-8}
+  default_nodes=$(sed -n 's/^#SBATCH --nodes=\([0-9]*\).*/\1/p' "$script")
+  gpu=${GPU:-$(plan_value - gpu)}
+else  # the world the local launchers start
+  gpn=${NPROC_PER_NODE:-${NUM_GPUS:-}}
+  if [[ -z $gpn ]]; then
+    gpn=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    if [[ ${gpn:-0} -eq 0 ]]; then gpn=1; fi
+  fi
+  default_nodes=${NNODES:-${NUM_NODES:-1}}
+  if [[ -n ${HOSTFILE:-} && -z ${NUM_NODES:-} ]]; then
+    default_nodes=$(grep -cv '^\s*\(#\|$\)' "$HOSTFILE")
+  fi
+  gpu=${GPU:-none}
+fi
+
+# ---- plan every stage: run dir, init_from, DeepSpeed preset, nodes --------------------------
 init_from=${INIT_FROM:-}
 prev_export=
-prev_job=
+plan_stages=() plan_inits=() plan_ds=() plan_nodes=() check_args=()
 for stage in $STAGES; do
   case $stage in stage1 | stage2 | stage3) ;; *)
     echo "pipeline.sh: unknown stage '$stage' in STAGES" >&2; exit 2 ;;
@@ -73,25 +115,51 @@ for stage in $STAGES; do
   fi
   if [[ -n $prev_export ]]; then init_from=$prev_export; fi
   upper=${stage^^}
-  ds_var=DEEPSPEED_$upper
+  ds_var=DEEPSPEED_$upper nodes_var=NODES_$upper args_var=${upper}_ARGS
   ds=${!ds_var:-${DEEPSPEED:-}}
-  args_var=${upper}_ARGS
+  nodes=$default_nodes
+  if [[ $LAUNCHER == slurm ]]; then
+    ds=${ds:-$(plan_value "$stage" deepspeed)}
+    nodes=${!nodes_var:-$(plan_value "$stage" nodes)}
+    nodes=${nodes:-$default_nodes}
+  fi
+  plan_stages+=("$stage") plan_inits+=("$init_from") plan_ds+=("$ds") plan_nodes+=("$nodes")
+  if [[ $LAUNCHER == slurm || ! -f $export_dir/config.json ]]; then  # a done stage never reruns
+    check_args+=(--stage "$stage" "$nodes" "${ds:--}" "${init_from:--}" "$export_dir"
+                 "${!args_var:-}")
+  fi
+  prev_export=$export_dir
+done
+
+if [[ ${CHECK:-1} != 0 && ${#check_args[@]} -gt 0 ]]; then
+  check=("${PYTHON:-python}" -m janus_train.plan.check --experiment "$EXPERIMENT"
+         --gpus-per-node "$gpn" --gpu "${gpu:-none}")
+  if [[ ${CHECK_DATA:-1} == 0 ]]; then check+=(--no-data); fi
+  if ! "${check[@]}" "${check_args[@]}" -- "$@"; then
+    echo "pipeline.sh: nothing started or submitted (set CHECK=0 to skip the checks)" >&2
+    exit 1
+  fi
+fi
+
+# ---- run or submit ------------------------------------------------------------------------
+prev_job=
+for k in "${!plan_stages[@]}"; do
+  stage=${plan_stages[$k]} init_from=${plan_inits[$k]} ds=${plan_ds[$k]} nodes=${plan_nodes[$k]}
+  run_dir=$RUN_ROOT/$RUN_NAME/$stage
+  export_dir=$run_dir/$EXPORT_SUBDIR
+  args_var=${stage^^}_ARGS
   read -r -a stage_args <<<"${!args_var:-}"
 
   if [[ $LAUNCHER != slurm && -f $export_dir/config.json ]]; then
     echo "pipeline.sh: $stage done ($export_dir); skipping"
   elif [[ $LAUNCHER == slurm ]]; then
-    script=${SBATCH_SCRIPT:-$here/slurm/$EXPERIMENT.sbatch}
-    if [[ ! -f $script ]]; then
-      echo "pipeline.sh: no Slurm script $script; set SBATCH_SCRIPT" >&2; exit 2
-    fi
     if [[ $DRY_RUN != 1 ]]; then mkdir -p logs; fi  # the sbatch files' --output directory
     read -r -a sbatch_args <<<"${SBATCH_ARGS:-}"
     env_list=ALL,EXPERIMENT=$EXPERIMENT,STAGE=$stage,RUN_ROOT=$RUN_ROOT,RUN_NAME=$RUN_NAME
     env_list+=,EXPORT_SUBDIR=$EXPORT_SUBDIR
     if [[ -n $init_from ]]; then env_list+=,INIT_FROM=$init_from; fi
     if [[ -n $ds ]]; then env_list+=,DEEPSPEED=$ds; fi
-    cmd=(sbatch --parsable --job-name="$EXPERIMENT-$stage" --export="$env_list")
+    cmd=(sbatch --parsable --job-name="$EXPERIMENT-$stage" --nodes="$nodes" --export="$env_list")
     if [[ -n $prev_job ]]; then cmd+=(--dependency=afterok:"$prev_job"); fi
     cmd+=("${sbatch_args[@]}" "$script" "${stage_args[@]}" "$@")
     if [[ $DRY_RUN == 1 ]]; then
@@ -113,5 +181,4 @@ for stage in $STAGES; do
       exit 1
     fi
   fi
-  prev_export=$export_dir
 done

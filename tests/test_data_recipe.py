@@ -145,3 +145,35 @@ def test_step_plan_exact_and_even():
         assert gens == ({"g"} if step < 50 else {"g2"})
     assert per_source["u1"] == 3 * per_source["u2"]  # systematic sampling: exact here (16/step)
     assert plan == step_plan(r, counts, 99, R, mbs, ga, seed=0)
+
+
+def test_ranks_expand_shards_without_statting_each_one(tmp_path, monkeypatch):
+    """Rank 0 (or launch/pipeline.sh) checks existence; the other ranks get the same shard list
+    with one stat per pattern, not one per shard."""
+    import os
+
+    for k in range(4):
+        write_tar(tmp_path / f"s-{k:06d}.tar", caption_records(k, 1))
+    p = _write(tmp_path, """
+sources:
+  - {name: a, task: understanding, format: caption, shards: "s-{000000..000003}.tar"}
+""")
+    monkeypatch.chdir(tmp_path.parent)  # shards resolve against the recipe's directory
+    full = load_recipe(str(p)).sources[0].shards
+    assert load_recipe(str(p), stat_shards=False).sources[0].shards == full
+
+    calls = []
+    for name in ("exists", "isfile"):
+        real = getattr(os.path, name)
+        monkeypatch.setattr(os.path, name, lambda q, real=real: calls.append(q) or real(q))
+    load_recipe(str(p), stat_shards=False)
+    assert len(calls) <= 1
+    calls.clear()
+    load_recipe(str(p))
+    assert len(calls) >= 4
+    monkeypatch.undo()
+
+    (tmp_path / "s-000003.tar").unlink()
+    with pytest.raises(ValueError, match="s-000003.tar.*does not exist"):
+        load_recipe(str(p))
+    assert load_recipe(str(p), stat_shards=False).sources[0].shards == full

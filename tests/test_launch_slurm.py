@@ -149,8 +149,8 @@ def run_job(script: str, env: dict, *overrides: str) -> subprocess.CompletedProc
 
 
 @pytest.mark.parametrize(
-    "experiment,nodes,zero",
-    [("janus_pro_1b", 16, "zero2"), ("janus_pro_7b", 32, "zero3")],
+    "experiment,nodes,zero",  # the sbatch files' "#PLAN stage2" presets (janus-plan's choice)
+    [("janus_pro_1b", 16, "zero1"), ("janus_pro_7b", 32, "zero1")],
 )
 def test_sbatch_renders_one_torchrun_per_node(stubs, tmp_path, experiment, nodes, zero):
     script = f"launch/slurm/{experiment}.sbatch"
@@ -260,9 +260,10 @@ def test_finished_stage_exits_without_srun_and_bad_overrides_fail(stubs, tmp_pat
 
 
 def test_pipeline_slurm_chains_three_jobs_through_exports(stubs, tmp_path):
+    # CHECK_DATA=0: the recipes' shards and the 7B checkpoint are not on this machine.
     env = dict(stubs, LAUNCHER="slurm", EXPERIMENT="janus_pro_7b", RUN_ROOT=str(tmp_path / "r"),
                SBATCH_ARGS="-p gpu -A proj", STAGE3_ARGS="train.ckpt_every=500",
-               DEEPSPEED_STAGE1="zero2")
+               DEEPSPEED_STAGE1="zero3_hpz", CHECK_DATA="0", PYTHON=sys.executable)
     res = subprocess.run(["bash", str(REPO / "launch/pipeline.sh"), "train.log_every=20"],
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr + res.stdout
@@ -277,7 +278,9 @@ def test_pipeline_slurm_chains_three_jobs_through_exports(stubs, tmp_path):
         assert exports["STAGE"] == stage and exports["EXPERIMENT"] == "janus_pro_7b"
         assert exports["RUN_ROOT"] == str(tmp_path / "r")
         assert exports.get("INIT_FROM") == (None if k == 0 else f"{root}/stage{k}/hf")
-        assert exports.get("DEEPSPEED") == ("zero2" if k == 0 else None)
+        # stage 1 as overridden, stages 2 and 3 as the sbatch file's #PLAN lines say
+        assert exports["DEEPSPEED"] == ["zero3_hpz", "zero1", "zero2"][k]
+        assert call[call.index("--parsable") + 2] == f"--nodes={[32, 32, 16][k]}"
         dep = [a for a in call if a.startswith("--dependency=")]
         assert dep == ([] if k == 0 else [f"--dependency=afterok:{1000 + k}"])
         assert call[call.index("-p") + 1] == "gpu" and call[call.index("-A") + 1] == "proj"

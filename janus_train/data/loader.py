@@ -568,7 +568,8 @@ def build_train_loader(run, processor, *, rank: int, world_size: int, micro_batc
         )
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
-    rec = load_recipe(recipe or run.data.recipe or hp.data_recipe)
+    # shard existence: rank 0 only (every rank statting every shard floods a shared filesystem)
+    rec = load_recipe(recipe or run.data.recipe or hp.data_recipe, stat_shards=rank == 0)
     ratio = {"und": hp.ratio.und, "text": hp.ratio.text, "gen": hp.ratio.gen}
     check_recipe_for_stage(rec, ratio, hp.steps)
     counts = task_counts(ratio, hp.global_batch_size)

@@ -90,9 +90,14 @@ def is_remote(url: str) -> bool:
 
 
 def expand_shards(
-    patterns: str | list[str], where: str, base: Path | None = None, check: bool = True
+    patterns: str | list[str], where: str, base: Path | None = None, check: bool = True,
+    stat_shards: bool = True,
 ) -> list[str]:
-    """Brace-, variable- and glob-expand shard patterns; local shards must exist (``check``)."""
+    """Brace-, variable- and glob-expand shard patterns; local shards must exist (``check``).
+
+    ``stat_shards=False``: expand the same way but stat only the first shard of each pattern
+    (to resolve it against ``base``), not every shard: for the ranks of a job whose rank 0 (or
+    ``launch/pipeline.sh``) checked existence, so a shared filesystem sees one pass per job."""
     from braceexpand import braceexpand
 
     if isinstance(patterns, str):
@@ -106,7 +111,15 @@ def expand_shards(
             # Braces inside a pipe: command expand like any other pattern (one command per shard).
             out.extend(braceexpand(pat))
             continue
-        for p in braceexpand(pat):
+        expanded = list(braceexpand(pat))
+        if not stat_shards and not glob.has_magic(pat):
+            first = expanded[0]
+            if base is not None and not os.path.isabs(first) and not os.path.exists(first):
+                out.extend(str(base / p) for p in expanded)
+            else:
+                out.extend(expanded)
+            continue
+        for p in expanded:
             if base is not None and not os.path.isabs(p) and not os.path.exists(p):
                 cand = base / p
                 p = str(cand) if cand.exists() or glob.has_magic(p) else p
@@ -137,7 +150,7 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     return cand
 
 
-def _parse_source(i: int, raw: object, path: Path, check: bool) -> Source:
+def _parse_source(i: int, raw: object, path: Path, check: bool, stat: bool = True) -> Source:
     where0 = f"{path}: sources[{i}]"
     if not isinstance(raw, dict):
         raise ValueError(f"{where0}: must be a mapping")
@@ -173,7 +186,8 @@ def _parse_source(i: int, raw: object, path: Path, check: bool) -> Source:
         steps = (steps[0], steps[1])
     if "shards" not in raw:
         raise ValueError(f"{where}.shards: missing")
-    shards = expand_shards(raw["shards"], f"{where}.shards", base=path.parent, check=check)
+    shards = expand_shards(raw["shards"], f"{where}.shards", base=path.parent, check=check,
+                           stat_shards=stat)
     class_names = None
     if raw.get("class_names") is not None and check:
         cn = raw["class_names"]
@@ -186,11 +200,12 @@ def _parse_source(i: int, raw: object, path: Path, check: bool) -> Source:
     return Source(name, task, fmt, shards, float(weight), steps, class_names)
 
 
-def load_recipe(name_or_path: str, check_shards: bool = True) -> Recipe:
+def load_recipe(name_or_path: str, check_shards: bool = True, stat_shards: bool = True) -> Recipe:
     """Load and validate a recipe (a name in ``data_recipes/`` or a YAML path).
 
     ``check_shards=False`` validates everything but shard existence and environment variables
-    (for checking shipped recipes whose data is not on this machine).
+    (for checking shipped recipes whose data is not on this machine). ``stat_shards=False``
+    expands shards fully but does not stat each one (see :func:`expand_shards`).
 
     Raises ``ValueError`` / ``FileNotFoundError`` with one line naming the file and the key.
     """
@@ -207,7 +222,7 @@ def load_recipe(name_or_path: str, check_shards: bool = True) -> Recipe:
     srcs = raw.get("sources")
     if not isinstance(srcs, list) or not srcs:
         raise ValueError(f"{path}: sources: must be a non-empty list")
-    sources = [_parse_source(i, s, path, check_shards) for i, s in enumerate(srcs)]
+    sources = [_parse_source(i, s, path, check_shards, stat_shards) for i, s in enumerate(srcs)]
     names = [s.name for s in sources]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

@@ -14,6 +14,9 @@ class DeepSpeedConfig:
     """ZeRO optimizer state in CPU memory (uses DeepSpeedCPUAdam)."""
     offload_param: bool = False
     """ZeRO-3 parameters in CPU memory."""
+    hpz_partition_size: int = 1
+    """ZeRO++ hpZ (ZeRO-3 only): keep a secondary copy of the parameters sharded over this many
+    GPUs (the GPUs of a node) so the backward all-gathers stay inside the node; 1 = off."""
     precision: str = "bf16"
     """``bf16`` | ``fp32``; bf16 falls back to fp32 where the device lacks it (CPU)."""
     reduce_bucket_size: int = 500_000_000

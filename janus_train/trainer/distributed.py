@@ -175,6 +175,14 @@ def build_deepspeed_config(
         raise ValueError("deepspeed.offload_param needs deepspeed.zero_stage=3")
     if ds_cfg.offload_optimizer and ds_cfg.zero_stage == 0:
         raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+    if ds_cfg.hpz_partition_size > 1:
+        if ds_cfg.zero_stage != 3:
+            raise ValueError("deepspeed.hpz_partition_size > 1 needs deepspeed.zero_stage=3")
+        if plan.world_size % ds_cfg.hpz_partition_size:
+            raise ValueError(
+                f"deepspeed.hpz_partition_size={ds_cfg.hpz_partition_size} does not divide the "
+                f"world size {plan.world_size}"
+            )
     zero: dict = {
         "stage": ds_cfg.zero_stage,
         "overlap_comm": ds_cfg.overlap_comm and torch.cuda.is_available(),
@@ -189,6 +197,8 @@ def build_deepspeed_config(
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds_cfg.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        if ds_cfg.hpz_partition_size > 1:
+            zero["zero_hpz_partition_size"] = ds_cfg.hpz_partition_size
     return {
         "train_batch_size": plan.micro_batch_size * plan.grad_accum * plan.world_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,

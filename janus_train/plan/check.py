@@ -1,0 +1,146 @@
+"""Checks ``launch/pipeline.sh`` runs on every stage before it starts or submits anything:
+the composed config, the data recipe (shard existence too: this is the one place that stats
+every shard; the training ranks do not), the batch arithmetic at the stage's world size, the
+``model.init_from`` chain and, given a GPU model, ``janus-plan``'s feasibility verdict.
+
+    python -m janus_train.plan.check --experiment janus_pro_7b --gpus-per-node 8 \
+        --gpu a100-80gb --stage stage1 32 zero2 - /runs/x/stage1/hf '' \
+        --stage stage2 32 zero1 /runs/x/stage1/hf /runs/x/stage2/hf 'train.ckpt_every=500' \
+        -- train.log_every=20
+
+``--stage NAME NODES DEEPSPEED INIT_FROM EXPORT_DIR ARGS`` per stage, in order (``-`` = unset;
+ARGS: that stage's overrides, space-separated); after ``--`` the overrides of every stage.
+Exit status 0 when every stage passes, 1 naming each failing stage and what fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from janus_train.config import compose, to_run_config
+from janus_train.plan.config import GIB, ClusterConfig
+from janus_train.plan.estimate import estimate, stage_shape
+from janus_train.trainer.distributed import plan_batch
+
+
+def check_stage(
+    experiment: str,
+    name: str,
+    nodes: int,
+    gpus_per_node: int,
+    deepspeed: str,
+    init_from: str,
+    args: list[str],
+    gpu: str | None,
+    check_data: bool,
+    expected_init: str | None,
+) -> tuple[list[str], str]:
+    """-> (problems, a one-line summary)."""
+    overrides = [f"experiment={experiment}", f"stage={name}"]
+    if deepspeed != "-":
+        overrides.append(f"deepspeed={deepspeed}")
+    if init_from != "-":
+        overrides.append(f"model.init_from={init_from}")
+    try:
+        run = to_run_config(compose([*overrides, *args]))
+    except Exception as e:  # Hydra / OmegaConf / validate(): their message names the key
+        return [f"config: {str(e).splitlines()[0]}"], ""
+    problems: list[str] = []
+    hp = run.hparams
+    world = nodes * gpus_per_node
+    micro = 1 if getattr(run.train, "tokens_per_micro", 0) else run.train.micro_batch_size
+    try:
+        plan_batch(hp.global_batch_size, micro, world)
+    except ValueError as e:
+        problems.append(f"batch at {nodes} nodes x {gpus_per_node} = {world} ranks: {e}")
+    if not run.train.synthetic_data:
+        from janus_train.data.recipe import check_recipe_for_stage, load_recipe
+
+        try:
+            recipe = load_recipe(run.data.recipe or hp.data_recipe, check_shards=check_data)
+            check_recipe_for_stage(
+                recipe, {"und": hp.ratio.und, "text": hp.ratio.text, "gen": hp.ratio.gen}, hp.steps
+            )
+        except (ValueError, FileNotFoundError) as e:
+            problems.append(f"recipe: {e}")
+    init = run.model.init_from
+    if expected_init is not None and init != expected_init:
+        problems.append(
+            f"init_from chain: model.init_from={init} is not the previous stage's "
+            f"export {expected_init}"
+        )
+    elif expected_init is None and init and check_data and not Path(init).is_dir():
+        problems.append(f"init_from chain: model.init_from={init} is not a directory")
+    summary = (
+        f"{nodes} nodes x {gpus_per_node}, batch {hp.global_batch_size}, "
+        f"deepspeed zero{run.deepspeed.zero_stage}"
+    )
+    if gpu:
+        cluster = ClusterConfig(
+            nodes=nodes, gpus_per_node=gpus_per_node, gpu=gpu, search_nodes=False
+        )
+        try:
+            cluster.validate()
+            est = estimate(stage_shape(run), cluster, deepspeed, run.deepspeed, nodes)
+        except ValueError as e:
+            problems.append(f"planner: {e}")
+        else:
+            problems += [f"planner: {p}" for p in est.problems if not p.startswith("batch")]
+            summary += (
+                f", {est.total_memory / GIB:.1f} of {est.usable / GIB:.1f} GiB per "
+                f"{gpu}, step {est.step_s:.2f} s, {est.days:.2f} days"
+            )
+    return problems, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    common: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, common = argv[:i], argv[i + 1 :]
+    ap = argparse.ArgumentParser(prog="python -m janus_train.plan.check")
+    ap.add_argument("--experiment", required=True)
+    ap.add_argument("--gpus-per-node", type=int, required=True)
+    ap.add_argument("--gpu", default="none", help="GPU model for the planner; none: skip it")
+    ap.add_argument(
+        "--no-data",
+        action="store_true",
+        help="skip shard and init_from existence (data not mounted here)",
+    )
+    ap.add_argument(
+        "--stage",
+        nargs=6,
+        action="append",
+        required=True,
+        metavar=("NAME", "NODES", "DEEPSPEED", "INIT_FROM", "EXPORT_DIR", "ARGS"),
+    )
+    a = ap.parse_args(argv)
+    gpu = None if a.gpu in ("", "none") else a.gpu
+    failed, prev_export = 0, None
+    for name, nodes, ds, init, export, args in a.stage:
+        problems, summary = check_stage(
+            a.experiment,
+            name,
+            int(nodes),
+            a.gpus_per_node,
+            ds,
+            init,
+            [*args.split(), *common],
+            gpu,
+            not a.no_data,
+            prev_export,
+        )
+        for p in problems:
+            print(f"pipeline.sh: {name} cannot run: {p}", file=sys.stderr)
+        if not problems:
+            print(f"pipeline.sh: {name} ok: {summary}")
+        failed += bool(problems)
+        prev_export = export
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
