@@ -279,7 +279,7 @@ def test_pipeline_slurm_chains_three_jobs_through_exports(stubs, tmp_path):
         assert exports["RUN_ROOT"] == str(tmp_path / "r")
         assert exports.get("INIT_FROM") == (None if k == 0 else f"{root}/stage{k}/hf")
         # stage 1 as overridden, stages 2 and 3 as the sbatch file's #PLAN lines say
-        assert exports["DEEPSPEED"] == ["zero3_hpz", "zero1", "zero2"][k]
+        assert exports["DEEPSPEED"] == ["zero3_hpz", "zero1", "zero1"][k]
         assert call[call.index("--parsable") + 2] == f"--nodes={[32, 32, 16][k]}"
         dep = [a for a in call if a.startswith("--dependency=")]
         assert dep == ([] if k == 0 else [f"--dependency=afterok:{1000 + k}"])

@@ -189,7 +189,9 @@ def test_exit_status_names_the_infeasible_stage(capsys):
     base = ["experiment=janus_pro_7b", "nodes=32", "gpu=a100-80gb", "search_nodes=false"]
     assert cli.main([*base, "stage=stage3", "deepspeed=zero2"]) == 1
     err = capsys.readouterr().err
-    assert "stage3 is infeasible" in err and "not a multiple" in err
+    assert "stage3 is infeasible" in err and "global batch 128 < 256 ranks" in err
+    assert cli.main([*base, "stage=stage3", "deepspeed=zero2", "train.tokens_per_micro=0"]) == 1
+    assert "not a multiple of train.micro_batch_size" in capsys.readouterr().err
     assert cli.main([*base, "stage=stage2", "deepspeed=zero1", "gpu=a100-40gb"]) == 1
     err = capsys.readouterr().err
     assert "stage2 is infeasible" in err and "memory" in err
@@ -259,7 +261,7 @@ def test_pipeline_refuses_a_stage_that_cannot_run_before_submitting(tmp_path):
     assert res.returncode == 1, res.stdout + res.stderr
     assert "stage1 cannot run: recipe" in res.stderr
     assert "stage2 cannot run: planner: memory" in res.stderr
-    assert "stage3 cannot run: batch at 32 nodes x 8 = 256 ranks" in res.stderr
+    assert "stage3 cannot run: batch: global batch 128 < 256 ranks" in res.stderr
     assert not (tmp_path / "sbatch.log").exists()
     # as shipped (data not mounted here), every stage passes and goes with its planned nodes
     res = _pipeline(tmp_path, [], LAUNCHER="slurm", EXPERIMENT="janus_pro_7b", CHECK_DATA="0")
@@ -271,10 +273,10 @@ def test_pipeline_refuses_a_stage_that_cannot_run_before_submitting(tmp_path):
 
 def test_local_pipeline_checks_batch_and_init_from_before_running(tmp_path):
     smoke = ["model=tiny", "train.synthetic_data=true", "train.global_batch_size=4"]
-    res = _pipeline(tmp_path, smoke, EXPERIMENT="tiny", NPROC_PER_NODE="3", DRY_RUN="1")
+    res = _pipeline(tmp_path, smoke, EXPERIMENT="tiny", NPROC_PER_NODE="8", DRY_RUN="1")
     assert res.returncode == 1
     for stage in ("stage1", "stage2", "stage3"):
-        assert f"{stage} cannot run: batch at 1 nodes x 3 = 3 ranks" in res.stderr
+        assert f"{stage} cannot run: batch: global batch 4 < 8 ranks" in res.stderr
     assert "torchrun.sh" not in res.stdout
     res = _pipeline(
         tmp_path,

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from janus_train.config import compose, to_run_config
 from janus_train.plan.config import GIB, ClusterConfig
-from janus_train.plan.estimate import estimate, stage_shape
-from janus_train.trainer.distributed import plan_batch
+from janus_train.plan.estimate import batch_plan, estimate, stage_shape
 
 
 def check_stage(
@@ -50,11 +49,11 @@ def check_stage(
     problems: list[str] = []
     hp = run.hparams
     world = nodes * gpus_per_node
-    micro = 1 if getattr(run.train, "tokens_per_micro", 0) else run.train.micro_batch_size
-    try:
-        plan_batch(hp.global_batch_size, micro, world)
-    except ValueError as e:
-        problems.append(f"batch at {nodes} nodes x {gpus_per_node} = {world} ranks: {e}")
+    tpm = run.train.tokens_per_micro
+    _, batch_problems = batch_plan(hp.global_batch_size, run.train.micro_batch_size, world, tpm)
+    problems += [
+        f"{p} (at {nodes} nodes x {gpus_per_node} = {world} ranks)" for p in batch_problems
+    ]
     if not run.train.synthetic_data:
         from janus_train.data.recipe import check_recipe_for_stage, load_recipe
 

@@ -9,7 +9,9 @@ recommends.
 Arguments are Hydra overrides of the training config (as ``janus-train`` takes them) plus the
 cluster keys of :class:`janus_train.plan.config.ClusterConfig`. ``stage=`` plans one stage
 (default all three); ``deepspeed=`` evaluates that preset only (default: every preset without
-CPU offload, whose host traffic is not modelled); ``search_nodes=false`` plans exactly ``nodes``.
+CPU offload, whose host traffic is not modelled); the node counts tried are ``nodes`` and those
+below it whose ranks split the global batch evenly; ``search_nodes=false`` plans exactly
+``nodes``.
 Exit status: 0 when every planned stage has a feasible configuration, 1 otherwise (the failing
 stage and why on stderr), 2 on bad arguments.
 """
@@ -92,11 +94,18 @@ def plan_stage(
     stage: str, cluster: ClusterConfig, overrides: list[str], preset: str | None
 ) -> StagePlan:
     names = [preset] if preset else presets()
-    node_counts = range(cluster.nodes, 0, -1) if cluster.search_nodes else [cluster.nodes]
     estimates, shape = [], None
     for name in names:
         run = to_run_config(compose([*overrides, f"stage={stage}", f"deepspeed={name}"]))
         shape = stage_shape(run)
+        # Searched node counts split the batch evenly over the ranks (token-budget micro-batches
+        # accept any count, but the busiest rank sets the pace); `nodes` itself is always shown.
+        node_counts = [cluster.nodes]
+        if cluster.search_nodes:
+            per = cluster.gpus_per_node * (1 if shape.tokens_per_micro else shape.micro_batch)
+            node_counts += [
+                n for n in range(cluster.nodes - 1, 0, -1) if shape.global_batch % (n * per) == 0
+            ]
         estimates += [estimate(shape, cluster, name, run.deepspeed, n) for n in node_counts]
     assert shape is not None
     return StagePlan(shape, estimates, recommend(estimates))

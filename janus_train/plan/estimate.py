@@ -382,7 +382,7 @@ def stage_shape(run) -> StageShape:
         micro_batch=run.train.micro_batch_size,
         steps=min(hp.steps, hp.stop_at) if hp.stop_at else hp.steps,
         seq_len=run.data.seq_len,
-        tokens_per_micro=int(getattr(run.train, "tokens_per_micro", 0) or 0),
+        tokens_per_micro=run.train.tokens_per_micro,
         pack=run.data.pack,
         ratio=(hp.ratio.und, hp.ratio.text, hp.ratio.gen),
         checkpointing=run.model.gradient_checkpointing,
@@ -435,6 +435,24 @@ def sample_flops(shape: StageShape, cl: ClusterConfig) -> float:
     return sum(f * k for f, k in zip(per, w)) / sum(w)
 
 
+def batch_plan(
+    global_batch: int, micro_batch: int, world: int, tokens_per_micro: int
+) -> tuple[BatchPlan | None, list[str]]:
+    """The trainer's batch arithmetic at ``world`` ranks, plus one rule of its own: with
+    token-budget micro-batches any batch is accepted, but fewer samples per step than ranks
+    leaves ranks without data (e.g. batch 128 on 256 GPUs)."""
+    try:
+        plan = plan_batch(global_batch, micro_batch, world, tokens_per_micro)
+    except ValueError as e:
+        return None, [f"batch: {e}"]
+    if global_batch < world:
+        return plan, [
+            f"batch: global batch {global_batch} < {world} ranks: ranks without "
+            "samples; use fewer nodes or a larger batch"
+        ]
+    return plan, []
+
+
 def estimate(
     shape: StageShape, cl: ClusterConfig, preset: str, ds: DeepSpeedConfig, nodes: int
 ) -> Estimate:
@@ -442,10 +460,8 @@ def estimate(
     world = nodes * gpn
     est = Estimate(preset, ds, nodes, world, None, usable=cl.usable_bytes)
     mb = 1 if shape.tokens_per_micro else shape.micro_batch
-    try:
-        est.batch = plan_batch(shape.global_batch, mb, world)
-    except ValueError as e:
-        est.problems.append(f"batch: {e}")
+    est.batch, problems = batch_plan(shape.global_batch, mb, world, shape.tokens_per_micro)
+    est.problems += problems
     if ds.hpz_partition_size > 1 and (ds.zero_stage != 3 or world % ds.hpz_partition_size):
         est.problems.append(
             f"deepspeed.hpz_partition_size={ds.hpz_partition_size} needs ZeRO-3 "
