@@ -214,14 +214,22 @@ class Row:
 
 
 def activation_bytes(
-    s: ModelSizes, row: Row, checkpointing: bool, trainable: list[str], act_bytes: int = 2
+    s: ModelSizes,
+    row: Row,
+    checkpointing: bool,
+    trainable: list[str],
+    act_bytes: int = 2,
+    checkpoint_every: int = 1,
 ) -> float:
-    """Peak bytes of activations and backward temporaries of one row (module docstring)."""
+    """Peak bytes of activations and backward temporaries of one row (module docstring).
+    ``checkpoint_every`` k: only every k-th decoder layer is checkpointed
+    (``model.checkpoint_every``)."""
     b, h = act_bytes, s.hidden
     fp32_copies = 0 if b >= 4 else 4 * h  # an RMSNorm's fp32 input copy, bf16 only
     layer_full = b * (8 * h + 2 * s.kv_hidden + 4 * s.intermediate) + 2 * fp32_copies
     final = b * h + 2 * b * h + fp32_copies  # last layer output, final norm
-    saved = (s.layers * b * h if checkpointing else s.layers * layer_full) + final
+    n_ckpt = -(-s.layers // checkpoint_every) if checkpointing else 0
+    saved = n_ckpt * b * h + (s.layers - n_ckpt) * layer_full + final
     saved *= row.tokens
     text_head = b * h + 4 * s.vocab
     image_head = b * h + 2 * b * h + 4 * s.codebook  # input, projection, GELU, log-softmax
@@ -236,7 +244,7 @@ def activation_bytes(
     # backward temporaries: the heads' logits gradients, or one recomputed layer
     head_tmp = row.text_sup * (8 * s.vocab + (0 if b >= 4 else 2 * s.vocab))
     head_tmp += row.image_sup * (8 * s.codebook + (0 if b >= 4 else 2 * s.codebook))
-    recompute = row.tokens * layer_full if checkpointing else 0
+    recompute = row.tokens * layer_full if n_ckpt else 0
     return saved + max(head_tmp, recompute)
 
 
@@ -360,6 +368,7 @@ class StageShape:
     ratio: tuple[int, int, int]
     """(und, text, gen) samples per step."""
     checkpointing: bool
+    checkpoint_every: int
     precision: str
 
     @property
@@ -386,6 +395,7 @@ def stage_shape(run) -> StageShape:
         pack=run.data.pack,
         ratio=(hp.ratio.und, hp.ratio.text, hp.ratio.gen),
         checkpointing=run.model.gradient_checkpointing,
+        checkpoint_every=run.model.checkpoint_every,
         precision=run.deepspeed.precision,
     )
 
