@@ -8,6 +8,7 @@ docstring, the environment variables and the exit statuses. Generated from the t
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
@@ -130,3 +131,25 @@ def render(overrides: list[str] | None = None) -> str:
     out += ["  else crash (a requeue after a crash is the launcher's choice: launch/slurm/job.sh)"]
     out += ["", "Hydra's own options: janus-train --hydra-help"]
     return "\n".join(out)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse help that shows every option's default (not for required options or unset
+    ones) and keeps the description's lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "%(default)" not in text
+            and action.option_strings
+            and not action.required
+            and action.default not in (None, argparse.SUPPRESS, False)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def summary(doc: str | None) -> str:
+    """A module docstring's first paragraph (whole sentences, RST quotes dropped) for argparse."""
+    para = (doc or "").strip().split("\n\n")[0]
+    return " ".join(para.replace("``", "").split())

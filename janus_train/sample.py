@@ -274,31 +274,73 @@ def image_grid(images: list[Image.Image], cols: int, scale: int = 1, pad: int = 
     return grid
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="janus-sample", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="HF-format export directory")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--style", choices=STYLES, help="override the export's chat template")
-    ap.add_argument("--chat-template", choices=sorted(ROLES), help="override (roles)")
+def build_parser() -> argparse.ArgumentParser:
+    from janus_train.cli_help import HelpFormatter, summary
+
+    ap = argparse.ArgumentParser(
+        prog="janus-sample", description=summary(__doc__), formatter_class=HelpFormatter
+    )
+    ap.add_argument("--model", required=True, help="HF-format export directory (a run's hf/)")
+    ap.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (cuda when available)",
+    )
+    ap.add_argument(
+        "--style",
+        choices=STYLES,
+        default=None,
+        help="override the export's chat template: chat (stage 2/3) or plain (stage 1)",
+    )
+    ap.add_argument(
+        "--chat-template",
+        choices=sorted(ROLES),
+        default=None,
+        help="override the export's roles (with --style chat; default then janus_pro)",
+    )
     ap.add_argument(
         "--system-prompt",
-        help="override (default with --style/--chat-template: DeepSeek's; '' none)",
+        default=None,
+        help="override the system prompt (with --style/--chat-template: DeepSeek's; '' none)",
     )
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16, help="prompts per forward batch")
     sub = ap.add_subparsers(dest="mode", required=True)
-    u = sub.add_parser("understand", help="answer questions about images")
-    u.add_argument("--image", action="append", required=True, help="repeat; one per question")
-    u.add_argument("--question", action="append", required=True)
-    u.add_argument("--max-new-tokens", type=int, default=64)
-    g = sub.add_parser("generate", help="text-to-image with classifier-free guidance")
-    g.add_argument("--prompt", action="append", required=True)
+    u = sub.add_parser(
+        "understand",
+        help="answer questions about images",
+        formatter_class=HelpFormatter,
+        description="Answer questions about images (greedy decoding), one answer per line.",
+    )
+    u.add_argument(
+        "--image",
+        action="append",
+        required=True,
+        help="image file; repeat, one per question (or one for all questions)",
+    )
+    u.add_argument("--question", action="append", required=True, help="question; repeat")
+    u.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit")
+    g = sub.add_parser(
+        "generate",
+        help="text-to-image with classifier-free guidance",
+        formatter_class=HelpFormatter,
+        description="Generate images from prompts with classifier-free guidance; saves PNGs "
+        "and a grid in --out.",
+    )
+    g.add_argument("--prompt", action="append", required=True, help="prompt; repeat")
     g.add_argument("--n", type=int, default=1, help="images per prompt")
     g.add_argument("--guidance", type=float, default=5.0, help="CFG scale >= 1 (1 = none)")
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default="samples")
+    g.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy"
+    )
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes; 0 = all")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = all")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--out", default="samples", help="output directory")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     model, processor = load(args.model, args.device)

@@ -3,6 +3,7 @@ with its composed value, and every environment variable the code and the configs
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -54,3 +55,42 @@ def test_train_help_is_what_the_entry_point_prints():
     )
     assert out.returncode == 0, out.stderr
     assert "stage.sft = True" in out.stdout and "Environment variables:" in out.stdout
+
+
+def _parsers(ap: argparse.ArgumentParser, name: str):
+    yield name, ap
+    for action in ap._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                yield from _parsers(p, f"{name} {sub}")
+
+
+def _cli_parsers():
+    from janus_train.data.cli import build_parser as data_parser
+    from janus_train.sample import build_parser as sample_parser
+
+    yield from _parsers(data_parser(), "janus-data")
+    yield from _parsers(sample_parser(), "janus-sample")
+
+
+def test_every_cli_option_has_help_and_shows_its_default():
+    seen = 0
+    for name, ap in _cli_parsers():
+        if not ap.add_help:  # forwarded to another parser (janus-data synth)
+            continue
+        text = " ".join(ap.format_help().split())
+        if ap.description:
+            assert ap.description.rstrip().endswith((".", ")")), f"{name}: description cut"
+        for action in ap._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            flag = action.option_strings[0] if action.option_strings else action.dest
+            assert action.help, f"{name} {flag}: no help text"
+            seen += 1
+            if (
+                action.option_strings
+                and not action.required
+                and action.default not in (None, False, argparse.SUPPRESS)
+            ):
+                assert f"(default: {action.default})" in text, f"{name} {flag}: default hidden"
+    assert seen > 30

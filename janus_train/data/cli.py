@@ -362,9 +362,16 @@ def vq_encode(args) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="janus-data", description=__doc__.split("\n\n")[0])
+    from janus_train.cli_help import HelpFormatter, summary
+
+    ap = argparse.ArgumentParser(
+        prog="janus-data", description=summary(__doc__), formatter_class=HelpFormatter
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    conv = sub.add_parser("convert", help="convert a data set into WebDataset shards")
+    conv = sub.add_parser(
+        "convert", help="convert a data set into WebDataset shards",
+        description="Convert a data set into WebDataset shards (formats: docs/data.md).",
+    )
     csub = conv.add_subparsers(dest="kind", required=True)
 
     def common(p):
@@ -372,38 +379,48 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--prefix", default=None, help="shard name prefix")
         p.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
 
-    p = csub.add_parser("llava", help="LLaVA JSON + image folder -> conversation shards")
-    p.add_argument("--json", required=True)
-    p.add_argument("--image-root", default=None)
+    p = csub.add_parser("llava", formatter_class=HelpFormatter, help="LLaVA JSON + image folder -> conversation shards")
+    p.add_argument("--json", required=True, help="LLaVA conversation JSON (a list of records)")
+    p.add_argument("--image-root", default=None, help="directory the records' image paths are relative to")
     common(p)
-    p = csub.add_parser("text", help="jsonl ({text} or {conversations}) -> text shards")
-    p.add_argument("--input", required=True)
-    p.add_argument("--text-key", default="text")
+    p = csub.add_parser("text", formatter_class=HelpFormatter, help="jsonl ({text} or {conversations}) -> text shards")
+    p.add_argument("--input", required=True, help="jsonl file")
+    p.add_argument("--text-key", default="text", help="field holding the text")
     common(p)
-    p = csub.add_parser("captions", help="csv/tsv/parquet/HF datasets dir -> caption shards")
-    p.add_argument("--input", required=True)
-    p.add_argument("--image-col", default="image")
-    p.add_argument("--caption-col", default="caption")
-    p.add_argument("--image-root", default=None)
+    p = csub.add_parser("captions", formatter_class=HelpFormatter, help="csv/tsv/parquet/HF datasets dir -> caption shards")
+    p.add_argument("--input", required=True, help="csv/tsv/parquet file or HF datasets directory")
+    p.add_argument("--image-col", default="image", help="column with image paths, bytes or images")
+    p.add_argument("--caption-col", default="caption", help="column with the caption")
+    p.add_argument("--image-root", default=None, help="directory relative image paths start from")
     common(p)
-    p = csub.add_parser("imagenet", help="class folders -> class_label shards")
-    p.add_argument("--root", required=True)
+    p = csub.add_parser("imagenet", formatter_class=HelpFormatter, help="class folders -> class_label shards")
+    p.add_argument("--root", required=True, help="directory of class folders")
     p.add_argument("--class-names", default=None, help="lines 'FOLDER NAME[, synonyms]'")
     common(p)
 
-    p = sub.add_parser("inspect", help="print built samples of a recipe, supervised in [[...]]")
+    p = sub.add_parser(
+        "inspect", help="print built samples of a recipe, supervised in [[...]]",
+        formatter_class=HelpFormatter,
+        description="Print the samples a recipe builds for the first steps (supervised tokens in "
+        "[[...]]) and the per-source counts.",
+    )
     p.add_argument("--recipe", default=None, help="recipe name or path (default: the stage's)")
     p.add_argument("--n", type=int, default=8, help="samples per step")
-    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--steps", type=int, default=1, help="optimizer steps to build")
     p.add_argument("--workdir", default=".", help="where a tiny tokenizer is trained/reused")
     p.add_argument("overrides", nargs="*", help="hydra overrides, e.g. experiment=tiny stage=stage2")
 
-    p = sub.add_parser("vq-encode", help="add frozen-VQ codes.npy to generation shards")
+    p = sub.add_parser(
+        "vq-encode", help="add frozen-VQ codes.npy to generation shards",
+        formatter_class=HelpFormatter,
+        description="Pre-tokenize generation images with the frozen VQ: writes copies of the "
+        "shards with a KEY.codes.npy member, which the trainer uses instead of encoding.",
+    )
     p.add_argument("--model", required=True, help="local HF-format Janus directory")
     p.add_argument("--shards", required=True, help="shard pattern (braces allowed)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="output directory for the encoded shards")
+    p.add_argument("--device", default="cpu", help="torch device of the VQ encoder")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VQ forward")
     p.add_argument("--threads", type=int, default=4, help="image decode threads per process")
     p.add_argument("--procs", type=int, default=1, help="shards encoded in parallel processes")
     sub.add_parser("synth", add_help=False,
