@@ -132,7 +132,9 @@ for stage in $STAGES; do
 done
 
 if [[ ${CHECK:-1} != 0 && ${#check_args[@]} -gt 0 ]]; then
-  check=("${PYTHON:-python}" -m janus_train.plan.check --experiment "$EXPERIMENT"
+  py=${PYTHON:-python}
+  if [[ -z ${PYTHON:-} && -x $here/../.venv/bin/python ]]; then py=$here/../.venv/bin/python; fi
+  check=("$py" -m janus_train.plan.check --experiment "$EXPERIMENT"
          --gpus-per-node "$gpn" --gpu "${gpu:-none}")
   if [[ ${CHECK_DATA:-1} == 0 ]]; then check+=(--no-data); fi
   if ! "${check[@]}" "${check_args[@]}" -- "$@"; then

@@ -22,6 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from janus_train.config import compose, to_run_config
 from janus_train.plan import cli
 from janus_train.plan.config import ClusterConfig
+from janus_train.plan.costs import communication
 from janus_train.plan.estimate import Row, activation_bytes, model_sizes, model_state_bytes
 from janus_train.trainer.config import DeepSpeedConfig
 from janus_train.trainer.distributed import BatchPlan, build_deepspeed_config
@@ -220,6 +221,29 @@ def test_hpz_preset_reaches_the_deepspeed_json():
         )
     cluster = ClusterConfig(nodes=2, gpu="h100")
     assert cluster.spec.peak_bf16 == 989e12
+
+
+def test_hpz_keeps_backward_gathers_in_the_node():
+    args = dict(
+        trainable=10**9,
+        forward_params=2 * 10**9,
+        backward_params=2 * 10**9,
+        nodes=4,
+        gpus_per_node=8,
+        grad_accum=2,
+        checkpointing=True,
+    )
+    plain = communication(DeepSpeedConfig(zero_stage=3), **args)
+    hpz = communication(DeepSpeedConfig(zero_stage=3, hpz_partition_size=8), **args)
+    across = [sum(t.bytes for t in ts if t.inter_node) for ts in (plain, hpz)]
+    ring = 31 / 32  # 32 ranks
+    # ZeRO-3: per micro-step one forward and two backward gathers (recompute, backward) of the
+    # bf16 parameters plus a gradient reduce-scatter, all across nodes
+    assert across[0] == pytest.approx(2 * 2 * (3 * 2e9 + 1e9) * ring)
+    # hpZ: the two backward gathers move to NVLink over the node's 8 GPUs
+    assert across[1] == pytest.approx(2 * 2 * (2e9 + 1e9) * ring)
+    in_node = sum(t.bytes for t in hpz if not t.inter_node)
+    assert in_node == pytest.approx(2 * 2 * 2 * 2e9 * 7 / 8)
 
 
 # ---- launch/pipeline.sh --------------------------------------------------------------------

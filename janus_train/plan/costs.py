@@ -1,0 +1,315 @@
+"""The cost model of ``janus-plan``: per-GPU memory, traffic and FLOP inputs of the Janus model
+under one DeepSpeed configuration (stage-level assembly: :mod:`janus_train.plan.estimate`).
+
+Everything is arithmetic on the typed config; the parameter counts come from the real HF Janus
+modules built on the meta device (no memory, no weights), so they are exact.
+
+Model states, bytes per parameter (bf16 mixed precision, AdamW), as DeepSpeed's own estimators
+``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs`` count them
+for trainable parameters (P_t, N ranks):
+
+    ZeRO   bf16 params   gradients            optimizer (fp32 master + m + v)
+    0      2 P_t         (2 + 4) P_t          12 P_t
+    1      2 P_t         2 P_t + 4 P_t / N    12 P_t / N
+    2      2 P_t         (2 + 4) P_t / N      12 P_t / N
+    3      2 P_t / N     4 P_t / N            12 P_t / N   + 4 x the largest layer (gathered)
+
+Frozen modules hold only their bf16 weights: 2 P_f per GPU, or 2 P_f / N under ZeRO-3. With
+``offload_optimizer`` gradients and optimizer state live in CPU memory; with ``offload_param``
+(ZeRO-3) the parameters too. hpZ adds a secondary copy: 2 (P_t + P_f) / hpz.
+
+Activations (bytes per token, b bytes per activation element, HF Llama decoder with SDPA):
+a layer keeps ``b (8 h + 2 h_kv + 4 i)`` (inputs of the norms, q/k/v, attention output, the MLP's
+four i-wide tensors) plus in bf16 the fp32 copies the two RMSNorms make (8 h bytes). With
+gradient checkpointing a layer keeps only its input (``b h``) and one layer is recomputed at a
+time. The heads keep the fp32 log-softmax of every supervised position (vocab x 4 bytes) and
+their backward briefly holds two more. tests/test_plan.py checks this against the peak live
+tensor memory of a real forward + backward of the tiny model.
+
+Communication, bytes each GPU sends per optimizer step (ring collectives over k ranks move
+``S (k-1)/k`` per GPU for a reduce-scatter or all-gather of S bytes):
+
+    ZeRO-0  all-reduce of the gradients at the boundary (2 x)
+    ZeRO-1  gradient reduce-scatter at the boundary, parameter all-gather after the step
+    ZeRO-2  gradient reduce-scatter every micro-step, parameter all-gather after the step
+    ZeRO-3  every micro-step: parameter all-gather for the forward, again for the recompute
+            (checkpointing) and for the backward, gradient reduce-scatter; hpZ serves the
+            recompute/backward gathers from the node's secondary copy (intra-node)
+
+MiCS (``mics_shard_size``) was removed from DeepSpeed 0.19, which this project runs, so it is
+not a candidate. Step time = max(compute, overlapped communication) + exposed communication
+(the ZeRO-1/2 parameter all-gather after the optimizer step); compute = model FLOPs (PaLM
+accounting, as ``speed/mfu`` logs it) / (MFU x peak). Host traffic of offloading is not modelled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from janus_train.model.config import ModelConfig
+from janus_train.trainer.config import DeepSpeedConfig
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Parameter counts per module group and the dimensions the activation model needs."""
+
+    groups: dict[str, int]
+    largest_layer: int
+    """Most parameters owned directly by one module (ZeRO-3's gathered working set)."""
+    flops_params: int
+    """PaLM N: LLM parameters without the token embeddings, plus ``lm_head``."""
+    hidden: int
+    kv_hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+    image_tokens: int
+    codebook: int
+    vision_hidden: int
+    vision_layers: int
+    vision_mlp: int
+    und_image_flops: float
+    gen_image_flops: float
+
+
+class _VocabOnly:
+    """Stands in for a tokenizer: sizes do not depend on which ids the special tokens have."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def get_vocab(self) -> dict[str, int]:
+        from janus_train.model.tokenizer import JANUS_SPECIAL_TOKENS
+
+        return {t: i for i, t in enumerate(JANUS_SPECIAL_TOKENS)}
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _key(cfg: ModelConfig) -> tuple:
+    return (
+        cfg.image_size,
+        tuple(vars(cfg.text).items()),
+        tuple(vars(cfg.vision).items()),
+        tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in vars(cfg.vq).items()),
+    )
+
+
+_SIZES: dict[tuple, ModelSizes] = {}
+
+
+def _sizes(cfg: ModelConfig) -> ModelSizes:
+    import torch
+    from transformers import JanusForConditionalGeneration
+
+    from janus_train.model.build import build_janus_config
+    from janus_train.model.freeze import GROUPS
+    from janus_train.trainer.metrics import encoder_flops
+
+    jcfg = build_janus_config(cfg, _VocabOnly(cfg.text.vocab_size))
+    with torch.device("meta"):
+        model = JanusForConditionalGeneration(jcfg)
+    groups = {
+        g: sum(p.numel() for path in paths for p in model.get_submodule(path).parameters())
+        for g, paths in GROUPS.items()
+    }
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    lm = model.model.language_model
+    n = sum(p.numel() for name, p in lm.named_parameters() if "embed_tokens" not in name)
+    n += sum(p.numel() for p in model.lm_head.parameters())
+    und_f, gen_f = encoder_flops(jcfg)
+    t = cfg.text
+    return ModelSizes(
+        groups=groups,
+        largest_layer=largest,
+        flops_params=n,
+        hidden=t.hidden_size,
+        kv_hidden=t.hidden_size * t.num_key_value_heads // t.num_attention_heads,
+        intermediate=t.intermediate_size,
+        layers=t.num_hidden_layers,
+        vocab=jcfg.text_config.vocab_size,
+        image_tokens=cfg.num_image_tokens,
+        codebook=cfg.vq.num_embeddings,
+        vision_hidden=cfg.vision.hidden_size,
+        vision_layers=cfg.vision.num_hidden_layers,
+        vision_mlp=int(cfg.vision.hidden_size * cfg.vision.mlp_ratio),
+        und_image_flops=und_f,
+        gen_image_flops=gen_f,
+    )
+
+
+def model_sizes(cfg: ModelConfig) -> ModelSizes:
+    """Cached per architecture (the meta build takes seconds for 7B)."""
+    key = _key(cfg)
+    if key not in _SIZES:
+        _SIZES[key] = _sizes(cfg)
+    return _SIZES[key]
+
+
+# ---- memory ------------------------------------------------------------------------------
+
+
+def model_state_bytes(
+    trainable: int,
+    frozen: int,
+    largest_layer: int,
+    ds: DeepSpeedConfig,
+    world: int,
+    precision: str = "bf16",
+) -> dict[str, float]:
+    """Per-GPU bytes of parameters, gradients and optimizer state (module docstring table)."""
+    z, n = ds.zero_stage, world
+    pb = 2 if precision == "bf16" else 4  # parameter / gradient element
+    master = 4 if precision == "bf16" else 0  # fp32 master copy and fp32 gradient partition
+    out: dict[str, float] = {}
+    if z == 3:
+        out["trainable params"] = 0.0 if ds.offload_param else pb * trainable / n
+        out["frozen params"] = 0.0 if ds.offload_param else pb * frozen / n
+        out["gathered layer"] = 2.0 * pb * largest_layer
+    else:
+        out["trainable params"] = float(pb * trainable)
+        out["frozen params"] = float(pb * frozen)
+    if ds.offload_optimizer and z >= 1:
+        out["gradients"] = 0.0
+        out["optimizer"] = 0.0
+    elif z == 0:
+        out["gradients"] = float((pb + master) * trainable)
+        out["optimizer"] = float((master + 8) * trainable)
+    elif z == 1:
+        out["gradients"] = pb * trainable + master * trainable / n
+        out["optimizer"] = (master + 8) * trainable / n
+    elif z == 2:
+        out["gradients"] = (pb + master) * trainable / n
+        out["optimizer"] = (master + 8) * trainable / n
+    else:
+        out["gradients"] = (master or pb) * trainable / n
+        out["optimizer"] = (master + 8) * trainable / n
+    if z == 3 and ds.hpz_partition_size > 1:
+        out["hpZ secondary copy"] = pb * (trainable + frozen) / ds.hpz_partition_size
+    return out
+
+
+def buffer_bytes(ds: DeepSpeedConfig) -> float:
+    """DeepSpeed's bucket buffers: the gradient reduce bucket (two with ``overlap_comm``) and,
+    for ZeRO-1/2, the parameter all-gather bucket; bf16 elements."""
+    if ds.zero_stage == 0:
+        return 0.0
+    reduce = (2 if ds.overlap_comm else 1) * 2.0 * ds.reduce_bucket_size
+    return reduce + (2.0 * ds.reduce_bucket_size if ds.zero_stage in (1, 2) else 0.0)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A micro-batch row for the activation estimate: ``tokens`` through the LLM, of which
+    ``text_sup`` are predicted by ``lm_head`` and ``image_sup`` by the image head, with
+    ``und_images`` understanding images."""
+
+    tokens: int
+    text_sup: int
+    image_sup: int
+    und_images: int
+
+
+def activation_bytes(
+    s: ModelSizes,
+    row: Row,
+    checkpointing: bool,
+    trainable: list[str],
+    act_bytes: int = 2,
+    checkpoint_every: int = 1,
+) -> float:
+    """Peak bytes of activations and backward temporaries of one row (module docstring).
+    ``checkpoint_every`` k: only every k-th decoder layer is checkpointed
+    (``model.checkpoint_every``)."""
+    b, h = act_bytes, s.hidden
+    fp32_copies = 0 if b >= 4 else 4 * h  # an RMSNorm's fp32 input copy, bf16 only
+    layer_full = b * (8 * h + 2 * s.kv_hidden + 4 * s.intermediate) + 2 * fp32_copies
+    final = b * h + 2 * b * h + fp32_copies  # last layer output, final norm
+    n_ckpt = -(-s.layers // checkpoint_every) if checkpointing else 0
+    saved = n_ckpt * b * h + (s.layers - n_ckpt) * layer_full + final
+    saved *= row.tokens
+    text_head = b * h + 4 * s.vocab
+    image_head = b * h + 2 * b * h + 4 * s.codebook  # input, projection, GELU, log-softmax
+    saved += row.text_sup * text_head + row.image_sup * image_head
+    # aligner (always trains) on each understanding image, SigLIP only when it trains
+    v, m = s.vision_hidden, s.vision_mlp
+    per_img_tok = b * (v + 2 * h)
+    if "und_encoder" in trainable:
+        vit_layer = b * (9 * v + 2 * m)
+        per_img_tok += s.vision_layers * (b * v if checkpointing else vit_layer)
+    saved += max(1, row.und_images) * s.image_tokens * per_img_tok
+    # backward temporaries: the heads' logits gradients, or one recomputed layer
+    head_tmp = row.text_sup * (8 * s.vocab + (0 if b >= 4 else 2 * s.vocab))
+    head_tmp += row.image_sup * (8 * s.codebook + (0 if b >= 4 else 2 * s.codebook))
+    recompute = row.tokens * layer_full if n_ckpt else 0
+    return saved + max(head_tmp, recompute)
+
+
+# ---- communication -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Transfer:
+    what: str
+    bytes: float
+    """Bytes each GPU sends per optimizer step."""
+    inter_node: bool
+    exposed: bool
+    """Not overlapped with compute."""
+
+
+def communication(
+    ds: DeepSpeedConfig,
+    trainable: int,
+    forward_params: int,
+    backward_params: int,
+    nodes: int,
+    gpus_per_node: int,
+    grad_accum: int,
+    checkpointing: bool,
+    precision: str = "bf16",
+) -> list[Transfer]:
+    """Per-GPU traffic of one optimizer step (module docstring). ``forward_params`` /
+    ``backward_params``: parameters ZeRO-3 gathers for the forward / backward."""
+    n = nodes * gpus_per_node
+    pb = 2 if precision == "bf16" else 4
+    ring = (n - 1) / n
+    inter = nodes > 1
+    z, a = ds.zero_stage, grad_accum
+    if n == 1:
+        return []
+    if z == 0:
+        return [Transfer("gradient all-reduce", 2 * pb * trainable * ring, inter, False)]
+    if z in (1, 2):
+        k = 1 if z == 1 else a
+        return [
+            Transfer(f"gradient reduce-scatter x{k}", k * pb * trainable * ring, inter, False),
+            Transfer("parameter all-gather after the step", pb * trainable * ring, inter, True),
+        ]
+    bwd_gathers = 2 if checkpointing else 1
+    out = [
+        Transfer(f"forward parameter all-gather x{a}", a * pb * forward_params * ring, inter, False)
+    ]
+    hpz = ds.hpz_partition_size
+    if hpz > 1 and gpus_per_node % hpz == 0:
+        out.append(
+            Transfer(
+                f"backward all-gather x{a * bwd_gathers} (hpZ, in-node)",
+                a * bwd_gathers * pb * backward_params * (hpz - 1) / hpz,
+                False,
+                False,
+            )
+        )
+    else:
+        out.append(
+            Transfer(
+                f"backward all-gather x{a * bwd_gathers}",
+                a * bwd_gathers * pb * backward_params * ring,
+                inter,
+                False,
+            )
+        )
+    out.append(Transfer(f"gradient reduce-scatter x{a}", a * pb * trainable * ring, inter, False))
+    return out
