@@ -281,3 +281,37 @@ def test_demo_lora_script_needs_the_stage2_export(tmp_path):
         text=True,
     )
     assert res.returncode == 2 and "runs/tiny/stage2/hf" in res.stderr
+
+
+def test_planner_counts_adapters_and_7b_fits_one_80gb_gpu(capsys):
+    """janus-plan: LoRA groups' weights count as frozen, adapters as trainable (equal to the
+    parameters peft injects into a meta build, counted by apply_freeze); the shipped one-GPU
+    7B experiment is feasible on an 80 GB GPU."""
+    import torch
+    from transformers import JanusForConditionalGeneration
+
+    from janus_train.config import compose, to_run_config
+    from janus_train.model.build import build_janus_config
+    from janus_train.plan import cli
+    from janus_train.plan.costs import _VocabOnly
+    from janus_train.plan.estimate import stage_shape
+
+    run = to_run_config(compose(["experiment=janus_pro_1b_lora_sft"]))
+    with torch.device("meta"):
+        janus = JanusForConditionalGeneration(
+            build_janus_config(run.model, _VocabOnly(run.model.text.vocab_size))
+        )
+    report = apply_freeze(janus, run.trainable_groups, run.model.lora)
+    shape = stage_shape(run)
+    assert shape.trainable == sum(g["trainable"] for g in report.values())
+    assert shape.frozen == sum(g["frozen"] for g in report.values())
+
+    argv = [
+        "experiment=janus_pro_7b_lora_sft_1gpu",
+        "stage=stage3",
+        "nodes=1",
+        "gpus_per_node=1",
+        "gpu=a100-80gb",
+    ]
+    assert cli.main(argv) == 0
+    assert "recommended: deepspeed=" in capsys.readouterr().out

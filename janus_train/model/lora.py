@@ -103,6 +103,13 @@ def target_module_names(model: nn.Module, cfg: LoraConfig) -> list[str]:
     return names
 
 
+def adapter_param_count(model: nn.Module, cfg: LoraConfig) -> int:
+    """Parameters the adapters of ``cfg`` would add to ``model``, r x (in + out) per targeted
+    Linear, from the shapes alone (works on the meta device, injects nothing)."""
+    layers = [model.get_submodule(n) for n in target_module_names(model, cfg)]
+    return sum(cfg.r * (m.in_features + m.out_features) for m in layers)
+
+
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Path -> peft LoRA layer, for every adapted layer of ``model``."""
     from peft.tuners.lora import LoraLayer

@@ -140,6 +140,32 @@ def _sizes(cfg: ModelConfig) -> ModelSizes:
     )
 
 
+def lora_adapter_params(cfg: ModelConfig) -> int:
+    """Parameters of ``cfg.lora``'s adapters (0 when off), counted on a meta build."""
+    if not cfg.lora.enabled:
+        return 0
+    import torch
+    from transformers import JanusForConditionalGeneration
+
+    from janus_train.model.build import build_janus_config
+    from janus_train.model.lora import adapter_param_count
+
+    lo = cfg.lora
+    key = (
+        _key(cfg),
+        tuple(lo.groups),
+        tuple(sorted((g, tuple(t)) for g, t in lo.target_modules.items())),
+        lo.r,
+    )
+    if key not in _SIZES:
+        with torch.device("meta"):
+            model = JanusForConditionalGeneration(
+                build_janus_config(cfg, _VocabOnly(cfg.text.vocab_size))
+            )
+        _SIZES[key] = adapter_param_count(model, lo)
+    return _SIZES[key]
+
+
 def model_sizes(cfg: ModelConfig) -> ModelSizes:
     """Cached per architecture (the meta build takes seconds for 7B)."""
     key = _key(cfg)

@@ -15,6 +15,7 @@ from janus_train.plan.costs import (
     activation_bytes,
     buffer_bytes,
     communication,
+    lora_adapter_params,
     model_sizes,
     model_state_bytes,
 )
@@ -86,14 +87,20 @@ class StageShape:
     checkpointing: bool
     checkpoint_every: int
     precision: str
+    lora_groups: tuple[str, ...] = ()
+    """Trainable groups that train through LoRA adapters only (``model.lora``): their weights
+    count as frozen, the adapters (``adapter_params``) as trainable."""
+    adapter_params: int = 0
 
     @property
     def trainable(self) -> int:
-        return sum(n for g, n in self.sizes.groups.items() if g in self.trainable_groups)
+        full = set(self.trainable_groups) - set(self.lora_groups)
+        return self.adapter_params + sum(n for g, n in self.sizes.groups.items() if g in full)
 
     @property
     def frozen(self) -> int:
-        return sum(n for g, n in self.sizes.groups.items() if g not in self.trainable_groups)
+        full = set(self.trainable_groups) - set(self.lora_groups)
+        return sum(n for g, n in self.sizes.groups.items() if g not in full)
 
 
 def stage_shape(run) -> StageShape:
@@ -113,6 +120,8 @@ def stage_shape(run) -> StageShape:
         checkpointing=run.model.gradient_checkpointing,
         checkpoint_every=run.model.checkpoint_every,
         precision=run.deepspeed.precision,
+        lora_groups=tuple(run.model.lora.groups) if run.model.lora.enabled else (),
+        adapter_params=lora_adapter_params(run.model),
     )
 
 
