@@ -340,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from janus_train.quiet import quiet_known_noise
+
+    quiet_known_noise()
     ap = build_parser()
     args = ap.parse_args(argv)
 

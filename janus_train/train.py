@@ -556,6 +556,9 @@ def main() -> None:
         if arg.startswith(("--local_rank=", "--local-rank=")):
             os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
             sys.argv.remove(arg)
+    from janus_train.quiet import quiet_known_noise
+
+    quiet_known_noise()
     if {"--help", "-h"} & set(sys.argv[1:]):  # ours; Hydra's own stays under --hydra-help
         from janus_train.cli_help import render
 

@@ -43,6 +43,8 @@ VQ_STEPS=${VQ_STEPS:-600}
 # one micro-batch per rank per step: no accumulation needed at this size
 MICRO=$(( BATCH / NPROC_PER_NODE ))
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
+# the demo trains on CPU: say so, instead of DeepSpeed warning on every import that it found no GPU
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 timings=$OUT/timings.json
 mkdir -p "$OUT"
 [[ -f $timings ]] || echo '{}' >"$timings"
