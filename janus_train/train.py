@@ -226,15 +226,18 @@ def prepare(cfg: RunConfig, info: DistInfo) -> Prepared:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ds_config.json").write_text(_json(ds_config))
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        batching = (
+            f"micro-batches of <= {plan.tokens_per_micro} tokens x {plan.world_size} ranks"
+            if plan.tokens_per_micro
+            else f"{plan.micro_batch_size} micro x {plan.grad_accum} accum x {plan.world_size} ranks"
+        )
         logger.info(
-            "%s %s: %d steps, batch %d = %d micro x %d accum x %d ranks, %s, ZeRO-%d",
+            "%s %s: %d steps, batch %d samples in %s, %s, ZeRO-%d",
             cfg.experiment.name,
             cfg.stage.name,
             stop_step,
             plan.global_batch_size,
-            plan.micro_batch_size,
-            plan.grad_accum,
-            plan.world_size,
+            batching,
             precision,
             cfg.deepspeed.zero_stage,
         )

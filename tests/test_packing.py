@@ -354,3 +354,15 @@ def test_token_loader_exact_ratio_balanced_equal_micro_steps_and_exact_resume(
                 assert all(torch.equal(x[k], y[k]) for k in x)
     for L in loaders:
         L.close()
+
+
+def test_config_refuses_mixing_attention_and_a_budget_below_the_sample_length():
+    from janus_train.config import compose, to_run_config
+
+    with pytest.raises(ValueError, match="model.attn_implementation='paged|sdpa'"):
+        to_run_config(compose(["model.attn_implementation=paged|sdpa"]))
+    with pytest.raises(ValueError, match="train.tokens_per_micro=1024 < data.seq_len=4096"):
+        to_run_config(compose(["train.tokens_per_micro=1024"]))
+    with pytest.raises(ValueError, match="train.synthetic_seq_len=64"):
+        to_run_config(compose(["train.tokens_per_micro=32", "train.synthetic_data=true"]))
+    to_run_config(compose(["train.tokens_per_micro=0", "model.attn_implementation=eager"]))

@@ -287,3 +287,17 @@ def test_synthetic_packed_steps_same_samples_for_any_world_and_budget(tiny):
     for loss, n in totals[1:]:
         torch.testing.assert_close(loss, totals[0][0], rtol=1e-5, atol=1e-4)
         assert torch.equal(n, totals[0][1])
+
+
+def test_bf16_gradients_reduced_in_fp32_under_zero12():
+    plan = plan_batch(8, 1, 2, tokens_per_micro=64)
+    for stage, prec, want in ((2, "bf16", "fp32"), (1, "bf16", "fp32"), (3, "bf16", None),
+                              (2, "fp32", None)):
+        ds = build_deepspeed_config(DeepSpeedConfig(zero_stage=stage), plan, prec, 0.0, 1e-3)
+        assert ds.get("communication_data_type") == want
+    ds = build_deepspeed_config(DeepSpeedConfig(zero_stage=2, reduce_fp32=False), plan, "bf16",
+                                0.0, 1e-3)
+    assert "communication_data_type" not in ds
+    # token-budget plan: DeepSpeed's nominal batch arithmetic stays consistent
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds[
+        "gradient_accumulation_steps"] * 2 and ds["gradient_accumulation_steps"] == 4

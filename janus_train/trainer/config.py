@@ -24,6 +24,10 @@ class DeepSpeedConfig:
     gradient_clipping: float = 1.0
     """Global gradient-norm clip (spec §5: 1.0 in every stage)."""
     adam_eps: float = 1e-8
+    reduce_fp32: bool = True
+    """bf16 runs under ZeRO-1/2: reduce gradients across ranks in fp32 (DeepSpeed's
+    ``communication_data_type``), so the sum over ranks is not rounded to bf16; doubles the
+    reduction traffic. ZeRO-3 and fp32 runs: no effect."""
 
 
 @dataclass

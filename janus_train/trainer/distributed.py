@@ -199,7 +199,11 @@ def build_deepspeed_config(
         zero["stage3_gather_16bit_weights_on_model_save"] = False
         if ds_cfg.hpz_partition_size > 1:
             zero["zero_hpz_partition_size"] = ds_cfg.hpz_partition_size
+    extra = {}
+    if precision == "bf16" and ds_cfg.reduce_fp32 and ds_cfg.zero_stage in (1, 2):
+        extra["communication_data_type"] = "fp32"  # see DeepSpeedConfig.reduce_fp32
     return {
+        **extra,
         "train_batch_size": plan.micro_batch_size * plan.grad_accum * plan.world_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum,
