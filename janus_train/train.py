@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m janus_train.train experiment=... stage=...
     deepspeed --num_gpus 8 --module janus_train.train experiment=... stage=...
     janus-train ... --cfg job        # print the composed config and exit
-    janus-train ... train.dry_run=true   # validate config + batch arithmetic, write ds_config.json
+    janus-train ... train.dry_run=true   # validate config, data, batch; print the plan, write nothing
 
 Re-running the same command resumes from ``run_dir/checkpoints/latest``. Exit status:
 0 done; 75 (``EXIT_REQUEUE``) checkpointed after SIGTERM/SIGUSR1, requeue me; 70 stuck after
@@ -24,11 +24,14 @@ share of the step loss.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -222,7 +225,7 @@ def prepare(cfg: RunConfig, info: DistInfo) -> Prepared:
         if all_reduce_sum(torch.tensor([float(err is not None)], device=dev)).item():
             raise err or ValueError("data recipe check failed on rank 0 (see its log)")
     run_dir = Path(tc.run_dir)
-    if info.is_main:
+    if info.is_main and not tc.dry_run:  # a dry run prints its plan and leaves no run dir
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ds_config.json").write_text(_json(ds_config))
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -567,6 +570,11 @@ def main() -> None:
 
         print(render([a for a in sys.argv[1:] if not a.startswith("-")]))
         sys.exit(0)
+    if any(a.lower() == "train.dry_run=true" for a in sys.argv[1:]):
+        # Hydra's own files (.hydra/, train.log) go to a scratch dir removed at exit
+        scratch = tempfile.mkdtemp(prefix="janus-dry-run-")
+        atexit.register(shutil.rmtree, scratch, True)
+        sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     global _error
     try:
         _hydra_main()

@@ -206,9 +206,10 @@ def test_dry_run_validates_and_exits_before_building_the_model(tmp_path):
             "train.micro_batch_size=2", "train.tokens_per_micro=0"]
     res = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
-    ds = json.loads((tmp_path / "ok" / "ds_config.json").read_text())
-    assert ds["gradient_accumulation_steps"] == 4
-    assert not (tmp_path / "ok" / "tokenizer").exists()  # no model (nor tokenizer) was built
+    lines = res.stdout.splitlines()
+    plan = json.loads("\n".join(lines[lines.index("{") : lines.index("}") + 1]))
+    assert plan["deepspeed"]["gradient_accumulation_steps"] == 4
+    assert not (tmp_path / "ok").exists()  # nothing written: no run dir, no model, no tokenizer
     bad = base[:5] + [f"train.run_dir={tmp_path}/bad", "train.dry_run=true",
                       "train.global_batch_size=7", "train.micro_batch_size=2",
                       "train.tokens_per_micro=0"]
