@@ -54,19 +54,36 @@ def main() -> None:
     holder = [tempfile.mkdtemp(prefix="bench_ckpt_") if info.is_main else None]
     dist.broadcast_object_list(holder, src=0)
     root = Path(holder[0])
-    run = to_run_config(compose([
-        f"stage={args.stage}", f"deepspeed=zero{args.zero}", "train.synthetic_data=true",
-        f"train.synthetic_seq_len={args.seq_len}", f"train.global_batch_size={args.global_batch}",
-        "train.tokens_per_micro=0", f"train.run_dir={root}"]))
+    run = to_run_config(
+        compose(
+            [
+                f"stage={args.stage}",
+                f"deepspeed=zero{args.zero}",
+                "train.synthetic_data=true",
+                f"train.synthetic_seq_len={args.seq_len}",
+                f"train.global_batch_size={args.global_batch}",
+                "train.tokens_per_micro=0",
+                f"train.run_dir={root}",
+            ]
+        )
+    )
     hp = run.hparams
     plan = plan_batch(hp.global_batch_size, 1, info.world_size)
-    ds = build_deepspeed_config(run.deepspeed, plan, resolve_precision(run.deepspeed.precision),
-                                hp.weight_decay, hp.lr)
+    ds = build_deepspeed_config(
+        run.deepspeed, plan, resolve_precision(run.deepspeed.precision), hp.weight_decay, hp.lr
+    )
     t = build_engine(run, info, ds, root)
-    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                   for p in t.janus.parameters())
-    loader = SyntheticStepLoader(run, t.processor, rank=info.rank, world_size=info.world_size,
-                                 micro_batch_size=1, grad_accum=plan.grad_accum)
+    n_params = sum(
+        p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in t.janus.parameters()
+    )
+    loader = SyntheticStepLoader(
+        run,
+        t.processor,
+        rank=info.rank,
+        world_size=info.world_size,
+        micro_batch_size=1,
+        grad_accum=plan.grad_accum,
+    )
     step_times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -79,8 +96,14 @@ def main() -> None:
     for i in range(args.saves):
         dist.barrier()
         t0 = time.perf_counter()
-        save_train_state(t.engine, root / "checkpoints", TrainState(step=args.steps + i), loader,
-                         info, keep_last=1)
+        save_train_state(
+            t.engine,
+            root / "checkpoints",
+            TrainState(step=args.steps + i),
+            loader,
+            info,
+            keep_last=1,
+        )
         save_times.append(time.perf_counter() - t0)
     ck = root / "checkpoints" / f"step_{args.steps + args.saves - 1:08d}"
     nbytes = sum(f.stat().st_size for f in ck.rglob("*") if f.is_file())
@@ -88,14 +111,24 @@ def main() -> None:
         step, save = statistics.median(step_times[1:]), statistics.median(save_times)
         per_param = nbytes / n_params
         rate = nbytes / save
-        print(json.dumps({
-            "world_size": info.world_size, "zero": args.zero, "stage": args.stage,
-            "params": n_params, "median_step_s": round(step, 4),
-            "median_save_s": round(save, 4), "stall_in_steps": round(save / step, 2),
-            "checkpoint_bytes": nbytes, "bytes_per_param": round(per_param, 2),
-            "write_rate_MB_s": round(rate / 1e6, 1),
-            "est_7b_save_s_at_this_rate": round(per_param * 7e9 / rate, 1),
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "world_size": info.world_size,
+                    "zero": args.zero,
+                    "stage": args.stage,
+                    "params": n_params,
+                    "median_step_s": round(step, 4),
+                    "median_save_s": round(save, 4),
+                    "stall_in_steps": round(save / step, 2),
+                    "checkpoint_bytes": nbytes,
+                    "bytes_per_param": round(per_param, 2),
+                    "write_rate_MB_s": round(rate / 1e6, 1),
+                    "est_7b_save_s_at_this_rate": round(per_param * 7e9 / rate, 1),
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

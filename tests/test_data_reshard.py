@@ -28,18 +28,34 @@ def setup(tmp_path_factory):
     for s in range(4):  # 4 shards: dealt whole to 1 or 2 consumers
         write_tar(root / f"cap-{s}.tar", caption_records(s * 6, 6))
     write_tar(root / "cls-0.tar", class_records(100, N_CLS))  # 1 shard: strided over by 2
-    rec = recipe_file(root, [
-        {"name": "cap", "task": "understanding", "format": "caption",
-         "shards": str(root / "cap-{0..3}.tar")},
-        {"name": "cls", "task": "generation", "format": "class_label",
-         "shards": str(root / "cls-0.tar")}])
+    rec = recipe_file(
+        root,
+        [
+            {
+                "name": "cap",
+                "task": "understanding",
+                "format": "caption",
+                "shards": str(root / "cap-{0..3}.tar"),
+            },
+            {
+                "name": "cls",
+                "task": "generation",
+                "format": "class_label",
+                "shards": str(root / "cls-0.tar"),
+            },
+        ],
+    )
     return proc, make_run("stage1", rec, 4, num_workers=0)
 
 
 def _loaders(setup, world):
     proc, run = setup
-    return [build_train_loader(run, proc, rank=r, world_size=world, micro_batch_size=1,
-                               grad_accum=4 // world) for r in range(world)]
+    return [
+        build_train_loader(
+            run, proc, rank=r, world_size=world, micro_batch_size=1, grad_accum=4 // world
+        )
+        for r in range(world)
+    ]
 
 
 def _read(loaders, steps):
@@ -53,7 +69,8 @@ def _read(loaders, steps):
 
 @pytest.mark.parametrize("old_world,new_world,old_steps", [(2, 1, 3), (1, 2, 2)])
 def test_carry_over_reads_no_record_twice_and_accounts_for_every_record(
-        setup, old_world, new_world, old_steps):
+    setup, old_world, new_world, old_steps
+):
     old = _loaders(setup, old_world)
     seen = _read(old, old_steps)
     new = _loaders(setup, new_world)
@@ -65,10 +82,13 @@ def test_carry_over_reads_no_record_twice_and_accounts_for_every_record(
         counts.update(L.counters())
     # the old counters continue (summed on rank 0)
     assert counts["samples/cap"] == sum(1 for k in seen if "cap-" in k)
-    skipped = {src: sum(v for k, v in counts.items() if k.startswith(f"skipped/{src}/reshard"))
-               for src in ("cap", "cls")}
+    skipped = {
+        src: sum(v for k, v in counts.items() if k.startswith(f"skipped/{src}/reshard"))
+        for src in ("cap", "cls")
+    }
     assert skipped["cap"] == 0  # whole shards: each one's reading was a prefix
     assert skipped["cls"] <= old_world  # a strided shard: at most one gap per old consumer
+
     # read on while every new stream is in the carried epoch: no record twice
     def epoch(L, src):
         return L.worker_states[0]["sources"][src]["rec"]["epoch"]
@@ -96,7 +116,7 @@ def test_carry_over_reads_no_record_twice_and_accounts_for_every_record(
 
 
 def test_count_residue_matches_enumeration():
-    for a, b, base, c, C in [(0, 10, 0, 1, 3), (3, 17, 5, 2, 4), (5, 5, 0, 0, 2),
-                             (2, 9, 7, 0, 1)]:
+    for a, b, base, c, C in [(0, 10, 0, 1, 3), (3, 17, 5, 2, 4), (5, 5, 0, 0, 2), (2, 9, 7, 0, 1)]:
         assert _count_residue(a, b, base, c, C) == sum(
-            1 for p in range(a, b) if (base + p) % C == c)
+            1 for p in range(a, b) if (base + p) % C == c
+        )

@@ -34,44 +34,78 @@ def _recipe(root: Path, bad: bool) -> Path:
 
     caps = caption_records(0, 40)
     if bad:  # good records first (a few steps run), then only bad ones
-        caps = caps[:8] + [(f"{i:06d}", {"jpg": b"not an image", "txt": b"a red circle"})
-                           for i in range(8, 40)]
+        caps = caps[:8] + [
+            (f"{i:06d}", {"jpg": b"not an image", "txt": b"a red circle"}) for i in range(8, 40)
+        ]
     write_tar(root / "cap-0.tar", caps)
     write_tar(root / "cls-0.tar", class_records(0, 40))
     path = root / "recipe.yaml"
-    path.write_text(yaml.safe_dump({"name": "lifecycle", "sources": [
-        {"name": "cap", "task": "understanding", "format": "caption",
-         "shards": str(root / "cap-0.tar")},
-        {"name": "cls", "task": "generation", "format": "class_label",
-         "shards": str(root / "cls-0.tar")}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "lifecycle",
+                "sources": [
+                    {
+                        "name": "cap",
+                        "task": "understanding",
+                        "format": "caption",
+                        "shards": str(root / "cap-0.tar"),
+                    },
+                    {
+                        "name": "cls",
+                        "task": "generation",
+                        "format": "class_label",
+                        "shards": str(root / "cls-0.tar"),
+                    },
+                ],
+            }
+        )
+    )
     return path
 
 
 def _train_args(root: Path, recipe: Path, workers: int, extra=()) -> list[str]:
-    return ["experiment=tiny", "stage=stage1", "deepspeed=zero2", f"data.recipe={recipe}",
-            f"data.num_workers={workers}", "data.failure_min_samples=4",
-            "data.max_failure_rate=0.5", "data.shuffle=false", f"train.run_dir={root}/run", "train.steps=6",
-            "train.global_batch_size=4", "train.log_every=1", "train.ckpt_every=0",
-            "train.export_at_end=false", "train.progress_bar=false", *extra]
+    return [
+        "experiment=tiny",
+        "stage=stage1",
+        "deepspeed=zero2",
+        f"data.recipe={recipe}",
+        f"data.num_workers={workers}",
+        "data.failure_min_samples=4",
+        "data.max_failure_rate=0.5",
+        "data.shuffle=false",
+        f"train.run_dir={root}/run",
+        "train.steps=6",
+        "train.global_batch_size=4",
+        "train.log_every=1",
+        "train.ckpt_every=0",
+        "train.export_at_end=false",
+        "train.progress_bar=false",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("failure,ranks,workers", [
-    ("data", 1, 2), ("data", 2, 1), ("eval", 1, 1), ("eval", 2, 2)])
+@pytest.mark.parametrize(
+    "failure,ranks,workers", [("data", 1, 2), ("data", 2, 1), ("eval", 1, 1), ("eval", 2, 2)]
+)
 def test_failure_exits_nonzero_and_leaves_no_process(tmp_path, failure, ranks, workers):
     recipe = _recipe(tmp_path, bad=failure == "data")
     extra = ["train.eval_every=1"] if failure == "eval" else []
     args = ["-m", "janus_train.train", *_train_args(tmp_path, recipe, workers, extra)]
-    cmd = torchrun_cmd(args[1:], nproc=ranks, module=True) if ranks > 1 \
-        else [sys.executable, *args]
+    cmd = torchrun_cmd(args[1:], nproc=ranks, module=True) if ranks > 1 else [sys.executable, *args]
     # The data failure is near once a worker reports its first bad sample; the eval failure
     # comes right after step 1's log line (no eval data under JANUS_EVAL_DATA_ROOT).
     marker = "skipped a sample" if failure == "data" else "step 1/6"
-    res = run_watched(cmd, marker, timeout=240,
-                      env={"JANUS_EVAL_DATA_ROOT": str(tmp_path / "no_eval_data")})
+    res = run_watched(
+        cmd, marker, timeout=240, env={"JANUS_EVAL_DATA_ROOT": str(tmp_path / "no_eval_data")}
+    )
     out = res.output
     # both are user errors: one line naming the field / file, exit 2 (a rank's, under torchrun)
-    codes = [res.returncode] if ranks == 1 else \
-        [int(x) for x in re.findall(r"exitcode\s*:\s*(-?\d+)", out)]
+    codes = (
+        [res.returncode]
+        if ranks == 1
+        else [int(x) for x in re.findall(r"exitcode\s*:\s*(-?\d+)", out)]
+    )
     assert EXIT_USER_ERROR in codes, (codes, out[-3000:])
     line = [ln for ln in out.splitlines() if "janus-train: error:" in ln][0]
     assert ("data.max_failure_rate" if failure == "data" else "no eval shards") in line, line
@@ -106,11 +140,25 @@ def scenario(root: str, mode: str) -> None:
 
     SyntheticStepLoader.next_step = next_step
     steps = 4 if mode == "stuck" else 500
-    run = to_run_config(compose([
-        "stage=stage1", "deepspeed=zero2", "train.synthetic_data=true", f"train.run_dir={root}",
-        f"train.steps={steps}", "train.global_batch_size=2", "train.log_every=1",
-        "train.ckpt_every=0", "train.export_at_end=false", "train.progress_bar=false",
-        "train.synthetic_seq_len=32", "train.stop_grace_s=5", "train.collective_timeout_s=20"]))
+    run = to_run_config(
+        compose(
+            [
+                "stage=stage1",
+                "deepspeed=zero2",
+                "train.synthetic_data=true",
+                f"train.run_dir={root}",
+                f"train.steps={steps}",
+                "train.global_batch_size=2",
+                "train.log_every=1",
+                "train.ckpt_every=0",
+                "train.export_at_end=false",
+                "train.progress_bar=false",
+                "train.synthetic_seq_len=32",
+                "train.stop_grace_s=5",
+                "train.collective_timeout_s=20",
+            ]
+        )
+    )
     (Path(root) / f"pid{os.environ['RANK']}").write_text(str(os.getpid()))
     sys.exit(train.run(run))
 
@@ -130,8 +178,12 @@ def test_sigterm_to_a_rank_stuck_in_a_collective_ends_it(tmp_path):
             os.kill(int((tmp_path / "pid0").read_text()), signal.SIGTERM)
             sent.append(time.monotonic())
 
-    res = run_watched(torchrun_cmd([SELF, "stuck", str(tmp_path)], nproc=2), "step 1/4",
-                      timeout=240, on_line=on_line)
+    res = run_watched(
+        torchrun_cmd([SELF, "stuck", str(tmp_path)], nproc=2),
+        "step 1/4",
+        timeout=240,
+        on_line=on_line,
+    )
     assert sent, res.output[-3000:]
     assert res.returncode != 0
     assert f"exiting {EXIT_STUCK}" in res.output, res.output[-3000:]
@@ -169,8 +221,12 @@ def test_a_frozen_rank_makes_the_others_exit_after_the_collective_timeout(tmp_pa
             threading.Thread(target=watch, daemon=True).start()
 
     try:
-        res = run_watched(torchrun_cmd([SELF, "frozen", str(tmp_path)], nproc=2), "step 3/500",
-                          timeout=300, on_line=on_line)
+        res = run_watched(
+            torchrun_cmd([SELF, "frozen", str(tmp_path)], nproc=2),
+            "step 3/500",
+            timeout=300,
+            on_line=on_line,
+        )
     finally:
         if (tmp_path / "pid1").exists():
             try:

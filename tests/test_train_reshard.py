@@ -26,12 +26,25 @@ STOPS = {"a": 2, "b": 4, "c": 6}  # phase -> the step it stops at
 def _run(root, name, zero, stop):
     from janus_train.config import compose, to_run_config
 
-    return to_run_config(compose([
-        "stage=stage2", f"deepspeed=zero{zero}", "train.synthetic_data=true",
-        f"train.run_dir={root}/{name}", "train.steps=6", "train.global_batch_size=4",
-        "train.tokens_per_micro=0", "train.log_every=1", "train.ckpt_every=0",
-        "train.export_at_end=false", "train.progress_bar=false", "train.synthetic_seq_len=40",
-        f"experiment.stage2.stop_at={stop}"]))
+    return to_run_config(
+        compose(
+            [
+                "stage=stage2",
+                f"deepspeed=zero{zero}",
+                "train.synthetic_data=true",
+                f"train.run_dir={root}/{name}",
+                "train.steps=6",
+                "train.global_batch_size=4",
+                "train.tokens_per_micro=0",
+                "train.log_every=1",
+                "train.ckpt_every=0",
+                "train.export_at_end=false",
+                "train.progress_bar=false",
+                "train.synthetic_seq_len=40",
+                f"experiment.stage2.stop_at={stop}",
+            ]
+        )
+    )
 
 
 def phase_main(root: str, phase: str) -> None:
@@ -66,8 +79,9 @@ def test_two_one_two_ranks_continue_the_same_run(chain, zero):
         # same weights, optimizer state and batches whatever the world size: same loss
         assert r["loss"] == pytest.approx(ref[r["step"]]["loss"], rel=2e-4), r["step"]
         counts = {k: v for k, v in r.items() if k.startswith("data/samples/")}
-        assert counts == {k: v for k, v in ref[r["step"]].items()
-                          if k.startswith("data/samples/")}, r["step"]
+        assert counts == {
+            k: v for k, v in ref[r["step"]].items() if k.startswith("data/samples/")
+        }, r["step"]
     assert rows[-1]["optim/skipped_steps"] == 0
     ck = chain / f"z{zero}" / "checkpoints"
     assert (ck / "latest").read_text() == "step_00000006"

@@ -45,11 +45,12 @@ def test_guard_closes_everything_in_reverse_and_restores_handlers_on_exception()
 
 
 def _guarded_child(body: str) -> subprocess.CompletedProcess:
-    code = ("import os, signal, sys, time\n"
-            "from janus_train.trainer.guard import RunGuard\n"
-            "with RunGuard(1.0) as g:\n" + body)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
+    code = (
+        "import os, signal, sys, time\n"
+        "from janus_train.trainer.guard import RunGuard\n"
+        "with RunGuard(1.0) as g:\n" + body
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
 
 def test_watchdog_ends_a_process_that_makes_no_progress_after_a_stop_signal():
@@ -63,9 +64,11 @@ def test_watchdog_ends_a_process_that_makes_no_progress_after_a_stop_signal():
 
 def test_watchdog_leaves_a_progressing_run_alone():
     # Progress every 0.3 s for 2.5 s after the signal (> grace 1 s): no abort.
-    res = _guarded_child("    os.kill(os.getpid(), signal.SIGTERM)\n"
-                         "    for _ in range(8):\n        time.sleep(0.3)\n        g.progress()\n"
-                         "    assert g.stop_requested\n")
+    res = _guarded_child(
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    for _ in range(8):\n        time.sleep(0.3)\n        g.progress()\n"
+        "    assert g.stop_requested\n"
+    )
     assert res.returncode == 0, res.stderr
 
 
@@ -74,8 +77,12 @@ def test_train_state_round_trip_through_client_state():
     client = s.client_state()
     assert set(client) == {"janus_train"} and "resumed_from" not in client["janus_train"]
     back = TrainState.from_client_state(json.loads(json.dumps(client)))
-    assert (back.step, back.skipped_steps, back.consecutive_skips, back.wandb_id) == (7, 2, 1,
-                                                                                      "abc")
+    assert (back.step, back.skipped_steps, back.consecutive_skips, back.wandb_id) == (
+        7,
+        2,
+        1,
+        "abc",
+    )
     assert back.resumed_from == 7 and TrainState().resumed_from is None
 
 
@@ -92,9 +99,19 @@ def test_metrics_rows_after_the_resumed_step_are_dropped(tmp_path):
 
 
 def test_log_line_has_step_losses_throughput_and_eta():
-    rec = {"step": 40, "loss": 5.12345, "loss/und": 6.0, "loss/text": None, "loss/gen": 4.1,
-           "optim/lr": 1e-3, "optim/grad_norm": 2.3141, "speed/tokens_per_s": 1234.4,
-           "speed/step_time_s": 1.5}
+    rec = {
+        "step": 40,
+        "loss": 5.12345,
+        "loss/und": 6.0,
+        "loss/text": None,
+        "loss/gen": 4.1,
+        "optim/lr": 1e-3,
+        "optim/grad_norm": 2.3141,
+        "speed/tokens_per_s": 1234.4,
+        "speed/step_time_s": 1.5,
+    }
     line = format_row(rec, 100)
-    assert line == ("step 40/100 loss 5.1235 (und 6.000 text - gen 4.100) lr 1.00e-03 "
-                    "grad 2.31 tok/s 1234 eta 0:01:30")
+    assert line == (
+        "step 40/100 loss 5.1235 (und 6.000 text - gen 4.100) lr 1.00e-03 "
+        "grad 2.31 tok/s 1234 eta 0:01:30"
+    )

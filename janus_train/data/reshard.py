@@ -50,8 +50,9 @@ def _count_residue(a: int, b: int, base: int, c: int, C: int) -> int:
     return 0 if first >= b else (b - 1 - first) // C + 1
 
 
-def plan_carry(name: str, shards: list[str], seed: int, shuffle: bool,
-               old: list[dict | None]) -> tuple[dict, Counter]:
+def plan_carry(
+    name: str, shards: list[str], seed: int, shuffle: bool, old: list[dict | None]
+) -> tuple[dict, Counter]:
     """The record-stream state every new consumer of this source starts from, and the counts
     ``{"reshard": skipped records, "reshard_partial": partly used records}``.
 
@@ -61,8 +62,10 @@ def plan_carry(name: str, shards: list[str], seed: int, shuffle: bool,
     recs = [dict((st or {}).get("rec") or {}) for st in old]
     subs = [int((st or {}).get("sub", 0)) for st in old]
     E = max(int(r.get("epoch", 0)) for r in recs)
-    streams = [RecordStream(name, shards, c, C, seed, shuffle=shuffle, state=recs[c] or None)
-               for c in range(C)]
+    streams = [
+        RecordStream(name, shards, c, C, seed, shuffle=shuffle, state=recs[c] or None)
+        for c in range(C)
+    ]
     lengths: dict[str, int] = {}
     counts: Counter = Counter()
     try:
@@ -81,12 +84,17 @@ def plan_carry(name: str, shards: list[str], seed: int, shuffle: bool,
                     a = rs.offset if i == rs.cursor else carry.get(L[i], 0)
                     n = _length(L[i], lengths)
                     counts["reshard"] += (
-                        _count_residue(a, n, rs.counter - rs.offset if i == rs.cursor else 0,
-                                       c, C) if stride else max(0, n - a))
+                        _count_residue(a, n, rs.counter - rs.offset if i == rs.cursor else 0, c, C)
+                        if stride
+                        else max(0, n - a)
+                    )
                 continue
             if not order:
-                order = [u for u, _ in rs.carry] if carry else \
-                    RecordStream(name, shards, 0, 1, seed, shuffle=shuffle).epoch_shards(e)
+                order = (
+                    [u for u, _ in rs.carry]
+                    if carry
+                    else RecordStream(name, shards, 0, 1, seed, shuffle=shuffle).epoch_shards(e)
+                )
             # shards before the cursor were passed completely, the cursor's up to offset
             opened = rs.counter - rs.offset  # + the start: counter when the cursor's shard opened
             for i in range(min(rs.cursor, len(L) - 1), -1, -1):
@@ -121,8 +129,14 @@ def plan_carry(name: str, shards: list[str], seed: int, shuffle: bool,
                 carry_out.append([url, h])
         state = {"epoch": E, "cursor": 0, "offset": 0, "counter": 0, "carry": carry_out}
     except _Unknown as e:
-        logger.warning("data source %s: remote shard %s cannot be measured: restarting the "
-                       "source at epoch %d (the rest of epoch %d is skipped)", name, e, E + 1, E)
+        logger.warning(
+            "data source %s: remote shard %s cannot be measured: restarting the "
+            "source at epoch %d (the rest of epoch %d is skipped)",
+            name,
+            e,
+            E + 1,
+            E,
+        )
         state = {"epoch": E + 1, "cursor": 0, "offset": 0, "counter": 0}
         counts["reshard_rest_of_epoch"] += 1
     return state, counts
