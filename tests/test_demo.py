@@ -148,6 +148,7 @@ def fitted_vq(data_dir):
     return vqm, held, before, stats, plain
 
 
+@pytest.mark.slow  # the two VQ fits of `fitted_vq`
 def test_vq_fit_beats_random_vq(fitted_vq):
     """Fitting HF's JanusVQVAE reduces the codes->decode reconstruction error by far."""
     from janus_demo import vq as V
@@ -162,6 +163,7 @@ def test_vq_fit_beats_random_vq(fitted_vq):
     assert torch.allclose(vqm.quantize.embedding.weight.norm(dim=-1), torch.ones(1), atol=1e-5)
 
 
+@pytest.mark.slow  # the two VQ fits of `fitted_vq`
 def test_fitted_vq_codes_agree_with_hf_encode(fitted_vq):
     """The fit stores the codebook normalised, so HF's raw-distance ``encode`` and the project's
     cosine assignment (``vq_codes``) give the same codes on the demo's VQs: the demo's targets
@@ -211,6 +213,7 @@ def _placement_agreement(vqm, rng) -> float:
     return same / total
 
 
+@pytest.mark.slow  # the two VQ fits of `fitted_vq`
 def test_vq_codes_depend_on_the_block_only(fitted_vq):
     """The local-code fit gives an object the same 2x2 codes wherever it is drawn and whatever
     else the image holds, far more often than a plain VQ-VAE fit of the same length, whose codes

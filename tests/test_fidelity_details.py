@@ -11,7 +11,7 @@ import torch
 from janus_train.config import compose, to_run_config
 from janus_train.model import JanusTrainModel, build_model, resolve_special_tokens
 from tests.conftest import tiny_run
-from tests.test_model_forward import collate
+from tests.helpers import collate
 
 
 @pytest.mark.parametrize("exp", ["janus_1.3b", "janus_pro_1b", "janus_pro_7b"])

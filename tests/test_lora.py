@@ -17,7 +17,7 @@ from janus_train.model import JanusTrainModel, apply_freeze, build_model, set_tr
 from janus_train.model.lora import is_adapter_param, lora_layers
 from janus_train.trainer.optim import build_param_groups
 from tests.conftest import tiny_run
-from tests.test_model_freeze import _group_of, _mixed_batch
+from tests.helpers import group_of, mixed_batch
 
 STAGE3_LORA = ["stage=stage3", "model.lora.enabled=true", "model.lora.groups=[llm,und_encoder]"]
 
@@ -45,20 +45,20 @@ def _train(model, run, batch, steps=3, lr=1e-2):
 
 def test_only_adapters_and_fully_trained_groups_change(tmp_path):
     run, model, proc, report = _adapted(tmp_path)
-    batch = _mixed_batch(model, proc.tokenizer)
+    batch = mixed_batch(model, proc.tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _train(model, run, batch)
     after = model.state_dict()
     full = {"und_adaptor", "gen_adaptor", "gen_head"}  # stage 3's trainable minus the LoRA groups
     adapters = [k for k in after if is_adapter_param(k)]
-    assert adapters and all(_group_of(k) in {"llm", "und_encoder"} for k in adapters)
+    assert adapters and all(group_of(k) in {"llm", "und_encoder"} for k in adapters)
     for k in after:
         changed = not torch.equal(before[k], after[k])
         if is_adapter_param(k):
             assert changed, k
-        elif _group_of(k) in full and k.endswith("weight"):
+        elif group_of(k) in full and k.endswith("weight"):
             assert changed, k
-        elif _group_of(k) not in full:  # LoRA groups' base weights, norms; VQ; code embeddings
+        elif group_of(k) not in full:  # LoRA groups' base weights, norms; VQ; code embeddings
             assert not changed, k
     # the report counts adapters as trainable, per group
     n_adapter = sum(after[k].numel() for k in adapters)
@@ -114,7 +114,7 @@ def test_merged_export_equals_adapted_model_and_adapter_loads_in_peft(tmp_path):
     from janus_train.trainer.export import export_hf
 
     run, model, proc, _ = _adapted(tmp_path, ["model.lora.dropout=0.1"])
-    batch = _mixed_batch(model, proc.tokenizer)
+    batch = mixed_batch(model, proc.tokenizer)
     _train(model, run, batch)
     batch = {k: v for k, v in batch.items() if k != "position_ids"}
     want_text, want_img = _logits(model, batch)
@@ -158,12 +158,12 @@ def test_export_without_lora_writes_no_adapter(tmp_path, fresh_tiny_model):
 def test_packed_rows_with_adapters(tmp_path):
     """The packing contract holds with adapters in the LLM (random B: adapters are active)."""
     from janus_train.model import resolve_special_tokens
-    from tests.test_model_forward import test_packed_row_equals_samples_alone
+    from tests.helpers import check_packed_row_equals_samples_alone
 
     _, model, proc, _ = _adapted(tmp_path, ["model.lora.init=random", "model.lora.dropout=0"])
     model.eval()
     tok = proc.tokenizer
-    test_packed_row_equals_samples_alone((model, tok, resolve_special_tokens(tok)))
+    check_packed_row_equals_samples_alone((model, tok, resolve_special_tokens(tok)))
 
 
 @pytest.mark.parametrize(

@@ -8,60 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from janus_train.model import JanusTrainModel, count_supervised, resolve_special_tokens
-
-IGN = -100
-
-
-def _ids(tok, text):
-    return tok.encode(text, add_special_tokens=False)
-
-
-def text_sample(tok, st, text="there is a red circle on the left"):
-    ids = [st.bos, *_ids(tok, text), st.eos]
-    return {"ids": ids, "labels": [IGN, *ids[1:]], "codes": [IGN] * len(ids), "task": 0}
-
-
-def und_sample(tok, st, n_img, q="what color is the circle", a="red"):
-    prompt = [st.bos, *_ids(tok, q), st.boi, *([st.image] * n_img), st.eoi]
-    ans = [*_ids(tok, a), st.eos]
-    ids = prompt + ans
-    return {"ids": ids, "labels": [IGN] * len(prompt) + ans, "codes": [IGN] * len(ids), "task": 1}
-
-
-def gen_sample(tok, st, codes, prompt="a blue square at the top"):
-    head = [st.bos, *_ids(tok, prompt), st.boi]
-    ids = head + [st.pad] * len(codes)
-    return {
-        "ids": ids,
-        "labels": [IGN] * len(ids),
-        "codes": [IGN] * len(head) + list(codes),
-        "task": 2,
-    }
-
-
-def collate(samples, pad_id, images=None):
-    """Right-padded batch following the contract in janus_train/model/forward.py."""
-    T = max(len(s["ids"]) for s in samples)
-    B = len(samples)
-    out = {
-        "input_ids": torch.full((B, T), pad_id),
-        "attention_mask": torch.zeros(B, T, dtype=torch.long),
-        "position_ids": torch.zeros(B, T, dtype=torch.long),
-        "labels": torch.full((B, T), IGN),
-        "image_codes": torch.full((B, T), IGN),
-        "task_ids": torch.full((B, T), -1),
-    }
-    for i, s in enumerate(samples):
-        n = len(s["ids"])
-        out["input_ids"][i, :n] = torch.tensor(s["ids"])
-        out["attention_mask"][i, :n] = 1
-        out["position_ids"][i, :n] = torch.arange(n)
-        out["labels"][i, :n] = torch.tensor(s["labels"])
-        out["image_codes"][i, :n] = torch.tensor(s["codes"])
-        out["task_ids"][i, :n] = s["task"]
-    if images is not None:
-        out["pixel_values"] = images
-    return out
+from tests.helpers import (
+    IGN,
+    check_packed_row_equals_samples_alone,
+    collate,
+    gen_sample,
+    text_sample,
+    token_ids,
+    und_sample,
+)
 
 
 @pytest.fixture()
@@ -90,7 +45,7 @@ def test_understanding_loss_equals_hf_loss(setup):
             labels=batch["labels"].masked_fill(batch["attention_mask"] == 0, IGN),
         )
     n = out["n_tokens"][1].item()
-    assert n == sum(len(_ids(tok, a)) + 1 for a in ("red", "two"))
+    assert n == sum(len(token_ids(tok, a)) + 1 for a in ("red", "two"))
     assert out["n_tokens"][0] == 0 and out["n_tokens"][2] == 0
     torch.testing.assert_close(out["loss_sum"][1] / n, hf.loss, rtol=1e-5, atol=1e-6)
 
@@ -174,36 +129,7 @@ def test_placeholder_image_count_mismatch_is_an_error(setup):
 def test_packed_row_equals_samples_alone(setup):
     """Two samples packed in one row (position_ids restart) give each sample's own loss:
     attention does not cross the sample boundary."""
-    model, tok, st = setup
-    n_img = model.config.vision_config.num_image_tokens
-    size = model.config.vision_config.image_size
-    torch.manual_seed(5)
-    img = torch.randn(1, 3, size, size)
-    codes = torch.randint(0, model.config.vq_config.num_embeddings, (n_img,)).tolist()
-    parts = [text_sample(tok, st), und_sample(tok, st, n_img), gen_sample(tok, st, codes)]
-    packed = {k: sum((p[k] for p in parts), []) for k in ("ids", "labels", "codes")}
-    batch = collate([{**packed, "task": 0}], st.pad, img)
-    batch["task_ids"][0] = torch.tensor(sum(([p["task"]] * len(p["ids"]) for p in parts), []))
-    batch["position_ids"][0] = torch.cat([torch.arange(len(p["ids"])) for p in parts])
-    # a second, shorter row so the packed row's partner is right-padded
-    short = collate([text_sample(tok, st, "one star")], st.pad)
-    T = batch["input_ids"].shape[1]
-    for k, fill in (("input_ids", st.pad), ("attention_mask", 0), ("position_ids", 0),
-                    ("labels", IGN), ("image_codes", IGN), ("task_ids", -1)):
-        row = torch.full((1, T), fill)
-        row[0, : short[k].shape[1]] = short[k][0]
-        batch[k] = torch.cat([batch[k], row])
-    tm = JanusTrainModel(model)
-    with torch.no_grad():
-        got = tm(batch)
-        alone = [tm(collate([p], st.pad, img if p["task"] == 1 else None)) for p in parts]
-        alone.append(tm(short))
-    torch.testing.assert_close(got["loss_sum"], sum(a["loss_sum"] for a in alone), rtol=1e-5, atol=1e-5)
-    # and the same row without position restarts (one long sample) gives a different loss
-    batch["position_ids"][0] = torch.arange(T)
-    with torch.no_grad():
-        unpacked = tm(batch)
-    assert not torch.allclose(unpacked["loss_sum"], got["loss_sum"])
+    check_packed_row_equals_samples_alone(setup)
 
 
 def test_left_padding_with_position_ids_is_rejected(setup):

@@ -18,7 +18,7 @@ from janus_train.model import (
     write_trainable_report,
 )
 from tests.conftest import tiny_run
-from tests.test_model_forward import collate, gen_sample, text_sample, und_sample
+from tests.helpers import group_of, mixed_batch
 
 # Spec §5, typed out independently of conf/stage/*.yaml.
 FREEZE_MATRIX = {
@@ -26,32 +26,6 @@ FREEZE_MATRIX = {
     "stage2": {"und_adaptor", "gen_adaptor", "gen_head", "llm"},
     "stage3": {"und_encoder", "und_adaptor", "gen_adaptor", "gen_head", "llm"},
 }
-PREFIXES = {
-    "und_encoder": ("model.vision_model.",),
-    "und_adaptor": ("model.aligner.",),
-    "vq": ("model.vqmodel.",),
-    "gen_embeddings": ("model.generation_embeddings.",),
-    "gen_adaptor": ("model.generation_aligner.",),
-    "gen_head": ("model.generation_head.",),
-    "llm": ("model.language_model.", "lm_head."),
-}
-
-
-def _group_of(name: str) -> str:
-    (group,) = [g for g, ps in PREFIXES.items() if name.startswith(ps)]
-    return group
-
-
-def _mixed_batch(model, tok):
-    st = resolve_special_tokens(tok)
-    n_img = model.config.vision_config.num_image_tokens
-    size = model.config.vision_config.image_size
-    torch.manual_seed(0)
-    codes = torch.randint(0, model.config.vq_config.num_embeddings, (n_img,)).tolist()
-    samples = [text_sample(tok, st), und_sample(tok, st, n_img), gen_sample(tok, st, codes)]
-    return collate(samples, st.pad, torch.randn(1, 3, size, size))
-
-
 @pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
 @pytest.mark.parametrize("gen_emb", [False, True])
 def test_gradients_follow_freeze_matrix(fresh_tiny_model, stage, gen_emb):
@@ -61,11 +35,11 @@ def test_gradients_follow_freeze_matrix(fresh_tiny_model, stage, gen_emb):
     assert set(run.trainable_groups) == expected
     apply_freeze(model, run.trainable_groups)
     set_train_mode(model, run.trainable_groups)
-    out = JanusTrainModel(model)(_mixed_batch(model, processor.tokenizer))
+    out = JanusTrainModel(model)(mixed_batch(model, processor.tokenizer))
     out["loss_sum"].sum().backward()
     grad_norm = {g: 0.0 for g in GROUPS}
     for name, p in model.named_parameters():
-        group = _group_of(name)
+        group = group_of(name)
         if group in expected:
             assert p.requires_grad and p.grad is not None, name
             grad_norm[group] += float(p.grad.norm())

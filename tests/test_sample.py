@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_train import sample as S
 from janus_demo import world
+from janus_train import sample as S
 from janus_train.model.chat_template import PromptFormat, set_chat_template
 from janus_train.model.tokenizer import resolve_special_tokens
 

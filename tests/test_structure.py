@@ -62,3 +62,14 @@ def test_the_demo_app_imports_the_library():
     """The arrow that must exist: the app sits on top of janus_train."""
     mods = {m for f in (ROOT / "janus_demo").glob("*.py") for _, m in _imports(f)}
     assert any(m.startswith("janus_train") for m in mods)
+
+
+def test_no_test_file_imports_another_test_file():
+    """Shared test helpers live in tests/conftest.py, tests/helpers.py or tests/dist_utils.py."""
+    bad = [
+        f"{f.name}:{line} imports {mod}"
+        for f in sorted((ROOT / "tests").glob("test_*.py"))
+        for line, mod in _imports(f)
+        if any(part.startswith("test_") for part in mod.split("."))
+    ]
+    assert bad == []

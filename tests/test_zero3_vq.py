@@ -18,7 +18,7 @@ def _worker(workdir: str) -> None:
     from janus_train.model import JanusTrainModel, apply_freeze, build_model, resolve_special_tokens
     from janus_train.trainer.distributed import init_engine, setup_distributed
     from tests.conftest import tiny_run
-    from tests.test_model_forward import collate, gen_sample
+    from tests.helpers import collate, gen_sample
 
     info = setup_distributed()
     run = tiny_run(["stage=stage2"])
