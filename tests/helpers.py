@@ -4,8 +4,11 @@ from here, never from one another."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from janus_train.config import compose, to_run_config
 from janus_train.model import JanusTrainModel, resolve_special_tokens
 
 IGN = -100
@@ -132,3 +135,22 @@ def mixed_batch(model, tok):
     codes = torch.randint(0, model.config.vq_config.num_embeddings, (n_img,)).tolist()
     samples = [text_sample(tok, st), und_sample(tok, st, n_img), gen_sample(tok, st, codes)]
     return collate(samples, st.pad, torch.randn(1, 3, size, size))
+
+
+# Loader runs on recipes written in tmp_path (test_data_loader, test_data_reshard).
+def make_run(stage: str, recipe: Path | str, gbs: int, **data):
+    run = to_run_config(
+        compose(["experiment=tiny", f"stage={stage}", f"train.global_batch_size={gbs}"])
+    )
+    run.data.recipe = str(recipe)
+    for k, v in data.items():
+        setattr(run.data, k, v)
+    return run
+
+
+def recipe_file(tmp_path: Path, sources: list[dict]) -> Path:
+    import yaml
+
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump({"name": "t", "sources": sources}))
+    return p

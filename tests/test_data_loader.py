@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from janus_train.config import compose, to_run_config
 from janus_train.data.loader import build_train_loader
 from janus_train.data.mixing import task_counts
 from janus_train.data.synthetic import (
@@ -23,6 +22,7 @@ from janus_train.data.synthetic import (
     write_tiny_dataset,
 )
 from janus_train.model.tokenizer import train_tiny_tokenizer
+from tests.helpers import make_run, recipe_file
 
 TASK = {0: "text", 1: "und", 2: "gen"}
 
@@ -30,23 +30,6 @@ TASK = {0: "text", 1: "und", 2: "gen"}
 @pytest.fixture(scope="module")
 def proc(tmp_path_factory):
     return train_tiny_tokenizer(tmp_path_factory.mktemp("tok"), image_size=32, num_image_tokens=16)
-
-
-def make_run(stage: str, recipe: Path | str, gbs: int, **data):
-    run = to_run_config(compose(["experiment=tiny", f"stage={stage}",
-                                 f"train.global_batch_size={gbs}"]))
-    run.data.recipe = str(recipe)
-    for k, v in data.items():
-        setattr(run.data, k, v)
-    return run
-
-
-def recipe_file(tmp_path: Path, sources: list[dict]) -> Path:
-    import yaml
-
-    p = tmp_path / "recipe.yaml"
-    p.write_text(yaml.safe_dump({"name": "t", "sources": sources}))
-    return p
 
 
 def test_ratio_and_no_overlap_two_ranks_two_workers(proc, tmp_path):

@@ -4,19 +4,15 @@ reading was not a prefix (few shards strided over by many consumers)."""
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_data_loader import make_run, recipe_file  # noqa: E402
-
-from janus_train.data.loader import build_train_loader  # noqa: E402
-from janus_train.data.reshard import _count_residue  # noqa: E402
-from janus_train.data.synthetic import caption_records, class_records, write_tar  # noqa: E402
-from janus_train.model.tokenizer import train_tiny_tokenizer  # noqa: E402
+from janus_train.data.loader import build_train_loader
+from janus_train.data.reshard import _count_residue
+from janus_train.data.synthetic import caption_records, class_records, write_tar
+from janus_train.model.tokenizer import train_tiny_tokenizer
+from tests.helpers import make_run, recipe_file
 
 N_CAP, N_CLS = 24, 12
 
