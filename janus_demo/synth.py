@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from janus_demo import world
+from janus_train import cli_help
 
 SOURCES = ("caption", "conversation", "chat", "text", "imagenet")
 HELDOUT_SOURCES = ("caption", "conversation", "text", "imagenet")
@@ -40,15 +41,23 @@ class SynthConfig:
     """Sizes of the generated data set."""
 
     out: str = "demo_out/data"
+    """Output directory (its train/ and heldout/ are JANUS_DATA_ROOTs of the tiny recipes)."""
     seed: int = 0
+    """Seed of every draw: same arguments, byte-identical tar files."""
     image_size: int = 32
+    """Image side in pixels (the tiny model's model.image_size)."""
     shards: int = 2
     """Tar files per source (the tiny recipes read ``{000000..000001}``)."""
     n_caption: int = 3000
+    """Caption samples (img2dataset layout)."""
     n_conversation: int = 3000
+    """LLaVA-style conversations about an image."""
     n_chat: int = 500
+    """Text-only conversations."""
     n_text: int = 1000
+    """Plain-text documents about the world."""
     n_imagenet: int = 1500
+    """Class-labelled images (ImageNet layout)."""
     n_heldout: int = 200
     """Samples per held-out source."""
 
@@ -210,13 +219,22 @@ def iter_samples(paths: list[str | Path] | str | Path) -> Iterator[dict[str, byt
                 yield cur
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``janus-data synth [--out DIR] [--seed N] [--image-size PX] [--shards N] [--n-caption N]
-    [--n-conversation N] [--n-chat N] [--n-text N] [--n-imagenet N] [--n-heldout N]``."""
+def build_parser() -> argparse.ArgumentParser:
+    """``janus-data synth``'s options: one per ``SynthConfig`` field, its docstring as help."""
     d = SynthConfig()
-    ap = argparse.ArgumentParser(prog="janus-data synth", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="janus-data synth",
+        description=cli_help.summary(__doc__),
+        formatter_class=cli_help.HelpFormatter,
+    )
+    docs = cli_help.field_docs(SynthConfig)
     for name, val in asdict(d).items():
-        ap.add_argument("--" + name.replace("_", "-"), type=type(val), default=val)
+        ap.add_argument("--" + name.replace("_", "-"), type=type(val), default=val, help=docs[name])
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     args = ap.parse_args(argv)
     cfg = SynthConfig(**vars(args))
     summary = synthesize(cfg)

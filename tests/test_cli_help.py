@@ -66,11 +66,13 @@ def _parsers(ap: argparse.ArgumentParser, name: str):
 
 
 def _cli_parsers():
+    from janus_demo.synth import build_parser as synth_parser
     from janus_train.data.cli import build_parser as data_parser
     from janus_train.sample import build_parser as sample_parser
 
     yield from _parsers(data_parser(), "janus-data")
     yield from _parsers(sample_parser(), "janus-sample")
+    yield from _parsers(synth_parser(), "janus-data synth")
 
 
 def test_every_cli_option_has_help_and_shows_its_default():
@@ -94,3 +96,15 @@ def test_every_cli_option_has_help_and_shows_its_default():
             ):
                 assert f"(default: {action.default})" in text, f"{name} {flag}: default hidden"
     assert seen > 30
+
+
+def test_plan_help_lists_every_cluster_key_with_its_default():
+    import dataclasses
+
+    from janus_train.plan.cli import plan_help
+    from janus_train.plan.config import ClusterConfig
+
+    text = plan_help()
+    for f in dataclasses.fields(ClusterConfig):
+        default = "null" if f.default is None else f.default
+        assert f"  {f.name} = {default}" in text, f.name

@@ -180,10 +180,29 @@ def _mfu() -> float:
     return DEFAULT_MFU
 
 
+def plan_help() -> str:
+    """The module docstring, then every cluster key with its default and docstring."""
+    import textwrap
+
+    from janus_train.cli_help import field_docs
+
+    lines = [__doc__.strip().replace("``", ""), "", "Cluster keys (key=value, default):"]
+    docs = field_docs(ClusterConfig)
+    for f in fields(ClusterConfig):
+        default = "null" if f.default is None else f.default
+        lines.append(f"  {f.name} = {default}")
+        if f.name in docs:
+            lines += textwrap.wrap(
+                docs[f.name], 96, initial_indent="      ", subsequent_indent="      "
+            )
+    lines += ["", "Training keys and groups: janus-train --help (same overrides)."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
+        print(plan_help())
         return 0
     try:
         cluster, overrides, stages, preset = split_args(argv)
