@@ -279,8 +279,9 @@ def sample_lengths(batch: dict) -> torch.Tensor:
 
 
 def fill_metrics(per_rank: list[list[tuple[int, int]]]) -> dict[str, float]:
-    """``data/token_fill``: real (non-pad) tokens / token slots (B x T of every micro-batch,
-    empty micro-steps included) over all ranks and the window's steps; ``data/rank_imbalance``:
+    """``data/token_fill``: real (non-pad) tokens / token slots (B x T of every micro-batch;
+    an empty micro-step is one pad slot) over all ranks and the window's steps;
+    ``data/rank_imbalance``:
     the worst step's max/mean - 1 of real tokens per rank. ``per_rank[rank][step]`` = that
     rank's ``Throughput.fill``."""
     from janus_train.data.packing import imbalance
