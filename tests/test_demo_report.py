@@ -1,0 +1,20 @@
+"""The demo report explains a held-out loss that rises in stage 3, and only then."""
+
+from janus_demo.report import held_out_loss_section
+
+S2 = {"loss/text": 0.46, "loss/und": 0.12, "loss/gen": 0.83, "und/accuracy": 0.84}
+TRAIN = {"stage3": {"loss/text": 0.0, "loss/und": 0.015}}
+
+
+def test_rising_held_out_loss_is_explained_with_the_figures():
+    s3 = {"loss/text": 2.58, "loss/und": 0.11, "loss/gen": 1.26, "und/accuracy": 0.84}
+    text = "\n".join(held_out_loss_section({"stage2": S2, "stage3": s3}, TRAIN))
+    assert "| stage3 | 2.580 | 0.110 | 1.260 |" in text
+    assert "Held-out loss/text, loss/gen rise from stage 2 to stage 3" in text  # not loss/und
+    assert "und 0.015" in text
+
+
+def test_no_explanation_when_nothing_rises():
+    s3 = {k: v / 2 for k, v in S2.items()}
+    lines = held_out_loss_section({"stage2": S2, "stage3": s3}, TRAIN)
+    assert not any("rise from stage 2" in line for line in lines)
