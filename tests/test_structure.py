@@ -73,3 +73,57 @@ def test_no_test_file_imports_another_test_file():
         if any(part.startswith("test_") for part in mod.split("."))
     ]
     assert bad == []
+
+
+def test_the_batch_contract_is_defined_once():
+    """The ignore index, the code-from-pixels marker, the task ids and the ratio splitter have
+    one definition (janus_train/batch.py); everything else imports them."""
+    names = {"IGNORE", "IGNORE_INDEX", "CODE_FROM_PIXELS", "TASK_ID", "TASK_IDS", "TASKS"}
+    splitters = {"task_counts", "split_counts", "largest_remainder"}
+    defined = []
+    for f in sorted((ROOT / "janus_train").rglob("*.py")):
+        for node in ast.parse(f.read_text()).body:
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            if isinstance(node, ast.AnnAssign):
+                targets = [node.target]
+            defined += [
+                (f.name, t.id) for t in targets if isinstance(t, ast.Name) and t.id in names
+            ]
+            if isinstance(node, ast.FunctionDef) and node.name in splitters:
+                defined.append((f.name, node.name))
+    assert sorted(defined) == sorted(
+        ("batch.py", n) for n in ("IGNORE", "CODE_FROM_PIXELS", "TASKS", "TASK_IDS", "task_counts")
+    ), defined
+    # -100 spelled out anywhere else is a second definition in disguise
+    literal = [
+        f"{f.relative_to(ROOT)}:{n.lineno}"
+        for f in sorted((ROOT / "janus_train").rglob("*.py"))
+        if f.name != "batch.py"
+        for n in ast.walk(ast.parse(f.read_text()))
+        if isinstance(n, ast.UnaryOp)
+        and isinstance(n.op, ast.USub)
+        and isinstance(n.operand, ast.Constant)
+        and n.operand.value == 100
+    ]
+    assert literal == []
+
+
+def test_one_ratio_splitter_for_both_loaders():
+    """The synthetic loader splits a step like the data loader, ties included (und:text 1:1 with
+    one sample goes to und in both)."""
+    from janus_train.batch import task_counts
+    from janus_train.trainer.synthetic import split_by_ratio
+
+    for n in range(1, 13):
+        for ratio in (
+            {"und": 1, "text": 1, "gen": 0},
+            {"und": 2, "text": 3, "gen": 5},
+            {"und": 6, "text": 1, "gen": 3},
+            {"und": 1, "text": 1, "gen": 1},
+        ):
+            want = task_counts(ratio, n)
+            got = split_by_ratio(n, ratio)
+            assert {t: got.count(t) for t in want} == want
+    assert split_by_ratio(1, {"und": 1, "text": 1, "gen": 0}) == ["und"]
+    # independent: 7 samples at 2:3:5 -> quotas 1.4, 2.1, 3.5 -> 1+2+3, then gen (.5)
+    assert task_counts({"und": 2, "text": 3, "gen": 5}, 7) == {"und": 1, "text": 2, "gen": 4}

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from janus_train.batch import CODE_FROM_PIXELS, IGNORE, TASK_IDS
 from janus_train.data.preprocess import (
     IMAGE_EXTS,
     BadSample,
@@ -54,9 +55,6 @@ from janus_train.model.chat_template import (
 )
 from janus_train.model.tokenizer import SpecialTokens
 
-IGNORE = -100
-CODE_FROM_PIXELS = -1
-TASK_ID = {"text": 0, "und": 1, "gen": 2}
 QA_QUESTION = "Describe the image in detail."
 _SENTENCE = re.compile(r"^(.+?[.!?])(?:\s|$)", re.S)
 
@@ -404,7 +402,7 @@ def collate(samples: list[Sample], ctx: BuildContext, pad_to_multiple_of: int = 
             labels[i, a : a + n] = s.labels
             if s.image_codes is not None:
                 codes[i, a : a + n] = s.image_codes
-            task[i, a : a + n] = TASK_ID[s.task]
+            task[i, a : a + n] = TASK_IDS[s.task]
             und.extend(s.und_images)
             if s.gen_image is not None:
                 gen.append(s.gen_image)

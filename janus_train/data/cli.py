@@ -217,17 +217,19 @@ def convert_imagenet(args) -> Counter:
 
 def render_sample(row: dict, tokenizer, st) -> str:
     """One batch row as text: supervised spans in ``[[...]]``, image runs collapsed."""
+    from janus_train.batch import IGNORE
+
     ids, labels, codes = row["input_ids"], row["labels"], row["image_codes"]
     groups: list[tuple[str, bool, list[int]]] = []
     for t, lab, c in zip(ids, labels, codes):
-        if c != -100:
+        if c != IGNORE:
             kind, sup = "codes", True
         elif t == st.image:
             kind, sup = "image", False
         elif t == st.pad:
-            kind, sup = "pad", lab != -100
+            kind, sup = "pad", lab != IGNORE
         else:
-            kind, sup = "text", lab != -100
+            kind, sup = "text", lab != IGNORE
         if groups and groups[-1][0] == kind and groups[-1][1] == sup:
             groups[-1][2].append(t)
         else:

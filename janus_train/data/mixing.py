@@ -17,28 +17,13 @@ every rank, so it needs no state to resume:
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
+# one splitter for every loader (janus_train.batch); slots of a step grouped in its tie order
+from janus_train.batch import TIE_ORDER as TASK_ORDER
+from janus_train.batch import task_counts  # noqa: F401  (re-exported: loader, tests)
 from janus_train.data.recipe import Recipe
 from janus_train.data.shards import stable_seed
-
-TASK_ORDER = ("und", "text", "gen")
-
-
-def task_counts(ratio: dict[str, int], total: int) -> dict[str, int]:
-    """Largest-remainder apportionment of ``total`` samples by ``ratio``."""
-    s = sum(ratio[t] for t in TASK_ORDER)
-    if s <= 0:
-        raise ValueError("ratio: at least one task must have a positive share")
-    quotas = {t: total * ratio[t] / s for t in TASK_ORDER}
-    counts = {t: math.floor(q) for t, q in quotas.items()}
-    rest = total - sum(counts.values())
-    order = sorted(TASK_ORDER, key=lambda t: (-(quotas[t] - counts[t]), TASK_ORDER.index(t)))
-    for t in order[:rest]:
-        counts[t] += 1
-    return counts
 
 
 def task_sequence(counts: dict[str, int]) -> list[str]:

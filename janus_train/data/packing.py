@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from janus_train.batch import IGNORE
+
 
 def pack_micro(lengths: list[int], budget: int) -> list[list[int]]:
     """First-fit decreasing: indices of ``lengths`` grouped into bins of total <= ``budget``.
@@ -181,7 +183,7 @@ def empty_micro(pad_id: int, image_size: int, pixels_uint8: bool = False) -> dic
     """A micro-batch with nothing to learn: one pad token, no images. The forward still calls
     every module on its zero-weighted dummies (ZeRO-3's gathers stay in step) and its loss and
     gradient contributions are exactly zero."""
-    one = torch.full((1, 1), -100, dtype=torch.long)
+    one = torch.full((1, 1), IGNORE, dtype=torch.long)
     empty = torch.zeros(
         (0, 3, image_size, image_size), dtype=torch.uint8 if pixels_uint8 else torch.float32
     )

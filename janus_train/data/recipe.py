@@ -18,12 +18,12 @@ from pathlib import Path
 
 import yaml
 
+# recipe task name -> key of ``TaskRatio`` and of the batch contract's task names
+from janus_train.batch import RECIPE_TASKS as TASK_KEYS
+
 RECIPE_DIR = Path(
     os.environ.get("JANUS_DATA_RECIPES", Path(__file__).resolve().parents[2] / "data_recipes")
 )
-TASKS = ("text", "understanding", "generation")
-TASK_KEYS = {"text": "text", "understanding": "und", "generation": "gen"}
-"""Recipe task name -> key of ``TaskRatio`` and of the batch contract's task names."""
 FORMATS = {
     "caption": ("understanding", "generation"),
     "conversation": ("understanding", "text"),
@@ -163,8 +163,8 @@ def _parse_source(i: int, raw: object, path: Path, check: bool, stat: bool = Tru
         raise ValueError(f"{where0}.name: must be a non-empty string without '/'")
     where = f"{path}: sources[{i}] ({name})"
     task = raw.get("task")
-    if task not in TASKS:
-        raise ValueError(f"{where}.task={task!r}: must be one of {TASKS}")
+    if task not in TASK_KEYS:
+        raise ValueError(f"{where}.task={task!r}: must be one of {tuple(TASK_KEYS)}")
     fmt = raw.get("format")
     if fmt not in FORMATS:
         raise ValueError(f"{where}.format={fmt!r}: must be one of {tuple(FORMATS)}")

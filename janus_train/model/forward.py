@@ -29,13 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# the batch contract's names, defined once (re-exported here for the model package)
+from janus_train.batch import CODE_FROM_PIXELS, IGNORE, TASK_IDS, TASKS  # noqa: F401
 from janus_train.model.vq_codes import vq_codes
-
-TASKS = ("text", "und", "gen")
-TASK_IDS = {"text": 0, "und": 1, "gen": 2}
-IGNORE = -100
-CODE_FROM_PIXELS = -1
-
 
 # Attention implementations that keep packed samples apart, and how (see ``varlen_kwargs``):
 # the mask-based ones get HF's block-causal mask derived from the position_ids restarts (a

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from janus_train.batch import IGNORE, TASK_IDS, TASKS, task_counts
 from janus_train.data.packing import assign_balanced, empty_micro, layout
-from janus_train.model.forward import IGNORE, TASK_IDS, TASKS
 from janus_train.model.tokenizer import resolve_special_tokens
 
 JANUS_MIX = {"und": (20, 300), "gen": (10, 80), "text": (98, 4094)}
@@ -46,13 +46,9 @@ def _mix(*xs: int) -> int:
 
 
 def split_by_ratio(n: int, weights: dict[str, int]) -> list[str]:
-    """``n`` task names in proportion to ``weights`` (largest remainder; ties by TASKS order)."""
-    total = sum(weights.values())
-    exact = {t: n * weights[t] / total for t in TASKS}
-    counts = {t: int(exact[t]) for t in TASKS}
-    rest = sorted(TASKS, key=lambda t: (-(exact[t] - counts[t]), TASKS.index(t)))
-    for t in rest[: n - sum(counts.values())]:
-        counts[t] += 1
+    """``n`` task names in proportion to ``weights``: the loaders' one splitter
+    (``janus_train.batch.task_counts``), listed in ``TASKS`` order."""
+    counts = task_counts(weights, n)
     return [t for t in TASKS for _ in range(counts[t])]
 
 
