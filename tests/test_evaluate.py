@@ -23,6 +23,7 @@ def heldout(tmp_path_factory):
     return out / "heldout"
 
 
+@pytest.mark.slow  # two whole evaluations (generation, answers, grid): ~10 s idle
 def test_run_eval_metrics_and_files(heldout, tiny_model_and_processor, tmp_path, monkeypatch):
     monkeypatch.setenv("JANUS_EVAL_DATA_ROOT", str(heldout))
     monkeypatch.delenv("JANUS_EVAL_RECIPE", raising=False)
