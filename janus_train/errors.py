@@ -90,3 +90,18 @@ def report_user_error(prog: str, exc: BaseException) -> int:
         except OSError:
             pass
     return EXIT_USER_ERROR
+
+
+def run_cli(prog: str, fn, *args) -> None:
+    """Run a CLI's body: a user error prints one line and exits 2 (traceback on request); a
+    closed stdout pipe (``| head``) ends quietly."""
+    import sys
+
+    try:
+        fn(*args)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except Exception as e:
+        if debug_requested() or not is_user_error(e):
+            raise
+        sys.exit(report_user_error(prog, e))

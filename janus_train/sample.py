@@ -345,7 +345,14 @@ def main(argv: list[str] | None = None) -> None:
     quiet_known_noise()
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.mode == "understand" and len(args.image) not in (1, len(args.question)):
+        ap.error("give one --image per --question (or a single --image)")
+    from janus_train.errors import run_cli
 
+    run_cli(f"janus-sample {args.mode}", _run, args)
+
+
+def _run(args) -> None:
     model, processor = load(args.model, args.device)
     fmt = None  # the export's own chat template
     if args.style or args.chat_template or args.system_prompt is not None:
@@ -353,8 +360,6 @@ def main(argv: list[str] | None = None) -> None:
         fmt = PromptFormat(args.style or "chat", args.chat_template or "janus_pro", **kw)
     if args.mode == "understand":
         paths = args.image * len(args.question) if len(args.image) == 1 else args.image
-        if len(paths) != len(args.question):
-            ap.error("give one --image per --question (or a single --image)")
         images = [Image.open(p) for p in paths]
         answers = answer(
             model, processor, images, args.question, fmt, args.max_new_tokens, args.batch_size

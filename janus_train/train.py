@@ -567,8 +567,9 @@ def main() -> None:
     quiet_known_noise()
     if {"--help", "-h"} & set(sys.argv[1:]):  # ours; Hydra's own stays under --hydra-help
         from janus_train.cli_help import render
+        from janus_train.errors import run_cli
 
-        print(render([a for a in sys.argv[1:] if not a.startswith("-")]))
+        run_cli("janus-train", lambda: print(render([a for a in sys.argv[1:] if a[:1] != "-"])))
         sys.exit(0)
     if any(a.lower() == "train.dry_run=true" for a in sys.argv[1:]):
         # Hydra's own files (.hydra/, train.log) go to a scratch dir removed at exit

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from janus_train.errors import run_cli
+
 SYNTH_MODULE = "janus_demo.synth"
 """Where ``janus-data synth`` forwards to (the demo application)."""
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp"}
@@ -40,8 +42,14 @@ def _writer(out: str, prefix: str, maxcount: int):
     return wds.ShardWriter(os.path.join(out, f"{prefix}-%06d.tar"), maxcount=maxcount, verbose=0)
 
 
-def _write_all(records: Iterator[tuple[str, dict[str, bytes]] | str], out: str, prefix: str,
-               maxcount: int, total: int | None, what: str) -> Counter:
+def _write_all(
+    records: Iterator[tuple[str, dict[str, bytes]] | str],
+    out: str,
+    prefix: str,
+    maxcount: int,
+    total: int | None,
+    what: str,
+) -> Counter:
     """Write records (``(key, {ext: bytes})``, or a skip reason string) and count outcomes."""
     counts: Counter = Counter()
     with _writer(out, prefix, maxcount) as sink:
@@ -105,8 +113,14 @@ def convert_text(args) -> Counter:
                     yield "bad_json"
                     continue
                 if isinstance(row, dict) and isinstance(row.get("conversations"), list):
-                    yield f"{i:09d}", {"json": json.dumps(
-                        {"conversations": row["conversations"]}, ensure_ascii=False).encode()}
+                    yield (
+                        f"{i:09d}",
+                        {
+                            "json": json.dumps(
+                                {"conversations": row["conversations"]}, ensure_ascii=False
+                            ).encode()
+                        },
+                    )
                 elif isinstance(row, dict) and isinstance(row.get(args.text_key), str):
                     yield f"{i:09d}", {"txt": row[args.text_key].encode()}
                 else:
@@ -182,8 +196,14 @@ def convert_captions(args) -> Counter:
                 yield "missing_image"
                 continue
             meta = {"caption": cap, "key": f"{i:09d}"}
-            yield f"{i:09d}", {img[0]: img[1], "txt": cap.encode(),
-                               "json": json.dumps(meta, ensure_ascii=False).encode()}
+            yield (
+                f"{i:09d}",
+                {
+                    img[0]: img[1],
+                    "txt": cap.encode(),
+                    "json": json.dumps(meta, ensure_ascii=False).encode(),
+                },
+            )
 
     return _write_all(gen(), args.out, args.prefix or "captions", args.maxcount, total, "captions")
 
@@ -208,8 +228,9 @@ def convert_imagenet(args) -> Counter:
             c = classes[ci]
             yield f"{i:09d}", {m[0]: m[1], "cls": str(ci).encode(), "txt": names[c].encode()}
 
-    return _write_all(gen(), args.out, args.prefix or "imagenet", args.maxcount, len(files),
-                      "imagenet")
+    return _write_all(
+        gen(), args.out, args.prefix or "imagenet", args.maxcount, len(files), "imagenet"
+    )
 
 
 # --------------------------------------------------------------------------- inspect
@@ -236,8 +257,11 @@ def render_sample(row: dict, tokenizer, st) -> str:
             groups.append((kind, sup, [t]))
     out = []
     for kind, sup, toks in groups:
-        s = (tokenizer.decode(toks, skip_special_tokens=False) if kind == "text"
-             else f"<{kind} x{len(toks)}>")
+        s = (
+            tokenizer.decode(toks, skip_special_tokens=False)
+            if kind == "text"
+            else f"<{kind} x{len(toks)}>"
+        )
         out.append(f"[[{s}]]" if sup else s)
     return "".join(out)
 
@@ -251,11 +275,14 @@ def inspect(args, overrides: list[str]) -> str:
     run = to_run_config(compose(overrides + [f"train.global_batch_size={args.n}"]))
     run.data.num_workers = 0
     proc = get_processor(run.model, args.workdir)
-    loader = build_train_loader(run, proc, rank=0, world_size=1, micro_batch_size=1,
-                                grad_accum=args.n, recipe=args.recipe)
+    loader = build_train_loader(
+        run, proc, rank=0, world_size=1, micro_batch_size=1, grad_accum=args.n, recipe=args.recipe
+    )
     st = resolve_special_tokens(proc.tokenizer)
-    lines = [f"recipe {loader.recipe.name} ({loader.recipe.path}); stage {run.stage.name}; "
-             f"per-step task counts {loader.counts}"]
+    lines = [
+        f"recipe {loader.recipe.name} ({loader.recipe.path}); stage {run.stage.name}; "
+        f"per-step task counts {loader.counts}"
+    ]
     for step in range(args.steps):
         for mb, keys in zip(loader.next_step(), loader.last_keys):
             n = int(mb["attention_mask"][0].sum())
@@ -331,8 +358,9 @@ def _load_vq(model_dir: str, device: str):
         import torch
         from transformers import JanusForConditionalGeneration
 
-        model = JanusForConditionalGeneration.from_pretrained(model_dir, local_files_only=True,
-                                                              dtype=torch.float32)
+        model = JanusForConditionalGeneration.from_pretrained(
+            model_dir, local_files_only=True, dtype=torch.float32
+        )
         vq = model.model.vqmodel.to(device).eval()
         _VQ_CACHE[(model_dir, device)] = (vq, model.config.vision_config.image_size)
     return _VQ_CACHE[(model_dir, device)]
@@ -343,8 +371,17 @@ def vq_encode(args) -> list[dict]:
 
     shards = expand_shards(args.shards, "--shards")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    jobs = [(u, os.path.join(args.out, os.path.basename(u.split()[-1])), args.model, args.device,
-             args.batch_size, args.threads) for u in shards]
+    jobs = [
+        (
+            u,
+            os.path.join(args.out, os.path.basename(u.split()[-1])),
+            args.model,
+            args.device,
+            args.batch_size,
+            args.threads,
+        )
+        for u in shards
+    ]
     results = []
     if args.procs > 1:
         import multiprocessing as mp
@@ -355,8 +392,10 @@ def vq_encode(args) -> list[dict]:
     else:
         for job in tqdm(jobs, desc="vq-encode"):
             results.append(_encode_shard(job))
-    print(json.dumps({"shards": len(results), "encoded": sum(r["encoded"] for r in results)}),
-          file=sys.stderr)
+    print(
+        json.dumps({"shards": len(results), "encoded": sum(r["encoded"] for r in results)}),
+        file=sys.stderr,
+    )
     return results
 
 
@@ -371,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
     conv = sub.add_parser(
-        "convert", help="convert a data set into WebDataset shards",
+        "convert",
+        help="convert a data set into WebDataset shards",
         description="Convert a data set into WebDataset shards (formats: docs/data.md).",
     )
     csub = conv.add_subparsers(dest="kind", required=True)
@@ -381,27 +421,44 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--prefix", default=None, help="shard name prefix")
         p.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
 
-    p = csub.add_parser("llava", formatter_class=HelpFormatter, help="LLaVA JSON + image folder -> conversation shards")
+    p = csub.add_parser(
+        "llava",
+        formatter_class=HelpFormatter,
+        help="LLaVA JSON + image folder -> conversation shards",
+    )
     p.add_argument("--json", required=True, help="LLaVA conversation JSON (a list of records)")
-    p.add_argument("--image-root", default=None, help="directory the records' image paths are relative to")
+    p.add_argument(
+        "--image-root", default=None, help="directory the records' image paths are relative to"
+    )
     common(p)
-    p = csub.add_parser("text", formatter_class=HelpFormatter, help="jsonl ({text} or {conversations}) -> text shards")
+    p = csub.add_parser(
+        "text",
+        formatter_class=HelpFormatter,
+        help="jsonl ({text} or {conversations}) -> text shards",
+    )
     p.add_argument("--input", required=True, help="jsonl file")
     p.add_argument("--text-key", default="text", help="field holding the text")
     common(p)
-    p = csub.add_parser("captions", formatter_class=HelpFormatter, help="csv/tsv/parquet/HF datasets dir -> caption shards")
+    p = csub.add_parser(
+        "captions",
+        formatter_class=HelpFormatter,
+        help="csv/tsv/parquet/HF datasets dir -> caption shards",
+    )
     p.add_argument("--input", required=True, help="csv/tsv/parquet file or HF datasets directory")
     p.add_argument("--image-col", default="image", help="column with image paths, bytes or images")
     p.add_argument("--caption-col", default="caption", help="column with the caption")
     p.add_argument("--image-root", default=None, help="directory relative image paths start from")
     common(p)
-    p = csub.add_parser("imagenet", formatter_class=HelpFormatter, help="class folders -> class_label shards")
+    p = csub.add_parser(
+        "imagenet", formatter_class=HelpFormatter, help="class folders -> class_label shards"
+    )
     p.add_argument("--root", required=True, help="directory of class folders")
     p.add_argument("--class-names", default=None, help="lines 'FOLDER NAME[, synonyms]'")
     common(p)
 
     p = sub.add_parser(
-        "inspect", help="print built samples of a recipe, supervised in [[...]]",
+        "inspect",
+        help="print built samples of a recipe, supervised in [[...]]",
         formatter_class=HelpFormatter,
         description="Print the samples a recipe builds for the first steps (supervised tokens in "
         "[[...]]) and the per-source counts.",
@@ -410,10 +467,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=8, help="samples per step")
     p.add_argument("--steps", type=int, default=1, help="optimizer steps to build")
     p.add_argument("--workdir", default=".", help="where a tiny tokenizer is trained/reused")
-    p.add_argument("overrides", nargs="*", help="hydra overrides, e.g. experiment=tiny stage=stage2")
+    p.add_argument(
+        "overrides", nargs="*", help="hydra overrides, e.g. experiment=tiny stage=stage2"
+    )
 
     p = sub.add_parser(
-        "vq-encode", help="add frozen-VQ codes.npy to generation shards",
+        "vq-encode",
+        help="add frozen-VQ codes.npy to generation shards",
         formatter_class=HelpFormatter,
         description="Pre-tokenize generation images with the frozen VQ: writes copies of the "
         "shards with a KEY.codes.npy member, which the trainer uses instead of encoding.",
@@ -425,9 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per VQ forward")
     p.add_argument("--threads", type=int, default=4, help="image decode threads per process")
     p.add_argument("--procs", type=int, default=1, help="shards encoded in parallel processes")
-    sub.add_parser("synth", add_help=False,
-                   help="write the demo's synthetic shards (the demo app's janus_demo.synth; "
-                   "see --help)")
+    sub.add_parser(
+        "synth",
+        add_help=False,
+        help="write the demo's synthetic shards (the demo app's janus_demo.synth; see --help)",
+    )
     return ap
 
 
@@ -448,9 +510,17 @@ def main(argv: list[str] | None = None) -> None:
         synth.main(argv[1:])
         return
     args = build_parser().parse_args(argv)
+    run_cli(f"janus-data {args.cmd}", _dispatch, args)
+
+
+def _dispatch(args) -> None:
     if args.cmd == "convert":
-        {"llava": convert_llava, "text": convert_text, "captions": convert_captions,
-         "imagenet": convert_imagenet}[args.kind](args)
+        {
+            "llava": convert_llava,
+            "text": convert_text,
+            "captions": convert_captions,
+            "imagenet": convert_imagenet,
+        }[args.kind](args)
     elif args.cmd == "inspect":
         inspect(args, args.overrides)
     elif args.cmd == "vq-encode":
