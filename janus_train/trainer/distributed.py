@@ -36,6 +36,14 @@ class DistInfo:
         return self.rank == 0
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def setup_distributed(timeout_s: float = 1800) -> DistInfo:
     """Initialise torch.distributed through DeepSpeed (torchrun, deepspeed launcher, Slurm env,
     or a single process without any launcher). Idempotent. ``timeout_s``
@@ -53,7 +61,9 @@ def setup_distributed(timeout_s: float = 1800) -> DistInfo:
     ):
         os.environ.setdefault(k, v)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(29500 + os.getpid() % 1000)
+        # a world of one owns its store: any free port (a pid-derived one collided in CI with
+        # a port still held from an earlier run)
+        os.environ["MASTER_PORT"] = str(_free_port())
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if not torch.cuda.is_available():
