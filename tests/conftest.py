@@ -32,3 +32,26 @@ def fresh_tiny_model(tiny_workdir):
 
     model, processor = build_model(tiny_run().model, workdir=tiny_workdir)
     return model, processor
+
+
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_leaks():
+    """A test that runs the trainer in-process (a world of one) must not leave its process group
+    (whose store holds MASTER_PORT) nor its rendezvous variables to later tests: a subprocess
+    inheriting MASTER_PORT would fail to bind it (EADDRINUSE)."""
+    import os
+
+    import torch.distributed as dist
+
+    before = {k: os.environ.get(k) for k in _DIST_ENV}
+    yield
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -54,7 +54,7 @@ def test_split_special_token_fails(tok_dirs):
     assert "\n" not in str(e.value)
 
 
-def test_entry_points_stop_on_a_broken_tokenizer(tok_dirs, tmp_path):
+def test_entry_points_stop_on_a_broken_tokenizer(tok_dirs, tmp_path, capsys):
     from janus_train import sample
     from janus_train.data import cli
     from janus_train.model import build_model
@@ -63,11 +63,12 @@ def test_entry_points_stop_on_a_broken_tokenizer(tok_dirs, tmp_path):
     bad = str(tok_dirs / "nospace")
     with pytest.raises(ValueError, match="does not round-trip"):  # janus-train's model build
         build_model(tiny_run([f"model.tokenizer={bad}"]).model, workdir=tmp_path)
-    with pytest.raises(ValueError, match="does not round-trip"):
+    with pytest.raises(SystemExit) as e:  # the CLIs: one line, exit 2
         cli.main(["inspect", "experiment=tiny", f"model.tokenizer={bad}"])
+    assert e.value.code == 2 and "does not round-trip" in capsys.readouterr().err
     # janus-sample checks the tokenizer before loading the model (the dir has none)
     shutil.copytree(bad, tmp_path / "export")
-    with pytest.raises(ValueError, match="does not round-trip"):
+    with pytest.raises(SystemExit) as e:
         sample.main(
             [
                 "--model",
@@ -79,6 +80,7 @@ def test_entry_points_stop_on_a_broken_tokenizer(tok_dirs, tmp_path):
                 "a red circle",
             ]
         )
+    assert e.value.code == 2 and "does not round-trip" in capsys.readouterr().err
 
 
 def test_tested_transformers_range_is_declared_and_installed():
