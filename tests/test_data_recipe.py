@@ -114,7 +114,11 @@ def _largest_remainder(ratio, total):
                                               ((2, 3, 5), 512, (102, 154, 256)),
                                               ((1, 0, 3), 256, (64, 0, 192)),
                                               ((7, 3, 10), 256, (90, 38, 128)),
-                                              ((5, 1, 4), 8, (4, 1, 3))])
+                                              ((5, 1, 4), 8, (4, 1, 3)),
+                                              # exact ties (float quotas broke them by noise)
+                                              ((6, 1, 3), 16, (10, 1, 5)),
+                                              ((1, 1, 0), 1, (1, 0, 0)),
+                                              ((3, 3, 4), 5, (2, 1, 2))])
 def test_task_counts(ratio, total, want):
     got = task_counts({"und": ratio[0], "text": ratio[1], "gen": ratio[2]}, total)
     assert (got["und"], got["text"], got["gen"]) == want == tuple(_largest_remainder(ratio, total))
