@@ -27,7 +27,7 @@ test-fast: install
 	$(PY) -m pytest -m "not dist and not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check janus_train tests benchmarks
+	$(VENV)/bin/ruff check janus_train janus_demo tests benchmarks && $(VENV)/bin/ruff format --check .
 
 demo: install
 	bash launch/demo.sh

@@ -53,9 +53,16 @@ def write_shards(root: Path, records: int, shards: int, w: int, h: int) -> list[
     per = records // shards
     paths = []
     for s in range(shards):
-        recs = [(f"{s * per + i:06d}", {"jpg": photo_like(s * per + i, w, h),
-                                        "txt": b"a photo of red circles on a gradient."})
-                for i in range(per)]
+        recs = [
+            (
+                f"{s * per + i:06d}",
+                {
+                    "jpg": photo_like(s * per + i, w, h),
+                    "txt": b"a photo of red circles on a gradient.",
+                },
+            )
+            for i in range(per)
+        ]
         paths.append(write_tar(root / f"img-{s:06d}.tar", recs))
     return paths
 
@@ -84,8 +91,16 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def loader_rate(root: Path, n_shards: int, task: str, size: int, workers: int, steps: int,
-                batch: int, pixels_uint8: bool = False) -> dict:
+def loader_rate(
+    root: Path,
+    n_shards: int,
+    task: str,
+    size: int,
+    workers: int,
+    steps: int,
+    batch: int,
+    pixels_uint8: bool = False,
+) -> dict:
     import yaml
 
     from janus_train.config import compose, to_run_config
@@ -93,21 +108,43 @@ def loader_rate(root: Path, n_shards: int, task: str, size: int, workers: int, s
     from janus_train.model.tokenizer import train_tiny_tokenizer
 
     recipe = root / f"{task}.yaml"
-    recipe.write_text(yaml.safe_dump({"name": f"bench_{task}", "sources": [{
-        "name": task, "task": "understanding" if task == "und" else "generation",
-        "format": "caption", "shards": str(root / f"img-{{000000..{n_shards - 1:06d}}}.tar")}]}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": f"bench_{task}",
+                "sources": [
+                    {
+                        "name": task,
+                        "task": "understanding" if task == "und" else "generation",
+                        "format": "caption",
+                        "shards": str(root / f"img-{{000000..{n_shards - 1:06d}}}.tar"),
+                    }
+                ],
+            }
+        )
+    )
     ratio = "{und:1,text:0,gen:0}" if task == "und" else "{und:0,text:0,gen:1}"
-    run = to_run_config(compose([
-        "experiment=tiny", "stage=stage2", f"model.image_size={size}", "model.vision.patch_size=16",
-        f"experiment.stage2.ratio={ratio}", f"train.global_batch_size={batch}"]))
+    run = to_run_config(
+        compose(
+            [
+                "experiment=tiny",
+                "stage=stage2",
+                f"model.image_size={size}",
+                "model.vision.patch_size=16",
+                f"experiment.stage2.ratio={ratio}",
+                f"train.global_batch_size={batch}",
+            ]
+        )
+    )
     run.data.recipe = str(recipe)
     run.data.num_workers = workers
     run.data.pixels_uint8 = pixels_uint8
     n_tok = (size // 16) ** 2
     tok_dir = root / f"tok{n_tok}"
     proc = train_tiny_tokenizer(tok_dir, image_size=size, num_image_tokens=n_tok)
-    L = build_train_loader(run, proc, rank=0, world_size=1, micro_batch_size=batch // 4,
-                           grad_accum=4)
+    L = build_train_loader(
+        run, proc, rank=0, world_size=1, micro_batch_size=batch // 4, grad_accum=4
+    )
     for _ in range(max(2, workers)):  # warm-up: worker start, shard indexing
         L.next_step()
     pids = [w.pid for w in getattr(L._it, "_workers", [])]
@@ -118,8 +155,11 @@ def loader_rate(root: Path, n_shards: int, task: str, size: int, workers: int, s
     main_cpu, worker_cpu = time.process_time() - c0, _cpu_seconds(pids) - w0
     n = steps * batch
     L.close()
-    return {"wall": n / wall, "cpu": n / (main_cpu + worker_cpu),
-            "worker_cpu": n / worker_cpu if pids else n / main_cpu}
+    return {
+        "wall": n / wall,
+        "cpu": n / (main_cpu + worker_cpu),
+        "worker_cpu": n / worker_cpu if pids else n / main_cpu,
+    }
 
 
 def main() -> None:
@@ -132,20 +172,34 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=32, help="samples per step")
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--pixels-uint8", action="store_true",
-                    help="data.pixels_uint8: ship uint8 pixels, normalise on the device")
+    ap.add_argument(
+        "--pixels-uint8",
+        action="store_true",
+        help="data.pixels_uint8: ship uint8 pixels, normalise on the device",
+    )
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = write_shards(root, args.records, args.shards, args.width, args.height)
-        results = {"cpu_count": os.cpu_count(), "workers": args.workers,
-                   "pixels_uint8": args.pixels_uint8,
-                   "image": f"{args.width}x{args.height} JPEG -> {args.image_size}"}
+        results = {
+            "cpu_count": os.cpu_count(),
+            "workers": args.workers,
+            "pixels_uint8": args.pixels_uint8,
+            "image": f"{args.width}x{args.height} JPEG -> {args.image_size}",
+        }
         for task in ("und", "gen"):
             b1 = bare_loop(paths, task, args.image_size, repeats=1)
-            r = loader_rate(root, args.shards, task, args.image_size, args.workers, args.steps,
-                            args.batch, args.pixels_uint8)
+            r = loader_rate(
+                root,
+                args.shards,
+                task,
+                args.image_size,
+                args.workers,
+                args.steps,
+                args.batch,
+                args.pixels_uint8,
+            )
             b2 = bare_loop(paths, task, args.image_size, repeats=1)  # bracket the loader run
             bare_wall, bare_cpu = (b1[0] + b2[0]) / 2, (b1[1] + b2[1]) / 2
             per_worker = r["wall"] / max(1, args.workers)

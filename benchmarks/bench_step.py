@@ -32,12 +32,21 @@ import torch
 
 
 def overrides(args, run_dir: str) -> list[str]:
-    return [f"stage={args.stage}", f"deepspeed=zero{args.zero}", "train.synthetic_data=true",
-            f"train.synthetic_seq_len={args.seq_len}", f"train.steps={args.steps}",
-            f"train.global_batch_size={args.global_batch}", "train.micro_batch_size=1",
-            "train.tokens_per_micro=0",  # the bare loop below runs fixed micro-batches
-            f"train.log_every={args.log_every}", "train.ckpt_every=0", "train.export_at_end=false",
-            "train.progress_bar=false", f"train.run_dir={run_dir}"]
+    return [
+        f"stage={args.stage}",
+        f"deepspeed=zero{args.zero}",
+        "train.synthetic_data=true",
+        f"train.synthetic_seq_len={args.seq_len}",
+        f"train.steps={args.steps}",
+        f"train.global_batch_size={args.global_batch}",
+        "train.micro_batch_size=1",
+        "train.tokens_per_micro=0",  # the bare loop below runs fixed micro-batches
+        f"train.log_every={args.log_every}",
+        "train.ckpt_every=0",
+        "train.export_at_end=false",
+        "train.progress_bar=false",
+        f"train.run_dir={run_dir}",
+    ]
 
 
 def bare_step_times(run, args) -> list[float]:
@@ -54,12 +63,19 @@ def bare_step_times(run, args) -> list[float]:
     info = setup_distributed()
     hp = run.hparams
     plan = plan_batch(hp.global_batch_size, 1, info.world_size)
-    ds = build_deepspeed_config(run.deepspeed, plan, resolve_precision(run.deepspeed.precision),
-                                hp.weight_decay, hp.lr)
+    ds = build_deepspeed_config(
+        run.deepspeed, plan, resolve_precision(run.deepspeed.precision), hp.weight_decay, hp.lr
+    )
     t = build_engine(run, info, ds, run.train.run_dir)  # the trainer's own set-up
     engine, proc = t.engine, t.processor
-    loader = SyntheticStepLoader(run, proc, rank=info.rank, world_size=info.world_size,
-                                 micro_batch_size=1, grad_accum=plan.grad_accum)
+    loader = SyntheticStepLoader(
+        run,
+        proc,
+        rank=info.rank,
+        world_size=info.world_size,
+        micro_batch_size=1,
+        grad_accum=plan.grad_accum,
+    )
     stamps = [_now()]
     for _ in range(hp.steps):
         for mb in loader.next_step():
@@ -104,9 +120,13 @@ def trainer_step_times(run, args) -> list[tuple[float, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--log-every", type=int, default=10,
-                    help="trainer log interval = timing window (loader counters are gathered "
-                         "over ranks at every log step)")
+    ap.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        help="trainer log interval = timing window (loader counters are gathered "
+        "over ranks at every log step)",
+    )
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
@@ -134,18 +154,28 @@ def main() -> None:
         run = to_run_config(compose(overrides(args, f"{root}/train{r}")))
         framework += trainer_step_times(run, args)  # its first gap starts after window 1
     if info.is_main:
-        med = {name: [statistics.median(t[i] for t in times) for i in (0, 1)]
-               for name, times in (("bare", bare), ("janus_train", framework))}
-        print(json.dumps({
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "world_size": info.world_size, "stage": args.stage, "zero": args.zero,
-            "global_batch": args.global_batch, "seq_len": args.seq_len,
-            "windows_timed": {"bare": len(bare), "janus_train": len(framework)},
-            "median_step_wall_s": {k: round(v[0], 5) for k, v in med.items()},
-            "median_step_cpu_s": {k: round(v[1], 5) for k, v in med.items()},
-            "ratio_wall": round(med["janus_train"][0] / med["bare"][0], 4),
-            "ratio_cpu": round(med["janus_train"][1] / med["bare"][1], 4),
-        }, indent=2))
+        med = {
+            name: [statistics.median(t[i] for t in times) for i in (0, 1)]
+            for name, times in (("bare", bare), ("janus_train", framework))
+        }
+        print(
+            json.dumps(
+                {
+                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                    "world_size": info.world_size,
+                    "stage": args.stage,
+                    "zero": args.zero,
+                    "global_batch": args.global_batch,
+                    "seq_len": args.seq_len,
+                    "windows_timed": {"bare": len(bare), "janus_train": len(framework)},
+                    "median_step_wall_s": {k: round(v[0], 5) for k, v in med.items()},
+                    "median_step_cpu_s": {k: round(v[1], 5) for k, v in med.items()},
+                    "ratio_wall": round(med["janus_train"][0] / med["bare"][0], 4),
+                    "ratio_cpu": round(med["janus_train"][1] / med["bare"][1], 4),
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -51,21 +51,38 @@ def torchrun_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def torchrun_cmd(args: list[str], nproc: int = 2, module: bool = False) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--max_restarts=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "--max_restarts=0",
+    ]
     if module:
         cmd.append("-m")
     return cmd + list(args)
 
 
-def run_torchrun(args: list[str], nproc: int = 2, module: bool = False, timeout: float = 300,
-                 env: dict[str, str] | None = None, cwd: str | os.PathLike = REPO
-                 ) -> TorchrunResult:
+def run_torchrun(
+    args: list[str],
+    nproc: int = 2,
+    module: bool = False,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike = REPO,
+) -> TorchrunResult:
     """Run ``args`` (a script path and its arguments, or a module with ``module=True``) under
     torchrun with ``nproc`` CPU workers; raises ``subprocess.TimeoutExpired`` on a hang."""
     proc = subprocess.run(
-        torchrun_cmd(args, nproc, module), cwd=cwd, env=torchrun_env(env),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout,
+        torchrun_cmd(args, nproc, module),
+        cwd=cwd,
+        env=torchrun_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
     )
     return TorchrunResult(proc.returncode, proc.stdout)
 
@@ -107,17 +124,29 @@ class WatchedRun:
         return [p for p, t in self.descendants.items() if _start_time(p) == t]
 
 
-def run_watched(cmd: list[str], marker: str, timeout: float = 300,
-                env: dict[str, str] | None = None, cwd: str | os.PathLike = REPO,
-                on_line=None) -> WatchedRun:
+def run_watched(
+    cmd: list[str],
+    marker: str,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike = REPO,
+    on_line=None,
+) -> WatchedRun:
     """Run ``cmd``, recording every descendant process (polled) and when ``marker`` first
     appears in its output; ``on_line(line, proc)`` sees each output line. Kills the whole tree
     and raises ``subprocess.TimeoutExpired`` after ``timeout``."""
     import threading
     import time
 
-    proc = subprocess.Popen(cmd, cwd=cwd, env=torchrun_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=torchrun_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     seen: dict[int, str] = {}
     lines: list[str] = []
     marked: list[float] = []
@@ -143,8 +172,10 @@ def run_watched(cmd: list[str], marker: str, timeout: float = 300,
             if on_line is not None:
                 on_line(line, proc)
 
-    threads = [threading.Thread(target=poll, daemon=True), threading.Thread(target=read,
-                                                                             daemon=True)]
+    threads = [
+        threading.Thread(target=poll, daemon=True),
+        threading.Thread(target=read, daemon=True),
+    ]
     for t in threads:
         t.start()
     try:

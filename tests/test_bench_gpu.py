@@ -16,12 +16,30 @@ pytestmark = pytest.mark.slow
 
 
 def test_bench_gpu_runs_on_cpu_without_mfu(tmp_path):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     res = subprocess.run(
-        [sys.executable, "benchmarks/bench_gpu.py", "--steps", "2", "--log-every", "1",
-         "--ref-steps", "2", "--ref-accum", "1", "--checkpointing", "2", "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "benchmarks/bench_gpu.py",
+            "--steps",
+            "2",
+            "--log-every",
+            "1",
+            "--ref-steps",
+            "2",
+            "--ref-accum",
+            "1",
+            "--checkpointing",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
     trainer, ref, ratio = rows

@@ -38,7 +38,11 @@ SPEC = {
     },
 }
 # Published dimensions (spec §1): (d, layers, heads)
-DIMS = {"janus_1.3b": (2048, 24, 16), "janus_pro_1b": (2048, 24, 16), "janus_pro_7b": (4096, 30, 32)}
+DIMS = {
+    "janus_1.3b": (2048, 24, 16),
+    "janus_pro_1b": (2048, 24, 16),
+    "janus_pro_7b": (4096, 30, 32),
+}
 
 
 def test_shipped_groups_present():
@@ -144,11 +148,16 @@ def test_bad_yaml_file_names_the_key(tmp_path):
 
 def test_cli_prints_composed_config_and_rejects_unknown_key():
     cmd = [sys.executable, "-m", "janus_train.train"]
-    ok = subprocess.run(cmd + ["experiment=janus_pro_1b", "stage=stage2", "--cfg", "job"],
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        cmd + ["experiment=janus_pro_1b", "stage=stage2", "--cfg", "job"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "hidden_size: 2048" in ok.stdout and "name: stage2" in ok.stdout
-    bad = subprocess.run(cmd + ["stage.trainabel=[llm]", "--cfg", "job"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        cmd + ["stage.trainabel=[llm]", "--cfg", "job"], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode != 0
     assert "trainabel" in bad.stderr

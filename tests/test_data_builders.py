@@ -47,9 +47,17 @@ def proc(tmp_path_factory):
 
 def make_ctx(proc, **kw) -> BuildContext:
     tok = proc.tokenizer
-    base = dict(tokenizer=tok, st=resolve_special_tokens(tok), image_size=32, num_image_tokens=N,
-                codebook_size=64, cfg_dropout=0.0, first_sentence_prob=0.0, seq_len=512,
-                system_prompt=None)
+    base = dict(
+        tokenizer=tok,
+        st=resolve_special_tokens(tok),
+        image_size=32,
+        num_image_tokens=N,
+        codebook_size=64,
+        cfg_dropout=0.0,
+        first_sentence_prob=0.0,
+        seq_len=512,
+        system_prompt=None,
+    )
     base.update(kw)
     return BuildContext(**base)
 
@@ -85,13 +93,20 @@ def test_caption_qa_masks_question(proc):
         assert s.labels == [X] * (1 + len(pre) + len(block) + len(post)) + ans
 
 
-@pytest.mark.parametrize("template,u,a", [("janus", "User", "Assistant"),
-                                          ("janus_pro", "<|User|>", "<|Assistant|>")])
+@pytest.mark.parametrize(
+    "template,u,a", [("janus", "User", "Assistant"), ("janus_pro", "<|User|>", "<|Assistant|>")]
+)
 def test_conversation_sft_multiturn(proc, template, u, a):
-    ctx = make_ctx(proc, chat_template=template, sft=True, system_prompt="You are a helpful assistant.")
+    ctx = make_ctx(
+        proc, chat_template=template, sft=True, system_prompt="You are a helpful assistant."
+    )
     st = ctx.st
-    turns = [("user", "<image>\nwhat color?"), ("assistant", "red"),
-             ("user", "what shape?"), ("assistant", "a circle")]
+    turns = [
+        ("user", "<image>\nwhat color?"),
+        ("assistant", "red"),
+        ("user", "what shape?"),
+        ("assistant", "a circle"),
+    ]
     s = build_conversation(turns, [img_arr()], ctx, "und")
     sys_ = enc(proc, "You are a helpful assistant.\n\n")
     u1a, u1b = enc(proc, f"{u}: "), enc(proc, f"\nwhat color?\n\n{a}:")
@@ -101,15 +116,17 @@ def test_conversation_sft_multiturn(proc, template, u, a):
     block = [st.boi] + [st.image] * N + [st.eoi]
     assert s.input_ids == [st.bos] + sys_ + u1a + block + u1b + a1 + u2 + a2
     masked = lambda x: [X] * len(x)  # noqa: E731
-    assert s.labels == ([X] + masked(sys_) + masked(u1a) + masked(block) + masked(u1b) + a1
-                        + masked(u2) + a2)
+    assert s.labels == (
+        [X] + masked(sys_) + masked(u1a) + masked(block) + masked(u1b) + a1 + masked(u2) + a2
+    )
 
 
 def test_conversation_pretrain_supervises_user_text(proc):
     ctx = make_ctx(proc, sft=False)
     st = ctx.st
-    s = build_conversation([("system", "be brief"), ("user", "what color?"),
-                            ("assistant", "red")], [], ctx, "text")
+    s = build_conversation(
+        [("system", "be brief"), ("user", "what color?"), ("assistant", "red")], [], ctx, "text"
+    )
     sys_ = enc(proc, "be brief\n\n")
     u1 = enc(proc, "<|User|>: what color?\n\n<|Assistant|>:")
     a1 = enc(proc, " red") + [st.eos]
@@ -121,8 +138,9 @@ def test_conversation_pretrain_supervises_user_text(proc):
 def test_conversation_marker_mismatch(proc):
     ctx = make_ctx(proc)
     with pytest.raises(BadSample) as e:
-        build_conversation([("user", "<image><image> hi"), ("assistant", "x")], [img_arr()], ctx,
-                           "und")
+        build_conversation(
+            [("user", "<image><image> hi"), ("assistant", "x")], [img_arr()], ctx, "und"
+        )
     assert e.value.reason == "image_marker_mismatch"
 
 
@@ -153,8 +171,9 @@ def test_generation_sequences(proc):
     assert st.eoi not in s.input_ids
     # Without codes: -1 slots and the [-1, 1] image travels along.
     im = img_arr()
-    s = build_generation("a red circle", make_ctx(proc, caption_format="qa"), random.Random(0),
-                         image=im)
+    s = build_generation(
+        "a red circle", make_ctx(proc, caption_format="qa"), random.Random(0), image=im
+    )
     p = enc(proc, "<|User|>: a red circle\n\n<|Assistant|>:")
     assert s.input_ids == [st.bos] + p + [st.boi] + [st.pad] * N
     assert s.image_codes == [X] * (len(p) + 2) + [-1] * N and s.gen_image is im
@@ -163,13 +182,14 @@ def test_generation_sequences(proc):
 def test_cfg_dropout_is_hf_unconditional_prompt(proc):
     ctx = make_ctx(proc, caption_format="qa", cfg_dropout=1.0)
     st = ctx.st
-    cond = build_generation("a red circle", make_ctx(proc, caption_format="qa"),
-                            random.Random(0), codes=np.zeros(N))
+    cond = build_generation(
+        "a red circle", make_ctx(proc, caption_format="qa"), random.Random(0), codes=np.zeros(N)
+    )
     unc = build_generation("a red circle", ctx, random.Random(0), codes=np.zeros(N))
     # HF generate(generation_mode="image"): every prompt token that is neither BOS nor BOI -> pad.
-    ids = torch.tensor(cond.input_ids[: -N])
+    ids = torch.tensor(cond.input_ids[:-N])
     hf = ids.masked_fill((ids != st.bos) & (ids != st.boi), st.pad).tolist()
-    assert unc.input_ids[: -N] == hf
+    assert unc.input_ids[:-N] == hf
     assert unc.input_ids[0] == st.bos and unc.input_ids[-N - 1] == st.boi
     assert unc.image_codes == cond.image_codes
 
@@ -216,7 +236,8 @@ def test_preprocess_matches_independent_computation():
     assert np.array_equal(np.asarray(resize_long_pad(img, 32)), ref)
     x = und_pixels(img, 32, (0.48, 0.45, 0.4), (0.26, 0.26, 0.27))
     want = (ref.astype(np.float32) / 255 - np.array([0.48, 0.45, 0.4], np.float32)) / np.array(
-        [0.26, 0.26, 0.27], np.float32)
+        [0.26, 0.26, 0.27], np.float32
+    )
     np.testing.assert_allclose(x, want.transpose(2, 0, 1), rtol=1e-6, atol=1e-6)
     # generation: 40x20 -> 64x32 bicubic, centre crop columns 16..48
     ref = np.asarray(img.resize((64, 32), Image.BICUBIC))[:, 16:48]
@@ -246,6 +267,7 @@ def test_decode_modes_and_exif():
 class _Evil:
     def __reduce__(self):
         import os
+
         return (os.system, ("touch /tmp/janus_data_pwned",))
 
 
@@ -261,9 +283,21 @@ def test_record_reasons_and_no_unpickling(proc, tmp_path):
         ({"jpg": jpg, "txt": b"   "}, "caption", "understanding", "empty_caption"),
         ({"jpg": jpg, "json": b'{"caption": 3}'}, "caption", "understanding", "bad_caption"),
         ({"jpg": jpg, "json": b"{oops"}, "conversation", "understanding", "bad_json"),
-        ({"json": json.dumps({"conversations": [{"from": "human", "value": "<image> hi"},
-                                                {"from": "gpt", "value": "x"}]}).encode()},
-         "conversation", "understanding", "image_marker_mismatch"),
+        (
+            {
+                "json": json.dumps(
+                    {
+                        "conversations": [
+                            {"from": "human", "value": "<image> hi"},
+                            {"from": "gpt", "value": "x"},
+                        ]
+                    }
+                ).encode()
+            },
+            "conversation",
+            "understanding",
+            "image_marker_mismatch",
+        ),
         ({"txt": b"a red", "codes.npy": b"\x93NUMPY junk"}, "caption", "generation", "bad_codes"),
     ]
     for members, fmt, task, reason in cases:
@@ -274,8 +308,13 @@ def test_record_reasons_and_no_unpickling(proc, tmp_path):
     evil = pickle.dumps(_Evil())
     if os.path.exists("/tmp/janus_data_pwned"):
         os.remove("/tmp/janus_data_pwned")
-    out = record_to_samples({"jpg": jpg, "txt": b"a red", "pyd": evil, "pkl": evil, "pth": evil},
-                            "caption", "understanding", ctx, rng)
+    out = record_to_samples(
+        {"jpg": jpg, "txt": b"a red", "pyd": evil, "pkl": evil, "pth": evil},
+        "caption",
+        "understanding",
+        ctx,
+        rng,
+    )
     assert len(out) == 1
     buf = io.BytesIO()
     np.save(buf, np.array([_Evil()], dtype=object), allow_pickle=True)
@@ -302,8 +341,9 @@ def test_collate_contract(proc):
     assert b["task_ids"][0, 0] == 1 and b["task_ids"][1, 0] == 2 and b["task_ids"][2, 0] == 0
     # batched normalisation == the per-image reference of spec §3
     assert b["pixel_values"].shape == (1, 3, 32, 32) and b["pixel_values"].dtype == torch.float32
-    np.testing.assert_allclose(b["pixel_values"][0].numpy(), und_pixels(pil, 32, ctx.mean, ctx.std),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        b["pixel_values"][0].numpy(), und_pixels(pil, 32, ctx.mean, ctx.std), atol=1e-5
+    )
     assert b["gen_pixel_values"].shape == (1, 3, 32, 32)
     np.testing.assert_allclose(b["gen_pixel_values"][0].numpy(), gen_pixels(pil, 32), atol=1e-6)
     assert int((b["image_codes"] == -1).sum()) == N
@@ -317,8 +357,10 @@ def test_uint8_pixels_finish_equals_float_contract(proc):
     ctx = make_ctx(proc, mean=(0.48, 0.45, 0.4), std=(0.26, 0.26, 0.27))
     rng = np.random.default_rng(2)
     pil = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
-    samples = [build_caption_plain("a red", und_uint8(pil, 32), ctx),
-               build_generation("blue", ctx, random.Random(0), image=gen_uint8(pil, 32))]
+    samples = [
+        build_caption_plain("a red", und_uint8(pil, 32), ctx),
+        build_generation("blue", ctx, random.Random(0), image=gen_uint8(pil, 32)),
+    ]
     ref = collate(samples, ctx)
     raw = collate(samples, ctx, pixels_uint8=True)
     assert raw["pixel_values"].dtype == torch.uint8 and raw["gen_pixel_values"].dtype == torch.uint8
@@ -335,10 +377,12 @@ def test_packed_collate(proc):
     ctx = make_ctx(proc, seq_len=64)
     ims = [np.full((32, 32, 3), v, np.uint8) for v in (10, 20, 30)]
     long = "the red circle is on the left and the blue square is on the right of it"
-    samples = [build_caption_plain(long, ims[0], ctx),
-               build_caption_plain(long, ims[1], ctx),  # no room left in row 0
-               build_text("red", ctx)[0],
-               build_caption_plain("red", ims[2], ctx)]  # first fit: back into row 0
+    samples = [
+        build_caption_plain(long, ims[0], ctx),
+        build_caption_plain(long, ims[1], ctx),  # no room left in row 0
+        build_text("red", ctx)[0],
+        build_caption_plain("red", ims[2], ctx),
+    ]  # first fit: back into row 0
     lens = [len(s.input_ids) for s in samples]
     rows = pack_rows(samples, 64)
     assert all(sum(len(s.input_ids) for s in r) <= 64 for r in rows) and len(rows) < 4
@@ -357,6 +401,8 @@ def test_packed_collate(proc):
             a += n
     order = [s for r in rows for s in r if s.und_images]
     assert [s.und_images[0][0, 0, 0] for s in order] == [10, 30, 20]  # packed, not input, order
-    want = [float(und_pixels(Image.fromarray(s.und_images[0]), 32, ctx.mean, ctx.std)[0, 0, 0])
-            for s in order]
+    want = [
+        float(und_pixels(Image.fromarray(s.und_images[0]), 32, ctx.mean, ctx.std)[0, 0, 0])
+        for s in order
+    ]
     assert packed["pixel_values"][:, 0, 0, 0].tolist() == pytest.approx(want, abs=1e-6)

@@ -28,9 +28,16 @@ def proc(tmp_path_factory):
 
 def ctx_of(proc, **kw):
     tok = proc.tokenizer
-    return BuildContext(tokenizer=tok, st=resolve_special_tokens(tok), image_size=32,
-                        num_image_tokens=16, codebook_size=64, cfg_dropout=0.0,
-                        first_sentence_prob=0.0, **kw)
+    return BuildContext(
+        tokenizer=tok,
+        st=resolve_special_tokens(tok),
+        image_size=32,
+        num_image_tokens=16,
+        codebook_size=64,
+        cfg_dropout=0.0,
+        first_sentence_prob=0.0,
+        **kw,
+    )
 
 
 def read_records(directory):
@@ -45,15 +52,38 @@ def test_convert_llava_text_captions_imagenet(proc, tmp_path):
     img_dir.mkdir()
     (img_dir / "a.jpg").write_bytes(shape_image("red", "circle"))
     (img_dir / "b.png").write_bytes(shape_image("blue", "square", fmt="PNG"))
-    llava = [{"id": "x1", "image": "a.jpg", "conversations": [
-                 {"from": "human", "value": "<image>\nwhat color?"}, {"from": "gpt", "value": "red"}]},
-             {"id": "x2", "image": "missing.jpg", "conversations": []},
-             {"id": "x3", "conversations": [{"from": "human", "value": "hi"},
-                                            {"from": "gpt", "value": "hello"}]}]
+    llava = [
+        {
+            "id": "x1",
+            "image": "a.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat color?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        },
+        {"id": "x2", "image": "missing.jpg", "conversations": []},
+        {
+            "id": "x3",
+            "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}],
+        },
+    ]
     (tmp_path / "llava.json").write_text(json.dumps(llava))
-    c = cli.convert_llava(cli.build_parser().parse_args(
-        ["convert", "llava", "--json", str(tmp_path / "llava.json"), "--image-root", str(img_dir),
-         "--out", str(tmp_path / "llava"), "--maxcount", "1"]))
+    c = cli.convert_llava(
+        cli.build_parser().parse_args(
+            [
+                "convert",
+                "llava",
+                "--json",
+                str(tmp_path / "llava.json"),
+                "--image-root",
+                str(img_dir),
+                "--out",
+                str(tmp_path / "llava"),
+                "--maxcount",
+                "1",
+            ]
+        )
+    )
     assert c == {"written": 2, "skipped/missing_image": 1}
     recs = read_records(tmp_path / "llava")
     assert len(list((tmp_path / "llava").glob("*.tar"))) == 2  # maxcount 1
@@ -64,21 +94,49 @@ def test_convert_llava_text_captions_imagenet(proc, tmp_path):
     assert s[0].task == "text"
 
     (tmp_path / "c.jsonl").write_text('{"text": "the red circle"}\n{oops\n{"other": 1}\n')
-    cli.main(["convert", "text", "--input", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "t")])
+    cli.main(
+        ["convert", "text", "--input", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "t")]
+    )
     recs = read_records(tmp_path / "t")
     assert [r.members["txt"] for r in recs] == [b"the red circle"]
 
-    (tmp_path / "t.csv").write_text("image,caption\na.jpg,a red circle\nb.png,a blue square\n"
-                                    "nope.jpg,x\nb.png,\n")
-    cli.main(["convert", "captions", "--input", str(tmp_path / "t.csv"), "--image-root",
-              str(img_dir), "--out", str(tmp_path / "cap")])
+    (tmp_path / "t.csv").write_text(
+        "image,caption\na.jpg,a red circle\nb.png,a blue square\nnope.jpg,x\nb.png,\n"
+    )
+    cli.main(
+        [
+            "convert",
+            "captions",
+            "--input",
+            str(tmp_path / "t.csv"),
+            "--image-root",
+            str(img_dir),
+            "--out",
+            str(tmp_path / "cap"),
+        ]
+    )
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"image": [{"bytes": shape_image("red", "circle"), "path": None}],
-                             "caption": ["a red circle"]}), tmp_path / "t.parquet")
-    cli.main(["convert", "captions", "--input", str(tmp_path / "t.parquet"), "--out",
-              str(tmp_path / "pq")])
+    pq.write_table(
+        pa.table(
+            {
+                "image": [{"bytes": shape_image("red", "circle"), "path": None}],
+                "caption": ["a red circle"],
+            }
+        ),
+        tmp_path / "t.parquet",
+    )
+    cli.main(
+        [
+            "convert",
+            "captions",
+            "--input",
+            str(tmp_path / "t.parquet"),
+            "--out",
+            str(tmp_path / "pq"),
+        ]
+    )
     recs = read_records(tmp_path / "cap") + read_records(tmp_path / "pq")
     assert [r.members["txt"] for r in recs] == [b"a red circle", b"a blue square", b"a red circle"]
     assert "jpg" in recs[0].members and "png" in recs[1].members and "jpg" in recs[2].members
@@ -90,13 +148,26 @@ def test_convert_llava_text_captions_imagenet(proc, tmp_path):
         (tmp_path / "inet" / cls).mkdir(parents=True)
     (tmp_path / "inet" / "n01_red_circle" / "1.JPEG").write_bytes(shape_image("red", "circle"))
     (tmp_path / "inet" / "n02_blue_square" / "2.png").write_bytes(
-        shape_image("blue", "square", fmt="PNG"))
+        shape_image("blue", "square", fmt="PNG")
+    )
     (tmp_path / "names.txt").write_text("n01_red_circle red circle, round thing\n")
-    cli.main(["convert", "imagenet", "--root", str(tmp_path / "inet"), "--class-names",
-              str(tmp_path / "names.txt"), "--out", str(tmp_path / "in")])
+    cli.main(
+        [
+            "convert",
+            "imagenet",
+            "--root",
+            str(tmp_path / "inet"),
+            "--class-names",
+            str(tmp_path / "names.txt"),
+            "--out",
+            str(tmp_path / "in"),
+        ]
+    )
     recs = read_records(tmp_path / "in")
     assert [(r.members["txt"], r.members["cls"]) for r in recs] == [
-        (b"red circle", b"0"), (b"n02 blue square", b"1")]
+        (b"red circle", b"0"),
+        (b"n02 blue square", b"1"),
+    ]
     (g,) = record_to_samples(recs[0].members, "class_label", "generation", ctx, random.Random(0))
     assert g.input_ids[1:-17] == proc.tokenizer.encode("red circle", add_special_tokens=False)
 
@@ -106,8 +177,7 @@ def test_inspect_shows_supervised_spans(proc, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("JANUS_DATA_ROOT", str(tmp_path / "data"))
     write_tiny_dataset(tmp_path / "data", n_shards=2, per_shard=2)
-    cli.main(["inspect", "--n", "4", "--workdir", str(tmp_path), "experiment=tiny",
-              "stage=stage1"])
+    cli.main(["inspect", "--n", "4", "--workdir", str(tmp_path), "experiment=tiny", "stage=stage1"])
     out = capsys.readouterr().out
     assert "<image x16>" in out and "[[<codes x16>]]" in out
     assert "<|end▁of▁sentence|>]]" in out.replace("｜", "|")
@@ -123,8 +193,19 @@ def test_vq_encode_matches_direct_encode(proc, tmp_path, monkeypatch):
     model, p = build_model(run.model, workdir=tmp_path)
     model.save_pretrained(tmp_path / "m")
     src = write_tar(tmp_path / "in" / "cap-000000.tar", caption_records(0, 5, size=(48, 40)))
-    cli.main(["vq-encode", "--model", str(tmp_path / "m"), "--shards", src, "--out",
-              str(tmp_path / "out"), "--batch-size", "2"])
+    cli.main(
+        [
+            "vq-encode",
+            "--model",
+            str(tmp_path / "m"),
+            "--shards",
+            src,
+            "--out",
+            str(tmp_path / "out"),
+            "--batch-size",
+            "2",
+        ]
+    )
     recs = read_records(tmp_path / "out")
     assert len(recs) == 5
     wrapped = JanusTrainModel(model.eval())
@@ -166,7 +247,10 @@ def test_convert_captions_from_local_hf_dataset(tmp_path):
 
     ds = datasets.Dataset.from_dict(
         {"image": [Image.open(io.BytesIO(shape_image("red", "circle")))], "caption": ["a red"]},
-        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
+        features=datasets.Features(
+            {"image": datasets.Image(), "caption": datasets.Value("string")}
+        ),
+    )
     ds.save_to_disk(str(tmp_path / "hf"))
     cli.main(["convert", "captions", "--input", str(tmp_path / "hf"), "--out", str(tmp_path / "o")])
     (rec,) = read_records(tmp_path / "o")

@@ -28,12 +28,28 @@ def scenario_token(workdir: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     root = Path(workdir)
-    run = to_run_config(compose(["experiment=tiny", "stage=stage2", "train.global_batch_size=12",
-                                 f"data.recipe={root / 'r.yaml'}", "data.num_workers=2",
-                                 "data.seq_len=128"]))
-    L = build_train_loader(run, load_processor(root / "tok"), rank=rank, world_size=world,
-                           micro_batch_size=1, grad_accum=1, tokens_per_micro=128,
-                           exchange=all_gather_objects)
+    run = to_run_config(
+        compose(
+            [
+                "experiment=tiny",
+                "stage=stage2",
+                "train.global_batch_size=12",
+                f"data.recipe={root / 'r.yaml'}",
+                "data.num_workers=2",
+                "data.seq_len=128",
+            ]
+        )
+    )
+    L = build_train_loader(
+        run,
+        load_processor(root / "tok"),
+        rank=rank,
+        world_size=world,
+        micro_batch_size=1,
+        grad_accum=1,
+        tokens_per_micro=128,
+        exchange=all_gather_objects,
+    )
     steps = []
     for _ in range(8):
         micro = L.next_step()
@@ -42,8 +58,10 @@ def scenario_token(workdir: str) -> None:
             starts = (mb["position_ids"][0] == 0) & (mb["attention_mask"][0] == 1)
             tasks += [TASK[int(t)] for t in mb["task_ids"][0][starts]]
             tokens += int(mb["attention_mask"].sum())
-            assert mb["input_ids"].shape == (1, mb["input_ids"].shape[1]) and mb[
-                "input_ids"].shape[1] <= 128
+            assert (
+                mb["input_ids"].shape == (1, mb["input_ids"].shape[1])
+                and mb["input_ids"].shape[1] <= 128
+            )
         keys = [k for mbk in L.last_keys for k in mbk]
         steps.append({"tasks": tasks, "keys": keys, "n_micro": len(micro), "tokens": tokens})
     gathered = [None] * world
@@ -65,11 +83,25 @@ def scenario(workdir: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     root = Path(workdir)
-    run = to_run_config(compose(["experiment=tiny", "stage=stage2",
-                                 "train.global_batch_size=12", f"data.recipe={root / 'r.yaml'}",
-                                 "data.num_workers=2"]))
-    L = build_train_loader(run, load_processor(root / "tok"), rank=rank, world_size=world,
-                           micro_batch_size=2, grad_accum=3)
+    run = to_run_config(
+        compose(
+            [
+                "experiment=tiny",
+                "stage=stage2",
+                "train.global_batch_size=12",
+                f"data.recipe={root / 'r.yaml'}",
+                "data.num_workers=2",
+            ]
+        )
+    )
+    L = build_train_loader(
+        run,
+        load_processor(root / "tok"),
+        rank=rank,
+        world_size=world,
+        micro_batch_size=2,
+        grad_accum=3,
+    )
     steps = []
     for _ in range(8):
         micro = L.next_step()
@@ -95,12 +127,32 @@ def _write_data(tmp_path):
         write_tar(tmp_path / f"txt-{s}.tar", text_records(s * 10, 10))
     import yaml
 
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({"sources": [
-        {"name": "text", "task": "text", "format": "text", "shards": str(tmp_path / "txt-{0..7}.tar")},
-        {"name": "cap", "task": "understanding", "format": "caption",
-         "shards": str(tmp_path / "cap-{0..7}.tar")},
-        {"name": "t2i", "task": "generation", "format": "caption",
-         "shards": str(tmp_path / "cap-{0..7}.tar")}]}))
+    (tmp_path / "r.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "sources": [
+                    {
+                        "name": "text",
+                        "task": "text",
+                        "format": "text",
+                        "shards": str(tmp_path / "txt-{0..7}.tar"),
+                    },
+                    {
+                        "name": "cap",
+                        "task": "understanding",
+                        "format": "caption",
+                        "shards": str(tmp_path / "cap-{0..7}.tar"),
+                    },
+                    {
+                        "name": "t2i",
+                        "task": "generation",
+                        "format": "caption",
+                        "shards": str(tmp_path / "cap-{0..7}.tar"),
+                    },
+                ]
+            }
+        )
+    )
 
 
 @pytest.mark.dist
@@ -121,8 +173,9 @@ def test_two_ranks_gloo_ratio_and_disjoint(tmp_path):
         assert all(len(r["steps"][step]["tasks"]) == 6 for r in ranks)
     # per source, 8 steps stay within one epoch (80 records, 20 per consumer): no repeats at all
     for task in ("und", "text", "gen"):
-        keys = [k for r in ranks for s in r["steps"] for t, k in zip(s["tasks"], s["keys"])
-                if t == task]
+        keys = [
+            k for r in ranks for s in r["steps"] for t, k in zip(s["tasks"], s["keys"]) if t == task
+        ]
         assert len(keys) == len(set(keys)) == 8 * want[task]
     total = Counter()
     for r in ranks:
@@ -153,8 +206,9 @@ def test_two_ranks_token_budget_exact_ratio_equal_micro_steps_balanced(tmp_path)
         imb.append(imbalance([r["steps"][step]["tokens"] for r in ranks]))
     assert max(imb) < 0.25 and sum(imb) / len(imb) < 0.1, imb
     for task in ("und", "text", "gen"):
-        keys = [k for r in ranks for s in r["steps"] for t, k in zip(s["tasks"], s["keys"])
-                if t == task]
+        keys = [
+            k for r in ranks for s in r["steps"] for t, k in zip(s["tasks"], s["keys"]) if t == task
+        ]
         assert len(keys) == len(set(keys)) == 8 * want[task]
 
 

@@ -38,14 +38,28 @@ def test_ratio_and_no_overlap_two_ranks_two_workers(proc, tmp_path):
         write_tar(tmp_path / f"cap-{s}.tar", caption_records(s * 6, 6))
     for s in range(2):
         write_tar(tmp_path / f"cls-{s}.tar", class_records(100 + s * 6, 6))
-    rec = recipe_file(tmp_path, [
-        {"name": "cap", "task": "understanding", "format": "caption",
-         "shards": str(tmp_path / "cap-{0..7}.tar")},
-        {"name": "cls", "task": "generation", "format": "class_label",
-         "shards": str(tmp_path / "cls-{0..1}.tar")}])
+    rec = recipe_file(
+        tmp_path,
+        [
+            {
+                "name": "cap",
+                "task": "understanding",
+                "format": "caption",
+                "shards": str(tmp_path / "cap-{0..7}.tar"),
+            },
+            {
+                "name": "cls",
+                "task": "generation",
+                "format": "class_label",
+                "shards": str(tmp_path / "cls-{0..1}.tar"),
+            },
+        ],
+    )
     run = make_run("stage1", rec, 8, num_workers=2)
-    loaders = [build_train_loader(run, proc, rank=r, world_size=2, micro_batch_size=2,
-                                  grad_accum=2) for r in range(2)]
+    loaders = [
+        build_train_loader(run, proc, rank=r, world_size=2, micro_batch_size=2, grad_accum=2)
+        for r in range(2)
+    ]
     counts = task_counts({"und": 1, "text": 0, "gen": 1}, 8)
     per_consumer: dict[tuple[int, int], dict[str, list[str]]] = {}
     for step in range(12):
@@ -75,8 +89,10 @@ def test_ratio_and_no_overlap_two_ranks_two_workers(proc, tmp_path):
 
 def _long_text_records(start, n):
     words = "the red circle is on the left of the blue square and the green star".split()
-    return [(f"{i:06d}", {"txt": " ".join(words[(i + j) % len(words)] for j in range(60)).encode()})
-            for i in range(start, start + n)]
+    return [
+        (f"{i:06d}", {"txt": " ".join(words[(i + j) % len(words)] for j in range(60)).encode()})
+        for i in range(start, start + n)
+    ]
 
 
 def test_exact_resume_two_workers(proc, tmp_path):
@@ -85,20 +101,41 @@ def test_exact_resume_two_workers(proc, tmp_path):
         write_tar(root / f"cap-{s}.tar", caption_records(s * 5, 5))
         write_tar(root / f"txt-{s}.tar", _long_text_records(s * 5, 5))
     write_tar(root / "cls-0.tar", class_records(0, 7))
-    rec = recipe_file(tmp_path, [
-        {"name": "text", "task": "text", "format": "text",
-         "shards": f"pipe:cat {root}/txt-{{0..2}}.tar"},  # remote-style stream
-        {"name": "cap", "task": "understanding", "format": "caption",
-         "shards": str(root / "cap-{0..2}.tar")},
-        {"name": "t2i", "task": "generation", "format": "caption",
-         "shards": str(root / "cap-{0..2}.tar"), "weight": 2},
-        {"name": "cls", "task": "generation", "format": "class_label",
-         "shards": str(root / "cls-0.tar"), "steps": [0, 6]}])
+    rec = recipe_file(
+        tmp_path,
+        [
+            {
+                "name": "text",
+                "task": "text",
+                "format": "text",
+                "shards": f"pipe:cat {root}/txt-{{0..2}}.tar",
+            },  # remote-style stream
+            {
+                "name": "cap",
+                "task": "understanding",
+                "format": "caption",
+                "shards": str(root / "cap-{0..2}.tar"),
+            },
+            {
+                "name": "t2i",
+                "task": "generation",
+                "format": "caption",
+                "shards": str(root / "cap-{0..2}.tar"),
+                "weight": 2,
+            },
+            {
+                "name": "cls",
+                "task": "generation",
+                "format": "class_label",
+                "shards": str(root / "cls-0.tar"),
+                "steps": [0, 6],
+            },
+        ],
+    )
     run = make_run("stage2", rec, 10, num_workers=2, seq_len=40)
 
     def loader():
-        return build_train_loader(run, proc, rank=1, world_size=2, micro_batch_size=1,
-                                  grad_accum=5)
+        return build_train_loader(run, proc, rank=1, world_size=2, micro_batch_size=1, grad_accum=5)
 
     N = 14
     L = loader()
@@ -140,11 +177,18 @@ def test_exact_resume_two_workers(proc, tmp_path):
 
 def _bad_shard(path: Path):
     good = caption_records(0, 6)
-    recs = [good[0], ("b1", {"jpg": b"\xff\xd8 not a jpeg", "txt": b"a red circle"}),
-            good[1], ("b2", {"jpg": good[0][1]["jpg"]}),
-            good[2], ("b3", {"jpg": good[0][1]["jpg"], "txt": b"  "}),
-            good[3], ("b4", {"jpg": good[0][1]["jpg"], "json": b"{not json"}),
-            good[4], good[5]]
+    recs = [
+        good[0],
+        ("b1", {"jpg": b"\xff\xd8 not a jpeg", "txt": b"a red circle"}),
+        good[1],
+        ("b2", {"jpg": good[0][1]["jpg"]}),
+        good[2],
+        ("b3", {"jpg": good[0][1]["jpg"], "txt": b"  "}),
+        good[3],
+        ("b4", {"jpg": good[0][1]["jpg"], "json": b"{not json"}),
+        good[4],
+        good[5],
+    ]
     write_tar(path, recs)
 
 
@@ -156,19 +200,37 @@ def test_bad_data_skipped_and_counted(proc, tmp_path):
     data = Path(full).read_bytes()
     Path(full).write_bytes(data[: last.offset_data + last.size // 2])  # cut inside the last record
     write_tar(tmp_path / "g.tar", class_records(0, 4))
-    rec = recipe_file(tmp_path, [
-        {"name": "cap", "task": "understanding", "format": "caption",
-         "shards": [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]},
-        {"name": "gen", "task": "generation", "format": "class_label",
-         "shards": str(tmp_path / "g.tar")}])
+    rec = recipe_file(
+        tmp_path,
+        [
+            {
+                "name": "cap",
+                "task": "understanding",
+                "format": "caption",
+                "shards": [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")],
+            },
+            {
+                "name": "gen",
+                "task": "generation",
+                "format": "class_label",
+                "shards": str(tmp_path / "g.tar"),
+            },
+        ],
+    )
     run = make_run("stage1", rec, 2, num_workers=0, shuffle=False, max_failure_rate=0.9)
     L = build_train_loader(run, proc, rank=0, world_size=1, micro_batch_size=1, grad_accum=2)
     for _ in range(9):  # 9 good captions: 6 in a.tar, 3 complete records in b.tar
         L.next_step()
     c = L.counters()
-    assert c == {"samples/cap": 9, "samples/gen": 9, "skipped/cap/bad_image": 1,
-                 "skipped/cap/missing_key": 1, "skipped/cap/empty_caption": 1,
-                 "skipped/cap/bad_json": 1, "skipped/cap/truncated_tar": 1}, c
+    assert c == {
+        "samples/cap": 9,
+        "samples/gen": 9,
+        "skipped/cap/bad_image": 1,
+        "skipped/cap/missing_key": 1,
+        "skipped/cap/empty_caption": 1,
+        "skipped/cap/bad_json": 1,
+        "skipped/cap/truncated_tar": 1,
+    }, c
 
 
 def test_failure_rate_stops_naming_shard(proc, tmp_path):
@@ -176,11 +238,23 @@ def test_failure_rate_stops_naming_shard(proc, tmp_path):
     write_tar(tmp_path / "bad-000.tar", bad)
     write_tar(tmp_path / "ok-000.tar", caption_records(0, 12))
     write_tar(tmp_path / "g.tar", class_records(0, 4))
-    rec = recipe_file(tmp_path, [
-        {"name": "cap", "task": "understanding", "format": "caption",
-         "shards": [str(tmp_path / "ok-000.tar"), str(tmp_path / "bad-000.tar")]},
-        {"name": "gen", "task": "generation", "format": "class_label",
-         "shards": str(tmp_path / "g.tar")}])
+    rec = recipe_file(
+        tmp_path,
+        [
+            {
+                "name": "cap",
+                "task": "understanding",
+                "format": "caption",
+                "shards": [str(tmp_path / "ok-000.tar"), str(tmp_path / "bad-000.tar")],
+            },
+            {
+                "name": "gen",
+                "task": "generation",
+                "format": "class_label",
+                "shards": str(tmp_path / "g.tar"),
+            },
+        ],
+    )
     run = make_run("stage1", rec, 2, num_workers=2, max_failure_rate=0.2, failure_min_samples=5)
     L = build_train_loader(run, proc, rank=0, world_size=1, micro_batch_size=1, grad_accum=2)
     with pytest.raises(Exception, match="bad-000.tar") as e:
@@ -211,7 +285,9 @@ def test_tiny_recipes_feed_the_model_forward(proc, tmp_path, monkeypatch):
             assert torch.equal(out["n_tokens"], count_supervised(mb))
             n_gen = mb["gen_pixel_values"].shape[0]
             assert int((mb["image_codes"] == -1).sum()) == 16 * n_gen
-            assert int((mb["input_ids"] == L.ctx.st.image).sum()) == 16 * mb["pixel_values"].shape[0]
+            assert (
+                int((mb["input_ids"] == L.ctx.st.image).sum()) == 16 * mb["pixel_values"].shape[0]
+            )
         L.close()
     assert json.dumps(L.state_dict())  # plain python types
     # data.pixels_uint8 + finish() on the "device" gives the float contract's batch
@@ -244,11 +320,23 @@ def test_unreadable_remote_and_missing_shards_are_counted(proc, tmp_path):
     write_tar(tmp_path / "ok.tar", caption_records(0, 3))
     write_tar(tmp_path / "g.tar", class_records(0, 4))
     gone = write_tar(tmp_path / "gone.tar", caption_records(10, 3))
-    rec = recipe_file(tmp_path, [
-        {"name": "cap", "task": "understanding", "format": "caption",
-         "shards": [str(tmp_path / "ok.tar"), f"pipe:cat {tmp_path}/nope.tar", gone]},
-        {"name": "gen", "task": "generation", "format": "class_label",
-         "shards": str(tmp_path / "g.tar")}])
+    rec = recipe_file(
+        tmp_path,
+        [
+            {
+                "name": "cap",
+                "task": "understanding",
+                "format": "caption",
+                "shards": [str(tmp_path / "ok.tar"), f"pipe:cat {tmp_path}/nope.tar", gone],
+            },
+            {
+                "name": "gen",
+                "task": "generation",
+                "format": "class_label",
+                "shards": str(tmp_path / "g.tar"),
+            },
+        ],
+    )
     run = make_run("stage1", rec, 2, num_workers=0, shuffle=False, max_failure_rate=0.9)
     L = build_train_loader(run, proc, rank=0, world_size=1, micro_batch_size=1, grad_accum=2)
     os.remove(gone)  # deleted after validation: read time failure

@@ -18,15 +18,23 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
-SMOKE = ["model=tiny", "train.synthetic_data=true", "train.global_batch_size=4",
-         "train.micro_batch_size=1", "train.progress_bar=false"]
+SMOKE = [
+    "model=tiny",
+    "train.synthetic_data=true",
+    "train.global_batch_size=4",
+    "train.micro_batch_size=1",
+    "train.progress_bar=false",
+]
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
 def launch_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("SLURM_", "RDZV_", "NNODES", "DRY_RUN", "WANDB_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("SLURM_", "RDZV_", "NNODES", "DRY_RUN", "WANDB_"))
+    }
     # PYTHON: the scripts would run `python` from PATH, which need not be this interpreter (CI
     # runs .venv/bin/python -m pytest without activating the venv).
     env.update(WANDB_MODE="disabled", PYTHON=sys.executable, **extra)
@@ -52,11 +60,21 @@ def test_pipeline_sh_runs_three_tiny_stages_through_exports(tmp_path):
     # Stages 2 and 3 freeze a module the previous stage trained: it must come out of the next
     # stage's export bit-identical to the previous export, which holds only if the stage started
     # from that export (a fresh init would give the untrained values).
-    env = launch_env(EXPERIMENT="tiny", RUN_ROOT=str(tmp_path / "runs"), NPROC_PER_NODE="2",
-                     STAGE2_ARGS="stage.trainable=[llm,gen_head]",
-                     STAGE3_ARGS="stage.trainable=[und_adaptor]")
-    res = subprocess.run(["bash", str(REPO / "launch/pipeline.sh"), *SMOKE, "train.steps=2"],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    env = launch_env(
+        EXPERIMENT="tiny",
+        RUN_ROOT=str(tmp_path / "runs"),
+        NPROC_PER_NODE="2",
+        STAGE2_ARGS="stage.trainable=[llm,gen_head]",
+        STAGE3_ARGS="stage.trainable=[und_adaptor]",
+    )
+    res = subprocess.run(
+        ["bash", str(REPO / "launch/pipeline.sh"), *SMOKE, "train.steps=2"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     root = tmp_path / "runs/tiny"
     sd = {s: load_file(root / s / "hf/model.safetensors") for s in ("stage1", "stage2", "stage3")}
@@ -75,8 +93,14 @@ def test_pipeline_sh_runs_three_tiny_stages_through_exports(tmp_path):
     assert not _same(und2, _group(sd["stage3"], "model.aligner."))
 
     # Re-running the finished pipeline skips every stage.
-    res = subprocess.run(["bash", str(REPO / "launch/pipeline.sh"), *SMOKE, "train.steps=2"],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["bash", str(REPO / "launch/pipeline.sh"), *SMOKE, "train.steps=2"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0 and res.stdout.count("skipping") == 3, res.stdout + res.stderr
 
 
@@ -86,10 +110,20 @@ def test_deepspeed_sh_trains_tiny_through_the_deepspeed_launcher(tmp_path):
     # MASTER_PORT=0: a single rank's store may take any free port (tests run in parallel).
     run_dir = tmp_path / "run"
     res = subprocess.run(
-        ["bash", str(REPO / "launch/deepspeed.sh"), "experiment=tiny", *SMOKE, "train.steps=2",
-         f"train.run_dir={run_dir}"],
-        env=launch_env(NUM_GPUS="1", MASTER_PORT="0"), cwd=tmp_path, capture_output=True,
-        text=True, timeout=180)
+        [
+            "bash",
+            str(REPO / "launch/deepspeed.sh"),
+            "experiment=tiny",
+            *SMOKE,
+            "train.steps=2",
+            f"train.run_dir={run_dir}",
+        ],
+        env=launch_env(NUM_GPUS="1", MASTER_PORT="0"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert [r["step"] for r in read_metrics(run_dir)] == [2]
     assert (run_dir / "hf/config.json").is_file()

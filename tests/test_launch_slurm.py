@@ -28,7 +28,7 @@ JOB_ID = "4242"
 # %n expanded, each task in its own process group (recorded, so the scancel stub can signal the
 # step like slurmstepd does). STUB_SRUN_WAIT=1: run nothing, wait for scancel's signal
 # forwarding, then exit with STUB_SRUN_RC (a step that checkpointed on USR1).
-SRUN = r'''
+SRUN = r"""
 import json, os, re, subprocess, sys, time
 log = os.environ["STUB_LOG"]
 args = sys.argv[1:]
@@ -62,11 +62,11 @@ for n in range(int(opts["--nodes"])):
         f.write(f"{tasks[-1].pid}\n")
 rc = max(t.wait() for t in tasks)
 sys.exit(int(os.environ.get("STUB_SRUN_RC", rc)))
-'''
+"""
 
 # `scontrol show hostnames prefix[a-b]` expands the range (a plain name stays itself);
 # `scontrol requeue ID` is recorded.
-SCONTROL = r'''
+SCONTROL = r"""
 import os, re, sys
 if sys.argv[1:3] == ["show", "hostnames"]:
     m = re.fullmatch(r"(\w+)\[(\d+)-(\d+)\]", sys.argv[3])
@@ -79,9 +79,9 @@ if sys.argv[1:3] == ["show", "hostnames"]:
 else:
     with open(os.path.join(os.environ["STUB_LOG"], "scontrol.txt"), "a") as f:
         f.write(" ".join(sys.argv[1:]) + "\n")
-'''
+"""
 
-SCANCEL = r'''
+SCANCEL = r"""
 import os, signal, sys
 log = os.environ["STUB_LOG"]
 with open(os.path.join(log, "scancel.txt"), "a") as f:
@@ -89,17 +89,17 @@ with open(os.path.join(log, "scancel.txt"), "a") as f:
 if sys.argv[1] == "--signal=USR1" and os.path.exists(os.path.join(log, "step_pgids")):
     for pgid in open(os.path.join(log, "step_pgids")).read().split():
         os.killpg(int(pgid), signal.SIGUSR1)
-'''
+"""
 
 # Records its arguments, prints "<id>;cluster" like `sbatch --parsable` on a federation.
-SBATCH = r'''
+SBATCH = r"""
 import json, os, sys
 path = os.path.join(os.environ["STUB_LOG"], "sbatch.jsonl")
 n = sum(1 for _ in open(path)) if os.path.exists(path) else 0
 with open(path, "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\n")
 print(f"{1001 + n};cluster")
-'''
+"""
 
 
 @pytest.fixture
@@ -108,8 +108,12 @@ def stubs(tmp_path: Path) -> dict[str, str]:
     bin_dir, log = tmp_path / "bin", tmp_path / "stublog"
     bin_dir.mkdir()
     log.mkdir()
-    for name, body in [("srun", SRUN), ("scontrol", SCONTROL), ("scancel", SCANCEL),
-                       ("sbatch", SBATCH)]:
+    for name, body in [
+        ("srun", SRUN),
+        ("scontrol", SCONTROL),
+        ("scancel", SCANCEL),
+        ("sbatch", SBATCH),
+    ]:
         p = bin_dir / name
         p.write_text(f"#!{sys.executable}\n{body}")
         p.chmod(0o755)
@@ -121,9 +125,15 @@ def stubs(tmp_path: Path) -> dict[str, str]:
 def slurm_env(env: dict, tmp_path: Path, job: str, nodes: int, **extra: str) -> dict[str, str]:
     """What Slurm puts in a batch job's environment, plus our variables."""
     return dict(
-        env, SLURM_JOB_ID=JOB_ID, SLURM_JOB_NAME=job, SLURM_JOB_NUM_NODES=str(nodes),
-        SLURM_JOB_NODELIST=f"gpu[001-{nodes:03d}]", SLURM_SUBMIT_DIR=str(REPO),
-        SLURM_CPUS_ON_NODE="96", RUN_ROOT=str(tmp_path / "runs"), LOG_ROOT=str(tmp_path / "logs"),
+        env,
+        SLURM_JOB_ID=JOB_ID,
+        SLURM_JOB_NAME=job,
+        SLURM_JOB_NUM_NODES=str(nodes),
+        SLURM_JOB_NODELIST=f"gpu[001-{nodes:03d}]",
+        SLURM_SUBMIT_DIR=str(REPO),
+        SLURM_CPUS_ON_NODE="96",
+        RUN_ROOT=str(tmp_path / "runs"),
+        LOG_ROOT=str(tmp_path / "logs"),
         **extra,
     )
 
@@ -144,8 +154,14 @@ def sbatch_directives(script: Path) -> dict[str, str]:
 
 
 def run_job(script: str, env: dict, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(REPO / script), *overrides], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", str(REPO / script), *overrides],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize(
@@ -161,8 +177,7 @@ def test_sbatch_renders_one_torchrun_per_node(stubs, tmp_path, experiment, nodes
     assert d["--mem"] == "0" and "--exclusive" in d  # whole nodes, all their memory
 
     init = "/ckpt/stage1/hf"
-    env = slurm_env(stubs, tmp_path, experiment, nodes, STAGE="stage2", INIT_FROM=init,
-                    DRY_RUN="1")
+    env = slurm_env(stubs, tmp_path, experiment, nodes, STAGE="stage2", INIT_FROM=init, DRY_RUN="1")
     res = run_job(script, env, "train.log_every=5")
     assert res.returncode == 0, res.stderr + res.stdout
 
@@ -185,19 +200,30 @@ def test_sbatch_renders_one_torchrun_per_node(stubs, tmp_path, experiment, nodes
         assert f"--rdzv-id={JOB_ID}" in cmd and "--max-restarts=0" in cmd
         i = cmd.index("janus_train.train")
         assert cmd[i - 1] == "-m"
-        assert cmd[i + 1:] == [
-            f"experiment={experiment}", "stage=stage2", f"deepspeed={zero}",
-            f"train.run_dir={run_dir}", f"model.init_from={init}", "train.log_every=5",
+        assert cmd[i + 1 :] == [
+            f"experiment={experiment}",
+            "stage=stage2",
+            f"deepspeed={zero}",
+            f"train.run_dir={run_dir}",
+            f"model.init_from={init}",
+            "train.log_every=5",
         ]
     assert (log_dir / "commands.txt").is_file()
 
 
 def test_usr1_checkpoints_then_requeues_and_the_requeued_job_resumes_same_run_dir(stubs, tmp_path):
     script = "launch/slurm/janus_pro_1b.sbatch"
-    env = slurm_env(stubs, tmp_path, "janus_pro_1b", 16, STAGE="stage1", STUB_SRUN_WAIT="1",
-                    STUB_SRUN_RC="1")
-    proc = subprocess.Popen(["bash", str(REPO / script)], env=env, cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = slurm_env(
+        stubs, tmp_path, "janus_pro_1b", 16, STAGE="stage1", STUB_SRUN_WAIT="1", STUB_SRUN_RC="1"
+    )
+    proc = subprocess.Popen(
+        ["bash", str(REPO / script)],
+        env=env,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     started = tmp_path / "stublog/srun.started"
     deadline = time.time() + 30
     while not started.exists():
@@ -211,8 +237,9 @@ def test_usr1_checkpoints_then_requeues_and_the_requeued_job_resumes_same_run_di
     assert (tmp_path / "stublog/scontrol.txt").read_text().split() == ["requeue", JOB_ID]
 
     # Slurm restarts the same job id with SLURM_RESTART_COUNT=1: same run dir, so it resumes.
-    env2 = slurm_env(stubs, tmp_path, "janus_pro_1b", 16, STAGE="stage1",
-                     SLURM_RESTART_COUNT="1", DRY_RUN="1")
+    env2 = slurm_env(
+        stubs, tmp_path, "janus_pro_1b", 16, STAGE="stage1", SLURM_RESTART_COUNT="1", DRY_RUN="1"
+    )
     res = run_job(script, env2)
     assert res.returncode == 0, res.stderr + res.stdout
     first, second = (tmp_path / f"logs/janus_pro_1b-{JOB_ID}/commands.txt").read_text().splitlines()
@@ -234,10 +261,12 @@ def test_usr1_checkpoints_then_requeues_and_the_requeued_job_resumes_same_run_di
         (1, {"STUB_SRUN_USER_ERROR": "1"}, 2, False),  # a rank's user error behind torchrun's 1
     ],
 )
-def test_requeue_decision_from_exit_code(stubs, tmp_path, srun_rc, extra, expect_rc,
-                                         expect_requeue):
-    env = slurm_env(stubs, tmp_path, "janus_pro_7b", 32, STUB_SRUN_RC=str(srun_rc), DRY_RUN="1",
-                    **extra)
+def test_requeue_decision_from_exit_code(
+    stubs, tmp_path, srun_rc, extra, expect_rc, expect_requeue
+):
+    env = slurm_env(
+        stubs, tmp_path, "janus_pro_7b", 32, STUB_SRUN_RC=str(srun_rc), DRY_RUN="1", **extra
+    )
     res = run_job("launch/slurm/janus_pro_7b.sbatch", env)
     assert res.returncode == expect_rc, res.stderr + res.stdout
     requeued = (tmp_path / "stublog/scontrol.txt").exists()
@@ -261,20 +290,37 @@ def test_finished_stage_exits_without_srun_and_bad_overrides_fail(stubs, tmp_pat
 
 def test_pipeline_slurm_chains_three_jobs_through_exports(stubs, tmp_path):
     # CHECK_DATA=0: the recipes' shards and the 7B checkpoint are not on this machine.
-    env = dict(stubs, LAUNCHER="slurm", EXPERIMENT="janus_pro_7b", RUN_ROOT=str(tmp_path / "r"),
-               SBATCH_ARGS="-p gpu -A proj", STAGE3_ARGS="train.ckpt_every=500",
-               DEEPSPEED_STAGE1="zero3_hpz", CHECK_DATA="0", PYTHON=sys.executable)
-    res = subprocess.run(["bash", str(REPO / "launch/pipeline.sh"), "train.log_every=20"],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    env = dict(
+        stubs,
+        LAUNCHER="slurm",
+        EXPERIMENT="janus_pro_7b",
+        RUN_ROOT=str(tmp_path / "r"),
+        SBATCH_ARGS="-p gpu -A proj",
+        STAGE3_ARGS="train.ckpt_every=500",
+        DEEPSPEED_STAGE1="zero3_hpz",
+        CHECK_DATA="0",
+        PYTHON=sys.executable,
+    )
+    res = subprocess.run(
+        ["bash", str(REPO / "launch/pipeline.sh"), "train.log_every=20"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr + res.stdout
     calls = [json.loads(x) for x in (tmp_path / "stublog/sbatch.jsonl").read_text().splitlines()]
     assert len(calls) == 3
     root = tmp_path / "r/janus_pro_7b"
     for k, call in enumerate(calls):
         stage = f"stage{k + 1}"
-        exports = dict(kv.split("=", 1) for kv in
-                       next(a for a in call if a.startswith("--export=")).split("=", 1)[1]
-                       .split(",")[1:])
+        exports = dict(
+            kv.split("=", 1)
+            for kv in next(a for a in call if a.startswith("--export="))
+            .split("=", 1)[1]
+            .split(",")[1:]
+        )
         assert exports["STAGE"] == stage and exports["EXPERIMENT"] == "janus_pro_7b"
         assert exports["RUN_ROOT"] == str(tmp_path / "r")
         assert exports.get("INIT_FROM") == (None if k == 0 else f"{root}/stage{k}/hf")
@@ -285,38 +331,80 @@ def test_pipeline_slurm_chains_three_jobs_through_exports(stubs, tmp_path):
         assert dep == ([] if k == 0 else [f"--dependency=afterok:{1000 + k}"])
         assert call[call.index("-p") + 1] == "gpu" and call[call.index("-A") + 1] == "proj"
         i = call.index(str(REPO / "launch/slurm/janus_pro_7b.sbatch"))
-        assert call[i + 1:] == (["train.ckpt_every=500"] if k == 2 else []) + ["train.log_every=20"]
+        assert call[i + 1 :] == (["train.ckpt_every=500"] if k == 2 else []) + [
+            "train.log_every=20"
+        ]
     assert (tmp_path / "logs").is_dir()  # the sbatch files' --output directory
 
 
 def test_torchrun_and_deepspeed_scripts_render(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "RDZV_ENDPOINT")}
-    env.update(DRY_RUN="1", NNODES="4", NPROC_PER_NODE="8", RDZV_ENDPOINT="n1:29400",
-               RDZV_ID="exp7", TORCHRUN_ARGS="--log-dir ranks --tee 3")
-    out = subprocess.run(["bash", str(REPO / "launch/torchrun.sh"), "experiment=tiny", "a=b c"],
-                         env=env, capture_output=True, text=True, check=True).stdout
+    env.update(
+        DRY_RUN="1",
+        NNODES="4",
+        NPROC_PER_NODE="8",
+        RDZV_ENDPOINT="n1:29400",
+        RDZV_ID="exp7",
+        TORCHRUN_ARGS="--log-dir ranks --tee 3",
+    )
+    out = subprocess.run(
+        ["bash", str(REPO / "launch/torchrun.sh"), "experiment=tiny", "a=b c"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     cmd = shlex.split(out)
-    assert cmd[cmd.index("-m", 2) + 1:] == ["janus_train.train", "experiment=tiny", "a=b c"]
-    for flag in ["--nnodes=4", "--nproc-per-node=8", "--rdzv-endpoint=n1:29400",
-                 "--rdzv-id=exp7", "--log-dir", "ranks"]:
+    assert cmd[cmd.index("-m", 2) + 1 :] == ["janus_train.train", "experiment=tiny", "a=b c"]
+    for flag in [
+        "--nnodes=4",
+        "--nproc-per-node=8",
+        "--rdzv-endpoint=n1:29400",
+        "--rdzv-id=exp7",
+        "--log-dir",
+        "ranks",
+    ]:
         assert flag in cmd
     env.pop("RDZV_ENDPOINT")
-    res = subprocess.run(["bash", str(REPO / "launch/torchrun.sh")], env=env,
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        ["bash", str(REPO / "launch/torchrun.sh")], env=env, capture_output=True, text=True
+    )
     assert res.returncode == 2 and "RDZV_ENDPOINT" in res.stderr
     env.update(NNODES="1")
-    assert "--standalone" in subprocess.run(["bash", str(REPO / "launch/torchrun.sh")], env=env,
-                                            capture_output=True, text=True).stdout.split()
+    assert (
+        "--standalone"
+        in subprocess.run(
+            ["bash", str(REPO / "launch/torchrun.sh")], env=env, capture_output=True, text=True
+        ).stdout.split()
+    )
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("n1 slots=8\nn2 slots=8\n")
-    env = dict(os.environ, DRY_RUN="1", HOSTFILE=str(hostfile), NUM_GPUS="8",
-               MASTER_ADDR="10.0.0.1", DS_LAUNCHER="openmpi")
-    cmd = shlex.split(subprocess.run(["bash", str(REPO / "launch/deepspeed.sh"), "stage=stage2"],
-                                     env=env, capture_output=True, text=True, check=True).stdout)
+    env = dict(
+        os.environ,
+        DRY_RUN="1",
+        HOSTFILE=str(hostfile),
+        NUM_GPUS="8",
+        MASTER_ADDR="10.0.0.1",
+        DS_LAUNCHER="openmpi",
+    )
+    cmd = shlex.split(
+        subprocess.run(
+            ["bash", str(REPO / "launch/deepspeed.sh"), "stage=stage2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"]
-    for flag in [f"--hostfile={hostfile}", "--launcher=openmpi", "--num_gpus=8",
-                 "--master_addr=10.0.0.1", "--no_local_rank"]:
+    for flag in [
+        f"--hostfile={hostfile}",
+        "--launcher=openmpi",
+        "--num_gpus=8",
+        "--master_addr=10.0.0.1",
+        "--no_local_rank",
+    ]:
         assert flag in cmd
     assert cmd[-3:] == ["--module", "janus_train.train", "stage=stage2"]
 
@@ -329,15 +417,37 @@ def test_slurm_job_really_trains_checkpoints_on_usr1_requeues_and_resumes(stubs,
     forwards to the ranks -> checkpoint, exit 75 -> `scontrol requeue`; the requeued attempt
     (same job id, same command) resumes from the checkpoint, finishes and exports."""
     script = "launch/slurm/janus_pro_1b.sbatch"
-    smoke = ["model=tiny", "train.synthetic_data=true", "train.steps=300", "train.log_every=1",
-             "train.global_batch_size=4", "train.micro_batch_size=1", "train.progress_bar=false"]
-    env = slurm_env(stubs, tmp_path, "janus_pro_1b", 1, EXPERIMENT="tiny", GPUS_PER_NODE="2",
-                    PYTHON=sys.executable, WANDB_MODE="disabled", RDZV_PORT=str(free_port()))
+    smoke = [
+        "model=tiny",
+        "train.synthetic_data=true",
+        "train.steps=300",
+        "train.log_every=1",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=1",
+        "train.progress_bar=false",
+    ]
+    env = slurm_env(
+        stubs,
+        tmp_path,
+        "janus_pro_1b",
+        1,
+        EXPERIMENT="tiny",
+        GPUS_PER_NODE="2",
+        PYTHON=sys.executable,
+        WANDB_MODE="disabled",
+        RDZV_PORT=str(free_port()),
+    )
     env["SLURM_JOB_NODELIST"] = socket.gethostname()  # the rendezvous host must resolve
     run_dir = tmp_path / "runs/tiny/stage1"
     metrics = run_dir / "metrics.jsonl"
-    proc = subprocess.Popen(["bash", str(REPO / script), *smoke], env=env, cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        ["bash", str(REPO / script), *smoke],
+        env=env,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 120
     while not (metrics.exists() and metrics.read_text().strip()):
         assert proc.poll() is None, proc.stdout.read()
@@ -362,13 +472,19 @@ def test_slurm_job_really_trains_checkpoints_on_usr1_requeues_and_resumes(stubs,
 
 
 def test_torchrun_rendezvous_join_timeout_is_the_trainers_init_timeout():
-    env = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "RDZV_CONF",
-                                                            "INIT_TIMEOUT_S")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "RDZV_CONF", "INIT_TIMEOUT_S")
+    }
     env.update(DRY_RUN="1", NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT="n1:29400")
 
     def render(*args, **extra):
-        out = subprocess.run(["bash", str(REPO / "launch/torchrun.sh"), *args],
-                             env={**env, **extra}, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["bash", str(REPO / "launch/torchrun.sh"), *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return shlex.split(out.stdout)
 
     cmd = render("experiment=tiny")

@@ -64,7 +64,9 @@ def test_generation_loss_equals_module_by_module_ce(setup):
         inner = model.model
         text_emb = inner.language_model.embed_tokens(head)
         img_emb = inner.generation_aligner(inner.generation_embeddings(codes))
-        h = inner.language_model(inputs_embeds=torch.cat([text_emb, img_emb])[None]).last_hidden_state[0]
+        h = inner.language_model(
+            inputs_embeds=torch.cat([text_emb, img_emb])[None]
+        ).last_hidden_state[0]
         # position of <begin_of_image> predicts code 0; code i predicts code i + 1
         logits = inner.generation_head(h[len(head) - 1 : len(head) - 1 + n_img])
         ref = F.cross_entropy(logits, codes, reduction="sum")
@@ -108,9 +110,7 @@ def test_mixed_padded_batch_equals_each_sample_alone(setup):
     batch = collate(samples, st.pad, img)
     with torch.no_grad():
         mixed = tm(batch)
-        alone = [
-            tm(collate([s], st.pad, img if s["task"] == 1 else None)) for s in samples
-        ]
+        alone = [tm(collate([s], st.pad, img if s["task"] == 1 else None)) for s in samples]
     total = sum(a["loss_sum"] for a in alone)
     torch.testing.assert_close(mixed["loss_sum"], total, rtol=1e-5, atol=1e-5)
     assert mixed["n_tokens"].tolist() == sum(a["n_tokens"] for a in alone).tolist()

@@ -26,6 +26,8 @@ FREEZE_MATRIX = {
     "stage2": {"und_adaptor", "gen_adaptor", "gen_head", "llm"},
     "stage3": {"und_encoder", "und_adaptor", "gen_adaptor", "gen_head", "llm"},
 }
+
+
 @pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
 @pytest.mark.parametrize("gen_emb", [False, True])
 def test_gradients_follow_freeze_matrix(fresh_tiny_model, stage, gen_emb):
@@ -67,7 +69,10 @@ def test_trainable_report_counts(fresh_tiny_model, tmp_path):
     write_trainable_report(report, tmp_path / "trainable.json")
     data = json.loads((tmp_path / "trainable.json").read_text())
     head = sum(p.numel() for p in model.model.generation_head.parameters())
-    llm = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
+    llm = (
+        sum(p.numel() for p in model.model.language_model.parameters())
+        + model.lm_head.weight.numel()
+    )
     assert data["gen_head"] == {"trainable": head, "frozen": 0}
     assert data["llm"] == {"trainable": llm, "frozen": 0}
     assert data["total"]["trainable"] == head + llm
@@ -96,9 +101,13 @@ def test_from_pretrained_roundtrip_and_reinit_gen_head(fresh_tiny_model, tmp_pat
     for k, v in loaded.state_dict().items():
         torch.testing.assert_close(v, ref[k], rtol=0, atol=0, msg=k)
     assert resolve_special_tokens(proc.tokenizer) == resolve_special_tokens(processor.tokenizer)
-    assert loaded.generation_config.generation_kwargs["boi_token_id"] == proc.tokenizer.convert_tokens_to_ids("<begin_of_image>")
+    assert loaded.generation_config.generation_kwargs[
+        "boi_token_id"
+    ] == proc.tokenizer.convert_tokens_to_ids("<begin_of_image>")
 
-    run = tiny_run([f"model.init_from={ckpt}", "model.tokenizer=null", "model.reinit_gen_head=true"])
+    run = tiny_run(
+        [f"model.init_from={ckpt}", "model.tokenizer=null", "model.reinit_gen_head=true"]
+    )
     reinit, _ = build_model(run.model, workdir=tmp_path)
     new = reinit.state_dict()
     for k in ref:
@@ -121,7 +130,9 @@ def test_tokenizer_without_janus_tokens_is_rejected(tmp_path):
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator(["plain text only"], trainers.BpeTrainer(vocab_size=300, show_progress=False))
+    tok.train_from_iterator(
+        ["plain text only"], trainers.BpeTrainer(vocab_size=300, show_progress=False)
+    )
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
     with pytest.raises(ValueError, match="<image_placeholder>"):
         resolve_special_tokens(fast)

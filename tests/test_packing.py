@@ -47,8 +47,11 @@ def test_assign_balanced_close_to_brute_force_optimum():
         lens = [rng.randint(10, 100) for _ in range(8)]
         got = assign_balanced(lens, 2)
         assert sorted(i for r in got for i in r) == list(range(8))
-        best = min(max(sum(lens[i] for i in c), sum(lens) - sum(lens[i] for i in c))
-                   for k in range(9) for c in itertools.combinations(range(8), k))
+        best = min(
+            max(sum(lens[i] for i in c), sum(lens) - sum(lens[i] for i in c))
+            for k in range(9)
+            for c in itertools.combinations(range(8), k)
+        )
         worst = max(sum(lens[i] for i in r) for r in got)
         assert worst <= (4 / 3 - 1 / 6) * best  # Graham's LPT bound, m = 2
 
@@ -79,14 +82,21 @@ def test_balance_takes_near_brute_force_optimum():
     worse = 0
     for _ in range(60):
         need = {"a": 2, "b": 3}
-        queues = [{s: [rng.randint(5, 60) for _ in range(2 * n)] for s, n in need.items()}
-                  for _ in range(2)]
+        queues = [
+            {s: [rng.randint(5, 60) for _ in range(2 * n)] for s, n in need.items()}
+            for _ in range(2)
+        ]
         keep = {s: [2 * n, 2 * n] for s, n in need.items()}
         takes = balance_takes(queues, need, keep)
         got = max(sum(sum(q[s][: t[s]]) for s in need) for q, t in zip(queues, takes))
-        opt = min(max(sum(queues[0]["a"][:i]) + sum(queues[0]["b"][:j]),
-                      sum(queues[1]["a"][:2 - i]) + sum(queues[1]["b"][:3 - j]))
-                  for i in range(3) for j in range(4))
+        opt = min(
+            max(
+                sum(queues[0]["a"][:i]) + sum(queues[0]["b"][:j]),
+                sum(queues[1]["a"][: 2 - i]) + sum(queues[1]["b"][: 3 - j]),
+            )
+            for i in range(3)
+            for j in range(4)
+        )
         assert got <= opt + 60
         worse += got > opt
     assert worse <= 6  # the greedy + local moves find the optimum in >= 90% of cases
@@ -124,13 +134,25 @@ def _samples(model, tok, st):
     for k in (4, 7):
         head = [st.bos, *words(3), st.boi, *([st.image] * n_img), st.eoi]
         ans = [*words(k), st.eos]
-        out.append({"ids": head + ans, "labels": [IGN] * len(head) + ans,
-                    "codes": [IGN] * (len(head) + len(ans)), "task": 1})
+        out.append(
+            {
+                "ids": head + ans,
+                "labels": [IGN] * len(head) + ans,
+                "codes": [IGN] * (len(head) + len(ans)),
+                "task": 1,
+            }
+        )
     for k in (2, 6):
         head = [st.bos, *words(k), st.boi]
         codes = torch.randint(0, ncode, (n_img,), generator=g).tolist()
-        out.append({"ids": head + [st.pad] * n_img, "labels": [IGN] * (len(head) + n_img),
-                    "codes": [IGN] * len(head) + codes, "task": 2})
+        out.append(
+            {
+                "ids": head + [st.pad] * n_img,
+                "labels": [IGN] * (len(head) + n_img),
+                "codes": [IGN] * len(head) + codes,
+                "task": 2,
+            }
+        )
     return out
 
 
@@ -138,20 +160,25 @@ def _batch(rows, pad, images, size):
     """rows: list of lists of samples; each row packed, position_ids restarting per sample."""
     T = max(sum(len(s["ids"]) for s in row) for row in rows)
     B = len(rows)
-    b = {"input_ids": torch.full((B, T), pad), "attention_mask": torch.zeros(B, T, dtype=torch.long),
-         "position_ids": torch.zeros(B, T, dtype=torch.long), "labels": torch.full((B, T), IGN),
-         "image_codes": torch.full((B, T), IGN), "task_ids": torch.full((B, T), -1)}
+    b = {
+        "input_ids": torch.full((B, T), pad),
+        "attention_mask": torch.zeros(B, T, dtype=torch.long),
+        "position_ids": torch.zeros(B, T, dtype=torch.long),
+        "labels": torch.full((B, T), IGN),
+        "image_codes": torch.full((B, T), IGN),
+        "task_ids": torch.full((B, T), -1),
+    }
     n_und = 0
     for i, row in enumerate(rows):
         a = 0
         for s in row:
             n = len(s["ids"])
-            b["input_ids"][i, a:a + n] = torch.tensor(s["ids"])
-            b["attention_mask"][i, a:a + n] = 1
-            b["position_ids"][i, a:a + n] = torch.arange(n)
-            b["labels"][i, a:a + n] = torch.tensor(s["labels"])
-            b["image_codes"][i, a:a + n] = torch.tensor(s["codes"])
-            b["task_ids"][i, a:a + n] = s["task"]
+            b["input_ids"][i, a : a + n] = torch.tensor(s["ids"])
+            b["attention_mask"][i, a : a + n] = 1
+            b["position_ids"][i, a : a + n] = torch.arange(n)
+            b["labels"][i, a : a + n] = torch.tensor(s["labels"])
+            b["image_codes"][i, a : a + n] = torch.tensor(s["codes"])
+            b["task_ids"][i, a : a + n] = s["task"]
             n_und += s["task"] == 1
             a += n
     b["pixel_values"] = images[:n_und] if n_und else torch.zeros(0, 3, size, size)
@@ -169,8 +196,18 @@ def _loss_and_grads(tm, batches):
     return total, grads
 
 
-def _varlen_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                      cu_seq_lens_q=None, max_length_q=None, **kwargs):
+def _varlen_reference(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    cu_seq_lens_q=None,
+    max_length_q=None,
+    **kwargs,
+):
     """What a flash varlen kernel computes, on CPU: causal attention within each cu_seqlens
     segment of the flattened (B*T) token stream, nothing across segments."""
     assert attention_mask is None and cu_seq_lens_q is not None and max_length_q is not None
@@ -182,8 +219,13 @@ def _varlen_reference(module, query, key, value, attention_mask, scaling=None, d
     out = torch.empty_like(q)
     cu = cu_seq_lens_q.tolist()
     for a, e in zip(cu[:-1], cu[1:]):
-        o = F.scaled_dot_product_attention(q[a:e].transpose(0, 1), k[a:e].transpose(0, 1),
-                                           v[a:e].transpose(0, 1), is_causal=True, scale=scaling)
+        o = F.scaled_dot_product_attention(
+            q[a:e].transpose(0, 1),
+            k[a:e].transpose(0, 1),
+            v[a:e].transpose(0, 1),
+            is_causal=True,
+            scale=scaling,
+        )
         out[a:e] = o.transpose(0, 1)
     return out.view(B, T, H, D), None
 
@@ -223,7 +265,7 @@ def test_packed_rows_equal_per_sample_losses_and_grads(fresh_tiny_model, impl, m
     packed_loss, packed_grads = _loss_and_grads(tm, [_batch(rows, st.pad, images, size)])
     alone, i_und = [], 0
     for s in [s for row in rows for s in row]:
-        img = images[i_und:i_und + 1] if s["task"] == 1 else images[:0]
+        img = images[i_und : i_und + 1] if s["task"] == 1 else images[:0]
         i_und += s["task"] == 1
         alone.append(_batch([[s]], st.pad, img, size))
     ref_loss, ref_grads = _loss_and_grads(tm, alone)
@@ -293,9 +335,19 @@ def _token_loaders(proc, run, world, budget, states=None):
     from janus_train.data.loader import build_train_loader
 
     ex = _ThreadExchange(world)
-    loaders = [build_train_loader(run, proc, rank=r, world_size=world, micro_batch_size=1,
-                                  grad_accum=1, tokens_per_micro=budget,
-                                  exchange=ex.for_rank(r)) for r in range(world)]
+    loaders = [
+        build_train_loader(
+            run,
+            proc,
+            rank=r,
+            world_size=world,
+            micro_batch_size=1,
+            grad_accum=1,
+            tokens_per_micro=budget,
+            exchange=ex.for_rank(r),
+        )
+        for r in range(world)
+    ]
     for L, sd in zip(loaders, states or []):
         L.load_state_dict(sd)
     return loaders
@@ -309,15 +361,17 @@ def tok_proc(tmp_path_factory):
 
 
 def test_token_loader_exact_ratio_balanced_equal_micro_steps_and_exact_resume(
-        tok_proc, tmp_path, monkeypatch):
+    tok_proc, tmp_path, monkeypatch
+):
     from janus_train.config import compose, to_run_config
     from janus_train.data.mixing import task_counts
     from janus_train.data.synthetic import write_tiny_dataset
 
     monkeypatch.setenv("JANUS_DATA_ROOT", str(tmp_path / "data"))
     write_tiny_dataset(tmp_path / "data", n_shards=4, per_shard=20)
-    run = to_run_config(compose(["experiment=tiny", "stage=stage2",
-                                 "train.global_batch_size=10"]))  # not a multiple of world 4
+    run = to_run_config(
+        compose(["experiment=tiny", "stage=stage2", "train.global_batch_size=10"])
+    )  # not a multiple of world 4
     run.data.num_workers, run.data.seq_len = 0, 128
     budget, world, steps = 160, 4, 6
     counts = task_counts({"und": 2, "text": 3, "gen": 5}, 10)

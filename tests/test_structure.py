@@ -127,3 +127,24 @@ def test_one_ratio_splitter_for_both_loaders():
     assert split_by_ratio(1, {"und": 1, "text": 1, "gen": 0}) == ["und"]
     # independent: 7 samples at 2:3:5 -> quotas 1.4, 2.1, 3.5 -> 1+2+3, then gen (.5)
     assert task_counts({"und": 2, "text": 3, "gen": 5}, 7) == {"und": 1, "text": 2, "gen": 4}
+
+
+def test_the_code_is_ruff_formatted_and_lint_clean():
+    """`ruff format` at the configured 100 columns and `ruff check` (pyproject's [tool.ruff]) hold
+    for every Python file; the dev extra installs ruff, so CI checks it with the tests."""
+    import shutil
+    import subprocess
+    import sys
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists():
+        pytest.fail("ruff is not installed: pip install -e '.[dev]'")
+    fmt = subprocess.run([ruff, "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+    lint = subprocess.run(
+        [ruff, "check", "janus_train", "janus_demo", "tests", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert lint.returncode == 0, lint.stdout + lint.stderr

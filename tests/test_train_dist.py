@@ -47,10 +47,20 @@ LORA_RESUME = [*LORA, "model.lora.dropout=0.1"]  # dropout RNG restored on resum
 def make_run(root, name, stage="stage2", zero=2, steps=2, gbs=4, extra=()):
     from janus_train.config import compose, to_run_config
 
-    ov = [f"stage={stage}", f"deepspeed=zero{zero}", "train.synthetic_data=true",
-          f"train.run_dir={root}/{name}", f"train.steps={steps}", f"train.global_batch_size={gbs}",
-          "train.log_every=1", "train.ckpt_every=0", "train.export_at_end=false",
-          "train.progress_bar=false", f"train.synthetic_seq_len={SEQ}", *extra]
+    ov = [
+        f"stage={stage}",
+        f"deepspeed=zero{zero}",
+        "train.synthetic_data=true",
+        f"train.run_dir={root}/{name}",
+        f"train.steps={steps}",
+        f"train.global_batch_size={gbs}",
+        "train.log_every=1",
+        "train.ckpt_every=0",
+        "train.export_at_end=false",
+        "train.progress_bar=false",
+        f"train.synthetic_seq_len={SEQ}",
+        *extra,
+    ]
     return to_run_config(compose(ov))
 
 
@@ -72,22 +82,37 @@ def _grads(root, name, zero, reduction, tokens_per_micro=0, extra=()):
     )
     from janus_train.trainer.synthetic import SyntheticStepLoader
 
-    run = make_run(root, name, "stage2", zero, extra=[f"train.loss_reduction={reduction}",
-                                                     f"train.tokens_per_micro={tokens_per_micro}",
-                                                     *extra])
+    run = make_run(
+        root,
+        name,
+        "stage2",
+        zero,
+        extra=[
+            f"train.loss_reduction={reduction}",
+            f"train.tokens_per_micro={tokens_per_micro}",
+            *extra,
+        ],
+    )
     info = setup_distributed()
     plan = plan_batch(4, 1, info.world_size, tokens_per_micro)
     assert plan.grad_accum == 2
     ds = build_deepspeed_config(run.deepspeed, plan, "fp32", 0.0, 1e-3)
     t = build_engine(run, info, ds, run.train.run_dir)  # as janus_train.train does
     janus, proc, engine = t.janus, t.processor, t.engine
-    loader = SyntheticStepLoader(run, proc, rank=info.rank, world_size=info.world_size,
-                                 micro_batch_size=1, grad_accum=plan.grad_accum)
+    loader = SyntheticStepLoader(
+        run,
+        proc,
+        rank=info.rank,
+        world_size=info.world_size,
+        micro_batch_size=1,
+        grad_accum=plan.grad_accum,
+    )
     micro = loader.next_step()
     if tokens_per_micro:
         assert all(b["input_ids"].shape[0] == 1 for b in micro)  # one packed row each
-        (Path(root) / f"{name}.rank{info.rank}.json").write_text(json.dumps(
-            [int(b["attention_mask"].sum()) for b in micro]))
+        (Path(root) / f"{name}.rank{info.rank}.json").write_text(
+            json.dumps([int(b["attention_mask"].sum()) for b in micro])
+        )
     n = all_reduce_sum(torch.stack([count_supervised(b) for b in micro]).sum(0))
     forward_backward(engine, micro, step_weights(n, reduction), plan.loss_scale)
     grads = {}
@@ -111,11 +136,15 @@ def _text_only_rank1(root):
 
     orig = train.build_loader
     train.build_loader = lambda run, proc, info, mbs, ga: Loader(
-        run, proc, rank=info.rank, world_size=info.world_size, micro_batch_size=mbs,
-        grad_accum=ga)
+        run, proc, rank=info.rank, world_size=info.world_size, micro_batch_size=mbs, grad_accum=ga
+    )
     try:
-        assert train.run(make_run(root, "text_only_z3", "stage3", 3,
-                                  extra=["train.tokens_per_micro=0"])) == 0
+        assert (
+            train.run(
+                make_run(root, "text_only_z3", "stage3", 3, extra=["train.tokens_per_micro=0"])
+            )
+            == 0
+        )
     finally:
         train.build_loader = orig
 
@@ -141,14 +170,28 @@ def _nonfinite(root):
     try:
         for zero in (2, 3):
             state.update(calls=0, bad={2})
-            run = make_run(root, f"nan_skip_z{zero}", "stage1", zero, steps=4,
-                           extra=["train.ckpt_every=1", "train.keep_last=10",
-                                  "train.tokens_per_micro=0"])
+            run = make_run(
+                root,
+                f"nan_skip_z{zero}",
+                "stage1",
+                zero,
+                steps=4,
+                extra=["train.ckpt_every=1", "train.keep_last=10", "train.tokens_per_micro=0"],
+            )
             assert train.run(run) == 0
         state.update(calls=0, bad={2, 3, 4, 5})
-        run = make_run(root, "nan_stop", "stage1", 2, steps=5,
-                       extra=["train.ckpt_every=1", "train.max_consecutive_skips=2",
-                              "train.tokens_per_micro=0"])
+        run = make_run(
+            root,
+            "nan_stop",
+            "stage1",
+            2,
+            steps=5,
+            extra=[
+                "train.ckpt_every=1",
+                "train.max_consecutive_skips=2",
+                "train.tokens_per_micro=0",
+            ],
+        )
         try:
             train.run(run)
             msg = None
@@ -162,9 +205,19 @@ def _nonfinite(root):
 
 def resume_run(root, name="resume", extra=()):
     # packed rows of <= SEQ tokens: several micro-steps per step, their count varying
-    return make_run(root, name, "stage2", 3, steps=6,
-                    extra=["train.ckpt_every=2", "train.export_at_end=true",
-                           f"train.tokens_per_micro={SEQ}", *extra])
+    return make_run(
+        root,
+        name,
+        "stage2",
+        3,
+        steps=6,
+        extra=[
+            "train.ckpt_every=2",
+            "train.export_at_end=true",
+            f"train.tokens_per_micro={SEQ}",
+            *extra,
+        ],
+    )
 
 
 def _install_fake_eval(root):
@@ -189,29 +242,48 @@ def scenario_main(root):
     from janus_train import train
 
     _install_fake_eval(root)
-    extras = {("stage1", 2): ["train.eval_every=1"],  # the in-training eval call point
-              ("stage2", 3): ["model.gradient_checkpointing=true"],
-              ("stage3", 2): ["train.export_at_end=true"],
-              ("stage3", 3): ["train.export_at_end=true"]}
+    extras = {
+        ("stage1", 2): ["train.eval_every=1"],  # the in-training eval call point
+        ("stage2", 3): ["model.gradient_checkpointing=true"],
+        ("stage3", 2): ["train.export_at_end=true"],
+        ("stage3", 3): ["train.export_at_end=true"],
+    }
     for stage in ("stage1", "stage2", "stage3"):
         for zero in (2, 3):
-            run = make_run(root, f"{stage}_z{zero}", stage, zero,
-                           extra=extras.get((stage, zero), []))
+            run = make_run(
+                root, f"{stage}_z{zero}", stage, zero, extra=extras.get((stage, zero), [])
+            )
             assert train.run(run) == 0
     _grads(root, "grad_token_mean_z2", 2, "token_mean")
     _grads(root, "grad_task_mean_sum_z3", 3, "task_mean_sum")
     _grads(root, "grad_packed_token_mean_z2", 2, "token_mean", tokens_per_micro=SEQ)
     _grads(root, "grad_packed_task_mean_sum_z3", 3, "task_mean_sum", tokens_per_micro=SEQ)
-    _grads(root, "grad_lora_packed_token_mean_z2", 2, "token_mean", tokens_per_micro=SEQ,
-           extra=LORA_GRAD)
-    run = make_run(root, "lora_stage3_z1", "stage3", 1,
-                   extra=[*LORA, "model.lora.groups=[llm,und_encoder]", "train.export_at_end=true"])
+    _grads(
+        root,
+        "grad_lora_packed_token_mean_z2",
+        2,
+        "token_mean",
+        tokens_per_micro=SEQ,
+        extra=LORA_GRAD,
+    )
+    run = make_run(
+        root,
+        "lora_stage3_z1",
+        "stage3",
+        1,
+        extra=[*LORA, "model.lora.groups=[llm,und_encoder]", "train.export_at_end=true"],
+    )
     assert train.run(run) == 0
     _text_only_rank1(root)
     _nonfinite(root)
-    ref = make_run(root, "uninterrupted", "stage2", 3, steps=6,
-                   extra=["train.ckpt_every=2", "train.export_at_end=true",
-                          f"train.tokens_per_micro={SEQ}"])
+    ref = make_run(
+        root,
+        "uninterrupted",
+        "stage2",
+        3,
+        steps=6,
+        extra=["train.ckpt_every=2", "train.export_at_end=true", f"train.tokens_per_micro={SEQ}"],
+    )
     assert train.run(ref) == 0
     assert train.run(resume_run(root, "uninterrupted_lora", LORA_RESUME)) == 0
 
@@ -226,8 +298,11 @@ def scenario_resume(root, mode, variant=""):
     from janus_train.trainer.synthetic import SyntheticStepLoader
 
     current = {"step": -1, "calls": 0}
-    orig_next, orig_fwd, orig_commit = (SyntheticStepLoader.next_step, JanusTrainModel.forward,
-                                        checkpoint._commit)
+    orig_next, orig_fwd, orig_commit = (
+        SyntheticStepLoader.next_step,
+        JanusTrainModel.forward,
+        checkpoint._commit,
+    )
 
     def next_step(self):
         current.update(step=self.step, calls=0)
@@ -237,8 +312,12 @@ def scenario_resume(root, mode, variant=""):
 
     def forward(self, batch):
         current["calls"] += 1
-        if mode == "kill_mid_step" and current["step"] == 4 and current["calls"] == 2 \
-                and dist.get_rank() == 1:
+        if (
+            mode == "kill_mid_step"
+            and current["step"] == 4
+            and current["calls"] == 2
+            and dist.get_rank() == 1
+        ):
             os.kill(os.getpid(), signal.SIGKILL)
         return orig_fwd(self, batch)
 
@@ -278,8 +357,17 @@ def test_stage_runs(scen, stage, zero):
     assert ds["bf16"]["enabled"] is False  # CPU: fp32
     recs = [r for r in _metrics(d / "metrics.jsonl") if "loss" in r]  # not eval records
     assert [r["step"] for r in recs] == [1, 2]
-    for key in ("loss", "loss/text", "loss/und", "loss/gen", "optim/lr", "optim/grad_norm",
-                "speed/tokens_per_s", "speed/samples_per_s", "data/skipped/synthetic"):
+    for key in (
+        "loss",
+        "loss/text",
+        "loss/und",
+        "loss/gen",
+        "optim/lr",
+        "optim/grad_norm",
+        "speed/tokens_per_s",
+        "speed/samples_per_s",
+        "data/skipped/synthetic",
+    ):
         assert key in recs[-1], key
     assert "speed/mfu" not in recs[-1]  # CPU: no peak FLOPs
     # token-budget rows (default): unpadded, one micro-step per rank here, so every slot is real
@@ -302,13 +390,17 @@ def _reference_grads(tmp_path, reduction, extra=()):
     from janus_train.model import JanusTrainModel, apply_freeze, build_model, set_train_mode
     from janus_train.trainer.synthetic import SyntheticStepLoader, concat_batches
 
-    run = to_run_config(compose(["stage=stage2", "train.synthetic_data=true",
-                                 f"train.synthetic_seq_len={SEQ}", *extra]))
+    run = to_run_config(
+        compose(
+            ["stage=stage2", "train.synthetic_data=true", f"train.synthetic_seq_len={SEQ}", *extra]
+        )
+    )
     janus, proc = build_model(run.model, workdir=tmp_path)
     apply_freeze(janus, run.trainable_groups, run.model.lora)
     set_train_mode(janus, run.trainable_groups)
-    loader = SyntheticStepLoader(run, proc, rank=0, world_size=1, micro_batch_size=1,
-                                 grad_accum=4, tokens_per_micro=0)
+    loader = SyntheticStepLoader(
+        run, proc, rank=0, world_size=1, micro_batch_size=1, grad_accum=4, tokens_per_micro=0
+    )
     batch = concat_batches(loader.next_step())
     out = JanusTrainModel(janus)(batch)
     s, n = out["loss_sum"].double(), out["n_tokens"].double()
@@ -317,13 +409,16 @@ def _reference_grads(tmp_path, reduction, extra=()):
     return {k: p.grad for k, p in janus.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("name,reduction,extra", [
-    ("grad_token_mean_z2", "token_mean", ()),
-    ("grad_task_mean_sum_z3", "task_mean_sum", ()),
-    ("grad_packed_token_mean_z2", "token_mean", ()),
-    ("grad_packed_task_mean_sum_z3", "task_mean_sum", ()),
-    ("grad_lora_packed_token_mean_z2", "token_mean", LORA_GRAD),  # LLM through adapters only
-])
+@pytest.mark.parametrize(
+    "name,reduction,extra",
+    [
+        ("grad_token_mean_z2", "token_mean", ()),
+        ("grad_task_mean_sum_z3", "task_mean_sum", ()),
+        ("grad_packed_token_mean_z2", "token_mean", ()),
+        ("grad_packed_task_mean_sum_z3", "task_mean_sum", ()),
+        ("grad_lora_packed_token_mean_z2", "token_mean", LORA_GRAD),  # LLM through adapters only
+    ],
+)
 def test_grad_equivalence(scen, tmp_path, name, reduction, extra):
     """2 ranks x 2 micro-batches, or the same 4 samples balanced by tokens and packed (equal
     micro-step counts, an empty micro-step where a rank has fewer) = 1 batch of 4."""
@@ -359,8 +454,7 @@ def test_eval_call_point_and_gradient_checkpointing(scen):
 def test_zero3_text_only_rank_does_not_hang(scen):
     recs = _metrics(scen / "text_only_z3" / "metrics.jsonl")
     assert [r["step"] for r in recs] == [1, 2]
-    assert all(r["tokens/text"] > 0 and r["tokens/und"] > 0 and r["tokens/gen"] > 0
-               for r in recs)
+    assert all(r["tokens/text"] > 0 and r["tokens/und"] > 0 and r["tokens/gen"] > 0 for r in recs)
 
 
 def _module_state(ckpt):
@@ -372,8 +466,9 @@ def test_nonfinite_updates_skipped_then_stop(scen):
         recs = _metrics(scen / f"nan_skip_z{zero}" / "metrics.jsonl")
         assert [r["optim/skipped_steps"] for r in recs] == [0, 1, 1, 1]
         assert recs[1]["loss"] is None  # NaN written as null
-        assert all(r["loss"] is not None and r["optim/grad_norm"] is not None
-                   for r in recs[2:])  # training goes on with finite values
+        assert all(
+            r["loss"] is not None and r["optim/grad_norm"] is not None for r in recs[2:]
+        )  # training goes on with finite values
     c = scen / "nan_skip_z2" / "checkpoints"
     s1, s2, s3 = (_module_state(c / f"step_0000000{i}") for i in (1, 2, 3))
     trained = [k for k in s1 if "generation_head" in k]
@@ -417,15 +512,21 @@ def test_export_zero3_consolidated_and_hf_generate(scen, tmp_path):
     model = JanusForConditionalGeneration.from_pretrained(str(d)).eval()
     proc = JanusProcessor.from_pretrained(str(d))
     ids = proc.tokenizer("a red circle", return_tensors="pt").input_ids
-    text = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
-                          do_sample=False)
+    text = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False
+    )
     assert text.shape == (1, ids.shape[1] + 4)
     boi = proc.tokenizer.convert_tokens_to_ids("<begin_of_image>")
     prompt = torch.cat([ids, torch.tensor([[boi]])], dim=1)
     n_img = model.config.vision_config.num_image_tokens
     torch.manual_seed(0)
-    codes = model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                           generation_mode="image", do_sample=True, guidance_scale=2.0)
+    codes = model.generate(
+        prompt,
+        attention_mask=torch.ones_like(prompt),
+        generation_mode="image",
+        do_sample=True,
+        guidance_scale=2.0,
+    )
     assert codes.shape == (1, n_img)
     assert int(codes.max()) < model.config.vq_config.num_embeddings
     img = model.decode_image_tokens(codes)
@@ -491,8 +592,9 @@ def test_lora_resume_after_sigkill_is_bitwise_identical(scen, tmp_path):
     res = run_torchrun([SELF, "resume", str(tmp_path), "kill_mid_step", "lora"], timeout=200)
     assert res.returncode != 0
     assert (ck / "latest").read_text() == "step_00000004"
-    states = torch.load(ck / "step_00000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
-                        weights_only=False)
+    states = torch.load(
+        ck / "step_00000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False
+    )
     optimized = [k for group in states["param_shapes"] for k in group]  # the optimizer's params
     llm = [k for k in optimized if "language_model" in k]
     assert llm and all(".lora_" in k for k in llm)  # adapters (and their state) in the checkpoint

@@ -31,8 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    run = to_run_config(compose(["stage=stage3", "train.synthetic_data=true",
-                                 "train.synthetic_seq_len=40"]))
+    run = to_run_config(
+        compose(["stage=stage3", "train.synthetic_data=true", "train.synthetic_seq_len=40"])
+    )
     janus, proc = build_model(run.model, workdir=tmp_path_factory.mktemp("tiny"))
     apply_freeze(janus, run.trainable_groups)
     return run, janus, proc
@@ -47,8 +48,13 @@ def test_plan_batch_derives_accumulation_and_rejects_bad_arithmetic():
 
 def test_deepspeed_config_from_typed_config():
     plan = plan_batch(64, 2, 4)
-    ds = build_deepspeed_config(DeepSpeedConfig(zero_stage=3, offload_optimizer=True,
-                                                offload_param=True), plan, "bf16", 0.1, 2e-5)
+    ds = build_deepspeed_config(
+        DeepSpeedConfig(zero_stage=3, offload_optimizer=True, offload_param=True),
+        plan,
+        "bf16",
+        0.1,
+        2e-5,
+    )
     assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 8 and ds["gradient_clipping"] == 1.0
     assert ds["zero_optimization"]["stage"] == 3
@@ -58,8 +64,9 @@ def test_deepspeed_config_from_typed_config():
     assert opt["type"] == "AdamW" and opt["params"]["betas"] == [0.9, 0.95]
     assert opt["params"]["weight_decay"] == 0.1 and opt["params"]["torch_adam"] is False
     with pytest.raises(ValueError, match="offload_param"):
-        build_deepspeed_config(DeepSpeedConfig(zero_stage=2, offload_param=True), plan, "fp32",
-                               0.0, 1e-3)
+        build_deepspeed_config(
+            DeepSpeedConfig(zero_stage=2, offload_param=True), plan, "fp32", 0.0, 1e-3
+        )
 
 
 def test_param_groups_no_decay_on_norms_biases_embeddings(tiny):
@@ -151,8 +158,11 @@ def test_flop_counter_matches_formula(tiny):
         assert fc.peak is None and fc.mfu(1e12, 1.0, 1) is None  # CPU: no peak, no MFU
     fc.peak = 1e12
     assert fc.mfu(4e12, 2.0, 4) == pytest.approx(0.5)  # FLOPs / (s x ranks x peak)
-    batch = {"attention_mask": torch.ones(2, 40), "input_ids": torch.zeros(2, 40),
-             "pixel_values": torch.zeros(3, 3, 32, 32)}
+    batch = {
+        "attention_mask": torch.ones(2, 40),
+        "input_ids": torch.zeros(2, 40),
+        "pixel_values": torch.zeros(3, 3, 32, 32),
+    }
     assert fc.batch_flops(batch) == pytest.approx(80 * fc.per_token(40) + 3 * fc.und_image)
 
 
@@ -168,7 +178,8 @@ def test_metrics_logger_writes_jsonl_on_rank0_only(tmp_path):
 
 def test_split_by_ratio():
     assert sorted(split_by_ratio(10, {"und": 2, "text": 3, "gen": 5})) == sorted(
-        ["und"] * 2 + ["text"] * 3 + ["gen"] * 5)
+        ["und"] * 2 + ["text"] * 3 + ["gen"] * 5
+    )
     assert split_by_ratio(4, {"und": 1, "text": 0, "gen": 3}).count("gen") == 3
 
 
@@ -176,8 +187,15 @@ def test_synthetic_loader_split_invariant_and_resumable(tiny):
     run, janus, proc = tiny
 
     def loader(rank, world, accum):
-        return SyntheticStepLoader(run, proc, rank=rank, world_size=world, micro_batch_size=1,
-                                   grad_accum=accum, tokens_per_micro=0)
+        return SyntheticStepLoader(
+            run,
+            proc,
+            rank=rank,
+            world_size=world,
+            micro_batch_size=1,
+            grad_accum=accum,
+            tokens_per_micro=0,
+        )
 
     one = concat_batches(loader(0, 1, 4).next_step())
     r0, r1 = loader(0, 2, 2).next_step(), loader(1, 2, 2).next_step()
@@ -201,18 +219,31 @@ def test_synthetic_loader_split_invariant_and_resumable(tiny):
 def test_dry_run_validates_and_exits_before_building_the_model(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     # --local_rank=0: what the `deepspeed` launcher appends without --no_local_rank
-    base = [sys.executable, "-m", "janus_train.train", "--local_rank=0", "train.synthetic_data=true",
-            f"train.run_dir={tmp_path}/ok", "train.dry_run=true", "train.global_batch_size=8",
-            "train.micro_batch_size=2", "train.tokens_per_micro=0"]
+    base = [
+        sys.executable,
+        "-m",
+        "janus_train.train",
+        "--local_rank=0",
+        "train.synthetic_data=true",
+        f"train.run_dir={tmp_path}/ok",
+        "train.dry_run=true",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "train.tokens_per_micro=0",
+    ]
     res = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.splitlines()
     plan = json.loads("\n".join(lines[lines.index("{") : lines.index("}") + 1]))
     assert plan["deepspeed"]["gradient_accumulation_steps"] == 4
     assert not (tmp_path / "ok").exists()  # nothing written: no run dir, no model, no tokenizer
-    bad = base[:5] + [f"train.run_dir={tmp_path}/bad", "train.dry_run=true",
-                      "train.global_batch_size=7", "train.micro_batch_size=2",
-                      "train.tokens_per_micro=0"]
+    bad = base[:5] + [
+        f"train.run_dir={tmp_path}/bad",
+        "train.dry_run=true",
+        "train.global_batch_size=7",
+        "train.micro_batch_size=2",
+        "train.tokens_per_micro=0",
+    ]
     res = subprocess.run(bad, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "train.micro_batch_size" in res.stderr + res.stdout
     assert not (tmp_path / "bad" / "ds_config.json").exists()
@@ -250,15 +281,17 @@ def test_eval_media_reach_wandb(tmp_path):
             logged.append((step, data))
 
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "generated.png")
-    rows = [{"question": "q1", "answer": "red", "reference": "red", "correct": True},
-            {"question": "q2", "answer": "top", "reference": "left", "correct": False}]
+    rows = [
+        {"question": "q1", "answer": "red", "reference": "red", "correct": True},
+        {"question": "q2", "answer": "top", "reference": "left", "correct": False},
+    ]
     (tmp_path / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     logger = MetricsLogger(tmp_path, enabled=True)
     logger.log_eval_media(7, tmp_path)  # wandb off: nothing happens
     assert logged == []
     logger.wandb_run = Run()
     logger.log_eval_media(7, tmp_path)
-    (step, data), = logged
+    ((step, data),) = logged
     assert step == 7
     assert isinstance(data["eval/generated"], wandb.Image)
     table = data["eval/answers"]
@@ -275,9 +308,18 @@ def test_synthetic_packed_steps_same_samples_for_any_world_and_budget(tiny):
     model = JanusTrainModel(janus)
     totals = []
     for world, budget in ((1, 400), (2, 64), (3, 40)):
-        steps = [SyntheticStepLoader(run, proc, rank=r, world_size=world, micro_batch_size=1,
-                                     grad_accum=1, tokens_per_micro=budget).next_step()
-                 for r in range(world)]
+        steps = [
+            SyntheticStepLoader(
+                run,
+                proc,
+                rank=r,
+                world_size=world,
+                micro_batch_size=1,
+                grad_accum=1,
+                tokens_per_micro=budget,
+            ).next_step()
+            for r in range(world)
+        ]
         assert len({len(s) for s in steps}) == 1
         mbs = [mb for s in steps for mb in s]
         assert all(mb["input_ids"].shape == (1, mb["input_ids"].shape[1]) for mb in mbs)
@@ -292,13 +334,21 @@ def test_synthetic_packed_steps_same_samples_for_any_world_and_budget(tiny):
 
 def test_bf16_gradients_reduced_in_fp32_under_zero12():
     plan = plan_batch(8, 1, 2, tokens_per_micro=64)
-    for stage, prec, want in ((2, "bf16", "fp32"), (1, "bf16", "fp32"), (3, "bf16", None),
-                              (2, "fp32", None)):
+    for stage, prec, want in (
+        (2, "bf16", "fp32"),
+        (1, "bf16", "fp32"),
+        (3, "bf16", None),
+        (2, "fp32", None),
+    ):
         ds = build_deepspeed_config(DeepSpeedConfig(zero_stage=stage), plan, prec, 0.0, 1e-3)
         assert ds.get("communication_data_type") == want
-    ds = build_deepspeed_config(DeepSpeedConfig(zero_stage=2, reduce_fp32=False), plan, "bf16",
-                                0.0, 1e-3)
+    ds = build_deepspeed_config(
+        DeepSpeedConfig(zero_stage=2, reduce_fp32=False), plan, "bf16", 0.0, 1e-3
+    )
     assert "communication_data_type" not in ds
     # token-budget plan: DeepSpeed's nominal batch arithmetic stays consistent
-    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds[
-        "gradient_accumulation_steps"] * 2 and ds["gradient_accumulation_steps"] == 4
+    assert (
+        ds["train_batch_size"]
+        == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+        and ds["gradient_accumulation_steps"] == 4
+    )

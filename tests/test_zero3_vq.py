@@ -26,9 +26,12 @@ def _worker(workdir: str) -> None:
     ref = JanusTrainModel(build_model(run.model, workdir=workdir)[0])
     apply_freeze(janus, run.trainable_groups)
     model = JanusTrainModel(janus, params_partitioned=True)
-    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-           "zero_optimization": {"stage": 3},
-           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+    }
     engine = init_engine(model, cfg, [p for p in model.parameters() if p.requires_grad])
     torch.manual_seed(0)
     px = torch.rand(2, 3, 32, 32) * 2 - 1

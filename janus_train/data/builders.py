@@ -146,7 +146,10 @@ def build_caption_plain(caption: str, image: np.ndarray, ctx: BuildContext) -> S
 
 
 def build_conversation(
-    turns: list[tuple[str, str]], images: list[np.ndarray], ctx: BuildContext, task: str,
+    turns: list[tuple[str, str]],
+    images: list[np.ndarray],
+    ctx: BuildContext,
+    task: str,
     mask_user: bool | None = None,
 ) -> Sample:
     """A chat in the Janus template. ``turns``: (role, text), role in system/user/assistant.
@@ -206,7 +209,10 @@ def first_sentence(text: str) -> str:
 
 
 def build_generation(
-    prompt: str, ctx: BuildContext, rng: random.Random, codes: np.ndarray | None = None,
+    prompt: str,
+    ctx: BuildContext,
+    rng: random.Random,
+    codes: np.ndarray | None = None,
     image: np.ndarray | None = None,
 ) -> Sample:
     """``BOS prompt BOI [N codes]``; the codes, or ``-1`` slots filled from ``image`` on device."""
@@ -218,7 +224,11 @@ def build_generation(
     if budget < 0:
         raise BadSample("too_long", f"{n} image tokens do not fit seq_len {ctx.seq_len}")
     while True:
-        text = prompt if ctx.caption_format == "plain" else user_turn(ctx.chat_template, prompt.strip())
+        text = (
+            prompt
+            if ctx.caption_format == "plain"
+            else user_turn(ctx.chat_template, prompt.strip())
+        )
         ptoks = ctx.enc(text)
         if len(ptoks) <= budget or not prompt:
             break
@@ -288,18 +298,31 @@ def _conversation_turns(members: dict[str, bytes]) -> list[tuple[str, str]]:
     conv = meta.get("conversations") if isinstance(meta, dict) else meta
     if not isinstance(conv, list) or not conv:
         raise BadSample("bad_conversation", "no conversations list")
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-             "system": "system"}
+    roles = {
+        "human": "user",
+        "user": "user",
+        "gpt": "assistant",
+        "assistant": "assistant",
+        "system": "system",
+    }
     turns = []
     for t in conv:
-        if not isinstance(t, dict) or not isinstance(t.get("value"), str) or t.get("from") not in roles:
+        if (
+            not isinstance(t, dict)
+            or not isinstance(t.get("value"), str)
+            or t.get("from") not in roles
+        ):
             raise BadSample("bad_conversation", "turns need from: human|gpt|system and a str value")
         turns.append((roles[t["from"]], t["value"]))
     return turns
 
 
 def record_to_samples(
-    members: dict[str, bytes], fmt: str, task: str, ctx: BuildContext, rng: random.Random,
+    members: dict[str, bytes],
+    fmt: str,
+    task: str,
+    ctx: BuildContext,
+    rng: random.Random,
     class_names: list[str] | None = None,
 ) -> list[Sample]:
     """Decode one record and build its sample(s); raises ``BadSample`` to skip it."""
@@ -370,8 +393,14 @@ def pack_rows(samples: list[Sample], seq_len: int) -> list[list[Sample]]:
     return rows
 
 
-def collate(samples: list[Sample], ctx: BuildContext, pad_to_multiple_of: int = 1,
-            pixels_uint8: bool = False, pack: bool = False, row_len: int | None = None) -> dict:
+def collate(
+    samples: list[Sample],
+    ctx: BuildContext,
+    pad_to_multiple_of: int = 1,
+    pixels_uint8: bool = False,
+    pack: bool = False,
+    row_len: int | None = None,
+) -> dict:
     """Right-padded batch dict following the contract in ``janus_train.model.forward``.
 
     ``pack``: several samples per row (first fit into ``row_len``, default ``ctx.seq_len``),

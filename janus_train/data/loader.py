@@ -60,15 +60,30 @@ class SampleStream:
     returned}`` (a text record can yield several chunks).
     """
 
-    def __init__(self, src: Source, ctx: BuildContext, dcfg: DataConfig, consumer: int,
-                 n_consumers: int, state: dict | None, counters: Counter):
+    def __init__(
+        self,
+        src: Source,
+        ctx: BuildContext,
+        dcfg: DataConfig,
+        consumer: int,
+        n_consumers: int,
+        state: dict | None,
+        counters: Counter,
+    ):
         self.src, self.ctx, self.dcfg, self.counters = src, ctx, dcfg, counters
         self.shard_stats: dict[str, list[int]] = {}
         self.attempts = self.fails = 0
         st = state or {}
-        self.rs = RecordStream(src.name, src.shards, consumer, n_consumers, dcfg.seed,
-                               shuffle=dcfg.shuffle, state=st.get("rec"),
-                               on_shard_error=self._shard_error)
+        self.rs = RecordStream(
+            src.name,
+            src.shards,
+            consumer,
+            n_consumers,
+            dcfg.seed,
+            shuffle=dcfg.shuffle,
+            state=st.get("rec"),
+            on_shard_error=self._shard_error,
+        )
         self.cur = self.rs.state()
         self.sub = 0
         self.pending: list[Sample] = []
@@ -93,8 +108,10 @@ class SampleStream:
         if self.counters[f"skipped/{name}/{reason}"] <= 3:
             logger.warning("data source %s: skipped a sample of %s (%s)", name, url, detail)
         d = self.dcfg
-        for n_att, n_fail, what in ((stats[0], stats[1], f"shard {url}"),
-                                    (self.attempts, self.fails, "the source")):
+        for n_att, n_fail, what in (
+            (stats[0], stats[1], f"shard {url}"),
+            (self.attempts, self.fails, "the source"),
+        ):
             if n_att >= d.failure_min_samples and n_fail / n_att > d.max_failure_rate:
                 raise DataFailure(
                     f"data source {name!r}: {n_fail} of {n_att} samples of {what} failed "
@@ -109,11 +126,13 @@ class SampleStream:
         while not self.pending:
             self.cur = self.rs.state()
             rec = self.rs.next()
-            rng = random.Random(stable_seed(self.dcfg.seed, self.src.name, self.rs.epoch,
-                                            rec.url, rec.key))
+            rng = random.Random(
+                stable_seed(self.dcfg.seed, self.src.name, self.rs.epoch, rec.url, rec.key)
+            )
             try:
-                samples = record_to_samples(rec.members, self.src.format, self.src.task,
-                                            self.ctx, rng, self.src.class_names)
+                samples = record_to_samples(
+                    rec.members, self.src.format, self.src.task, self.ctx, rng, self.src.class_names
+                )
             except BadSample as e:
                 self._fail(rec.url, e.reason, f"{rec.key}: {e}")
                 continue
@@ -133,10 +152,21 @@ class SampleStream:
 class StepDataset(IterableDataset):
     """Yields this rank's steps ``>= start_step`` built by each (logical) worker."""
 
-    def __init__(self, recipe: Recipe, ctx: BuildContext, dcfg: DataConfig, counts: dict,
-                 rank: int, world_size: int, num_workers: int, micro_batch_size: int,
-                 grad_accum: int, start_step: int, worker_states: list[dict],
-                 raw: bool = False):
+    def __init__(
+        self,
+        recipe: Recipe,
+        ctx: BuildContext,
+        dcfg: DataConfig,
+        counts: dict,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        micro_batch_size: int,
+        grad_accum: int,
+        start_step: int,
+        worker_states: list[dict],
+        raw: bool = False,
+    ):
         super().__init__()
         self.raw = raw
         """Yield the rank's built samples of the step (its ``rank_supply``) uncollated, for
@@ -161,27 +191,50 @@ class StepDataset(IterableDataset):
         src_states = ws.get("sources", {})
         step = self.start_step + ((w - self.start_step) % self.W)
         while True:
-            plan = step_plan(self.recipe, self.counts, step, self.world_size, self.mbs,
-                             0 if self.raw else self.ga, self.dcfg.seed)[self.rank]
+            plan = step_plan(
+                self.recipe,
+                self.counts,
+                step,
+                self.world_size,
+                self.mbs,
+                0 if self.raw else self.ga,
+                self.dcfg.seed,
+            )[self.rank]
             micro, keys = [], []
             for src_ids in plan:
                 samples = []
                 for i in src_ids:
                     if i not in streams:
                         src = self.recipe.sources[i]
-                        streams[i] = SampleStream(src, self.ctx, self.dcfg, consumer, C,
-                                                  src_states.get(src.name), counters)
+                        streams[i] = SampleStream(
+                            src,
+                            self.ctx,
+                            self.dcfg,
+                            consumer,
+                            C,
+                            src_states.get(src.name),
+                            counters,
+                        )
                     samples.append(streams[i].next())
                 if self.raw:
                     micro.append(list(zip(src_ids, samples)))
                     continue
-                micro.append(collate(samples, self.ctx, self.dcfg.pad_to_multiple_of,
-                                     self.dcfg.pixels_uint8, self.dcfg.pack))
+                micro.append(
+                    collate(
+                        samples,
+                        self.ctx,
+                        self.dcfg.pad_to_multiple_of,
+                        self.dcfg.pixels_uint8,
+                        self.dcfg.pack,
+                    )
+                )
                 keys.append([s.key for s in samples])
             for i, s in streams.items():
                 src_states[self.recipe.sources[i].name] = s.state()
-            state = {"sources": {k: dict(v) for k, v in src_states.items()},
-                     "counters": dict(counters)}
+            state = {
+                "sources": {k: dict(v) for k, v in src_states.items()},
+                "counters": dict(counters),
+            }
             yield {"step": step, "worker": w, "micro": micro, "keys": keys, "state": state}
             step += self.W
 
@@ -235,8 +288,17 @@ def _init_worker(parent_pid: int, _worker_id: int) -> None:
 class StepLoader:
     """``next_step()`` -> this rank's ``grad_accum`` micro-batches of the next optimizer step."""
 
-    def __init__(self, recipe: Recipe, ctx: BuildContext, dcfg: DataConfig, counts: dict,
-                 rank: int, world_size: int, micro_batch_size: int, grad_accum: int):
+    def __init__(
+        self,
+        recipe: Recipe,
+        ctx: BuildContext,
+        dcfg: DataConfig,
+        counts: dict,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        grad_accum: int,
+    ):
         self.recipe, self.ctx, self.dcfg, self.counts = recipe, ctx, dcfg, counts
         self.rank, self.world_size = rank, world_size
         self.mbs, self.ga = micro_batch_size, grad_accum
@@ -249,18 +311,31 @@ class StepLoader:
         """Sample keys (``shard#key``) of the last step's micro-batches."""
 
     def _start(self) -> None:
-        ds = StepDataset(self.recipe, self.ctx, self.dcfg, self.counts, self.rank,
-                         self.world_size, self.num_workers, self.mbs, self.ga, self._next_pull(),
-                         [dict(s) for s in self.worker_states], raw=self._raw)
+        ds = StepDataset(
+            self.recipe,
+            self.ctx,
+            self.dcfg,
+            self.counts,
+            self.rank,
+            self.world_size,
+            self.num_workers,
+            self.mbs,
+            self.ga,
+            self._next_pull(),
+            [dict(s) for s in self.worker_states],
+            raw=self._raw,
+        )
         if self.num_workers > 0:
-            self._loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                                      prefetch_factor=self.dcfg.prefetch_factor,
-                                      persistent_workers=False,
-                                      pin_memory=self.dcfg.pin_memory
-                                      and torch.cuda.is_available(),
-                                      multiprocessing_context=self.dcfg.mp_context,
-                                      worker_init_fn=functools.partial(_init_worker,
-                                                                os.getpid()))
+            self._loader = DataLoader(
+                ds,
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=self.dcfg.prefetch_factor,
+                persistent_workers=False,
+                pin_memory=self.dcfg.pin_memory and torch.cuda.is_available(),
+                multiprocessing_context=self.dcfg.mp_context,
+                worker_init_fn=functools.partial(_init_worker, os.getpid()),
+            )
         else:
             self._loader = ds
         self._it = iter(self._loader)
@@ -276,8 +351,9 @@ class StepLoader:
             self._start()
         item = next(self._it)
         if item["step"] != self.step:
-            raise RuntimeError(f"data loader out of order: got step {item['step']}, "
-                               f"expected {self.step}")
+            raise RuntimeError(
+                f"data loader out of order: got step {item['step']}, expected {self.step}"
+            )
         self.worker_states[item["worker"]] = item["state"]
         self.step += 1
         self.last_keys = item["keys"]
@@ -308,25 +384,38 @@ class StepLoader:
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        for key, mine in (("version", STATE_VERSION), ("world_size", self.world_size),
-                          ("num_workers", self.num_workers), ("seed", self.dcfg.seed),
-                          ("rank", self.rank)):
+        for key, mine in (
+            ("version", STATE_VERSION),
+            ("world_size", self.world_size),
+            ("num_workers", self.num_workers),
+            ("seed", self.dcfg.seed),
+            ("rank", self.rank),
+        ):
             if sd.get(key) != mine:
-                raise ValueError(f"loader state has {key}={sd.get(key)!r} but this run has "
-                                 f"{mine!r}: exact resume needs the same value")
+                raise ValueError(
+                    f"loader state has {key}={sd.get(key)!r} but this run has "
+                    f"{mine!r}: exact resume needs the same value"
+                )
         missing = set(sd["sources"]) - {s.name for s in self.recipe.sources}
         if missing:
-            logger.warning("loader state has sources %s not in recipe %s", sorted(missing),
-                           self.recipe.name)
+            logger.warning(
+                "loader state has sources %s not in recipe %s", sorted(missing), self.recipe.name
+            )
         self.close()
         self.step = int(sd["step"])
         self.worker_states = [dict(ws) for ws in sd["workers"]]
 
     def can_resume_exactly(self, sd: dict) -> bool:
         """Whether ``sd`` was saved by the same rank of the same consumer layout."""
-        return all(sd.get(k) == v for k, v in (
-            ("version", STATE_VERSION), ("world_size", self.world_size),
-            ("num_workers", self.num_workers), ("rank", self.rank)))
+        return all(
+            sd.get(k) == v
+            for k, v in (
+                ("version", STATE_VERSION),
+                ("world_size", self.world_size),
+                ("num_workers", self.num_workers),
+                ("rank", self.rank),
+            )
+        )
 
     def load_resharded(self, sds: list[dict]) -> None:
         """Continue from every rank's state of a run with another world size or
@@ -338,33 +427,51 @@ class StepLoader:
 
         for sd in sds:
             if sd.get("seed") != self.dcfg.seed or sd.get("version") != STATE_VERSION:
-                raise ValueError(f"loader state has data.seed={sd.get('seed')!r} "
-                                 f"(version {sd.get('version')}), this run "
-                                 f"{self.dcfg.seed!r}: the data order cannot continue")
+                raise ValueError(
+                    f"loader state has data.seed={sd.get('seed')!r} "
+                    f"(version {sd.get('version')}), this run "
+                    f"{self.dcfg.seed!r}: the data order cannot continue"
+                )
         if len({int(sd["step"]) for sd in sds}) != 1:
             raise ValueError("loader states of the ranks are at different steps")
-        old = [ws for sd in sorted(sds, key=lambda d: d["rank"])
-               for ws in (sd["workers"] + [{}] * max(1, sd["num_workers"]))[
-                   : max(1, sd["num_workers"])]]
+        old = [
+            ws
+            for sd in sorted(sds, key=lambda d: d["rank"])
+            for ws in (sd["workers"] + [{}] * max(1, sd["num_workers"]))[
+                : max(1, sd["num_workers"])
+            ]
+        ]
         sources, total = {}, Counter()
         for ws in old:
             total.update(ws.get("counters", {}))
         for src in self.recipe.sources:
-            state, counts = plan_carry(src.name, src.shards, self.dcfg.seed, self.dcfg.shuffle,
-                                       [ws.get("sources", {}).get(src.name) for ws in old])
+            state, counts = plan_carry(
+                src.name,
+                src.shards,
+                self.dcfg.seed,
+                self.dcfg.shuffle,
+                [ws.get("sources", {}).get(src.name) for ws in old],
+            )
             sources[src.name] = {"rec": state, "sub": 0}
             for k, v in counts.items():
                 total[f"skipped/{src.name}/{k}"] += v
             if any(counts.values()) and self.rank == 0:
-                logger.warning("data source %s: resumed on %d consumers from %d: %s", src.name,
-                               self.world_size * max(1, self.num_workers), len(old),
-                               dict(counts))
+                logger.warning(
+                    "data source %s: resumed on %d consumers from %d: %s",
+                    src.name,
+                    self.world_size * max(1, self.num_workers),
+                    len(old),
+                    dict(counts),
+                )
         self.close()
         self.step = int(sds[0]["step"])
-        self.worker_states = [{"sources": {k: {"rec": dict(v["rec"]), "sub": 0}
-                                           for k, v in sources.items()},
-                               "counters": dict(total) if self.rank == 0 and w == 0 else {}}
-                              for w in range(max(1, self.num_workers))]
+        self.worker_states = [
+            {
+                "sources": {k: {"rec": dict(v["rec"]), "sub": 0} for k, v in sources.items()},
+                "counters": dict(total) if self.rank == 0 and w == 0 else {},
+            }
+            for w in range(max(1, self.num_workers))
+        ]
 
     def close(self) -> None:
         """Stop the worker processes: asked to finish, killed when they have not after torch's
@@ -435,8 +542,9 @@ class TokenStepLoader(StepLoader):
             self._start()
         item = next(self._it)
         if item["step"] != self.pulled:
-            raise RuntimeError(f"data loader out of order: got step {item['step']}, "
-                               f"expected {self.pulled}")
+            raise RuntimeError(
+                f"data loader out of order: got step {item['step']}, expected {self.pulled}"
+            )
         self.worker_states[item["worker"]] = item["state"]
         for src, sample in item["micro"][0]:
             self.queues[src].append(sample)
@@ -449,15 +557,18 @@ class TokenStepLoader(StepLoader):
         need = Counter(i for share in self._supply(s) for i in share)
         nxt = self._supply(s + 1)
         world = self.world_size
-        keep = {i: [sum(1 for j in nxt[r] if j == i) + -(-need[i] // world)
-                    for r in range(world)] for i in need}
+        keep = {
+            i: [sum(1 for j in nxt[r] if j == i) + -(-need[i] // world) for r in range(world)]
+            for i in need
+        }
         mine = {i: [len(x.input_ids) for x in q] for i, q in enumerate(self.queues) if q}
         every = self.exchange(mine)
         queues = [{i: r_q.get(i, []) for i in need} for r_q in every]
         takes = balance_takes(queues, dict(need), keep)
         order = sorted(need)
-        rank_lengths = [[n for i in order for n in queues[r][i][: takes[r][i]]]
-                        for r in range(world)]
+        rank_lengths = [
+            [n for i in order for n in queues[r][i][: takes[r][i]]] for r in range(world)
+        ]
         lay = layout(rank_lengths, self.tokens_per_micro)
         taken: list[Sample] = []
         for i in order:
@@ -473,9 +584,18 @@ class TokenStepLoader(StepLoader):
         for pack in lay.packs[self.rank]:
             samples = [taken[j] for j in pack]
             keys.append([x.key for x in samples])
-            out.append(collate(samples, self.ctx, d.pad_to_multiple_of, d.pixels_uint8,
-                               pack=True, row_len=self.tokens_per_micro) if samples
-                       else empty_micro(self.ctx.st.pad, self.ctx.image_size, d.pixels_uint8))
+            out.append(
+                collate(
+                    samples,
+                    self.ctx,
+                    d.pad_to_multiple_of,
+                    d.pixels_uint8,
+                    pack=True,
+                    row_len=self.tokens_per_micro,
+                )
+                if samples
+                else empty_micro(self.ctx.st.pad, self.ctx.image_size, d.pixels_uint8)
+            )
         self.step += 1
         self.last_keys, self.last_layout = keys, lay
         return out
@@ -485,9 +605,12 @@ class TokenStepLoader(StepLoader):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd.update(tokens_per_micro=self.tokens_per_micro, pulled=self.pulled,
-                  dropped=dict(self.dropped),
-                  queues={src.name: list(q) for src, q in zip(self.recipe.sources, self.queues)})
+        sd.update(
+            tokens_per_micro=self.tokens_per_micro,
+            pulled=self.pulled,
+            dropped=dict(self.dropped),
+            queues={src.name: list(q) for src, q in zip(self.recipe.sources, self.queues)},
+        )
         return sd
 
     def can_resume_exactly(self, sd: dict) -> bool:
@@ -510,8 +633,10 @@ class TokenStepLoader(StepLoader):
 
     def load_state_dict(self, sd: dict) -> None:
         if "pulled" not in sd:
-            raise ValueError("loader state was written without train.tokens_per_micro: exact "
-                             "resume needs the same batching mode")
+            raise ValueError(
+                "loader state was written without train.tokens_per_micro: exact "
+                "resume needs the same batching mode"
+            )
         super().load_state_dict(sd)
         self.pulled = int(sd["pulled"])
         self.dropped = Counter(sd.get("dropped", {}))
@@ -528,8 +653,10 @@ def build_context(run, processor) -> BuildContext:
     ip = processor.image_processor
     n_proc = getattr(processor, "num_image_tokens", run.model.num_image_tokens)
     if n_proc != run.model.num_image_tokens:
-        raise ValueError(f"processor inserts {n_proc} image tokens but model.num_image_tokens "
-                         f"is {run.model.num_image_tokens}")
+        raise ValueError(
+            f"processor inserts {n_proc} image tokens but model.num_image_tokens "
+            f"is {run.model.num_image_tokens}"
+        )
     d = run.data
     return BuildContext(
         tokenizer=tok,
@@ -549,9 +676,18 @@ def build_context(run, processor) -> BuildContext:
     )
 
 
-def build_train_loader(run, processor, *, rank: int, world_size: int, micro_batch_size: int,
-                       grad_accum: int, recipe: str | None = None,
-                       tokens_per_micro: int | None = None, exchange=None) -> StepLoader:
+def build_train_loader(
+    run,
+    processor,
+    *,
+    rank: int,
+    world_size: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    recipe: str | None = None,
+    tokens_per_micro: int | None = None,
+    exchange=None,
+) -> StepLoader:
     """Validate the recipe and batch arithmetic, then the rank's loader: a
     ``TokenStepLoader`` with ``tokens_per_micro`` > 0 (``exchange``: the all-gather of the
     ranks' queue lengths; None = a world of one), else a fixed-count ``StepLoader``."""
@@ -559,8 +695,10 @@ def build_train_loader(run, processor, *, rank: int, world_size: int, micro_batc
     hp = run.hparams
     if tokens_per_micro:
         if tokens_per_micro < run.data.seq_len:
-            raise ValueError(f"train.tokens_per_micro={tokens_per_micro} < data.seq_len="
-                             f"{run.data.seq_len}: a sample of seq_len tokens must fit")
+            raise ValueError(
+                f"train.tokens_per_micro={tokens_per_micro} < data.seq_len="
+                f"{run.data.seq_len}: a sample of seq_len tokens must fit"
+            )
     elif micro_batch_size * grad_accum * world_size != hp.global_batch_size:
         raise ValueError(
             f"global_batch_size={hp.global_batch_size} != micro_batch_size {micro_batch_size} x "
@@ -579,10 +717,26 @@ def build_train_loader(run, processor, *, rank: int, world_size: int, micro_batc
             logger.warning(
                 "data source %s has %d shards < %d ranks x workers: every worker reads all of "
                 "them and keeps every %d-th record (correct, but reads %dx the bytes; "
-                "write more shards)", s.name, len(s.shards), consumers, consumers, consumers)
+                "write more shards)",
+                s.name,
+                len(s.shards),
+                consumers,
+                consumers,
+                consumers,
+            )
     ctx = build_context(run, processor)
     dcfg = dataclasses.replace(run.data)  # a snapshot: later edits of run.data do not leak in
     if tokens_per_micro:
-        return TokenStepLoader(rec, ctx, dcfg, counts, rank, world_size, 1, 1,
-                               tokens_per_micro=tokens_per_micro, exchange=exchange)
+        return TokenStepLoader(
+            rec,
+            ctx,
+            dcfg,
+            counts,
+            rank,
+            world_size,
+            1,
+            1,
+            tokens_per_micro=tokens_per_micro,
+            exchange=exchange,
+        )
     return StepLoader(rec, ctx, dcfg, counts, rank, world_size, micro_batch_size, grad_accum)

@@ -45,8 +45,9 @@ def pick_sources(weights: list[float], n: int, seed: int) -> list[int]:
     return [int(p) for p in picks]
 
 
-def rank_supply(recipe: Recipe, counts: dict[str, int], step: int, world_size: int,
-                seed: int) -> list[list[int]]:
+def rank_supply(
+    recipe: Recipe, counts: dict[str, int], step: int, world_size: int, seed: int
+) -> list[list[int]]:
     """``supply[rank]`` = recipe source indices of the step's slots dealt to that rank (the
     step_plan dealing without the micro-batch split; ``G`` need not divide by the world).
     With token-budget micro-batches a rank *builds* these samples; which rank *trains* which
@@ -56,8 +57,13 @@ def rank_supply(recipe: Recipe, counts: dict[str, int], step: int, world_size: i
 
 
 def step_plan(
-    recipe: Recipe, counts: dict[str, int], step: int, world_size: int, micro_batch_size: int,
-    grad_accum: int, seed: int,
+    recipe: Recipe,
+    counts: dict[str, int],
+    step: int,
+    world_size: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    seed: int,
 ) -> list[list[list[int]]]:
     """``plan[rank][micro]`` = recipe source indices of that micro-batch's samples.
     ``grad_accum=0``: one list per rank holding all its slots (``rank_supply``)."""
@@ -72,8 +78,9 @@ def step_plan(
         idx = [i for i, s in enumerate(recipe.sources) if s.task_key == t and s.active(step)]
         if not idx:
             raise ValueError(f"{recipe.path}: no active {t!r} source at step {step}")
-        chosen = pick_sources([recipe.sources[i].weight for i in idx], counts[t],
-                              stable_seed(seed, "mix", step, t))
+        chosen = pick_sources(
+            [recipe.sources[i].weight for i in idx], counts[t], stable_seed(seed, "mix", step, t)
+        )
         picks[t] = [idx[j] for j in chosen]
     taken = dict.fromkeys(picks, 0)
     plan: list[list[list[int]]] = [[[] for _ in range(grad_accum)] for _ in range(world_size)]

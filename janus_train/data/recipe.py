@@ -90,7 +90,10 @@ def is_remote(url: str) -> bool:
 
 
 def expand_shards(
-    patterns: str | list[str], where: str, base: Path | None = None, check: bool = True,
+    patterns: str | list[str],
+    where: str,
+    base: Path | None = None,
+    check: bool = True,
     stat_shards: bool = True,
 ) -> list[str]:
     """Brace-, variable- and glob-expand shard patterns; local shards must exist (``check``).
@@ -182,12 +185,15 @@ def _parse_source(i: int, raw: object, path: Path, check: bool, stat: bool = Tru
             and 0 <= steps[0] < steps[1]
         )
         if not ok:
-            raise ValueError(f"{where}.steps={steps!r}: must be [start, end) ints, 0 <= start < end")
+            raise ValueError(
+                f"{where}.steps={steps!r}: must be [start, end) ints, 0 <= start < end"
+            )
         steps = (steps[0], steps[1])
     if "shards" not in raw:
         raise ValueError(f"{where}.shards: missing")
-    shards = expand_shards(raw["shards"], f"{where}.shards", base=path.parent, check=check,
-                           stat_shards=stat)
+    shards = expand_shards(
+        raw["shards"], f"{where}.shards", base=path.parent, check=check, stat_shards=stat
+    )
     class_names = None
     if raw.get("class_names") is not None and check:
         cn = raw["class_names"]
@@ -218,7 +224,9 @@ def load_recipe(name_or_path: str, check_shards: bool = True, stat_shards: bool 
         raise ValueError(f"{path}: must be a mapping with 'sources'")
     extra = set(raw) - {"name", "description", "sources"}
     if extra:
-        raise ValueError(f"{path}: unknown key(s) {sorted(extra)} (known: name, description, sources)")
+        raise ValueError(
+            f"{path}: unknown key(s) {sorted(extra)} (known: name, description, sources)"
+        )
     srcs = raw.get("sources")
     if not isinstance(srcs, list) or not srcs:
         raise ValueError(f"{path}: sources: must be a non-empty list")

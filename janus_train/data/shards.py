@@ -205,8 +205,15 @@ class RecordStream:
     """
 
     def __init__(
-        self, name: str, shards: list[str], consumer: int, n_consumers: int, seed: int,
-        shuffle: bool = True, state: dict | None = None, on_shard_error=None,
+        self,
+        name: str,
+        shards: list[str],
+        consumer: int,
+        n_consumers: int,
+        seed: int,
+        shuffle: bool = True,
+        state: dict | None = None,
+        on_shard_error=None,
     ):
         self.name, self.shards = name, list(shards)
         self.c, self.C, self.seed, self.shuffle = consumer, n_consumers, seed, shuffle
@@ -225,8 +232,12 @@ class RecordStream:
         self._epoch_records = 0
 
     def state(self) -> dict:
-        st = {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset,
-              "counter": self.counter}
+        st = {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "offset": self.offset,
+            "counter": self.counter,
+        }
         if self._in_carry(self.epoch):
             st["carry"] = self.carry
         return st
@@ -243,8 +254,11 @@ class RecordStream:
             urls = [u for u, _ in self.carry]
             return urls if self._stride(epoch) else urls[self.c :: self.C]
         n = len(self.shards)
-        perm = (np.random.default_rng(stable_seed(self.seed, self.name, epoch)).permutation(n)
-                if self.shuffle else np.arange(n))
+        perm = (
+            np.random.default_rng(stable_seed(self.seed, self.name, epoch)).permutation(n)
+            if self.shuffle
+            else np.arange(n)
+        )
         idx = perm if self.stride else perm[self.c :: self.C]
         return [self.shards[int(i)] for i in idx]
 
@@ -280,7 +294,8 @@ class RecordStream:
             base = self.counter - self.offset  # counter value at position 0 of this shard
             keep = (
                 (lambda p, base=base: (base + p) % self.C == self.c)
-                if self._stride(self.epoch) else (lambda p: True)
+                if self._stride(self.epoch)
+                else (lambda p: True)
             )
             self._it = sc.iterate(self.offset, keep)
             self._url = url

@@ -15,13 +15,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220),
-          "yellow": (230, 220, 40), "purple": (140, 40, 180), "orange": (240, 140, 20)}
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 30),
+    "blue": (30, 60, 220),
+    "yellow": (230, 220, 40),
+    "purple": (140, 40, 180),
+    "orange": (240, 140, 20),
+}
 SHAPES = ("circle", "square", "triangle")
 
 
-def shape_image(color: str, shape: str, size: tuple[int, int] = (48, 40), seed: int = 0,
-                fmt: str = "JPEG") -> bytes:
+def shape_image(
+    color: str, shape: str, size: tuple[int, int] = (48, 40), seed: int = 0, fmt: str = "JPEG"
+) -> bytes:
     rng = random.Random(seed)
     w, h = size
     img = Image.new("RGB", size, (rng.randrange(200, 256),) * 3)
@@ -58,15 +65,19 @@ def _pick(i: int) -> tuple[str, str]:
     return colors[i % len(colors)], SHAPES[(i // len(colors)) % len(SHAPES)]
 
 
-def caption_records(start: int, n: int, size=(48, 40), codes: int | None = None,
-                    codebook: int = 64) -> list[tuple[str, dict[str, bytes]]]:
+def caption_records(
+    start: int, n: int, size=(48, 40), codes: int | None = None, codebook: int = 64
+) -> list[tuple[str, dict[str, bytes]]]:
     """img2dataset-style ``jpg`` + ``txt`` + ``json``; ``codes``: add ``codes.npy`` of that length."""
     out = []
     for i in range(start, start + n):
         color, shape = _pick(i)
         cap = f"a {color} {shape}. there is one {shape} in the center."
-        m = {"jpg": shape_image(color, shape, size, seed=i), "txt": cap.encode(),
-             "json": json.dumps({"caption": cap, "key": f"{i:06d}"}).encode()}
+        m = {
+            "jpg": shape_image(color, shape, size, seed=i),
+            "txt": cap.encode(),
+            "json": json.dumps({"caption": cap, "key": f"{i:06d}"}).encode(),
+        }
         if codes:
             buf = io.BytesIO()
             np.save(buf, np.random.default_rng(i).integers(0, codebook, codes).astype(np.int32))
@@ -80,10 +91,13 @@ def conversation_records(start: int, n: int, size=(48, 40), with_image: bool = T
     out = []
     for i in range(start, start + n):
         color, shape = _pick(i)
-        q1 = ("<image>\nwhat color is the shape?" if with_image else "what color is red?")
-        conv = [{"from": "human", "value": q1}, {"from": "gpt", "value": f"{color}"},
-                {"from": "human", "value": "what shape is it?"},
-                {"from": "gpt", "value": f"a {shape}"}]
+        q1 = "<image>\nwhat color is the shape?" if with_image else "what color is red?"
+        conv = [
+            {"from": "human", "value": q1},
+            {"from": "gpt", "value": f"{color}"},
+            {"from": "human", "value": "what shape is it?"},
+            {"from": "gpt", "value": f"a {shape}"},
+        ]
         m = {"json": json.dumps({"conversations": conv}).encode()}
         if with_image:
             m["jpg"] = shape_image(color, shape, size, seed=i)
@@ -106,14 +120,22 @@ def class_records(start: int, n: int, size=(48, 40)):
     for i in range(start, start + n):
         color, shape = _pick(i)
         name = f"{color} {shape}"
-        out.append((f"{i:06d}", {"jpg": shape_image(color, shape, size, seed=i),
-                                 "cls": str(names.index(name)).encode(),
-                                 "txt": name.encode()}))
+        out.append(
+            (
+                f"{i:06d}",
+                {
+                    "jpg": shape_image(color, shape, size, seed=i),
+                    "cls": str(names.index(name)).encode(),
+                    "txt": name.encode(),
+                },
+            )
+        )
     return out
 
 
-def write_tiny_dataset(root: str | Path, n_shards: int = 2, per_shard: int = 16,
-                       size=(48, 40)) -> dict[str, str]:
+def write_tiny_dataset(
+    root: str | Path, n_shards: int = 2, per_shard: int = 16, size=(48, 40)
+) -> dict[str, str]:
     """The layout the tiny recipes read (docs/data.md): returns name -> shard pattern."""
     root = Path(root)
     layout = {
@@ -125,13 +147,18 @@ def write_tiny_dataset(root: str | Path, n_shards: int = 2, per_shard: int = 16,
     out = {}
     for name, (fn, pat) in layout.items():
         for s in range(n_shards):
-            recs = fn(s * per_shard, per_shard) if name == "text" else fn(
-                s * per_shard, per_shard, size)
+            recs = (
+                fn(s * per_shard, per_shard)
+                if name == "text"
+                else fn(s * per_shard, per_shard, size)
+            )
             write_tar(root / pat.format(s), recs)
         out[name] = str(root / pat.replace("{:06d}", f"{{000000..{n_shards - 1:06d}}}"))
     # Text-only conversations for stage 3's text share.
     for s in range(n_shards):
-        write_tar(root / f"chat/chat-{s:06d}.tar",
-                  conversation_records(s * per_shard, per_shard, with_image=False))
+        write_tar(
+            root / f"chat/chat-{s:06d}.tar",
+            conversation_records(s * per_shard, per_shard, with_image=False),
+        )
     out["chat"] = str(root / f"chat/chat-{{000000..{n_shards - 1:06d}}}.tar")
     return out

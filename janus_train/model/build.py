@@ -235,10 +235,14 @@ def check_init_from(cfg: ModelConfig) -> None:
         missing.append("config.json")
     if not any(d.glob("*.safetensors")) and not any(d.glob("pytorch_model*.bin")):
         missing.append("weights (*.safetensors)")
-    if not cfg.tokenizer and not (d / "tokenizer.json").is_file() \
-            and not (d / "tokenizer_config.json").is_file():
+    if (
+        not cfg.tokenizer
+        and not (d / "tokenizer.json").is_file()
+        and not (d / "tokenizer_config.json").is_file()
+    ):
         missing.append("tokenizer (tokenizer.json; or set model.tokenizer)")
     if missing:
         raise FileNotFoundError(
             f"model.init_from={cfg.init_from!r} lacks {', '.join(missing)}: expected an "
-            f"HF-format Janus directory (a stage's run_dir/hf export or a converted release)")
+            f"HF-format Janus directory (a stage's run_dir/hf export or a converted release)"
+        )

@@ -66,8 +66,12 @@ def varlen_kwargs(position_ids: torch.Tensor | None, impl: str | None) -> dict:
         raise ValueError("packed rows must start each sample at position_ids 0")
     cu = torch.cat([starts, starts.new_tensor([flat.numel()])])
     max_len = int(cu.diff().max())
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len,
-            "max_length_k": max_len}
+    return {
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max_len,
+        "max_length_k": max_len,
+    }
 
 
 def count_supervised(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -127,8 +131,11 @@ class JanusTrainModel(nn.Module):
                 raise ValueError(f"batch has {n_need} image-code slots but no gen_pixel_values")
             if self.call_all_modules and self.params_partitioned:
                 dummy = torch.zeros(
-                    1, 3, self.janus.config.vision_config.image_size,
-                    self.janus.config.vision_config.image_size, device=codes.device,
+                    1,
+                    3,
+                    self.janus.config.vision_config.image_size,
+                    self.janus.config.vision_config.image_size,
+                    device=codes.device,
                 )
                 self.encode_images(dummy)
             return codes

@@ -147,14 +147,20 @@ class BatchPlan:
         return float(self.world_size)
 
 
-def plan_batch(global_batch_size: int, micro_batch_size: int, world_size: int,
-               tokens_per_micro: int = 0) -> BatchPlan:
+def plan_batch(
+    global_batch_size: int, micro_batch_size: int, world_size: int, tokens_per_micro: int = 0
+) -> BatchPlan:
     """Derive gradient accumulation; ``ValueError`` naming the fields when it does not divide.
     Token-budget mode: any global batch; nominal accumulation ceil(G / world), at least 2
     (DeepSpeed's offload path accumulates only when it expects more than one micro-step)."""
     if tokens_per_micro:
-        return BatchPlan(global_batch_size, 1, max(2, -(-global_batch_size // world_size)),
-                         world_size, tokens_per_micro)
+        return BatchPlan(
+            global_batch_size,
+            1,
+            max(2, -(-global_batch_size // world_size)),
+            world_size,
+            tokens_per_micro,
+        )
     per_step = micro_batch_size * world_size
     if global_batch_size % per_step:
         raise ValueError(

@@ -104,7 +104,8 @@ class FlopCounter:
         if "position_ids" in batch:
             n = sample_lengths(batch).double()
             flops = self.per_token(0) * tokens + 12.0 * self.layers * self.width * float(
-                (n * n).sum())
+                (n * n).sum()
+            )
         else:
             flops = self.per_token(batch["input_ids"].shape[1]) * tokens
         if "pixel_values" in batch:

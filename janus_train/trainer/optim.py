@@ -34,8 +34,14 @@ def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def lr_at(step: int, lr: float, warmup_steps: int, total_steps: int, schedule: str,
-          min_lr_ratio: float = 0.0) -> float:
+def lr_at(
+    step: int,
+    lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    schedule: str,
+    min_lr_ratio: float = 0.0,
+) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warmup to ``lr`` over
     ``warmup_steps``, then constant, or cosine down to ``min_lr_ratio * lr`` at ``total_steps``."""
     if step < warmup_steps:

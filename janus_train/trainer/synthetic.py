@@ -55,23 +55,46 @@ def split_by_ratio(n: int, weights: dict[str, int]) -> list[str]:
 class SyntheticStepLoader:
     """``next_step()`` -> ``grad_accum`` micro-batches (dicts of tensors) of this rank."""
 
-    def __init__(self, run, processor, *, rank: int, world_size: int, micro_batch_size: int,
-                 grad_accum: int, seq_len: int | None = None, seed: int | None = None,
-                 tokens_per_micro: int | None = None,
-                 text_lengths: dict[str, tuple[int, int]] | None = None):
+    def __init__(
+        self,
+        run,
+        processor,
+        *,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        grad_accum: int,
+        seq_len: int | None = None,
+        seed: int | None = None,
+        tokens_per_micro: int | None = None,
+        text_lengths: dict[str, tuple[int, int]] | None = None,
+    ):
         mc = run.model
-        self.rank, self.world, self.micro, self.accum = rank, world_size, micro_batch_size, grad_accum
+        self.rank, self.world, self.micro, self.accum = (
+            rank,
+            world_size,
+            micro_batch_size,
+            grad_accum,
+        )
         self.seq_len = seq_len or run.train.synthetic_seq_len
-        self.tokens_per_micro = (run.train.tokens_per_micro if tokens_per_micro is None
-                                 else tokens_per_micro)
-        self.global_batch = (run.hparams.global_batch_size if self.tokens_per_micro
-                             else micro_batch_size * grad_accum * world_size)
+        self.tokens_per_micro = (
+            run.train.tokens_per_micro if tokens_per_micro is None else tokens_per_micro
+        )
+        self.global_batch = (
+            run.hparams.global_batch_size
+            if self.tokens_per_micro
+            else micro_batch_size * grad_accum * world_size
+        )
         mix = run.train.synthetic_length_mix
         if text_lengths is None and mix == "janus":
-            text_lengths = {task: (min(lo, hi_cap), min(hi, hi_cap)) for task, (lo, hi), hi_cap
-                            in (("und", JANUS_MIX["und"], self.seq_len - mc.num_image_tokens - 4),
-                                ("gen", JANUS_MIX["gen"], self.seq_len - mc.num_image_tokens - 2),
-                                ("text", JANUS_MIX["text"], self.seq_len - 2))}
+            text_lengths = {
+                task: (min(lo, hi_cap), min(hi, hi_cap))
+                for task, (lo, hi), hi_cap in (
+                    ("und", JANUS_MIX["und"], self.seq_len - mc.num_image_tokens - 4),
+                    ("gen", JANUS_MIX["gen"], self.seq_len - mc.num_image_tokens - 2),
+                    ("text", JANUS_MIX["text"], self.seq_len - 2),
+                )
+            }
         elif mix not in ("uniform", "janus"):
             raise ValueError(f"train.synthetic_length_mix={mix!r}: uniform | janus")
         self.text_lengths = text_lengths
@@ -90,8 +113,10 @@ class SyntheticStepLoader:
         if self.seq_len < self.n_img + 8:
             raise ValueError(f"train.synthetic_seq_len={self.seq_len} < image tokens + 8")
         if self.tokens_per_micro and self.tokens_per_micro < self.seq_len:
-            raise ValueError(f"train.tokens_per_micro={self.tokens_per_micro} < "
-                             f"train.synthetic_seq_len={self.seq_len}: a sample must fit")
+            raise ValueError(
+                f"train.tokens_per_micro={self.tokens_per_micro} < "
+                f"train.synthetic_seq_len={self.seq_len}: a sample must fit"
+            )
         self.pad_id = self.st.pad
         self.step = 0
         self.counts = {f"samples/synthetic_{t}": 0 for t in TASKS}
@@ -206,7 +231,7 @@ class SyntheticStepLoader:
             ans = torch.cat([self._words(g, k), torch.tensor([st.eos])])
             length = len(head) + len(ans)
             ids[:length] = torch.cat([head, ans])
-            labels[len(head):length] = ans
+            labels[len(head) : length] = ans
             out["pixel_values"] = torch.randn(1, 3, self.image_size, self.image_size, generator=g)
         else:
             k = self._draw_k(task, g)
@@ -223,8 +248,9 @@ class SyntheticStepLoader:
         mask[:length] = 1
         task_ids = torch.full((T,), -1, dtype=torch.long)
         task_ids[:length] = TASK_IDS[task]
-        out.update(input_ids=ids, attention_mask=mask, labels=labels, image_codes=codes,
-                   task_ids=task_ids)
+        out.update(
+            input_ids=ids, attention_mask=mask, labels=labels, image_codes=codes, task_ids=task_ids
+        )
         return out
 
 
@@ -234,8 +260,9 @@ _IMAGE_KEYS = ("pixel_values", "gen_pixel_values")
 
 def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Per-row (T,) tensors -> one (B, T) batch; images concatenated in row order."""
-    return concat_batches([{k: v if k in _IMAGE_KEYS else v[None] for k, v in r.items()}
-                           for r in rows])
+    return concat_batches(
+        [{k: v if k in _IMAGE_KEYS else v[None] for k, v in r.items()} for r in rows]
+    )
 
 
 def trim_row(row: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
