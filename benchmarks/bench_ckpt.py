@@ -37,8 +37,8 @@ def main() -> None:
 
     import torch.distributed as dist
 
+    from janus_train.batch import count_supervised
     from janus_train.config import compose, to_run_config
-    from janus_train.model import count_supervised
     from janus_train.train import build_engine, forward_backward, step_weights
     from janus_train.trainer.distributed import (
         all_reduce_sum,

@@ -7,9 +7,12 @@ synthetic loader and benchmarks (the full contract: ``janus_train/model/forward.
 - ``TASKS`` / ``TASK_IDS``: the three tasks in id order (``task_ids`` values, the order of the
   forward's per-task loss sums and token counts); ``RECIPE_TASKS``: the recipes' long names.
 - ``task_counts``: the one ratio splitter (largest remainder) of a step's samples into tasks.
+- ``count_supervised``: a batch's supervised tokens per task, without a forward.
 """
 
 from __future__ import annotations
+
+import torch
 
 IGNORE = -100
 CODE_FROM_PIXELS = -1
@@ -36,3 +39,20 @@ def task_counts(ratio: dict[str, int], total: int) -> dict[str, int]:
     for t in order[:rest]:
         counts[t] += 1
     return counts
+
+
+def count_supervised(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Supervised tokens per task, (3,) long in ``TASKS`` order, computed from the batch alone
+    (no forward), so a trainer can all-reduce the step's counts before any backward. A target
+    at t is predicted from t-1, so position 0 is never counted."""
+    labels, codes, task = batch["labels"], batch["image_codes"], batch["task_ids"]
+    text_sup = labels[:, 1:] != IGNORE
+    img_sup = codes[:, 1:] != IGNORE
+    t = task[:, 1:]
+    return torch.stack(
+        [
+            (text_sup & (t == TASK_IDS["text"])).sum(),
+            (text_sup & (t == TASK_IDS["und"])).sum(),
+            (text_sup & (t == TASK_IDS["gen"])).sum() + img_sup.sum(),
+        ]
+    )

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from janus_train.batch import count_supervised
 from janus_train.config import CONF_DIR, RunConfig, to_run_config
 from janus_train.errors import EXIT_USER_ERROR, debug_requested, is_user_error, report_user_error
 from janus_train.model import (
@@ -49,7 +50,6 @@ from janus_train.model import (
     JanusTrainModel,
     apply_freeze,
     build_model,
-    count_supervised,
     get_processor,
     set_train_mode,
     write_trainable_report,

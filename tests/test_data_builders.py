@@ -371,8 +371,8 @@ def test_uint8_pixels_finish_equals_float_contract(proc):
 
 
 def test_packed_collate(proc):
+    from janus_train.batch import count_supervised
     from janus_train.data.builders import pack_rows
-    from janus_train.model.forward import count_supervised
 
     ctx = make_ctx(proc, seq_len=64)
     ims = [np.full((32, 32, 3), v, np.uint8) for v in (10, 20, 30)]

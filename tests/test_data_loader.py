@@ -265,8 +265,9 @@ def test_failure_rate_stops_naming_shard(proc, tmp_path):
 
 
 def test_tiny_recipes_feed_the_model_forward(proc, tmp_path, monkeypatch):
+    from janus_train.batch import count_supervised
     from janus_train.model import build_model
-    from janus_train.model.forward import JanusTrainModel, count_supervised
+    from janus_train.model.forward import JanusTrainModel
 
     monkeypatch.setenv("JANUS_DATA_ROOT", str(tmp_path / "data"))
     write_tiny_dataset(tmp_path / "data", n_shards=2, per_shard=6)

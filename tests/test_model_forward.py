@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from janus_train.model import JanusTrainModel, count_supervised, resolve_special_tokens
+from janus_train.batch import count_supervised
+from janus_train.model import JanusTrainModel, resolve_special_tokens
 from tests.helpers import (
     IGN,
     check_packed_row_equals_samples_alone,

@@ -71,7 +71,7 @@ def _grads(root, name, zero, reduction, tokens_per_micro=0, extra=()):
     has fewer)."""
     from deepspeed.utils import safe_get_full_grad
 
-    from janus_train.model import count_supervised
+    from janus_train.batch import count_supervised
     from janus_train.train import build_engine, forward_backward, step_weights
     from janus_train.trainer.distributed import (
         all_reduce_sum,

@@ -16,8 +16,9 @@ import pytest
 import torch
 from torch import nn
 
+from janus_train.batch import count_supervised
 from janus_train.config import compose, to_run_config
-from janus_train.model import TASKS, JanusTrainModel, apply_freeze, build_model, count_supervised
+from janus_train.model import TASKS, JanusTrainModel, apply_freeze, build_model
 from janus_train.train import step_weights
 from janus_train.trainer import checkpoint as ckpt
 from janus_train.trainer.config import DeepSpeedConfig

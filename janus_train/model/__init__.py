@@ -2,7 +2,7 @@
 
 from janus_train.model.build import build_model, get_processor
 from janus_train.model.config import ModelConfig
-from janus_train.model.forward import TASKS, JanusTrainModel, count_supervised
+from janus_train.model.forward import TASKS, JanusTrainModel
 from janus_train.model.freeze import GROUPS, apply_freeze, set_train_mode, write_trainable_report
 from janus_train.model.tokenizer import SpecialTokens, resolve_special_tokens, train_tiny_tokenizer
 
@@ -14,7 +14,6 @@ __all__ = [
     "SpecialTokens",
     "apply_freeze",
     "build_model",
-    "count_supervised",
     "get_processor",
     "resolve_special_tokens",
     "set_train_mode",

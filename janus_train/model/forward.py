@@ -74,22 +74,6 @@ def varlen_kwargs(position_ids: torch.Tensor | None, impl: str | None) -> dict:
     }
 
 
-def count_supervised(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Supervised tokens per task, (3,) long in ``TASKS`` order, computed from the batch alone
-    (no forward), so a trainer can all-reduce the step's counts before any backward."""
-    labels, codes, task = batch["labels"], batch["image_codes"], batch["task_ids"]
-    text_sup = labels[:, 1:] != IGNORE
-    img_sup = codes[:, 1:] != IGNORE
-    t = task[:, 1:]
-    return torch.stack(
-        [
-            (text_sup & (t == 0)).sum(),
-            (text_sup & (t == 1)).sum(),
-            (text_sup & (t == 2)).sum() + img_sup.sum(),
-        ]
-    )
-
-
 class JanusTrainModel(nn.Module):
     """Wraps a ``JanusForConditionalGeneration`` with the training forward.
 
