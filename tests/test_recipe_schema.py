@@ -166,3 +166,15 @@ def test_shipped_recipes_use_only_the_conf_syntax():
         assert "${oc.env:JANUS_DATA_ROOT," in f.read_text() and not old.search(f.read_text())
         load_recipe(f.stem, check_shards=False)
     assert not old.search((RECIPE_DIR.parent / "README.md").read_text())
+
+
+def test_entry_points_report_it_as_a_user_error(recipe, capsys):
+    """The line reaches the user through janus_train.errors: one line on stderr, exit 2."""
+    from janus_train.errors import EXIT_USER_ERROR, run_cli
+
+    p = recipe("{name: a, task: text, format: text, shards: s.tar, weight: abc}")
+    with pytest.raises(SystemExit) as e:
+        run_cli("janus-train", load_recipe, str(p))
+    assert e.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"janus-train: error: {p}: sources[1].weight: ")
