@@ -146,18 +146,18 @@ def _keep_unset_env_raw(parent: DictConfig | ListConfig, key: str | int) -> None
     """Leave ``parent[key]`` as its literal text when it names an unset environment variable
     without a default (``load_recipe(check_shards=False)``: shard patterns and class names on
     a machine without the data); a list is handled item by item."""
-    node = parent._get_node(key)
-    if isinstance(node, ListConfig):
-        for j in range(len(node)):
-            _keep_unset_env_raw(node, j)
+    raw = OmegaConf.to_container(parent, resolve=False)[key]
+    if isinstance(raw, list):
+        for j in range(len(raw)):
+            _keep_unset_env_raw(parent[key], j)
         return
     try:
         parent[key]
     except InterpolationResolutionError as e:
         if not _UNSET_ENV.search(str(e)):
             raise
-        # OmegaConf's escape: "\${" reads back as a literal "${"
-        parent[key] = str(node._value()).replace("${", "\\${")
+        # OmegaConf's escape: "\\${" reads back as a literal "${"
+        parent[key] = str(raw).replace("${", "\\${")
 
 
 def read_recipe_file(path: Path, require_env: bool = True) -> RecipeSchema:
