@@ -214,12 +214,15 @@ def _dist(requirement: str) -> str:
 
 def _undeclared(files: list[Path], root: Path = ROOT) -> list[str]:
     """Third-party top-level imports whose distribution (import name -> distribution, e.g. PIL ->
-    pillow, yaml -> pyyaml, from the installed metadata) is not in pyproject's dependencies."""
+    pillow, yaml -> pyyaml, from the installed metadata; the import name itself when not
+    installed) is not in pyproject's dependencies or a runtime extra (not ``dev``)."""
     import importlib.metadata
     import sys
 
     tomllib = pytest.importorskip("tomllib")
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project.get("optional-dependencies", {})
+    deps = project["dependencies"] + [d for k, ds in extras.items() if k != "dev" for d in ds]
     declared = {_dist(d) for d in deps}
     provides = importlib.metadata.packages_distributions()
     own = {"janus_train", *APPS, "tests", "benchmarks"}
@@ -229,7 +232,7 @@ def _undeclared(files: list[Path], root: Path = ROOT) -> list[str]:
             top = mod.split(".")[0]
             if top in sys.stdlib_module_names or top in own or top == "__future__":
                 continue
-            dists = {_dist(d) for d in provides.get(top, [])}
+            dists = {_dist(d) for d in provides.get(top, [top])}
             if not dists & declared:
                 out.append(f"{f.relative_to(root)}:{line} imports {top} ({sorted(dists)})")
     return sorted(set(out))
