@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from janus_train.data.preprocess import normalize_batch, to_uint8
 from janus_train.model.vq_codes import normalized_latents, vq_codes
 
 logger = logging.getLogger(__name__)
@@ -64,16 +65,14 @@ class VQFitConfig:
 
 def images_to_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
     """PIL images -> (N, 3, size, size) float in [-1, 1] (already square: plain resize)."""
-    arr = np.stack(
+    return normalize_batch(
         [np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images]
     )
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def tensor_to_images(x: torch.Tensor) -> list[Image.Image]:
     """(N, 3, H, W) in [-1, 1] -> PIL images (clamped)."""
-    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
-    return [Image.fromarray(a.numpy()) for a in arr]
+    return [Image.fromarray(a.numpy()) for a in to_uint8(x.detach()).permute(0, 2, 3, 1)]
 
 
 @torch.no_grad()

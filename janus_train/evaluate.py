@@ -104,13 +104,13 @@ def eval_recipe(run):
 
 
 def _records(src, n: int):
-    from janus_train.data.tario import iter_shard
+    from janus_train.data.shards import iter_stream_tar
 
     out = []
     if n <= 0:
         return out
     for url in src.shards:
-        for rec in iter_shard(url):
+        for rec in iter_stream_tar(url):
             out.append(rec)
             if len(out) >= n:
                 return out
@@ -128,7 +128,7 @@ def eval_context(run, processor):
 @torch.no_grad()
 def heldout_losses(janus, ctx, recipe, cfg: EvalConfig) -> dict[str, float]:
     """Token-mean CE per task over the first records of every source."""
-    from janus_train.data.builders import collate, record_to_samples
+    from janus_train.data.builders import collate_samples, record_to_samples
     from janus_train.data.preprocess import BadSample
     from janus_train.model import TASKS, JanusTrainModel
 
@@ -147,7 +147,7 @@ def heldout_losses(janus, ctx, recipe, cfg: EvalConfig) -> dict[str, float]:
     loss_sum = torch.zeros(3, dtype=torch.float64)
     n_tok = torch.zeros(3, dtype=torch.float64)
     for i in range(0, len(samples), cfg.batch_size):
-        batch = collate(samples[i : i + cfg.batch_size], ctx)
+        batch = collate_samples(samples[i : i + cfg.batch_size], ctx)
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(batch)
         loss_sum += out["loss_sum"].double().cpu()
@@ -208,10 +208,9 @@ def _generation_items(recipe, n: int):
 def reference_codes(janus, images, size: int) -> torch.Tensor:
     """VQ codes (DeepSeek's cosine assignment) of reference images after the generation
     preprocessing (crop, [-1, 1])."""
-    from janus_train.data.preprocess import resize_short_crop
+    from janus_train.data.preprocess import gen_uint8, normalize_batch
 
-    arr = np.stack([np.asarray(resize_short_crop(im, size), dtype=np.float32) for im in images])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+    x = normalize_batch([gen_uint8(im, size) for im in images])
     vq = janus.model.vqmodel
     return vq_codes(vq, x.to(next(vq.parameters()).device)).cpu()
 

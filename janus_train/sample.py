@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 from transformers import LogitsProcessorList
 
+from janus_train.data.preprocess import to_uint8
 from janus_train.model.chat_template import ROLES, STYLES, PromptFormat
 from janus_train.model.tokenizer import BOI_TOKEN, resolve_special_tokens
 
@@ -254,8 +255,7 @@ def decode_codes(model, codes: torch.Tensor) -> list[Image.Image]:
     model = unwrap(model)
     device = next(model.parameters()).device
     px = model.decode_image_tokens(codes.to(device)).float().cpu()  # (N, H, W, 3) in [-1, 1]
-    arr = ((px.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-    return [Image.fromarray(a) for a in arr]
+    return [Image.fromarray(a) for a in to_uint8(px).numpy()]
 
 
 def generate_images(model, processor, prompts, cfg=None, fmt=None) -> list[Image.Image]:

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from janus_train.batch import count_supervised
+from janus_train.batch import check_batch, count_supervised
 from janus_train.config import CONF_DIR, RunConfig, to_run_config
 from janus_train.errors import EXIT_USER_ERROR, debug_requested, is_user_error, report_user_error
 from janus_train.model import (
@@ -56,7 +56,6 @@ from janus_train.model import (
 )
 from janus_train.model.build import check_init_from
 from janus_train.model.chat_template import run_prompt_format, set_chat_template
-from janus_train.model.kernels import build_head_loss
 from janus_train.trainer.checkpoint import EXIT_REQUEUE, tag_for
 from janus_train.trainer.distributed import (
     BatchPlan,
@@ -274,10 +273,7 @@ def build_engine(
     if info.is_main:
         write_trainable_report(report, run_dir / "trainable.json")
     flops = FlopCounter(janus)  # before ZeRO-3 partitions the parameters
-    zero3 = cfg.deepspeed.zero_stage == 3
-    model = JanusTrainModel(
-        janus, params_partitioned=zero3, head_loss=build_head_loss(cfg.model, zero3)
-    )
+    model = JanusTrainModel(janus, params_partitioned=cfg.deepspeed.zero_stage == 3)
     engine = init_engine(model, ds_config, build_param_groups(model, cfg.hparams.weight_decay))
     set_train_mode(janus, cfg.trainable_groups)
     return Trainee(janus, processor, engine, flops)
@@ -296,7 +292,7 @@ def train_step(
     """One optimizer step (index ``step``, 0-based) on every rank. Collective."""
     tc, hp, engine = cfg.train, cfg.hparams, t.engine
     host = loader.next_step()
-    local_n = torch.stack([count_supervised(b) for b in host]).sum(0)
+    local_n = torch.stack([count_supervised(check_batch(b)) for b in host]).sum(0)
     meter.add_step(host)
     micro = [loader.finish(_to_device(b, engine.device)) for b in host]  # uint8 -> float
     # The loop's one collective of a non-logging step: the supervised-token counts (the loss

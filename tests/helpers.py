@@ -42,7 +42,8 @@ def gen_sample(tok, st, codes, prompt="a blue square at the top"):
 
 
 def collate(samples, pad_id, images=None):
-    """Right-padded batch following the contract in janus_train/model/forward.py."""
+    """Right-padded batch following the contract in janus_train/batch.py, written out by hand
+    (independent of janus_train.batch.collate)."""
     T = max(len(s["ids"]) for s in samples)
     B = len(samples)
     out = {

@@ -20,7 +20,7 @@ from janus_train.data.builders import (
     build_conversation,
     build_generation,
     build_text,
-    collate,
+    collate_samples,
     first_sentence,
     record_to_samples,
 )
@@ -331,7 +331,7 @@ def test_collate_contract(proc):
     a = build_caption_plain("a red", und_uint8(pil, 32), ctx)
     g = build_generation("blue", ctx, random.Random(0), image=gen_uint8(pil, 32))
     t = build_text("the red circle", ctx)[0]
-    b = collate([a, g, t], ctx)
+    b = collate_samples([a, g, t], ctx)
     T = max(len(a.input_ids), len(g.input_ids), len(t.input_ids))
     assert b["input_ids"].shape == (3, T)
     n = len(t.input_ids)
@@ -348,7 +348,7 @@ def test_collate_contract(proc):
     np.testing.assert_allclose(b["gen_pixel_values"][0].numpy(), gen_pixels(pil, 32), atol=1e-6)
     assert int((b["image_codes"] == -1).sum()) == N
     assert int((b["input_ids"] == st.image).sum()) == N
-    assert collate([t], ctx, pad_to_multiple_of=8)["input_ids"].shape[1] % 8 == 0
+    assert collate_samples([t], ctx, pad_to_multiple_of=8)["input_ids"].shape[1] % 8 == 0
 
 
 def test_uint8_pixels_finish_equals_float_contract(proc):
@@ -361,8 +361,8 @@ def test_uint8_pixels_finish_equals_float_contract(proc):
         build_caption_plain("a red", und_uint8(pil, 32), ctx),
         build_generation("blue", ctx, random.Random(0), image=gen_uint8(pil, 32)),
     ]
-    ref = collate(samples, ctx)
-    raw = collate(samples, ctx, pixels_uint8=True)
+    ref = collate_samples(samples, ctx)
+    raw = collate_samples(samples, ctx, pixels_uint8=True)
     assert raw["pixel_values"].dtype == torch.uint8 and raw["gen_pixel_values"].dtype == torch.uint8
     done = finish_pixels(raw, ctx.mean, ctx.std)
     for k in ref:
@@ -387,7 +387,7 @@ def test_packed_collate(proc):
     rows = pack_rows(samples, 64)
     assert all(sum(len(s.input_ids) for s in r) <= 64 for r in rows) and len(rows) < 4
     assert sorted(id(s) for r in rows for s in r) == sorted(id(s) for s in samples)
-    packed, flat = collate(samples, ctx, pack=True), collate(samples, ctx)
+    packed, flat = collate_samples(samples, ctx, pack=True), collate_samples(samples, ctx)
     assert packed["input_ids"].shape[0] == len(rows)
     assert torch.equal(count_supervised(packed), count_supervised(flat))
     assert int(packed["attention_mask"].sum()) == sum(lens)

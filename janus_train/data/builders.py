@@ -1,10 +1,11 @@
-"""Per-task sample builders (pure functions that also write the loss masks) and collate.
+"""Per-task sample builders (pure functions that also write the loss masks) and the data
+loader's collate (its packing and image policy over ``janus_train.batch.collate``).
 
 ::
 
     record (key -> bytes) --decode--> caption / conversation / text / class name (+ images, codes)
         --builder--> Sample(input_ids, labels, image_codes, task, und_images, gen_image)
-        --collate--> batch dict (contract in janus_train/model/forward.py), padded on the right
+        --collate--> batch dict (janus_train.batch.collate, contract there), padded on the right
 
 Sequences (spec §2, §5; ``U``/``A`` = ``User``/``Assistant`` or ``<|User|>``/``<|Assistant|>``,
 IMG = ``<begin_of_image>`` + N x ``<image_placeholder>`` + ``<end_of_image>``, ``[..]`` =
@@ -27,13 +28,15 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from janus_train.batch import CODE_FROM_PIXELS, IGNORE, TASK_IDS
+from janus_train.batch import CODE_FROM_PIXELS, IGNORE, IMAGE_KEYS, Sample, collate
 from janus_train.data.preprocess import (
+    GEN_MEAN,
+    GEN_STD,
     IMAGE_EXTS,
     BadSample,
     decode_image,
@@ -42,6 +45,7 @@ from janus_train.data.preprocess import (
     decode_text,
     gen_uint8,
     normalize_batch,
+    normalize_pixels_,
     stack_uint8,
     und_uint8,
 )
@@ -88,19 +92,6 @@ class BuildContext:
 
     def image_block(self) -> list[int]:
         return [self.st.boi] + [self.st.image] * self.num_image_tokens + [self.st.eoi]
-
-
-@dataclass
-class Sample:
-    input_ids: list[int]
-    labels: list[int]
-    task: str
-    image_codes: list[int] | None = None
-    und_images: list[np.ndarray] = field(default_factory=list)
-    """(S, S, 3) uint8 padded understanding images, in marker order."""
-    gen_image: np.ndarray | None = None
-    """(S, S, 3) uint8 cropped generation image (when the record carries no codes)."""
-    key: str = ""
 
 
 class _Seq:
@@ -393,7 +384,7 @@ def pack_rows(samples: list[Sample], seq_len: int) -> list[list[Sample]]:
     return rows
 
 
-def collate(
+def collate_samples(
     samples: list[Sample],
     ctx: BuildContext,
     pad_to_multiple_of: int = 1,
@@ -401,7 +392,8 @@ def collate(
     pack: bool = False,
     row_len: int | None = None,
 ) -> dict:
-    """Right-padded batch dict following the contract in ``janus_train.model.forward``.
+    """The data loader's batch dict (``janus_train.batch.collate``: right-padded,
+    ``position_ids`` always), images normalised here or shipped as uint8.
 
     ``pack``: several samples per row (first fit into ``row_len``, default ``ctx.seq_len``),
     ``position_ids`` restarting at each; images follow the packed layout in row-major order.
@@ -410,65 +402,29 @@ def collate(
     traffic, no float pass on the loader's CPU.
     """
     rows = pack_rows(samples, row_len or ctx.seq_len) if pack else [[s] for s in samples]
-    B = len(rows)
-    T = max(sum(len(s.input_ids) for s in row) for row in rows)
-    T = -(-T // pad_to_multiple_of) * pad_to_multiple_of
-    # numpy slice assignment from lists: one conversion per sample and field (cheaper than torch)
-    input_ids = np.full((B, T), ctx.st.pad, dtype=np.int64)
-    attention = np.zeros((B, T), dtype=np.int64)
-    position = np.zeros((B, T), dtype=np.int64)
-    labels = np.full((B, T), IGNORE, dtype=np.int64)
-    codes = np.full((B, T), IGNORE, dtype=np.int64)
-    task = np.full((B, T), -1, dtype=np.int64)
-    und, gen = [], []
-    for i, row in enumerate(rows):
-        a = 0
-        for s in row:
-            n = len(s.input_ids)
-            input_ids[i, a : a + n] = s.input_ids
-            attention[i, a : a + n] = 1
-            position[i, a : a + n] = np.arange(n)
-            labels[i, a : a + n] = s.labels
-            if s.image_codes is not None:
-                codes[i, a : a + n] = s.image_codes
-            task[i, a : a + n] = TASK_IDS[s.task]
-            und.extend(s.und_images)
-            if s.gen_image is not None:
-                gen.append(s.gen_image)
-            a += n
-    input_ids, attention, position, labels, codes, task = (
-        torch.from_numpy(a) for a in (input_ids, attention, position, labels, codes, task)
-    )
     S = ctx.image_size
 
-    def stack(xs, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
+    def stack(key: str, xs: list[np.ndarray]) -> torch.Tensor:
         if not xs:
             return torch.zeros((0, 3, S, S), dtype=torch.uint8 if pixels_uint8 else torch.float32)
         if pixels_uint8:
             return stack_uint8(xs)
-        return normalize_batch(xs, mean, std)
+        return normalize_batch(xs, *_mean_std(key, ctx.mean, ctx.std))
 
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "position_ids": position,
-        "labels": labels,
-        "image_codes": codes,
-        "task_ids": task,
-        "pixel_values": stack(und, ctx.mean, ctx.std),
-        "gen_pixel_values": stack(gen),
-    }
+    return collate(rows, ctx.st.pad, stack, pad_to_multiple_of=pad_to_multiple_of)
+
+
+def _mean_std(key: str, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Understanding images: the processor's mean/std; generation images: [-1, 1]."""
+    return (mean, std) if key == "pixel_values" else (GEN_MEAN, GEN_STD)
 
 
 def finish_pixels(batch: dict, mean, std) -> dict:
     """Normalise uint8 pixel tensors of a ``pixels_uint8`` batch in place of the batch dict, on
-    the tensors' device: understanding ``(x / 255 - mean) / std``, generation ``x / 127.5 - 1``.
-    Float pixels pass through unchanged."""
-    for key, m, s in (("pixel_values", mean, std), ("gen_pixel_values", (0.5,) * 3, (0.5,) * 3)):
+    the tensors' device (``normalize_pixels_``): understanding ``(x / 255 - mean) / std``,
+    generation ``x / 127.5 - 1``. Float pixels pass through unchanged."""
+    for key in IMAGE_KEYS:
         x = batch.get(key)
-        if x is None or x.dtype != torch.uint8:
-            continue
-        scale = torch.tensor([1.0 / (255.0 * v) for v in s], device=x.device).view(1, 3, 1, 1)
-        shift = torch.tensor([-a / b for a, b in zip(m, s)], device=x.device).view(1, 3, 1, 1)
-        batch[key] = x.float().mul_(scale).add_(shift)
+        if x is not None and x.dtype == torch.uint8:
+            batch[key] = normalize_pixels_(x.float(), *_mean_std(key, mean, std))
     return batch

@@ -5,7 +5,7 @@
     recipe sources --RecordStream (split by rank x worker, seeded)--> records
         --record_to_samples (decode, preprocess, build + masks; bad data counted)--> samples
         --step_plan (exact ratio per step, same on every rank)--> grad_accum micro-batches
-        --collate--> batch dicts (janus_train/model/forward.py contract)
+        --collate--> batch dicts (contract: janus_train/batch.py)
 
 Each dataloader worker builds whole steps: logical worker ``w`` builds the steps ``s`` with
 ``s % workers == w`` from its own source streams (consumer ``rank * workers + w``), so a step's
@@ -28,16 +28,16 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from janus_train.batch import Sample, empty_batch
 from janus_train.data.builders import (
     BuildContext,
-    Sample,
-    collate,
+    collate_samples,
     finish_pixels,
     record_to_samples,
 )
 from janus_train.data.config import DataConfig
 from janus_train.data.mixing import rank_supply, step_plan, task_counts
-from janus_train.data.packing import Layout, balance_takes, empty_micro, layout
+from janus_train.data.packing import Layout, balance_takes, layout
 from janus_train.data.preprocess import BadSample
 from janus_train.data.recipe import Recipe, Source, check_recipe_for_stage, load_recipe
 from janus_train.data.shards import RecordStream, stable_seed
@@ -220,7 +220,7 @@ class StepDataset(IterableDataset):
                     micro.append(list(zip(src_ids, samples)))
                     continue
                 micro.append(
-                    collate(
+                    collate_samples(
                         samples,
                         self.ctx,
                         self.dcfg.pad_to_multiple_of,
@@ -585,7 +585,7 @@ class TokenStepLoader(StepLoader):
             samples = [taken[j] for j in pack]
             keys.append([x.key for x in samples])
             out.append(
-                collate(
+                collate_samples(
                     samples,
                     self.ctx,
                     d.pad_to_multiple_of,
@@ -594,7 +594,11 @@ class TokenStepLoader(StepLoader):
                     row_len=self.tokens_per_micro,
                 )
                 if samples
-                else empty_micro(self.ctx.st.pad, self.ctx.image_size, d.pixels_uint8)
+                else empty_batch(
+                    self.ctx.st.pad,
+                    self.ctx.image_size,
+                    torch.uint8 if d.pixels_uint8 else torch.float32,
+                )
             )
         self.step += 1
         self.last_keys, self.last_layout = keys, lay

@@ -7,7 +7,8 @@ packs its share into micro-batches of at most ``tokens_per_micro`` tokens, sampl
         --balance_takes / assign_balanced (tokens, not counts; same result on every rank)-->
         per-rank shares --pack_micro (first fit decreasing into tokens_per_micro)-->
         per-rank micro-batches --layout: n_micro = max over ranks, empty micro-steps for the
-        rest--> collate_packed: one row per micro-batch, position_ids restart per sample
+        rest--> janus_train.batch.collate: one row per micro-batch, position_ids restart per sample
+        (an empty micro-step: janus_train.batch.empty_batch)
 
 Everything here is a pure function of lengths, so every rank computes every rank's layout (and
 so the common micro-step count) without a collective beyond the one that shares the lengths.
@@ -18,10 +19,6 @@ A micro-batch is one packed row: no padding between samples, attention kept per 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-
-from janus_train.batch import IGNORE
 
 
 def pack_micro(lengths: list[int], budget: int) -> list[list[int]]:
@@ -177,23 +174,3 @@ def imbalance(tokens: list[int]) -> float:
     """``max / mean - 1`` of tokens per rank (0 when every rank holds the same)."""
     mean = sum(tokens) / max(1, len(tokens))
     return max(tokens) / mean - 1.0 if mean > 0 else 0.0
-
-
-def empty_micro(pad_id: int, image_size: int, pixels_uint8: bool = False) -> dict:
-    """A micro-batch with nothing to learn: one pad token, no images. The forward still calls
-    every module on its zero-weighted dummies (ZeRO-3's gathers stay in step) and its loss and
-    gradient contributions are exactly zero."""
-    one = torch.full((1, 1), IGNORE, dtype=torch.long)
-    empty = torch.zeros(
-        (0, 3, image_size, image_size), dtype=torch.uint8 if pixels_uint8 else torch.float32
-    )
-    return {
-        "input_ids": torch.full((1, 1), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((1, 1), dtype=torch.long),
-        "position_ids": torch.zeros((1, 1), dtype=torch.long),
-        "labels": one,
-        "image_codes": one.clone(),
-        "task_ids": torch.full((1, 1), -1, dtype=torch.long),
-        "pixel_values": empty,
-        "gen_pixel_values": empty.clone(),
-    }

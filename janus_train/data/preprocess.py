@@ -6,6 +6,8 @@ codes through ``numpy.load(allow_pickle=False)``. Any other member is ignored.
 - understanding: long side -> ``size`` (bicubic), pad to a centred square with (127,127,127),
   then ``(x / 255 - mean) / std`` with the processor's mean/std.
 - generation: short side -> ``size`` (bicubic), centre crop to ``size``, then ``x / 127.5 - 1``.
+- both normalisations are ``normalize_pixels_`` (one arithmetic, so the same bits everywhere);
+  ``to_uint8`` maps decoded [-1, 1] images back.
 """
 
 from __future__ import annotations
@@ -112,11 +114,31 @@ def gen_uint8(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(resize_short_crop(img, size), dtype=np.uint8)
 
 
-def normalize_batch(xs: list[np.ndarray], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
-    """(H, W, 3) uint8 images -> (N, 3, H, W) float32 ``(x / 255 - mean) / std`` (mean = std =
-    0.5 is the generation scaling ``x / 127.5 - 1``), batched: one converting copy and one
-    in-place affine pass. In a dataloader worker the output is allocated in shared memory, so
-    sending it to the trainer process needs no extra copy."""
+GEN_MEAN = GEN_STD = (0.5, 0.5, 0.5)
+"""Generation images' mean/std: ``x / 127.5 - 1``, the VQ's [-1, 1] (the understanding encoder
+takes the processor's mean/std; Janus ships 0.5 there too)."""
+
+
+def normalize_pixels_(x, mean=GEN_MEAN, std=GEN_STD):
+    """The one pixel normalisation, in place: float32 (..., 3, H, W) holding 0..255 ->
+    ``(x / 255 - mean) / std`` per channel, computed as one multiply and one add with the float32
+    constants ``1 / (255 std)`` and ``-mean / std``. Every path (loader, device-side finish,
+    eval references, the demo's VQ) goes through here, so an image gives the same bits
+    everywhere: ``x / 127.5 - 1`` written out differs in the last bit for 111 of the 256
+    levels."""
+    import torch
+
+    m = np.asarray(mean, np.float64)
+    s = np.asarray(std, np.float64)
+    scale = torch.tensor(1.0 / (255.0 * s), dtype=torch.float32, device=x.device).view(3, 1, 1)
+    shift = torch.tensor(-m / s, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return x.mul_(scale).add_(shift)
+
+
+def normalize_batch(xs: list[np.ndarray], mean=GEN_MEAN, std=GEN_STD):
+    """(H, W, 3) uint8 images -> (N, 3, H, W) float32 ``normalize_pixels_``, batched: one
+    converting copy and one in-place affine pass. In a dataloader worker the output is allocated
+    in shared memory, so sending it to the trainer process needs no extra copy."""
     import torch
     from torch.utils.data import get_worker_info
 
@@ -125,11 +147,15 @@ def normalize_batch(xs: list[np.ndarray], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0
     if get_worker_info() is not None:
         out.share_memory_()
     out.copy_(x)
-    m = np.asarray(mean, np.float64)
-    s = np.asarray(std, np.float64)
-    scale = torch.tensor(1.0 / (255.0 * s), dtype=torch.float32).view(1, 3, 1, 1)
-    shift = torch.tensor(-m / s, dtype=torch.float32).view(1, 3, 1, 1)
-    return out.mul_(scale).add_(shift)
+    return normalize_pixels_(out, mean, std)
+
+
+def to_uint8(x):
+    """[-1, 1] float pixels (any layout) -> uint8 0..255 (clamped, rounded): the inverse of the
+    generation normalisation, for decoded images."""
+    import torch
+
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def stack_uint8(xs: list[np.ndarray]):
@@ -146,13 +172,10 @@ def stack_uint8(xs: list[np.ndarray]):
 
 
 def und_pixels(img: Image.Image, size: int, mean, std) -> np.ndarray:
-    """(3, size, size) float32 normalised understanding input."""
-    x = np.asarray(resize_long_pad(img, size), dtype=np.float32) * (1.0 / 255.0)
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    """(3, size, size) float32 normalised understanding input of one image."""
+    return normalize_batch([und_uint8(img, size)], mean, std)[0].numpy()
 
 
 def gen_pixels(img: Image.Image, size: int) -> np.ndarray:
-    """(3, size, size) float32 generation target in [-1, 1]."""
-    x = np.asarray(resize_short_crop(img, size), dtype=np.float32) * (1.0 / 127.5) - 1.0
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    """(3, size, size) float32 generation target in [-1, 1] of one image."""
+    return normalize_batch([gen_uint8(img, size)])[0].numpy()

@@ -1,23 +1,8 @@
 """The training forward: one LLM pass over a micro-batch that mixes text, understanding and
 generation samples, returning per-task summed cross-entropy and supervised-token counts.
 
-Batch contract (produced by ``janus_train.data`` collate, consumed here)::
-
-    input_ids       (B, T) long   text token ids; <image_placeholder> where SigLIP features go;
-                                  any id (pad) at generation image-code positions
-    attention_mask  (B, T) long   1 = real token, 0 = padding
-    position_ids    (B, T) long   optional; restarts at 0 for each packed sample. When given,
-                                  padding must be on the right and attention is block-causal
-                                  per sample (``varlen_kwargs``; PACKED_SAFE_IMPLS only)
-    labels          (B, T) long   text target *at* position t (HF convention, unshifted),
-                                  -100 where unsupervised; predicted by lm_head from t-1
-    image_codes     (B, T) long   VQ code used as input at t (generation image positions),
-                                  -1 = "take from gen_pixel_values", -100 elsewhere; every
-                                  code >= 0 / -1 is also the image-head target predicted from t-1
-    task_ids        (B, T) long   0 text, 1 understanding, 2 generation, -1 padding
-    pixel_values    (N_und, 3, H, W) float  optional; understanding images, row-major order
-    gen_pixel_values (N_gen, 3, H, W) float optional; generation images in [-1, 1], encoded by
-                                  the frozen VQ when the data carries no pre-tokenized codes
+The batch dict it consumes (keys, shapes, padding) is defined in ``janus_train/batch.py``,
+with the one collate that produces it and ``check_batch``.
 
 Codes are embedded only by ``generation_aligner(generation_embeddings(.))`` and predicted only
 by ``generation_head``; text only by the text embedding table and ``lm_head`` (spec §7).
@@ -26,11 +11,11 @@ by ``generation_head``; text only by the text embedding table and ``lm_head`` (s
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # the batch contract's names, defined once (re-exported here for the model package)
 from janus_train.batch import CODE_FROM_PIXELS, IGNORE, TASK_IDS, TASKS  # noqa: F401
-from janus_train.model.loss import HeadLoss
 from janus_train.model.vq_codes import vq_codes
 
 # Attention implementations that keep packed samples apart, and how (see ``varlen_kwargs``):
@@ -84,22 +69,15 @@ class JanusTrainModel(nn.Module):
     ``params_partitioned`` (ZeRO-3): also run the frozen VQ encoder on a dummy image when the
     micro-batch has nothing to encode. Without partitioning it has no collective to keep in
     step, and with pre-tokenized codes it would be a wasted VQ encode per micro-batch.
-    ``head_loss``: how ``lm_head`` and the image head's last Linear meet the cross-entropy
-    (chunked, Liger's fused kernel; ``janus_train.model.loss``); default: all logits at once.
     """
 
     def __init__(
-        self,
-        janus: nn.Module,
-        call_all_modules: bool = True,
-        params_partitioned: bool = False,
-        head_loss: HeadLoss | None = None,
+        self, janus: nn.Module, call_all_modules: bool = True, params_partitioned: bool = False
     ):
         super().__init__()
         self.janus = janus
         self.call_all_modules = call_all_modules
         self.params_partitioned = params_partitioned
-        self.head_loss = head_loss or HeadLoss(params_partitioned=params_partitioned)
 
     @property
     def num_image_tokens(self) -> int:
@@ -210,25 +188,21 @@ class JanusTrainModel(nn.Module):
         loss_sum = torch.zeros(len(TASKS), dtype=torch.float32, device=hidden.device)
         n_tok = torch.zeros(len(TASKS), dtype=torch.long, device=hidden.device)
 
-        # Heads run only on supervised positions: avoids (B, T, vocab) logits; ``head_loss``
-        # can also avoid (supervised tokens, vocab) ones.
+        # Heads run only on supervised positions: avoids (B, T, vocab) logits.
         if bool(text_sup.any()):
+            logits = janus.lm_head(hidden[text_sup]).float()
+            ce = F.cross_entropy(logits, labels[:, 1:][text_sup], reduction="none")
             tids = t_task[text_sup].clamp(min=0)
-            loss_sum = loss_sum + self.head_loss.group_sums(
-                hidden[text_sup], janus.lm_head, labels[:, 1:][text_sup], tids, len(TASKS)
-            )
+            loss_sum = loss_sum.index_add(0, tids, ce)
             n_tok = n_tok.index_add(0, tids, torch.ones_like(tids))
         elif self.call_all_modules:
             zero = zero + 0.0 * janus.lm_head(hidden[:, :1]).sum()
 
         if bool(img_sup.any()):
-            # HF's JanusVQVAEHead.forward split before its last Linear, which meets the CE
-            head = inner.generation_head
-            x = head.activation_fn(head.proj_out(hidden[img_sup]))
-            target = codes[:, 1:][img_sup]
-            ce = self.head_loss.group_sums(x, head.vision_head, target, torch.zeros_like(target), 1)
+            logits = inner.generation_head(hidden[img_sup]).float()
+            ce = F.cross_entropy(logits, codes[:, 1:][img_sup], reduction="sum")
             gen = torch.full((1,), TASK_IDS["gen"], device=hidden.device)
-            loss_sum = loss_sum.index_add(0, gen, ce)
+            loss_sum = loss_sum.index_add(0, gen, ce.view(1))
             n_tok = n_tok.index_add(0, gen, img_sup.sum().view(1))
         elif self.call_all_modules:
             zero = zero + 0.0 * inner.generation_head(hidden[:, :1]).sum()

@@ -15,8 +15,9 @@ one row of at most ``tokens_per_micro`` tokens (``position_ids`` restart per sam
 returns the same number of micro-batches (empty ones where it has fewer). The step's samples
 are again independent of world size and packing.
 
-Rows follow the batch contract of ``janus_train.model.forward`` (fixed length
-``train.synthetic_seq_len``, right padding; packed rows are unpadded):
+Samples are ``janus_train.batch.Sample`` s put together by the one ``janus_train.batch.collate``
+(fixed length ``train.synthetic_seq_len``, right padding, no ``position_ids``; packed rows are
+unpadded):
 
     text  BOS w1..wk EOS                         labels on w2..EOS
     und   BOS BOI IMG*n EOI a1..ak EOS           labels on a1..EOS, one pixel image
@@ -28,8 +29,18 @@ from __future__ import annotations
 
 import torch
 
-from janus_train.batch import IGNORE, TASK_IDS, TASKS, task_counts
-from janus_train.data.packing import assign_balanced, empty_micro, layout
+from janus_train.batch import (
+    CODE_FROM_PIXELS,
+    IGNORE,
+    IMAGE_KEYS,
+    REQUIRED_KEYS,
+    TASKS,
+    Sample,
+    collate,
+    empty_batch,
+    task_counts,
+)
+from janus_train.data.packing import assign_balanced, layout
 from janus_train.model.tokenizer import resolve_special_tokens
 
 JANUS_MIX = {"und": (20, 300), "gen": (10, 80), "text": (98, 4094)}
@@ -133,7 +144,9 @@ class SyntheticStepLoader:
                 g = (m * self.world + self.rank) * self.micro + b
                 rows.append(self.make_row(tasks[g], self.step, g))
                 self.counts[f"samples/synthetic_{tasks[g]}"] += 1
-            out.append(collate(rows))
+            out.append(
+                collate([[r] for r in rows], self.pad_id, length=self.seq_len, position_ids=False)
+            )
         self.step += 1
         return out
 
@@ -178,10 +191,11 @@ class SyntheticStepLoader:
             rows = []
             for i in pack:
                 g = mine[i]
-                row = self.make_row(tasks[g], self.step, g)
-                rows.append(trim_row(row, lengths[g]))
+                rows.append(self.make_row(tasks[g], self.step, g))
                 self.counts[f"samples/synthetic_{tasks[g]}"] += 1
-            out.append(pack_row(rows) if rows else empty_micro(self.pad_id, self.image_size))
+            out.append(
+                collate([rows], self.pad_id) if rows else empty_batch(self.pad_id, self.image_size)
+            )
         self.step += 1
         return out
 
@@ -212,79 +226,36 @@ class SyntheticStepLoader:
         k = self._draw_k(task, torch.Generator().manual_seed(_mix(self.seed, step, row)))
         return k + {"text": 2, "und": self.n_img + 4, "gen": self.n_img + 2}[task]
 
-    def make_row(self, task: str, step: int, row: int) -> dict[str, torch.Tensor]:
+    def make_row(self, task: str, step: int, row: int) -> Sample:
+        """Sample ``row`` of ``step`` (unpadded, ``row_length`` tokens), from its seed alone."""
         g = torch.Generator().manual_seed(_mix(self.seed, step, row))
-        st, T, n = self.st, self.seq_len, self.n_img
-        ids = torch.full((T,), st.pad, dtype=torch.long)
-        labels = torch.full((T,), IGNORE, dtype=torch.long)
-        codes = torch.full((T,), IGNORE, dtype=torch.long)
-        out: dict[str, torch.Tensor] = {}
+        st, n = self.st, self.n_img
+        k = self._draw_k(task, g)
         if task == "text":
-            k = self._draw_k(task, g)
-            seq = torch.cat([torch.tensor([st.bos]), self._words(g, k), torch.tensor([st.eos])])
-            length = len(seq)
-            ids[:length] = seq
-            labels[1:length] = seq[1:]
-        elif task == "und":
-            k = self._draw_k(task, g)
+            ids = torch.cat([torch.tensor([st.bos]), self._words(g, k), torch.tensor([st.eos])])
+            labels = torch.cat([torch.tensor([IGNORE]), ids[1:]])
+            return Sample(ids, labels, task)
+        if task == "und":
             head = torch.tensor([st.bos, st.boi] + [st.image] * n + [st.eoi])
             ans = torch.cat([self._words(g, k), torch.tensor([st.eos])])
-            length = len(head) + len(ans)
-            ids[:length] = torch.cat([head, ans])
-            labels[len(head) : length] = ans
-            out["pixel_values"] = torch.randn(1, 3, self.image_size, self.image_size, generator=g)
+            labels = torch.cat([torch.full((len(head),), IGNORE), ans])
+            px = torch.randn(1, 3, self.image_size, self.image_size, generator=g)[0]
+            return Sample(torch.cat([head, ans]), labels, task, und_images=[px])
+        head = torch.cat([torch.tensor([st.bos]), self._words(g, k), torch.tensor([st.boi])])
+        ids = torch.cat([head, torch.full((n,), st.pad)])
+        if row % 2:
+            img_codes = torch.full((n,), CODE_FROM_PIXELS)
+            px = torch.rand(1, 3, self.image_size, self.image_size, generator=g)[0] * 2 - 1
         else:
-            k = self._draw_k(task, g)
-            head = torch.cat([torch.tensor([st.bos]), self._words(g, k), torch.tensor([st.boi])])
-            ids[: len(head)] = head
-            start, length = len(head), len(head) + n
-            if row % 2:
-                codes[start:length] = -1
-                px = torch.rand(1, 3, self.image_size, self.image_size, generator=g) * 2 - 1
-                out["gen_pixel_values"] = px
-            else:
-                codes[start:length] = torch.randint(self.codebook, (n,), generator=g)
-        mask = torch.zeros(T, dtype=torch.long)
-        mask[:length] = 1
-        task_ids = torch.full((T,), -1, dtype=torch.long)
-        task_ids[:length] = TASK_IDS[task]
-        out.update(
-            input_ids=ids, attention_mask=mask, labels=labels, image_codes=codes, task_ids=task_ids
-        )
-        return out
-
-
-_ROW_KEYS = ("input_ids", "attention_mask", "labels", "image_codes", "task_ids")
-_IMAGE_KEYS = ("pixel_values", "gen_pixel_values")
-
-
-def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Per-row (T,) tensors -> one (B, T) batch; images concatenated in row order."""
-    return concat_batches(
-        [{k: v if k in _IMAGE_KEYS else v[None] for k, v in r.items()} for r in rows]
-    )
-
-
-def trim_row(row: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
-    """A generated (T,) row cut to its ``length`` real tokens."""
-    return {k: v if k in _IMAGE_KEYS else v[:length] for k, v in row.items()}
-
-
-def pack_row(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Unpadded rows -> one packed (1, sum T) row, ``position_ids`` restarting per sample."""
-    out = {k: torch.cat([r[k] for r in rows])[None] for k in _ROW_KEYS}
-    out["position_ids"] = torch.cat([torch.arange(len(r["input_ids"])) for r in rows])[None]
-    for k in _IMAGE_KEYS:
-        imgs = [r[k] for r in rows if k in r]
-        if imgs:
-            out[k] = torch.cat(imgs)
-    return out
+            img_codes, px = torch.randint(self.codebook, (n,), generator=g), None
+        codes = torch.cat([torch.full((len(head),), IGNORE), img_codes])
+        return Sample(ids, torch.full((len(ids),), IGNORE), task, codes, gen_image=px)
 
 
 def concat_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Micro-batches of equal length -> one batch (images keep row-major order)."""
-    out = {k: torch.cat([b[k] for b in batches]) for k in _ROW_KEYS}
-    for k in _IMAGE_KEYS:
+    out = {k: torch.cat([b[k] for b in batches]) for k in REQUIRED_KEYS}
+    for k in IMAGE_KEYS:
         imgs = [b[k] for b in batches if k in b]
         if imgs:
             out[k] = torch.cat(imgs)
