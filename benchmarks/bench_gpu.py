@@ -3,6 +3,8 @@
     python benchmarks/bench_gpu.py                         # janus_pro_1b on the GPU (CPU: tiny)
     python benchmarks/bench_gpu.py --model janus_pro_7b --checkpointing full
     python benchmarks/bench_gpu.py --checkpointing 2 --tokens-per-micro 16384 --attn sdpa
+    python benchmarks/bench_gpu.py --kernels liger             # Liger's fused kernels (CUDA)
+    python benchmarks/bench_gpu.py --loss-chunk-tokens 4096    # heads' CE in chunks (any device)
 
 1. **Trainer**: ``janus_train.train.run`` (one process, DeepSpeed ZeRO-2, bf16 where
    supported) on the shipped ``experiment=<model> stage=stage2`` configuration, random init,
@@ -14,7 +16,9 @@
    in a plain PyTorch loop: full rows of ``--ref-seq-len`` tokens, bf16 autocast over fp32
    weights, fused AdamW, the same attention implementation; MFU by the same PaLM formula.
 
-Prints one JSON line per part, peak memory included, and the trainer/reference MFU ratio. On a
+``--kernels`` and ``--loss-chunk-tokens`` set ``model.kernels`` / ``model.loss_chunk_tokens`` of
+the trainer part only; the reference stays plain PyTorch (the baseline). Prints one JSON line per
+part, peak memory included, and the trainer/reference MFU ratio. On a
 machine without CUDA it runs the tiny model (rows of 512 tokens) so the script and the trainer
 path stay tested, and reports no MFU (no peak FLOP/s to divide by).
 """
@@ -67,6 +71,8 @@ def trainer_part(args, run_dir: Path) -> dict:
         "model.tokenizer=tiny",
         f"model.attn_implementation={args.attn}",
         *_checkpointing(args.checkpointing),
+        f"model.kernels={args.kernels}",
+        f"model.loss_chunk_tokens={args.loss_chunk_tokens}",
         "train.synthetic_data=true",
         "train.synthetic_length_mix=janus",
         f"train.synthetic_seq_len={args.seq_len}",
@@ -96,6 +102,8 @@ def trainer_part(args, run_dir: Path) -> dict:
         "model": args.model,
         "attn": args.attn,
         "checkpointing": args.checkpointing,
+        "kernels": args.kernels,
+        "loss_chunk_tokens": args.loss_chunk_tokens,
         "tokens_per_micro": args.tokens_per_micro,
         "global_batch": args.global_batch,
         "mfu": mean("speed/mfu"),
@@ -190,6 +198,17 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=None, help="longest sample (4096)")
     ap.add_argument("--checkpointing", default="none", help="none | full | k (every k-th layer)")
     ap.add_argument("--attn", default="auto", help="auto: flash_attention_2 if installed, sdpa")
+    ap.add_argument(
+        "--kernels",
+        default="none",
+        help="model.kernels of the trainer part: none | liger (CUDA, pip install '.[gpu]')",
+    )
+    ap.add_argument(
+        "--loss-chunk-tokens",
+        type=int,
+        default=0,
+        help="model.loss_chunk_tokens of the trainer part (0: heads' logits all at once)",
+    )
     ap.add_argument("--ref-seq-len", type=int, default=None)
     ap.add_argument("--ref-steps", type=int, default=None)
     ap.add_argument("--ref-accum", type=int, default=None)
@@ -225,6 +244,15 @@ def main() -> None:
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.attn = _attn(args.attn)
+    from janus_train.model.config import ModelConfig
+    from janus_train.model.kernels import check_kernels_available
+
+    try:  # before any model: liger needs CUDA and the package
+        check_kernels_available(
+            ModelConfig(kernels=args.kernels, loss_chunk_tokens=args.loss_chunk_tokens)
+        )
+    except ValueError as e:
+        raise SystemExit(f"bench_gpu.py: {e}") from None
     device = torch.cuda.get_device_name() if gpu else "cpu (no MFU: no peak FLOP/s)"
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_gpu_"))
     trainer = trainer_part(args, out / "trainer")

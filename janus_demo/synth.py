@@ -24,13 +24,13 @@ import argparse
 import io
 import json
 import random
-import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from janus_demo import world
 from janus_train import cli_help
+from janus_train.data.tario import iter_shard, write_tar
 
 SOURCES = ("caption", "conversation", "chat", "text", "imagenet")
 HELDOUT_SOURCES = ("caption", "conversation", "text", "imagenet")
@@ -124,18 +124,15 @@ def _single_object_scene(rng: random.Random, heldout: bool) -> world.Scene:
 
 
 def _write_tar(path: Path, samples: list[tuple[str, dict]]) -> None:
-    """A tar whose bytes depend only on the samples (fixed mtime, owner, mode, order)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, sample in samples:
-            for ext in sorted(sample):
-                data = sample[ext]
-                data = data.encode("utf-8") if isinstance(data, str) else data
-                ti = tarfile.TarInfo(f"{key}.{ext}")
-                ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
-                ti.uid = ti.gid = 0
-                ti.uname = ti.gname = "root"
-                tar.addfile(ti, io.BytesIO(data))
+    """A tar whose bytes depend only on the samples (the writer's fixed mtime, owner, mode and
+    member order)."""
+    write_tar(
+        path,
+        [
+            (key, {ext: v.encode("utf-8") if isinstance(v, str) else v for ext, v in s.items()})
+            for key, s in samples
+        ],
+    )
 
 
 def _write_source(out: Path, split: str, source: str, samples: list[dict], shards: int) -> None:
@@ -204,19 +201,8 @@ def iter_samples(paths: list[str | Path] | str | Path) -> Iterator[dict[str, byt
         p = Path(paths)
         paths = sorted(p.glob("*.tar")) if p.is_dir() else [p]
     for path in paths:
-        with tarfile.open(path) as tar:
-            cur: dict = {}
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                if cur and cur["__key__"] != key:
-                    yield cur
-                    cur = {}
-                cur["__key__"] = key
-                cur[ext] = tar.extractfile(m).read()
-            if cur:
-                yield cur
+        for rec in iter_shard(str(path)):
+            yield {"__key__": rec.key, **rec.members}
 
 
 def build_parser() -> argparse.ArgumentParser:

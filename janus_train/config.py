@@ -25,6 +25,7 @@ from janus_train.data.config import DataConfig
 from janus_train.model.config import ModelConfig
 from janus_train.model.forward import check_attn_implementation
 from janus_train.model.freeze import validate_trainable
+from janus_train.model.kernels import check_kernels_config
 from janus_train.model.lora import validate_lora
 from janus_train.trainer.config import DeepSpeedConfig, TrainConfig
 
@@ -197,6 +198,7 @@ def validate(cfg: RunConfig) -> None:
     # rows hold several samples (token budget, data.pack) or carry position_ids: attention
     # must keep them apart
     check_attn_implementation(cfg.model.attn_implementation)
+    check_kernels_config(cfg.model)
     if cfg.train.eval_guidance_scale < 1:
         raise ValueError(
             f"train.eval_guidance_scale={cfg.train.eval_guidance_scale}: must be >= 1 (1 = none)"

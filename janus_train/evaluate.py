@@ -104,13 +104,13 @@ def eval_recipe(run):
 
 
 def _records(src, n: int):
-    from janus_train.data.shards import iter_stream_tar
+    from janus_train.data.tario import iter_shard
 
     out = []
     if n <= 0:
         return out
     for url in src.shards:
-        for rec in iter_stream_tar(url):
+        for rec in iter_shard(url):
             out.append(rec)
             if len(out) >= n:
                 return out

@@ -56,6 +56,7 @@ from janus_train.model import (
 )
 from janus_train.model.build import check_init_from
 from janus_train.model.chat_template import run_prompt_format, set_chat_template
+from janus_train.model.kernels import build_head_loss
 from janus_train.trainer.checkpoint import EXIT_REQUEUE, tag_for
 from janus_train.trainer.distributed import (
     BatchPlan,
@@ -273,7 +274,10 @@ def build_engine(
     if info.is_main:
         write_trainable_report(report, run_dir / "trainable.json")
     flops = FlopCounter(janus)  # before ZeRO-3 partitions the parameters
-    model = JanusTrainModel(janus, params_partitioned=cfg.deepspeed.zero_stage == 3)
+    zero3 = cfg.deepspeed.zero_stage == 3
+    model = JanusTrainModel(
+        janus, params_partitioned=zero3, head_loss=build_head_loss(cfg.model, zero3)
+    )
     engine = init_engine(model, ds_config, build_param_groups(model, cfg.hparams.weight_decay))
     set_train_mode(janus, cfg.trainable_groups)
     return Trainee(janus, processor, engine, flops)

@@ -13,7 +13,7 @@ from janus_train.cli_help import ENV_VARS, iter_keys, render
 from janus_train.config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent
-# os.environ.get("X" / os.environ["X" / ${oc.env:X...} / ${X:-default} (recipes)
+# os.environ.get("X" / os.environ["X" / ${oc.env:X...} (conf/ and the recipes)
 READS = r"(?:environ(?:\.get|\.setdefault)?[(\[]\s*[\"']|oc\.env:|\$\{)((?:JANUS|WANDB)_[A-Z_]+)"
 
 

@@ -38,7 +38,7 @@ def test_valid_recipe_expands_braces_env_and_relative(tmp_path, shard, monkeypat
         """
 name: r
 sources:
-  - {name: a, task: understanding, format: caption, shards: "${MYROOT}/s-{000000..000001}.tar"}
+  - {name: a, task: understanding, format: caption, shards: "${oc.env:MYROOT}/s-{000000..000001}.tar"}
   - {name: b, task: generation, format: caption, shards: "s-000000.tar", weight: 3,
      steps: [0, 10]}
   - {name: c, task: text, format: text, shards: "pipe:curl -s https://x/t-{0..2}.tar"}
@@ -63,7 +63,7 @@ sources:
         ("{name: a, task: understanding, format: caption, shards: S, steps: [5, 5]}", "steps"),
         ("{name: a, task: understanding, format: caption, shards: S, wieght: 1}", "wieght"),
         (
-            "{name: a, task: understanding, format: caption, shards: '${NOPE_UNSET_VAR}/x.tar'}",
+            "{name: a, task: understanding, format: caption, shards: '${oc.env:NOPE_UNSET_VAR}/x.tar'}",
             "NOPE_UNSET_VAR",
         ),
     ],

@@ -48,7 +48,7 @@ def test_formats_match_the_tiny_recipes_and_build(data_dir, tiny_model_and_proce
     from janus_train.data.builders import record_to_samples
     from janus_train.data.loader import build_context
     from janus_train.data.recipe import load_recipe
-    from janus_train.data.shards import iter_stream_tar
+    from janus_train.data.tario import iter_shard
     from tests.conftest import tiny_run
 
     monkeypatch.setenv("JANUS_DATA_ROOT", str(data_dir / "train"))
@@ -58,7 +58,7 @@ def test_formats_match_the_tiny_recipes_and_build(data_dir, tiny_model_and_proce
         ctx = build_context(run, processor)
         recipe = load_recipe(run.hparams.data_recipe)
         for src in recipe.sources:
-            recs = [r for url in src.shards for r in iter_stream_tar(url)]
+            recs = [r for url in src.shards for r in iter_shard(url)]
             assert recs, src.name
             rng = random.Random(0)
             for rec in recs[:10]:

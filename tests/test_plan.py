@@ -115,10 +115,15 @@ class PeakLiveBytes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("checkpointing,every", [(False, 1), (True, 1), (True, 2)])
-def test_activation_estimate_within_25pct_of_measured_peak(fresh_tiny_model, checkpointing, every):
+@pytest.mark.parametrize(
+    "checkpointing,every,chunk", [(False, 1, 0), (True, 1, 0), (True, 2, 0), (False, 1, 48)]
+)
+def test_activation_estimate_within_25pct_of_measured_peak(
+    fresh_tiny_model, checkpointing, every, chunk
+):
     from janus_train.model import JanusTrainModel, apply_freeze
     from janus_train.model.build import set_checkpoint_every
+    from janus_train.model.loss import HeadLoss
 
     run = _run(
         [
@@ -133,7 +138,7 @@ def test_activation_estimate_within_25pct_of_measured_peak(fresh_tiny_model, che
     if checkpointing:
         janus.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         set_checkpoint_every(janus, every)  # the tiny LLM has 2 layers: 2 = only the first
-    model = JanusTrainModel(janus).train()
+    model = JanusTrainModel(janus, head_loss=HeadLoss(chunk)).train()
     T = 384
     ids = torch.randint(10, 400, (1, T), generator=torch.Generator().manual_seed(0))
     batch = dict(
@@ -160,8 +165,27 @@ def test_activation_estimate_within_25pct_of_measured_peak(fresh_tiny_model, che
         run.trainable_groups,
         act_bytes=4,
         checkpoint_every=every,
+        loss_chunk_tokens=chunk,
     )  # fp32 on CPU
     assert abs(est - meter.peak) <= 0.25 * meter.peak, (est, meter.peak)
+    if chunk:  # the planner would be off by far more if it kept the full-logits terms
+        full = activation_bytes(sizes, Row(T, T - 1, 0, 0), False, run.trainable_groups, 4)
+        assert abs(full - meter.peak) > 0.3 * meter.peak, (full, meter.peak)
+
+
+def test_chunked_or_fused_loss_drops_the_full_logits_terms():
+    """Janus-Pro-1B, a 8192-token text row: the unchunked heads hold 8191 x 102400 fp32
+    log-softmax rows for backward; chunks of 1024 or Liger's fused CE do not, and the plan of a
+    stage says so (Liger not under ZeRO-3, where the chunked path runs)."""
+    s = model_sizes(_run(["experiment=janus_pro_1b", "model.init_from=null"]).model)
+    row = Row(8192, 8191, 0, 0)
+    groups = ["llm", "gen_head"]
+    full = activation_bytes(s, row, True, groups)
+    chunked = activation_bytes(s, row, True, groups, loss_chunk_tokens=1024)
+    fused = activation_bytes(s, row, True, groups, fused_ce=True)
+    logits = 8191 * 102400 * 4
+    assert full - chunked >= logits and full - fused >= logits
+    assert activation_bytes(s, row, True, groups, loss_chunk_tokens=8191) == full  # one chunk
 
 
 # ---- the command ---------------------------------------------------------------------------

@@ -219,3 +219,102 @@ def test_the_code_is_ruff_formatted_and_lint_clean():
         text=True,
     )
     assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+# --------------------------------------------------------------------------- data I/O, deps
+
+TAR_MODULE = "janus_train/data/tario.py"
+"""The one tar reader and writer; everything else reads and writes shards through it."""
+
+
+def _package_files(root: Path = ROOT) -> list[Path]:
+    return sorted(f for pkg in ("janus_train", *APPS) for f in (root / pkg).rglob("*.py"))
+
+
+def _tar_by_hand(path: Path, root: Path = ROOT) -> list[str]:
+    """Tar handling outside the one module: importing tarfile, or webdataset's tar iteration /
+    gopen; and anywhere, a tar written member by member (TarInfo, addfile)."""
+    out = []
+    inside = path.relative_to(root).as_posix() == TAR_MODULE
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        where = f"{path.relative_to(root)}:{getattr(node, 'lineno', 0)}"
+        if isinstance(node, ast.Attribute) and node.attr in ("TarInfo", "addfile"):
+            out.append(f"{where} writes a tar by hand ({node.attr})")
+        if inside:
+            continue
+        if isinstance(node, ast.Attribute) and node.attr in ("gopen", "tar_file_iterator"):
+            out.append(f"{where} reads a tar stream ({node.attr})")
+    out += [
+        f"{path.relative_to(root)}:{line} imports {mod}"
+        for line, mod in _imports(path)
+        if not inside
+        and (mod.split(".")[0] == "tarfile" or mod.startswith("webdataset.tariterators"))
+    ]
+    return out
+
+
+def test_one_tar_reader_and_no_tar_written_by_hand():
+    files = _package_files()
+    assert any(f.relative_to(ROOT).as_posix() == TAR_MODULE for f in files)
+    assert [b for f in files for b in _tar_by_hand(f)] == []
+
+
+@pytest.mark.parametrize(
+    "src",
+    [
+        "import tarfile",
+        "def f(p):\n    import tarfile\n    return tarfile.open(p)\n",
+        "from tarfile import open as topen",
+        "import webdataset as wds\nwds.gopen('x')",
+        "from webdataset.tariterators import tar_file_iterator",
+        "def w(tf, ti, b):\n    tf.addfile(ti, b)\n",
+    ],
+)
+def test_the_tar_check_sees_every_form(tmp_path, src):
+    f = tmp_path / "m.py"
+    f.write_text(src)
+    assert _tar_by_hand(f, tmp_path)
+
+
+def _dist(requirement: str) -> str:
+    import re
+
+    name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement.strip()).group(0)
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _undeclared(files: list[Path], root: Path = ROOT) -> list[str]:
+    """Third-party top-level imports whose distribution (import name -> distribution, e.g. PIL ->
+    pillow, yaml -> pyyaml, from the installed metadata; the import name itself when not
+    installed) is not in pyproject's dependencies or a runtime extra (not ``dev``)."""
+    import importlib.metadata
+    import sys
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project.get("optional-dependencies", {})
+    deps = project["dependencies"] + [d for k, ds in extras.items() if k != "dev" for d in ds]
+    declared = {_dist(d) for d in deps}
+    provides = importlib.metadata.packages_distributions()
+    own = {"janus_train", *APPS, "tests", "benchmarks"}
+    out = []
+    for f in files:
+        for line, mod in _imports(f):
+            top = mod.split(".")[0]
+            if top in sys.stdlib_module_names or top in own or top == "__future__":
+                continue
+            dists = {_dist(d) for d in provides.get(top, [top])}
+            if not dists & declared:
+                out.append(f"{f.relative_to(root)}:{line} imports {top} ({sorted(dists)})")
+    return sorted(set(out))
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    assert _undeclared(_package_files()) == []
+
+
+@pytest.mark.parametrize("src", ["import pytest", "from no_such_pkg_xyz import y", "import ruff"])
+def test_the_dependency_check_sees_undeclared_imports(tmp_path, src):
+    f = tmp_path / "m.py"
+    f.write_text(f"def f():\n    {src}\n")
+    assert _undeclared([f], tmp_path)

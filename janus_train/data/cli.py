@@ -38,8 +38,11 @@ IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp",
 def _writer(out: str, prefix: str, maxcount: int):
     import webdataset as wds
 
+    from janus_train.data.tario import WRITER_OPTIONS
+
     Path(out).mkdir(parents=True, exist_ok=True)
-    return wds.ShardWriter(os.path.join(out, f"{prefix}-%06d.tar"), maxcount=maxcount, verbose=0)
+    pattern = os.path.join(out, f"{prefix}-%06d.tar")
+    return wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, **WRITER_OPTIONS)
 
 
 def _write_all(
@@ -336,7 +339,7 @@ def _encode_shard(job: tuple[str, str, str, str, int, int]) -> dict:
             toks = vq_codes(vq, x).cpu().numpy().astype(np.int32)
             for i, t in zip(idx, toks):
                 codes[i] = t
-    from janus_train.data.synthetic import write_tar
+    from janus_train.data.tario import write_tar
 
     out = []
     for rec, c in zip(records, codes):

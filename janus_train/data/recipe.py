@@ -2,38 +2,29 @@
 
 A recipe lists sources; each has a task (``text`` | ``understanding`` | ``generation``), a shard
 format, shard patterns, a weight that splits its task's share of every step among that task's
-sources, and an optional active step range ``[start, end)``. Patterns expand braces
-(``shard-{000000..000099}.tar``), ``${VAR}`` / ``${VAR:-default}`` environment variables and
-local globs; ``pipe:`` commands and URLs are remote and only checked for syntax. Every error is
-one line naming the recipe file and the key.
+sources, and an optional active step range ``[start, end)``. The file is read against a typed
+schema with OmegaConf (``janus_train.data.recipe_schema``: unknown keys, types, task and format
+names, ``${oc.env:VAR}`` / ``${oc.env:VAR,default}``); this module adds the checks a schema
+cannot make and expands patterns: braces (``shard-{000000..000099}.tar``) and local globs;
+``pipe:`` commands and URLs are remote and only checked for syntax. Every error is one line
+naming the recipe file and the key.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 # recipe task name -> key of ``TaskRatio`` and of the batch contract's task names
 from janus_train.batch import RECIPE_TASKS as TASK_KEYS
+from janus_train.data.recipe_schema import FORMATS, SourceSchema, read_recipe_file
 
 RECIPE_DIR = Path(
     os.environ.get("JANUS_DATA_RECIPES", Path(__file__).resolve().parents[2] / "data_recipes")
 )
-FORMATS = {
-    "caption": ("understanding", "generation"),
-    "conversation": ("understanding", "text"),
-    "text": ("text",),
-    "class_label": ("generation",),
-}
-"""Shard format -> tasks it can feed (docs/data.md describes each format's members)."""
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 @dataclass
@@ -71,20 +62,6 @@ class Recipe:
         return [s for s in self.sources if s.task_key == task_key]
 
 
-def expand_vars(text: str, where: str) -> str:
-    """``${VAR}`` and ``${VAR:-default}``; an unset variable without a default is an error."""
-
-    def sub(m: re.Match) -> str:
-        val = os.environ.get(m.group(1))
-        if val is None or val == "":
-            if m.group(2) is None:
-                raise ValueError(f"{where}: environment variable {m.group(1)} is not set")
-            return m.group(2)
-        return val
-
-    return _VAR.sub(sub, text)
-
-
 def is_remote(url: str) -> bool:
     return url.startswith(REMOTE_PREFIXES)
 
@@ -96,7 +73,8 @@ def expand_shards(
     check: bool = True,
     stat_shards: bool = True,
 ) -> list[str]:
-    """Brace-, variable- and glob-expand shard patterns; local shards must exist (``check``).
+    """Brace- and glob-expand shard patterns; local shards must exist (``check``). Environment
+    variables are the recipe loader's (``${oc.env:...}``, resolved before this).
 
     ``stat_shards=False``: expand the same way but stat only the first shard of each pattern
     (to resolve it against ``base``), not every shard: for the ranks of a job whose rank 0 (or
@@ -109,7 +87,9 @@ def expand_shards(
     for pat in patterns:
         if not isinstance(pat, str) or not pat:
             raise ValueError(f"{where}: shard pattern must be a non-empty string, got {pat!r}")
-        pat = expand_vars(pat, where) if check else pat
+        if not check and "${" in pat:
+            out.append(pat)  # an unset variable left unresolved (load_recipe(check_shards=False))
+            continue
         if is_remote(pat) or not check:
             # Braces inside a pipe: command expand like any other pattern (one command per shard).
             out.extend(braceexpand(pat))
@@ -153,89 +133,67 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     return cand
 
 
-def _parse_source(i: int, raw: object, path: Path, check: bool, stat: bool = True) -> Source:
-    where0 = f"{path}: sources[{i}]"
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where0}: must be a mapping")
-    known = {"name", "task", "format", "shards", "weight", "steps", "class_names"}
-    extra = set(raw) - known
-    if extra:
-        raise ValueError(f"{where0}: unknown key(s) {sorted(extra)} (known: {sorted(known)})")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ValueError(f"{where0}.name: must be a non-empty string without '/'")
-    where = f"{path}: sources[{i}] ({name})"
-    task = raw.get("task")
-    if task not in TASK_KEYS:
-        raise ValueError(f"{where}.task={task!r}: must be one of {tuple(TASK_KEYS)}")
-    fmt = raw.get("format")
-    if fmt not in FORMATS:
-        raise ValueError(f"{where}.format={fmt!r}: must be one of {tuple(FORMATS)}")
+def _build_source(i: int, spec: SourceSchema, path: Path, check: bool, stat: bool) -> Source:
+    """The checks a schema cannot make, then shard expansion."""
+    where = f"{path}: sources[{i}]"
+    name, task, fmt = spec.name, spec.task.value, spec.format.value
+    if not name or "/" in name:
+        raise ValueError(f"{where}.name: {name!r} must be non-empty and without '/'")
     if task not in FORMATS[fmt]:
-        raise ValueError(f"{where}.format={fmt!r} cannot feed task {task!r} ({FORMATS[fmt]})")
-    weight = raw.get("weight", 1.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-        raise ValueError(f"{where}.weight={weight!r}: must be a number > 0")
-    steps = raw.get("steps")
-    if steps is not None:
-        ok = (
-            isinstance(steps, (list, tuple))
-            and len(steps) == 2
-            and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
-            and 0 <= steps[0] < steps[1]
+        raise ValueError(
+            f"{where}.format: {fmt!r} cannot feed task {task!r} (it feeds "
+            f"{' and '.join(FORMATS[fmt])}; source {name})"
         )
-        if not ok:
+    if not spec.weight > 0:
+        raise ValueError(f"{where}.weight: {spec.weight!r} must be > 0 (source {name})")
+    steps = spec.steps
+    if steps is not None:
+        if not (len(steps) == 2 and 0 <= steps[0] < steps[1]):
             raise ValueError(
-                f"{where}.steps={steps!r}: must be [start, end) ints, 0 <= start < end"
+                f"{where}.steps: {steps!r} must be [start, end) ints, 0 <= start < end"
+                f" (source {name})"
             )
         steps = (steps[0], steps[1])
-    if "shards" not in raw:
-        raise ValueError(f"{where}.shards: missing")
+    shards = spec.shards
+    if not isinstance(shards, (str, list)) or not shards:
+        raise ValueError(
+            f"{where}.shards: {shards!r} must be a pattern or a non-empty list of patterns"
+            f" (source {name})"
+        )
     shards = expand_shards(
-        raw["shards"], f"{where}.shards", base=path.parent, check=check, stat_shards=stat
+        shards, f"{where}.shards (source {name})", base=path.parent, check=check, stat_shards=stat
     )
     class_names = None
-    if raw.get("class_names") is not None and check:
-        cn = raw["class_names"]
-        cn_path = Path(expand_vars(str(cn), f"{where}.class_names"))
+    if spec.class_names is not None and check:
+        cn_path = Path(spec.class_names)
         if not cn_path.is_absolute() and not cn_path.exists():
             cn_path = path.parent / cn_path
         if not cn_path.is_file():
             raise ValueError(f"{where}.class_names: file {str(cn_path)!r} does not exist")
         class_names = [ln.strip() for ln in cn_path.read_text().splitlines() if ln.strip()]
-    return Source(name, task, fmt, shards, float(weight), steps, class_names)
+    return Source(name, task, fmt, shards, float(spec.weight), steps, class_names)
 
 
 def load_recipe(name_or_path: str, check_shards: bool = True, stat_shards: bool = True) -> Recipe:
     """Load and validate a recipe (a name in ``data_recipes/`` or a YAML path).
 
-    ``check_shards=False`` validates everything but shard existence and environment variables
-    (for checking shipped recipes whose data is not on this machine). ``stat_shards=False``
-    expands shards fully but does not stat each one (see :func:`expand_shards`).
+    ``check_shards=False`` validates everything but shard existence, and leaves a shard pattern
+    or class-name file that names an unset environment variable without a default unexpanded
+    (for checking recipes whose data is not on this machine). ``stat_shards=False`` expands
+    shards fully but does not stat each one (see :func:`expand_shards`).
 
     Raises ``ValueError`` / ``FileNotFoundError`` with one line naming the file and the key.
     """
     path = resolve_recipe_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: must be a mapping with 'sources'")
-    extra = set(raw) - {"name", "description", "sources"}
-    if extra:
-        raise ValueError(
-            f"{path}: unknown key(s) {sorted(extra)} (known: name, description, sources)"
-        )
-    srcs = raw.get("sources")
-    if not isinstance(srcs, list) or not srcs:
-        raise ValueError(f"{path}: sources: must be a non-empty list")
-    sources = [_parse_source(i, s, path, check_shards, stat_shards) for i, s in enumerate(srcs)]
+    spec = read_recipe_file(path, require_env=check_shards)
+    sources = [
+        _build_source(i, s, path, check_shards, stat_shards) for i, s in enumerate(spec.sources)
+    ]
     names = [s.name for s in sources]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ValueError(f"{path}: sources: duplicate names {dup}")
-    return Recipe(name=str(raw.get("name") or path.stem), path=str(path), sources=sources)
+    return Recipe(name=spec.name or path.stem, path=str(path), sources=sources)
 
 
 def check_recipe_for_stage(recipe: Recipe, ratio: dict[str, int], steps: int) -> None:

@@ -22,7 +22,8 @@ import logging
 from collections import Counter
 
 from janus_train.data.recipe import is_remote
-from janus_train.data.shards import RecordStream, index_local_tar
+from janus_train.data.shards import RecordStream
+from janus_train.data.tario import index_tar
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def _length(url: str, cache: dict) -> int:
         if is_remote(url):
             raise _Unknown(url)
         try:
-            cache[url] = len(index_local_tar(url)[0])
+            cache[url] = len(index_tar(url)[0])
         except Exception:  # noqa: BLE001  # unreadable: counted as empty (the stream skips it)
             cache[url] = 0
     return cache[url]

@@ -12,6 +12,7 @@ never a hang; the skipped records are not decoded. Local shards are indexed by t
 (no data read) and their records visited in a seeded permutation per epoch, so resume seeks
 straight to the next record; remote shards (``pipe:``, URLs) stream in order and resume skips
 records without decoding them. The whole position is ``(epoch, cursor, offset, counter)``.
+Tar reading itself is ``janus_train.data.tario`` (webdataset's tar iteration).
 """
 
 from __future__ import annotations
@@ -19,132 +20,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
-import tarfile
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
 from janus_train.data.recipe import is_remote
+from janus_train.data.tario import Record, ShardError, index_tar, iter_shard, read_record
 
 logger = logging.getLogger(__name__)
-
-_KEY = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")
 
 
 def stable_seed(*parts: object) -> int:
     """A process-independent 63-bit seed from any printable parts (``hash()`` is salted)."""
     h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-class ShardError(Exception):
-    """A shard could not be opened or read (counted as a failure of its source)."""
-
-    def __init__(self, msg: str, reason: str = "shard_error"):
-        super().__init__(msg)
-        self.reason = reason
-
-
-@dataclass
-class Record:
-    key: str
-    url: str
-    members: dict[str, bytes]
-    """lower-cased extension (after the first dot of the basename) -> raw bytes."""
-
-
-def split_name(name: str) -> tuple[str, str] | None:
-    m = _KEY.match(name)
-    if not m:
-        return None
-    return m.group(1), m.group(2).lower()
-
-
-def index_local_tar(path: str) -> tuple[list[tuple[str, list[tuple[str, int, int]]]], bool]:
-    """Group a local tar's members into records from the headers alone.
-
-    Returns ``([(key, [(ext, data_offset, size), ...]), ...], truncated)``; a record cut by a
-    truncated file is dropped and ``truncated`` set.
-    """
-    size = os.path.getsize(path)
-    records: list[tuple[str, list[tuple[str, int, int]]]] = []
-    truncated = False
-    try:
-        with tarfile.open(path, mode="r:") as tf:
-            while True:
-                try:
-                    ti = tf.next()
-                except (tarfile.TarError, OSError, EOFError):
-                    truncated = True
-                    break
-                if ti is None:
-                    break
-                if not ti.isfile():
-                    continue
-                if ti.offset_data + ti.size > size:
-                    truncated = True
-                    break
-                kx = split_name(ti.name)
-                if kx is None or os.path.basename(kx[0]).startswith(("_", ".")):
-                    continue
-                key, ext = kx
-                if records and records[-1][0] == key:
-                    records[-1][1].append((ext, ti.offset_data, ti.size))
-                else:
-                    records.append((key, [(ext, ti.offset_data, ti.size)]))
-    except (tarfile.TarError, OSError) as e:
-        if not records:
-            raise ShardError(f"cannot read tar {path!r}: {e}") from None
-        truncated = True
-    if truncated and records:
-        records.pop()  # the last record may be missing members
-    return records, truncated
-
-
-def _open_stream(url: str):
-    import webdataset as wds
-
-    return wds.gopen(url, "rb")
-
-
-def iter_stream_tar(url: str) -> Iterator[Record]:
-    """Records of a tar read sequentially (remote shards). Raises ShardError on a cut stream
-    after yielding the complete records before it."""
-    try:
-        stream = _open_stream(url)
-    except Exception as e:  # noqa: BLE001
-        raise ShardError(f"cannot open {url!r}: {e}") from None
-    cur: Record | None = None
-    try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tf:
-            for ti in tf:
-                if not ti.isfile():
-                    continue
-                kx = split_name(ti.name)
-                if kx is None or os.path.basename(kx[0]).startswith(("_", ".")):
-                    continue
-                f = tf.extractfile(ti)
-                data = f.read() if f is not None else b""
-                if len(data) != ti.size:
-                    raise ShardError(f"truncated tar {url!r}", "truncated_tar")
-                if cur is not None and cur.key != kx[0]:
-                    yield cur
-                    cur = None
-                if cur is None:
-                    cur = Record(kx[0], url, {})
-                cur.members[kx[1]] = data
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise ShardError(f"truncated tar {url!r}: {e}", "truncated_tar") from None
-    finally:
-        try:
-            stream.close()
-        except Exception:  # noqa: BLE001
-            pass
-    if cur is not None:
-        yield cur
 
 
 class ShardCursor:
@@ -165,7 +55,7 @@ class ShardCursor:
         if url in cache:
             cache.move_to_end(url)
         else:
-            cache[url] = index_local_tar(url)
+            cache[url] = index_tar(url)
             while len(cache) > 64:
                 cache.popitem(last=False)
         self.records, self.truncated = cache[url]
@@ -179,7 +69,7 @@ class ShardCursor:
         """Yield ``(position, record)`` from ``start``; ``record`` is None where ``keep(pos)``
         is false (those records are neither read nor decoded)."""
         if self.remote:
-            for pos, rec in enumerate(iter_stream_tar(self.url)):
+            for pos, rec in enumerate(iter_shard(self.url)):
                 if pos < start:
                     continue
                 yield pos, (rec if keep(pos) else None)
@@ -189,12 +79,7 @@ class ShardCursor:
                 if not keep(pos):
                     yield pos, None
                     continue
-                key, members = self.records[int(self.order[pos])]
-                data: dict[str, bytes] = {}
-                for ext, off, size in members:
-                    f.seek(off)
-                    data[ext] = f.read(size)
-                yield pos, Record(key, self.url, data)
+                yield pos, read_record(f, self.url, self.records[int(self.order[pos])])
 
 
 class RecordStream:

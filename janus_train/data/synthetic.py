@@ -1,7 +1,8 @@
 """Small synthetic shards in every supported format (tests, the benchmark, the demo's layout).
 
 Images are coloured shapes on a background, so captions such as "a red circle" are true.
-``write_tar`` writes any members, including deliberately broken ones for bad-data tests.
+``write_tar`` (``janus_train.data.tario``'s, webdataset's writer) writes any byte members,
+including deliberately broken ones for bad-data tests.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import io
 import json
 import random
-import tarfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from janus_train.data.tario import write_tar
 
 COLORS = {
     "red": (220, 30, 30),
@@ -45,19 +47,6 @@ def shape_image(
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
-
-
-def write_tar(path: str | Path, records: list[tuple[str, dict[str, bytes]]]) -> str:
-    """Write ``[(key, {ext: bytes})]`` as a WebDataset tar (members ``key.ext``)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tf:
-        for key, members in records:
-            for ext, data in members.items():
-                ti = tarfile.TarInfo(f"{key}.{ext}")
-                ti.size = len(data)
-                ti.mtime = 0
-                tf.addfile(ti, io.BytesIO(data))
-    return str(path)
 
 
 def _pick(i: int) -> tuple[str, str]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from janus_train.model.config import ModelConfig
+from janus_train.model.kernels import apply_kernels, check_kernels_available
 from janus_train.model.tokenizer import (
     SpecialTokens,
     check_tokenizer,
@@ -178,6 +179,7 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
     """
     from transformers import JanusForConditionalGeneration
 
+    check_kernels_available(cfg)
     processor = get_processor(cfg, workdir)
     tokenizer = processor.tokenizer
     st = resolve_special_tokens(tokenizer)
@@ -207,6 +209,7 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
             reinit_generation_modules(model, cfg.reinit_gen_modules)
     train_pad_embedding(model)
     set_generation_config(model, st)
+    apply_kernels(model, cfg)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         set_checkpoint_every(model, cfg.checkpoint_every)

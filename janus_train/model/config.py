@@ -116,6 +116,15 @@ class ModelConfig:
     ``flex_attention`` (a sparse BlockMask; GPU) | ``flash_attention_2`` | ``flash_attention_3``
     (varlen kernels with cu_seqlens, no mask; need the ``flash-attn`` package). Anything else
     is refused: it could let packed samples attend to each other."""
+    kernels: str = "none"
+    """``none`` | ``liger``: Liger Kernel's fused RMSNorm, SwiGLU and RoPE in the LLM and its
+    fused linear cross-entropy for ``lm_head`` and the image head's last Linear (CUDA only;
+    ``pip install 'janus-train[gpu]'``). Under ZeRO-3, or with LoRA on a head, the heads use the
+    chunked path of ``loss_chunk_tokens`` instead (Liger reads the weights outside the module)."""
+    loss_chunk_tokens: int = 0
+    """> 0: the heads' cross-entropy in chunks of this many tokens, each chunk's fp32 logits
+    recomputed in backward (pure PyTorch, any device): one chunk's logits in memory instead of
+    every supervised token's, for one more head matmul. 0: all at once."""
     seed: int = 0
     """Seed of the random init (same weights on every rank)."""
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -11,11 +11,11 @@ by ``generation_head``; text only by the text embedding table and ``lm_head`` (s
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # the batch contract's names, defined once (re-exported here for the model package)
 from janus_train.batch import CODE_FROM_PIXELS, IGNORE, TASK_IDS, TASKS  # noqa: F401
+from janus_train.model.loss import HeadLoss
 from janus_train.model.vq_codes import vq_codes
 
 # Attention implementations that keep packed samples apart, and how (see ``varlen_kwargs``):
@@ -69,15 +69,22 @@ class JanusTrainModel(nn.Module):
     ``params_partitioned`` (ZeRO-3): also run the frozen VQ encoder on a dummy image when the
     micro-batch has nothing to encode. Without partitioning it has no collective to keep in
     step, and with pre-tokenized codes it would be a wasted VQ encode per micro-batch.
+    ``head_loss``: how ``lm_head`` and the image head's last Linear meet the cross-entropy
+    (chunked, Liger's fused kernel; ``janus_train.model.loss``); default: all logits at once.
     """
 
     def __init__(
-        self, janus: nn.Module, call_all_modules: bool = True, params_partitioned: bool = False
+        self,
+        janus: nn.Module,
+        call_all_modules: bool = True,
+        params_partitioned: bool = False,
+        head_loss: HeadLoss | None = None,
     ):
         super().__init__()
         self.janus = janus
         self.call_all_modules = call_all_modules
         self.params_partitioned = params_partitioned
+        self.head_loss = head_loss or HeadLoss(params_partitioned=params_partitioned)
 
     @property
     def num_image_tokens(self) -> int:
@@ -188,21 +195,25 @@ class JanusTrainModel(nn.Module):
         loss_sum = torch.zeros(len(TASKS), dtype=torch.float32, device=hidden.device)
         n_tok = torch.zeros(len(TASKS), dtype=torch.long, device=hidden.device)
 
-        # Heads run only on supervised positions: avoids (B, T, vocab) logits.
+        # Heads run only on supervised positions: avoids (B, T, vocab) logits; ``head_loss``
+        # can also avoid (supervised tokens, vocab) ones.
         if bool(text_sup.any()):
-            logits = janus.lm_head(hidden[text_sup]).float()
-            ce = F.cross_entropy(logits, labels[:, 1:][text_sup], reduction="none")
             tids = t_task[text_sup].clamp(min=0)
-            loss_sum = loss_sum.index_add(0, tids, ce)
+            loss_sum = loss_sum + self.head_loss.group_sums(
+                hidden[text_sup], janus.lm_head, labels[:, 1:][text_sup], tids, len(TASKS)
+            )
             n_tok = n_tok.index_add(0, tids, torch.ones_like(tids))
         elif self.call_all_modules:
             zero = zero + 0.0 * janus.lm_head(hidden[:, :1]).sum()
 
         if bool(img_sup.any()):
-            logits = inner.generation_head(hidden[img_sup]).float()
-            ce = F.cross_entropy(logits, codes[:, 1:][img_sup], reduction="sum")
+            # HF's JanusVQVAEHead.forward split before its last Linear, which meets the CE
+            head = inner.generation_head
+            x = head.activation_fn(head.proj_out(hidden[img_sup]))
+            target = codes[:, 1:][img_sup]
+            ce = self.head_loss.group_sums(x, head.vision_head, target, torch.zeros_like(target), 1)
             gen = torch.full((1,), TASK_IDS["gen"], device=hidden.device)
-            loss_sum = loss_sum.index_add(0, gen, ce.view(1))
+            loss_sum = loss_sum.index_add(0, gen, ce)
             n_tok = n_tok.index_add(0, gen, img_sup.sum().view(1))
         elif self.call_all_modules:
             zero = zero + 0.0 * inner.generation_head(hidden[:, :1]).sum()

@@ -23,7 +23,13 @@ a layer keeps ``b (8 h + 2 h_kv + 4 i)`` (inputs of the norms, q/k/v, attention 
 four i-wide tensors) plus in bf16 the fp32 copies the two RMSNorms make (8 h bytes). With
 gradient checkpointing a layer keeps only its input (``b h``) and one layer is recomputed at a
 time. The heads keep the fp32 log-softmax of every supervised position (vocab x 4 bytes) and
-their backward briefly holds two more. tests/test_plan.py checks this against the peak live
+their backward briefly holds two more; with ``model.loss_chunk_tokens`` c (fewer supervised
+tokens than c: as unchunked) a head keeps only its input, and its backward holds one recomputed
+chunk: c rows of log-softmax and its two gradients. Liger's fused linear cross-entropy
+(``model.kernels=liger``, not under ZeRO-3) keeps the input gradient it computes in the forward
+(h x b per token) and briefly holds chunks of about tokens x h / vocab rows of logits and their
+gradient, plus the fp32 weight-gradient accumulator (vocab x h x 4): read from liger-kernel
+0.8.5's code, not measured (no GPU so far). tests/test_plan.py checks this against the peak live
 tensor memory of a real forward + backward of the tiny model.
 
 Communication, bytes each GPU sends per optimizer step (ring collectives over k ranks move
@@ -245,10 +251,13 @@ def activation_bytes(
     trainable: list[str],
     act_bytes: int = 2,
     checkpoint_every: int = 1,
+    loss_chunk_tokens: int = 0,
+    fused_ce: bool = False,
 ) -> float:
     """Peak bytes of activations and backward temporaries of one row (module docstring).
     ``checkpoint_every`` k: only every k-th decoder layer is checkpointed
-    (``model.checkpoint_every``)."""
+    (``model.checkpoint_every``); ``loss_chunk_tokens``: the heads' chunked cross-entropy;
+    ``fused_ce``: Liger's fused linear cross-entropy instead."""
     b, h = act_bytes, s.hidden
     fp32_copies = 0 if b >= 4 else 4 * h  # an RMSNorm's fp32 input copy, bf16 only
     layer_full = b * (8 * h + 2 * s.kv_hidden + 4 * s.intermediate) + 2 * fp32_copies
@@ -256,9 +265,22 @@ def activation_bytes(
     n_ckpt = -(-s.layers // checkpoint_every) if checkpointing else 0
     saved = n_ckpt * b * h + (s.layers - n_ckpt) * layer_full + final
     saved *= row.tokens
-    text_head = b * h + 4 * s.vocab
-    image_head = b * h + 2 * b * h + 4 * s.codebook  # input, projection, GELU, log-softmax
-    saved += row.text_sup * text_head + row.image_sup * image_head
+    c = loss_chunk_tokens
+
+    def head(n_sup: int, vocab: int) -> tuple[float, float]:
+        """(kept for backward per supervised token: log-softmax, backward temporaries)"""
+        grads = 8 * vocab + (0 if b >= 4 else 2 * vocab)
+        if fused_ce and n_sup:
+            rows = min(n_sup, -(-n_sup * h // vocab))
+            return b * h, rows * (b * vocab + 4 * vocab) + 4.0 * vocab * h
+        if 0 < c < n_sup:
+            return 0.0, c * (4 * vocab + grads)
+        return 4.0 * vocab, n_sup * grads
+
+    text_kept, text_tmp = head(row.text_sup, s.vocab)
+    image_kept, image_tmp = head(row.image_sup, s.codebook)
+    # text: the head's input; image: input, projection, GELU
+    saved += row.text_sup * (b * h + text_kept) + row.image_sup * (3 * b * h + image_kept)
     # aligner (always trains) on each understanding image, SigLIP only when it trains
     v, m = s.vision_hidden, s.vision_mlp
     per_img_tok = b * (v + 2 * h)
@@ -267,8 +289,7 @@ def activation_bytes(
         per_img_tok += s.vision_layers * (b * v if checkpointing else vit_layer)
     saved += max(1, row.und_images) * s.image_tokens * per_img_tok
     # backward temporaries: the heads' logits gradients, or one recomputed layer
-    head_tmp = row.text_sup * (8 * s.vocab + (0 if b >= 4 else 2 * s.vocab))
-    head_tmp += row.image_sup * (8 * s.codebook + (0 if b >= 4 else 2 * s.codebook))
+    head_tmp = text_tmp + image_tmp
     recompute = row.tokens * layer_full if n_ckpt else 0
     return saved + max(head_tmp, recompute)
 

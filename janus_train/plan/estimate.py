@@ -91,6 +91,10 @@ class StageShape:
     """Trainable groups that train through LoRA adapters only (``model.lora``): their weights
     count as frozen, the adapters (``adapter_params``) as trainable."""
     adapter_params: int = 0
+    loss_chunk_tokens: int = 0
+    """``model.loss_chunk_tokens``: the heads' cross-entropy in chunks."""
+    kernels: str = "none"
+    """``model.kernels``: ``liger`` fuses the heads' cross-entropy (except under ZeRO-3)."""
 
     @property
     def trainable(self) -> int:
@@ -122,6 +126,8 @@ def stage_shape(run) -> StageShape:
         precision=run.deepspeed.precision,
         lora_groups=tuple(run.model.lora.groups) if run.model.lora.enabled else (),
         adapter_params=lora_adapter_params(run.model),
+        loss_chunk_tokens=run.model.loss_chunk_tokens,
+        kernels=run.model.kernels,
     )
 
 
@@ -151,7 +157,15 @@ def worst_row(shape: StageShape, cl: ClusterConfig) -> Row:
     gen = Row(min(tokens, gen_n * cl.gen_sample_tokens), 0, gen_n * s.image_tokens, 0)
     rows = [r for r, n in zip((und, text, gen), shape.ratio) if n > 0]
     return max(
-        rows, key=lambda r: activation_bytes(s, r, shape.checkpointing, shape.trainable_groups)
+        rows,
+        key=lambda r: activation_bytes(
+            s,
+            r,
+            shape.checkpointing,
+            shape.trainable_groups,
+            checkpoint_every=shape.checkpoint_every,
+            loss_chunk_tokens=shape.loss_chunk_tokens,
+        ),
     )
 
 
@@ -215,6 +229,10 @@ def estimate(
         shape.checkpointing,
         shape.trainable_groups,
         2 if shape.precision == "bf16" else 4,
+        checkpoint_every=shape.checkpoint_every,
+        loss_chunk_tokens=shape.loss_chunk_tokens,
+        # Liger reads the head weights outside their modules: not under ZeRO-3 (chunked there)
+        fused_ce=shape.kernels == "liger" and ds.zero_stage != 3,
     )
     if est.total_memory > est.usable:
         est.problems.append(

@@ -1,0 +1,225 @@
+"""The heads' chunked cross-entropy (``model.loss_chunk_tokens``) against plain full-logits
+F.cross_entropy written here, the training forward with and without it, the refusals of
+``model.kernels=liger`` where it cannot run, and the Llama modules Liger's patch replaces still
+being where it looks for them in HF's Janus model (liger-kernel itself cannot run on CPU)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from janus_train.config import compose, to_run_config
+from janus_train.model import JanusTrainModel
+from janus_train.model.kernels import build_head_loss, check_kernels_available
+from janus_train.model.loss import HeadLoss, chunked_linear_ce
+from tests.helpers import IGN, mixed_batch
+
+N, D = 45, 24  # 45 tokens in chunks of 7: 6 full chunks and an uneven one of 3
+
+
+def _case(kind: str, seed: int = 0):
+    """A head (text: Linear without bias; image: JanusVQVAEHead's last Linear, with bias), its
+    input, targets with ignored tokens (chunk 2, rows 14..20, wholly ignored) and task groups."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = 1031 if kind == "text" else 640
+    head = nn.Linear(D, vocab, bias=kind == "image")
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, D, generator=g) * 0.3)
+        if head.bias is not None:
+            head.bias.copy_(torch.randn(vocab, generator=g))
+    x = torch.randn(N, D, generator=g, requires_grad=True)
+    target = torch.randint(0, vocab, (N,), generator=g)
+    target[[0, 5, 33, 44]] = IGN
+    target[14:21] = IGN
+    group = torch.randint(0, 3, (N,), generator=g) if kind == "text" else torch.zeros(N).long()
+    return head, x, target, group
+
+
+def _reference(x, head, target, group, num_groups):
+    """Full logits, fp32, plain F.cross_entropy; per-group sums over supervised tokens."""
+    logits = x @ head.weight.t()
+    if head.bias is not None:
+        logits = logits + head.bias
+    sums = []
+    for k in range(num_groups):
+        m = (group == k) & (target != IGN)
+        sums.append(F.cross_entropy(logits[m].float(), target[m], reduction="sum"))
+    return torch.stack(sums)
+
+
+def _loss_and_grads(fn, head, x, target, group, num_groups, upstream):
+    for t in (x, *head.parameters()):
+        t.grad = None
+    sums = fn(x, head, target, group, num_groups)
+    (sums * upstream).sum().backward()  # per-task weights, as the trainer's step weights
+    return sums.detach(), [t.grad.clone() for t in (x, *head.parameters())]
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+@pytest.mark.parametrize("chunk", [7, 45, 100, 0])
+def test_chunked_loss_and_grads_equal_full_logits_reference(kind, chunk):
+    head, x, target, group = _case(kind)
+    k = 3 if kind == "text" else 1
+    upstream = torch.tensor([0.7, 1.3, 0.2])[:k]
+    ref, ref_g = _loss_and_grads(_reference, head, x, target, group, k, upstream)
+    got, got_g = _loss_and_grads(HeadLoss(chunk).group_sums, head, x, target, group, k, upstream)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    for a, b in zip(got_g, ref_g):  # x, weight (, bias)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ref_g[0][14:21].abs().sum() == 0 and ref_g[0][[0, 5, 33, 44]].abs().sum() == 0
+
+
+def test_chunks_are_computed_and_recomputed_one_at_a_time():
+    """Chunking really happens: the head runs once per chunk in forward and once more per
+    chunk in backward (the recompute), never on more than ``chunk`` rows."""
+    head, x, target, _ = _case("text")
+    rows = []
+    head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    ce = chunked_linear_ce(x, head, target, 7)
+    assert rows == [7] * 6 + [3]
+    ce.sum().backward()
+    assert sorted(rows) == sorted([7] * 12 + [3] * 2)
+    rows.clear()
+    with torch.no_grad():  # evaluation: chunked, nothing to recompute
+        chunked_linear_ce(x, head, target, 7)
+    assert rows == [7] * 6 + [3]
+
+
+def _forward_and_grads(janus, batch, head_loss):
+    janus.zero_grad(set_to_none=True)
+    out = JanusTrainModel(janus, head_loss=head_loss)(batch)
+    w = torch.tensor([0.5, 2.0, 1.5])  # per-task step weights
+    (out["loss_sum"] * w).sum().backward()
+    grads = {n: p.grad.clone() for n, p in janus.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def test_training_forward_same_loss_and_grads_chunked(fresh_tiny_model):
+    """Text, understanding and generation samples in one batch: the per-task loss sums and every
+    gradient (lm_head, the image head's two Linears, the LLM) equal the unchunked forward's."""
+    janus, proc = fresh_tiny_model
+    janus.train()
+    batch = mixed_batch(janus, proc.tokenizer)
+    ref, ref_g = _forward_and_grads(janus, batch, HeadLoss())
+    assert (ref["n_tokens"] > 0).all()
+    chunk = 5
+    assert int(ref["n_tokens"][2]) % chunk  # the image head's last chunk is uneven
+    got, got_g = _forward_and_grads(janus, batch, HeadLoss(chunk))
+    torch.testing.assert_close(got["loss_sum"], ref["loss_sum"], rtol=1e-6, atol=1e-5)
+    assert torch.equal(got["n_tokens"], ref["n_tokens"])
+    assert got_g.keys() == ref_g.keys()
+    for name in ("lm_head.weight", "model.generation_head.vision_head.weight"):
+        assert name in ref_g
+    for n, g in ref_g.items():
+        torch.testing.assert_close(got_g[n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ---- configuration and refusals -------------------------------------------------------------
+
+
+def test_config_fields_typed_and_checked():
+    run = to_run_config(compose(["model.loss_chunk_tokens=256"]))
+    assert run.model.kernels == "none" and run.model.loss_chunk_tokens == 256
+    assert build_head_loss(run.model, params_partitioned=True) == HeadLoss(256, False, True)
+    with pytest.raises(ValueError, match=r"^model.kernels='triton': one of none, liger$"):
+        to_run_config(compose(["model.kernels=triton"]))
+    with pytest.raises(ValueError, match="model.loss_chunk_tokens=-1"):
+        to_run_config(compose(["model.loss_chunk_tokens=-1"]))
+
+
+def test_liger_refused_without_cuda_or_package(monkeypatch):
+    cfg = to_run_config(compose(["model.kernels=liger"])).model  # any machine may plan it
+    with pytest.raises(ValueError, match=r"^model.kernels=liger needs CUDA") as e:
+        check_kernels_available(cfg, cuda=False)
+    assert "\n" not in str(e.value)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "liger_kernel" else real(n, *a)
+    )
+    with pytest.raises(ValueError, match=r"pip install 'janus-train\[gpu\]'") as e:
+        check_kernels_available(cfg, cuda=True)
+    assert str(e.value).startswith("model.kernels=liger needs liger-kernel")
+    cfg.kernels = "none"
+    check_kernels_available(cfg, cuda=False)  # the default runs anywhere
+
+
+def test_build_model_refuses_liger_before_building(monkeypatch, tmp_path):
+    import transformers
+
+    from janus_train.model import build_model
+
+    def never(*a, **k):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(transformers, "JanusForConditionalGeneration", never)
+    cfg = to_run_config(compose(["experiment=tiny", "model=tiny", "model.kernels=liger"])).model
+    with pytest.raises(ValueError, match="model.kernels=liger needs CUDA"):
+        build_model(cfg, workdir=tmp_path)
+
+
+def test_liger_head_loss_only_where_it_can_read_the_weights():
+    lin = nn.Linear(4, 8)
+    assert HeadLoss(liger=True).uses_liger(lin)
+    assert not HeadLoss(liger=True, params_partitioned=True).uses_liger(lin)  # ZeRO-3
+    assert not HeadLoss(liger=True).uses_liger(nn.Sequential(lin))  # e.g. a LoRA-wrapped head
+    assert not HeadLoss().uses_liger(lin)
+
+
+# ---- what Liger's Llama patch replaces (liger-kernel 0.8.5, monkey_patch.py) ---------------
+
+
+def test_liger_llama_patch_targets_exist_in_janus_language_model(tiny_model_and_processor):
+    from transformers.models.llama import modeling_llama
+    from transformers.models.llama.modeling_llama import (
+        LlamaAttention,
+        LlamaMLP,
+        LlamaModel,
+        LlamaRMSNorm,
+    )
+
+    janus, _ = tiny_model_and_processor
+    lm = janus.model.language_model
+    # apply_liger_kernel_to_llama(model=lm) finds its base model by this attribute lookup
+    assert isinstance(lm, LlamaModel)
+    assert getattr(lm, lm.base_model_prefix, lm) is lm
+    # RoPE: the module-level function is replaced; attention must look it up by name at call
+    params = list(inspect.signature(modeling_llama.apply_rotary_pos_emb).parameters)
+    assert params[:4] == ["q", "k", "cos", "sin"] and "unsqueeze_dim" in params
+    assert "apply_rotary_pos_emb" in inspect.unwrap(LlamaAttention.forward).__code__.co_names
+    assert hasattr(modeling_llama, "LlamaRMSNorm") and hasattr(modeling_llama, "LlamaMLP")
+    norms = [lm.norm]
+    for layer in lm.layers:
+        assert isinstance(layer.self_attn, LlamaAttention)
+        norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        mlp = layer.mlp
+        assert isinstance(mlp, LlamaMLP)  # LigerSwiGLUMLP.forward: down(silu(gate(x)) * up(x))
+        assert all(isinstance(getattr(mlp, n), nn.Linear) for n in ("gate_proj", "up_proj"))
+        assert isinstance(mlp.down_proj, nn.Linear)
+        assert lm.config.hidden_act == "silu"
+    for norm in norms:  # LigerRMSNorm.forward reads weight and variance_epsilon
+        assert isinstance(norm, LlamaRMSNorm)
+        assert norm.weight.shape == (lm.config.hidden_size,)
+        assert math.isclose(norm.variance_epsilon, lm.config.rms_norm_eps)
+
+
+def test_image_head_splits_before_its_last_linear(tiny_model_and_processor):
+    """The forward fuses only JanusVQVAEHead's last Linear with the CE: proj_out -> activation
+    -> vision_head must still be its whole forward."""
+    janus, _ = tiny_model_and_processor
+    head = janus.model.generation_head
+    assert type(head).__name__ == "JanusVQVAEHead"
+    assert isinstance(head.vision_head, nn.Linear)
+    assert head.vision_head.out_features == janus.config.vq_config.num_embeddings
+    x = torch.randn(3, janus.config.text_config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            head.vision_head(head.activation_fn(head.proj_out(x))), head(x), rtol=0, atol=0
+        )
