@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from janus_train.data.config import DataConfig
+from janus_train.model.compile import check_compile_backend
 from janus_train.model.config import ModelConfig
 from janus_train.model.forward import check_attn_implementation
 from janus_train.model.freeze import validate_trainable
@@ -199,6 +200,7 @@ def validate(cfg: RunConfig) -> None:
     # must keep them apart
     check_attn_implementation(cfg.model.attn_implementation)
     check_kernels_config(cfg.model)
+    check_compile_backend(cfg.model.compile_backend)
     if cfg.train.eval_guidance_scale < 1:
         raise ValueError(
             f"train.eval_guidance_scale={cfg.train.eval_guidance_scale}: must be >= 1 (1 = none)"

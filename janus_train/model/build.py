@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from janus_train.model.compile import compile_decoder_layers
 from janus_train.model.config import ModelConfig
 from janus_train.model.kernels import apply_kernels, check_kernels_available
 from janus_train.model.tokenizer import (
@@ -213,6 +214,8 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         set_checkpoint_every(model, cfg.checkpoint_every)
+    if cfg.compile:
+        compile_decoder_layers(model, cfg.compile_backend)
     n_img = model.config.vision_config.num_image_tokens
     if n_img != processor.num_image_tokens:
         raise ValueError(

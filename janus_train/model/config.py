@@ -110,7 +110,16 @@ class ModelConfig:
     """Activation checkpointing (recompute in backward) of the decoder layers (and SigLIP)."""
     checkpoint_every: int = 1
     """With ``gradient_checkpointing``: checkpoint every k-th LLM decoder layer (1 = all,
-    ``full``; 2 = half of them, ...): memory traded for less recompute."""
+    ``full``; 2 = half of them, ...): memory traded for less recompute. The pair selects
+    ``none`` (``gradient_checkpointing: false``) | ``full`` (true, k = 1) | every k layers; the
+    shipped per-model defaults come from ``janus-plan``'s memory estimate (BENCHMARKS.md)."""
+    compile: bool = False
+    """``torch.compile`` each LLM decoder layer (``janus_train.model.compile``): fused RMSNorm,
+    SwiGLU and RoPE elementwise chains; one compilation for all layers and row lengths
+    (dynamic shapes). Composes with checkpointing and every ZeRO stage."""
+    compile_backend: str = "inductor"
+    """With ``compile``: ``inductor`` (generates kernels; needs a C++ compiler on CPU, Triton
+    on GPU) | ``aot_eager`` (traces without generating kernels: tests) | ``eager``."""
     attn_implementation: str = "sdpa"
     """``sdpa`` | ``eager`` (packed samples kept apart by a block-causal mask: the CPU path) |
     ``flex_attention`` (a sparse BlockMask; GPU) | ``flash_attention_2`` | ``flash_attention_3``
