@@ -333,16 +333,21 @@ def test_synthetic_packed_steps_same_samples_for_any_world_and_budget(tiny):
         assert torch.equal(n, totals[0][1])
 
 
-def test_bf16_gradients_reduced_in_fp32_under_zero12():
+def test_bf16_gradients_reduced_in_fp32():
     plan = plan_batch(8, 1, 2, tokens_per_micro=64)
-    for stage, prec, want in (
-        (2, "bf16", "fp32"),
-        (1, "bf16", "fp32"),
-        (3, "bf16", None),
-        (2, "fp32", None),
+    for stage, prec, want, accum in (
+        (2, "bf16", "fp32", None),
+        (1, "bf16", "fp32", None),
+        (3, "bf16", "fp32", "fp32"),  # tests/test_reduce_fp32.py: what DeepSpeed makes of it
+        (2, "fp32", None, None),
+        (3, "fp32", None, None),
     ):
         ds = build_deepspeed_config(DeepSpeedConfig(zero_stage=stage), plan, prec, 0.0, 1e-3)
         assert ds.get("communication_data_type") == want
+        assert ds.get("data_types", {}).get("grad_accum_dtype") == accum
+    off = DeepSpeedConfig(zero_stage=3, offload_optimizer=True, offload_param=True)
+    ds = build_deepspeed_config(off, plan, "bf16", 0.0, 1e-3)
+    assert ds["communication_data_type"] == "fp32" and "data_types" not in ds
     ds = build_deepspeed_config(
         DeepSpeedConfig(zero_stage=2, reduce_fp32=False), plan, "bf16", 0.0, 1e-3
     )

@@ -25,9 +25,12 @@ class DeepSpeedConfig:
     """Global gradient-norm clip (spec §5: 1.0 in every stage)."""
     adam_eps: float = 1e-8
     reduce_fp32: bool = True
-    """bf16 runs under ZeRO-1/2: reduce gradients across ranks in fp32 (DeepSpeed's
-    ``communication_data_type``), so the sum over ranks is not rounded to bf16; doubles the
-    reduction traffic. ZeRO-3 and fp32 runs: no effect."""
+    """bf16 runs: reduce gradients across ranks in fp32 (DeepSpeed's
+    ``communication_data_type``), so the sum over ranks is not rounded to bf16 at every ring
+    step; doubles the reduction traffic. Under ZeRO-3 (without optimizer offload) the reduced
+    gradient partitions are also kept and accumulated over micro-steps in fp32
+    (``data_types.grad_accum_dtype``), else DeepSpeed rounds the fp32 sum back to bf16.
+    fp32 runs: no effect."""
 
 
 @dataclass

@@ -216,8 +216,15 @@ def build_deepspeed_config(
         if ds_cfg.hpz_partition_size > 1:
             zero["zero_hpz_partition_size"] = ds_cfg.hpz_partition_size
     extra = {}
-    if precision == "bf16" and ds_cfg.reduce_fp32 and ds_cfg.zero_stage in (1, 2):
+    if precision == "bf16" and ds_cfg.reduce_fp32 and ds_cfg.zero_stage >= 1:
         extra["communication_data_type"] = "fp32"  # see DeepSpeedConfig.reduce_fp32
+        if ds_cfg.zero_stage == 3 and not ds_cfg.offload_optimizer:
+            # ZeRO-3 casts each reduced partition to the accumulation dtype (bf16 by default),
+            # which would round the fp32 sum straight back; fp32 partitions cost 2 more bytes
+            # per parameter / world (janus-plan already counts ZeRO-3 gradients as fp32).
+            # ZeRO-1/2 accumulate unpartitioned (an fp32 copy of every gradient), and the
+            # offload path keeps fp32 gradients in CPU memory already.
+            extra["data_types"] = {"grad_accum_dtype": "fp32"}
     return {
         **extra,
         "train_batch_size": plan.micro_batch_size * plan.grad_accum * plan.world_size,
