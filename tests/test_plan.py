@@ -217,6 +217,41 @@ def test_targets_feasible_and_shipped_jobs_follow_the_plan(experiment, nodes, ca
         assert st3.batch is not None and 128 % (st3.world * st3.batch.micro_batch_size) == 0
 
 
+@pytest.mark.parametrize(
+    "experiment,plan_file",
+    [
+        ("janus_1.3b", "janus_pro_1b"),
+        ("janus_pro_1b", "janus_pro_1b"),
+        ("janus_pro_7b", "janus_pro_7b"),
+    ],
+)
+def test_shipped_checkpointing_defaults_fit_80gb(experiment, plan_file):
+    """Every stage of every shipped model, at the deployment its sbatch file plans (Janus 1.3B
+    at Janus-Pro-1B's), fits 80 GB with the model's default activation checkpointing, leaving
+    the headroom the defaults were chosen with (BENCHMARKS.md, issue 10)."""
+    from janus_train.plan import checkpointing as ck
+    from janus_train.plan.estimate import estimate, stage_shape
+
+    cl = ClusterConfig(gpu="a100-80gb")
+    deployments = _plan_lines(REPO / f"launch/slurm/{plan_file}.sbatch")
+    assert set(deployments) == {"stage1", "stage2", "stage3"}
+    for stage, (nodes, preset) in deployments.items():
+        run = _run([f"experiment={experiment}", f"stage={stage}", f"deepspeed={preset}"])
+        shape = stage_shape(run)
+        est = estimate(shape, cl, preset, run.deepspeed, nodes)
+        default = ck.label(shape.checkpointing, shape.checkpoint_every)
+        assert ck.fits(est), (
+            f"{experiment} {stage} on {nodes} nodes ({preset}) with checkpointing {default}: "
+            f"{est.total_memory / 2**30:.1f} GiB > {1 - ck.HEADROOM:.0%} of "
+            f"{est.usable / 2**30:.1f} usable"
+        )
+        # the estimate sees model.checkpoint_every: fewer checkpointed layers, more memory
+        opts = dict(ck.estimates(shape, cl, preset, run.deepspeed, nodes))
+        acts = [opts[name].memory["activations"] for name, _, _ in ck.OPTIONS]
+        assert acts == sorted(acts, reverse=True) and len(set(acts)) == len(acts)
+        assert opts[default].total_memory == est.total_memory
+
+
 def test_exit_status_names_the_infeasible_stage(capsys):
     base = ["experiment=janus_pro_7b", "nodes=32", "gpu=a100-80gb", "search_nodes=false"]
     assert cli.main([*base, "stage=stage3", "deepspeed=zero2"]) == 1
