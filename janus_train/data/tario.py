@@ -2,16 +2,18 @@
 
 ::
 
-    URL / pipe: --wds.gopen--\
-    local path ---open()------> webdataset tar_file_iterator -> group_by_keys -> Record
-    local path --tar headers--> index [(key, header offset, members)] --seek--^  (one record)
+    URL / pipe: --wds.gopen--> webdataset tar_file_iterator --\
+    local path ---open()------^                                 > group_by_keys -> Record
+    local path --tar headers only: (offset, size) per member --/   (index; records read by seek)
 
-Every member's bytes come through webdataset's tar iteration and key grouping (``KEY.EXT``,
-WebDataset's own key rule), local or streamed. Local shards are also indexed from their headers
-alone (webdataset has no random-access reader), so their records can be visited in a seeded
-order and a resume seeks straight to its record: reading one record is the same iteration
-started at its first header. Members stay raw bytes: webdataset's decoders are never applied;
-``janus_train.data.preprocess`` decodes the extensions it knows and nothing is unpickled.
+One rule says what a record is, webdataset's: its key split (``KEY.EXT``) and its grouping of
+consecutive members (``group_by_keys``), for streamed shards over its tar iteration and for local
+shards over a walk of the headers alone, which gives each member's offset so records can be
+visited in a seeded order and a resume seeks straight to its record (webdataset has no
+random-access reader; reading each record through its tar iteration instead costs ~10x a plain
+read, measured by benchmarks/bench_tar.py). Members stay raw bytes: webdataset's decoders are
+never applied; ``janus_train.data.preprocess`` decodes the extensions it knows and nothing is
+unpickled.
 
 Shards are written by webdataset's ``TarWriter`` / ``ShardWriter`` with ``WRITER_OPTIONS``:
 bytes only (its encoders, which would pickle ``.pyd``, are off), fixed owner, mode and mtime, so
@@ -20,7 +22,6 @@ the same records give byte-identical tar files.
 
 from __future__ import annotations
 
-import itertools
 import os
 import tarfile
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from webdataset.handlers import ignore_and_continue
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from janus_train.data.recipe import is_remote
@@ -72,18 +74,23 @@ def open_shard(url: str) -> BinaryIO:
         raise ShardError(f"cannot open {url!r}: {e}") from None
 
 
-def iter_records(stream: BinaryIO, url: str, members: int | None = None) -> Iterator[Record]:
-    """Records of a tar stream from its current position (the first ``members`` members only,
-    when given). A cut or unreadable stream raises ShardError after the complete records before
-    it; a record that the cut reached is dropped."""
+def _group(files: Iterator[dict], url: str) -> Iterator[dict]:
+    """webdataset's grouping of ``{"fname", "data"}`` into ``{"__key__", ext: data}``; a member
+    name repeated inside one record keeps its first copy (``ignore_and_continue``)."""
+    return group_by_keys(({**f, "__url__": url} for f in files), handler=ignore_and_continue)
+
+
+def _members(sample: dict) -> dict:
+    return {k: v for k, v in sample.items() if not k.startswith("__")}
+
+
+def iter_records(stream: BinaryIO, url: str) -> Iterator[Record]:
+    """Records of a tar stream. A cut or unreadable stream raises ShardError after the complete
+    records before it; the record that the cut reached is dropped."""
     files = tar_file_iterator(stream, skip_meta=None, select_files=is_member)
-    if members is not None:
-        files = itertools.islice(files, members)
     try:
-        for s in group_by_keys({**f, "__url__": url} for f in files):
-            yield Record(s["__key__"], url, {k: v for k, v in s.items() if not k.startswith("__")})
-    except ValueError as e:  # webdataset's grouping: a member name twice in one record
-        raise ShardError(f"bad tar {url!r}: {e}") from None
+        for s in _group(files, url):
+            yield Record(s["__key__"], url, _members(s))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ShardError(f"truncated tar {url!r}: {e}", "truncated_tar") from None
 
@@ -100,57 +107,60 @@ def iter_shard(url: str) -> Iterator[Record]:
             pass
 
 
-IndexEntry = tuple[str, int, int]
-"""``(key, offset of the record's first header, number of members)``."""
+IndexEntry = tuple[str, tuple[tuple[str, int, int], ...]]
+"""``(key, ((ext, data offset, size), ...))``: one record of a local tar."""
+
+
+def _headers(tf: tarfile.TarFile, size: int, cut: list[bool]) -> Iterator[dict]:
+    """The members of a local tar as webdataset's file dicts with ``(offset, size)`` for data
+    (the same selection as ``iter_records``); ``cut`` gets True when the file ends inside one."""
+    while True:
+        try:
+            ti = tf.next()
+        except (tarfile.TarError, OSError, EOFError):
+            cut.append(True)
+            return
+        if ti is None:
+            return
+        if not ti.isreg() or not is_member(ti.name):
+            continue
+        if ti.offset_data + ti.size > size:
+            cut.append(True)
+            return
+        yield {"fname": ti.name, "data": (ti.offset_data, ti.size)}
 
 
 def index_tar(path: str) -> tuple[list[IndexEntry], bool]:
     """The records of a local tar from its headers alone (no member data is read).
 
     Returns ``(entries, truncated)``; a record cut by a truncated file is dropped and
-    ``truncated`` set. Members are selected and grouped as ``iter_records`` does, so reading
-    ``members`` members from ``offset`` gives exactly the record.
-    """
+    ``truncated`` set."""
     size = os.path.getsize(path)
-    entries: list[list] = []
-    truncated = False
+    entries: list[IndexEntry] = []
+    cut: list[bool] = []
     try:
         with tarfile.open(path, mode="r:") as tf:
-            while True:
-                try:
-                    ti = tf.next()
-                except (tarfile.TarError, OSError, EOFError):
-                    truncated = True
-                    break
-                if ti is None:
-                    break
-                if not ti.isreg() or not is_member(ti.name):
-                    continue
-                if ti.offset_data + ti.size > size:
-                    truncated = True
-                    break
-                key = base_plus_ext(ti.name)[0]
-                if entries and entries[-1][0] == key:
-                    entries[-1][2] += 1
-                else:
-                    entries.append([key, ti.offset, 1])
+            for s in _group(_headers(tf, size, cut), path):
+                entries.append((s["__key__"], tuple((e, *d) for e, d in _members(s).items())))
     except (tarfile.TarError, OSError) as e:
         if not entries:
             raise ShardError(f"cannot read tar {path!r}: {e}") from None
-        truncated = True
-    if truncated and entries:
+        cut.append(True)
+    if cut and entries:
         entries.pop()  # the last record may be missing members
-    return [tuple(e) for e in entries], truncated
+    return entries, bool(cut)
 
 
 def read_record(f: BinaryIO, url: str, entry: IndexEntry) -> Record:
     """One indexed record of an open local tar."""
-    key, offset, n = entry
-    f.seek(offset)
-    recs = list(iter_records(f, url, n))
-    if len(recs) != 1 or recs[0].key != key:
-        raise ShardError(f"{url!r} changed since it was indexed (record {key!r})")
-    return recs[0]
+    key, members = entry
+    data: dict[str, bytes] = {}
+    for ext, offset, size in members:
+        f.seek(offset)
+        data[ext] = f.read(size)
+        if len(data[ext]) != size:
+            raise ShardError(f"truncated tar {url!r} (record {key!r})", "truncated_tar")
+    return Record(key, url, data)
 
 
 def write_tar(path: str | Path, records: list[tuple[str, dict[str, bytes]]]) -> str:
