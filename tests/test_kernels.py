@@ -74,20 +74,32 @@ def test_chunked_loss_and_grads_equal_full_logits_reference(kind, chunk):
     assert ref_g[0][14:21].abs().sum() == 0 and ref_g[0][[0, 5, 33, 44]].abs().sum() == 0
 
 
+class _CountingLinear(nn.Linear):
+    rows: list[int]
+
+    def forward(self, x):
+        self.rows.append(x.shape[0])
+        return super().forward(x)
+
+
 def test_chunks_are_computed_and_recomputed_one_at_a_time():
-    """Chunking really happens: the head runs once per chunk in forward and once more per
-    chunk in backward (the recompute), never on more than ``chunk`` rows."""
+    """Chunking really happens: the head's computation runs once per chunk in forward and once
+    more per chunk in backward (the recompute), never on more than ``chunk`` rows; all of it
+    inside one call of the head module (hooks fire once: ZeRO-3's gathers and module trace)."""
     head, x, target, _ = _case("text")
-    rows = []
-    head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
-    ce = chunked_linear_ce(x, head, target, 7)
-    assert rows == [7] * 6 + [3]
+    counting = _CountingLinear(D, head.out_features, bias=False)
+    counting.load_state_dict(head.state_dict())
+    counting.rows, calls = [], []
+    counting.register_forward_pre_hook(lambda m, i: calls.append(i[0].shape[0]))
+    ce = chunked_linear_ce(x, counting, target, 7)
+    assert counting.rows == [7] * 6 + [3] and calls == [N]
     ce.sum().backward()
-    assert sorted(rows) == sorted([7] * 12 + [3] * 2)
-    rows.clear()
+    assert sorted(counting.rows) == sorted([7] * 12 + [3] * 2) and calls == [N]
+    assert "forward" not in counting.__dict__  # the module's own forward is back
+    counting.rows.clear()
     with torch.no_grad():  # evaluation: chunked, nothing to recompute
-        chunked_linear_ce(x, head, target, 7)
-    assert rows == [7] * 6 + [3]
+        chunked_linear_ce(x, counting, target, 7)
+    assert counting.rows == [7] * 6 + [3] and calls == [N, N]
 
 
 def _forward_and_grads(janus, batch, head_loss):
@@ -223,3 +235,17 @@ def test_image_head_splits_before_its_last_linear(tiny_model_and_processor):
         torch.testing.assert_close(
             head.vision_head(head.activation_fn(head.proj_out(x))), head(x), rtol=0, atol=0
         )
+
+
+def test_zero3_head_with_submodules_is_not_chunked():
+    """Under ZeRO-3 a head with sub-modules (LoRA's base layer and adapters) would call them
+    once per chunk, a number that differs between ranks: such a head runs unchunked there."""
+    head, x, target, group = _case("text")
+    counting = _CountingLinear(D, head.out_features, bias=False)
+    counting.rows = []
+    wrapped = nn.Sequential(counting)
+    HeadLoss(7, params_partitioned=True).group_sums(x, wrapped, target, group, 3)
+    assert counting.rows == [N]
+    counting.rows.clear()
+    HeadLoss(7, params_partitioned=False).group_sums(x, wrapped, target, group, 3)
+    assert counting.rows == [7] * 6 + [3]

@@ -39,6 +39,7 @@ SEQ = 40
 LORA = ["model.lora.enabled=true", "model.lora.groups=[llm]", "model.lora.init=random"]
 LORA_GRAD = [*LORA, "model.lora.dropout=0"]  # the reference cannot replay dropout masks
 LORA_RESUME = [*LORA, "model.lora.dropout=0.1"]  # dropout RNG restored on resume
+CHUNKED = ("model.loss_chunk_tokens=5",)  # the reference computes all logits at once
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +259,14 @@ def scenario_main(root):
     _grads(root, "grad_task_mean_sum_z3", 3, "task_mean_sum")
     _grads(root, "grad_packed_token_mean_z2", 2, "token_mean", tokens_per_micro=SEQ)
     _grads(root, "grad_packed_task_mean_sum_z3", 3, "task_mean_sum", tokens_per_micro=SEQ)
+    _grads(  # the heads' CE in chunks of 5 tokens (recomputed in backward) under ZeRO-3
+        root,
+        "grad_chunked_packed_task_mean_sum_z3",
+        3,
+        "task_mean_sum",
+        tokens_per_micro=SEQ,
+        extra=CHUNKED,
+    )
     _grads(
         root,
         "grad_lora_packed_token_mean_z2",
@@ -416,6 +425,7 @@ def _reference_grads(tmp_path, reduction, extra=()):
         ("grad_task_mean_sum_z3", "task_mean_sum", ()),
         ("grad_packed_token_mean_z2", "token_mean", ()),
         ("grad_packed_task_mean_sum_z3", "task_mean_sum", ()),
+        ("grad_chunked_packed_task_mean_sum_z3", "task_mean_sum", CHUNKED),
         ("grad_lora_packed_token_mean_z2", "token_mean", LORA_GRAD),  # LLM through adapters only
     ],
 )
@@ -431,7 +441,7 @@ def test_grad_equivalence(scen, tmp_path, name, reduction, extra):
     assert dist_grads.keys() == ref.keys()
     assert any("language_model" in k for k in ref)  # the LLM trains in stage 2
     llm = [k for k in ref if k.startswith(("model.language_model", "lm_head"))]
-    assert all(".lora_" in k for k in llm) == bool(extra)  # with LoRA: only its adapters
+    assert all(".lora_" in k for k in llm) == (extra == LORA_GRAD)  # LoRA: only its adapters
     for k, g in ref.items():
         assert g is not None and g.abs().sum() > 0, k
         # fp32 sums in another order: error relative to the tensor's scale, not elementwise

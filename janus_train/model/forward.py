@@ -215,8 +215,10 @@ class JanusTrainModel(nn.Module):
             gen = torch.full((1,), TASK_IDS["gen"], device=hidden.device)
             loss_sum = loss_sum.index_add(0, gen, ce)
             n_tok = n_tok.index_add(0, gen, img_sup.sum().view(1))
-        elif self.call_all_modules:
-            zero = zero + 0.0 * inner.generation_head(hidden[:, :1]).sum()
+        elif self.call_all_modules:  # the same module calls as above (ZeRO-3's trace)
+            head = inner.generation_head
+            dummy = head.vision_head(head.activation_fn(head.proj_out(hidden[:, :1])))
+            zero = zero + 0.0 * dummy.sum()
 
         loss_sum = loss_sum + zero.float()
         return {"loss_sum": loss_sum, "n_tokens": n_tok}

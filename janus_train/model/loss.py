@@ -35,27 +35,42 @@ def _ce(head: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(x).float(), target, reduction="none", ignore_index=IGNORE)
 
 
+def _chunks_ce(forward, x: torch.Tensor, target: torch.Tensor, chunk: int) -> torch.Tensor:
+    needs_grad = torch.is_grad_enabled()
+    out = []
+    for s in range(0, x.shape[0], chunk):
+        xc, tc = x[s : s + chunk], target[s : s + chunk]
+        if needs_grad:  # nothing of the chunk kept: its logits are recomputed in backward
+            out.append(checkpoint(_ce, forward, xc, tc, use_reentrant=False))
+        else:
+            out.append(_ce(forward, xc, tc))
+    return torch.cat(out)
+
+
 def chunked_linear_ce(
     x: torch.Tensor, head: nn.Module, target: torch.Tensor, chunk_tokens: int = 0
 ) -> torch.Tensor:
     """Per-token CE (N,) float32 of ``head(x)`` against ``target``.
 
     ``x``: (N, d) head input; ``target``: (N,) long, ``IGNORE`` = no loss (0) and no gradient.
-    ``chunk_tokens`` > 0 and < N: computed in chunks, each recomputed in backward."""
+    ``chunk_tokens`` > 0 and < N: computed in chunks, each recomputed in backward, all inside
+    ONE call of ``head`` (its forward temporarily the chunk loop): module hooks fire once per
+    head and micro-step whatever the number of chunks, so ZeRO-3 gathers the weights for the
+    whole loop (and for the recompute in the head's backward) and records the same module
+    trace on every rank (ranks hold different numbers of supervised tokens)."""
     n = x.shape[0]
     if chunk_tokens <= 0 or n <= chunk_tokens:
         return _ce(head, x, target)
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in head.parameters())
-    )
-    out = []
-    for s in range(0, n, chunk_tokens):
-        xc, tc = x[s : s + chunk_tokens], target[s : s + chunk_tokens]
-        if needs_grad:
-            out.append(checkpoint(_ce, head, xc, tc, use_reentrant=False))
+    own = head.__dict__.get("forward")  # an instance-level forward (patched) to restore
+    forward = head.forward
+    head.forward = lambda x_, t_: _chunks_ce(forward, x_, t_, chunk_tokens)
+    try:
+        return head(x, target)
+    finally:
+        if own is None:
+            del head.forward
         else:
-            out.append(_ce(head, xc, tc))
-    return torch.cat(out)
+            head.forward = own
 
 
 def liger_linear_ce_sum(x: torch.Tensor, head: nn.Linear, target: torch.Tensor) -> torch.Tensor:
@@ -100,7 +115,10 @@ class HeadLoss:
                 s = liger_linear_ce_sum(x[m], head, target[m])
                 out = out.index_add(0, group.new_tensor([g]), s.view(1))
             return out
-        ce = chunked_linear_ce(x, head, target, self.chunk_tokens)
+        chunk = self.chunk_tokens
+        if self.params_partitioned and next(head.children(), None) is not None:
+            chunk = 0  # e.g. LoRA: its sub-modules would run once per chunk, not once per rank
+        ce = chunked_linear_ce(x, head, target, chunk)
         if num_groups == 1:  # the image head: a plain sum, as F.cross_entropy(reduction="sum")
             return ce.sum().view(1)
         return ce.new_zeros(num_groups).index_add(0, group, ce)
