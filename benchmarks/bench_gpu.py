@@ -5,6 +5,7 @@
     python benchmarks/bench_gpu.py --checkpointing 2 --tokens-per-micro 16384 --attn sdpa
     python benchmarks/bench_gpu.py --kernels liger             # Liger's fused kernels (CUDA)
     python benchmarks/bench_gpu.py --loss-chunk-tokens 4096    # heads' CE in chunks (any device)
+    python benchmarks/bench_gpu.py --compile                   # torch.compile of decoder layers
 
 1. **Trainer**: ``janus_train.train.run`` (one process, DeepSpeed ZeRO-2, bf16 where
    supported) on the shipped ``experiment=<model> stage=stage2`` configuration, random init,
@@ -16,8 +17,8 @@
    in a plain PyTorch loop: full rows of ``--ref-seq-len`` tokens, bf16 autocast over fp32
    weights, fused AdamW, the same attention implementation; MFU by the same PaLM formula.
 
-``--kernels`` and ``--loss-chunk-tokens`` set ``model.kernels`` / ``model.loss_chunk_tokens`` of
-the trainer part only; the reference stays plain PyTorch (the baseline). Prints one JSON line per
+``--kernels``, ``--loss-chunk-tokens`` and ``--compile`` set ``model.kernels`` /
+``model.loss_chunk_tokens`` / ``model.compile`` of the trainer part only; the reference stays plain PyTorch (the baseline). Prints one JSON line per
 part, peak memory included, and the trainer/reference MFU ratio. On a
 machine without CUDA it runs the tiny model (rows of 512 tokens) so the script and the trainer
 path stay tested, and reports no MFU (no peak FLOP/s to divide by).
@@ -73,6 +74,8 @@ def trainer_part(args, run_dir: Path) -> dict:
         *_checkpointing(args.checkpointing),
         f"model.kernels={args.kernels}",
         f"model.loss_chunk_tokens={args.loss_chunk_tokens}",
+        f"model.compile={str(args.compile).lower()}",
+        f"model.compile_backend={args.compile_backend}",
         "train.synthetic_data=true",
         "train.synthetic_length_mix=janus",
         f"train.synthetic_seq_len={args.seq_len}",
@@ -104,6 +107,7 @@ def trainer_part(args, run_dir: Path) -> dict:
         "checkpointing": args.checkpointing,
         "kernels": args.kernels,
         "loss_chunk_tokens": args.loss_chunk_tokens,
+        "compile": args.compile_backend if args.compile else None,
         "tokens_per_micro": args.tokens_per_micro,
         "global_batch": args.global_batch,
         "mfu": mean("speed/mfu"),
@@ -209,6 +213,21 @@ def main() -> None:
         default=0,
         help="model.loss_chunk_tokens of the trainer part (0: heads' logits all at once)",
     )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="model.compile=true for the trainer part: torch.compile of each decoder layer",
+    )
+    ap.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="model.compile_backend: inductor | aot_eager (traces only: CPU dry runs) | eager",
+    )
+    ap.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="trainer part only (the reference does not depend on the trainer's options)",
+    )
     ap.add_argument("--ref-seq-len", type=int, default=None)
     ap.add_argument("--ref-steps", type=int, default=None)
     ap.add_argument("--ref-accum", type=int, default=None)
@@ -256,9 +275,12 @@ def main() -> None:
     device = torch.cuda.get_device_name() if gpu else "cpu (no MFU: no peak FLOP/s)"
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_gpu_"))
     trainer = trainer_part(args, out / "trainer")
+    # each part printed as soon as it is measured: a run stopped later keeps it
+    print(json.dumps({"device": device, **trainer}), flush=True)
+    if args.no_reference:
+        return
     ref = reference_part(args, out)
-    for row in (trainer, ref):
-        print(json.dumps({"device": device, **row}))
+    print(json.dumps({"device": device, **ref}), flush=True)
     ratio = (trainer["mfu"] / ref["mfu"]) if trainer["mfu"] and ref["mfu"] else None
     print(
         json.dumps(
