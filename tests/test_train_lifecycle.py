@@ -27,6 +27,10 @@ from janus_train.errors import EXIT_USER_ERROR  # noqa: E402
 pytestmark = pytest.mark.dist
 SELF = str(Path(__file__).resolve())
 EXIT_BOUND_S = 30
+# Short timeouts keep the stuck/frozen runs quick; the bounds asserted are stated in them. The
+# stuck run's collective timeout stays far above its grace: the watchdog must be what ends it.
+STUCK_GRACE_S, STUCK_COLLECTIVE_TIMEOUT_S = 2, 60
+FROZEN_COLLECTIVE_TIMEOUT_S = 6
 
 
 def _recipe(root: Path, bad: bool) -> Path:
@@ -123,7 +127,7 @@ def test_failure_exits_nonzero_and_leaves_no_process(tmp_path, failure, ranks, w
 def scenario(root: str, mode: str) -> None:
     """``stuck``: rank 1 stops taking part before step 2 (sleeps), so rank 0 blocks in that
     step's all-reduce; rank 1 writes ``stuck`` when it stops. ``frozen``: a long run with a
-    20 s collective timeout (the test SIGSTOPs a rank). Each rank writes its pid."""
+    short collective timeout (the test SIGSTOPs a rank). Each rank writes its pid."""
     import torch.distributed as dist
 
     from janus_train import train
@@ -140,6 +144,7 @@ def scenario(root: str, mode: str) -> None:
 
     SyntheticStepLoader.next_step = next_step
     steps = 4 if mode == "stuck" else 500
+    timeout = STUCK_COLLECTIVE_TIMEOUT_S if mode == "stuck" else FROZEN_COLLECTIVE_TIMEOUT_S
     run = to_run_config(
         compose(
             [
@@ -154,8 +159,8 @@ def scenario(root: str, mode: str) -> None:
                 "train.export_at_end=false",
                 "train.progress_bar=false",
                 "train.synthetic_seq_len=32",
-                "train.stop_grace_s=5",
-                "train.collective_timeout_s=20",
+                f"train.stop_grace_s={STUCK_GRACE_S}",
+                f"train.collective_timeout_s={timeout}",
             ]
         )
     )
@@ -174,7 +179,7 @@ def test_sigterm_to_a_rank_stuck_in_a_collective_ends_it(tmp_path):
                 if (tmp_path / "stuck").exists():
                     break
                 time.sleep(0.1)
-            time.sleep(2)  # rank 0 is in step 2's all-reduce by now
+            time.sleep(1)  # rank 0 is in step 2's all-reduce by now (a tiny step: ~0.1 s)
             os.kill(int((tmp_path / "pid0").read_text()), signal.SIGTERM)
             sent.append(time.monotonic())
 
@@ -193,7 +198,7 @@ def test_sigterm_to_a_rank_stuck_in_a_collective_ends_it(tmp_path):
 
 
 def test_a_frozen_rank_makes_the_others_exit_after_the_collective_timeout(tmp_path):
-    """SIGSTOP on rank 1 mid-run: rank 0 fails within train.collective_timeout_s (20) + 60 s
+    """SIGSTOP on rank 1 mid-run: rank 0 fails within train.collective_timeout_s + 60 s
     instead of torch's 30 min."""
     from dist_utils import _start_time
 
@@ -235,7 +240,8 @@ def test_a_frozen_rank_makes_the_others_exit_after_the_collective_timeout(tmp_pa
                 pass
     assert stopped and rank0_gone, res.output[-3000:]
     assert res.returncode != 0
-    assert rank0_gone[0] - stopped[0] < 20 + 60, (rank0_gone[0] - stopped[0], res.output[-3000:])
+    took = rank0_gone[0] - stopped[0]
+    assert took < FROZEN_COLLECTIVE_TIMEOUT_S + 60, (took, res.output[-3000:])
     time.sleep(1)
     assert res.survivors() == [], res.output[-3000:]
 
