@@ -249,3 +249,30 @@ def test_zero3_head_with_submodules_is_not_chunked():
     counting.rows.clear()
     HeadLoss(7, params_partitioned=False).group_sums(x, wrapped, target, group, 3)
     assert counting.rows == [7] * 6 + [3]
+
+
+@pytest.mark.slow
+def test_bench_loss_runs_and_chunks_lower_the_peak():
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    args = ["--tokens", "96", "--hidden", "16", "--chunk", "32", "--repeats", "1"]
+    res = subprocess.run(
+        [sys.executable, "benchmarks/bench_loss.py", *args],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [r["vocab"] for r in rows] == [102400, 16384]
+    for r in rows:  # one chunk of 32 of 96 tokens: about a third of the logits at once
+        assert 0.2 < r["peak_ratio_chunked_over_full"] < 0.6, r
+        assert r["max_loss_abs_diff"] < 1e-3 and r["max_grad_rel_diff"] < 1e-5, r
