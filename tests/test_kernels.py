@@ -276,3 +276,53 @@ def test_bench_loss_runs_and_chunks_lower_the_peak():
     for r in rows:  # one chunk of 32 of 96 tokens: about a third of the logits at once
         assert 0.2 < r["peak_ratio_chunked_over_full"] < 0.6, r
         assert r["max_loss_abs_diff"] < 1e-3 and r["max_grad_rel_diff"] < 1e-5, r
+
+
+def _train_losses(tmp_path, name, overrides):
+    import json
+
+    from janus_train.train import run
+
+    run_dir = tmp_path / name
+    cfg = to_run_config(
+        compose(
+            [
+                "experiment=tiny",
+                "stage=stage2",
+                "deepspeed=zero2",
+                "train.synthetic_data=true",
+                "train.synthetic_seq_len=40",
+                "train.tokens_per_micro=64",
+                "train.global_batch_size=8",
+                "train.steps=3",
+                "train.log_every=1",
+                "train.ckpt_every=0",
+                "train.export_at_end=false",
+                "train.progress_bar=false",
+                f"train.run_dir={run_dir}",
+                *overrides,
+            ]
+        )
+    )
+    assert run(cfg) == 0
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if "loss" in r]
+
+
+@pytest.mark.slow
+def test_trainer_step_losses_equal_with_chunked_heads(tmp_path, monkeypatch):
+    """One process through the real DeepSpeed engine (ZeRO-2): the step losses (updates
+    included) with the heads' CE in chunks of 4 tokens equal the unchunked run's."""
+    from janus_train.model import loss
+
+    chunk_loops = []
+    real = loss._chunks_ce
+    monkeypatch.setattr(
+        loss, "_chunks_ce", lambda f, x, t, c: chunk_loops.append(c) or real(f, x, t, c)
+    )
+    full = _train_losses(tmp_path, "full", [])
+    assert chunk_loops == []
+    chunked = _train_losses(tmp_path, "chunked", ["model.loss_chunk_tokens=4"])
+    assert chunk_loops and set(chunk_loops) == {4}  # the setting reached the trainer's model
+    assert len(full) == 3
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)

@@ -25,7 +25,8 @@ gradient checkpointing a layer keeps only its input (``b h``) and one layer is r
 time. The heads keep the fp32 log-softmax of every supervised position (vocab x 4 bytes) and
 their backward briefly holds two more; with ``model.loss_chunk_tokens`` c (fewer supervised
 tokens than c: as unchunked) a head keeps only its input, and its backward holds one recomputed
-chunk: c rows of log-softmax and its two gradients. Liger's fused linear cross-entropy
+chunk (c rows of log-softmax and its two gradients) and the chunk's weight gradient beside the
+running sum (vocab x h x b). Liger's fused linear cross-entropy
 (``model.kernels=liger``, not under ZeRO-3) keeps the input gradient it computes in the forward
 (h x b per token) and briefly holds chunks of about tokens x h / vocab rows of logits and their
 gradient, plus the fp32 weight-gradient accumulator (vocab x h x 4): read from liger-kernel
@@ -274,7 +275,7 @@ def activation_bytes(
             rows = min(n_sup, -(-n_sup * h // vocab))
             return b * h, rows * (b * vocab + 4 * vocab) + 4.0 * vocab * h
         if 0 < c < n_sup:
-            return 0.0, c * (4 * vocab + grads)
+            return 0.0, c * (4 * vocab + grads) + b * vocab * h
         return 4.0 * vocab, n_sup * grads
 
     text_kept, text_tmp = head(row.text_sup, s.vocab)
