@@ -326,3 +326,81 @@ def test_trainer_step_losses_equal_with_chunked_heads(tmp_path, monkeypatch):
     assert chunk_loops and set(chunk_loops) == {4}  # the setting reached the trainer's model
     assert len(full) == 3
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+
+
+# ---- the Liger wiring, with a stand-in for liger_kernel (its Triton kernels need CUDA) -------
+
+
+@pytest.fixture()
+def fake_liger(monkeypatch):
+    """``liger_kernel.transformers`` replaced by a recorder with Liger 0.8.5's call signatures:
+    ``apply_liger_kernel_to_llama(rope, cross_entropy, fused_linear_cross_entropy, rms_norm,
+    swiglu, model)`` and ``LigerFusedLinearCrossEntropyLoss(...)(lin_weight, _input, target,
+    bias=None)``, the loss computed by plain full-logits F.cross_entropy."""
+    import sys
+    import types
+
+    calls = {"patch": [], "loss_init": [], "loss_rows": []}
+
+    def apply_liger_kernel_to_llama(
+        rope=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=True,
+        rms_norm=True,
+        swiglu=True,
+        model=None,
+    ):
+        calls["patch"].append(
+            dict(rope=rope, ce=cross_entropy, flce=fused_linear_cross_entropy, model=model)
+        )
+
+    class LigerFusedLinearCrossEntropyLoss(nn.Module):
+        def __init__(self, ignore_index=-100, reduction="mean", accum_dtype=None, **kw):
+            super().__init__()
+            calls["loss_init"].append((ignore_index, reduction, accum_dtype))
+            self.ignore_index, self.reduction = ignore_index, reduction
+
+        def forward(self, lin_weight, _input, target, bias=None):
+            calls["loss_rows"].append(_input.shape[0])
+            logits = F.linear(_input, lin_weight, bias).float()
+            return F.cross_entropy(
+                logits, target, ignore_index=self.ignore_index, reduction=self.reduction
+            )
+
+    import importlib.machinery
+
+    pkg = types.ModuleType("liger_kernel")
+    pkg.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None, is_package=True)
+    mod = types.ModuleType("liger_kernel.transformers")
+    mod.apply_liger_kernel_to_llama = apply_liger_kernel_to_llama
+    mod.LigerFusedLinearCrossEntropyLoss = LigerFusedLinearCrossEntropyLoss
+    pkg.transformers = mod
+    monkeypatch.setitem(sys.modules, "liger_kernel", pkg)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", mod)
+    return calls
+
+
+def test_liger_head_loss_groups_sums_and_grads(fake_liger):
+    """The per-task dispatch around Liger's fused CE (one summed call per task present, ignore
+    index, fp32 weight-gradient accumulation) against the full-logits reference."""
+    head, x, target, group = _case("text")
+    upstream = torch.tensor([0.7, 1.3, 0.2])
+    ref, ref_g = _loss_and_grads(_reference, head, x, target, group, 3, upstream)
+    fused = HeadLoss(liger=True).group_sums
+    got, got_g = _loss_and_grads(fused, head, x, target, group, 3, upstream)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    for a, b in zip(got_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert sorted(fake_liger["loss_rows"]) == sorted(int((group == k).sum()) for k in range(3))
+    assert set(fake_liger["loss_init"]) == {(IGN, "sum", torch.float32)}
+
+
+def test_build_model_applies_liger_to_the_language_model(fake_liger, monkeypatch, tmp_path):
+    from janus_train.model import build_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = to_run_config(compose(["experiment=tiny", "model=tiny", "model.kernels=liger"])).model
+    janus, _ = build_model(cfg, workdir=tmp_path)
+    (call,) = fake_liger["patch"]
+    assert call["model"] is janus.model.language_model
+    assert call["rope"] and not call["ce"] and not call["flce"]  # the heads' loss is ours
