@@ -1,5 +1,6 @@
-"""The batch contract, defined once for data, model, sampler-side tools, the synthetic loader and
-benchmarks: the names, the per-sample record, the one collate, the checks and the counts.
+"""The batch contract, defined once for the data pipeline, the model, the training loop, the
+synthetic loader and the benchmarks: the names, the per-sample record, the one collate, the
+checks and the counts.
 
 - ``IGNORE``: label / image-code value of unsupervised positions (HF's ignore index).
 - ``CODE_FROM_PIXELS``: image-code value meaning "encode this position's code from the sample's
