@@ -177,7 +177,11 @@ def test_build_model_refuses_liger_before_building(monkeypatch, tmp_path):
         build_model(cfg, workdir=tmp_path)
 
 
-def test_liger_head_loss_only_where_it_can_read_the_weights():
+def test_liger_head_loss_only_where_it_can_read_the_weights(caplog):
+    cfg = to_run_config(compose(["model.kernels=liger", "model.loss_chunk_tokens=512"])).model
+    with caplog.at_level("WARNING", logger="janus_train.model.kernels"):
+        assert build_head_loss(cfg, params_partitioned=True) == HeadLoss(512, True, True)
+    assert "under ZeRO-3" in caplog.text and "model.loss_chunk_tokens=512" in caplog.text
     lin = nn.Linear(4, 8)
     assert HeadLoss(liger=True).uses_liger(lin)
     assert not HeadLoss(liger=True, params_partitioned=True).uses_liger(lin)  # ZeRO-3

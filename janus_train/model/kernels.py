@@ -76,6 +76,14 @@ def apply_kernels(model, cfg: ModelConfig) -> None:
 def build_head_loss(cfg: ModelConfig, params_partitioned: bool = False) -> HeadLoss:
     """The heads' cross-entropy settings of ``cfg`` (``JanusTrainModel(head_loss=...)``)."""
     check_kernels_config(cfg)
+    if cfg.kernels == "liger" and params_partitioned:
+        logger.warning(
+            "model.kernels=liger under ZeRO-3: the heads' cross-entropy runs %s, not Liger's "
+            "fused kernel (it reads the partitioned head weights outside their modules)",
+            f"in chunks of model.loss_chunk_tokens={cfg.loss_chunk_tokens}"
+            if cfg.loss_chunk_tokens
+            else "on all logits at once (set model.loss_chunk_tokens to chunk it)",
+        )
     return HeadLoss(
         chunk_tokens=cfg.loss_chunk_tokens,
         liger=cfg.kernels == "liger",
