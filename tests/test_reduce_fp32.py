@@ -13,11 +13,12 @@ Run by pytest (which launches this file under torchrun with 2 CPU ranks)."""
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 
 
-def _check(reduce_fp32: bool) -> float:
+def _check(reduce_fp32: bool, ckpt_dir: str) -> float:
     """Max relative error of ZeRO-3's reduced gradients against the fp32 average."""
     import deepspeed
     import torch
@@ -73,19 +74,27 @@ def _check(reduce_fp32: bool) -> float:
         engine.backward(engine(x).float().pow(2).mean())
         engine.step()
         assert all(torch.isfinite(p.ds_tensor).all() for p in engine.module.parameters())
+        # and the engine's checkpoint round-trips with the fp32 gradient partitions
+        engine.save_checkpoint(ckpt_dir, tag=f"fp32_{reduce_fp32}")
+        saved = [p.ds_tensor.clone() for p in engine.module.parameters()]
+        engine.backward(engine(x).float().pow(2).mean())
+        engine.step()
+        engine.load_checkpoint(ckpt_dir, tag=f"fp32_{reduce_fp32}")
+        for p, q in zip(engine.module.parameters(), saved):
+            assert torch.equal(p.ds_tensor, q)
     finally:
         stage3.reduce_scatter_coalesced = orig
     return worst
 
 
-def _worker() -> None:
+def _worker(ckpt_dir: str) -> None:
     import torch.distributed as dist
 
     from janus_train.trainer.distributed import setup_distributed
 
     info = setup_distributed()
-    fp32_err = _check(True)
-    bf16_err = _check(False)
+    fp32_err = _check(True, ckpt_dir)
+    bf16_err = _check(False, ckpt_dir)
     assert fp32_err < 1e-5, fp32_err
     assert bf16_err > 1e-3, bf16_err  # bf16 reduction rounds: the check can fail
     dist.barrier()
@@ -93,13 +102,13 @@ def _worker() -> None:
 
 
 @pytest.mark.dist
-def test_zero3_bf16_reduces_gradients_in_fp32(tmp_path):  # noqa: ARG001
+def test_zero3_bf16_reduces_gradients_in_fp32(tmp_path):
     from tests.dist_utils import run_torchrun
 
-    res = run_torchrun([__file__], nproc=2, timeout=300)
+    res = run_torchrun([__file__, str(tmp_path)], nproc=2, timeout=300)
     assert res.returncode == 0, res.output[-4000:]
     assert "rank 0 ok" in res.output and "rank 1 ok" in res.output
 
 
 if __name__ == "__main__":
-    _worker()
+    _worker(sys.argv[1])
