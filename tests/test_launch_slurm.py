@@ -417,10 +417,13 @@ def test_slurm_job_really_trains_checkpoints_on_usr1_requeues_and_resumes(stubs,
     forwards to the ranks -> checkpoint, exit 75 -> `scontrol requeue`; the requeued attempt
     (same job id, same command) resumes from the checkpoint, finishes and exports."""
     script = "launch/slurm/janus_pro_1b.sbatch"
+    # USR1 is handled a few steps after the first logged one (~0.1 s; a tiny step ~30 ms):
+    # enough steps that the first attempt cannot finish before, few for the resumed attempt
+    steps = 100
     smoke = [
         "model=tiny",
         "train.synthetic_data=true",
-        "train.steps=300",
+        f"train.steps={steps}",
         "train.log_every=1",
         "train.global_batch_size=4",
         "train.micro_batch_size=1",
@@ -460,13 +463,13 @@ def test_slurm_job_really_trains_checkpoints_on_usr1_requeues_and_resumes(stubs,
     assert re.search(rf"exitcode\s*: {EXIT_REQUEUE}\b", node_log), node_log[-3000:]
     assert (tmp_path / "stublog/scontrol.txt").read_text().split() == ["requeue", JOB_ID]
     stopped_at = int((run_dir / "checkpoints/latest").read_text().strip().removeprefix("step_"))
-    assert 1 <= stopped_at < 300 and not (run_dir / "hf").exists()
+    assert 1 <= stopped_at < steps and not (run_dir / "hf").exists()
 
     res = run_job(script, dict(env, SLURM_RESTART_COUNT="1"), *smoke)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "complete" in res.stdout and (run_dir / "hf/config.json").is_file()
-    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
-    assert steps == list(range(1, 301))  # resumed where it stopped: no step lost or repeated
+    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))  # resumed where it stopped: no step lost or repeated
     assert f"resuming at step {stopped_at}" in (run_dir / "train.log").read_text()
     assert len((tmp_path / "stublog/scontrol.txt").read_text().splitlines()) == 1  # no requeue
 
