@@ -188,6 +188,29 @@ def test_chunked_or_fused_loss_drops_the_full_logits_terms():
     assert activation_bytes(s, row, True, groups, loss_chunk_tokens=8191) == full  # one chunk
 
 
+@pytest.mark.parametrize("kernels", ["none", "liger"])
+def test_mixed_stage_activations_are_its_worst_task_alone(kernels):
+    """A stage mixing tasks needs the activation memory of its worst task's micro-batch: the
+    estimate equals the largest of the same stage run with one task at a time. Janus-Pro-1B
+    stage 3 with Liger's fused CE (ZeRO-1) is the case where the row a full-logits model would
+    call the worst (text) is not (understanding, once the text row's logits are fused away)."""
+    import dataclasses
+
+    from janus_train.plan.estimate import estimate, stage_shape
+
+    cl = ClusterConfig(gpu="a100-80gb")
+    run = _run(["experiment=janus_pro_1b", "stage=stage3", f"model.kernels={kernels}"])
+    shape = stage_shape(run)
+    ds = DeepSpeedConfig(zero_stage=1)
+    assert all(n > 0 for n in shape.ratio)
+    alone = [
+        estimate(dataclasses.replace(shape, ratio=one_task), cl, "zero1", ds, 16)
+        for one_task in ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+    ]
+    mixed = estimate(shape, cl, "zero1", ds, 16).memory["activations"]
+    assert mixed == max(e.memory["activations"] for e in alone)
+
+
 # ---- the command ---------------------------------------------------------------------------
 
 

@@ -131,9 +131,10 @@ def stage_shape(run) -> StageShape:
     )
 
 
-def worst_row(shape: StageShape, cl: ClusterConfig) -> Row:
-    """The most activation memory a micro-batch can need: its whole token budget as text
-    supervised by ``lm_head`` (the largest vocabulary), or as packed understanding samples."""
+def task_rows(shape: StageShape, cl: ClusterConfig) -> list[Row]:
+    """The micro-batches that can need the most activation memory, one per task with a positive
+    ratio: the whole token budget as text supervised by ``lm_head`` (the largest vocabulary),
+    as packed understanding samples, or as generation samples."""
     s = shape.sizes
     tokens = shape.tokens_per_micro or shape.micro_batch * shape.seq_len
     text = Row(tokens, tokens, 0, 0)
@@ -155,18 +156,7 @@ def worst_row(shape: StageShape, cl: ClusterConfig) -> Row:
         else shape.micro_batch
     )
     gen = Row(min(tokens, gen_n * cl.gen_sample_tokens), 0, gen_n * s.image_tokens, 0)
-    rows = [r for r, n in zip((und, text, gen), shape.ratio) if n > 0]
-    return max(
-        rows,
-        key=lambda r: activation_bytes(
-            s,
-            r,
-            shape.checkpointing,
-            shape.trainable_groups,
-            checkpoint_every=shape.checkpoint_every,
-            loss_chunk_tokens=shape.loss_chunk_tokens,
-        ),
-    )
+    return [r for r, n in zip((und, text, gen), shape.ratio) if n > 0]
 
 
 def sample_flops(shape: StageShape, cl: ClusterConfig) -> float:
@@ -223,16 +213,21 @@ def estimate(
         shape.trainable, shape.frozen, s.largest_layer, ds, world, shape.precision
     )
     est.memory["DeepSpeed buffers"] = buffer_bytes(ds)
-    est.memory["activations"] = activation_bytes(
-        s,
-        worst_row(shape, cl),
-        shape.checkpointing,
-        shape.trainable_groups,
-        2 if shape.precision == "bf16" else 4,
-        checkpoint_every=shape.checkpoint_every,
-        loss_chunk_tokens=shape.loss_chunk_tokens,
-        # Liger reads the head weights outside their modules: not under ZeRO-3 (chunked there)
-        fused_ce=shape.kernels == "liger" and ds.zero_stage != 3,
+    # the worst row under the same activation model that sizes it (which row is worst depends
+    # on it: Liger's fused CE shrinks the text row's heads, not the other rows' layers)
+    est.memory["activations"] = max(
+        activation_bytes(
+            s,
+            row,
+            shape.checkpointing,
+            shape.trainable_groups,
+            2 if shape.precision == "bf16" else 4,
+            checkpoint_every=shape.checkpoint_every,
+            loss_chunk_tokens=shape.loss_chunk_tokens,
+            # Liger reads the head weights outside their modules: not under ZeRO-3 (chunked there)
+            fused_ce=shape.kernels == "liger" and ds.zero_stage != 3,
+        )
+        for row in task_rows(shape, cl)
     )
     if est.total_memory > est.usable:
         est.problems.append(
