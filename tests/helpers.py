@@ -1,6 +1,6 @@
 """Helpers shared by several test files (batches written by hand after the contract in
-``janus_train/model/forward.py``, the freeze groups' parameter prefixes): test files import
-from here, never from one another."""
+``janus_train/batch.py``, the freeze groups' parameter prefixes): test files import from here,
+never from one another."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from janus_train.batch import IMAGE_KEYS, REQUIRED_KEYS
 from janus_train.config import compose, to_run_config
 from janus_train.model import JanusTrainModel, resolve_special_tokens
 
@@ -155,3 +156,14 @@ def recipe_file(tmp_path: Path, sources: list[dict]) -> Path:
     p = tmp_path / "recipe.yaml"
     p.write_text(yaml.safe_dump({"name": "t", "sources": sources}))
     return p
+
+
+def concat_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Micro-batches of equal length -> one batch (images keep row-major order): the synthetic
+    loader's micro-steps as the single batch a one-process reference computes on."""
+    out = {k: torch.cat([b[k] for b in batches]) for k in REQUIRED_KEYS}
+    for k in IMAGE_KEYS:
+        imgs = [b[k] for b in batches if k in b]
+        if imgs:
+            out[k] = torch.cat(imgs)
+    return out

@@ -397,7 +397,8 @@ def _reference_grads(tmp_path, reduction, extra=()):
     """Plain torch, one process: the same 4 samples as one batch, loss from its definition."""
     from janus_train.config import compose, to_run_config
     from janus_train.model import JanusTrainModel, apply_freeze, build_model, set_train_mode
-    from janus_train.trainer.synthetic import SyntheticStepLoader, concat_batches
+    from janus_train.trainer.synthetic import SyntheticStepLoader
+    from tests.helpers import concat_batches
 
     run = to_run_config(
         compose(

@@ -25,7 +25,8 @@ from janus_train.trainer.config import DeepSpeedConfig
 from janus_train.trainer.distributed import build_deepspeed_config, plan_batch
 from janus_train.trainer.metrics import FlopCounter, MetricsLogger, peak_flops
 from janus_train.trainer.optim import build_param_groups, lr_at
-from janus_train.trainer.synthetic import SyntheticStepLoader, concat_batches, split_by_ratio
+from janus_train.trainer.synthetic import SyntheticStepLoader, split_by_ratio
+from tests.helpers import concat_batches
 
 REPO = Path(__file__).resolve().parent.parent
 

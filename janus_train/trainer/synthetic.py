@@ -32,8 +32,6 @@ import torch
 from janus_train.batch import (
     CODE_FROM_PIXELS,
     IGNORE,
-    IMAGE_KEYS,
-    REQUIRED_KEYS,
     TASKS,
     Sample,
     collate,
@@ -250,13 +248,3 @@ class SyntheticStepLoader:
             img_codes, px = torch.randint(self.codebook, (n,), generator=g), None
         codes = torch.cat([torch.full((len(head),), IGNORE), img_codes])
         return Sample(ids, torch.full((len(ids),), IGNORE), task, codes, gen_image=px)
-
-
-def concat_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Micro-batches of equal length -> one batch (images keep row-major order)."""
-    out = {k: torch.cat([b[k] for b in batches]) for k in REQUIRED_KEYS}
-    for k in IMAGE_KEYS:
-        imgs = [b[k] for b in batches if k in b]
-        if imgs:
-            out[k] = torch.cat(imgs)
-    return out
