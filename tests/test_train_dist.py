@@ -5,8 +5,8 @@ Two kinds of launch keep the wall time low (each torchrun start costs seconds):
 * one ``scenarios`` launch runs, in the same two processes: every stage for 2 steps under
   ZeRO-2 and ZeRO-3; the gradient of a 2-rank x 2-accumulation step (ZeRO-2 token mean, ZeRO-3
   task-mean sum) for comparison against a single-process plain-torch computation on the same 4
-  samples as one batch; ZeRO-3 with rank 1 text-only; non-finite updates (skip, then stop); and
-  the uninterrupted 6-step reference run of the resume test;
+  samples as one batch; ZeRO-3 with rank 1 text-only; non-finite updates (skip, then stop); the
+  uninterrupted 6-step reference run of the resume test; the frozen VQ's codes under ZeRO-3;
 * a chain of launches of one 6-step command that is killed with SIGKILL during the step-4
   checkpoint save, SIGKILLed mid-step 5, SIGTERMed (one rank only) in step 5, then completed;
   per-step losses and final weights must equal the uninterrupted run's bitwise.
@@ -239,6 +239,53 @@ def _install_fake_eval(root):
     sys.modules["janus_train.evaluate"] = types.SimpleNamespace(run_eval=run_eval)
 
 
+def _zero3_vq_encode(root):
+    """ZeRO-3 and the frozen VQ: HF's quantizer reads its codebook tensor without calling the
+    child module, so outside the engine's forward (evaluation, sampling from a live engine)
+    ZeRO-3 would leave it partitioned. ``init_engine`` declares it; codes must match an unsharded
+    copy, both through the engine's forward and through a direct ``encode_images`` call. Each
+    rank writes what it got."""
+    from janus_train.model import JanusTrainModel, apply_freeze, build_model, resolve_special_tokens
+    from janus_train.trainer.distributed import init_engine, setup_distributed
+    from tests.conftest import tiny_run
+    from tests.helpers import collate, gen_sample
+
+    info = setup_distributed()
+    run = tiny_run(["stage=stage2"])
+    workdir = Path(root) / f"zero3_vq.rank{info.rank}"  # the tokenizer is written there
+    janus, proc = build_model(run.model, workdir=workdir)
+    ref = JanusTrainModel(build_model(run.model, workdir=workdir)[0])
+    apply_freeze(janus, run.trainable_groups)
+    model = JanusTrainModel(janus, params_partitioned=True)
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        # torch's AdamW, as train.py configures it: DeepSpeed's own would JIT-build its fused_adam
+        # op (~35 s the first time in a venv), which has nothing to do with what is tested here
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+    }
+    engine = init_engine(model, cfg, [p for p in model.parameters() if p.requires_grad])
+    torch.manual_seed(0)
+    px = torch.rand(2, 3, 32, 32) * 2 - 1
+    codes, ref_codes = engine.module.encode_images(px), ref.encode_images(px)
+    st = resolve_special_tokens(proc.tokenizer)
+    n = run.model.num_image_tokens
+    batch = collate([gen_sample(proc.tokenizer, st, [-1] * n)] * 2, st.pad)
+    batch["gen_pixel_values"] = px
+    with torch.no_grad():
+        got, want = engine(batch), ref(batch)
+    torch.save(
+        {
+            "codes": codes,
+            "ref_codes": ref_codes,
+            "loss_sum": got["loss_sum"],
+            "ref_loss_sum": want["loss_sum"],
+        },
+        Path(root) / f"zero3_vq.rank{info.rank}.pt",
+    )
+
+
 def scenario_main(root):
     from janus_train import train
 
@@ -295,6 +342,7 @@ def scenario_main(root):
     )
     assert train.run(ref) == 0
     assert train.run(resume_run(root, "uninterrupted_lora", LORA_RESUME)) == 0
+    _zero3_vq_encode(root)
 
 
 def scenario_resume(root, mode, variant=""):
@@ -649,6 +697,15 @@ def test_lora_zero3_merged_export_equals_peft_forward(scen, tmp_path):
     q = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(hf[q], init[q])  # adapters merged into the LLM's base weight
     assert torch.equal(hf["lm_head.weight"], init["lm_head.weight"])  # not adapted: frozen
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_vq_encode_under_zero3_matches_unsharded(scen, rank):
+    """The frozen VQ's codes through a ZeRO-3 engine (direct ``encode_images`` and in the
+    engine's forward) equal an unsharded copy's, on each rank (``_zero3_vq_encode``)."""
+    got = torch.load(scen / f"zero3_vq.rank{rank}.pt")
+    assert torch.equal(got["codes"], got["ref_codes"])
+    torch.testing.assert_close(got["loss_sum"], got["ref_loss_sum"], rtol=1e-5, atol=1e-5)
 
 
 if __name__ == "__main__":
