@@ -9,7 +9,8 @@ Two kinds of launch keep the wall time low (each torchrun start costs seconds):
   uninterrupted 6-step reference run of the resume test; the frozen VQ's codes under ZeRO-3;
 * a chain of launches of one 6-step command that is killed with SIGKILL during the step-4
   checkpoint save, SIGKILLed mid-step 5, SIGTERMed (one rank only) in step 5, then completed;
-  per-step losses and final weights must equal the uninterrupted run's bitwise.
+  per-step losses and final weights must equal the uninterrupted run's bitwise (the LoRA chain's
+  completion shares the last launch).
 
 LoRA (``model.lora``) rides along: a ZeRO-1 stage-3 run, the gradient comparison with adapters
 (ZeRO-2, packed rows), and a ZeRO-3 6-step reference for a shorter SIGKILL-then-resume chain and
@@ -385,8 +386,13 @@ def scenario_resume(root, mode, variant=""):
 
     SyntheticStepLoader.next_step, JanusTrainModel.forward = next_step, forward
     checkpoint._commit = commit
-    run = resume_run(root, "resume_lora", LORA_RESUME) if variant == "lora" else resume_run(root)
-    sys.exit(train.run(run))
+    full, lora = resume_run(root), resume_run(root, "resume_lora", LORA_RESUME)
+    # "both": the last launch of the two chains completes both runs (one torchrun start less)
+    for run in {"": [full], "lora": [lora], "both": [full, lora]}[variant]:
+        rc = train.run(run)
+        if rc != 0:
+            sys.exit(rc)
+    sys.exit(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -594,7 +600,13 @@ def test_export_zero3_consolidated_and_hf_generate(scen, tmp_path):
 
 
 def test_resume_after_kills_is_bitwise_identical(scen, tmp_path):
-    root = scen  # the uninterrupted reference ran in `scen`; the chain gets its own dir
+    """Full fine-tuning: SIGKILL during the step-4 checkpoint save, SIGKILL mid-step 5, SIGTERM
+    to one rank in step 5, then completion. LoRA: SIGKILL mid-step 5, then resume from step 4
+    (adapter weights and their optimizer state in the checkpoint). Losses, merged exports and
+    adapters equal the uninterrupted runs' (in `scen`) bitwise. One launch completes both."""
+    from safetensors.torch import load_file
+
+    root = scen  # the uninterrupted references ran in `scen`; the chains get their own dir
     chain = tmp_path
     ck = chain / "resume" / "checkpoints"
 
@@ -613,7 +625,19 @@ def test_resume_after_kills_is_bitwise_identical(scen, tmp_path):
     assert (ck / "latest").read_text() == "step_00000005"
     assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000004", "step_00000005"]
 
-    res = run_torchrun([SELF, "resume", str(chain), "none"], timeout=200)
+    ck_lora = chain / "resume_lora" / "checkpoints"
+    res = run_torchrun([SELF, "resume", str(chain), "kill_mid_step", "lora"], timeout=200)
+    assert res.returncode != 0
+    assert (ck_lora / "latest").read_text() == "step_00000004"
+    states = torch.load(
+        ck_lora / "step_00000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+        weights_only=False,
+    )
+    optimized = [k for group in states["param_shapes"] for k in group]  # the optimizer's params
+    llm = [k for k in optimized if "language_model" in k]
+    assert llm and all(".lora_" in k for k in llm)  # adapters (and their state) in the checkpoint
+
+    res = run_torchrun([SELF, "resume", str(chain), "none", "both"], timeout=300)
     assert res.returncode == 0, res.output[-3000:]
 
     ref = {r["step"]: r["loss"] for r in _metrics(root / "uninterrupted" / "metrics.jsonl")}
@@ -625,6 +649,17 @@ def test_resume_after_kills_is_bitwise_identical(scen, tmp_path):
     a = _load_safetensors(root / "uninterrupted" / "hf")
     b = _load_safetensors(chain / "resume" / "hf")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    ref = {r["step"]: r["loss"] for r in _metrics(root / "uninterrupted_lora" / "metrics.jsonl")}
+    got = {}
+    for r in _metrics(chain / "resume_lora" / "metrics.jsonl"):
+        assert got.get(r["step"], r["loss"]) == r["loss"]
+        got[r["step"]] = r["loss"]
+    assert got == ref and len(ref) == 6
+    for sub, name in (("hf", "model.safetensors"), ("adapter", "adapter_model.safetensors")):
+        a = load_file(str(root / "uninterrupted_lora" / sub / name))
+        b = load_file(str(chain / "resume_lora" / sub / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
 
 
 def test_lora_zero1_run_and_export(scen):
@@ -640,35 +675,6 @@ def test_lora_zero1_run_and_export(scen):
     assert not any(".lora_" in k or "base_layer" in k for k in _load_safetensors(d / "hf"))
     adapter = load_file(str(d / "adapter" / "adapter_model.safetensors"))
     assert any("vision_model" in k and ".lora_A." in k for k in adapter)
-
-
-def test_lora_resume_after_sigkill_is_bitwise_identical(scen, tmp_path):
-    """SIGKILL mid-step 5, then resume from step 4: losses, merged export and adapters equal the
-    uninterrupted run's bitwise (adapter weights and their optimizer state in the checkpoint)."""
-    from safetensors.torch import load_file
-
-    ck = tmp_path / "resume_lora" / "checkpoints"
-    res = run_torchrun([SELF, "resume", str(tmp_path), "kill_mid_step", "lora"], timeout=200)
-    assert res.returncode != 0
-    assert (ck / "latest").read_text() == "step_00000004"
-    states = torch.load(
-        ck / "step_00000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt", weights_only=False
-    )
-    optimized = [k for group in states["param_shapes"] for k in group]  # the optimizer's params
-    llm = [k for k in optimized if "language_model" in k]
-    assert llm and all(".lora_" in k for k in llm)  # adapters (and their state) in the checkpoint
-    res = run_torchrun([SELF, "resume", str(tmp_path), "none", "lora"], timeout=200)
-    assert res.returncode == 0, res.output[-3000:]
-    ref = {r["step"]: r["loss"] for r in _metrics(scen / "uninterrupted_lora" / "metrics.jsonl")}
-    got = {}
-    for r in _metrics(tmp_path / "resume_lora" / "metrics.jsonl"):
-        assert got.get(r["step"], r["loss"]) == r["loss"]
-        got[r["step"]] = r["loss"]
-    assert got == ref and len(ref) == 6
-    for sub, name in (("hf", "model.safetensors"), ("adapter", "adapter_model.safetensors")):
-        a = load_file(str(scen / "uninterrupted_lora" / sub / name))
-        b = load_file(str(tmp_path / "resume_lora" / sub / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
 
 
 def test_lora_zero3_merged_export_equals_peft_forward(scen, tmp_path):
