@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -349,43 +350,98 @@ def test_unreadable_remote_and_missing_shards_are_counted(proc, tmp_path):
     assert c.get("skipped/cap/shard_error", 0) >= 1, c
 
 
-def test_loader_worker_ignores_sigterm_and_dies_with_its_parent(tmp_path):
-    """A worker survives the SIGTERM Slurm sends every process (the trainer checkpoints first)
-    but not the death of its trainer (SIGKILL: no clean-up ran)."""
-    import signal
-    import subprocess
-    import sys
+def _proc_state(pid: int) -> str | None:
+    """The one-letter state in ``/proc/<pid>/stat`` (``Z``: dead, not yet reaped); None once
+    reaped. ``os.kill(pid, 0)`` cannot tell a zombie from a live process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def _wait_for(cond, deadline_s: float, what: str, poll: float = 0.02):
     import time
 
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        got = cond()
+        if got:
+            return got
+        time.sleep(poll)
+    raise AssertionError(f"{what}: not within {deadline_s:g} s")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl and /proc: Linux")
+def test_loader_worker_ignores_sigterm_and_dies_with_its_parent(tmp_path):
+    """A worker survives the SIGTERM Slurm sends every process (the trainer checkpoints first)
+    but not the death of its trainer (SIGKILL: no clean-up ran).
+
+    Survival is proven by the worker answering a ping after the signal: a fatal signal is
+    delivered before ``kill()`` returns (the process never runs user code again), so an
+    answer means the signal was ignored, and a worker in state ``Z`` fails at once. After the
+    parent's death the worker is reparented to this process (a child subreaper, since the
+    container's pid 1 need not reap orphans) and counts as dead only once reaped here."""
+    import ctypes
+    import signal
+    import subprocess
+
+    ready, ping, pong = (tmp_path / n for n in ("ready", "ping", "pong"))
     script = (
         "import multiprocessing as mp, os, sys, time\n"
+        "from pathlib import Path\n"
         "from janus_train.data.loader import _init_worker\n"
-        "def work(parent):\n"
+        "def work(parent, d):\n"
         "    _init_worker(parent, 0)\n"
-        "    time.sleep(120)\n"
+        "    Path(d, 'ready').write_text('1')\n"
+        "    while not Path(d, 'ping').exists():\n"
+        "        time.sleep(0.01)\n"
+        "    Path(d, 'pong').write_text(str(os.getpid()))\n"
+        "    time.sleep(600)\n"
         "if __name__ == '__main__':\n"
-        "    w = mp.get_context('fork').Process(target=work, args=(os.getpid(),))\n"
+        "    w = mp.get_context('fork').Process(target=work, args=(os.getpid(), sys.argv[1]))\n"
         "    w.start()\n"
         "    print(w.pid, flush=True)\n"
-        "    time.sleep(120)\n"
+        "    time.sleep(600)\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_CHILD_SUBREAPER = 36
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    worker = None
     try:
         worker = int(parent.stdout.readline())
-        time.sleep(1.0)  # past _init_worker
+        _wait_for(ready.exists, 120, "worker start-up (_init_worker done)")
         os.kill(worker, signal.SIGTERM)
-        time.sleep(0.5)
-        os.kill(worker, 0)  # still alive: SIGTERM ignored
+        ping.write_text("1")
+
+        def answered() -> bool:
+            state = _proc_state(worker)
+            assert state not in (None, "Z", "X"), f"worker died on SIGTERM (state {state})"
+            return pong.exists()
+
+        _wait_for(answered, 120, "worker answer after SIGTERM")
+        assert _proc_state(worker) not in (None, "Z", "X")
         parent.kill()
         parent.wait()
-        for _ in range(50):
-            try:
-                os.kill(worker, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(worker, signal.SIGKILL)
-            raise AssertionError("loader worker outlived its parent")
+
+        def reaped() -> bool:  # the orphan is our child now: reap it ourselves
+            pid, _ = os.waitpid(worker, os.WNOHANG)
+            return pid == worker
+
+        _wait_for(reaped, 60, "loader worker outlived its parent")
+        assert _proc_state(worker) is None
+        worker = None
     finally:
         parent.kill()
+        parent.wait()
+        if worker is not None and _proc_state(worker) not in (None, "Z", "X"):
+            os.kill(worker, signal.SIGKILL)
+        if worker is not None:
+            try:
+                os.waitpid(worker, 0)
+            except ChildProcessError:  # not ours (the parent never died)
+                pass
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
