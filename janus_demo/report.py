@@ -273,7 +273,7 @@ def write_report(
         "",
         "Three stages (stage 1 adaptors + image head, stage 2 + LLM, stage 3 SFT + SigLIP) "
         "through `launch/pipeline.sh` (2 processes, DeepSpeed on CPU), on data from "
-        "`janus-data synth`; the tiny VQ was fitted on the training images and stayed frozen.",
+        "`python -m janus_demo.synth`; the tiny VQ was fitted on the training images and stayed frozen.",
         "",
         "## Held-out evaluation (unseen colour-shape-position combinations)",
         "",

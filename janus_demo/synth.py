@@ -1,4 +1,4 @@
-"""``janus-data synth``: write the demo world (``janus_demo.world``) as WebDataset shards in
+"""``python -m janus_demo.synth``: write the demo world (``janus_demo.world``) as WebDataset shards in
 the formats real data uses, deterministically (same arguments -> byte-identical tar files).
 
 Layout under ``--out``: each split is a ``JANUS_DATA_ROOT`` for the tiny recipes
@@ -206,10 +206,10 @@ def iter_samples(paths: list[str | Path] | str | Path) -> Iterator[dict[str, byt
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``janus-data synth``'s options: one per ``SynthConfig`` field, its docstring as help."""
+    """``python -m janus_demo.synth``'s options: one per ``SynthConfig`` field, its docstring as help."""
     d = SynthConfig()
     ap = argparse.ArgumentParser(
-        prog="janus-data synth",
+        prog="python -m janus_demo.synth",
         description=cli_help.summary(__doc__),
         formatter_class=cli_help.HelpFormatter,
     )

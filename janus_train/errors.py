@@ -21,6 +21,11 @@ EXIT_USER_ERROR = 2
 _PKG = str(Path(__file__).resolve().parent)
 
 
+class DataFailure(RuntimeError):
+    """Too many bad samples in a source: the run must stop (message names the shard). Raised by
+    the data loader; defined here, below every layer that raises or reports it."""
+
+
 def _raised_in_package(exc: BaseException) -> bool:
     tb = exc.__traceback__
     last = None
@@ -36,8 +41,6 @@ def is_user_error(exc: BaseException) -> bool:
     config errors of OmegaConf / Hydra (a typo, a wrong type, an unset variable). The same
     exception types raised inside torch or DeepSpeed are crashes."""
     from omegaconf.errors import OmegaConfBaseException
-
-    from janus_train.data.loader import DataFailure
 
     if isinstance(exc, (DataFailure, OmegaConfBaseException)):
         return True
@@ -67,7 +70,7 @@ def one_line(exc: BaseException) -> str:
         and head.replace(".", "").replace("_", "").isalnum()
         and head.split(".")[-1][:1].isupper()
     ):
-        msg = rest  # "janus_train.data.loader.DataFailure: ..." -> the message
+        msg = rest  # "janus_train.errors.DataFailure: ..." -> the message
     return msg
 
 

@@ -9,7 +9,7 @@ forwards on the same data (ZeRO-3 gathers parameters collectively), rank 0 write
 Eval recipe: ``train.eval_recipe`` when the config has it, else ``$JANUS_EVAL_RECIPE`` (a recipe
 name or path), else a held-out directory under ``$JANUS_EVAL_DATA_ROOT`` (default
 ``data/tiny_heldout``) in the tiny layout (``docs/data.md``: ``text/``, ``caption/``, ...; what
-``janus-data synth`` writes). The first ``max_per_source``
+the demo's ``janus_demo.synth`` writes). The first ``max_per_source``
 records of each source are read in order (no shuffle), built by the training sample builders
 with the stage's framing but without CFG dropout or caption truncation, so the figures are
 comparable between evaluations.

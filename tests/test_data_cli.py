@@ -218,21 +218,6 @@ def test_vq_encode_matches_direct_encode(proc, tmp_path, monkeypatch):
     assert g.gen_image is None and g.image_codes[-16:] == [int(v) for v in want[0]]
 
 
-def test_synth_forwards_argv(monkeypatch):
-    import janus_demo.synth as synth
-
-    seen = []
-    monkeypatch.setattr(synth, "main", lambda argv=None: seen.append(argv))
-    cli.main(["synth", "--out", "x", "--shards", "3"])
-    assert seen == [["--out", "x", "--shards", "3"]]
-
-
-def test_synth_without_the_demo_app_is_a_one_line_error(monkeypatch):
-    monkeypatch.setattr(cli, "SYNTH_MODULE", "janus_no_such_app.synth")
-    with pytest.raises(SystemExit, match="demo app .*janus_no_such_app.synth.* not installed"):
-        cli.main(["synth", "--out", "x"])
-
-
 def test_tar_members_written_by_converters_are_plain(tmp_path):
     # ShardWriter must store bytes as-is (no pickling of our members)
     write_tar(tmp_path / "x.tar", caption_records(0, 1))

@@ -1,5 +1,6 @@
-"""The import graph runs one way: the demo application (``janus_demo``) imports the library
-(``janus_train``), never the reverse."""
+"""The import graph runs one way: every module sits on one layer of :data:`LAYERS` and imports
+only its own layer or those below; no import cycle; the demo application (``janus_demo``) imports
+the library (``janus_train``), never the reverse."""
 
 from __future__ import annotations
 
@@ -56,6 +57,174 @@ def test_the_check_sees_every_import_form(tmp_path, src):
     f = tmp_path / "m.py"
     f.write_text(src)
     assert len(_app_imports(f, tmp_path)) >= 1
+
+
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("contract", ("janus_train", "janus_train.batch", "janus_train.errors", "janus_train.quiet")),
+    ("model", ("janus_train.model", "janus_train.model.*")),
+    (
+        "data I/O",
+        (
+            "janus_train.data",
+            "janus_train.data.tario",
+            "janus_train.data.preprocess",
+            "janus_train.data.packing",
+            "janus_train.data.recipe_schema",
+        ),
+    ),
+    ("data", ("janus_train.data.*",)),
+    ("trainer", ("janus_train.trainer", "janus_train.trainer.*")),
+    ("config", ("janus_train.config", "janus_train.cli_help")),
+    ("plan", ("janus_train.plan", "janus_train.plan.*")),
+    (
+        "entry points",
+        (
+            "janus_train.sample",
+            "janus_train.evaluate",
+            "janus_train.data.cli",
+            "janus_train.plan.cli",
+            "janus_train.train",
+        ),
+    ),
+    ("demo app", ("janus_demo", "janus_demo.*")),
+]
+"""The layers, lowest first. A module is on the first layer with an exact name for it, else on
+the first whose ``pkg.*`` covers it (``janus_train.data.cli``, an entry point inside ``data/``,
+is named exactly)."""
+
+PLUGIN_LOADERS = {"janus_train/evaluate.py"}
+"""Where an import by string is allowed: a function the user names in the config
+(``train.eval_metrics``), not a module of this repository chosen by the code."""
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer_of(mod: str) -> int | None:
+    for i, (_, names) in enumerate(LAYERS):
+        if mod in names:
+            return i
+    for i, (_, names) in enumerate(LAYERS):
+        if any(n.endswith(".*") and mod.startswith(n[:-1]) for n in names):
+            return i
+    return None
+
+
+def _graph(root: Path = ROOT, pkgs=("janus_train", *APPS)) -> dict[str, dict[str, int]]:
+    """module -> {module of this repository it imports: line}, imports at any depth (inside
+    functions and ``TYPE_CHECKING`` blocks too); ``from pkg import mod`` counts as ``pkg.mod``."""
+    files = {_module_name(f, root): f for p in pkgs for f in sorted((root / p).rglob("*.py"))}
+    graph: dict[str, dict[str, int]] = {}
+    for mod, f in files.items():
+        out: dict[str, int] = {}
+        for line, name in _imports(f):
+            target = next((m for m in (name, name.rpartition(".")[0]) if m in files), None)
+            if target and target != mod:
+                out.setdefault(target, line)
+        graph[mod] = out
+    return graph
+
+
+def _upward(graph: dict[str, dict[str, int]]) -> list[str]:
+    bad = []
+    for mod, deps in sorted(graph.items()):
+        for dep, line in sorted(deps.items()):
+            if _layer_of(dep) > _layer_of(mod):
+                bad.append(
+                    f"{mod}:{line} ({LAYERS[_layer_of(mod)][0]}) imports {dep} "
+                    f"({LAYERS[_layer_of(dep)][0]})"
+                )
+    return bad
+
+
+def _cycles(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _imports_by_string(path: Path) -> list[int]:
+    """Lines that import a module named by a string (``importlib.import_module``,
+    ``__import__``): an arrow the checks above cannot see."""
+    return [
+        n.lineno
+        for n in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(n, ast.Call)
+        and (
+            (isinstance(n.func, ast.Attribute) and n.func.attr == "import_module")
+            or (isinstance(n.func, ast.Name) and n.func.id in ("import_module", "__import__"))
+        )
+    ]
+
+
+def test_every_module_sits_on_one_layer_and_imports_only_downward():
+    graph = _graph()
+    assert len(graph) > 60 and "janus_train.data.cli" in graph  # the walk found the packages
+    assert [m for m in sorted(graph) if _layer_of(m) is None] == []
+    assert _upward(graph) == []
+    assert _layer_of("janus_train.data.cli") > _layer_of("janus_train.config")
+    assert _layer_of("janus_train.data.tario") < _layer_of("janus_train.data.recipe")
+
+
+def test_no_import_cycle():
+    assert _cycles(_graph()) == []
+
+
+def test_no_import_by_string():
+    bad = [
+        f"{f.relative_to(ROOT)}:{line}"
+        for f in _package_files()
+        if f.relative_to(ROOT).as_posix() not in PLUGIN_LOADERS
+        for line in _imports_by_string(f)
+    ]
+    assert bad == []
+
+
+def test_the_layer_checks_see_upward_imports_cycles_and_string_imports(tmp_path):
+    pkg = tmp_path / "janus_train"
+    (pkg / "model").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "batch.py").write_text("def f():\n    from janus_train.model import lora\n")
+    (pkg / "model" / "__init__.py").write_text("")
+    (pkg / "model" / "freeze.py").write_text("from janus_train.model.lora import x\n")
+    (pkg / "model" / "lora.py").write_text("import janus_train.model.freeze\n")
+    graph = _graph(tmp_path, ("janus_train",))
+    assert _upward(graph) == [
+        "janus_train.batch:2 (contract) imports janus_train.model (model)",
+        "janus_train.batch:2 (contract) imports janus_train.model.lora (model)",
+    ]
+    assert _cycles(graph) == [["janus_train.model.freeze", "janus_train.model.lora"]]
+    (pkg / "cli.py").write_text("import importlib\nm = importlib.import_module('janus_demo.x')\n")
+    assert _imports_by_string(pkg / "cli.py") == [2]
+    assert _layer_of("janus_train.data.cli") == [n for n, _ in LAYERS].index("entry points")
 
 
 def test_the_demo_app_imports_the_library():

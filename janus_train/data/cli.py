@@ -7,8 +7,6 @@
     janus-data convert imagenet --root CLASS_FOLDERS --out DIR [--class-names FILE]
     janus-data inspect [--recipe NAME|PATH] [--n 8] [--workdir DIR] [hydra overrides ...]
     janus-data vq-encode --model HF_DIR --shards PATTERN --out DIR [--device cuda] [--procs 2]
-    janus-data synth ...        (the demo data generator: janus_demo.synth, when the demo app is
-                                 installed)
 
 Shard formats are described in docs/data.md. Converters write with ``webdataset.ShardWriter``
 (``PREFIX-NNNNNN.tar``, ``--maxcount`` samples each) and store images as their original bytes.
@@ -17,7 +15,6 @@ Shard formats are described in docs/data.md. Converters write with ``webdataset.
 from __future__ import annotations
 
 import argparse
-import importlib
 import io
 import json
 import os
@@ -30,8 +27,6 @@ from tqdm import tqdm
 
 from janus_train.errors import run_cli
 
-SYNTH_MODULE = "janus_demo.synth"
-"""Where ``janus-data synth`` forwards to (the demo application)."""
 IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp", ".bmp": "bmp"}
 
 
@@ -488,30 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per VQ forward")
     p.add_argument("--threads", type=int, default=4, help="image decode threads per process")
     p.add_argument("--procs", type=int, default=1, help="shards encoded in parallel processes")
-    sub.add_parser(
-        "synth",
-        add_help=False,
-        help="write the demo's synthetic shards (the demo app's janus_demo.synth; see --help)",
-    )
     return ap
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "synth":
-        # The demo is an application on top of the library: forwarded by import path, never
-        # imported by the library's modules (tests/test_structure.py).
-        try:
-            synth = importlib.import_module(SYNTH_MODULE)
-        except ModuleNotFoundError as e:
-            if e.name is None or not SYNTH_MODULE.startswith(e.name):
-                raise
-            sys.exit(
-                f"janus-data synth: the demo app ({SYNTH_MODULE}) is not installed: "
-                "pip install -e . in the janus_train repository"
-            )
-        synth.main(argv[1:])
-        return
     args = build_parser().parse_args(argv)
     run_cli(f"janus-data {args.cmd}", _dispatch, args)
 

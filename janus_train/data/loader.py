@@ -41,16 +41,13 @@ from janus_train.data.packing import Layout, balance_takes, layout
 from janus_train.data.preprocess import BadSample
 from janus_train.data.recipe import Recipe, Source, check_recipe_for_stage, load_recipe
 from janus_train.data.shards import RecordStream, stable_seed
+from janus_train.errors import DataFailure
 from janus_train.model.tokenizer import resolve_special_tokens
 
 logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 __all__ = ["StepLoader", "TokenStepLoader", "build_train_loader", "load_recipe", "build_context"]
-
-
-class DataFailure(RuntimeError):
-    """Too many bad samples in a source: the run must stop (message names the shard)."""
 
 
 class SampleStream:

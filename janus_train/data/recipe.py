@@ -20,11 +20,11 @@ from pathlib import Path
 # recipe task name -> key of ``TaskRatio`` and of the batch contract's task names
 from janus_train.batch import RECIPE_TASKS as TASK_KEYS
 from janus_train.data.recipe_schema import FORMATS, SourceSchema, read_recipe_file
+from janus_train.data.tario import is_remote
 
 RECIPE_DIR = Path(
     os.environ.get("JANUS_DATA_RECIPES", Path(__file__).resolve().parents[2] / "data_recipes")
 )
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
 
 
 @dataclass
@@ -60,10 +60,6 @@ class Recipe:
 
     def sources_for(self, task_key: str) -> list[Source]:
         return [s for s in self.sources if s.task_key == task_key]
-
-
-def is_remote(url: str) -> bool:
-    return url.startswith(REMOTE_PREFIXES)
 
 
 def expand_shards(

@@ -21,9 +21,8 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from janus_train.data.recipe import is_remote
 from janus_train.data.shards import RecordStream
-from janus_train.data.tario import index_tar
+from janus_train.data.tario import index_tar, is_remote
 
 logger = logging.getLogger(__name__)
 

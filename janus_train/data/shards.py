@@ -25,8 +25,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from janus_train.data.recipe import is_remote
-from janus_train.data.tario import Record, ShardError, index_tar, iter_shard, read_record
+from janus_train.data.tario import Record, ShardError, index_tar, is_remote, iter_shard, read_record
 
 logger = logging.getLogger(__name__)
 

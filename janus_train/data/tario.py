@@ -32,7 +32,14 @@ from typing import BinaryIO
 from webdataset.handlers import ignore_and_continue
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
-from janus_train.data.recipe import is_remote
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "hf://")
+"""Shard URLs streamed through webdataset's ``gopen`` (no index, no stat); anything else is a
+local path."""
+
+
+def is_remote(url: str) -> bool:
+    return url.startswith(REMOTE_PREFIXES)
+
 
 WRITER_OPTIONS = dict(encoder=False, user="root", group="root", mode=0o644, mtime=0)
 """``wds.TarWriter`` / ``wds.ShardWriter`` options of every shard the project writes."""

@@ -13,19 +13,8 @@ import os
 from torch import nn
 
 from janus_train.model.config import LoraConfig
+from janus_train.model.groups import GROUPS, NEVER_TRAINABLE
 from janus_train.model.lora import is_adapter_param
-
-# group -> attribute paths on JanusForConditionalGeneration
-GROUPS: dict[str, tuple[str, ...]] = {
-    "und_encoder": ("model.vision_model",),
-    "und_adaptor": ("model.aligner",),
-    "vq": ("model.vqmodel",),
-    "gen_embeddings": ("model.generation_embeddings",),
-    "gen_adaptor": ("model.generation_aligner",),
-    "gen_head": ("model.generation_head",),
-    "llm": ("model.language_model", "lm_head"),
-}
-NEVER_TRAINABLE = ("vq",)
 
 
 def validate_trainable(groups: list[str], where: str = "stage.trainable") -> None:

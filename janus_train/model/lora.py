@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from janus_train.model.config import LoraConfig
+from janus_train.model.groups import GROUPS
 
 ADAPTER = "default"  # peft's adapter name inside the live modules
 # Groups that may carry adapters (gen_embeddings is an Embedding; the VQ never trains).
@@ -79,8 +80,6 @@ def _matches(rel: str, target: str) -> bool:
 def target_module_names(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Full paths (in ``model``) of the Linear layers that get adapters; ``ValueError`` naming
     ``model.lora.target_modules.<group>`` for a name that matches no Linear of its group."""
-    from janus_train.model.freeze import GROUPS
-
     names: list[str] = []
     for group in cfg.groups:
         targets = cfg.target_modules.get(group) or DEFAULT_TARGETS[group]
@@ -170,8 +169,6 @@ def merge_lora_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict
 
 def fully_trained_modules(model: nn.Module) -> list[str]:
     """Module paths of the groups that train without adapters (peft's ``modules_to_save``)."""
-    from janus_train.model.freeze import GROUPS
-
     out = []
     for paths in GROUPS.values():
         for path in paths:

@@ -112,7 +112,7 @@ def _sizes(cfg: ModelConfig) -> ModelSizes:
     from transformers import JanusForConditionalGeneration
 
     from janus_train.model.build import build_janus_config
-    from janus_train.model.freeze import GROUPS
+    from janus_train.model.groups import GROUPS
     from janus_train.trainer.metrics import encoder_flops
 
     jcfg = build_janus_config(cfg, _VocabOnly(cfg.text.vocab_size))
