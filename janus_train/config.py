@@ -46,11 +46,28 @@ class ChatTemplate(str, Enum):
     """Janus-Pro: ``<|User|>`` / ``<|Assistant|>`` roles."""
 
 
-class CaptionFormat(str, Enum):
+class UndFormat(str, Enum):
+    """How captions and conversations (understanding, and text conversations) are framed
+    (``docs/data.md``)."""
+
     plain = "plain"
-    """``<image><caption>`` (stage 1)."""
+    """Stage 1: captions ``<image><caption>``; conversations ``<question><answer>``."""
     qa = "qa"
-    """``<image>Describe the image in detail.<caption>`` as a conversation (stage 2)."""
+    """The papers' stage 2: captions ``<image>Describe the image in detail.<caption>``,
+    conversations ``<question><answer>``; no chat roles, no system prompt."""
+    chat = "chat"
+    """Stage 3: the chat template (``experiment.chat_template`` roles) headed by
+    ``data.system_prompt``; captions as the answer to "Describe the image in detail."."""
+
+
+class GenFormat(str, Enum):
+    """How a text-to-image prompt is framed."""
+
+    plain = "plain"
+    """``<caption><image>`` (stages 1 and 2 in the papers)."""
+    chat = "chat"
+    """``U: caption\\n\\nA:<image>``: the chat template's user turn, no system prompt (stage 3,
+    DeepSeek's ``generation_inference.py``)."""
 
 
 @dataclass
@@ -83,6 +100,10 @@ class StageHParams:
     first_sentence_prob: float = 0.0
     """Probability that a generation caption keeps only its first sentence (Janus stage 2:
     0.25, the paper's data setup; the other stages: 0)."""
+    und_format: UndFormat | None = None
+    """Overrides ``stage.und_format`` for this stage of this experiment (None: the stage's)."""
+    gen_format: GenFormat | None = None
+    """Overrides ``stage.gen_format`` for this stage of this experiment (None: the stage's)."""
 
 
 @dataclass
@@ -107,7 +128,10 @@ class StageConfig:
     gen_head, llm (vq never)."""
     train_gen_embeddings: bool = False
     """Add ``gen_embeddings`` to the trainable groups (the papers do not say)."""
-    caption_format: CaptionFormat = CaptionFormat.plain
+    und_format: UndFormat = UndFormat.plain
+    """Framing of captions and conversations: plain | qa | chat (``UndFormat``)."""
+    gen_format: GenFormat = GenFormat.plain
+    """Framing of text-to-image prompts: plain | chat (``GenFormat``)."""
     sft: bool = False
     """Conversations with system/user turns masked (stage 3)."""
 
@@ -132,11 +156,27 @@ class RunConfig:
         return hp
 
     @property
+    def und_format(self) -> str:
+        """The stage's understanding framing (``experiment.<stage>.und_format`` wins)."""
+        hp = getattr(self.experiment, self.stage.name)
+        return _value(hp.und_format or self.stage.und_format)
+
+    @property
+    def gen_format(self) -> str:
+        """The stage's text-to-image prompt framing (``experiment.<stage>.gen_format`` wins)."""
+        hp = getattr(self.experiment, self.stage.name)
+        return _value(hp.gen_format or self.stage.gen_format)
+
+    @property
     def trainable_groups(self) -> list[str]:
         groups = list(self.stage.trainable)
         if self.stage.train_gen_embeddings and "gen_embeddings" not in groups:
             groups.append("gen_embeddings")
         return groups
+
+
+def _value(x) -> str:
+    return getattr(x, "value", x)
 
 
 def register_configs() -> None:

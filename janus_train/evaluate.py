@@ -170,7 +170,7 @@ def _understanding_items(recipe, fmt: S.PromptFormat, n: int):
     """(image, question, reference answer) from the eval recipe's understanding sources."""
     from janus_train.data.builders import _caption, _conversation_turns
 
-    want = "conversation" if fmt.style == "chat" else "caption"
+    want = "caption" if fmt.style == "plain" else "conversation"  # stage 1: captioning
     items = []
     for src in recipe.sources:
         if src.task != "understanding" or src.format != want:

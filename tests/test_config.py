@@ -105,7 +105,7 @@ def test_train_overrides_apply_to_hparams():
         ("model.text.hidden_size=abc", ValidationError, "hidden_size"),
         ("experiment.stage2.lr=fast", ValidationError, "lr"),
         ("experiment.stage1.schedule=linear", ValidationError, "schedule"),
-        ("stage.caption_format=markdown", ValidationError, "caption_format"),
+        ("stage.und_format=markdown", ValidationError, "und_format"),
         ("train.micro_batch_sz=2", ConfigKeyError, "micro_batch_sz"),
     ],
 )

@@ -57,6 +57,7 @@ def make_ctx(proc, **kw) -> BuildContext:
         first_sentence_prob=0.0,
         seq_len=512,
         system_prompt=None,
+        und_format="chat",  # conversations in the chat template (stage 3's framing)
     )
     base.update(kw)
     return BuildContext(**base)
@@ -82,7 +83,7 @@ def test_caption_plain_masks(proc):
 
 def test_caption_qa_masks_question(proc):
     for sft in (False, True):  # the fixed question is never supervised
-        ctx = make_ctx(proc, caption_format="qa", sft=sft)
+        ctx = make_ctx(proc, und_format="chat", gen_format="chat", sft=sft)
         st = ctx.st
         s = build_caption_qa("a red circle", img_arr(), ctx)
         pre = enc(proc, "<|User|>: ")
@@ -172,7 +173,10 @@ def test_generation_sequences(proc):
     # Without codes: -1 slots and the [-1, 1] image travels along.
     im = img_arr()
     s = build_generation(
-        "a red circle", make_ctx(proc, caption_format="qa"), random.Random(0), image=im
+        "a red circle",
+        make_ctx(proc, und_format="chat", gen_format="chat"),
+        random.Random(0),
+        image=im,
     )
     p = enc(proc, "<|User|>: a red circle\n\n<|Assistant|>:")
     assert s.input_ids == [st.bos] + p + [st.boi] + [st.pad] * N
@@ -180,10 +184,13 @@ def test_generation_sequences(proc):
 
 
 def test_cfg_dropout_is_hf_unconditional_prompt(proc):
-    ctx = make_ctx(proc, caption_format="qa", cfg_dropout=1.0)
+    ctx = make_ctx(proc, und_format="chat", gen_format="chat", cfg_dropout=1.0)
     st = ctx.st
     cond = build_generation(
-        "a red circle", make_ctx(proc, caption_format="qa"), random.Random(0), codes=np.zeros(N)
+        "a red circle",
+        make_ctx(proc, und_format="chat", gen_format="chat"),
+        random.Random(0),
+        codes=np.zeros(N),
     )
     unc = build_generation("a red circle", ctx, random.Random(0), codes=np.zeros(N))
     # HF generate(generation_mode="image"): every prompt token that is neither BOS nor BOI -> pad.

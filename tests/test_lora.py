@@ -222,7 +222,7 @@ def test_shipped_lora_experiments_compose(exp, model, batch, monkeypatch, tmp_pa
 
     run = to_run_config(compose([f"experiment={exp}"]))  # stage 3 without naming it
     assert (run.experiment.name, run.model.name, run.stage.name) == (exp, model, "stage3")
-    assert run.stage.sft and run.stage.caption_format.value == "qa"
+    assert run.stage.sft and run.und_format == "chat"
     hp = run.hparams
     assert (hp.ratio.und, hp.ratio.text, hp.ratio.gen) == (5, 1, 4)  # the paper's stage 3
     assert hp.global_batch_size == batch and run.train.tokens_per_micro == 4096

@@ -48,7 +48,8 @@ def ctx_of(proc, **kw) -> BuildContext:
         cfg_dropout=0.0,
         first_sentence_prob=0.0,
         seq_len=512,
-        caption_format="qa",
+        und_format="chat",
+        gen_format="chat",
         **kw,
     )
 

@@ -9,18 +9,25 @@ loader's collate (its packing and image policy over ``janus_train.batch.collate`
 
 Sequences (spec §2, §5; ``U``/``A`` = ``User``/``Assistant`` or ``<|User|>``/``<|Assistant|>``,
 IMG = ``<begin_of_image>`` + N x ``<image_placeholder>`` + ``<end_of_image>``, ``[..]`` =
-supervised):
+supervised, Q = ``"Describe the image in detail."``). ``und_format`` frames captions and
+conversations, ``gen_format`` text-to-image prompts (``stage.*``, per experiment stage):
 
 - caption, plain:  BOS IMG [caption EOS]
-- caption, qa:     BOS "U: " IMG "\\nDescribe the image in detail.\\n\\nA:" [" caption" EOS]
-- conversation:    BOS (system "\\n\\n") "U: msg\\n\\nA:" [" answer" EOS] ... ; ``<image>`` markers
-  become IMG; with ``sft`` false every text token but BOS, the system prompt and IMG is supervised;
-  system = ``ctx.system_prompt`` (DeepSeek's by default) unless the conversation has its own;
-  system and messages are stripped of surrounding whitespace, as DeepSeek's template does
+- caption, qa:     BOS IMG "\\nQ" [" caption" EOS]
+- caption, chat:   BOS (system "\\n\\n") "U: " IMG "\\nQ\\n\\nA:" [" caption" EOS]
+  (the question is never supervised)
+- conversation, chat: BOS (system "\\n\\n") "U: msg\\n\\nA:" [" answer" EOS] ... ;
+  system = ``ctx.system_prompt`` (DeepSeek's by default) unless the conversation has its own
+- conversation, plain / qa: BOS "msg" [" answer" EOS] "msg" [" answer" EOS] ... (no roles, no
+  system prompt, a record's system turn dropped); the space before an answer is left out
+  when the message ends with an image
+- in conversations ``<image>`` markers become IMG; with ``sft`` false every text token but
+  BOS, the system prompt and IMG is supervised; system and messages are stripped of
+  surrounding whitespace, as DeepSeek's template does
 - text:            BOS [text EOS] cut into chunks of ``seq_len`` overlapping by one token; a
                    chunk's first token is context only (never predicted across a packed row)
 - generation:      BOS prompt BOI [N codes]; prompt = ``caption`` (plain) or ``"U: caption\\n\\nA:"``
-  (qa; never a system prompt); CFG dropout turns every token strictly between BOS and BOI
+  (chat; never a system prompt); CFG dropout turns every token strictly between BOS and BOI
   into pad.
 """
 
@@ -70,7 +77,10 @@ class BuildContext:
     tokenizer: object
     st: SpecialTokens
     chat_template: str = "janus_pro"
-    caption_format: str = "plain"
+    und_format: str = "plain"
+    """Captions and conversations: plain | qa | chat (``config.UndFormat``)."""
+    gen_format: str = "plain"
+    """Text-to-image prompts: plain | chat (``config.GenFormat``)."""
     sft: bool = False
     seq_len: int = 4096
     image_size: int = 384
@@ -148,33 +158,47 @@ def build_conversation(
     ``mask_user`` (default ``ctx.sft``): supervise only the assistant answers and their EOS.
     """
     mask_user = ctx.sft if mask_user is None else mask_user
+    chat = ctx.und_format == "chat"
     seq = _Seq(ctx.st.bos)
-    system = ctx.system_prompt
+    system = ctx.system_prompt if chat else None
     if turns and turns[0][0] == "system":
-        system, turns = turns[0][1], turns[1:]
+        own, turns = turns[0][1], turns[1:]
+        system = own if chat else None
     if system and system.strip():
         seq.add(ctx.enc(system.strip() + SYSTEM_END), False)
     markers = 0
     expect = "user"
+    answer_start = ANSWER_START
     for role, text in turns:
         if role != expect:
             raise BadSample("bad_conversation", f"expected a {expect} turn, got {role}")
+        text = text.strip()
         if role == "user":
-            turn = user_turn(ctx.chat_template, text.strip())
+            turn = user_turn(ctx.chat_template, text) if chat else text
             markers += _add_text_with_images(seq, ctx, turn, not mask_user)
+            # plain: a space between the question's last word and the answer's first (the
+            # tokenizer would merge them); none after an image block
+            answer_start = ANSWER_START if chat or plain_answer_spaced(text) else ""
             expect = "assistant"
         else:
             if IMAGE_MARKER in text:
                 raise BadSample("image_marker_mismatch", "<image> in an assistant turn")
-            seq.add(ctx.enc(ANSWER_START + text.strip()) + [ctx.st.eos], True)
+            seq.add(ctx.enc(answer_start + text) + [ctx.st.eos], True)
             expect = "user"
     if markers != len(images):
         raise BadSample("image_marker_mismatch", f"{markers} <image> markers, {len(images)} images")
     return _finish(seq, ctx, task, images)
 
 
+def plain_answer_spaced(user_text: str) -> bool:
+    """In the plain framing an answer starts with a space unless the (stripped) message is
+    empty or ends with an image."""
+    return bool(user_text) and not user_text.endswith(IMAGE_MARKER)
+
+
 def build_caption_qa(caption: str, image: np.ndarray, ctx: BuildContext) -> Sample:
-    """Stage 2+ understanding: the caption as the answer to the fixed question (masked)."""
+    """Stage 2+ understanding: the caption as the answer to the fixed question (masked), in
+    ``ctx.und_format``'s framing (qa: no roles, no system prompt; chat: the chat template)."""
     turns = [("user", f"{IMAGE_MARKER}\n{QA_QUESTION}"), ("assistant", caption)]
     return build_conversation(turns, [image], ctx, "und", mask_user=True)
 
@@ -215,11 +239,7 @@ def build_generation(
     if budget < 0:
         raise BadSample("too_long", f"{n} image tokens do not fit seq_len {ctx.seq_len}")
     while True:
-        text = (
-            prompt
-            if ctx.caption_format == "plain"
-            else user_turn(ctx.chat_template, prompt.strip())
-        )
+        text = prompt if ctx.gen_format == "plain" else user_turn(ctx.chat_template, prompt.strip())
         ptoks = ctx.enc(text)
         if len(ptoks) <= budget or not prompt:
             break
@@ -335,7 +355,7 @@ def record_to_samples(
     if fmt == "caption" and task == "understanding":
         cap = _caption(members)
         img = und_uint8(decode_image(_one_image(members)), S)
-        build = build_caption_plain if ctx.caption_format == "plain" else build_caption_qa
+        build = build_caption_plain if ctx.und_format == "plain" else build_caption_qa
         return [build(cap, img, ctx)]
     if task == "generation":
         if fmt == "class_label":

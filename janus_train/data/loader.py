@@ -663,7 +663,8 @@ def build_context(run, processor) -> BuildContext:
         tokenizer=tok,
         st=resolve_special_tokens(tok),
         chat_template=getattr(run.experiment.chat_template, "value", run.experiment.chat_template),
-        caption_format=getattr(run.stage.caption_format, "value", run.stage.caption_format),
+        und_format=run.und_format,  # the stage's, or experiment.<stage>'s override
+        gen_format=run.gen_format,
         sft=run.stage.sft,
         seq_len=d.seq_len,
         image_size=run.model.image_size,

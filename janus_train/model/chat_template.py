@@ -6,9 +6,14 @@ Chat style (``U``/``A`` = ``User``/``Assistant`` or ``<|User|>``/``<|Assistant|>
 
     [system "\\n\\n"] "U: " user "\\n\\n" "A:" " " answer EOS "U: " user "\\n\\n" "A:" ...
 
-Plain style (stage 1): user content then the answer and EOS, no roles, no system prompt.
-Text-to-image prompts (``generation_mode="image"``) carry no system prompt and end with
-``<begin_of_image>``. In HF message content an image entry renders as ``<image_placeholder>``
+Plain style (stages 1 and 2, ``stage.und_format`` plain or qa; the papers' ``<image><caption>``,
+``<image>Describe the image in detail.<caption>``, ``<question><answer>``)::
+
+    user " " answer EOS user " " answer EOS ...     (no space after a message ending in an image)
+
+no roles, no system prompt. Text-to-image prompts (``generation_mode="image"``) are framed by
+their own style (``stage.gen_format``): chat ``"U: " prompt "\\n\\n" "A:"`` or plain ``prompt``,
+never with a system prompt, and end with ``<begin_of_image>``. In HF message content an image entry renders as ``<image_placeholder>``
 (which ``JanusProcessor`` expands to ``<begin_of_image>`` + N placeholders + ``<end_of_image>``,
 the builders' image block), separated from its neighbours by ``"\\n"``; a string content's
 ``<image>`` markers (the training data's convention) render the same way.
@@ -22,7 +27,10 @@ from dataclasses import dataclass
 from janus_train.model.tokenizer import BOI_TOKEN, IMAGE_TOKEN
 
 ROLES = {"janus": ("User", "Assistant"), "janus_pro": ("<|User|>", "<|Assistant|>")}
-STYLES = ("chat", "plain")
+STYLES = ("chat", "qa", "plain")
+"""Understanding styles (``stage.und_format``): qa renders as plain; evaluation asks a qa or
+chat model questions and a plain (stage-1) model for captions."""
+GEN_STYLES = ("chat", "plain")
 IMAGE_MARKER = "<image>"
 """Where an image goes in a training conversation's text (LLaVA convention)."""
 SYSTEM_END = "\n\n"
@@ -57,16 +65,23 @@ def user_turn(template: str, text: str) -> str:
 @dataclass
 class PromptFormat:
     """How prompts are framed: ``chat`` with a template's roles and a system prompt, or
-    ``plain`` (stage 1)."""
+    ``plain`` / ``qa`` (no roles, no system prompt; stages 1 and 2); text-to-image prompts by
+    ``gen_style`` (default: chat for a chat style, else plain)."""
 
     style: str = "chat"
     chat_template: str = "janus_pro"
     system_prompt: str | None = SYSTEM_PROMPT
     """None or '': none. Stripped, as DeepSeek's template strips every message."""
+    gen_style: str | None = None
+    """Text-to-image prompts: ``chat`` | ``plain`` (None: follows ``style``)."""
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
             raise ValueError(f"prompt style {self.style!r}: one of {STYLES}")
+        if self.gen_style is None:
+            self.gen_style = "chat" if self.style == "chat" else "plain"
+        if self.gen_style not in GEN_STYLES:
+            raise ValueError(f"text-to-image prompt style {self.gen_style!r}: one of {GEN_STYLES}")
         if self.chat_template not in ROLES:
             raise ValueError(f"chat template {self.chat_template!r}: one of {sorted(ROLES)}")
 
@@ -75,11 +90,11 @@ class PromptFormat:
 
 
 def run_prompt_format(run) -> PromptFormat:
-    """The format a run trains: plain captions (stage 1) or the experiment's chat template with
-    ``data.system_prompt``."""
-    fmt = getattr(run.stage.caption_format, "value", run.stage.caption_format)
+    """The format a run trains: its stage's understanding framing (``run.und_format``: plain,
+    qa, or the experiment's chat template with ``data.system_prompt``) and text-to-image
+    framing (``run.gen_format``)."""
     tmpl = getattr(run.experiment.chat_template, "value", run.experiment.chat_template)
-    return PromptFormat("plain" if fmt == "plain" else "chat", tmpl, run.data.system_prompt)
+    return PromptFormat(run.und_format, tmpl, run.data.system_prompt, run.gen_format)
 
 
 def _lit(s: str) -> str:
@@ -130,13 +145,18 @@ _CHAT = """\
 {%- endif -%}
 """
 
+# ``ns.sep``: the answer's leading space, none after a message that is empty or ends in an image.
 _PLAIN = """\
 {%- set image_mode = generation_mode is defined and generation_mode == 'image' -%}
+{%- set ns = namespace(sep='') -%}
 {%- for m in messages -%}
 {%- if m['role'] == 'user' -%}
-{{- content_text(m['content']) | trim -}}
+{%- set t = content_text(m['content']) | trim -%}
+{{- t -}}
+{%- set ns.sep = '' if (not t or t.endswith(IMAGE_TOKEN)) else ANSWER_START -%}
 {%- elif m['role'] == 'assistant' -%}
-{%- generation -%}{{ (content_text(m['content']) | trim) ~ eos_token }}{%- endgeneration -%}
+{%- generation -%}{{ ns.sep ~ (content_text(m['content']) | trim) ~ eos_token }}{%- endgeneration -%}
+{%- set ns.sep = '' -%}
 {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt and image_mode -%}{{ BOI_TOKEN }}{%- endif -%}
@@ -152,20 +172,35 @@ def jinja_template(fmt: PromptFormat) -> str:
         "IMAGE_TOKEN": IMAGE_TOKEN,
         "IMAGE_SEP": IMAGE_SEP,
         "BOI_TOKEN": BOI_TOKEN,
+        "ANSWER_START": ANSWER_START,
     }
-    if fmt.style == "chat":
+    und_chat, gen_chat = fmt.style == "chat", fmt.gen_style == "chat"
+    if und_chat or gen_chat:
         consts.update(
             SYSTEM_PROMPT=(fmt.system_prompt or "").strip(),
             SYSTEM_END=SYSTEM_END,
             USER_PREFIX=user_prefix(fmt.chat_template),
             USER_END=USER_END,
             ASSISTANT_HEADER=assistant_header(fmt.chat_template),
-            ANSWER_START=ANSWER_START,
         )
-    name = f"chat format ({fmt.chat_template})" if fmt.style == "chat" else "plain format"
+    und, gen = (_CHAT if und_chat else _PLAIN), (_CHAT if gen_chat else _PLAIN)
+    body = und
+    if und is not gen:  # text-to-image prompts framed apart from understanding
+        body = (
+            "{%- if generation_mode is defined and generation_mode == 'image' -%}\n"
+            + gen
+            + "{%- else -%}\n"
+            + und
+            + "{%- endif -%}\n"
+        )
+    name = f"chat format ({fmt.chat_template})" if und_chat else f"{fmt.style} format"
+    if und is not gen:
+        name += f", {fmt.gen_style} text-to-image prompts"
+        if gen_chat:
+            name += f" ({fmt.chat_template})"
     head = f"{{#- janus_train {name}: generated by janus_train.model.chat_template -#}}\n"
     sets = "".join(f"{{%- set {k} = {_lit(v)} -%}}\n" for k, v in consts.items())
-    return head + sets + _CONTENT_MACRO + (_CHAT if fmt.style == "chat" else _PLAIN)
+    return head + sets + _CONTENT_MACRO + body
 
 
 # Conversations on which a processor's own template must render the trained format to be kept.

@@ -72,7 +72,7 @@ def _example(processor, style: str) -> tuple[str, str]:
     """The chat format rendered by the processor's own template: understanding and
     text-to-image prompts."""
     und = [{"role": "user", "content": [{"type": "image"}]}]  # plain (stage 1): captioning
-    if style == "chat":
+    if style != "plain":
         und = [
             {
                 "role": "user",
@@ -154,8 +154,9 @@ def model_card(run, processor, step: int, world_size: int, metrics_path=None) ->
         "| | |",
         "|---|---|",
         f"| base checkpoint | {base} |",
-        f"| stage | `{stage.name}`: trains {', '.join(f'`{g}`' for g in trainable)}; captions "
-        f"`{_val(stage.caption_format)}`, SFT masking `{stage.sft}` |",
+        f"| stage | `{stage.name}`: trains {', '.join(f'`{g}`' for g in trainable)}; framing "
+        f"`{run.und_format}` (understanding), `{run.gen_format}` (text-to-image prompts), SFT "
+        f"masking `{stage.sft}` |",
         f"| steps | {step} of {hp.steps} scheduled"
         + (f" (stop at {hp.stop_at})" if hp.stop_at else "")
         + " |",
@@ -173,8 +174,13 @@ def model_card(run, processor, step: int, world_size: int, metrics_path=None) ->
         f"DeepSpeed ZeRO-{run.deepspeed.zero_stage}; exported in fp32 |",
         f"| loss | `{tc.loss_reduction}`; sequence length {run.data.seq_len} |",
         f"| prompt format | {fmt.style}"
-        + (f", `{fmt.chat_template}` roles" if fmt.style == "chat" else "")
-        + (f", system prompt {json.dumps(fmt.system_prompt)}" if fmt.system_prompt else "")
+        + (f" (text-to-image: {fmt.gen_style})" if fmt.gen_style != fmt.style else "")
+        + (f", `{fmt.chat_template}` roles" if "chat" in (fmt.style, fmt.gen_style) else "")
+        + (
+            f", system prompt {json.dumps(fmt.system_prompt)}"
+            if fmt.system_prompt and fmt.style == "chat"
+            else ""
+        )
         + " |",
         "",
         "### Data",
