@@ -54,9 +54,11 @@ from janus_train.model import (
     set_train_mode,
     write_trainable_report,
 )
+from janus_train.model.attention import check_attn_available
 from janus_train.model.build import check_init_from
 from janus_train.model.chat_template import run_prompt_format, set_chat_template
-from janus_train.model.kernels import build_head_loss
+from janus_train.model.forward import with_index
+from janus_train.model.kernels import build_head_loss, check_kernels_available
 from janus_train.trainer.checkpoint import EXIT_REQUEUE, tag_for
 from janus_train.trainer.distributed import (
     BatchPlan,
@@ -185,7 +187,11 @@ def forward_backward(
 
 
 def _to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Pinned host memory (CUDA) so the copies are asynchronous: the step does not wait."""
+    pin = torch.device(device).type == "cuda"
+    return {
+        k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()
+    }
 
 
 def _gather_counters(loader) -> dict[str, int]:
@@ -298,7 +304,8 @@ def train_step(
     host = loader.next_step()
     local_n = torch.stack([count_supervised(check_batch(b)) for b in host]).sum(0)
     meter.add_step(host)
-    micro = [loader.finish(_to_device(b, engine.device)) for b in host]  # uint8 -> float
+    # indexed on the host (no sync in the forward), then copied; uint8 -> float on the device
+    micro = [loader.finish(_to_device(with_index(b, t.janus), engine.device)) for b in host]
     # The loop's one collective of a non-logging step: the supervised-token counts (the loss
     # normalisation, needed before any backward), the stop flag (a signal that arrived
     # before this step is honoured right after it, on every rank together) and the
@@ -468,6 +475,9 @@ def run(cfg: RunConfig) -> int:
         if info.is_main:
             print(_json({"batch": plan_as_dict(prep.plan), "deepspeed": prep.ds_config}))
         return EXIT_OK
+    # what this machine cannot run, before any model (a dry run may plan for another machine)
+    check_attn_available(cfg.model.attn_implementation)
+    check_kernels_available(cfg.model)
 
     # From here on, whatever ends the run (end, exception, signal) closes what `guard` holds.
     with RunGuard(tc.stop_grace_s) as guard:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from collections import Counter
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from janus_train.data.packing import (
     assign_balanced,
@@ -196,79 +196,119 @@ def _loss_and_grads(tm, batches):
     return total, grads
 
 
-def _varlen_reference(
-    module,
-    query,
-    key,
-    value,
-    attention_mask,
-    scaling=None,
-    dropout=0.0,
-    cu_seq_lens_q=None,
-    max_length_q=None,
-    **kwargs,
-):
-    """What a flash varlen kernel computes, on CPU: causal attention within each cu_seqlens
-    segment of the flattened (B*T) token stream, nothing across segments."""
-    assert attention_mask is None and cu_seq_lens_q is not None and max_length_q is not None
-    B, H, T, D = query.shape
-    rep = H // key.shape[1]
-    q = query.transpose(1, 2).reshape(B * T, H, D)
-    k = key.repeat_interleave(rep, 1).transpose(1, 2).reshape(B * T, H, D)
-    v = value.repeat_interleave(rep, 1).transpose(1, 2).reshape(B * T, H, D)
-    out = torch.empty_like(q)
-    cu = cu_seq_lens_q.tolist()
-    for a, e in zip(cu[:-1], cu[1:]):
-        o = F.scaled_dot_product_attention(
-            q[a:e].transpose(0, 1),
-            k[a:e].transpose(0, 1),
-            v[a:e].transpose(0, 1),
-            is_causal=True,
-            scale=scaling,
+def _expected_boundaries(rows, T):
+    """Sequence starts of the flattened (B*T) rows from how they were built: each row's samples
+    back to back by their lengths, then each pad token on its own; and the longest length."""
+    cu, longest = [], 1
+    for i, row in enumerate(rows):
+        a = i * T
+        for s in row:
+            cu.append(a)
+            a += len(s["ids"])
+            longest = max(longest, len(s["ids"]))
+        cu += list(range(a, (i + 1) * T))
+    return [*cu, len(rows) * T], longest
+
+
+class _FlashStandIn:
+    """Stands in for flash_attention_2 (CUDA + the flash-attn package) as strictly as HF's own
+    path: registered with HF's real ``flash_attention_mask`` (a 2-D padding mask would come
+    through and send HF's flash code down its unpad-by-mask branch), it requires all four varlen
+    arguments and checks their values against the test's own boundaries, then computes with
+    the CPU reference of PyTorch's varlen kernel."""
+
+    def __init__(self):
+        self.expected = None
+        self.calls = 0
+
+    def __call__(
+        self,
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        scaling=None,
+        dropout=0.0,
+        cu_seq_lens_q=None,
+        cu_seq_lens_k=None,
+        max_length_q=None,
+        max_length_k=None,
+        **kwargs,
+    ):
+        from janus_train.model.attention import call_varlen, varlen_attn_reference
+
+        assert attention_mask is None, "a mask reached the flash path (HF would unpad by it)"
+        cu, mx = self.expected
+        for name, got in (("cu_seq_lens_q", cu_seq_lens_q), ("cu_seq_lens_k", cu_seq_lens_k)):
+            assert got is not None and got.dtype == torch.int32, name
+            assert got.tolist() == cu, name
+        assert max_length_q == mx and max_length_k == mx
+        assert isinstance(max_length_q, int) and isinstance(max_length_k, int)
+        self.calls += 1
+        B, H, T, D = query.shape
+        q = query.transpose(1, 2).reshape(B * T, H, D)
+        k = key.transpose(1, 2).reshape(B * T, key.shape[1], D)
+        v = value.transpose(1, 2).reshape(B * T, value.shape[1], D)
+        out = call_varlen(
+            varlen_attn_reference, q, k, v, cu_seq_lens_q, cu_seq_lens_k, mx, mx, scaling
         )
-        out[a:e] = o.transpose(0, 1)
-    return out.view(B, T, H, D), None
+        return out.view(B, T, H, D), None
 
 
 def _impls():
-    """eager / sdpa: HF's block-causal mask from the restarts (the CPU path); varlen_reference:
-    the flash path's kwargs. flex_attention has no backward on CPU (torch 2.13)."""
-    return ["eager", "sdpa", "varlen_reference"]
+    """eager / sdpa: HF's block-causal mask from the restarts (the CPU path); torch_varlen: the
+    CUDA default's plumbing with the CPU reference kernel; flash_stand_in: flash_attention_2's
+    path. flex_attention has no backward on CPU (torch 2.13): refused there (see below)."""
+    return ["eager", "sdpa", "torch_varlen", "flash_stand_in"]
 
 
 @pytest.mark.parametrize("impl", _impls())
 def test_packed_rows_equal_per_sample_losses_and_grads(fresh_tiny_model, impl, monkeypatch):
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    from janus_train.model.attention import set_llm_attention
 
     model, processor = fresh_tiny_model
     model.train()
     for mod in model.modules():  # dropout-free comparison
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
-    if impl == "varlen_reference":
-        # stands in for flash_attention_2 (needs CUDA): same kwargs path, CPU kernel
-        AttentionInterface.register(impl, _varlen_reference)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(impl, lambda *a, **k: None)
-        monkeypatch.setattr(fwd, "VARLEN_IMPLS", (impl,))
-    model.model.language_model.config._attn_implementation = impl
+    stand_in = None
+    if impl == "flash_stand_in":
+        stand_in = _FlashStandIn()
+        AttentionInterface.register(impl, stand_in)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(impl, flash_attention_mask)
+        monkeypatch.setattr(fwd, "VARLEN_IMPLS", (*fwd.VARLEN_IMPLS, impl))
+        model.model.language_model.config._attn_implementation = impl
+    elif impl == "torch_varlen":
+        set_llm_attention(model, impl)
+    else:
+        model.model.language_model.config._attn_implementation = impl
     tok = processor.tokenizer
     st = resolve_special_tokens(tok)
     size = model.config.vision_config.image_size
     images = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(7))
     samples = _samples(model, tok, st)
     tm = JanusTrainModel(model)
-    # two packed rows (the second shorter, so right-padded), several samples each
+    # two packed rows (one shorter, so right-padded), several samples each
     rows = [samples[:4], samples[4:]]
     und_order = [s for row in rows for s in row if s["task"] == 1]
     assert len(und_order) == 2
-    packed_loss, packed_grads = _loss_and_grads(tm, [_batch(rows, st.pad, images, size)])
+    packed = _batch(rows, st.pad, images, size)
+    assert (packed["attention_mask"] == 0).any()  # a right-padded row
+    if stand_in:
+        stand_in.expected = _expected_boundaries(rows, packed["input_ids"].shape[1])
+    packed_loss, packed_grads = _loss_and_grads(tm, [packed])
     alone, i_und = [], 0
     for s in [s for row in rows for s in row]:
         img = images[i_und : i_und + 1] if s["task"] == 1 else images[:0]
         i_und += s["task"] == 1
         alone.append(_batch([[s]], st.pad, img, size))
-    ref_loss, ref_grads = _loss_and_grads(tm, alone)
+    if stand_in:
+        assert stand_in.calls == model.config.text_config.num_hidden_layers
+    ref_loss, ref_grads = _per_sample(tm, alone, stand_in)
     torch.testing.assert_close(packed_loss, ref_loss, rtol=1e-5, atol=1e-5)
     assert packed_grads.keys() == ref_grads.keys()
     for k, g in ref_grads.items():
@@ -276,25 +316,202 @@ def test_packed_rows_equal_per_sample_losses_and_grads(fresh_tiny_model, impl, m
     # sanity: without the restarts (one long sample per row) the loss differs
     b = _batch(rows, st.pad, images, size)
     b["position_ids"] = torch.arange(b["input_ids"].shape[1]).expand_as(b["input_ids"]).clone()
+    if stand_in:
+        T = b["input_ids"].shape[1]
+        stand_in.expected = ([0, T, 2 * T], T)
     with torch.no_grad():
         assert not torch.allclose(tm(b)["loss_sum"], packed_loss, rtol=1e-4)
 
 
-def test_varlen_kwargs_from_flattened_rows():
+def _per_sample(tm, alone, stand_in):
+    """Each sample in its own one-row batch (the stand-in told each one's boundaries)."""
+    tm.zero_grad()
+    total = torch.zeros(3)
+    for b in alone:
+        if stand_in:
+            n = b["input_ids"].shape[1]
+            stand_in.expected = ([0, n], n)
+        out = tm(b)
+        out["loss_sum"].sum().backward()
+        total = total + out["loss_sum"].detach()
+    grads = {n: p.grad.clone() for n, p in tm.named_parameters() if p.grad is not None}
+    return total, grads
+
+
+def test_batch_index_boundaries_and_positions():
+    """The host-side index against a hand-worked batch: varlen boundaries of the flattened rows
+    (pads one token each), supervised-position lists and per-task counts."""
     pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 0, 0, 0, 0]])
-    kw = fwd.varlen_kwargs(pos, "flash_attention_2")
+    am = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    labels = torch.full((2, 6), IGN)
+    labels[0, 1:3] = 5  # text sample: positions 0, 1 predict
+    labels[1, 1] = 6  # und sample
+    codes = torch.full((2, 6), IGN)
+    codes[0, 4:6] = torch.tensor([3, -1])  # gen sample: a given code and one from pixels
+    task = torch.tensor([[0, 0, 0, 2, 2, 2], [1, 1, 1, -1, -1, -1]])
+    ids = torch.tensor([[1, 2, 3, 1, 9, 9], [1, 7, 2, 0, 0, 0]])
+    batch = dict(
+        input_ids=ids, attention_mask=am, position_ids=pos, labels=labels, image_codes=codes,
+        task_ids=task,
+    )  # fmt: skip
+    ix = fwd.index_batch(batch, image_token_id=7)
+    kw = ix.varlen_kwargs()
     assert kw["cu_seq_lens_q"].tolist() == [0, 3, 5, 6, 8, 9, 10, 11, 12]
-    assert kw["max_length_q"] == 3
-    assert fwd.varlen_kwargs(pos, "sdpa") == {}
+    assert kw["cu_seq_lens_k"].tolist() == kw["cu_seq_lens_q"].tolist()
+    assert kw["max_length_q"] == kw["max_length_k"] == 3
+    assert ix.text_pos.tolist() == [0, 1, 6] and ix.code_pos.tolist() == [3, 4]
+    assert ix.code_slots.tolist() == [4, 5] and ix.fill_slots.tolist() == [5]
+    assert ix.image_slots.tolist() == [7] and ix.n_tokens.tolist() == [2, 1, 2]
     with pytest.raises(ValueError, match="position_ids 0"):
-        fwd.varlen_kwargs(torch.tensor([[1, 2]]), "flash_attention_2")
+        fwd.index_batch({**batch, "position_ids": pos + 1}, 7)
+    with pytest.raises(ValueError, match="right-padded"):
+        fwd.index_batch({**batch, "attention_mask": am.flip(1)}, 7)
+    assert fwd.index_batch({**batch, "position_ids": None}, 7).varlen_kwargs() == {}
+
+
+def test_varlen_reference_matches_per_sequence_causal_attention_and_torch_signature():
+    """The CPU reference against attention written out here (softmax of masked scores), with
+    GQA and a scale; and its signature is the installed ``varlen_attn``'s, so the CUDA kernel
+    receives what CI exercised (a torch upgrade that changes it fails here)."""
+    import inspect
+
+    from janus_train.model.attention import call_varlen, varlen_attn_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(9, h, 8, generator=g) for h in (4, 2, 2))
+    cu = torch.tensor([0, 4, 5, 9], dtype=torch.int32)
+    got = call_varlen(varlen_attn_reference, q, k, v, cu, cu, 4, 4, 0.3)
+    ref = torch.empty_like(q)
+    for a, e in [(0, 4), (4, 5), (5, 9)]:
+        kk, vv = k[a:e].repeat_interleave(2, 1), v[a:e].repeat_interleave(2, 1)
+        s = torch.einsum("qhd,khd->hqk", q[a:e], kk) * 0.3
+        s = s.masked_fill(torch.ones(e - a, e - a).triu(1).bool(), float("-inf"))
+        ref[a:e] = torch.einsum("hqk,khd->qhd", s.softmax(-1), vv)
+    torch.testing.assert_close(got, ref)
+    with pytest.raises(ValueError, match="max length 3 < longest segment 4"):
+        call_varlen(varlen_attn_reference, q, k, v, cu, cu, 3, 3, None)
+    from torch.nn.attention.varlen import varlen_attn
+
+    real, mine = inspect.signature(varlen_attn), inspect.signature(varlen_attn_reference)
+    assert [(p.name, p.kind, p.default) for p in mine.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in real.parameters.values()
+    ]
+
+
+def test_varlen_call_adapts_to_the_torch_2_10_signature():
+    """torch 2.10/2.11's varlen_attn takes ``is_causal`` and no ``scale``/``enable_gqa``: the
+    call passes is_causal=True and repeats the key/value heads."""
+    seen = {}
+
+    def old_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False):
+        seen.update(heads=(query.shape[1], key.shape[1]), is_causal=is_causal)
+        return query
+
+    from janus_train.model.attention import call_varlen
+
+    q, k = torch.zeros(3, 4, 8), torch.zeros(3, 2, 8)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    call_varlen(old_varlen, q, k, k, cu, cu, 3, 3, 8**-0.5)
+    assert seen == {"heads": (4, 4), "is_causal": True}
+    with pytest.raises(ValueError, match="no scale argument"):
+        call_varlen(old_varlen, q, k, k, cu, cu, 3, 3, 0.1)
+
+
+def test_torch_varlen_refuses_missing_arguments_or_a_mask():
+    from janus_train.model.attention import varlen_attention_forward
+
+    x = torch.zeros(1, 2, 3, 4)
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="needs cu_seq_lens_k, max_length_k"):
+        varlen_attention_forward(None, x, x, x, None, cu_seq_lens_q=cu, max_length_q=3)
+    with pytest.raises(ValueError, match="not an attention mask"):
+        varlen_attention_forward(None, x, x, x, torch.ones(1, 3))
 
 
 def test_attention_that_would_mix_samples_is_refused():
     fwd.check_attn_implementation("sdpa")
     fwd.check_attn_implementation("flash_attention_2")
+    fwd.check_attn_implementation("auto")
     with pytest.raises(ValueError, match="model.attn_implementation='paged|sdpa'"):
         fwd.check_attn_implementation("paged|sdpa")
+
+
+def test_attention_resolution_and_what_this_machine_cannot_run(monkeypatch):
+    from janus_train.model import attention as at
+
+    assert at.resolve_attn_implementation("auto", cuda=True) == "torch_varlen"
+    assert at.resolve_attn_implementation("auto", cuda=False) == "sdpa"
+    assert at.check_attn_available("torch_varlen", cuda=False) == "torch_varlen"  # reference
+    for impl, msg in (
+        ("flex_attention", "needs CUDA (FlexAttention has no backward on CPU)"),
+        ("flash_attention_2", "needs CUDA and the flash-attn package"),
+        ("flash_attention_3", "needs CUDA and the flash-attn-3 package"),
+    ):
+        with pytest.raises(
+            ValueError, match="^" + re.escape(f"model.attn_implementation={impl} {msg}")
+        ) as e:
+            at.check_attn_available(impl, cuda=False)
+        assert "\n" not in str(e.value)
+    assert at.check_attn_available("flex_attention", cuda=True) == "flex_attention"
+
+
+@pytest.mark.parametrize("impl", ["auto", "sdpa", "eager", "torch_varlen"])
+def test_every_accepted_value_builds_and_trains_a_packed_step(impl, tiny_workdir):
+    """``build_model`` with each value this CPU accepts, then one packed optimizer step whose
+    loss is the per-sample one (the model sees two samples in one row)."""
+    from janus_train.config import compose, to_run_config
+    from janus_train.model import build_model
+
+    cfg = to_run_config(
+        compose(["experiment=tiny", "model=tiny", f"model.attn_implementation={impl}"])
+    ).model
+    model, proc = build_model(cfg, workdir=tiny_workdir)
+    want = {"auto": "sdpa"}.get(impl, impl)
+    assert model.model.language_model.config._attn_implementation == want
+    assert model.config.vision_config._attn_implementation in ("sdpa", "eager")
+    st = resolve_special_tokens(proc.tokenizer)
+    size = model.config.vision_config.image_size
+    text = [s for s in _samples(model, proc.tokenizer, st) if s["task"] == 0][:2]
+    tm = JanusTrainModel(model)
+    model.train()
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    none = torch.zeros(0, 3, size, size)
+    with torch.no_grad():
+        alone = sum(tm(_batch([[s]], st.pad, none, size))["loss_sum"] for s in text)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = tm(_batch([text], st.pad, none, size))
+    out["loss_sum"].sum().backward()
+    opt.step()
+    torch.testing.assert_close(out["loss_sum"].detach(), alone, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        after = tm(_batch([text], st.pad, none, size))["loss_sum"].sum()
+    assert after < out["loss_sum"].sum()  # the step trained
+
+
+def test_flex_attention_refused_at_start_on_cpu(tmp_path, monkeypatch):
+    """No traceback, no model: one line before anything is built (exit 2 through the CLI's
+    user-error path)."""
+    from janus_train import train
+    from janus_train.config import compose, to_run_config
+    from janus_train.errors import is_user_error
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "build_engine", lambda *a, **k: pytest.fail("engine built"))
+    cfg = to_run_config(
+        compose(
+            [
+                "experiment=tiny",
+                "train.synthetic_data=true",
+                "model.attn_implementation=flex_attention",
+                f"train.run_dir={tmp_path}",
+            ]
+        )
+    )
+    with pytest.raises(ValueError, match="flex_attention needs CUDA") as e:
+        train.run(cfg)
+    assert is_user_error(e.value) and "\n" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ from pathlib import Path
 
 import torch
 
+from janus_train.model.attention import (
+    build_attn_implementation,
+    check_attn_available,
+    set_llm_attention,
+)
 from janus_train.model.compile import compile_decoder_layers
 from janus_train.model.config import ModelConfig
 from janus_train.model.kernels import apply_kernels, check_kernels_available
@@ -181,6 +186,7 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
     from transformers import JanusForConditionalGeneration
 
     check_kernels_available(cfg)
+    attn = check_attn_available(cfg.attn_implementation)
     processor = get_processor(cfg, workdir)
     tokenizer = processor.tokenizer
     st = resolve_special_tokens(tokenizer)
@@ -191,7 +197,7 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
             cfg.init_from,
             local_files_only=True,
             dtype=torch.float32,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=build_attn_implementation(attn),
         )
         if model.config.image_token_id != st.image:
             raise ValueError(
@@ -200,7 +206,7 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
             )
     else:
         jcfg = build_janus_config(cfg, tokenizer)
-        jcfg._attn_implementation = cfg.attn_implementation
+        jcfg._attn_implementation = build_attn_implementation(attn)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = JanusForConditionalGeneration(jcfg)
@@ -208,6 +214,7 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
             reinit_generation_modules(model, cfg.reinit_gen_modules)
+    set_llm_attention(model, attn)
     train_pad_embedding(model)
     set_generation_config(model, st)
     apply_kernels(model, cfg)

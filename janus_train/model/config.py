@@ -120,11 +120,14 @@ class ModelConfig:
     compile_backend: str = "inductor"
     """With ``compile``: ``inductor`` (generates kernels; needs a C++ compiler on CPU, Triton
     on GPU) | ``aot_eager`` (traces without generating kernels: tests) | ``eager``."""
-    attn_implementation: str = "sdpa"
-    """``sdpa`` | ``eager`` (packed samples kept apart by a block-causal mask: the CPU path) |
-    ``flex_attention`` (a sparse BlockMask; GPU) | ``flash_attention_2`` | ``flash_attention_3``
-    (varlen kernels with cu_seqlens, no mask; need the ``flash-attn`` package). Anything else
-    is refused: it could let packed samples attend to each other."""
+    attn_implementation: str = "auto"
+    """How the LLM keeps packed samples apart (``janus_train.model.attention``): ``auto``
+    (``torch_varlen`` on CUDA, ``sdpa`` elsewhere) | ``torch_varlen`` (PyTorch's own
+    FlashAttention varlen kernel with cu_seqlens, torch >= 2.10, no package; CPU: a per-sample
+    reference) | ``sdpa`` | ``eager`` (a block-causal mask: the CPU path) | ``flex_attention``
+    (a sparse BlockMask, CUDA) | ``flash_attention_2`` | ``flash_attention_3`` (cu_seqlens;
+    CUDA with the flash-attn package). Anything else is refused (samples could attend to each
+    other), and what this machine cannot run is refused before a model is built."""
     kernels: str = "none"
     """``none`` | ``liger``: Liger Kernel's fused RMSNorm, SwiGLU and RoPE in the LLM and its
     fused linear cross-entropy for ``lm_head`` and the image head's last Linear (CUDA only;
