@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from janus_train import compat
 from janus_train.config import RunConfig, compose, to_run_config
 
 
@@ -37,26 +38,6 @@ def fresh_tiny_model(tiny_workdir):
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
-def _drop_deepspeed_group_cache() -> None:
-    """DeepSpeed caches the world/data-parallel groups at module level; after the process group
-    is destroyed, a later in-process engine would reuse a group torch no longer knows ("Group ...
-    is not registered")."""
-    import sys
-
-    groups = sys.modules.get("deepspeed.utils.groups")
-    if groups is None:
-        return
-    for name in (
-        "_WORLD_GROUP",
-        "_DATA_PARALLEL_GROUP",
-        "_MODEL_PARALLEL_GROUP",
-        "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
-        "_TENSOR_MODEL_PARALLEL_GROUP",
-    ):
-        if hasattr(groups, name):
-            setattr(groups, name, None)
-
-
 @pytest.fixture(autouse=True)
 def _no_process_group_leaks():
     """A test that runs the trainer in-process (a world of one) must not leave its process group
@@ -70,7 +51,8 @@ def _no_process_group_leaks():
     yield
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _drop_deepspeed_group_cache()  # also when the trainer destroyed its group itself
+    # DeepSpeed caches its groups at module level, also when the trainer destroyed its group
+    compat.reset_deepspeed_groups()
     for k, v in before.items():
         if v is None:
             os.environ.pop(k, None)

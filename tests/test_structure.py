@@ -60,7 +60,16 @@ def test_the_check_sees_every_import_form(tmp_path, src):
 
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("contract", ("janus_train", "janus_train.batch", "janus_train.errors", "janus_train.quiet")),
+    (
+        "contract",
+        (
+            "janus_train",
+            "janus_train.batch",
+            "janus_train.errors",
+            "janus_train.quiet",
+            "janus_train.compat",
+        ),
+    ),
     ("model", ("janus_train.model", "janus_train.model.*")),
     (
         "data I/O",

@@ -28,6 +28,7 @@ from collections import Counter
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from janus_train import compat
 from janus_train.batch import Sample, empty_batch
 from janus_train.data.builders import (
     BuildContext,
@@ -475,14 +476,14 @@ class StepLoader:
         grace (5 s per worker). Safe to call twice; the next ``next_step()`` starts new workers
         at the current position."""
         it, self._it, self._loader = self._it, None, None
-        if it is None or not hasattr(it, "_shutdown_workers"):
+        workers, shutdown = compat.dataloader_workers(it) if it is not None else ([], None)
+        if shutdown is None:
             return
-        workers = list(getattr(it, "_workers", []))
         # torch's shutdown asks each worker to finish, joins it with a timeout, then sends
         # SIGTERM, which workers ignore (_init_worker): a worker busy in a long step or blocked
         # on a full queue would keep this process waiting at exit forever. Kill what is left.
         try:
-            it._shutdown_workers()
+            shutdown()
         finally:
             for w in workers:
                 if w.is_alive():

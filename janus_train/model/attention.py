@@ -32,6 +32,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from janus_train.compat import set_attn_implementation
+
 logger = logging.getLogger(__name__)
 
 TORCH_VARLEN = "torch_varlen"
@@ -260,7 +262,7 @@ def set_llm_attention(model, impl: str) -> None:
         return
     if impl == TORCH_VARLEN:
         register_attention()
-    model.model.language_model.config._attn_implementation = impl
+    set_attn_implementation(model.model.language_model.config, impl)
 
 
 def build_attn_implementation(impl: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from janus_train import compat
 from janus_train.model.attention import (
     build_attn_implementation,
     check_attn_available,
@@ -137,7 +138,7 @@ def set_generation_config(model, st: SpecialTokens) -> None:
     gc.generation_kwargs = kw
     # A config marked "from the model config" is reloaded by from_pretrained without its
     # generation_kwargs: mark it as our own so exports keep boi_token_id.
-    gc._from_model_config = False
+    compat.mark_generation_config_own(gc)
 
 
 def reinit_generation_modules(model, include_embeddings_and_adaptor: bool) -> None:
@@ -150,11 +151,7 @@ def reinit_generation_modules(model, include_embeddings_and_adaptor: bool) -> No
         mods += [model.model.generation_aligner]
     for mod in mods:
         for sub in mod.modules():
-            # transformers skips tensors flagged as already initialised (e.g. loaded ones)
-            for t in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]:
-                t._is_hf_initialized = False
-            sub._is_hf_initialized = False
-            model._init_weights(sub)
+            compat.reinit_with_hf_initializer(model, sub)
     if include_embeddings_and_adaptor:
         with torch.no_grad():
             emb = model.model.generation_embeddings.weight
@@ -206,7 +203,7 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
             )
     else:
         jcfg = build_janus_config(cfg, tokenizer)
-        jcfg._attn_implementation = build_attn_implementation(attn)
+        compat.set_attn_implementation(jcfg, build_attn_implementation(attn))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = JanusForConditionalGeneration(jcfg)

@@ -30,7 +30,8 @@ from __future__ import annotations
 import logging
 
 from torch import nn
-from torch.fx.experimental import _config as fx_config
+
+from janus_train import compat
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(backend=backend, dynamic=True)
-        layer._compiled_call_impl = _without_duck_shapes(layer._compiled_call_impl)
+        compat.wrap_compiled_call(layer, _without_duck_shapes)
     logger.info("torch.compile: %d decoder layers (backend %s, dynamic)", len(layers), backend)
     return len(layers)
 
@@ -65,7 +66,7 @@ def _without_duck_shapes(fn):
     recompilation; a dictionary update otherwise)."""
 
     def call(*args, **kwargs):
-        with fx_config.patch(use_duck_shape=False):
+        with compat.without_duck_shapes():
             return fn(*args, **kwargs)
 
     return call

@@ -18,6 +18,7 @@ from torch import nn
 
 # the batch contract's names, defined once (re-exported here for the model package)
 from janus_train.batch import CODE_FROM_PIXELS, IGNORE, TASK_IDS, TASKS  # noqa: F401
+from janus_train.compat import get_attn_implementation
 from janus_train.model.attention import (  # noqa: F401  (re-exported)
     MASK_PACKED_IMPLS,
     PACKED_SAFE_IMPLS,
@@ -251,7 +252,7 @@ class JanusTrainModel(nn.Module):
             # micro-batch, the LLM input needs a gradient so that every rank runs the same
             # backward (the same gathers) as a rank whose micro-batch has images.
             inputs_embeds = inputs_embeds.detach().requires_grad_()
-        impl = inner.language_model.config._attn_implementation
+        impl = get_attn_implementation(inner.language_model.config)
         out = inner.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

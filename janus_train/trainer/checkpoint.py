@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from janus_train import compat
 from janus_train.trainer.distributed import DistInfo, barrier
 
 logger = logging.getLogger(__name__)
@@ -147,24 +148,10 @@ def convert_to_universal(ckpt_dir: str | os.PathLike, tag: str, info: DistInfo) 
     ckpt_dir = Path(ckpt_dir)
     out = ckpt_dir / f"{tag}{UNIVERSAL_SUFFIX}"
     if info.is_main and not out.is_dir():
-        import argparse
-
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
         tmp = ckpt_dir / f".tmp-{out.name}"
         shutil.rmtree(tmp, ignore_errors=True)
         logger.info("converting %s to a universal checkpoint (world size changed)", tag)
-        ds_to_universal(
-            argparse.Namespace(
-                input_folder=str(ckpt_dir / tag),
-                output_folder=str(tmp),
-                num_extract_workers=1,
-                num_merge_workers=1,
-                keep_temp_folder=False,
-                strict=True,
-                inject_missing_state=True,
-            )
-        )
+        compat.convert_to_universal(str(ckpt_dir / tag), str(tmp))
         for f in (ckpt_dir / tag).glob("trainer_state_rank*.pt"):
             shutil.copy2(f, tmp / f.name)
         os.rename(tmp, out)

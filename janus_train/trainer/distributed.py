@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from janus_train import compat
+
 logger = logging.getLogger(__name__)
 
 
@@ -70,9 +72,7 @@ def setup_distributed(timeout_s: float = 1800) -> DistInfo:
             # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce used only by
             # inference_all_reduce (never by ZeRO training): skip the C++ build (about a minute
             # per fresh machine, and a compiler requirement).
-            from deepspeed import ops
-
-            ops.__compatible_ops__["deepspeed_shm_comm"] = False
+            compat.skip_deepspeed_shm_comm_build()
         deepspeed.init_distributed(
             dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s)
         )
@@ -90,22 +90,15 @@ def set_collective_timeout(timeout_s: float) -> int:
     groups changed (0 without a process group)."""
     if not dist.is_initialized():
         return 0
-    from torch.distributed import distributed_c10d as c10d
-
-    # torch has no public setter for an existing group's timeout; _set_pg_timeout is the
-    # documented private one (torch >= 2.2). Without it, the init timeout stays in force.
-    setter = getattr(c10d, "_set_pg_timeout", None)
-    groups = list(getattr(getattr(c10d, "_world", None), "pg_map", {}) or [])
-    if setter is None or not groups:
+    # torch has no public setter for an existing group's timeout (janus_train.compat)
+    n = compat.set_process_group_timeouts(datetime.timedelta(seconds=timeout_s))
+    if n is None:
         logger.warning(
             "this torch cannot change a process group's timeout: collectives keep "
             "train.init_timeout_s"
         )
         return 0
-    delta = datetime.timedelta(seconds=timeout_s)
-    for group in groups:
-        setter(delta, group)
-    return len(groups)
+    return n
 
 
 def barrier() -> None:

@@ -1,0 +1,213 @@
+"""Every private torch / DeepSpeed / transformers API and patch this package relies on, in one
+place, each behind a guard that names the upstream version when the API is gone.
+
+Nothing else in ``janus_train`` or ``janus_demo`` touches a private name of another package
+(``tests/test_compat.py`` scans for it), and that test also asserts each private API below still
+exists with the shape used here, so an upgrade that changes one fails a test instead of changing
+behaviour silently. The upstream modules are imported inside the functions: importing this
+module costs nothing and pulls in neither DeepSpeed nor transformers.
+
+=============================  ==========================================================
+shim                           private API (why no public one serves)
+=============================  ==========================================================
+set_process_group_timeouts     torch ``c10d._set_pg_timeout`` over ``c10d._world.pg_map``
+                               (no public setter for a live group's timeout)
+skip_deepspeed_shm_comm_build  ``deepspeed.ops.__compatible_ops__`` (no switch for the
+                               CPU shared-memory all-reduce's JIT build)
+reset_deepspeed_groups         five module globals of ``deepspeed.utils.groups`` (its
+                               cache of process groups outlives a destroyed group)
+convert_to_universal           ``ds_to_universal.main`` driven with the ``Namespace`` of
+                               its command line (no library entry point)
+dataloader_workers             a DataLoader iterator's ``_workers`` and
+                               ``_shutdown_workers()`` (no public stop or worker list)
+reinit_with_hf_initializer     ``PreTrainedModel._init_weights`` and the
+                               ``_is_hf_initialized`` flags it honours
+get/set_attn_implementation    ``PretrainedConfig._attn_implementation`` on a config
+                               (public only as a model's ``set_attn_implementation``)
+mark_generation_config_own     ``GenerationConfig._from_model_config``
+without_duck_shapes            ``torch.fx.experimental._config.use_duck_shape``
+wrap_compiled_call             ``nn.Module._compiled_call_impl`` set by ``Module.compile``
+=============================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib.metadata
+import logging
+import re
+from collections.abc import Callable, Iterator
+
+logger = logging.getLogger(__name__)
+
+TESTED = {"torch": (2, 13), "deepspeed": (0, 19), "transformers": (5, 24)}
+"""(major, minor) each shim was checked against; ``tests/test_compat.py`` re-checks every
+private API on whatever is installed."""
+
+SHM_COMM_OP = "deepspeed_shm_comm"
+DEEPSPEED_GROUP_GLOBALS = (
+    "_WORLD_GROUP",
+    "_DATA_PARALLEL_GROUP",
+    "_MODEL_PARALLEL_GROUP",
+    "_ZERO_PARAM_INTRA_PARALLEL_GROUP",
+    "_TENSOR_MODEL_PARALLEL_GROUP",
+)
+"""The process groups ``deepspeed.utils.groups`` caches at module level."""
+
+
+def version(dist: str) -> tuple[int, int]:
+    """(major, minor) of an installed distribution (``(0, 0)`` when not installed)."""
+    try:
+        v = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return (0, 0)
+    nums = [int(x) for x in re.findall(r"\d+", v)[:2]]
+    return (nums + [0, 0])[0], (nums + [0, 0])[1]
+
+
+class UpstreamChanged(RuntimeError):
+    """A private API this package relies on is not where it was."""
+
+
+def _require(ok: bool, what: str, dist: str) -> None:
+    if not ok:
+        have = ".".join(map(str, version(dist)))
+        want = ".".join(map(str, TESTED[dist]))
+        raise UpstreamChanged(
+            f"{what} is missing in {dist} {have} (janus_train.compat was checked against "
+            f"{dist} {want}): adapt janus_train/compat.py"
+        )
+
+
+# --------------------------------------------------------------------------- torch.distributed
+
+
+def set_process_group_timeouts(timeout: datetime.timedelta) -> int | None:
+    """Set the collective timeout of every live process group; the number changed, or None
+    where this torch has no setter (torch < 2.2 or the private API moved)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    setter = getattr(c10d, "_set_pg_timeout", None)
+    groups = list(getattr(getattr(c10d, "_world", None), "pg_map", {}) or [])
+    if version("torch") < (2, 2) or setter is None or not groups:
+        return None
+    for group in groups:
+        setter(timeout, group)
+    return len(groups)
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+
+def skip_deepspeed_shm_comm_build() -> bool:
+    """Mark DeepSpeed's CPU shared-memory all-reduce as incompatible, so that its C++ build is
+    not attempted (it serves only ``inference_all_reduce``). False where the table is gone."""
+    from deepspeed import ops
+
+    table = getattr(ops, "__compatible_ops__", None)
+    if not isinstance(table, dict):
+        logger.warning("deepspeed.ops.__compatible_ops__ is gone: the shm_comm build may run")
+        return False
+    table[SHM_COMM_OP] = False
+    return True
+
+
+def reset_deepspeed_groups() -> None:
+    """Forget the process groups DeepSpeed cached at module level (after the process group was
+    destroyed, a later in-process engine would reuse a group torch no longer knows)."""
+    import sys
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name in DEEPSPEED_GROUP_GLOBALS:
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+
+
+def universal_args(input_folder: str, output_folder: str) -> dict:
+    """The command-line options of ``ds_to_universal`` this package runs it with."""
+    return dict(
+        input_folder=input_folder,
+        output_folder=output_folder,
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+
+
+def convert_to_universal(input_folder: str, output_folder: str) -> None:
+    """DeepSpeed's ``ds_to_universal`` on one checkpoint tag, in this process."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    _require(
+        hasattr(ds_to_universal, "main"), "deepspeed.checkpoint.ds_to_universal.main", "deepspeed"
+    )
+    ds_to_universal.main(argparse.Namespace(**universal_args(input_folder, output_folder)))
+
+
+# --------------------------------------------------------------------------- DataLoader
+
+
+def dataloader_workers(it) -> tuple[list, Callable[[], None] | None]:
+    """A DataLoader iterator's worker processes and its shutdown (``None`` for a single-process
+    iterator, which has neither)."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is None:
+        return [], None
+    return list(getattr(it, "_workers", [])), shutdown
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+def reinit_with_hf_initializer(model, module) -> None:
+    """Initialise ``module`` (inside ``model``) again with the model's own initialiser:
+    transformers skips tensors and modules flagged as initialised (e.g. loaded ones)."""
+    _require(hasattr(model, "_init_weights"), "PreTrainedModel._init_weights", "transformers")
+    for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        t._is_hf_initialized = False
+    module._is_hf_initialized = False
+    model._init_weights(module)
+
+
+def get_attn_implementation(config) -> str | None:
+    """The attention implementation a (sub-)config was built with."""
+    return config._attn_implementation
+
+
+def set_attn_implementation(config, impl: str) -> None:
+    config._attn_implementation = impl
+
+
+def mark_generation_config_own(gc) -> None:
+    """A generation config marked "from the model config" is rebuilt by ``from_pretrained``
+    (its ``generation_kwargs`` lost): mark it as written by hand."""
+    gc._from_model_config = False
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+@contextlib.contextmanager
+def without_duck_shapes() -> Iterator[None]:
+    """Dynamo traces with duck shaping off (equal sizes stay distinct symbols)."""
+    from torch.fx.experimental import _config as fx_config
+
+    with fx_config.patch(use_duck_shape=False):
+        yield
+
+
+def wrap_compiled_call(module, wrap: Callable[[Callable], Callable]) -> None:
+    """Wrap the compiled forward that ``module.compile()`` installed."""
+    _require(
+        getattr(module, "_compiled_call_impl", None) is not None,
+        "nn.Module._compiled_call_impl after Module.compile",
+        "torch",
+    )
+    module._compiled_call_impl = wrap(module._compiled_call_impl)

@@ -1,0 +1,322 @@
+"""``janus_train/compat.py`` holds every private torch / DeepSpeed / transformers API the package
+uses: nothing else touches one (scanned here), and each private API still exists with the shape
+the shim uses on the installed versions (these tests fail when an upgrade changes one)."""
+
+from __future__ import annotations
+
+import ast
+import datetime
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from janus_train import compat
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPAT = "janus_train/compat.py"
+
+PUBLIC_UNDERSCORE = {("os", "_exit"), ("sys", "_getframe")}
+"""``module._name`` that is public, documented API."""
+PUBLIC_DUNDERS = {
+    "__dict__",
+    "__init__",
+    "__name__",
+    "__qualname__",
+    "__module__",
+    "__doc__",
+    "__file__",
+    "__version__",
+    "__class__",
+    "__traceback__",
+    "__cause__",
+    "__wrapped__",
+    "__annotations__",
+    "__dataclass_fields__",
+}
+"""Python's own dunders; any other (``__compatible_ops__``) is a library's private table."""
+SHIMMED_NAMES = {"ds_to_universal"}
+"""Public names used as a private API (a command line's ``main`` driven as a function)."""
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _own_names(files: list[Path]) -> set[str]:
+    """Names the package defines itself: functions, classes, variables, arguments, and the
+    attributes it assigns on ``self`` / ``cls``."""
+    out = set()
+    for f in files:
+        for n in ast.walk(ast.parse(f.read_text())):
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                out.add(n.name)
+            elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+                out.add(n.id)
+            elif isinstance(n, ast.arg):
+                out.add(n.arg)
+            elif (
+                isinstance(n, ast.Attribute)
+                and isinstance(n.ctx, ast.Store)
+                and isinstance(n.value, ast.Name)
+                and n.value.id in ("self", "cls")
+            ):
+                out.add(n.attr)
+    return out
+
+
+def private_uses(files: list[Path], root: Path = ROOT) -> list[str]:
+    """Every use of another package's private API outside compat.py: ``x._name`` and
+    ``getattr(x, "_name")`` of a name the package does not define itself, a non-Python dunder,
+    an import from a private module or of a private name, a shimmed public name."""
+    own = _own_names(files)
+    out = []
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        if rel == COMPAT:
+            continue
+        for n in ast.walk(ast.parse(f.read_text(), rel)):
+            line = getattr(n, "lineno", 0)
+            if isinstance(n, ast.Attribute):
+                base = n.value.id if isinstance(n.value, ast.Name) else None
+                if (
+                    _private(n.attr)
+                    and n.attr not in own
+                    and (base, n.attr) not in PUBLIC_UNDERSCORE
+                ):
+                    out.append(f"{rel}:{line} .{n.attr}")
+                elif n.attr.startswith("__") and n.attr not in PUBLIC_DUNDERS:
+                    out.append(f"{rel}:{line} .{n.attr}")
+            elif (
+                isinstance(n, ast.Call)
+                and isinstance(n.func, ast.Name)
+                and n.func.id in ("getattr", "hasattr", "setattr", "delattr")
+                and len(n.args) > 1
+                and isinstance(n.args[1], ast.Constant)
+                and isinstance(n.args[1].value, str)
+                and n.args[1].value.startswith("_")
+                and n.args[1].value not in own
+                and n.args[1].value not in PUBLIC_DUNDERS
+            ):
+                out.append(f"{rel}:{line} {n.func.id}({n.args[1].value!r})")
+            elif isinstance(n, ast.Import | ast.ImportFrom):
+                mods = [a.name for a in n.names] if isinstance(n, ast.Import) else [n.module or ""]
+                names = [a.name for a in n.names] if isinstance(n, ast.ImportFrom) else []
+                foreign = not mods[0].startswith(("janus_train", "janus_demo")) and not getattr(
+                    n, "level", 0
+                )
+                if foreign and (
+                    any(_private(p) for m in mods for p in m.split("."))
+                    or any(_private(a) for a in names)
+                ):
+                    out.append(f"{rel}:{line} import {mods[0]} {names}")
+                if any(s in m.split(".") for m in mods + names for s in SHIMMED_NAMES):
+                    out.append(f"{rel}:{line} import of a shimmed name")
+    return out
+
+
+def _package_files() -> list[Path]:
+    return sorted(f for pkg in ("janus_train", "janus_demo") for f in (ROOT / pkg).rglob("*.py"))
+
+
+def test_no_private_api_outside_compat():
+    files = _package_files()
+    assert any(f.relative_to(ROOT).as_posix() == COMPAT for f in files)
+    assert private_uses(files) == []
+
+
+@pytest.mark.parametrize(
+    "src",
+    [
+        "def f(m):\n    m._init_weights(m)\n",
+        "def f(c):\n    c._attn_implementation = 'eager'\n",
+        "def f(it):\n    return getattr(it, '_workers', [])\n",
+        "from deepspeed import ops\nops.__compatible_ops__['x'] = False\n",
+        "from torch.fx.experimental import _config\n",
+        "import torch.utils._pytree as p\n",
+        "from deepspeed.checkpoint.ds_to_universal import main\n",
+    ],
+)
+def test_the_private_api_scan_sees_every_form(tmp_path, src):
+    f = tmp_path / "m.py"
+    f.write_text(src)
+    assert private_uses([f], tmp_path)
+
+
+def test_the_private_api_scan_spares_own_names_and_public_ones(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text(
+        "import os\nclass A:\n    _cache = {}\n    def __init__(self):\n        self._n = 1\n"
+        "    def _step(self):\n        return A._cache, self._n\n"
+        "def g(a):\n    a._step()\n    os._exit(1)\n    return a.__dict__, type(a).__name__\n"
+    )
+    assert private_uses([f], tmp_path) == []
+
+
+# --------------------------------------------------------------------------- torch.distributed
+
+
+def test_process_group_timeouts_through_c10d(tmp_path):
+    """``c10d._set_pg_timeout(timeout, group)`` and ``c10d._world.pg_map`` still exist; every
+    live group gets the timeout (a world of one on gloo; conftest destroys it)."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    params = list(inspect.signature(c10d._set_pg_timeout).parameters)
+    assert params[:2] == ["timeout", "group"]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    groups = list(c10d._world.pg_map)
+    assert len(groups) >= 1
+    assert compat.set_process_group_timeouts(datetime.timedelta(seconds=123)) == len(groups)
+
+
+def test_process_group_timeout_guard_on_old_torch(monkeypatch):
+    monkeypatch.setattr(compat, "version", lambda dist: (2, 1))
+    assert compat.set_process_group_timeouts(datetime.timedelta(seconds=1)) is None
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+
+def test_deepspeed_compatible_ops_table():
+    from deepspeed import ops
+
+    table = ops.__compatible_ops__
+    assert isinstance(table, dict) and compat.SHM_COMM_OP in table
+    before = table[compat.SHM_COMM_OP]
+    try:
+        assert compat.skip_deepspeed_shm_comm_build() is True
+        assert table[compat.SHM_COMM_OP] is False
+    finally:
+        table[compat.SHM_COMM_OP] = before
+
+
+def test_deepspeed_group_globals_exist_and_reset():
+    import deepspeed.utils.groups as groups
+
+    missing = [n for n in compat.DEEPSPEED_GROUP_GLOBALS if not hasattr(groups, n)]
+    assert missing == []
+    saved = {n: getattr(groups, n) for n in compat.DEEPSPEED_GROUP_GLOBALS}
+    try:
+        for n in saved:
+            setattr(groups, n, object())
+        compat.reset_deepspeed_groups()
+        assert all(getattr(groups, n) is None for n in saved)
+    finally:
+        for n, v in saved.items():
+            setattr(groups, n, v)
+
+
+def test_ds_to_universal_takes_the_namespace_of_its_command_line(monkeypatch):
+    """``main(args)`` with exactly the options its own parser defines (none missing, none
+    unknown)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    assert list(inspect.signature(ds_to_universal.main).parameters) == ["args"]
+    monkeypatch.setattr(sys, "argv", ["x", "--input_folder", "a", "--output_folder", "b"])
+    monkeypatch.setattr("builtins.print", lambda *a, **k: None)
+    theirs = vars(ds_to_universal.parse_arguments())
+    ours = compat.universal_args("a", "b")
+    assert set(ours) == set(theirs)
+
+
+# --------------------------------------------------------------------------- DataLoader
+
+
+def test_dataloader_iterator_workers_and_shutdown():
+    from torch.utils.data import DataLoader
+
+    it = iter(DataLoader(list(range(4)), num_workers=1))
+    workers, shutdown = compat.dataloader_workers(it)
+    assert len(workers) == 1 and workers[0].is_alive()
+    assert list(inspect.signature(shutdown).parameters) == []
+    shutdown()
+    workers[0].join(timeout=10)
+    assert not workers[0].is_alive()
+    assert compat.dataloader_workers(iter(DataLoader([1, 2]))) == ([], None)
+
+
+# --------------------------------------------------------------------------- transformers
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=16,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def test_hf_initializer_honours_the_flags_and_reinit_clears_them(tiny_llama):
+    from transformers.models.janus.modeling_janus import JanusPreTrainedModel
+
+    assert list(inspect.signature(JanusPreTrainedModel._init_weights).parameters) == [
+        "self",
+        "module",
+    ]
+    head = tiny_llama.lm_head
+    with torch.no_grad():
+        head.weight.zero_()
+    head.weight._is_hf_initialized = True
+    head._is_hf_initialized = True
+    tiny_llama._init_weights(head)
+    assert head.weight.abs().sum() == 0  # the flag is still honoured: a plain call skips it
+    compat.reinit_with_hf_initializer(tiny_llama, head)
+    assert head.weight.abs().sum() > 0 and head.weight.std() > 0
+
+
+def test_reinit_guard_names_the_upstream():
+    with pytest.raises(compat.UpstreamChanged, match=r"_init_weights is missing in transformers"):
+        compat.reinit_with_hf_initializer(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1))
+
+
+def test_config_attn_implementation(tiny_llama):
+    from transformers import PretrainedConfig
+
+    prop = inspect.getattr_static(PretrainedConfig, "_attn_implementation")
+    assert isinstance(prop, property) and prop.fset is not None
+    cfg = type(tiny_llama.config)(**tiny_llama.config.to_dict())
+    compat.set_attn_implementation(cfg, "eager")
+    assert compat.get_attn_implementation(cfg) == "eager"
+
+
+def test_generation_config_from_model_config_flag(tiny_llama):
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig.from_model_config(tiny_llama.config)
+    assert gc._from_model_config is True
+    compat.mark_generation_config_own(gc)
+    assert gc._from_model_config is False
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def test_duck_shape_switch():
+    from torch.fx.experimental import _config as fx_config
+
+    assert fx_config.use_duck_shape is True
+    with compat.without_duck_shapes():
+        assert fx_config.use_duck_shape is False
+    assert fx_config.use_duck_shape is True
+
+
+def test_module_calls_go_through_the_compiled_call():
+    """``Module.compile`` installs ``_compiled_call_impl`` and ``__call__`` runs it (checked
+    without compiling: the wrapper answers before dynamo is reached)."""
+    lin = torch.nn.Linear(2, 2)
+    lin.compile(backend="eager")
+    seen = []
+    compat.wrap_compiled_call(lin, lambda fn: lambda *a, **k: seen.append(fn) or "wrapped")
+    assert lin(torch.zeros(2)) == "wrapped" and len(seen) == 1
+    with pytest.raises(compat.UpstreamChanged, match="_compiled_call_impl"):
+        compat.wrap_compiled_call(torch.nn.Linear(2, 2), lambda fn: fn)
