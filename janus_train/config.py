@@ -75,8 +75,11 @@ class TaskRatio:
     """Samples of each task per optimizer step, as a ratio (understanding : text : generation)."""
 
     und: int = 1
+    """Understanding samples (image + question -> answer)."""
     text: int = 0
+    """Text-only samples (language modelling, chat)."""
     gen: int = 1
+    """Generation samples (caption -> image codes)."""
 
 
 @dataclass
@@ -84,13 +87,20 @@ class StageHParams:
     """One stage's hyper-parameters (spec §5 tables)."""
 
     lr: float = 1e-3
+    """Peak learning rate of AdamW, reached at the end of the warmup."""
     schedule: Schedule = Schedule.constant
+    """After the warmup: ``constant``, or ``cosine`` down to ``min_lr_ratio * lr`` at ``steps``."""
     warmup_steps: int = 0
+    """Optimizer steps of linear warmup to ``lr``."""
     min_lr_ratio: float = 0.0
     """Cosine floor as a fraction of lr."""
     weight_decay: float = 0.0
+    """AdamW weight decay (not applied to norms, biases and embeddings)."""
     steps: int = 1000
+    """Optimizer steps of the stage and its schedule (``train.steps`` overrides it)."""
     global_batch_size: int = 256
+    """Samples per optimizer step over all ranks, split between tasks by ``ratio``
+    (``train.global_batch_size`` overrides it)."""
     ratio: TaskRatio = field(default_factory=TaskRatio)
     data_recipe: str = "tiny"
     """Name in ``data_recipes/`` (without .yaml) or a path."""
@@ -111,7 +121,10 @@ class ExperimentConfig:
     """A published recipe: the three stages' hyper-parameters and the chat template."""
 
     name: str = "tiny"
+    """Label of the recipe (its ``conf/experiment`` file); part of the default ``train.run_dir``
+    and of the wandb run name."""
     chat_template: ChatTemplate = ChatTemplate.janus_pro
+    """Role strings of the prompt format and of the exported chat template."""
     stage1: StageHParams = field(default_factory=StageHParams)
     stage2: StageHParams = field(default_factory=StageHParams)
     stage3: StageHParams = field(default_factory=StageHParams)

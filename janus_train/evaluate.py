@@ -61,6 +61,7 @@ class EvalConfig:
     max_per_source: int = 32
     """Records read from each source of the eval recipe (loss)."""
     batch_size: int = 16
+    """Samples per forward (loss) and prompts per generation batch."""
     n_und: int = 32
     """Held-out questions answered."""
     n_gen: int = 16
@@ -72,6 +73,7 @@ class EvalConfig:
     extra_guidance_scales: tuple[float, ...] = ()
     """Further scales whose greedy ``gen/token_accuracy@cfg{s}`` is also reported."""
     max_new_tokens: int = 24
+    """Longest generated answer, in tokens."""
 
 
 def _is_main() -> bool:

@@ -12,13 +12,23 @@ class TextModelConfig:
     hidden_size: int = 2048
     """LLM width d; also the width of both adaptors' outputs and the image head's input."""
     intermediate_size: int = 5632
+    """Hidden width of each decoder layer's SwiGLU MLP."""
     num_hidden_layers: int = 24
+    """Decoder layers."""
     num_attention_heads: int = 16
+    """Query heads of each decoder layer (head dim = hidden_size / num_attention_heads)."""
     num_key_value_heads: int = 16
+    """Key/value heads (equal to ``num_attention_heads``: multi-head attention; fewer: grouped-
+    query attention)."""
     vocab_size: int = 102400
+    """Rows of the text embedding table and ``lm_head``; raised to the tokenizer's length where
+    that is larger."""
     max_position_embeddings: int = 16384
+    """Longest sequence the rotary position tables are built for."""
     rope_theta: float = 10000.0
+    """Base frequency of the rotary position embedding."""
     rms_norm_eps: float = 1e-6
+    """Epsilon of the LLM's RMSNorms."""
 
 
 @dataclass
@@ -26,10 +36,16 @@ class VisionModelConfig:
     """The understanding encoder (SigLIP) and its adaptor."""
 
     hidden_size: int = 1024
+    """SigLIP encoder width."""
     num_hidden_layers: int = 24
+    """SigLIP encoder layers."""
     num_attention_heads: int = 16
+    """SigLIP attention heads."""
     mlp_ratio: float = 4.0
+    """SigLIP MLP width as a multiple of ``hidden_size``."""
     patch_size: int = 16
+    """Pixels per patch side: ``(image_size / patch_size) ** 2`` image tokens per image, for
+    understanding and generation alike (the VQ must downsample by the same factor)."""
     aligner_depth: int = 2
     """Layers of the understanding adaptor MLP."""
 
@@ -41,12 +57,18 @@ class VQModelConfig:
     num_embeddings: int = 16384
     """Codebook size = image-head vocabulary."""
     embed_dim: int = 8
+    """Dimension of the codebook vectors (the quantised latent)."""
     base_channels: int = 128
+    """Channels of the VQ encoder's and decoder's first level (times ``channel_multiplier``
+    per level)."""
     channel_multiplier: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
     """Downsample factor is 2 ** (len(channel_multiplier) - 1); must equal the vision patch size."""
     num_res_blocks: int = 2
+    """Residual blocks per level of the VQ encoder and decoder."""
     latent_channels: int = 256
+    """Channels of the VQ encoder's output, projected to ``embed_dim`` for quantisation."""
     aligner_depth: int = 2
+    """Layers of the generation adaptor MLP."""
 
 
 @dataclass
@@ -90,6 +112,7 @@ class ModelConfig:
     dimensions below, with the tokenizer from ``tokenizer`` (a local directory)."""
 
     name: str = "tiny"
+    """Label of the model preset (its ``conf/model`` file); selects nothing."""
     init_from: str | None = None
     """Local HF-format directory (``save_pretrained`` layout) to load weights from."""
     tokenizer: str | None = None

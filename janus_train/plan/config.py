@@ -54,6 +54,7 @@ class ClusterConfig:
     nodes: int = 1
     """Nodes available; a stage may be planned on fewer (``search_nodes``)."""
     gpus_per_node: int = 8
+    """GPUs per node (world size = nodes x gpus_per_node)."""
     gpu: str = "a100-80gb"
     """``a100-40gb`` | ``a100-80gb`` | ``h100-80gb`` | ``h200-141gb`` (or a100 / h100 / h200)."""
     gpu_memory_gib: float | None = None

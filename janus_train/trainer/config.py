@@ -10,6 +10,8 @@ class DeepSpeedConfig:
     """ZeRO settings; the DeepSpeed JSON is generated from this and saved in the run dir."""
 
     zero_stage: int = 2
+    """ZeRO stage: 0 (none) | 1 (optimizer states) | 2 (+ gradients) | 3 (+ parameters)
+    partitioned across the data-parallel ranks."""
     offload_optimizer: bool = False
     """ZeRO optimizer state in CPU memory (uses DeepSpeedCPUAdam)."""
     offload_param: bool = False
@@ -20,10 +22,13 @@ class DeepSpeedConfig:
     precision: str = "bf16"
     """``bf16`` | ``fp32``; bf16 falls back to fp32 where the device lacks it (CPU)."""
     reduce_bucket_size: int = 500_000_000
+    """Elements per gradient reduce bucket (``zero_optimization.reduce_bucket_size``)."""
     overlap_comm: bool = True
+    """Overlap gradient reduction with the backward pass (GPU only; off on CPU)."""
     gradient_clipping: float = 1.0
     """Global gradient-norm clip (spec §5: 1.0 in every stage)."""
     adam_eps: float = 1e-8
+    """Epsilon of AdamW."""
     reduce_fp32: bool = True
     """bf16 runs: reduce gradients across ranks in fp32 (DeepSpeed's
     ``communication_data_type``), so the sum over ranks is not rounded to bf16 at every ring
@@ -38,6 +43,8 @@ class TrainConfig:
     """Loop, logging and checkpoint settings shared by all stages."""
 
     run_dir: str = "runs/${experiment.name}/${stage.name}"
+    """Directory of the run: config, DeepSpeed JSON, metrics, checkpoints and the export ``hf/``;
+    the same directory again resumes from its latest checkpoint."""
     tokens_per_micro: int = 4096
     """Token-budget micro-batches (> 0, the default): the step's ``global_batch_size`` samples
     (exact task ratio) are assigned to ranks balancing tokens, and each rank packs its share
@@ -55,6 +62,7 @@ class TrainConfig:
     """``token_mean``: mean over all supervised tokens of the step (all tasks, micro-batches and
     ranks). ``task_mean_sum``: sum over tasks of each task's token mean."""
     log_every: int = 10
+    """Write metrics every N optimizer steps (and at the last step)."""
     ckpt_every: int = 1000
     """Checkpoint every N optimizer steps (0: only at the end and on a stop signal)."""
     keep_last: int = 2
@@ -92,6 +100,7 @@ class TrainConfig:
     wandb: bool = False
     """Mirror metrics to wandb (offline mode when WANDB_API_KEY is unset)."""
     wandb_project: str = "janus_train"
+    """wandb project of the mirrored metrics (with ``wandb``)."""
     progress_bar: bool = True
     """tqdm bar on rank 0 when stderr is a terminal."""
     seed: int = 0
