@@ -1,7 +1,7 @@
 """Smaller fidelity points (docs/fidelity.md): first-sentence caption truncation only in the
 stage the Janus paper applies it; re-initialised code embeddings are the VQ's normalised
-codebook; the pad token's embedding (every CFG-dropped prompt's input) trains, as in DeepSeek's
-model whose Llama has no ``padding_idx``."""
+codebook; the pad token's embedding (every CFG-dropped prompt's input) trains only with
+``model.train_pad_embedding``."""
 
 from __future__ import annotations
 
@@ -49,8 +49,14 @@ def test_reinit_gen_modules_sets_code_embeddings_to_the_normalised_codebook(tiny
     )
 
 
-def test_pad_embedding_gets_gradient_from_cfg_dropped_prompts(tiny_workdir):
-    model, proc = build_model(tiny_run().model, workdir=tiny_workdir)
+@pytest.mark.parametrize("trainable", [False, True])
+def test_pad_embedding_trains_only_when_asked(tiny_workdir, trainable):
+    """``model.train_pad_embedding``: after a CFG-dropped step the pad row's gradient is zero
+    and an AdamW step leaves the row bitwise as it was (false, the default), or the row gets a
+    gradient and moves (true, the tiny demo's setting)."""
+    run = tiny_run([f"model.train_pad_embedding={str(trainable).lower()}"])
+    assert run.model.train_pad_embedding is trainable
+    model, proc = build_model(run.model, workdir=tiny_workdir)
     st = resolve_special_tokens(proc.tokenizer)
     n = model.config.vision_config.num_image_tokens
     head = [st.bos, st.pad, st.pad, st.pad, st.boi]  # an unconditional (CFG-dropped) prompt
@@ -60,12 +66,23 @@ def test_pad_embedding_gets_gradient_from_cfg_dropped_prompts(tiny_workdir):
         "codes": [-100] * len(head) + [i % 7 for i in range(n)],
         "task": 2,
     }
+    emb = model.get_input_embeddings().weight
+    with torch.no_grad():  # a released checkpoint's pad row is not zero
+        emb[st.pad] = torch.linspace(-1, 1, emb.shape[1])
+    before = emb.detach().clone()
     model.train()
     out = JanusTrainModel(model)(collate([sample], st.pad))
     out["loss_sum"].sum().backward()
-    grad = model.get_input_embeddings().weight.grad
-    assert grad is not None and float(grad[st.pad].abs().sum()) > 0
-    assert float(grad[st.eos].abs().sum()) == 0  # unused rows stay untouched
+    assert float(emb.grad[st.bos].abs().sum()) > 0  # the step did reach the embeddings
+    assert (float(emb.grad[st.pad].abs().sum()) > 0) is trainable
+    torch.optim.AdamW([emb], lr=1e-2, weight_decay=0.0).step()
+    assert torch.equal(emb[st.pad], before[st.pad]) is not trainable
+    assert torch.equal(emb[st.eos], before[st.eos])  # unused rows stay untouched
+
+
+def test_presets_keep_the_released_pad_row():
+    for exp in ("janus_1.3b", "janus_pro_1b", "janus_pro_7b", "janus_pro_1b_lora_sft"):
+        assert not to_run_config(compose([f"experiment={exp}"])).model.train_pad_embedding
 
 
 def test_official_defaults():
@@ -80,21 +97,32 @@ def test_official_defaults():
     assert TrainConfig().eval_guidance_scale == 5.0
 
 
-def test_every_fidelity_row_names_existing_tests():
-    """docs/fidelity.md: every table row names at least one test, and each named test exists
+KINDS = ("code", "paper", "choice")
+
+
+def test_every_fidelity_row_has_a_kind_and_existing_tests():
+    """docs/fidelity.md: every table row has five cells, a kind (code / paper / choice; a
+    choice gives its reason, ``why:``) and names at least one test, and each named test exists
     (``file.py::function``; ``::function`` continues the previous file)."""
     import re
     from pathlib import Path
 
     root = Path(__file__).parents[1]
-    rows = [
-        line
-        for line in (root / "docs" / "fidelity.md").read_text().splitlines()
-        if line.startswith("| ") and not line.startswith("| official") and "---" not in line
-    ]
-    assert len(rows) >= 20
+    lines = (root / "docs" / "fidelity.md").read_text().splitlines()
+    header = (
+        "| behaviour | kind | where (DeepSeek / paper; for a choice, why) | project module | test |"
+    )
+    assert header in lines
+    rows = [ln for ln in lines if ln.startswith("| ") and ln != header and "---" not in ln]
+    assert len(rows) >= 28
+    kinds = set()
     for row in rows:
-        last_cell = row.rstrip(" |").rsplit(" | ", 1)[-1]
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
+        assert len(cells) == 5, row
+        kind, where, last_cell = cells[1], cells[2], cells[4]
+        assert kind in KINDS, row
+        assert (kind == "choice") == where.startswith("why: "), row
+        kinds.add(kind)
         refs = re.findall(r"`(\w+\.py)?::(\w+)`", last_cell)
         assert refs, row
         current = None
@@ -103,3 +131,4 @@ def test_every_fidelity_row_names_existing_tests():
             assert current, row
             src = (root / "tests" / current).read_text()
             assert re.search(rf"^def {func}\(", src, re.M), f"{current}::{func}"
+    assert kinds == set(KINDS)

@@ -158,12 +158,15 @@ def reinit_generation_modules(model, include_embeddings_and_adaptor: bool) -> No
             emb.copy_(normalized_codebook(model.model.vqmodel).to(emb.dtype))
 
 
-def train_pad_embedding(model) -> None:
-    """Let the pad token's text embedding train. HF's Llama passes ``pad_token_id`` as the
-    embedding's ``padding_idx``, which zeroes that row's gradient; DeepSeek's model builds its
-    Llama from a config without ``pad_token_id`` (``padding_idx`` None), so the pad embedding,
-    the input of every classifier-free-guidance-dropped prompt, trains with the LLM."""
-    model.get_input_embeddings().padding_idx = None
+def set_pad_embedding_trainable(model, trainable: bool, pad_id: int) -> None:
+    """``model.train_pad_embedding``. The pad token's text embedding is the input of every
+    classifier-free-guidance-dropped prompt. HF's Llama passes ``pad_token_id`` as the
+    embedding's ``padding_idx``, which zeroes that row's gradient (HF's converted Janus
+    checkpoints carry ``pad_token_id``); DeepSeek's released code builds its Llama from a config
+    without one (``padding_idx`` None), and whether its training config had one is not public.
+    ``trainable`` False (the default) keeps a checkpoint's pad row exactly as loaded (its
+    unconditional branch input unchanged); True lets it train with the LLM."""
+    model.get_input_embeddings().padding_idx = None if trainable else pad_id
 
 
 def set_checkpoint_every(model, k: int) -> None:
@@ -212,7 +215,7 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
             torch.manual_seed(cfg.seed + 1)
             reinit_generation_modules(model, cfg.reinit_gen_modules)
     set_llm_attention(model, attn)
-    train_pad_embedding(model)
+    set_pad_embedding_trainable(model, cfg.train_pad_embedding, st.pad)
     set_generation_config(model, st)
     apply_kernels(model, cfg)
     if cfg.gradient_checkpointing:

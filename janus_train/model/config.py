@@ -129,6 +129,12 @@ class ModelConfig:
     reinit_gen_modules: bool = False
     """Also re-initialise the generation adaptor (random) and the code embeddings (from the VQ's
     L2-normalised codebook, the codebook embeddings of the Janus paper's architecture section)."""
+    train_pad_embedding: bool = False
+    """Let the pad token's text embedding (the input of every CFG-dropped prompt) train with the
+    LLM. False: its gradient is zero (``padding_idx``, as HF's converted checkpoints set it), so
+    a loaded checkpoint's pad row, and with it the unconditional branch's input, stays as
+    released. True: as DeepSeek's model code builds its Llama (no ``padding_idx``); the
+    unconditional input then moves during stages 2-3. The papers do not say (docs/fidelity.md)."""
     gradient_checkpointing: bool = False
     """Activation checkpointing (recompute in backward) of the decoder layers (and SigLIP)."""
     checkpoint_every: int = 1
