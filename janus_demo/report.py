@@ -249,31 +249,16 @@ def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def write_report(
-    out: Path, runs: Path, n_und: int = 200, n_gen: int = 100, timings: dict | None = None
-) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    last = plot_losses(runs, out / "loss_curves.png")
-    t0 = time.time()
-    guidance = stage_guidance(runs)
-    final = final_eval(runs / "stage3" / "hf", out / "final_eval", n_und, n_gen, guidance)
-    eval_s = time.time() - t0
-    majority = majority_baseline(out / "final_eval" / "answers.jsonl")
-    world = (
-        json.loads((out / "data" / "world.json").read_text())
-        if (out / "data" / "world.json").exists()
-        else None
-    )
-    codebook = None
-    cfg_path = runs / "stage3" / "hf" / "config.json"
-    if cfg_path.exists():
-        codebook = json.loads(cfg_path.read_text())["vq_config"]["num_embeddings"]
-    lines = [
+def _headline(final: dict, n_und: int, guidance: float, codebook, majority) -> list[str]:
+    """Title, the held-out evaluation table, the image grid and the guidance sweep."""
+    chance = _fmt(1 / codebook) if codebook else "-"
+    return [
         "# janus_train demo: tiny Janus on a generated world",
         "",
         "Three stages (stage 1 adaptors + image head, stage 2 + LLM, stage 3 SFT + SigLIP) "
         "through `launch/pipeline.sh` (2 processes, DeepSpeed on CPU), on data from "
-        "`python -m janus_demo.synth`; the tiny VQ was fitted on the training images and stayed frozen.",
+        "`python -m janus_demo.synth`; the tiny VQ was fitted on the training images and stayed "
+        "frozen.",
         "",
         "## Held-out evaluation (unseen colour-shape-position combinations)",
         "",
@@ -285,11 +270,9 @@ def write_report(
         f"answers identical to janus-sample's: {_fmt(final.get('und/same_answers_as_janus_sample'))}) | "
         f"{_fmt(final.get('und/accuracy_plain_transformers'))} | |",
         f"| generation token accuracy (greedy, CFG {guidance:g}, vs reference VQ codes) | "
-        f"{_fmt(final.get('gen/token_accuracy'))} | "
-        f"{_fmt(1 / codebook) if codebook else '-'} |",
+        f"{_fmt(final.get('gen/token_accuracy'))} | {chance} |",
         "| generation object-token accuracy (tokens whose reference code is not the blank "
-        f"image's) | {_fmt(final.get('gen/object_token_accuracy'))} | "
-        f"{_fmt(1 / codebook) if codebook else '-'} |",
+        f"image's) | {_fmt(final.get('gen/object_token_accuracy'))} | {chance} |",
         "| token accuracy of drawing a blank image (baseline) | "
         f"{_fmt(final.get('gen/token_accuracy_blank_baseline'))} | |",
         f"| generation scene accuracy (colour + shape recognised in every quadrant) | "
@@ -315,6 +298,11 @@ def write_report(
         + ". In this tiny world guidance lowers accuracy: it subtracts (scale - 1) x the "
         "unconditional logits, which favour the frequent background code, so empty quadrants "
         "and common objects get overdrawn.",
+    ]
+
+
+def _training_loss_section(last: dict[str, dict[str, float]]) -> list[str]:
+    lines = [
         "",
         "## Training loss per task",
         "",
@@ -328,62 +316,107 @@ def write_report(
             f"| {stage} | {_fmt(d.get('loss/text'))} | {_fmt(d.get('loss/und'))} | "
             f"{_fmt(d.get('loss/gen'))} |"
         )
+    return lines
+
+
+def _stage_eval_section(evals: dict, last: dict) -> list[str]:
+    if not evals:
+        return []
+    lines = [
+        "",
+        "## In-training evaluation (end of each stage)",
+        "",
+        "| stage | " + " | ".join(EVAL_KEYS) + " |",
+        "|" + "---|" * (len(EVAL_KEYS) + 1),
+    ]
+    for stage, d in evals.items():
+        lines.append(f"| {stage} | " + " | ".join(_fmt(d.get(k)) for k in EVAL_KEYS) + " |")
+    lines += [
+        "",
+        "Stage 1 trains with plain framing (`<image><caption>`): its understanding "
+        "figure is exact caption match, later stages answer questions.",
+    ]
+    return lines + held_out_loss_section(evals, last)
+
+
+def _data_section(world: dict | None) -> list[str]:
+    if not world:
+        return []
+    held = ", ".join(
+        f"{h['colour']} {h['shape']} at the {h['position']}" for h in world["heldout_triples"][:6]
+    )
+    return [
+        "",
+        "## Data",
+        "",
+        f"Sample counts: `{json.dumps(world['counts'])}`. Held-out triples "
+        f"(never in training): {held}, ... ({len(world['heldout_triples'])} in all).",
+    ]
+
+
+def _vq_section(vq_fit: Path) -> list[str]:
+    if not vq_fit.exists():
+        return []
+    v = json.loads(vq_fit.read_text())
+    return [
+        "",
+        "## Tiny VQ",
+        "",
+        f"Fitted for {v['fit']['steps']} steps on the training images: reconstruction "
+        f"MSE (cosine code assignment -> HF `decode`, pixels in [-1, 1]) {v['mse_random']:.3f} random "
+        f"-> {v['mse_fitted']:.3f} fitted; {v['codes_used']} of the codebook's codes "
+        "in use. Frozen in all three stages.",
+        "",
+        "Local codes: each of the world's "
+        f"{v.get('distinct_blocks', '-')} distinct 8x8 pixel blocks has its own code, which "
+        "the encoder predicts whatever surrounds the block "
+        f"(codes equal to the block's: {_fmt(v.get('code_agreement'))}; unchanged when the "
+        f"quadrants are shuffled across images: {_fmt(v.get('code_consistency'))}); so an "
+        "object has the same codes wherever it is drawn and the transformer can compose "
+        "unseen colour-shape-position triples from seen parts. Held-out scenes whose "
+        "reconstruction (codes -> `decode`) the recogniser reads exactly: "
+        f"{_fmt(v.get('recognized_reconstructions'))} (the ceiling of the scene accuracy "
+        "above).",
+    ]
+
+
+def _timings_section(timings: dict | None, eval_s: float) -> list[str]:
+    if not timings:
+        return []
+    lines = ["", "## Timings (seconds)", "", "| phase | s |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    return lines + [f"| final evaluation | {eval_s:.0f} |"]
+
+
+def write_report(
+    out: Path, runs: Path, n_und: int = 200, n_gen: int = 100, timings: dict | None = None
+) -> dict:
+    """``OUT/report.md`` and ``OUT/summary.json``: the final evaluation of the stage-3 export
+    beside the training curves, the in-training evaluations, the data and the tiny VQ."""
+    out.mkdir(parents=True, exist_ok=True)
+    last = plot_losses(runs, out / "loss_curves.png")
+    t0 = time.time()
+    guidance = stage_guidance(runs)
+    final = final_eval(runs / "stage3" / "hf", out / "final_eval", n_und, n_gen, guidance)
+    eval_s = time.time() - t0
+    majority = majority_baseline(out / "final_eval" / "answers.jsonl")
+    world_json = out / "data" / "world.json"
+    world = json.loads(world_json.read_text()) if world_json.exists() else None
+    cfg_path = runs / "stage3" / "hf" / "config.json"
+    codebook = (
+        json.loads(cfg_path.read_text())["vq_config"]["num_embeddings"]
+        if cfg_path.exists()
+        else None
+    )
     evals = stage_evals(runs)
-    if evals:
-        lines += [
-            "",
-            "## In-training evaluation (end of each stage)",
-            "",
-            "| stage | " + " | ".join(EVAL_KEYS) + " |",
-            "|" + "---|" * (len(EVAL_KEYS) + 1),
-        ]
-        for stage, d in evals.items():
-            lines.append(f"| {stage} | " + " | ".join(_fmt(d.get(k)) for k in EVAL_KEYS) + " |")
-        lines += [
-            "",
-            "Stage 1 trains with plain framing (`<image><caption>`): its understanding "
-            "figure is exact caption match, later stages answer questions.",
-        ]
-        lines += held_out_loss_section(evals, last)
-    if world:
-        held = ", ".join(
-            f"{h['colour']} {h['shape']} at the {h['position']}"
-            for h in world["heldout_triples"][:6]
-        )
-        lines += [
-            "",
-            "## Data",
-            "",
-            f"Sample counts: `{json.dumps(world['counts'])}`. Held-out triples "
-            f"(never in training): {held}, ... ({len(world['heldout_triples'])} in all).",
-        ]
-    vq_fit = out / "init" / "vq_fit.json"
-    if vq_fit.exists():
-        v = json.loads(vq_fit.read_text())
-        lines += [
-            "",
-            "## Tiny VQ",
-            "",
-            f"Fitted for {v['fit']['steps']} steps on the training images: reconstruction "
-            f"MSE (cosine code assignment -> HF `decode`, pixels in [-1, 1]) {v['mse_random']:.3f} random "
-            f"-> {v['mse_fitted']:.3f} fitted; {v['codes_used']} of the codebook's codes "
-            "in use. Frozen in all three stages.",
-            "",
-            "Local codes: each of the world's "
-            f"{v.get('distinct_blocks', '-')} distinct 8x8 pixel blocks has its own code, which "
-            "the encoder predicts whatever surrounds the block "
-            f"(codes equal to the block's: {_fmt(v.get('code_agreement'))}; unchanged when the "
-            f"quadrants are shuffled across images: {_fmt(v.get('code_consistency'))}); so an "
-            "object has the same codes wherever it is drawn and the transformer can compose "
-            "unseen colour-shape-position triples from seen parts. Held-out scenes whose "
-            "reconstruction (codes -> `decode`) the recogniser reads exactly: "
-            f"{_fmt(v.get('recognized_reconstructions'))} (the ceiling of the scene accuracy "
-            "above).",
-        ]
-    if timings:
-        lines += ["", "## Timings (seconds)", "", "| phase | s |", "|---|---|"]
-        lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-        lines.append(f"| final evaluation | {eval_s:.0f} |")
+    lines = [
+        *_headline(final, n_und, guidance, codebook, majority),
+        *_training_loss_section(last),
+        *_stage_eval_section(evals, last),
+        *_data_section(world),
+        *_vq_section(out / "init" / "vq_fit.json"),
+        *_timings_section(timings, eval_s),
+    ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     summary = {
         "final": final,

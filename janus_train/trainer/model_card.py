@@ -124,31 +124,16 @@ Image.fromarray(((pixels[0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()).s
 """
 
 
-def model_card(run, processor, step: int, world_size: int, metrics_path=None) -> str:
-    """README.md text of the export of ``run`` after ``step`` optimizer steps."""
-    hp, tc, m = run.hparams, run.train, run.model
-    stage, exp = run.stage, run.experiment
-    fmt = run_prompt_format(run)
+def _training_table(run, step: int, world_size: int, fmt) -> list[str]:
+    """The "Training" table: base, stage, steps, batch, ratio, optimiser, precision, loss, format."""
+    hp, tc, m, stage = run.hparams, run.train, run.model, run.stage
     micro = tc.micro_batch_size
     accum = hp.global_batch_size // max(1, micro * world_size)
     base = f"`{m.init_from}`" if m.init_from else f"random initialisation (`model={m.name}`)"
-    train, held = read_metrics(metrics_path or Path(tc.run_dir) / "metrics.jsonl")
-    und, gen = _example(processor, fmt.style)
     trainable = list(run.trainable_groups)
     if m.lora.enabled:
         trainable.append(f"LoRA r={m.lora.r} on {list(m.lora.groups)} (merged)")
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: any-to-any",
-        "tags: [janus, janus-pro, multimodal, text-to-image, janus_train]",
-        "---",
-        "",
-        f"# {exp.name} — {stage.name} (step {step})",
-        "",
-        "A Janus model (`JanusForConditionalGeneration` + `JanusProcessor`, plain transformers) "
-        f"trained with `janus_train`: {stage.name} of the `{exp.name}` experiment.",
-        "",
+    return [
         "## Training",
         "",
         "| | |",
@@ -182,13 +167,11 @@ def model_card(run, processor, step: int, world_size: int, metrics_path=None) ->
             else ""
         )
         + " |",
-        "",
-        "### Data",
-        "",
-        _sources(run),
-        "## Metrics",
-        "",
     ]
+
+
+def _metrics_section(train: dict | None, held: dict | None) -> list[str]:
+    lines = ["## Metrics", ""]
     if train:
         keys = ["loss"] + [k for k in train if k.startswith("loss/")]
         lines += [
@@ -204,7 +187,12 @@ def model_card(run, processor, step: int, world_size: int, metrics_path=None) ->
         lines += [f"Held-out evaluation, step {held['step']}:", "", _metrics_table(held, keys), ""]
     else:
         lines += ["No held-out evaluation ran (`train.eval_every=0`).", ""]
-    lines += [
+    return lines
+
+
+def _chat_section(processor, und: str, gen: str) -> list[str]:
+    """How to prompt the export (its chat template rendered for both tasks) and use it."""
+    return [
         "## Chat format",
         "",
         "`processor.apply_chat_template` renders exactly what this model was trained on "
@@ -234,5 +222,33 @@ def model_card(run, processor, step: int, world_size: int, metrics_path=None) ->
         "and `janus-sample --model DIR generate --prompt ...` (same template). This directory is "
         "also the next stage's `model.init_from`.",
         "",
+    ]
+
+
+def model_card(run, processor, step: int, world_size: int, metrics_path=None) -> str:
+    """README.md text of the export of ``run`` after ``step`` optimizer steps."""
+    stage, exp = run.stage, run.experiment
+    fmt = run_prompt_format(run)
+    train, held = read_metrics(metrics_path or Path(run.train.run_dir) / "metrics.jsonl")
+    und, gen = _example(processor, fmt.style)
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: any-to-any",
+        "tags: [janus, janus-pro, multimodal, text-to-image, janus_train]",
+        "---",
+        "",
+        f"# {exp.name} — {stage.name} (step {step})",
+        "",
+        "A Janus model (`JanusForConditionalGeneration` + `JanusProcessor`, plain transformers) "
+        f"trained with `janus_train`: {stage.name} of the `{exp.name}` experiment.",
+        "",
+        *_training_table(run, step, world_size, fmt),
+        "",
+        "### Data",
+        "",
+        _sources(run),
+        *_metrics_section(train, held),
+        *_chat_section(processor, und, gen),
     ]
     return "\n".join(lines)
