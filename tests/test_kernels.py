@@ -332,34 +332,83 @@ def test_trainer_step_losses_equal_with_chunked_heads(tmp_path, monkeypatch):
     torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
 
 
-# ---- the Liger wiring, with a stand-in for liger_kernel (its Triton kernels need CUDA) -------
+# ---- the Liger wiring, with a stand-in as strict as liger_kernel ------------------------------
 
 
-@pytest.fixture()
-def fake_liger(monkeypatch):
-    """``liger_kernel.transformers`` replaced by a recorder with Liger 0.8.5's call signatures:
-    ``apply_liger_kernel_to_llama(rope, cross_entropy, fused_linear_cross_entropy, rms_norm,
-    swiglu, model)`` and ``LigerFusedLinearCrossEntropyLoss(...)(lin_weight, _input, target,
-    bias=None)``, the loss computed by plain full-logits F.cross_entropy."""
-    import sys
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _make_fake_liger(calls: dict):
+    """A ``liger_kernel.transformers`` doing what Liger 0.8.5's does, with pure-torch maths
+    (HF's formulas, written here) that count their calls: ``apply_liger_kernel_to_llama``
+    swaps modeling_llama's RoPE function, RMSNorm and MLP classes process-wide and patches the
+    given model's norm and MLP forwards; ``LigerFusedLinearCrossEntropyLoss`` is full-logits
+    F.cross_entropy with its reductions (``none``: per token)."""
     import types
 
-    calls = {"patch": [], "loss_init": [], "loss_rows": []}
+    def rope(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        calls["rope"] += 1
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def rms_forward(self, x):
+        calls["rms_norm"] += 1
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(x.dtype)
+
+    def swiglu_forward(self, x):
+        calls["swiglu"] += 1
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    class FakeRMSNorm(nn.Module):
+        forward = rms_forward
+
+    class FakeSwiGLUMLP(nn.Module):
+        forward = swiglu_forward
 
     def apply_liger_kernel_to_llama(
-        rope=True,
-        cross_entropy=False,
-        fused_linear_cross_entropy=True,
-        rms_norm=True,
-        swiglu=True,
+        rope: bool = True,
+        cross_entropy: bool = False,
+        fused_linear_cross_entropy: bool = True,
+        rms_norm: bool = True,
+        swiglu: bool = True,
         model=None,
-    ):
-        calls["patch"].append(
-            dict(rope=rope, ce=cross_entropy, flce=fused_linear_cross_entropy, model=model)
-        )
+    ) -> None:
+        from transformers.models.llama import modeling_llama
+
+        flags = dict(
+            rope=rope, cross_entropy=cross_entropy, rms_norm=rms_norm, swiglu=swiglu,
+            fused_linear_cross_entropy=fused_linear_cross_entropy,
+        )  # fmt: skip
+        calls["patch"].append({**flags, "model": model})
+        assert not (cross_entropy and fused_linear_cross_entropy)
+        if rope:
+            modeling_llama.apply_rotary_pos_emb = rope_fn
+        if rms_norm:
+            modeling_llama.LlamaRMSNorm = FakeRMSNorm
+        if swiglu:
+            modeling_llama.LlamaMLP = FakeSwiGLUMLP
+        if fused_linear_cross_entropy:
+            raise AssertionError("Liger's LM-head loss patch: the Janus heads' loss is ours")
+        if model is None:
+            return
+        base = getattr(model, model.base_model_prefix, model)
+        norms = [base.norm] if rms_norm else []
+        for layer in base.layers:
+            if swiglu:
+                layer.mlp.forward = types.MethodType(swiglu_forward, layer.mlp)
+            if rms_norm:
+                norms += [layer.input_layernorm, layer.post_attention_layernorm]
+        for norm in norms:
+            norm.forward = types.MethodType(rms_forward, norm)
+
+    rope_fn = rope
 
     class LigerFusedLinearCrossEntropyLoss(nn.Module):
-        def __init__(self, ignore_index=-100, reduction="mean", accum_dtype=None, **kw):
+        def __init__(self, ce_weight=None, ignore_index=-100, reduction="mean", accum_dtype=None):
             super().__init__()
             calls["loss_init"].append((ignore_index, reduction, accum_dtype))
             self.ignore_index, self.reduction = ignore_index, reduction
@@ -371,40 +420,152 @@ def fake_liger(monkeypatch):
                 logits, target, ignore_index=self.ignore_index, reduction=self.reduction
             )
 
-    import importlib.machinery
-
-    pkg = types.ModuleType("liger_kernel")
-    pkg.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None, is_package=True)
     mod = types.ModuleType("liger_kernel.transformers")
     mod.apply_liger_kernel_to_llama = apply_liger_kernel_to_llama
     mod.LigerFusedLinearCrossEntropyLoss = LigerFusedLinearCrossEntropyLoss
-    pkg.transformers = mod
+    return mod
+
+
+@pytest.fixture()
+def fake_liger(monkeypatch):
+    """The stand-in installed as ``liger_kernel.transformers``; modeling_llama's names are
+    restored after the test whatever the code under test did."""
+    import importlib.machinery
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    for name in ("apply_rotary_pos_emb", "LlamaRMSNorm", "LlamaMLP"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))
+    calls = {"patch": [], "loss_init": [], "loss_rows": [], "rope": 0, "rms_norm": 0, "swiglu": 0}
+    pkg = types.ModuleType("liger_kernel")
+    pkg.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None, is_package=True)
+    pkg.transformers = _make_fake_liger(calls)
     monkeypatch.setitem(sys.modules, "liger_kernel", pkg)
-    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", mod)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", pkg.transformers)
     return calls
 
 
-def test_liger_head_loss_groups_sums_and_grads(fake_liger):
-    """The per-task dispatch around Liger's fused CE (one summed call per task present, ignore
-    index, fp32 weight-gradient accumulation) against the full-logits reference."""
-    head, x, target, group = _case("text")
-    upstream = torch.tensor([0.7, 1.3, 0.2])
-    ref, ref_g = _loss_and_grads(_reference, head, x, target, group, 3, upstream)
-    fused = HeadLoss(liger=True).group_sums
-    got, got_g = _loss_and_grads(fused, head, x, target, group, 3, upstream)
-    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
-    for a, b in zip(got_g, ref_g):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert sorted(fake_liger["loss_rows"]) == sorted(int((group == k).sum()) for k in range(3))
-    assert set(fake_liger["loss_init"]) == {(IGN, "sum", torch.float32)}
+def test_liger_head_loss_one_call_per_head_sums_and_grads(fake_liger):
+    """The dispatch around Liger's fused CE: one call for every task's tokens (per token, so
+    each task's upstream weight reaches its tokens), grouped on the device, against the
+    full-logits reference; the image head: one summed call."""
+    for kind, k in (("text", 3), ("image", 1)):
+        fake_liger["loss_rows"].clear()
+        fake_liger["loss_init"].clear()
+        head, x, target, group = _case(kind)
+        upstream = torch.tensor([0.7, 1.3, 0.2])[:k]
+        ref, ref_g = _loss_and_grads(_reference, head, x, target, group, k, upstream)
+        fused = HeadLoss(liger=True).group_sums
+        got, got_g = _loss_and_grads(fused, head, x, target, group, k, upstream)
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+        for a, b in zip(got_g, ref_g):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert fake_liger["loss_rows"] == [N]  # one call, all tokens
+        reduction = "none" if k > 1 else "sum"
+        assert fake_liger["loss_init"] == [(IGN, reduction, torch.float32)]
 
 
-def test_build_model_applies_liger_to_the_language_model(fake_liger, monkeypatch, tmp_path):
+def test_build_model_applies_liger_to_this_model_only(fake_liger, monkeypatch, tmp_path):
+    """Every patch flag as intended; the patched model's loss and gradients equal an unpatched
+    one's (the stand-in's maths are HF's) while its RoPE, RMSNorm and SwiGLU stand-ins really
+    run; modeling_llama is left as it was, so a model built afterwards is plain."""
+    from transformers.models.llama import modeling_llama
+
     from janus_train.model import build_model
+    from tests.helpers import mixed_batch
 
+    before = {n: getattr(modeling_llama, n) for n in ("apply_rotary_pos_emb", "LlamaRMSNorm")}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    cfg = to_run_config(compose(["experiment=tiny", "model=tiny", "model.kernels=liger"])).model
-    janus, _ = build_model(cfg, workdir=tmp_path)
+    monkeypatch.setattr("janus_train.model.attention.has_torch_varlen", lambda: False)  # sdpa
+    over = ["experiment=tiny", "model=tiny", "model.attn_implementation=sdpa"]
+    cfg = to_run_config(compose([*over, "model.kernels=liger"])).model
+    janus, proc = build_model(cfg, workdir=tmp_path)
     (call,) = fake_liger["patch"]
-    assert call["model"] is janus.model.language_model
-    assert call["rope"] and not call["ce"] and not call["flce"]  # the heads' loss is ours
+    assert call == dict(
+        rope=True, cross_entropy=False, fused_linear_cross_entropy=False, rms_norm=True,
+        swiglu=True, model=janus.model.language_model,
+    )  # fmt: skip
+    for n, v in before.items():
+        assert getattr(modeling_llama, n) is v, f"modeling_llama.{n} left swapped"
+    plain, _ = build_model(to_run_config(compose(over)).model, workdir=tmp_path)
+    batch = mixed_batch(janus, proc.tokenizer)
+    for m in (janus, plain):
+        m.train()
+        for mod in m.modules():
+            if isinstance(mod, nn.Dropout):
+                mod.p = 0.0
+    layers = janus.config.text_config.num_hidden_layers
+    counts = {k: fake_liger[k] for k in ("rope", "rms_norm", "swiglu")}
+    ref, ref_g = _forward_and_grads(plain, batch, HeadLoss())
+    assert {k: fake_liger[k] for k in counts} == counts  # the plain model: no Liger
+    got, got_g = _forward_and_grads(janus, batch, HeadLoss())
+    assert fake_liger["rope"] - counts["rope"] == layers
+    assert fake_liger["rms_norm"] - counts["rms_norm"] == 2 * layers + 1
+    assert fake_liger["swiglu"] - counts["swiglu"] == layers
+    torch.testing.assert_close(got["loss_sum"], ref["loss_sum"], rtol=1e-6, atol=1e-5)
+    assert got_g.keys() == ref_g.keys()
+    for n, g in ref_g.items():
+        torch.testing.assert_close(got_g[n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
+# ---- the real liger-kernel, run by Triton's interpreter on CPU ------------------------------
+
+
+@pytest.fixture(scope="module")
+def liger_interpreted():
+    """tests/liger_interpreted.py's JSON (its own process: TRITON_INTERPRET=1 must be set
+    before Triton compiles anything, and this process may have imported it already)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("liger_kernel", reason="liger-kernel not installed (dev extra)")
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
+    res = subprocess.run(
+        [sys.executable, "tests/liger_interpreted.py"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_real_liger_fused_ce_equals_full_logits_reference(liger_interpreted, kind):
+    r = liger_interpreted[kind]
+    assert r["loss"] <= 1e-6 * r["loss_scale"] + 1e-5, r
+    assert r["grad"] < 1e-5, r  # input, weight (, bias): max error / max magnitude
+
+
+def test_real_liger_rope_bound_to_one_model_equals_hf_rope(liger_interpreted):
+    r = liger_interpreted["rope"]
+    assert r["liger_calls"] == [0, 1]  # the plain model none, the patched layer once
+    assert r["out"] < 1e-6 and r["grad"] < 1e-6 and not r["ref_has_own_forward"], r
+
+
+def test_fake_liger_signatures_match_the_installed_liger(liger_interpreted):
+    """The stand-in takes what the installed liger-kernel takes (an upgrade that renames or
+    reorders an argument fails here, not on a GPU)."""
+    sig = liger_interpreted["signatures"]
+    fake = _make_fake_liger({})
+
+    def names(fn):
+        return [[p.name, repr(p.default)] for p in inspect.signature(fn).parameters.values()]
+
+    assert names(fake.apply_liger_kernel_to_llama) == sig["apply_liger_kernel_to_llama"]
+    assert names(fake.LigerFusedLinearCrossEntropyLoss.forward) == sig["loss_forward"]
+    init = names(fake.LigerFusedLinearCrossEntropyLoss.__init__)
+    assert all(p in sig["loss_init"] for p in init), (init, sig["loss_init"])
+    # what janus_train passes exists in the installed library
+    from janus_train.model.kernels import LIGER_FLAGS
+
+    assert set(LIGER_FLAGS) | {"model"} == {n for n, _ in sig["apply_liger_kernel_to_llama"]}
+    assert {"ignore_index", "reduction", "accum_dtype"} <= {n for n, _ in sig["loss_init"]}

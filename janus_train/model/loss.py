@@ -10,7 +10,9 @@ head matmul. The head is called as a module (never through its ``weight``), so Z
 parameter gathers and LoRA adapters on it keep working.
 
 Liger Kernel's fused linear cross-entropy (``model.kernels=liger``, CUDA) computes logits,
-loss and gradients chunk by chunk in Triton, without the recompute. It reads ``weight`` and
+loss and gradients chunk by chunk in Triton: one call per head and micro-step, every task's
+tokens together (the text head per token, so that each task's step weight reaches its tokens'
+gradients, at one more head matmul in backward; the image head summed, without recompute). It reads ``weight`` and
 ``bias`` directly, so it is used only for a plain ``nn.Linear`` head whose parameters are not
 partitioned (not ZeRO-3); elsewhere the chunked path above runs.
 
@@ -73,13 +75,18 @@ def chunked_linear_ce(
             head.forward = own
 
 
-def liger_linear_ce_sum(x: torch.Tensor, head: nn.Linear, target: torch.Tensor) -> torch.Tensor:
-    """Summed CE () float32 of ``head(x)`` by Liger's fused linear cross-entropy (CUDA only):
-    logits in the head's dtype, the softmax in fp32, weight/bias gradients accumulated in fp32."""
+def liger_linear_ce(
+    x: torch.Tensor, head: nn.Linear, target: torch.Tensor, reduction: str
+) -> torch.Tensor:
+    """CE of ``head(x)`` by Liger's fused linear cross-entropy (CUDA; Triton's interpreter on
+    CPU in the tests): logits in the head's dtype, the softmax in fp32, weight/bias gradients
+    accumulated in fp32. ``reduction`` ``sum`` -> () (the gradients computed in the forward);
+    ``none`` -> (N,) per token (Liger recomputes the logits in backward to fold in each token's
+    upstream gradient)."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     fn = LigerFusedLinearCrossEntropyLoss(
-        ignore_index=IGNORE, reduction="sum", accum_dtype=torch.float32
+        ignore_index=IGNORE, reduction=reduction, accum_dtype=torch.float32
     )
     return fn(head.weight, x.contiguous(), target, head.bias).float()
 
@@ -109,12 +116,11 @@ class HeadLoss:
         """Summed CE per group, (num_groups,) float32. ``x``: (N, d); ``target``, ``group``:
         (N,) long, ``group`` in [0, num_groups)."""
         if self.uses_liger(head):
-            out = x.new_zeros(num_groups, dtype=torch.float32)
-            for g in group.unique().tolist():  # a few tasks: one fused call each
-                m = group == g
-                s = liger_linear_ce_sum(x[m], head, target[m])
-                out = out.index_add(0, group.new_tensor([g]), s.view(1))
-            return out
+            # one fused call for every task's tokens; per-task sums stay on the device
+            if num_groups == 1:  # the image head: all generation, no per-token weights
+                return liger_linear_ce(x, head, target, "sum").view(1)
+            ce = liger_linear_ce(x, head, target, "none")
+            return ce.new_zeros(num_groups).index_add(0, group, ce)
         chunk = self.chunk_tokens
         if self.params_partitioned and next(head.children(), None) is not None:
             chunk = 0  # e.g. LoRA: its sub-modules would run once per chunk, not once per rank
