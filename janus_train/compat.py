@@ -159,6 +159,8 @@ def dataloader_workers(it) -> tuple[list, Callable[[], None] | None]:
     iterator, which has neither)."""
     shutdown = getattr(it, "_shutdown_workers", None)
     if shutdown is None:
+        multi = "MultiProcessing" in type(it).__name__
+        _require(not multi, "the multi-process DataLoader iterator's _shutdown_workers", "torch")
         return [], None
     return list(getattr(it, "_workers", [])), shutdown
 
@@ -178,16 +180,21 @@ def reinit_with_hf_initializer(model, module) -> None:
 
 def get_attn_implementation(config) -> str | None:
     """The attention implementation a (sub-)config was built with."""
+    _require(hasattr(config, "_attn_implementation"), "config._attn_implementation", "transformers")
     return config._attn_implementation
 
 
 def set_attn_implementation(config, impl: str) -> None:
+    _require(hasattr(config, "_attn_implementation"), "config._attn_implementation", "transformers")
     config._attn_implementation = impl
 
 
 def mark_generation_config_own(gc) -> None:
     """A generation config marked "from the model config" is rebuilt by ``from_pretrained``
     (its ``generation_kwargs`` lost): mark it as written by hand."""
+    _require(
+        hasattr(gc, "_from_model_config"), "GenerationConfig._from_model_config", "transformers"
+    )
     gc._from_model_config = False
 
 
@@ -199,6 +206,7 @@ def without_duck_shapes() -> Iterator[None]:
     """Dynamo traces with duck shaping off (equal sizes stay distinct symbols)."""
     from torch.fx.experimental import _config as fx_config
 
+    _require(hasattr(fx_config, "use_duck_shape"), "torch.fx.experimental._config", "torch")
     with fx_config.patch(use_duck_shape=False):
         yield
 

@@ -238,6 +238,14 @@ def test_dataloader_iterator_workers_and_shutdown():
     assert compat.dataloader_workers(iter(DataLoader([1, 2]))) == ([], None)
 
 
+def test_workers_guard_on_a_multiprocess_iterator_without_shutdown():
+    class _MultiProcessingDataLoaderIter:  # torch's name, without the private API
+        pass
+
+    with pytest.raises(compat.UpstreamChanged, match="_shutdown_workers is missing in torch"):
+        compat.dataloader_workers(_MultiProcessingDataLoaderIter())
+
+
 # --------------------------------------------------------------------------- transformers
 
 
@@ -287,6 +295,8 @@ def test_config_attn_implementation(tiny_llama):
     cfg = type(tiny_llama.config)(**tiny_llama.config.to_dict())
     compat.set_attn_implementation(cfg, "eager")
     assert compat.get_attn_implementation(cfg) == "eager"
+    with pytest.raises(compat.UpstreamChanged, match="_attn_implementation"):
+        compat.set_attn_implementation(object(), "eager")
 
 
 def test_generation_config_from_model_config_flag(tiny_llama):
@@ -296,6 +306,8 @@ def test_generation_config_from_model_config_flag(tiny_llama):
     assert gc._from_model_config is True
     compat.mark_generation_config_own(gc)
     assert gc._from_model_config is False
+    with pytest.raises(compat.UpstreamChanged, match="_from_model_config"):
+        compat.mark_generation_config_own(object())
 
 
 # --------------------------------------------------------------------------- torch.compile
