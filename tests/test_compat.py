@@ -8,6 +8,7 @@ import ast
 import datetime
 import inspect
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -21,22 +22,13 @@ COMPAT = "janus_train/compat.py"
 PUBLIC_UNDERSCORE = {("os", "_exit"), ("sys", "_getframe")}
 """``module._name`` that is public, documented API."""
 PUBLIC_DUNDERS = {
-    "__dict__",
-    "__init__",
-    "__name__",
-    "__qualname__",
-    "__module__",
-    "__doc__",
-    "__file__",
-    "__version__",
-    "__class__",
-    "__traceback__",
-    "__cause__",
-    "__wrapped__",
-    "__annotations__",
-    "__dataclass_fields__",
-}
-"""Python's own dunders; any other (``__compatible_ops__``) is a library's private table."""
+    n
+    for t in (object, type, types.FunctionType, types.ModuleType, types.CodeType, BaseException)
+    for n in dir(t)
+} | {"__wrapped__", "__file__", "__path__", "__all__", "__version__", "__dataclass_fields__"}
+"""Python's own dunders (the data model of objects, classes, functions, modules, exceptions;
+``functools.wraps``, module metadata, dataclasses); any other (``__compatible_ops__``) is a
+library's private table."""
 SHIMMED_NAMES = {"ds_to_universal"}
 """Public names used as a private API (a command line's ``main`` driven as a function)."""
 
