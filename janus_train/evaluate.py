@@ -260,6 +260,88 @@ def prompt_format(run) -> S.PromptFormat:
 
 
 @torch.no_grad()
+def _answer_questions(janus, processor, und: list, fmt, cfg: EvalConfig) -> list[dict]:
+    """Greedy answers to the held-out questions, each with its reference and exact match."""
+    preds = S.answer(
+        janus,
+        processor,
+        [u[0] for u in und],
+        [u[1] for u in und],
+        fmt,
+        cfg.max_new_tokens,
+        cfg.batch_size,
+    )
+    return [
+        {"question": q, "answer": p, "reference": r, "correct": _norm(p) == _norm(r)}
+        for (_, q, r), p in zip(und, preds)
+    ]
+
+
+def _generation_metrics(
+    janus, processor, gen: list, fmt, cfg: EvalConfig, scale: float, size: int
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy CFG generation of the held-out prompts against the reference images' VQ codes:
+    token accuracies (at ``scale`` and each extra scale, of the objects, of a blank image).
+    Returns (metrics, generated codes, reference codes, the blank image's codes)."""
+    metrics: dict[str, float] = {}
+    greedy = S.SampleConfig(guidance_scale=scale, temperature=0.0, batch_size=cfg.batch_size)
+    codes = S.generate_codes(janus, processor, [g[0] for g in gen], greedy, fmt)
+    ref = reference_codes(janus, [g[1] for g in gen], size)
+    hit = codes == ref
+    metrics["gen/token_accuracy"] = float(hit.float().mean())
+    metrics["gen/guidance_scale"] = float(scale)
+    for s in cfg.extra_guidance_scales:
+        other = S.generate_codes(
+            janus,
+            processor,
+            [g[0] for g in gen],
+            dataclasses.replace(greedy, guidance_scale=s),
+            fmt,
+        )
+        metrics[f"gen/token_accuracy@cfg{s:g}"] = float((other == ref).float().mean())
+    # baseline: the codes of a blank (black) image, i.e. "draw nothing"
+    blank = reference_codes(janus, [Image.new("RGB", (size, size))], size)
+    metrics["gen/token_accuracy_blank_baseline"] = float((ref == blank).float().mean())
+    return metrics, codes, ref, blank
+
+
+def _sample_grid(janus, processor, gen: list, decoded, fmt, cfg: EvalConfig, scale, size, step):
+    """Rows of (reference, greedy, two sampled images) for the first ``n_grid`` prompts."""
+    k = min(cfg.n_grid, len(gen))
+    sampled = S.SampleConfig(
+        guidance_scale=scale,
+        temperature=1.0,
+        num_images=2,
+        batch_size=cfg.batch_size,
+        seed=step,
+    )
+    samp = S.decode_codes(
+        janus, S.generate_codes(janus, processor, [g[0] for g in gen[:k]], sampled, fmt)
+    )
+    tiles = []
+    for i in range(k):
+        tiles += [gen[i][1].resize((size, size)), decoded[i], samp[2 * i], samp[2 * i + 1]]
+    return S.image_grid(tiles, cols=4, scale=max(1, 96 // size)), k
+
+
+def _write_eval_outputs(out_dir, step: int, metrics: dict, answers: list, grid, rows: list):
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=1) + "\n")
+    with open(out / "answers.jsonl", "w") as f:
+        for a in answers:
+            f.write(json.dumps(a) + "\n")
+    if grid is not None:
+        grid.save(out / "generated.png")
+        (out / "generated.json").write_text(
+            json.dumps(
+                {"columns": ["reference", "greedy", "sample", "sample"], "rows": rows},
+                indent=1,
+            )
+            + "\n"
+        )
+
+
 def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None = None) -> dict:
     """Evaluate on every rank; rank 0 writes ``out_dir/{metrics.json, answers.jsonl,
     generated.png}``. Returns flat metrics (the caller logs them, e.g. prefixed ``eval/``)."""
@@ -278,47 +360,21 @@ def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None =
     und = _understanding_items(recipe, fmt, cfg.n_und)
     answers = []
     if und:
-        preds = S.answer(
-            janus,
-            processor,
-            [u[0] for u in und],
-            [u[1] for u in und],
-            fmt,
-            cfg.max_new_tokens,
-            cfg.batch_size,
-        )
-        answers = [
-            {"question": q, "answer": p, "reference": r, "correct": _norm(p) == _norm(r)}
-            for (_, q, r), p in zip(und, preds)
-        ]
+        answers = _answer_questions(janus, processor, und, fmt, cfg)
         metrics["und/accuracy"] = float(np.mean([a["correct"] for a in answers]))
 
     gen = _generation_items(recipe, cfg.n_gen)
-    grid = None
+    grid, rows = None, []
     scale = cfg.guidance_scale or getattr(run.train, "eval_guidance_scale", 5.0)
     if gen:
-        greedy = S.SampleConfig(guidance_scale=scale, temperature=0.0, batch_size=cfg.batch_size)
-        codes = S.generate_codes(janus, processor, [g[0] for g in gen], greedy, fmt)
-        ref = reference_codes(janus, [g[1] for g in gen], size)
-        hit = codes == ref
-        metrics["gen/token_accuracy"] = float(hit.float().mean())
-        metrics["gen/guidance_scale"] = float(scale)
-        for s in cfg.extra_guidance_scales:
-            other = S.generate_codes(
-                janus,
-                processor,
-                [g[0] for g in gen],
-                dataclasses.replace(greedy, guidance_scale=s),
-                fmt,
-            )
-            metrics[f"gen/token_accuracy@cfg{s:g}"] = float((other == ref).float().mean())
-        # baseline: the codes of a blank (black) image, i.e. "draw nothing"
-        blank = reference_codes(janus, [Image.new("RGB", (size, size))], size)
-        metrics["gen/token_accuracy_blank_baseline"] = float((ref == blank).float().mean())
+        gen_metrics, codes, ref, blank = _generation_metrics(
+            janus, processor, gen, fmt, cfg, scale, size
+        )
+        metrics.update(gen_metrics)
         decoded = S.decode_codes(janus, codes)
         fg = ref != blank
         if bool(fg.any()):
-            metrics["gen/object_token_accuracy"] = float(hit[fg].float().mean())
+            metrics["gen/object_token_accuracy"] = float((codes == ref)[fg].float().mean())
         outputs = GenerationOutputs(
             prompts=[g[0] for g in gen],
             references=[g[1] for g in gen],
@@ -330,41 +386,13 @@ def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None =
         )
         for fn in extra_metrics:
             metrics.update({k: float(v) for k, v in fn(outputs).items()})
-        k = min(cfg.n_grid, len(gen))
-        sampled = S.SampleConfig(
-            guidance_scale=scale,
-            temperature=1.0,
-            num_images=2,
-            batch_size=cfg.batch_size,
-            seed=step,
-        )
-        samp = S.decode_codes(
-            janus, S.generate_codes(janus, processor, [g[0] for g in gen[:k]], sampled, fmt)
-        )
-        tiles = []
-        for i in range(k):
-            tiles += [gen[i][1].resize((size, size)), decoded[i], samp[2 * i], samp[2 * i + 1]]
-        grid = S.image_grid(tiles, cols=4, scale=max(1, 96 // size))
-        gen_log = [
+        grid, k = _sample_grid(janus, processor, gen, decoded, fmt, cfg, scale, size, step)
+        rows = [
             {"prompt": g[0], "token_accuracy": float((c == r).float().mean())}
             for g, c, r in zip(gen, codes, ref)
-        ]
+        ][:k]
     if _is_main():
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=1) + "\n")
-        with open(out / "answers.jsonl", "w") as f:
-            for a in answers:
-                f.write(json.dumps(a) + "\n")
-        if grid is not None:
-            grid.save(out / "generated.png")
-            (out / "generated.json").write_text(
-                json.dumps(
-                    {"columns": ["reference", "greedy", "sample", "sample"], "rows": gen_log[:k]},
-                    indent=1,
-                )
-                + "\n"
-            )
+        _write_eval_outputs(out_dir, step, metrics, answers, grid, rows)
     if was_training:
         janus.train()
     logger.info("eval step %d: %s", step, json.dumps(metrics))
