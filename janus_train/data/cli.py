@@ -400,13 +400,10 @@ def vq_encode(args) -> list[dict]:
 # --------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from janus_train.cli_help import HelpFormatter, summary
+def _add_convert_parsers(sub) -> None:
+    """``janus-data convert {llava,text,captions,imagenet}``."""
+    from janus_train.cli_help import HelpFormatter
 
-    ap = argparse.ArgumentParser(
-        prog="janus-data", description=summary(__doc__), formatter_class=HelpFormatter
-    )
-    sub = ap.add_subparsers(dest="cmd", required=True)
     conv = sub.add_parser(
         "convert",
         help="convert a data set into WebDataset shards",
@@ -453,6 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="directory of class folders")
     p.add_argument("--class-names", default=None, help="lines 'FOLDER NAME[, synonyms]'")
     common(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from janus_train.cli_help import HelpFormatter, summary
+
+    ap = argparse.ArgumentParser(
+        prog="janus-data", description=summary(__doc__), formatter_class=HelpFormatter
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _add_convert_parsers(sub)
 
     p = sub.add_parser(
         "inspect",
