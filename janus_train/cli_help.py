@@ -27,6 +27,8 @@ ENV_VARS = {
     "JANUS_EVAL_DATA_ROOT": "held-out directory in the tiny layout (docs/data.md), used when no eval recipe is set",
     "JANUS_DATA_RECIPES": "directory of the named data recipes (default data_recipes/)",
     "JANUS_TRAIN_CONF": "directory of the config tree (default conf/)",
+    "JANUS_CONVERT_CACHE": "where a model.init_from in DeepSeek's release layout is converted "
+    "to HF format on first use (default ~/.cache/janus_train/converted)",
     "JANUS_DEBUG": "1: full Python tracebacks for user errors (also HYDRA_FULL_ERROR=1)",
     "JANUS_USER_ERROR_FILE": "a user error's one line is also written there (launch/slurm/job.sh "
     "reads it: no requeue)",

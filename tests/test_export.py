@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import subprocess
 import sys
@@ -128,8 +129,21 @@ def test_bad_shard_size_fails_at_config_time():
 
 
 @pytest.mark.slow
-def test_a_run_saves_its_processor_and_exports_card_and_template(tmp_path):
-    """janus-train wiring: run_dir/processor at the start, hf/ with README.md and the template."""
+def test_a_run_saves_its_processor_and_exports_card_and_template(
+    tmp_path, tiny_model_and_processor
+):
+    """janus-train wiring: run_dir/processor at the start, hf/ with README.md and the template.
+    The run starts from a checkpoint in DeepSeek's release layout (``model.init_from``,
+    converted on first use), and its export goes back to that layout and returns bitwise."""
+    from janus_train.model import deepseek_format as F
+
+    model, processor = tiny_model_and_processor
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # unlike any random init: the VQ stays frozen, so it must come out
+        model.model.vqmodel.quant_conv.weight.add_(1.0)
+    model.save_pretrained(tmp_path / "hf0")
+    processor.save_pretrained(tmp_path / "hf0")
+    ds = F.export_deepseek(tmp_path / "hf0", tmp_path / "deepseek")
     run_dir = tmp_path / "run"  # fixed micro-batches here: the card's other batch wording
     cmd = [
         sys.executable,
@@ -146,9 +160,24 @@ def test_a_run_saves_its_processor_and_exports_card_and_template(tmp_path):
         "train.export_max_shard_size=2MB",
         "train.progress_bar=false",
         "train.tokens_per_micro=0",
+        f"model.init_from={ds}",
+        "model.tokenizer=null",
+        "experiment.stage2.warmup_steps=0",  # the one step moves the weights
     ]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "JANUS_CONVERT_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
+    (converted,) = (tmp_path / "cache").iterdir()
+    start, end = F.load_state(converted), F.load_state(run_dir / "hf")
+    init = F.load_state(tmp_path / "hf0")
+    assert start.keys() == init.keys() and all(torch.equal(v, init[k]) for k, v in start.items())
+    llm = [k for k in start if k.startswith("model.language_model.layers.")]
+    assert any(not torch.equal(start[k], end[k]) for k in llm)  # stage 2 trained the LLM
+    q = "model.vqmodel.quant_conv.weight"
+    assert torch.equal(end[q], init[q])
+    back = F.convert_checkpoint(F.export_deepseek(run_dir / "hf", tmp_path / "ds2"), tmp_path / "b")
+    back = F.load_state(back)
+    assert back.keys() == end.keys() and all(torch.equal(v, end[k]) for k, v in back.items())
     want = run_prompt_format(tiny_run(["stage=stage2"])).jinja()
     for d in (run_dir / "processor", run_dir / "hf"):
         assert (d / "chat_template.jinja").read_text() == want

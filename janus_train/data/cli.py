@@ -7,6 +7,8 @@
     janus-data convert imagenet --root CLASS_FOLDERS --out DIR [--class-names FILE]
     janus-data inspect [--recipe NAME|PATH] [--n 8] [--workdir DIR] [hydra overrides ...]
     janus-data vq-encode --model HF_DIR --shards PATTERN --out DIR [--device cuda] [--procs 2]
+    janus-data convert-checkpoint DEEPSEEK_DIR [--out HF_DIR]   (DeepSeek's release layout in)
+    janus-data export-deepseek HF_DIR --out DIR                 (DeepSeek's release layout out)
 
 Shard formats are described in docs/data.md. Converters write with ``webdataset.ShardWriter``
 (``PREFIX-NNNNNN.tar``, ``--maxcount`` samples each) and store images as their original bytes.
@@ -490,6 +492,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per VQ forward")
     p.add_argument("--threads", type=int, default=4, help="image decode threads per process")
     p.add_argument("--procs", type=int, default=1, help="shards encoded in parallel processes")
+
+    p = sub.add_parser(
+        "convert-checkpoint",
+        help="DeepSeek's release layout -> an HF-format directory",
+        formatter_class=HelpFormatter,
+        description="Convert a checkpoint in DeepSeek's release layout (MultiModalityCausalLM, "
+        "e.g. deepseek-ai/Janus-Pro-1B) into an HF-format directory (config, safetensors, "
+        "processor); model.init_from does the same on first use into its cache.",
+    )
+    p.add_argument("src", help="DeepSeek-layout directory (config.json model_type multi_modality)")
+    p.add_argument(
+        "--out", default=None, help="output directory (default: the cache model.init_from uses)"
+    )
+
+    p = sub.add_parser(
+        "export-deepseek",
+        help="an HF-format directory (a stage's hf/) -> DeepSeek's release layout",
+        formatter_class=HelpFormatter,
+        description="Write an HF-format Janus directory (a stage's run_dir/hf export) in "
+        "DeepSeek's release layout, for DeepSeek's MultiModalityCausalLM.from_pretrained, its "
+        "demos and evaluation kits built on its janus package.",
+    )
+    p.add_argument("src", help="HF-format Janus directory")
+    p.add_argument("--out", required=True, help="output directory")
     return ap
 
 
@@ -511,6 +537,16 @@ def _dispatch(args) -> None:
         inspect(args, args.overrides)
     elif args.cmd == "vq-encode":
         vq_encode(args)
+    elif args.cmd in ("convert-checkpoint", "export-deepseek"):
+        from janus_train.model import deepseek_format as F
+
+        if not Path(args.src).is_dir():
+            raise FileNotFoundError(f"{args.src!r} is not a directory")
+        if args.cmd == "export-deepseek":
+            out = F.export_deepseek(args.src, args.out)
+        else:
+            out = F.convert_checkpoint(args.src, args.out or F.cache_dir_for(args.src))
+        print(out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Nothing here re-implements a Janus module: the model is always a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -124,7 +125,19 @@ def get_processor(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
                 out, image_size=cfg.image_size, num_image_tokens=cfg.num_image_tokens
             )
         src = str(out)
+    elif src == cfg.init_from:
+        src = hf_init_from(src)
     return load_processor(src)
+
+
+def hf_init_from(path: str) -> str:
+    """``model.init_from`` as an HF-format directory: a directory in DeepSeek's release layout
+    becomes its cached conversion (``model.deepseek_format``); anything else is returned as is."""
+    if not Path(path).is_dir():
+        return path
+    from janus_train.model.deepseek_format import resolve_init_from
+
+    return resolve_init_from(path)
 
 
 def set_generation_config(model, st: SpecialTokens) -> None:
@@ -187,6 +200,8 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
 
     check_kernels_available(cfg)
     attn = check_attn_available(cfg.attn_implementation)
+    if cfg.init_from:
+        cfg = dataclasses.replace(cfg, init_from=hf_init_from(cfg.init_from))
     processor = get_processor(cfg, workdir)
     tokenizer = processor.tokenizer
     st = resolve_special_tokens(tokenizer)
@@ -257,5 +272,12 @@ def check_init_from(cfg: ModelConfig) -> None:
     if missing:
         raise FileNotFoundError(
             f"model.init_from={cfg.init_from!r} lacks {', '.join(missing)}: expected an "
-            f"HF-format Janus directory (a stage's run_dir/hf export or a converted release)"
+            f"HF-format Janus directory (a stage's run_dir/hf export or a converted release) "
+            f"or DeepSeek's release layout"
         )
+    from janus_train.model.deepseek_format import layout_of
+
+    try:
+        layout_of(d)
+    except ValueError as e:
+        raise ValueError(f"model.init_from: {e}") from None
