@@ -15,11 +15,16 @@
    the trainer's own ``metrics.jsonl`` figures (first logged window dropped: warm-up).
 2. **Reference**: the LLM alone (HF ``LlamaForCausalLM`` of the same dimensions and vocabulary)
    in a plain PyTorch loop: full rows of ``--ref-seq-len`` tokens, bf16 autocast over fp32
-   weights, fused AdamW, the same attention implementation; MFU by the same PaLM formula.
+   weights, fused AdamW, sdpa (its causal FlashAttention path: full rows need no varlen);
+   MFU by the same PaLM formula. ``--reference-only`` runs it alone (its own process).
 
 ``--kernels``, ``--loss-chunk-tokens`` and ``--compile`` set ``model.kernels`` /
-``model.loss_chunk_tokens`` / ``model.compile`` of the trainer part only; the reference stays plain PyTorch (the baseline). Prints one JSON line per
-part, peak memory included, and the trainer/reference MFU ratio. On a
+``model.loss_chunk_tokens`` / ``model.compile`` of the trainer part only; the reference stays
+plain PyTorch (the baseline). Prints one JSON line per part: peak memory (allocated and
+reserved), on CUDA the host syncs per optimizer step and inside its micro-steps
+(``torch.cuda.set_sync_debug_mode``), dynamo's compilations and graph breaks, and with
+``--profile-step k`` a ``torch.profiler`` table of step k (top kernels by time) in
+``<out>/trainer/profile.txt``; then the trainer/reference MFU ratio. On a
 machine without CUDA it runs the tiny model (rows of 512 tokens) so the script and the trainer
 path stay tested, and reports no MFU (no peak FLOP/s to divide by).
 """
@@ -40,16 +45,101 @@ def _cuda() -> bool:
 
 
 def _attn(requested: str) -> str:
-    if requested != "auto":
-        return requested
-    if _cuda():
-        try:
-            import flash_attn  # noqa: F401
+    """The trainer's ``model.attn_implementation`` resolved as the trainer resolves it."""
+    from janus_train.model.attention import resolve_attn_implementation
 
-            return "flash_attention_2"
-        except ImportError:
-            return "sdpa"
-    return "sdpa"
+    return resolve_attn_implementation(requested)
+
+
+def _ref_attn(attn: str) -> str:
+    """The LLM-alone reference trains full rows (no packing): HF's own implementations only;
+    PyTorch's varlen kernel there is sdpa's causal FlashAttention path."""
+    return "sdpa" if attn == "torch_varlen" else attn
+
+
+class StepProbe:
+    """Wraps ``janus_train.train.train_step`` (and ``forward_backward`` inside it) during the
+    trainer part: host syncs per optimizer step and inside its micro-steps on CUDA
+    (``torch.cuda.set_sync_debug_mode``: a warning per synchronizing call, counted), and a
+    ``torch.profiler`` table of step ``profile_step`` (top kernels by time)."""
+
+    SYNC_MSG = "called a synchronizing CUDA operation"
+
+    def __init__(self, profile_step: int = -1, profile_rows: int = 15):
+        self.steps: list[dict] = []
+        self.profile_step = profile_step
+        self.profile_rows = profile_rows
+        self.table: str | None = None
+
+    def _count(self, fn, *args, **kwargs):
+        import warnings
+
+        if not _cuda():
+            return fn(*args, **kwargs), None
+        prev = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode(prev)
+        return out, sum(self.SYNC_MSG in str(w.message) for w in got)
+
+    def install(self, train_module) -> None:
+        real_step, real_fb = train_module.train_step, train_module.forward_backward
+        probe = self
+
+        def forward_backward(*args, **kwargs):
+            out, n = probe._count(real_fb, *args, **kwargs)
+            probe.steps[-1]["syncs_in_micro_steps"] = n
+            return out
+
+        def train_step(*args, **kwargs):
+            probe.steps.append({})
+            if len(probe.steps) - 1 != probe.profile_step:
+                out, n = probe._count(real_step, *args, **kwargs)
+            else:
+                from torch.profiler import ProfilerActivity, profile
+
+                acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if _cuda() else [])
+                with profile(activities=acts) as prof:
+                    out, n = probe._count(real_step, *args, **kwargs)
+                    if _cuda():
+                        torch.cuda.synchronize()
+                key = "cuda_time_total" if _cuda() else "cpu_time_total"
+                probe.table = prof.key_averages().table(sort_by=key, row_limit=probe.profile_rows)
+            if n is not None:  # the micro-steps' warnings went to their own (inner) record
+                n += probe.steps[-1].get("syncs_in_micro_steps") or 0
+            probe.steps[-1]["syncs_per_step"] = n
+            return out
+
+        train_module.train_step = train_step
+        train_module.forward_backward = forward_backward
+
+    def record(self) -> dict:
+        """Mean syncs per step after the first step (warm-up), None off CUDA."""
+        rows = self.steps[1:] or self.steps
+
+        def mean(k):
+            vals = [r[k] for r in rows if r.get(k) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        return {
+            "host_syncs_per_step": mean("syncs_per_step"),
+            "host_syncs_in_micro_steps": mean("syncs_in_micro_steps"),
+        }
+
+
+def _dynamo_counts() -> dict:
+    """Compilations and graph breaks of the run (``model.compile``; zeros without it)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "dynamo_frames": counters["frames"]["total"],
+        "dynamo_unique_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
 
 
 def _checkpointing(spec: str) -> list[str]:
@@ -64,13 +154,14 @@ def trainer_part(args, run_dir: Path) -> dict:
     from janus_train.config import compose, to_run_config
     from janus_train.train import run
 
+    attn = args.attn
     ov = [
         f"experiment={args.model}",
         "stage=stage2",
         "deepspeed=zero2",
         "model.init_from=null",
         "model.tokenizer=tiny",
-        f"model.attn_implementation={args.attn}",
+        f"model.attn_implementation={attn}",
         *_checkpointing(args.checkpointing),
         f"model.kernels={args.kernels}",
         f"model.loss_chunk_tokens={args.loss_chunk_tokens}",
@@ -90,9 +181,15 @@ def trainer_part(args, run_dir: Path) -> dict:
     ]
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
+    from janus_train import train
+
+    probe = StepProbe(profile_step=args.profile_step)
+    probe.install(train)
     t0 = time.perf_counter()
     assert run(to_run_config(compose(ov))) == 0
     wall = time.perf_counter() - t0
+    if probe.table is not None:
+        (run_dir / "profile.txt").write_text(probe.table)
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "speed/tokens_per_s" in r][1:] or recs[-1:]
 
@@ -103,7 +200,7 @@ def trainer_part(args, run_dir: Path) -> dict:
     return {
         "part": "trainer",
         "model": args.model,
-        "attn": args.attn,
+        "attn": _attn(args.attn),
         "checkpointing": args.checkpointing,
         "kernels": args.kernels,
         "loss_chunk_tokens": args.loss_chunk_tokens,
@@ -116,6 +213,10 @@ def trainer_part(args, run_dir: Path) -> dict:
         "token_fill": mean("data/token_fill"),
         "rank_imbalance": mean("data/rank_imbalance"),
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if _cuda() else None,
+        **probe.record(),
+        **_dynamo_counts(),
+        "profile": str(run_dir / "profile.txt") if probe.table is not None else None,
         "wall_s": wall,
         "overrides": ov,
     }
@@ -134,7 +235,7 @@ def reference_part(args, workdir: Path) -> dict:
     )
     tok = get_processor(run.model, workdir).tokenizer
     tcfg = build_janus_config(run.model, tok).text_config
-    tcfg._attn_implementation = args.attn
+    tcfg._attn_implementation = _ref_attn(_attn(args.attn))
     dev = torch.device("cuda" if _cuda() else "cpu")
     torch.manual_seed(0)
     model = LlamaForCausalLM(tcfg).to(dev)
@@ -176,7 +277,7 @@ def reference_part(args, workdir: Path) -> dict:
     step_flops = flops_per_row * rows * args.ref_accum
     return {
         "part": "reference_llm_alone",
-        "attn": args.attn,
+        "attn": tcfg._attn_implementation,
         "rows_per_micro": rows,
         "seq_len": T,
         "accum": args.ref_accum,
@@ -185,6 +286,7 @@ def reference_part(args, workdir: Path) -> dict:
         "step_time_s": dt,
         "token_fill": 1.0,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if _cuda() else None,
     }
 
 
@@ -201,7 +303,11 @@ def main() -> None:
     ap.add_argument("--tokens-per-micro", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None, help="longest sample (4096)")
     ap.add_argument("--checkpointing", default="none", help="none | full | k (every k-th layer)")
-    ap.add_argument("--attn", default="auto", help="auto: flash_attention_2 if installed, sdpa")
+    ap.add_argument(
+        "--attn",
+        default="auto",
+        help="model.attn_implementation (auto: PyTorch's varlen attention on CUDA, sdpa on CPU)",
+    )
     ap.add_argument(
         "--kernels",
         default="none",
@@ -227,6 +333,18 @@ def main() -> None:
         "--no-reference",
         action="store_true",
         help="trainer part only (the reference does not depend on the trainer's options)",
+    )
+    ap.add_argument(
+        "--reference-only",
+        action="store_true",
+        help="the LLM-alone reference only (its own process: no DeepSpeed engine beside it)",
+    )
+    ap.add_argument(
+        "--profile-step",
+        type=int,
+        default=-1,
+        help="torch.profiler table (top kernels by time) of this optimizer step (0-based) into "
+        "<out>/trainer/profile.txt; -1: none",
     )
     ap.add_argument("--ref-seq-len", type=int, default=None)
     ap.add_argument("--ref-steps", type=int, default=None)
@@ -262,11 +380,12 @@ def main() -> None:
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    args.attn = _attn(args.attn)
+    from janus_train.model.attention import check_attn_available
     from janus_train.model.config import ModelConfig
     from janus_train.model.kernels import check_kernels_available
 
-    try:  # before any model: liger needs CUDA and the package
+    try:  # before any model: liger needs CUDA and the package; flex/flash need CUDA
+        check_attn_available(args.attn)
         check_kernels_available(
             ModelConfig(kernels=args.kernels, loss_chunk_tokens=args.loss_chunk_tokens)
         )
@@ -274,6 +393,10 @@ def main() -> None:
         raise SystemExit(f"bench_gpu.py: {e}") from None
     device = torch.cuda.get_device_name() if gpu else "cpu (no MFU: no peak FLOP/s)"
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_gpu_"))
+    if args.reference_only:
+        ref = reference_part(args, out)
+        print(json.dumps({"device": device, **ref}), flush=True)
+        return
     trainer = trainer_part(args, out / "trainer")
     # each part printed as soon as it is measured: a run stopped later keeps it
     print(json.dumps({"device": device, **trainer}), flush=True)

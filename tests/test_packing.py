@@ -637,3 +637,74 @@ def test_config_refuses_mixing_attention_and_a_budget_below_the_sample_length():
     with pytest.raises(ValueError, match="train.synthetic_seq_len=64"):
         to_run_config(compose(["train.tokens_per_micro=32", "train.synthetic_data=true"]))
     to_run_config(compose(["train.tokens_per_micro=0", "model.attn_implementation=eager"]))
+
+
+class _HostReads:
+    """Records the aten ops that read a tensor's value on the host (on CUDA: a sync): scalar
+    reads (item, bool, int), nonzero, masked_select, unique, boolean-mask indexing."""
+
+    NAMES = {
+        "aten::_local_scalar_dense",
+        "aten::nonzero",
+        "aten::masked_select",
+        "aten::_unique2",
+        "aten::unique_dim",
+        "aten::unique_consecutive",
+    }
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+        self.hits, self.paused = [], 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func._schema.name
+                idx = args[1] if name == "aten::index" and len(args) > 1 else ()
+                masked = any(getattr(t, "dtype", None) == torch.bool for t in idx)
+                if (name in outer.NAMES or masked) and not outer.paused:
+                    outer.hits.append(name)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+
+def test_forward_and_backward_read_no_device_value_on_the_host(fresh_tiny_model, monkeypatch):
+    """With the micro-batch's index computed on the host (what the trainer does), the training
+    forward and backward through the CUDA default's path (torch_varlen) read no tensor value on
+    the host: no sync inside a micro-step. (The CPU reference kernel stands in for PyTorch's
+    and is excluded; without the host index the forward computes it itself, and is seen to.)"""
+    import functools
+
+    from janus_train.model import attention as at
+    from janus_train.model.forward import with_index
+    from tests.helpers import mixed_batch
+
+    model, proc = fresh_tiny_model
+    at.set_llm_attention(model, "torch_varlen")
+    rec = _HostReads()
+    real = at.varlen_attn_reference
+
+    @functools.wraps(real)
+    def kernel(*a, **k):  # on CUDA: torch's varlen_attn, no host reads
+        rec.paused += 1
+        try:
+            return real(*a, **k)
+        finally:
+            rec.paused -= 1
+
+    monkeypatch.setattr(at, "varlen_attn_reference", kernel)
+    batch = mixed_batch(model, proc.tokenizer)
+    assert batch.get("position_ids") is not None and batch["pixel_values"].shape[0] > 0
+    tm = JanusTrainModel(model)
+    indexed = with_index(batch, model)  # on the host, before the (here absent) copy
+    with rec.mode:
+        out = tm(indexed)
+    with rec.mode:
+        out["loss_sum"].sum().backward()
+    assert (out["n_tokens"] > 0).all()
+    assert rec.hits == []
+    with rec.mode:
+        tm(batch)  # no host index: the forward derives it (a sync on CUDA), and is caught
+    assert "aten::nonzero" in rec.hits
