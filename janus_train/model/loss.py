@@ -12,7 +12,9 @@ parameter gathers and LoRA adapters on it keep working.
 Liger Kernel's fused linear cross-entropy (``model.kernels=liger``, CUDA) computes logits,
 loss and gradients chunk by chunk in Triton: one call per head and micro-step, every task's
 tokens together (the text head per token, so that each task's step weight reaches its tokens'
-gradients, at one more head matmul in backward; the image head summed, without recompute). It reads ``weight`` and
+gradients, at one more head matmul in backward; the image head summed, without recompute).
+Liger's call itself reads its supervised-token count on the host (``.item()`` in 0.8.5's
+``fused_linear_cross_entropy_forward``): one sync per head and micro-step that is Liger's. It reads ``weight`` and
 ``bias`` directly, so it is used only for a plain ``nn.Linear`` head whose parameters are not
 partitioned (not ZeRO-3); elsewhere the chunked path above runs.
 
