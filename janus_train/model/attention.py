@@ -24,7 +24,6 @@ language model's config only: HF's Janus class declares no flex support, and the
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import inspect
 import logging
@@ -155,15 +154,21 @@ def varlen_attn_reference(
     return out
 
 
-def _torch_varlen_attn():
-    from torch.nn.attention.varlen import varlen_attn
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+except ImportError:  # pragma: no cover - older torch: torch_varlen is refused at start
+    _torch_varlen_attn = None
 
-    return varlen_attn
+# kernel -> its parameter names, read once outside any compiled region (a decoder layer under
+# torch.compile traces the attention function; inspect.signature there would break the graph)
+_PARAMS: dict = {}
 
 
-@functools.lru_cache(maxsize=8)
 def _params(fn) -> frozenset[str]:
-    return frozenset(inspect.signature(fn).parameters)
+    got = _PARAMS.get(fn)
+    if got is None:
+        got = _PARAMS[fn] = frozenset(inspect.signature(fn).parameters)
+    return got
 
 
 def call_varlen(kernel, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float | None):
@@ -231,7 +236,7 @@ def varlen_attention_forward(
     k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
     v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
     if query.is_cuda:
-        kernel = _torch_varlen_attn()
+        kernel = _torch_varlen_attn
         if q.dtype not in (torch.float16, torch.bfloat16):  # FlashAttention: 16-bit only
             dtype = q.dtype
             out = call_varlen(
@@ -252,6 +257,9 @@ def register_attention() -> None:
     function is registered: HF then builds no mask and runs no packed-sequence check."""
     from transformers import AttentionInterface
 
+    for kernel in (_torch_varlen_attn, varlen_attn_reference):
+        if kernel is not None:
+            _params(kernel)
     AttentionInterface.register(TORCH_VARLEN, varlen_attention_forward)
 
 
