@@ -708,3 +708,37 @@ def test_forward_and_backward_read_no_device_value_on_the_host(fresh_tiny_model,
     with rec.mode:
         tm(batch)  # no host index: the forward derives it (a sync on CUDA), and is caught
     assert "aten::nonzero" in rec.hits
+
+
+def test_flash_stand_in_and_torch_varlen_match_the_installed_transformers():
+    """The flash stand-in takes what HF's ``flash_attention_forward`` takes, is registered with
+    the mask function HF uses for flash_attention_2, and the four varlen arguments it checks are
+    the ones HF's flash code reads (fewer: it would fall back to causal attention over the whole
+    row); ``torch_varlen``'s function has the same interface."""
+    import inspect
+
+    from transformers.integrations.flash_attention import flash_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+    from janus_train.model.attention import varlen_attention_forward
+
+    def head(fn, skip_self=False):
+        ps = list(inspect.signature(fn).parameters.values())[int(skip_self) :]
+        return [(p.name, p.default) for p in ps if p.kind is p.POSITIONAL_OR_KEYWORD][:7]
+
+    hf = head(flash_attention_forward)
+    mine = {"dropout": 0.0, "scaling": None}  # keyword defaults HF's call passes by name
+    assert [n for n, _ in hf[:5]] == ["module", "query", "key", "value", "attention_mask"]
+    assert {n: d for n, d in hf[5:] if n in mine} == mine
+    for fn in (_FlashStandIn.__call__, varlen_attention_forward):
+        got = head(fn, skip_self=fn is _FlashStandIn.__call__)
+        assert [n for n, _ in got[:5]] == [n for n, _ in hf[:5]], fn
+        assert {n: d for n, d in got[5:] if n in mine} == mine, fn
+    varlen = ["cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"]
+    assert set(varlen) <= set(inspect.signature(_flash_attention_forward).parameters)
+    assert varlen[0] in inspect.getsource(_flash_attention_forward)
+    assert ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"] is flash_attention_mask
+    e = torch.zeros(0, dtype=torch.long)
+    ix = fwd.BatchIndex(e, e, e, e, e, e, torch.tensor([0, 1], dtype=torch.int32), 1)
+    assert set(ix.varlen_kwargs()) == set(varlen)  # what the forward passes
