@@ -114,3 +114,40 @@ def test_cli_commands_and_one_line_errors(dirs, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "not in DeepSeek's release layout" in err
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("exp", ["janus_1.3b", "janus_pro_1b", "janus_pro_7b"])
+def test_real_dimensions_write_deepseeks_own_config_and_map_every_key(
+    exp, tiny_model_and_processor
+):
+    """The released models' dimensions: the DeepSeek config carries only DeepSeek's own fields
+    (SigLIP-L and VQ-16 by name, nothing extra), reads back to the same architecture, and every
+    key of the full-size model (meta) maps to a distinct DeepSeek key and back."""
+    from transformers import JanusForConditionalGeneration
+
+    from janus_train.config import compose, to_run_config
+    from janus_train.model.build import build_janus_config
+
+    run = to_run_config(compose([f"experiment={exp}"]))
+    jcfg = build_janus_config(run.model, tiny_model_and_processor[1].tokenizer)
+    ds = F.deepseek_config_from_hf(jcfg)
+    assert ds["vision_config"]["params"] == {
+        "image_size": 384,
+        "model_name": "siglip_large_patch16_384",
+        "select_feature": "same",
+        "select_layer": -1,
+    }
+    assert ds["gen_vision_config"]["params"] == {"image_token_size": 16384, "n_embed": 8}
+    assert ds["language_config"]["hidden_size"] == run.model.text.hidden_size
+    back = F.hf_config_from_deepseek(ds, tiny_model_and_processor[1].tokenizer)
+    for sub in ("text_config", "vision_config", "vq_config"):
+        a, b = getattr(jcfg, sub).to_dict(), getattr(back, sub).to_dict()
+        assert {k: a[k] for k in a if k != "transformers_version"} == {
+            k: b[k] for k in a if k != "transformers_version"
+        }, sub
+    with torch.device("meta"):
+        keys = list(JanusForConditionalGeneration(jcfg).state_dict())
+    ds_keys = {F.hf_key_to_ds(k) for k in keys}
+    qkv = [k for k in ds_keys if k.endswith("attn.qkv.weight")]
+    assert len(qkv) == 24 and len(ds_keys) == len(keys) - 2 * 24 * 2  # q,k,v -> qkv
+    assert {F.ds_key_to_hf(k).replace(".qkv.", ".q_proj.") for k in ds_keys} <= set(keys)
