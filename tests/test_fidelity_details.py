@@ -5,6 +5,8 @@ codebook; the pad token's embedding (every CFG-dropped prompt's input) trains on
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -50,13 +52,16 @@ def test_reinit_gen_modules_sets_code_embeddings_to_the_normalised_codebook(tiny
 
 
 @pytest.mark.parametrize("trainable", [False, True])
-def test_pad_embedding_trains_only_when_asked(tiny_workdir, trainable):
+def test_pad_embedding_trains_only_when_asked(tiny_workdir, tiny_model_and_processor, trainable):
     """``model.train_pad_embedding``: after a CFG-dropped step the pad row's gradient is zero
     and an AdamW step leaves the row bitwise as it was (false, the default), or the row gets a
-    gradient and moves (true, the tiny demo's setting)."""
-    run = tiny_run([f"model.train_pad_embedding={str(trainable).lower()}"])
-    assert run.model.train_pad_embedding is trainable
-    model, proc = build_model(run.model, workdir=tiny_workdir)
+    gradient and moves (true, the tiny demo's setting). Both models come from ``build_model``."""
+    if trainable:  # the tiny experiment's value: the session's model was built with it
+        assert tiny_run().model.train_pad_embedding
+        model, proc = copy.deepcopy(tiny_model_and_processor[0]), tiny_model_and_processor[1]
+    else:
+        run = tiny_run(["model.train_pad_embedding=false"])
+        model, proc = build_model(run.model, workdir=tiny_workdir)
     st = resolve_special_tokens(proc.tokenizer)
     n = model.config.vision_config.num_image_tokens
     head = [st.bos, st.pad, st.pad, st.pad, st.boi]  # an unconditional (CFG-dropped) prompt
@@ -81,8 +86,19 @@ def test_pad_embedding_trains_only_when_asked(tiny_workdir, trainable):
 
 
 def test_presets_keep_the_released_pad_row():
-    for exp in ("janus_1.3b", "janus_pro_1b", "janus_pro_7b", "janus_pro_1b_lora_sft"):
-        assert not to_run_config(compose([f"experiment={exp}"])).model.train_pad_embedding
+    """The default is false and only the tiny experiment (the demo) sets it."""
+    from pathlib import Path
+
+    from janus_train.model.config import ModelConfig
+
+    assert ModelConfig().train_pad_embedding is False
+    conf = Path(__file__).parents[1] / "conf"
+    setting = sorted(
+        str(f.relative_to(conf))
+        for f in conf.rglob("*.yaml")
+        if "train_pad_embedding" in f.read_text()
+    )
+    assert setting == ["experiment/tiny.yaml"]
 
 
 def test_official_defaults():
