@@ -53,6 +53,8 @@ def test_export_has_the_keys_deepseeks_modules_declare(dirs):
     pre = json.loads((ds / "preprocessor_config.json").read_text())
     assert pre["image_processor_type"] == "VLMImageProcessor" and pre["image_size"] == 32
     assert (ds / "tokenizer.json").is_file() and F.layout_of(ds) == "deepseek"
+    proc = json.loads((ds / "processor_config.json").read_text())
+    assert proc["sft_format"] == "deepseek" and proc["num_image_tokens"] == 16
 
 
 def test_round_trip_is_bitwise_and_so_is_the_forward(dirs, tiny_model_and_processor):
@@ -151,3 +153,18 @@ def test_real_dimensions_write_deepseeks_own_config_and_map_every_key(
     qkv = [k for k in ds_keys if k.endswith("attn.qkv.weight")]
     assert len(qkv) == 24 and len(ds_keys) == len(keys) - 2 * 24 * 2  # q,k,v -> qkv
     assert {F.ds_key_to_hf(k).replace(".qkv.", ".q_proj.") for k in ds_keys} <= set(keys)
+
+
+def test_sft_format_follows_the_trained_roles():
+    """``processor_config.json``'s ``sft_format``: DeepSeek's conversation template with the
+    export's roles (``janus/utils/conversation.py``: deepseek_old = User/Assistant)."""
+    from types import SimpleNamespace
+
+    from janus_train.model.chat_template import PromptFormat
+
+    def fmt(*a):
+        return F._sft_format(SimpleNamespace(chat_template=PromptFormat(*a).jinja()))
+
+    assert fmt("chat", "janus") == "deepseek_old"
+    assert fmt("chat", "janus_pro") == "deepseek"
+    assert fmt("qa", "janus", None, "plain") == "deepseek"  # no roles: DeepSeek's default

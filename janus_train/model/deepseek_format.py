@@ -515,6 +515,16 @@ def resolve_init_from(path: str | os.PathLike) -> str:
     return str(dst)
 
 
+def _sft_format(processor) -> str:
+    """DeepSeek's conversation template with the roles the export's chat template uses
+    (``conversation.py``: ``deepseek_old`` User/Assistant, ``deepseek`` <|User|>/<|Assistant|>;
+    an export without roles, stages 1-2, gets DeepSeek's default ``deepseek``)."""
+    from janus_train.model.chat_template import user_prefix
+
+    template = getattr(processor, "chat_template", None) or ""
+    return "deepseek_old" if json.dumps(user_prefix("janus")) in template else "deepseek"
+
+
 PREPROCESSOR_FIELDS = ("image_mean", "image_std", "rescale_factor", "do_normalize")
 
 
@@ -562,7 +572,7 @@ def export_deepseek(hf_dir: str | os.PathLike, dst: str | os.PathLike) -> Path:
                 "mask_prompt": True,
                 "num_image_tokens": jcfg.vision_config.num_image_tokens,
                 "processor_class": "VLChatProcessor",
-                "sft_format": "deepseek",
+                "sft_format": _sft_format(processor),
             },
             indent=2,
         )
