@@ -50,6 +50,80 @@ def _count_residue(a: int, b: int, base: int, c: int, C: int) -> int:
     return 0 if first >= b else (b - 1 - first) // C + 1
 
 
+class _Tally:
+    """What the old consumers of the current epoch read, per shard."""
+
+    def __init__(self) -> None:
+        self.high: dict[str, int] = {}  # first position after everything read
+        self.read: Counter = Counter()  # positions read below it (excluding the carried start)
+        self.done: set[str] = set()  # shards dealt whole and passed completely
+        self.starts: dict[str, int] = {}  # carried start position
+
+
+def _carry_of(rs: RecordStream) -> dict[str, int]:
+    return dict(map(tuple, rs.carry)) if rs._in_carry(rs.epoch) else {}
+
+
+def _count_older_epoch(rs: RecordStream, c: int, C: int, lengths: dict, counts: Counter) -> None:
+    """The rest of this consumer's older epoch is not continued: count it as skipped."""
+    L = rs.epoch_shards(rs.epoch)
+    carry, stride = _carry_of(rs), rs._stride(rs.epoch)
+    for i in range(rs.cursor, len(L)):
+        a = rs.offset if i == rs.cursor else carry.get(L[i], 0)
+        n = _length(L[i], lengths)
+        counts["reshard"] += (
+            _count_residue(a, n, rs.counter - rs.offset if i == rs.cursor else 0, c, C)
+            if stride
+            else max(0, n - a)
+        )
+
+
+def _tally_current_epoch(
+    rs: RecordStream, c: int, C: int, sub: int, lengths: dict, counts: Counter, t: _Tally
+) -> None:
+    """Shards before the cursor were passed completely, the cursor's up to its offset (and the
+    record whose samples were partly used)."""
+    L = rs.epoch_shards(rs.epoch)
+    carry, stride = _carry_of(rs), rs._stride(rs.epoch)
+    opened = rs.counter - rs.offset  # + the start: counter when the cursor's shard opened
+    for i in range(min(rs.cursor, len(L) - 1), -1, -1):
+        url = L[i]
+        s = carry.get(url, 0)
+        t.starts[url] = s
+        if i == rs.cursor:
+            base = rs.counter - rs.offset
+            end = rs.offset
+            if sub:  # the consumer's next record gave some of its samples
+                end += (c - base - end) % C if stride else 0
+                end += 1
+                counts["reshard_partial"] += 1
+            opened += s
+        else:
+            if not stride:
+                t.done.add(url)
+                continue
+            end = _length(url, lengths)
+            opened -= end - s
+            base = opened - s
+        t.high[url] = max(t.high.get(url, 0), end)
+        t.read[url] += _count_residue(s, end, base, c, C) if stride else end - s
+
+
+def _carry_out(order: list[str], t: _Tally, lengths: dict, counts: Counter) -> list[list]:
+    """The epoch's unfinished shards with their first unread position; unread gaps below it
+    are counted as skipped."""
+    out = []
+    for url in order:
+        if url in t.done:
+            continue
+        h = t.high.get(url, t.starts.get(url, 0))
+        s = t.starts.get(url, 0)
+        counts["reshard"] += max(0, h - s - t.read[url])
+        if is_remote(url) or h < _length(url, lengths):
+            out.append([url, h])
+    return out
+
+
 def plan_carry(
     name: str, shards: list[str], seed: int, shuffle: bool, old: list[dict | None]
 ) -> tuple[dict, Counter]:
@@ -69,64 +143,20 @@ def plan_carry(
     lengths: dict[str, int] = {}
     counts: Counter = Counter()
     try:
-        high: dict[str, int] = {}  # first position after everything read, per shard of epoch E
-        read: Counter = Counter()  # positions read below it (excluding the carried start)
-        done: set[str] = set()
-        starts: dict[str, int] = {}
+        t = _Tally()
         order: list[str] = []
         for c, rs in enumerate(streams):
-            e = rs.epoch
-            L = rs.epoch_shards(e)
-            carry = dict(map(tuple, rs.carry)) if rs._in_carry(e) else {}
-            stride = rs._stride(e)
-            if e < E:  # the rest of this consumer's older epoch is not continued
-                for i in range(rs.cursor, len(L)):
-                    a = rs.offset if i == rs.cursor else carry.get(L[i], 0)
-                    n = _length(L[i], lengths)
-                    counts["reshard"] += (
-                        _count_residue(a, n, rs.counter - rs.offset if i == rs.cursor else 0, c, C)
-                        if stride
-                        else max(0, n - a)
-                    )
+            if rs.epoch < E:
+                _count_older_epoch(rs, c, C, lengths, counts)
                 continue
             if not order:
                 order = (
                     [u for u, _ in rs.carry]
-                    if carry
-                    else RecordStream(name, shards, 0, 1, seed, shuffle=shuffle).epoch_shards(e)
+                    if _carry_of(rs)
+                    else RecordStream(name, shards, 0, 1, seed, shuffle=shuffle).epoch_shards(E)
                 )
-            # shards before the cursor were passed completely, the cursor's up to offset
-            opened = rs.counter - rs.offset  # + the start: counter when the cursor's shard opened
-            for i in range(min(rs.cursor, len(L) - 1), -1, -1):
-                url = L[i]
-                s = carry.get(url, 0)
-                starts[url] = s
-                if i == rs.cursor:
-                    base = rs.counter - rs.offset
-                    end = rs.offset
-                    if subs[c]:  # the consumer's next record gave some of its samples
-                        end += (c - base - end) % C if stride else 0
-                        end += 1
-                        counts["reshard_partial"] += 1
-                    opened += s
-                else:
-                    if not stride:
-                        done.add(url)
-                        continue
-                    end = _length(url, lengths)
-                    opened -= end - s
-                    base = opened - s
-                high[url] = max(high.get(url, 0), end)
-                read[url] += _count_residue(s, end, base, c, C) if stride else end - s
-        carry_out = []
-        for url in order:
-            if url in done:
-                continue
-            h = high.get(url, starts.get(url, 0))
-            s = starts.get(url, 0)
-            counts["reshard"] += max(0, h - s - read[url])
-            if is_remote(url) or h < _length(url, lengths):
-                carry_out.append([url, h])
+            _tally_current_epoch(rs, c, C, subs[c], lengths, counts, t)
+        carry_out = _carry_out(order, t, lengths, counts)
         state = {"epoch": E, "cursor": 0, "offset": 0, "counter": 0, "carry": carry_out}
     except _Unknown as e:
         logger.warning(
