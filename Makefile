@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install test test-fast test-heavy lint demo clean
 
 install: $(VENV)/.installed
 
@@ -18,13 +18,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# one line per test file with its progress, then the 15 slowest tests
+# one line per test file with its progress, then the 15 slowest tests (heavy tier excluded)
 test: install
-	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not heavy" --durations=15 $(PYTEST_ARGS)
 
 # unit tests only (no multi-process, no end-to-end runs)
 test-fast: install
-	$(PY) -m pytest -m "not dist and not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not dist and not slow and not heavy" $(PYTEST_ARGS)
+
+# the heavy tier only (docs/testing.md): long repetitions, inductor compiles
+test-heavy: install
+	$(PY) -m pytest -m heavy --durations=15 $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check janus_train janus_demo tests benchmarks && $(VENV)/bin/ruff format --check .

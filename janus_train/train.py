@@ -67,6 +67,7 @@ from janus_train.trainer.distributed import (
     all_reduce_sum,
     barrier,
     build_deepspeed_config,
+    exit_finished,
     init_engine,
     plan_as_dict,
     plan_batch,
@@ -601,6 +602,8 @@ def main() -> None:
         raise
     except Exception as e:  # noqa: BLE001  # Hydra re-raises under HYDRA_FULL_ERROR=1
         _error = e
+    if _error is None:  # finished or requeued: exit without Python's finalization
+        exit_finished(_exit_status)
     if _error is not None:
         if not is_user_error(_error):
             raise _error

@@ -76,6 +76,23 @@ def test_sharded_safetensors_load_back_to_the_same_weights(exported):
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_every_shard_within_max_shard_size(exported):
+    """``export_max_shard_size`` bounds each shard's tensor bytes (HF's rule: "KB" = 1000
+    bytes; only a single tensor larger than the limit may exceed it, alone in its shard)."""
+    from safetensors import safe_open
+
+    janus, _, out = exported
+    total = sum(t.numel() * 4 for t in janus.state_dict().values())
+    limit = total // 3 // 1000 * 1000  # the fixture's max_shard_size, in bytes
+    sizes = []
+    for shard in sorted(out.glob("model-*-of-*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            nbytes = [f.get_tensor(k).nbytes for k in f.keys()]  # noqa: SIM118
+        sizes.append(sum(nbytes))
+        assert sum(nbytes) <= limit or len(nbytes) == 1, (shard.name, sum(nbytes), limit)
+    assert sum(sizes) == total and len(sizes) >= 3
+
+
 def test_processor_and_tokenizer_carry_the_runs_chat_template(exported):
     from transformers import AutoTokenizer, JanusProcessor
 
@@ -132,9 +149,12 @@ def test_bad_shard_size_fails_at_config_time():
 def test_a_run_saves_its_processor_and_exports_card_and_template(
     tmp_path, tiny_model_and_processor
 ):
-    """janus-train wiring: run_dir/processor at the start, hf/ with README.md and the template.
-    The run starts from a checkpoint in DeepSeek's release layout (``model.init_from``,
-    converted on first use), and its export goes back to that layout and returns bitwise."""
+    """janus-train wiring: run_dir/processor at the start, hf/ with README.md and the template,
+    every shard within train.export_max_shard_size. The run starts from a checkpoint in
+    DeepSeek's release layout (``model.init_from``, converted on first use), and its export
+    goes back to that layout and returns bitwise."""
+    from safetensors import safe_open
+
     from janus_train.model import deepseek_format as F
 
     model, processor = tiny_model_and_processor
@@ -181,7 +201,12 @@ def test_a_run_saves_its_processor_and_exports_card_and_template(
     want = run_prompt_format(tiny_run(["stage=stage2"])).jinja()
     for d in (run_dir / "processor", run_dir / "hf"):
         assert (d / "chat_template.jinja").read_text() == want
-    assert len(list((run_dir / "hf").glob("model-*.safetensors"))) > 1
+    shards = list((run_dir / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    for shard in shards:  # export_max_shard_size=2MB: HF's MB is 10**6 bytes of tensors
+        with safe_open(str(shard), "pt") as f:
+            nbytes = [f.get_tensor(k).nbytes for k in f.keys()]  # noqa: SIM118
+        assert sum(nbytes) <= 2 * 10**6 or len(nbytes) == 1, (shard.name, sum(nbytes))
     card = (run_dir / "hf" / "README.md").read_text()
     assert "# tiny — stage2 (step 1)" in card and "Synthetic batches" in card
     assert "1 samples per step over 1 GPUs, 1 per GPU x 1 accumulation" in card

@@ -141,6 +141,65 @@ def test_left_padding_with_position_ids_is_rejected(setup):
         JanusTrainModel(model)(batch)
 
 
+def _gen_ce_by_hand(model, s, n_img):
+    """Summed generation CE of one generation sample, built module by module on the sample
+    alone: the hidden state at position t of the image span predicts the code at t + 1 (the
+    ``<begin_of_image>`` position predicts code 0). Targets and positions are written out here,
+    not taken from the training forward."""
+    codes = torch.tensor(s["codes"][-n_img:])
+    head = torch.tensor(s["ids"][: len(s["ids"]) - n_img])
+    inner = model.model
+    emb = torch.cat(
+        [
+            inner.language_model.embed_tokens(head),
+            inner.generation_aligner(inner.generation_embeddings(codes)),
+        ]
+    )
+    h = inner.language_model(inputs_embeds=emb[None]).last_hidden_state[0]
+    boi = len(head) - 1
+    predicting = torch.arange(boi, boi + n_img)  # positions; target i sits at position boi+1+i
+    return F.cross_entropy(inner.generation_head(h[predicting]), codes, reduction="sum")
+
+
+def _packed_row(parts, st):
+    """One unpadded row holding ``parts`` back to back (position_ids restart per sample)."""
+    packed = {k: sum((p[k] for p in parts), []) for k in ("ids", "labels", "codes")}
+    batch = collate([{**packed, "task": 0}], st.pad)
+    batch["task_ids"][0] = torch.tensor(sum(([p["task"]] * len(p["ids"]) for p in parts), []))
+    batch["position_ids"][0] = torch.cat([torch.arange(len(p["ids"])) for p in parts])
+    return batch
+
+
+@pytest.mark.parametrize("layout", ["mixed", "packed"])
+@pytest.mark.parametrize("chunk", [0, 7])
+def test_image_codes_predicted_from_the_previous_position(setup, layout, chunk):
+    """In a mixed padded batch and in a packed row (the generation sample after two others),
+    unchunked and with the heads' CE in chunks: the generation loss equals the hand-built one
+    in which position t predicts code t + 1. An image head reading the code's own position
+    (or any other shift) gives another value."""
+    from janus_train.model.loss import HeadLoss
+
+    model, tok, st = setup
+    n_img = model.config.vision_config.num_image_tokens
+    size = model.config.vision_config.image_size
+    g = torch.Generator().manual_seed(6)
+    img = torch.randn(1, 3, size, size, generator=g)
+    codes = torch.randint(0, model.config.vq_config.num_embeddings, (n_img,), generator=g)
+    gen = gen_sample(tok, st, codes.tolist(), "a green triangle under a red circle")
+    others = [text_sample(tok, st, "one star"), und_sample(tok, st, n_img)]
+    if layout == "mixed":
+        batch = collate([others[0], gen, others[1], text_sample(tok, st)], st.pad, img)
+    else:
+        batch = _packed_row([*others, gen], st)
+        batch["pixel_values"] = img
+    tm = JanusTrainModel(model, head_loss=HeadLoss(chunk_tokens=chunk))
+    with torch.no_grad():
+        got = tm(batch)
+        want = _gen_ce_by_hand(model, gen, n_img)
+    assert got["n_tokens"][2] == n_img
+    torch.testing.assert_close(got["loss_sum"][2], want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("partitioned", [False, True])
 def test_frozen_vq_runs_on_a_dummy_only_when_params_are_partitioned(setup, partitioned):
     """With pre-tokenized codes the VQ has nothing to encode: a dummy encode is needed only to

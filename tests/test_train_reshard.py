@@ -54,6 +54,9 @@ def phase_main(root: str, phase: str) -> None:
         assert train.run(_run(root, f"z{zero}", zero, STOPS[phase])) == 0
     if phase == "b":  # the single-rank process also runs the uninterrupted reference
         assert train.run(_run(root, "reference", 2, 6)) == 0
+    from janus_train.trainer.distributed import exit_finished
+
+    exit_finished(0)  # as janus-train's main does after a run that returned
 
 
 def _rows(path):

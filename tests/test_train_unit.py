@@ -359,3 +359,128 @@ def test_bf16_gradients_reduced_in_fp32():
         == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
         and ds["gradient_accumulation_steps"] == 4
     )
+
+
+@pytest.mark.slow
+def test_wandb_run_id_survives_a_resume(tmp_path, monkeypatch):
+    """``train.wandb=true`` (offline, no API key): the run stopped at step 1 and its resume
+    log to one wandb run; its id is saved with the train state."""
+    from janus_train import train
+    from tests.conftest import tiny_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run_dir = tmp_path / "run"
+
+    def run(*extra):
+        cfg = tiny_run(
+            [
+                "stage=stage1",
+                "train.synthetic_data=true",
+                "train.synthetic_seq_len=32",
+                "train.steps=2",
+                "train.global_batch_size=2",
+                f"train.run_dir={run_dir}",
+                "train.log_every=1",
+                "train.ckpt_every=1",
+                "train.export_at_end=false",
+                "train.progress_bar=false",
+                "train.wandb=true",
+                *extra,
+            ]
+        )
+        assert train.run(cfg) == 0
+
+    run("experiment.stage1.stop_at=1")
+    first = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    run()
+    runs = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(first) == 1 and len(runs) == 2, runs
+    ids = {name.rsplit("-", 1)[1] for name in runs}
+    assert len(ids) == 1, runs  # the resume continued the same run id
+    saved = torch.load(
+        run_dir / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt",
+        weights_only=False,
+    )
+    assert saved["janus_train"]["wandb_id"] == ids.pop()
+
+
+@pytest.mark.parametrize("outcome", ["done", "requeue", "error"])
+def test_main_destroys_the_process_groups_after_a_finished_run(monkeypatch, outcome):
+    """``janus-train``'s ``main`` leaves through ``exit_finished`` with the run's status when
+    the run returned (done or requeued): no finalization racing gloo's threads (SIGABRT; see
+    ``tests/test_clean_exit.py``); an error keeps its own exit path."""
+    from janus_train import train
+
+    calls = []
+
+    def hydra_main():
+        if outcome == "error":
+            train._error = RuntimeError("boom")
+        else:
+            train._exit_status = {"done": 0, "requeue": ckpt.EXIT_REQUEUE}[outcome]
+
+    monkeypatch.setattr(train, "_hydra_main", hydra_main)
+
+    def exit_finished(status):
+        calls.append(status)
+        raise SystemExit(status)
+
+    monkeypatch.setattr(train, "exit_finished", exit_finished)
+    monkeypatch.setattr(train, "_exit_status", 0)
+    monkeypatch.setattr(train, "_error", None)
+    monkeypatch.setattr(sys, "argv", ["janus-train"])
+    if outcome == "error":
+        with pytest.raises(RuntimeError, match="boom"):
+            train.main()
+        assert calls == []
+    else:
+        with pytest.raises(SystemExit) as e:
+            train.main()
+        want = 0 if outcome == "done" else ckpt.EXIT_REQUEUE
+        assert e.value.code == want and calls == [want]
+
+
+@pytest.mark.heavy
+def test_zero3_offload_trains_a_step(tmp_path):
+    """``deepspeed=zero3_offload`` (parameters and optimizer state in CPU memory, DeepSpeed's
+    CPU Adam: a C++ op built on first use, hence the heavy tier): two steps run and their
+    losses and the exported image head equal the plain ZeRO-3 run's (same init and data; the
+    update is only computed elsewhere)."""
+    from janus_train import train
+    from tests.conftest import tiny_run
+
+    def run(name, zero):
+        cfg = tiny_run(
+            [
+                "stage=stage1",
+                f"deepspeed={zero}",
+                "train.synthetic_data=true",
+                "train.synthetic_seq_len=32",
+                "train.steps=2",
+                "train.global_batch_size=2",
+                f"train.run_dir={tmp_path / name}",
+                "train.log_every=1",
+                "train.ckpt_every=0",
+                "train.export_at_end=true",
+                "train.progress_bar=false",
+            ]
+        )
+        assert train.run(cfg) == 0
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return rows
+
+    off, ref = run("offload", "zero3_offload"), run("zero3", "zero3")
+    ds = json.loads((tmp_path / "offload" / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert [r["step"] for r in off] == [1, 2] and all(math.isfinite(r["loss"]) for r in off)
+    assert off[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-6)
+    assert off[1]["loss"] == pytest.approx(ref[1]["loss"], rel=1e-4)  # after one update
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "offload" / "hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "zero3" / "hf" / "model.safetensors"))
+    head = [k for k in a if "generation_head" in k]
+    assert head and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in head)

@@ -44,32 +44,49 @@ def test_guard_closes_everything_in_reverse_and_restores_handlers_on_exception()
     assert signal.set_wakeup_fd(-1) == -1  # the guard's wakeup fd was removed
 
 
-def _guarded_child(body: str) -> subprocess.CompletedProcess:
-    code = (
-        "import os, signal, sys, time\n"
-        "from janus_train.trainer.guard import RunGuard\n"
-        "with RunGuard(1.0) as g:\n" + body
-    )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+def _guarded_child(body: str, clock: bool = False) -> subprocess.CompletedProcess:
+    """Run ``body`` inside ``RunGuard(1.0)`` in a child. ``clock``: the guard reads a fake
+    monotonic clock that only ``tick(s)`` advances, so what the watchdog sees does not depend on
+    how the (loaded) machine schedules the child."""
+    code = "import os, signal, sys, time\nimport janus_train.trainer.guard as guard\n"
+    if clock:
+        code += (
+            "class Clock:\n    now = 1000.0\n    def monotonic(self):\n        return self.now\n"
+            "clock = guard.time = Clock()\n"
+            "def tick(s):\n    clock.now += s\n    time.sleep(0.05)\n"
+        )
+    code += "with guard.RunGuard(1.0) as g:\n" + body
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
 
 
 def test_watchdog_ends_a_process_that_makes_no_progress_after_a_stop_signal():
-    t0 = time.monotonic()
-    # The main thread never returns to a step boundary (a collective with a dead peer).
-    res = _guarded_child("    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\n")
+    # The main thread never returns to a step boundary (a collective with a dead peer). The
+    # child prints when it signalled itself (CLOCK_MONOTONIC: one clock for both processes),
+    # so interpreter start-up under load does not count.
+    res = _guarded_child(
+        "    print(time.monotonic(), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(120)\n"
+    )
+    took = time.monotonic() - float(res.stdout.split()[0])
     assert res.returncode == EXIT_STUCK, res.stderr
     assert "train.stop_grace_s=1" in res.stderr
-    assert time.monotonic() - t0 < 20
+    assert took < 60, took  # grace 1 s + a poll; far below the 120 s the child would sleep
 
 
-def test_watchdog_leaves_a_progressing_run_alone():
-    # Progress every 0.3 s for 2.5 s after the signal (> grace 1 s): no abort.
+@pytest.mark.parametrize("progress", [True, False])
+def test_watchdog_leaves_a_progressing_run_alone(progress):
+    """2.4 s of (fake) time after the signal, more than the 1 s grace: progress every 0.3 s
+    keeps the run alive; without it the same timeline ends it (the fake clock is live)."""
     res = _guarded_child(
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    for _ in range(8):\n        time.sleep(0.3)\n        g.progress()\n"
-        "    assert g.stop_requested\n"
+        "    for _ in range(8):\n"
+        "        tick(0.3)\n"
+        + ("        g.progress()\n" if progress else "")
+        + "    time.sleep(1)\n"
+        "    assert g.stop_requested\n",
+        clock=True,
     )
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == (0 if progress else EXIT_STUCK), res.stderr
 
 
 def test_train_state_round_trip_through_client_state():
