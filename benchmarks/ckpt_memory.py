@@ -28,7 +28,7 @@ MODELS = {
 def deployments(experiment: str) -> dict[str, tuple[int, str]]:
     """stage -> (nodes, deepspeed preset) from the sbatch file's ``#PLAN`` lines."""
     text = (REPO / f"launch/slurm/{MODELS[experiment]}.sbatch").read_text()
-    pat = r"^#PLAN (stage\d) nodes=(\d+) deepspeed=(\S+)$"
+    pat = r"^#PLAN (stage\d) nodes=(\d+) deepspeed=(\S+)"  # then the plan's other overrides
     return {m[1]: (int(m[2]), m[3]) for m in re.finditer(pat, text, re.M)}
 
 

@@ -247,6 +247,10 @@ def validate(cfg: RunConfig) -> None:
     seq = cfg.train.synthetic_seq_len if cfg.train.synthetic_data else cfg.data.seq_len
     if tpm and tpm < seq:
         raise ValueError(f"train.tokens_per_micro={tpm} < {seq_field}={seq}: a sample must fit")
+    if not (cfg.data.text_chunk == 0 or 2 <= cfg.data.text_chunk <= cfg.data.seq_len):
+        raise ValueError(
+            f"data.text_chunk={cfg.data.text_chunk}: 0 (= data.seq_len) or 2..data.seq_len"
+        )
     if cfg.model.checkpoint_every < 1:
         raise ValueError(f"model.checkpoint_every={cfg.model.checkpoint_every}: must be >= 1")
     # rows hold several samples (token budget, data.pack) or carry position_ids: attention

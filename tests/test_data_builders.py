@@ -158,6 +158,10 @@ def test_text_chunks(proc):
     assert all(a.input_ids[-1] == b.input_ids[0] for a, b in zip(chunks, chunks[1:]))
     targets = [t for c in chunks for t in c.labels if t != X]
     assert targets == ids[1:]
+    # data.text_chunk: shorter chunks of the same document, same targets
+    short = build_text(text, make_ctx(proc, seq_len=8, text_chunk=4))
+    assert max(len(c.input_ids) for c in short) == 4 and len(short) > len(chunks)
+    assert [t for c in short for t in c.labels if t != X] == ids[1:]
 
 
 def test_generation_sequences(proc):

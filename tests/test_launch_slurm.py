@@ -165,11 +165,16 @@ def run_job(script: str, env: dict, *overrides: str) -> subprocess.CompletedProc
 
 
 @pytest.mark.parametrize(
-    "experiment,nodes,zero",  # the sbatch files' "#PLAN stage2" presets (janus-plan's choice)
-    [("janus_pro_1b", 16, "zero1"), ("janus_pro_7b", 32, "zero1")],
+    "experiment,nodes,gpu",
+    [("janus_pro_1b", 16, ""), ("janus_pro_7b", 32, ""), ("janus_pro_7b", 32, "_a100_40gb")],
 )
-def test_sbatch_renders_one_torchrun_per_node(stubs, tmp_path, experiment, nodes, zero):
-    script = f"launch/slurm/{experiment}.sbatch"
+def test_sbatch_renders_one_torchrun_per_node(stubs, tmp_path, experiment, nodes, gpu):
+    script = f"launch/slurm/{experiment}{gpu}.sbatch"
+    # the "#PLAN stage2" line (janus-plan's choice): preset, then the overrides it applies
+    plan = re.search(
+        r"^#PLAN stage2 nodes=\d+ deepspeed=(\S+)(.*)$", (REPO / script).read_text(), re.M
+    )
+    zero, plan_args = plan.group(1), plan.group(2).split()
     d = sbatch_directives(REPO / script)
     assert d["--nodes"] == str(nodes)
     assert d["--ntasks-per-node"] == "1" and d["--gpus-per-node"] == "8"
@@ -206,6 +211,7 @@ def test_sbatch_renders_one_torchrun_per_node(stubs, tmp_path, experiment, nodes
             f"deepspeed={zero}",
             f"train.run_dir={run_dir}",
             f"model.init_from={init}",
+            *plan_args,
             "train.log_every=5",
         ]
     assert (log_dir / "commands.txt").is_file()
@@ -325,7 +331,7 @@ def test_pipeline_slurm_chains_three_jobs_through_exports(stubs, tmp_path):
         assert exports["RUN_ROOT"] == str(tmp_path / "r")
         assert exports.get("INIT_FROM") == (None if k == 0 else f"{root}/stage{k}/hf")
         # stage 1 as overridden, stages 2 and 3 as the sbatch file's #PLAN lines say
-        assert exports["DEEPSPEED"] == ["zero3_hpz", "zero1", "zero1"][k]
+        assert exports["DEEPSPEED"] == ["zero3_hpz", "zero3_hpz", "zero3_hpz"][k]
         assert call[call.index("--parsable") + 2] == f"--nodes={[32, 32, 16][k]}"
         dep = [a for a in call if a.startswith("--dependency=")]
         assert dep == ([] if k == 0 else [f"--dependency=afterok:{1000 + k}"])

@@ -111,7 +111,10 @@ def test_balance_takes_forces_lagging_queues():
 def test_layout_equal_micro_steps_and_imbalance():
     lay = layout([[30, 30, 30], [60, 30], []], 64)
     assert lay.n_micro == 2 and all(len(p) == 2 for p in lay.packs)
-    assert lay.packs[1] == [[0], [1]] and lay.packs[2] == [[], []] and lay.tokens == [90, 90, 0]
+    assert lay.packs[1] == [[1], [0]] and lay.packs[2] == [[], []] and lay.tokens == [90, 90, 0]
+    assert lay.packs[0] == [[2], [0, 1]]  # the largest pack last (ZeRO-1's reduction window)
+    lay = layout([[10, 50, 15, 40], [5]], 64)  # FFD: {50, 10} {40, 15}; rank 1: one pack
+    assert lay.packs == [[[2, 3], [0, 1]], [[], [0]]]  # empty micro-steps first
     assert imbalance([90, 90, 0]) == pytest.approx(0.5)
     assert imbalance([5, 5]) == 0.0
 

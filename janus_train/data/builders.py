@@ -83,6 +83,8 @@ class BuildContext:
     """Text-to-image prompts: plain | chat (``config.GenFormat``)."""
     sft: bool = False
     seq_len: int = 4096
+    text_chunk: int = 0
+    """``data.text_chunk``: text chunk length (0: ``seq_len``)."""
     image_size: int = 384
     num_image_tokens: int = 576
     codebook_size: int = 16384
@@ -204,14 +206,16 @@ def build_caption_qa(caption: str, image: np.ndarray, ctx: BuildContext) -> Samp
 
 
 def build_text(text: str, ctx: BuildContext) -> list[Sample]:
-    """LM chunks of at most ``seq_len`` tokens of ``BOS text EOS``. A chunk's first token is
+    """LM chunks of at most ``text_chunk`` (else ``seq_len``) tokens of ``BOS text EOS``. A
+    chunk's first token is
     never a target (packed, it would be predicted from the previous sample in the row), so
     chunks overlap by one token: each token after BOS is a target exactly once, predicted from
     its true predecessor."""
     ids = [ctx.st.bos] + ctx.enc(text) + [ctx.st.eos]
     out = []
-    for i in range(0, max(len(ids) - 1, 1), max(ctx.seq_len - 1, 1)):
-        chunk = ids[i : i + ctx.seq_len]
+    n = min(ctx.text_chunk or ctx.seq_len, ctx.seq_len)
+    for i in range(0, max(len(ids) - 1, 1), max(n - 1, 1)):
+        chunk = ids[i : i + n]
         if len(chunk) < 2:
             break
         out.append(Sample(chunk, [IGNORE] + chunk[1:], "text"))

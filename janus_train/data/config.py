@@ -16,6 +16,11 @@ class DataConfig:
     """Data recipe: a name in ``data_recipes/`` or a path to a YAML file. Unset: the stage's."""
     seq_len: int = 4096
     """Maximum tokens per sample row."""
+    text_chunk: int = 0
+    """Text documents are cut into chunks of at most this many tokens (0: ``seq_len``). The
+    papers' recipes keep 0; a shorter chunk is a different recipe (fewer text tokens per
+    sample, so less work per step) that evens out the ranks' tokens (``janus-plan
+    text_chunk=N`` reports its effect beside the plan)."""
     num_workers: int = 2
     """DataLoader workers per rank (0: build in the main process). Exact resume needs the same
     value (and world size) as the run that saved the state."""

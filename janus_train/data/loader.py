@@ -38,7 +38,7 @@ from janus_train.data.builders import (
 )
 from janus_train.data.config import DataConfig
 from janus_train.data.mixing import rank_supply, step_plan, task_counts
-from janus_train.data.packing import Layout, balance_takes, layout
+from janus_train.data.packing import Layout, balance_takes, keep_bounds, layout
 from janus_train.data.preprocess import BadSample
 from janus_train.data.recipe import Recipe, Source, check_recipe_for_stage, load_recipe
 from janus_train.data.shards import RecordStream, stable_seed
@@ -555,10 +555,7 @@ class TokenStepLoader(StepLoader):
         need = Counter(i for share in self._supply(s) for i in share)
         nxt = self._supply(s + 1)
         world = self.world_size
-        keep = {
-            i: [sum(1 for j in nxt[r] if j == i) + -(-need[i] // world) for r in range(world)]
-            for i in need
-        }
+        keep = keep_bounds(need, nxt, world)
         mine = {i: [len(x.input_ids) for x in q] for i, q in enumerate(self.queues) if q}
         every = self.exchange(mine)
         queues = [{i: r_q.get(i, []) for i in need} for r_q in every]
@@ -668,6 +665,7 @@ def build_context(run, processor) -> BuildContext:
         gen_format=run.gen_format,
         sft=run.stage.sft,
         seq_len=d.seq_len,
+        text_chunk=d.text_chunk,
         image_size=run.model.image_size,
         num_image_tokens=run.model.num_image_tokens,
         codebook_size=run.model.vq.num_embeddings,

@@ -163,11 +163,31 @@ class Layout:
 
 
 def layout(rank_lengths: list[list[int]], budget: int) -> Layout:
-    """Pack every rank's samples; pad every rank to the common (max) micro-step count."""
+    """Pack every rank's samples; pad every rank to the common (max) micro-step count.
+    Order of a rank's micro-steps: empty ones first, then by tokens ascending (ties by first
+    index), so the largest pack runs last: ZeRO-1 reduces the gradients in the backward of the
+    last micro-step only (DeepSpeed's ``reduce_ready_partitions_and_remove_grads`` at the
+    accumulation boundary), and this gives that reduction the most backward compute to hide
+    behind (``janus_train.plan.costs``)."""
     packs = [pack_micro(lens, budget) for lens in rank_lengths]
     n = max(1, max(len(p) for p in packs))
-    packs = [p + [[] for _ in range(n - len(p))] for p in packs]
+    packs = [
+        [[] for _ in range(n - len(p))]
+        + sorted(p, key=lambda b, lens=lens: (sum(lens[i] for i in b), b[0]))
+        for p, lens in zip(packs, rank_lengths)
+    ]
     return Layout(packs, [sum(lens) for lens in rank_lengths])
+
+
+def keep_bounds(
+    need: dict[int, int], next_supply: list[list[int]], world: int
+) -> dict[int, list[int]]:
+    """``balance_takes``' ``keep`` as the loader sets it: rank r may leave queued at most the
+    next step's supply of source i plus one rank's share of this step's need."""
+    return {
+        i: [sum(1 for j in next_supply[r] if j == i) + -(-need[i] // world) for r in range(world)]
+        for i in need
+    }
 
 
 def imbalance(tokens: list[int]) -> float:

@@ -11,7 +11,9 @@ GPU at about 90% of line rate (A100 clusters: 200 Gb/s HDR -> 23 GB/s; H100/H200
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
@@ -41,9 +43,51 @@ GPU_ALIASES = {
 }
 
 DEFAULT_MFU = 0.35
-"""Model-FLOPs utilisation the step time assumes when ``mfu`` is unset. Not measured here
-(no GPU figure in BENCHMARKS.md yet): between the 15-25% implied by DeepSeek's published
-Janus training times and the 50-60% of well-tuned dense LLM training on A100 (JANUS_SPEC §6)."""
+"""Utilisation the step time assumes when ``mfu`` is unset and no figure is recorded in
+``mfu_file``: between the 15-25% implied by DeepSeek's published Janus training times and the
+50-60% of well-tuned dense LLM training on A100 (JANUS_SPEC §6). Not measured: the only GPU
+figures measured for this code so far are 0.18-0.24 (one H200, Janus-Pro-1B, BENCHMARKS.md)."""
+
+MFU_FILE = "benchmarks/results/mfu.json"
+"""Where ``benchmarks/bench_gpu.py`` records measured MFU (relative to the repository root)."""
+
+
+def _gpu_family(name: str) -> str:
+    name = name.lower()
+    return next((f for f in ("a100", "h100", "h200") if f in name), name)
+
+
+def measured_mfu(path: str | Path, gpu: str) -> tuple[float, str] | None:
+    """The newest record of ``path`` for ``gpu``'s family (a100 / h100 / h200) as a utilisation
+    of the executed FLOPs: its ``mfu`` (model FLOPs / (time x peak)) times the recomputation
+    its checkpointing added, so it applies to any checkpointing. None when the file or a
+    matching record is absent.
+
+    Format (a JSON object ``{"records": [...]}`` or a list of records), one record per run::
+
+        {"date": "2026-12-05T13:00:00Z", "gpu": "NVIDIA A100-SXM4-40GB", "mfu": 0.24,
+         "model": "janus_pro_1b", "layers": 24, "checkpointing": "every 4", "commit": "abc1234"}
+
+    ``checkpointing``: ``none`` | ``full`` | ``every k`` (of ``layers`` decoder layers)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    raw = json.loads(p.read_text())
+    recs = raw.get("records", []) if isinstance(raw, dict) else raw
+    fam = _gpu_family(gpu)
+    mine = [r for r in recs if _gpu_family(str(r.get("gpu", ""))) == fam and r.get("mfu")]
+    if not mine:
+        return None
+    r = max(mine, key=lambda r: str(r.get("date", "")))
+    layers = int(r.get("layers") or 1)
+    ck = str(r.get("checkpointing", "none"))
+    every = 0 if ck == "none" else (1 if ck == "full" else int(ck.split()[-1]))
+    redo = -(-layers // every) / (3 * layers) if every else 0.0
+    util = float(r["mfu"]) * (1 + redo)
+    return util, (
+        f"measured {float(r['mfu']):.3f} MFU on {r.get('gpu')} ({r.get('model', '?')}, "
+        f"checkpointing {ck}, {r.get('date', '?')}, {p})"
+    )
 
 
 @dataclass
@@ -60,7 +104,10 @@ class ClusterConfig:
     gpu_memory_gib: float | None = None
     """Override the GPU model's memory."""
     mfu: float | None = None
-    """Model-FLOPs utilisation of the compute estimate (default ``DEFAULT_MFU``)."""
+    """Utilisation of the executed FLOPs (model FLOPs + recomputation) / peak; unset: the newest
+    figure in ``mfu_file`` for this GPU, else ``DEFAULT_MFU`` (the output says which)."""
+    mfu_file: str = MFU_FILE
+    """Measured MFU records (``benchmarks/bench_gpu.py``), relative to the repository root."""
     intra_node_gbps: float | None = None
     """GB/s per GPU inside a node (collective bus bandwidth); default per GPU model."""
     inter_node_gbps: float | None = None
@@ -75,6 +122,50 @@ class ClusterConfig:
     """Tokens of an understanding sample (576 image tokens + text) for the step time."""
     gen_sample_tokens: int = 650
     """Tokens of a generation sample (prompt + 576 codes); text samples fill data.seq_len."""
+    und_tokens: str = ""
+    """Understanding sample length ``lo-hi`` (uniform; tokens incl. image) for the busiest-rank
+    simulation; empty: the papers' mix (``janus_train.plan.simulate.default_lengths``)."""
+    gen_tokens: str = ""
+    """Generation sample length ``lo-hi``; empty: the papers' mix."""
+    text_tokens: str = ""
+    """Text sample (document) length ``lo-hi``; empty: the papers' mix, 100-4096 tokens."""
+    text_chunk: int = 0
+    """Also report the stage with text documents chunked to at most this many tokens (a recipe
+    change, shown beside the plan, never instead of it); 0: do not."""
+    search: bool = True
+    """Search activation checkpointing, ``train.tokens_per_micro`` and
+    ``deepspeed.reduce_fp32`` beside the preset and node count; false: as configured."""
+
+    @property
+    def mfu_source(self) -> tuple[float, str]:
+        """(utilisation, where it comes from)."""
+        if self.mfu is not None:
+            return self.mfu, "mfu= on the command line"
+        root = Path(__file__).resolve().parents[2]
+        path = Path(self.mfu_file)
+        found = measured_mfu(path if path.is_absolute() else root / path, self.gpu)
+        if found:
+            return found
+        return DEFAULT_MFU, f"default: no figure for {self.gpu} in {self.mfu_file}"
+
+    def lengths(self, seq_len: int, image_tokens: int) -> tuple[tuple[str, int, int], ...]:
+        from janus_train.plan.simulate import default_lengths
+
+        out = default_lengths(seq_len, image_tokens)
+        for task, spec in (
+            ("und", self.und_tokens),
+            ("gen", self.gen_tokens),
+            ("text", self.text_tokens),
+        ):
+            if spec:
+                lo, _, hi = spec.partition("-")
+                try:
+                    out[task] = (int(lo), int(hi or lo))
+                except ValueError:
+                    raise ValueError(f"{task}_tokens={spec!r}: expected lo-hi") from None
+                if not 0 < out[task][0] <= out[task][1]:
+                    raise ValueError(f"{task}_tokens={spec!r}: expected 0 < lo <= hi")
+        return tuple((t, *out[t]) for t in ("und", "text", "gen"))
 
     @property
     def spec(self) -> GpuSpec:
@@ -98,6 +189,9 @@ class ClusterConfig:
         for key in ("nodes", "gpus_per_node", "und_sample_tokens", "gen_sample_tokens"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key}={getattr(self, key)}: must be > 0")
+        self.lengths(4096, 576)
+        if self.text_chunk < 0:
+            raise ValueError(f"text_chunk={self.text_chunk}: must be >= 0")
         if self.mfu is not None and not 0 < self.mfu <= 1:
             raise ValueError(f"mfu={self.mfu}: must be in (0, 1]")
         if not 0 <= self.memory_margin < 1:

@@ -34,27 +34,51 @@ gradient, plus the fp32 weight-gradient accumulator (vocab x h x 4): read from l
 tensor memory of a real forward + backward of the tiny model.
 
 Communication, bytes each GPU sends per optimizer step (ring collectives over k ranks move
-``S (k-1)/k`` per GPU for a reduce-scatter or all-gather of S bytes):
+``S (k-1)/k`` per GPU for a reduce-scatter, reduce or all-gather of S bytes). Gradients travel
+in the reduction dtype (``deepspeed.reduce_fp32``: fp32, 4 bytes, DeepSpeed's
+``communication_data_type``), parameters in the training dtype. When each runs, read from
+DeepSpeed 0.19's ``runtime/zero/stage_1_and_2.py``, ``stage3.py`` and ``engine.py``:
 
-    ZeRO-0  all-reduce of the gradients at the boundary (2 x)
-    ZeRO-1  gradient reduce-scatter at the boundary, parameter all-gather after the step
-    ZeRO-2  gradient reduce-scatter every micro-step, parameter all-gather after the step
-    ZeRO-3  every micro-step: parameter all-gather for the forward, again for the recompute
-            (checkpointing) and for the backward, gradient reduce-scatter; hpZ serves the
-            recompute/backward gathers from the node's secondary copy (intra-node)
+    ZeRO-0  all-reduce of the gradients after the last backward (exposed)
+    ZeRO-1  the backward hooks reduce only at the accumulation boundary
+            (``reduce_ready_partitions_and_remove_grads``): the whole reduction overlaps the
+            last micro-step's backward only; parameter all-gather after the step (exposed)
+    ZeRO-2  reduction in every micro-step's backward (``partition_gradients``), overlapping it;
+            parameter all-gather after the step (exposed)
+    ZeRO-1/2 reduction: ``use_multi_rank_bucket_allreduce`` (DeepSpeed's default,
+            ``deepspeed.bucket_allreduce``) all-reduces each bucket, 2x the bytes of reducing
+            each partition to its owner
+    ZeRO-3  parameters of at most 1e5 elements persist whole on every rank (all-gathered once
+            after the step); the others are all-gathered every micro-step for the forward
+            (prefetched, overlapping it) and again for the backward (a checkpointed layer's
+            recomputation gathers it, its backward reuses it), except modules whose
+            forward-to-backward reuse distance is within ``stage3_max_reuse_distance``; the
+            gradient reduce-scatter overlaps the backward; hpZ serves the backward gathers from
+            the node's secondary copy (in-node)
+
+tests/test_plan.py checks the bytes and the micro-step each collective runs in against the
+collectives of a 2-rank CPU run of ZeRO-1, 2 and 3 (torch.distributed wrapped).
 
 MiCS (``mics_shard_size``) was removed from DeepSpeed 0.19, which this project runs, so it is
-not a candidate. Step time = max(compute, overlapped communication) + exposed communication
-(the ZeRO-1/2 parameter all-gather after the optimizer step); compute = model FLOPs (PaLM
-accounting, as ``speed/mfu`` logs it) / (MFU x peak). Host traffic of offloading is not modelled.
+not a candidate; ZeRO++ quantized weights / gradients are not offered by this trainer's config
+yet, so not searched. Step time (:mod:`janus_train.plan.estimate`): per overlap window, the
+longer of its compute and its transfers; compute = model FLOPs (PaLM accounting, as
+``speed/mfu`` logs it) plus recomputation, of the busiest rank (:mod:`janus_train.plan.simulate`),
+/ (utilisation x peak). Host traffic of offloading is not modelled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from janus_train.model.config import ModelConfig
 from janus_train.trainer.config import DeepSpeedConfig
+
+PERSISTENCE_THRESHOLD = 100_000
+"""DeepSpeed's ``stage3_param_persistence_threshold`` default (the trainer does not set it)."""
+REUSE_DISTANCE = 1_000_000_000
+"""DeepSpeed's ``stage3_max_reuse_distance`` default: a gathered parameter used again within
+this many parameters is not released between its forward and its backward."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +102,14 @@ class ModelSizes:
     vision_mlp: int
     und_image_flops: float
     gen_image_flops: float
+    persistent: dict[str, int] = field(default_factory=dict)
+    """Per group, parameters of at most :data:`PERSISTENCE_THRESHOLD` elements: ZeRO-3 keeps
+    them whole on every rank (never gathered per micro-step; all-gathered after the step)."""
+    head_params: int = 0
+    """``lm_head`` + ``generation_head``: the last modules of the forward."""
+    idle: int = 0
+    """Non-persistent parameters training never runs (the VQ decoder): ZeRO-3 never gathers
+    them."""
 
 
 class _VocabOnly:
@@ -123,6 +155,24 @@ def _sizes(cfg: ModelConfig) -> ModelSizes:
         for g, paths in GROUPS.items()
     }
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    persistent = {
+        g: sum(
+            p.numel()
+            for path in paths
+            for p in model.get_submodule(path).parameters()
+            if p.numel() <= PERSISTENCE_THRESHOLD
+        )
+        for g, paths in GROUPS.items()
+    }
+    vq = model.model.vqmodel
+    idle = sum(
+        p.numel()
+        for m in (vq.decoder, vq.post_quant_conv)
+        for p in m.parameters()
+        if p.numel() > PERSISTENCE_THRESHOLD
+    )
+    heads = sum(p.numel() for p in model.lm_head.parameters())
+    heads += sum(p.numel() for p in model.model.generation_head.parameters())
     lm = model.model.language_model
     n = sum(p.numel() for name, p in lm.named_parameters() if "embed_tokens" not in name)
     n += sum(p.numel() for p in model.lm_head.parameters())
@@ -144,6 +194,9 @@ def _sizes(cfg: ModelConfig) -> ModelSizes:
         vision_mlp=int(cfg.vision.hidden_size * cfg.vision.mlp_ratio),
         und_image_flops=und_f,
         gen_image_flops=gen_f,
+        persistent=persistent,
+        head_params=heads,
+        idle=idle,
     )
 
 
@@ -297,15 +350,48 @@ def activation_bytes(
 
 # ---- communication -------------------------------------------------------------------------
 
+PHASES = ("forward", "backward", "last backward", "after step")
+"""When a transfer runs, as DeepSpeed 0.19 schedules it: overlapping every micro-step's forward
+or backward, the last micro-step's backward only, or after the optimizer step (nothing to hide
+behind)."""
+
 
 @dataclass(frozen=True)
 class Transfer:
     what: str
     bytes: float
-    """Bytes each GPU sends per optimizer step."""
+    """Bytes each GPU sends per optimizer step (all micro-steps)."""
     inter_node: bool
-    exposed: bool
-    """Not overlapped with compute."""
+    phase: str
+    """One of :data:`PHASES`."""
+    per_micro: bool = False
+    """Runs once per micro-step (``bytes`` is the step's total)."""
+
+    @property
+    def exposed(self) -> bool:
+        return self.phase == "after step"
+
+
+def reduce_bytes(ds: DeepSpeedConfig, precision: str) -> int:
+    """Bytes per gradient element on the wire: DeepSpeed's ``communication_data_type`` is fp32
+    with ``deepspeed.reduce_fp32`` (and in fp32 runs), else the bf16 gradient's 2."""
+    return 4 if (ds.reduce_fp32 or precision != "bf16") else 2
+
+
+def zero3_backward_gathers(pre: int, layer: int, layers: int, heads: int) -> int:
+    """Parameters ZeRO-3 gathers again for the backward: modules in forward order (``pre``:
+    encoders, adaptors, embeddings; ``layers`` decoder layers of ``layer``; ``heads``), walked
+    from the end; a module whose forward-to-backward reuse distance (twice the parameters that
+    run after it, plus its own) is within :data:`REUSE_DISTANCE` stays gathered. A checkpointed
+    layer's recomputation gathers it and its backward reuses it at once: one gather either way.
+    Non-persistent parameters only."""
+    seq = [pre] + [layer] * layers + [heads]
+    later, out = 0, 0
+    for x in reversed(seq):
+        if 2 * later + x > REUSE_DISTANCE:
+            out += x
+        later += x
+    return out
 
 
 def communication(
@@ -315,49 +401,83 @@ def communication(
     backward_params: int,
     nodes: int,
     gpus_per_node: int,
-    grad_accum: int,
-    checkpointing: bool,
+    grad_accum: float,
     precision: str = "bf16",
+    persistent: int = 0,
 ) -> list[Transfer]:
     """Per-GPU traffic of one optimizer step (module docstring). ``forward_params`` /
-    ``backward_params``: parameters ZeRO-3 gathers for the forward / backward."""
+    ``backward_params``: non-persistent parameters ZeRO-3 gathers for the forward / again for
+    the backward (:func:`zero3_backward_gathers`); ``persistent``: ZeRO-3's persistent
+    parameters (all groups); ``grad_accum``: micro-steps per step (the simulated mean with
+    token budgets)."""
     n = nodes * gpus_per_node
     pb = 2 if precision == "bf16" else 4
+    gb = reduce_bytes(ds, precision)
     ring = (n - 1) / n
     inter = nodes > 1
     z, a = ds.zero_stage, grad_accum
     if n == 1:
         return []
     if z == 0:
-        return [Transfer("gradient all-reduce", 2 * pb * trainable * ring, inter, False)]
+        # engine.allreduce_gradients at the boundary, after the backward (buffered fallback)
+        return [Transfer("gradient all-reduce", 2 * gb * trainable * ring, inter, "after step")]
     if z in (1, 2):
-        k = 1 if z == 1 else a
-        return [
-            Transfer(f"gradient reduce-scatter x{k}", k * pb * trainable * ring, inter, False),
-            Transfer("parameter all-gather after the step", pb * trainable * ring, inter, True),
-        ]
-    bwd_gathers = 2 if checkpointing else 1
+        gather = Transfer(
+            "parameter all-gather after the step", pb * trainable * ring, inter, "after step"
+        )
+        # use_multi_rank_bucket_allreduce (default): all-reduce of each bucket; else a reduce
+        # of each partition to its owner
+        op, k = ("all-reduce", 2) if ds.bucket_allreduce else ("reduce", 1)
+        if z == 1:  # hooks reduce only at the accumulation boundary
+            red = Transfer(
+                f"gradient {op} ({gb} B) in the last backward",
+                k * gb * trainable * ring,
+                inter,
+                "last backward",
+            )
+        else:
+            red = Transfer(
+                f"gradient {op} ({gb} B) x{a:g}",
+                a * k * gb * trainable * ring,
+                inter,
+                "backward",
+                per_micro=True,
+            )
+        return [red, gather]
     out = [
-        Transfer(f"forward parameter all-gather x{a}", a * pb * forward_params * ring, inter, False)
+        Transfer(
+            f"forward parameter all-gather x{a:g}",
+            a * pb * forward_params * ring,
+            inter,
+            "forward",
+            per_micro=True,
+        )
     ]
+    bwd = a * pb * backward_params
     hpz = ds.hpz_partition_size
+    label = f"backward all-gather x{a:g}"
     if hpz > 1 and gpus_per_node % hpz == 0:
         out.append(
-            Transfer(
-                f"backward all-gather x{a * bwd_gathers} (hpZ, in-node)",
-                a * bwd_gathers * pb * backward_params * (hpz - 1) / hpz,
-                False,
-                False,
-            )
+            Transfer(f"{label} (hpZ, in-node)", bwd * (hpz - 1) / hpz, False, "backward", True)
         )
     else:
+        out.append(Transfer(label, bwd * ring, inter, "backward", True))
+    out.append(
+        Transfer(
+            f"gradient reduce-scatter ({gb} B) x{a:g}",
+            a * gb * trainable * ring,
+            inter,
+            "backward",
+            per_micro=True,
+        )
+    )
+    if persistent:
         out.append(
             Transfer(
-                f"backward all-gather x{a * bwd_gathers}",
-                a * bwd_gathers * pb * backward_params * ring,
+                "persistent parameter all-gather after the step",
+                pb * persistent * ring,
                 inter,
-                False,
+                "after step",
             )
         )
-    out.append(Transfer(f"gradient reduce-scatter x{a}", a * pb * trainable * ring, inter, False))
     return out

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from janus_train.plan.config import ClusterConfig
 from janus_train.plan.costs import (
+    PHASES,
     ModelSizes,
     Row,
     Transfer,
@@ -18,7 +19,9 @@ from janus_train.plan.costs import (
     lora_adapter_params,
     model_sizes,
     model_state_bytes,
+    zero3_backward_gathers,
 )
+from janus_train.plan.simulate import SimResult, simulate
 from janus_train.trainer.config import DeepSpeedConfig
 from janus_train.trainer.distributed import BatchPlan, plan_batch
 
@@ -50,10 +53,19 @@ class Estimate:
     usable: float = 0.0
     transfers: list[Transfer] = field(default_factory=list)
     step_flops: float = 0.0
+    """Model FLOPs of the busiest rank per step (simulated)."""
+    mean_flops: float = 0.0
+    """Model FLOPs of the mean rank per step (what the old planner counted)."""
+    recompute: float = 1.0
+    """Executed / model FLOPs: 1 + the recomputation of checkpointed layers."""
+    util: float = 0.0
     compute_s: float = 0.0
+    """Compute of the step at its pace (busiest rank, per micro-step under ZeRO-2/3)."""
     comm_s: float = 0.0
+    """All transfers back to back."""
     step_s: float = 0.0
     days: float = 0.0
+    sim: SimResult | None = None
 
     @property
     def feasible(self) -> bool:
@@ -95,6 +107,11 @@ class StageShape:
     """``model.loss_chunk_tokens``: the heads' cross-entropy in chunks."""
     kernels: str = "none"
     """``model.kernels``: ``liger`` fuses the heads' cross-entropy (except under ZeRO-3)."""
+    text_chunk: int = 0
+    """``data.text_chunk``: the recipe's own text chunk length (0: ``seq_len``)."""
+    recipe: str | None = None
+    """The stage's data recipe (sources, weights, active ranges) for the busiest-rank
+    simulation; None: one source per task."""
 
     @property
     def trainable(self) -> int:
@@ -128,6 +145,8 @@ def stage_shape(run) -> StageShape:
         adapter_params=lora_adapter_params(run.model),
         loss_chunk_tokens=run.model.loss_chunk_tokens,
         kernels=run.model.kernels,
+        text_chunk=run.data.text_chunk,
+        recipe=None if run.train.synthetic_data else (run.data.recipe or hp.data_recipe),
     )
 
 
@@ -159,19 +178,42 @@ def task_rows(shape: StageShape, cl: ClusterConfig) -> list[Row]:
     return [r for r, n in zip((und, text, gen), shape.ratio) if n > 0]
 
 
-def sample_flops(shape: StageShape, cl: ClusterConfig) -> float:
-    """Mean model FLOPs (forward + backward, PaLM) of one sample under the stage's task ratio."""
+def recompute_factor(shape: StageShape) -> float:
+    """Executed / model FLOPs: each checkpointed decoder layer runs its forward again in the
+    backward, up to the last tensor the backward needs (torch's non-reentrant checkpoint stops
+    early: the MLP's down projection, whose output nothing saves, is not recomputed);
+    ``lm_head`` and the encoders are not recomputed. As a share of PaLM's ``6 N`` (the
+    attention term, a few per cent at these lengths, is counted at the same share)."""
     s = shape.sizes
-    lens = (cl.und_sample_tokens, shape.seq_len, cl.gen_sample_tokens)
-    per = []
-    for task, t in zip(("und", "text", "gen"), lens):
-        row_len = shape.seq_len if shape.pack else t
-        f = t * (6.0 * s.flops_params + 12.0 * s.layers * s.hidden * row_len)
-        f += s.und_image_flops if task == "und" else 0.0
-        f += s.gen_image_flops if task == "gen" else 0.0
-        per.append(f)
-    w = shape.ratio
-    return sum(f * k for f, k in zip(per, w)) / sum(w)
+    if not shape.checkpointing:
+        return 1.0
+    n_ckpt = -(-s.layers // shape.checkpoint_every)
+    layer = (s.flops_params - s.vocab * s.hidden - s.hidden) / s.layers  # less lm_head, norm
+    return 1.0 + n_ckpt * 2.0 * (layer - s.hidden * s.intermediate) / (6.0 * s.flops_params)
+
+
+def simulate_stage(
+    shape: StageShape, cl: ClusterConfig, world: int, text_chunk: int = 0
+) -> SimResult:
+    """The busiest-rank simulation of this stage at ``world`` ranks (token-budget micro-batches;
+    with fixed micro-batches every rank holds the same count of padded rows: simulated as a
+    token budget of one row per micro-batch)."""
+    s = shape.sizes
+    tpm = shape.tokens_per_micro or shape.micro_batch * shape.seq_len
+    return simulate(
+        shape.recipe,
+        shape.ratio,
+        shape.global_batch,
+        world,
+        tpm,
+        cl.lengths(shape.seq_len, s.image_tokens),
+        s.flops_params,
+        s.layers,
+        s.hidden,
+        s.und_image_flops,
+        s.gen_image_flops,
+        text_chunk=text_chunk or shape.text_chunk,
+    )
 
 
 def batch_plan(
@@ -193,8 +235,14 @@ def batch_plan(
 
 
 def estimate(
-    shape: StageShape, cl: ClusterConfig, preset: str, ds: DeepSpeedConfig, nodes: int
+    shape: StageShape,
+    cl: ClusterConfig,
+    preset: str,
+    ds: DeepSpeedConfig,
+    nodes: int,
+    text_chunk: int = 0,
 ) -> Estimate:
+    """``text_chunk`` > 0: text documents chunked to that many tokens (a recipe change)."""
     gpn = cl.gpus_per_node
     world = nodes * gpn
     est = Estimate(preset, ds, nodes, world, None, usable=cl.usable_bytes)
@@ -234,28 +282,63 @@ def estimate(
             f"memory: {est.total_memory / 2**30:.1f} GiB per GPU > {est.usable / 2**30:.1f} GiB "
             f"usable on {cl.gpu}"
         )
-    accum = est.batch.grad_accum if est.batch else max(1, shape.global_batch // (mb * world))
+    if est.problems:  # infeasible: no time (and no simulation) needed
+        est.step_s = est.days = float("inf")
+        return est
+    sim = simulate_stage(shape, cl, world, text_chunk)
+    est.sim = sim
+    accum = sim.n_micro if shape.tokens_per_micro else (est.batch.grad_accum if est.batch else 1)
     frozen_no_bwd = {"vq", "und_encoder", "gen_embeddings"} - set(shape.trainable_groups)
-    bwd = shape.trainable + shape.frozen - sum(s.groups[g] for g in frozen_no_bwd)
+    pers = s.persistent
+    fwd_np = sum(n - pers.get(g, 0) for g, n in s.groups.items()) - s.idle
+    bwd_np = sum(n - pers.get(g, 0) for g, n in s.groups.items() if g not in frozen_no_bwd)
+    # llm = embeddings + layers + final norm + lm_head (vocab x hidden each)
+    layer = (s.groups["llm"] - pers.get("llm", 0) - 2 * s.vocab * s.hidden) // s.layers
+    heads_np = s.head_params  # matrices: never persistent
+    pre = max(0, bwd_np - layer * s.layers - heads_np)
     est.transfers = communication(
         ds,
         shape.trainable,
-        shape.trainable + shape.frozen,
-        bwd,
+        fwd_np,
+        zero3_backward_gathers(pre, layer, s.layers, heads_np),
         nodes,
         gpn,
         accum,
-        shape.checkpointing,
         shape.precision,
+        persistent=sum(pers.values()),
     )
     spec = cl.spec
     bw = {True: spec.inter_node_gbps * 1e9, False: spec.intra_node_gbps * 1e9}
-    overlapped = sum(t.bytes / bw[t.inter_node] for t in est.transfers if not t.exposed)
-    exposed = sum(t.bytes / bw[t.inter_node] for t in est.transfers if t.exposed)
-    est.comm_s = overlapped + exposed
-    est.step_flops = shape.global_batch / world * sample_flops(shape, cl)
-    est.compute_s = est.step_flops / ((cl.mfu or _default_mfu()) * spec.peak_bf16)
-    est.step_s = max(est.compute_s, overlapped) + exposed
+    secs = {ph: 0.0 for ph in PHASES}
+    for t in est.transfers:
+        secs[t.phase] += t.bytes / bw[t.inter_node]
+    est.comm_s = sum(secs.values())
+    est.util = cl.mfu_source[0]
+    est.recompute = rc = recompute_factor(shape)
+    rate = est.util * spec.peak_bf16
+    est.step_flops, est.mean_flops = sim.busiest_flops, sim.mean_flops
+
+    def fwd(f: float) -> float:
+        return f / 3 / rate
+
+    def bwd_s(f: float) -> float:  # backward + recomputation
+        return (f * rc - f / 3) / rate
+
+    steps, compute = [], []
+    for busiest, micro, last in sim.steps:
+        if ds.zero_stage <= 1:
+            c = busiest * rc / rate
+            t = c + max(0.0, secs["last backward"] - bwd_s(last))
+        else:  # every micro-step synchronises: its slowest rank sets the pace
+            c = sum(m * rc for m in micro) / rate
+            t = sum(
+                max(fwd(m), secs["forward"] / accum) + max(bwd_s(m), secs["backward"] / accum)
+                for m in micro
+            )
+        steps.append(t + secs["after step"])
+        compute.append(c)
+    est.compute_s = sum(compute) / len(compute)
+    est.step_s = sum(steps) / len(steps)
     est.days = shape.steps * est.step_s / 86400
     return est
 

@@ -23,6 +23,10 @@ class DeepSpeedConfig:
     """``bf16`` | ``fp32``; bf16 falls back to fp32 where the device lacks it (CPU)."""
     reduce_bucket_size: int = 500_000_000
     """Elements per gradient reduce bucket (``zero_optimization.reduce_bucket_size``)."""
+    bucket_allreduce: bool = True
+    """ZeRO-1/2: DeepSpeed's ``use_multi_rank_bucket_allreduce`` (its default): all-reduce each
+    gradient bucket and keep one's own partition, twice the bytes of ``false``, which reduces
+    each partition to the rank that owns it (``janus-plan`` counts either)."""
     overlap_comm: bool = True
     """Overlap gradient reduction with the backward pass (GPU only; off on CPU)."""
     gradient_clipping: float = 1.0

@@ -238,6 +238,8 @@ def build_deepspeed_config(
     }
     if ds_cfg.zero_stage >= 2:
         zero["allgather_bucket_size"] = ds_cfg.reduce_bucket_size
+    if ds_cfg.zero_stage in (1, 2) and not ds_cfg.bucket_allreduce:
+        zero["use_multi_rank_bucket_allreduce"] = False
     if ds_cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds_cfg.offload_param:
