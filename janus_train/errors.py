@@ -71,6 +71,10 @@ def one_line(exc: BaseException) -> str:
         and head.split(".")[-1][:1].isupper()
     ):
         msg = rest  # "janus_train.errors.DataFailure: ..." -> the message
+    cause = exc.__cause__
+    if cause is not None and type(exc).__module__.startswith("hydra."):
+        # "Error merging override train.steps=abc" says where; OmegaConf's cause says why
+        msg += f" ({str(cause).strip().splitlines()[0].strip()})"
     return msg
 
 

@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from janus_train.batch import check_batch, count_supervised
 from janus_train.config import CONF_DIR, RunConfig, to_run_config
-from janus_train.errors import EXIT_USER_ERROR, debug_requested, is_user_error, report_user_error
+from janus_train.errors import debug_requested, is_user_error, report_user_error
 from janus_train.model import (
     TASKS,
     JanusTrainModel,
@@ -592,16 +592,26 @@ def main() -> None:
         atexit.register(shutil.rmtree, scratch, True)
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
     global _error
+    # Hydra re-raises its composition errors (unknown key, bad override, missing config group
+    # option) under HYDRA_FULL_ERROR instead of printing them and exiting 1: they are reported
+    # below like every user error (one line, exit 2, recorded for launch/slurm/job.sh).
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         _hydra_main()
     except SystemExit as e:
         # run()'s exceptions never reach Hydra (above): a non-zero exit of Hydra's own is a
-        # composition error (unknown key, bad override), a user error.
+        # command-line error (argparse), a user error.
         if e.code not in (0, None):
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(report_user_error("janus-train", ValueError("invalid command line (above)")))
         raise
-    except Exception as e:  # noqa: BLE001  # Hydra re-raises under HYDRA_FULL_ERROR=1
+    except Exception as e:  # noqa: BLE001  # Hydra's composition errors (above)
         _error = e
+    finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
     if _error is None:  # finished or requeued: exit without Python's finalization
         exit_finished(_exit_status)
     if _error is not None:

@@ -4,11 +4,14 @@
 #
 #   bash launch/pipeline.sh [override ...]                           # torchrun on this node
 #   EXPERIMENT=janus_pro_1b LAUNCHER=slurm bash launch/pipeline.sh   # 3 Slurm jobs, chained
+#   EXPERIMENT=tiny LAUNCHER=slurm GPUS_PER_NODE=2 SBATCH_ARGS="-c 4" bash launch/pipeline.sh
 #   EXPERIMENT=tiny NPROC_PER_NODE=2 bash launch/pipeline.sh train.steps=2   # CPU smoke run
 #
 # Before anything runs or is submitted, every stage is checked (janus_train.plan.check): its
 # config, data recipe and shards, batch arithmetic at its world size, the model.init_from chain,
 # and janus-plan's feasibility on the GPU model; a failing stage is named and nothing starts.
+# The checks run with CLUSTER_ENV sourced (in a subshell), as the jobs do: JANUS_DATA_ROOT and
+# the like set there count.
 #
 # Arguments are Hydra overrides for every stage (not experiment/stage/train.run_dir/
 # model.init_from: the pipeline sets those). A stage whose export exists is skipped, so re-running
@@ -21,8 +24,10 @@
 #   LAUNCHER        torchrun (default) | deepspeed: run the stages here, one after another, with
 #                   launch/torchrun.sh or launch/deepspeed.sh (their variables apply: NNODES,
 #                   NPROC_PER_NODE, RDZV_ENDPOINT, HOSTFILE, NUM_GPUS, ...);
-#                   slurm: submit one job per stage with `sbatch --dependency=afterok:<previous>`
-#                   and return (requeued jobs keep their id, so the chain waits for them).
+#                   slurm: submit one job per stage with `sbatch --dependency=afterok:<previous>
+#                   --kill-on-invalid-dep=yes` and return: a requeued job keeps its id, so the
+#                   chain waits for it; a stage that fails or is cancelled makes Slurm cancel the
+#                   stages after it (none is left pending).
 #   STAGES          stages to run, in order (default "stage1 stage2 stage3").
 #   RUN_ROOT        root of the run directories (default runs).
 #   RUN_NAME        run name under RUN_ROOT (default $EXPERIMENT).
@@ -33,7 +38,8 @@
 #                   recommends). Per stage: DEEPSPEED_STAGE1, DEEPSPEED_STAGE2, DEEPSPEED_STAGE3.
 #   NODES_STAGE1, NODES_STAGE2, NODES_STAGE3  slurm: nodes of one stage's job (default: its #PLAN
 #                   line, else the sbatch file's --nodes); passed to sbatch as --nodes.
-#   GPUS_PER_NODE   slurm: GPUs per node (default 8).
+#   GPUS_PER_NODE   slurm: GPUs (processes) per node (default 8; also read by the jobs: e.g. 2
+#                   for the tiny experiment on CPU).
 #   GPU             GPU model for the planner check (a100-40gb | a100-80gb | h100-80gb | h200-141gb;
 #                   default: the sbatch file's `#PLAN gpu=` line; local: none = no planner check).
 #   CHECK           0: skip the checks below (default 1).
@@ -41,9 +47,11 @@
 #                   where the pipeline runs; default 1).
 #   STAGE1_ARGS, STAGE2_ARGS, STAGE3_ARGS  extra overrides for one stage, split on spaces.
 #   EXPORT_SUBDIR   where the trainer writes a stage's export inside its run dir (default hf).
-#   SBATCH_SCRIPT   slurm: the job script (default launch/slurm/$EXPERIMENT.sbatch).
+#   SBATCH_SCRIPT   slurm: the job script (default launch/slurm/$EXPERIMENT.sbatch when it exists,
+#                   else launch/slurm/janus.sbatch: nodes, GPUs, CPUs from SBATCH_ARGS).
 #   SBATCH_ARGS     slurm: extra sbatch options, split on spaces (e.g. "-p gpu -A proj").
 #   PYTHON          interpreter with janus_train installed (default python).
+#   CLUSTER_ENV     shell file the jobs source (launch/slurm/job.sh); sourced for the checks too.
 #   DRY_RUN         1: print the commands instead of running or submitting them.
 set -euo pipefail
 
@@ -71,6 +79,7 @@ run() {
 }
 
 script=${SBATCH_SCRIPT:-$here/slurm/$EXPERIMENT.sbatch}
+if [[ -z ${SBATCH_SCRIPT:-} && ! -f $script ]]; then script=$here/slurm/janus.sbatch; fi
 if [[ $LAUNCHER == slurm && ! -f $script ]]; then
   echo "pipeline.sh: no Slurm script $script; set SBATCH_SCRIPT" >&2; exit 2
 fi
@@ -131,13 +140,20 @@ for stage in $STAGES; do
   prev_export=$export_dir
 done
 
-if [[ ${CHECK:-1} != 0 && ${#check_args[@]} -gt 0 ]]; then
-  py=${PYTHON:-python}
+check_stages() {  # in a subshell: CLUSTER_ENV (what the jobs source) stays out of this shell
+  if [[ -n ${CLUSTER_ENV:-} ]]; then
+    # shellcheck disable=SC1090
+    source "$CLUSTER_ENV"
+  fi
+  local py=${PYTHON:-python}
   if [[ -z ${PYTHON:-} && -x $here/../.venv/bin/python ]]; then py=$here/../.venv/bin/python; fi
-  check=("$py" -m janus_train.plan.check --experiment "$EXPERIMENT"
-         --gpus-per-node "$gpn" --gpu "${gpu:-none}")
+  local check=("$py" -m janus_train.plan.check --experiment "$EXPERIMENT"
+               --gpus-per-node "$gpn" --gpu "${gpu:-none}")
   if [[ ${CHECK_DATA:-1} == 0 ]]; then check+=(--no-data); fi
-  if ! "${check[@]}" "${check_args[@]}" -- "$@"; then
+  "${check[@]}" "${check_args[@]}" -- "$@"
+}
+if [[ ${CHECK:-1} != 0 && ${#check_args[@]} -gt 0 ]]; then
+  if ! (check_stages "$@"); then
     echo "pipeline.sh: nothing started or submitted (set CHECK=0 to skip the checks)" >&2
     exit 1
   fi
@@ -162,15 +178,24 @@ for k in "${!plan_stages[@]}"; do
     if [[ -n $init_from ]]; then env_list+=,INIT_FROM=$init_from; fi
     if [[ -n $ds ]]; then env_list+=,DEEPSPEED=$ds; fi
     cmd=(sbatch --parsable --job-name="$EXPERIMENT-$stage" --nodes="$nodes" --export="$env_list")
-    if [[ -n $prev_job ]]; then cmd+=(--dependency=afterok:"$prev_job"); fi
+    if [[ -n $prev_job ]]; then
+      # a failed or cancelled previous stage cancels this one (not left pending forever)
+      cmd+=(--dependency=afterok:"$prev_job" --kill-on-invalid-dep=yes)
+    fi
     cmd+=("${sbatch_args[@]}" "$script" "${stage_args[@]}" "$@")
+    after=$prev_job
     if [[ $DRY_RUN == 1 ]]; then
       run "${cmd[@]}"
       prev_job=DRYRUN_$stage
     else
       prev_job=$("${cmd[@]}")
       prev_job=${prev_job%%;*}  # --parsable prints "id" or "id;cluster"
-      echo "pipeline.sh: $stage submitted as job $prev_job"
+      if [[ -n $after ]]; then
+        echo "pipeline.sh: $stage submitted as job $prev_job: starts when job $after" \
+             "completes; Slurm cancels it if job $after fails or is cancelled"
+      else
+        echo "pipeline.sh: $stage submitted as job $prev_job"
+      fi
     fi
   else
     overrides=(experiment="$EXPERIMENT" stage="$stage" train.run_dir="$run_dir")

@@ -1,7 +1,10 @@
 """Render tests of the launch scripts: the Slurm jobs run under stub ``srun``/``scontrol``/
 ``scancel``/``sbatch`` (Python scripts in tmp_path put first on PATH) with ``DRY_RUN=1``, so every
 node's task prints the torchrun command it would run. Checks node count, processes per node,
-rendezvous endpoint, stage overrides, per-job logs, and the USR1 -> checkpoint -> requeue path.
+rendezvous endpoint, stage overrides, per-job logs, and job.sh's decision after each way a step
+ends, including what a one-node cluster cannot show quickly (several nodes, the time limit's
+SIGTERM, a USR1 near the time limit). tests/test_slurm_real.py drives the same scripts through a
+real Slurm.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ JOB_ID = "4242"
 # Emulates srun: one task per node (SLURM_NODEID/SLURMD_NODENAME set), stdout to --output with
 # %n expanded, each task in its own process group (recorded, so the scancel stub can signal the
 # step like slurmstepd does). STUB_SRUN_WAIT=1: run nothing, wait for scancel's signal
-# forwarding, then exit with STUB_SRUN_RC (a step that checkpointed on USR1).
+# forwarding (or SIGTERM), then exit with STUB_SRUN_RC (a step that checkpointed on USR1).
+# STUB_SRUN_PROGRESS=N: rank 0 logged step N (a metrics row in the run dir) before the step ended.
 SRUN = r"""
-import json, os, re, subprocess, sys, time
+import json, os, re, signal, subprocess, sys, time
 log = os.environ["STUB_LOG"]
 args = sys.argv[1:]
 with open(os.path.join(log, "srun.jsonl"), "a") as f:
@@ -45,8 +49,18 @@ hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_N
 if os.environ.get("STUB_SRUN_USER_ERROR") == "1":  # a rank stopped on a user error
     with open(os.environ["JANUS_USER_ERROR_FILE"], "w") as f:
         f.write("janus-train: error: model.init_from='/x' is not a directory\n")
+if os.environ.get("STUB_SRUN_STORAGE_FULL") == "1":  # a checkpoint save ran out of space
+    with open(os.environ["JANUS_USER_ERROR_FILE"], "w") as f:
+        f.write("storage full: could not write checkpoint /ckpt/step_00000010\n")
+if os.environ.get("STUB_SRUN_PROGRESS"):
+    run_dir = next(a.split("=", 1)[1] for a in args if a.startswith("train.run_dir="))
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"step": int(os.environ["STUB_SRUN_PROGRESS"])}) + "\n")
 if os.environ.get("STUB_SRUN_WAIT") == "1":
-    open(os.path.join(log, "srun.started"), "w").close()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(int(os.environ.get("STUB_SRUN_RC", "1"))))
+    with open(os.path.join(log, "srun.started"), "w") as f:
+        f.write(str(os.getpid()))
     for _ in range(400):
         if os.path.exists(os.path.join(log, "scancel.txt")):
             break
@@ -65,10 +79,12 @@ sys.exit(int(os.environ.get("STUB_SRUN_RC", rc)))
 """
 
 # `scontrol show hostnames prefix[a-b]` expands the range (a plain name stays itself);
-# `scontrol requeue ID` is recorded.
+# `scontrol show job ID` prints STUB_JOB_INFO; `scontrol requeue ID` is recorded.
 SCONTROL = r"""
 import os, re, sys
-if sys.argv[1:3] == ["show", "hostnames"]:
+if sys.argv[1:3] == ["show", "job"]:
+    print(os.environ.get("STUB_JOB_INFO", "JobState=RUNNING Restarts=0 TimeLimit=UNLIMITED"))
+elif sys.argv[1:3] == ["show", "hostnames"]:
     m = re.fullmatch(r"(\w+)\[(\d+)-(\d+)\]", sys.argv[3])
     if m is None:
         print(sys.argv[3])
@@ -132,6 +148,7 @@ def slurm_env(env: dict, tmp_path: Path, job: str, nodes: int, **extra: str) -> 
         SLURM_JOB_NODELIST=f"gpu[001-{nodes:03d}]",
         SLURM_SUBMIT_DIR=str(REPO),
         SLURM_CPUS_ON_NODE="96",
+        SLURM_GPUS_ON_NODE="8",
         RUN_ROOT=str(tmp_path / "runs"),
         LOG_ROOT=str(tmp_path / "logs"),
         **extra,
@@ -256,19 +273,39 @@ def test_usr1_checkpoints_then_requeues_and_the_requeued_job_resumes_same_run_di
 
 
 @pytest.mark.parametrize(
-    "srun_rc,extra,expect_rc,expect_requeue",
+    "srun_rc,extra,expect_rc,expect_requeue,says",
     [
-        (EXIT_REQUEUE, {}, 0, True),  # the trainer's "requeue me" reached srun (job.sh default)
-        (1, {}, 0, True),  # a crash (lost node, collective timeout): resume in a new attempt
-        (70, {"MAX_REQUEUES": "3", "SLURM_RESTART_COUNT": "2"}, 0, True),
-        (1, {"MAX_REQUEUES": "3", "SLURM_RESTART_COUNT": "3"}, 1, False),  # crashes capped
-        (EXIT_REQUEUE, {"SLURM_RESTART_COUNT": "50"}, 1, False),  # MAX_REQUEUES reached
-        (2, {}, 2, False),  # a user error fails the same way again: never requeued
-        (1, {"STUB_SRUN_USER_ERROR": "1"}, 2, False),  # a rank's user error behind torchrun's 1
+        # the trainer's "requeue me" reached srun (job.sh default)
+        (EXIT_REQUEUE, {}, 0, True, "checkpointed at step 0"),
+        # a crash (lost node, collective timeout) after progress: resume in a new attempt
+        (1, {"STUB_SRUN_PROGRESS": "7"}, 0, True, "after progress past step 0"),
+        # a crash before training advanced (start-up): would loop, fails the job instead
+        (1, {}, 1, False, "before training advanced past step 0"),
+        (
+            70,
+            {"MAX_REQUEUES": "3", "SLURM_RESTART_COUNT": "2", "STUB_SRUN_PROGRESS": "3"},
+            0,
+            True,
+            "restart 3 of at most 3",
+        ),
+        (
+            1,
+            {"MAX_REQUEUES": "3", "SLURM_RESTART_COUNT": "3", "STUB_SRUN_PROGRESS": "3"},
+            1,
+            False,
+            "reached MAX_REQUEUES=3",
+        ),  # crashes capped
+        (EXIT_REQUEUE, {"SLURM_RESTART_COUNT": "50"}, 1, False, "MAX_REQUEUES=50"),
+        (2, {}, 2, False, "user error"),  # fails the same way again: never requeued
+        # a rank's user error behind torchrun's 1
+        (1, {"STUB_SRUN_USER_ERROR": "1", "STUB_SRUN_PROGRESS": "3"}, 2, False, "model.init_from"),
+        # a checkpoint that did not fit: the line (behind torchrun's 1), or the status itself
+        (1, {"STUB_SRUN_STORAGE_FULL": "1", "STUB_SRUN_PROGRESS": "9"}, 3, False, "storage full"),
+        (3, {}, 3, False, "storage full"),
     ],
 )
 def test_requeue_decision_from_exit_code(
-    stubs, tmp_path, srun_rc, extra, expect_rc, expect_requeue
+    stubs, tmp_path, srun_rc, extra, expect_rc, expect_requeue, says
 ):
     env = slurm_env(
         stubs, tmp_path, "janus_pro_7b", 32, STUB_SRUN_RC=str(srun_rc), DRY_RUN="1", **extra
@@ -277,8 +314,109 @@ def test_requeue_decision_from_exit_code(
     assert res.returncode == expect_rc, res.stderr + res.stdout
     requeued = (tmp_path / "stublog/scontrol.txt").exists()
     assert requeued == expect_requeue
-    if "STUB_SRUN_USER_ERROR" in extra:
-        assert "model.init_from" in res.stderr  # the rank's one line, in the job's log
+    assert says in res.stderr + res.stdout
+
+
+@pytest.mark.parametrize(
+    "job_info,says",
+    [
+        ("JobState=COMPLETING Reason=None Restarts=0 TimeLimit=UNLIMITED", "cancelled (scancel"),
+        (
+            "JobState=COMPLETING Reason=TimeLimit Restarts=0 RunTime=1-00:00:41 TimeLimit=1-00:00:00",
+            "time limit reached (Reason=TimeLimit",
+        ),
+        ("JobState=COMPLETING Reason=None Restarts=1 TimeLimit=UNLIMITED", "requeued by Slurm"),
+    ],
+)
+def test_sigterm_is_never_requeued_and_the_log_says_why_from_scontrol(
+    stubs, tmp_path, job_info, says
+):
+    """SIGTERM reaches the batch shell and the step alike (scancel, the time limit, Slurm's own
+    requeue): the step ends with the trainer's 75, job.sh reads `scontrol show job` and exits."""
+    env = slurm_env(
+        stubs,
+        tmp_path,
+        "janus_pro_1b",
+        16,
+        STUB_SRUN_WAIT="1",
+        STUB_SRUN_RC=str(EXIT_REQUEUE),
+        STUB_JOB_INFO=job_info,
+    )
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "launch/slurm/janus_pro_1b.sbatch")],
+        env=env,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    started = tmp_path / "stublog/srun.started"
+    deadline = time.time() + 30
+    while not (started.exists() and started.read_text()):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(int(started.read_text()), signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 143, out
+    assert says in out, out
+    assert not (tmp_path / "stublog/scontrol.txt").exists()  # no `scontrol requeue`
+
+
+@pytest.mark.parametrize(
+    "job_info,says",
+    [
+        ("RunTime=23:51:10 TimeLimit=1-00:00:00", "time limit near: 530 s left"),
+        ("RunTime=01:00:00 TimeLimit=1-00:00:00", "preemption notice, not the time limit"),
+        ("RunTime=00:10 TimeLimit=UNLIMITED", "preemption notice: no time limit"),
+    ],
+)
+def test_usr1_log_line_tells_time_limit_from_preemption_notice(stubs, tmp_path, job_info, says):
+    env = slurm_env(
+        stubs,
+        tmp_path,
+        "janus_pro_1b",
+        16,
+        STUB_SRUN_WAIT="1",
+        STUB_SRUN_RC="1",
+        STUB_JOB_INFO=f"JobState=RUNNING Restarts=0 {job_info}",
+    )
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "launch/slurm/janus_pro_1b.sbatch")],
+        env=env,
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    started = tmp_path / "stublog/srun.started"
+    deadline = time.time() + 30
+    while not (started.exists() and started.read_text()):
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and f"SIGUSR1 ({says}" in out, out
+    assert (tmp_path / "stublog/scontrol.txt").read_text().split() == ["requeue", JOB_ID]
+
+
+def test_processes_per_node_without_gpu_gres_is_not_a_guess(stubs, tmp_path):
+    """No GPUS_PER_NODE and no SLURM_GPUS_ON_NODE: each node's torchrun.sh counts its GPUs
+    (nvidia-smi), else starts one process; GPUS_PER_NODE sets it."""
+    env = slurm_env(stubs, tmp_path, "janus", 1, EXPERIMENT="tiny", DRY_RUN="1")
+    del env["SLURM_GPUS_ON_NODE"]
+    no_gpu = tmp_path / "no_gpu_bin"
+    no_gpu.mkdir()
+    (no_gpu / "nvidia-smi").write_text("#!/bin/sh\nexit 9\n")
+    (no_gpu / "nvidia-smi").chmod(0o755)
+    env["PATH"] = f"{no_gpu}:{env['PATH']}"
+    for extra, nproc in (({}, "1"), ({"GPUS_PER_NODE": "2"}, "2")):
+        res = run_job("launch/slurm/janus.sbatch", dict(env, **extra))
+        assert res.returncode == 0, res.stderr + res.stdout
+        node0 = (tmp_path / f"logs/janus-{JOB_ID}/node0.r0.log").read_text().splitlines()[-1]
+        assert f"--nproc-per-node={nproc}" in shlex.split(node0)
+    res = run_job("launch/slurm/janus.sbatch", {k: v for k, v in env.items() if k != "EXPERIMENT"})
+    assert res.returncode != 0 and "EXPERIMENT" in res.stderr
 
 
 def test_finished_stage_exits_without_srun_and_bad_overrides_fail(stubs, tmp_path):
@@ -335,12 +473,89 @@ def test_pipeline_slurm_chains_three_jobs_through_exports(stubs, tmp_path):
         assert call[call.index("--parsable") + 2] == f"--nodes={[32, 32, 16][k]}"
         dep = [a for a in call if a.startswith("--dependency=")]
         assert dep == ([] if k == 0 else [f"--dependency=afterok:{1000 + k}"])
+        # a failed or cancelled stage makes Slurm cancel the later ones (none left pending)
+        assert ("--kill-on-invalid-dep=yes" in call) == (k > 0)
         assert call[call.index("-p") + 1] == "gpu" and call[call.index("-A") + 1] == "proj"
         i = call.index(str(REPO / "launch/slurm/janus_pro_7b.sbatch"))
         assert call[i + 1 :] == (["train.ckpt_every=500"] if k == 2 else []) + [
             "train.log_every=20"
         ]
     assert (tmp_path / "logs").is_dir()  # the sbatch files' --output directory
+    assert res.stdout.count("Slurm cancels it if job") == 2
+
+
+def test_pipeline_slurm_tiny_checks_with_cluster_env_and_uses_the_generic_script(stubs, tmp_path):
+    """The tiny experiment has no sbatch file of its own: launch/slurm/janus.sbatch. Its shards
+    are found only through CLUSTER_ENV (JANUS_DATA_ROOT), which the checks source as the jobs do."""
+    from janus_train.data.synthetic import write_tiny_dataset
+
+    write_tiny_dataset(tmp_path / "data")
+    cluster_env = tmp_path / "cluster_env.sh"
+    cluster_env.write_text(f"export JANUS_DATA_ROOT={tmp_path / 'data'}\n")
+    env = dict(
+        stubs,
+        LAUNCHER="slurm",
+        EXPERIMENT="tiny",
+        GPUS_PER_NODE="2",
+        STAGES="stage1",
+        CLUSTER_ENV=str(cluster_env),
+        PYTHON=sys.executable,
+    )
+    env.pop("JANUS_DATA_ROOT", None)
+    res = subprocess.run(
+        ["bash", str(REPO / "launch/pipeline.sh")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr + res.stdout
+    (call,) = [json.loads(x) for x in (tmp_path / "stublog/sbatch.jsonl").read_text().splitlines()]
+    assert call[-1] == str(REPO / "launch/slurm/janus.sbatch") and "--nodes=1" in call
+    assert "GPUS_PER_NODE" not in next(a for a in call if a.startswith("--export="))  # ALL has it
+    # without CLUSTER_ENV the same check finds no shards and nothing is submitted
+    res = subprocess.run(
+        ["bash", str(REPO / "launch/pipeline.sh")],
+        env={k: v for k, v in env.items() if k != "CLUSTER_ENV"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 1 and "stage1 cannot run" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize(
+    "override,says",
+    [
+        ("train.no_such_key=1", "Key 'no_such_key' not in 'TrainConfig'"),
+        ("train.steps=abc", "could not be converted to Integer"),
+        ("deepspeed=zero9", "Could not find 'deepspeed/zero9'"),
+    ],
+)
+def test_hydra_composition_errors_exit_2_and_are_recorded_for_job_sh(
+    monkeypatch, capsys, tmp_path, override, says
+):
+    """Hydra's own errors (before the app runs) are user errors like the app's: one line, exit 2,
+    and the line in JANUS_USER_ERROR_FILE, so job.sh never requeues them."""
+    from janus_train import train
+
+    status = tmp_path / "user_error.r0"
+    for k in ("JANUS_DEBUG", "HYDRA_FULL_ERROR"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("JANUS_USER_ERROR_FILE", str(status))
+    monkeypatch.setattr(train, "_error", None)
+    monkeypatch.setattr(
+        sys, "argv", ["janus-train", "experiment=tiny", "train.dry_run=true", override]
+    )
+    with pytest.raises(SystemExit) as e:
+        train.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    line = status.read_text().strip()
+    assert line.startswith("janus-train: error: ") and says in line, line
+    assert "HYDRA_FULL_ERROR" not in os.environ  # set for the composition only
 
 
 def test_torchrun_and_deepspeed_scripts_render(tmp_path):
@@ -413,71 +628,6 @@ def test_torchrun_and_deepspeed_scripts_render(tmp_path):
     ]:
         assert flag in cmd
     assert cmd[-3:] == ["--module", "janus_train.train", "stage=stage2"]
-
-
-@pytest.mark.dist
-@pytest.mark.slow
-def test_slurm_job_really_trains_checkpoints_on_usr1_requeues_and_resumes(stubs, tmp_path):
-    """The whole preemption path for real on one emulated node (2 CPU ranks, tiny model):
-    USR1 to the batch shell -> scancel stub signals the step's process group -> torchrun.sh
-    forwards to the ranks -> checkpoint, exit 75 -> `scontrol requeue`; the requeued attempt
-    (same job id, same command) resumes from the checkpoint, finishes and exports."""
-    script = "launch/slurm/janus_pro_1b.sbatch"
-    # USR1 is handled a few steps after the first logged one (~0.1 s; a tiny step ~30 ms):
-    # enough steps that the first attempt cannot finish before, few for the resumed attempt
-    steps = 100
-    smoke = [
-        "model=tiny",
-        "train.synthetic_data=true",
-        f"train.steps={steps}",
-        "train.log_every=1",
-        "train.global_batch_size=4",
-        "train.micro_batch_size=1",
-        "train.progress_bar=false",
-    ]
-    env = slurm_env(
-        stubs,
-        tmp_path,
-        "janus_pro_1b",
-        1,
-        EXPERIMENT="tiny",
-        GPUS_PER_NODE="2",
-        PYTHON=sys.executable,
-        WANDB_MODE="disabled",
-        RDZV_PORT=str(free_port()),
-    )
-    env["SLURM_JOB_NODELIST"] = socket.gethostname()  # the rendezvous host must resolve
-    run_dir = tmp_path / "runs/tiny/stage1"
-    metrics = run_dir / "metrics.jsonl"
-    proc = subprocess.Popen(
-        ["bash", str(REPO / script), *smoke],
-        env=env,
-        cwd=REPO,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.time() + 120
-    while not (metrics.exists() and metrics.read_text().strip()):
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "no step logged within 120 s"
-        time.sleep(0.1)
-    os.kill(proc.pid, signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=120)
-    node_log = (tmp_path / f"logs/janus_pro_1b-{JOB_ID}/node0.r0.log").read_text()
-    assert proc.returncode == 0, out + node_log[-3000:]
-    assert re.search(rf"exitcode\s*: {EXIT_REQUEUE}\b", node_log), node_log[-3000:]
-    assert (tmp_path / "stublog/scontrol.txt").read_text().split() == ["requeue", JOB_ID]
-    stopped_at = int((run_dir / "checkpoints/latest").read_text().strip().removeprefix("step_"))
-    assert 1 <= stopped_at < steps and not (run_dir / "hf").exists()
-
-    res = run_job(script, dict(env, SLURM_RESTART_COUNT="1"), *smoke)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "complete" in res.stdout and (run_dir / "hf/config.json").is_file()
-    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
-    assert logged == list(range(1, steps + 1))  # resumed where it stopped: no step lost or repeated
-    assert f"resuming at step {stopped_at}" in (run_dir / "train.log").read_text()
-    assert len((tmp_path / "stublog/scontrol.txt").read_text().splitlines()) == 1  # no requeue
 
 
 def test_torchrun_rendezvous_join_timeout_is_the_trainers_init_timeout():
