@@ -178,10 +178,12 @@ def task_rows(shape: StageShape, cl: ClusterConfig) -> list[Row]:
     return [r for r, n in zip((und, text, gen), shape.ratio) if n > 0]
 
 
-def recompute_factor(shape: StageShape) -> float:
+def recompute_factor(shape: StageShape, zero3: bool = False) -> float:
     """Executed / model FLOPs: each checkpointed decoder layer runs its forward again in the
     backward, up to the last tensor the backward needs (torch's non-reentrant checkpoint stops
-    early: the MLP's down projection, whose output nothing saves, is not recomputed);
+    early: the MLP's down projection, whose output nothing saves, is not recomputed), all of
+    it under ZeRO-3 (DeepSpeed replaces ``F.linear`` by its own autograd function there, and
+    the recomputation then runs the whole layer: measured with the flop counter);
     ``lm_head`` and the encoders are not recomputed. As a share of PaLM's ``6 N`` (the
     attention term, a few per cent at these lengths, is counted at the same share)."""
     s = shape.sizes
@@ -189,7 +191,8 @@ def recompute_factor(shape: StageShape) -> float:
         return 1.0
     n_ckpt = -(-s.layers // shape.checkpoint_every)
     layer = (s.flops_params - s.vocab * s.hidden - s.hidden) / s.layers  # less lm_head, norm
-    return 1.0 + n_ckpt * 2.0 * (layer - s.hidden * s.intermediate) / (6.0 * s.flops_params)
+    redo = layer if zero3 else layer - s.hidden * s.intermediate
+    return 1.0 + n_ckpt * 2.0 * redo / (6.0 * s.flops_params)
 
 
 def simulate_stage(
@@ -314,7 +317,7 @@ def estimate(
         secs[t.phase] += t.bytes / bw[t.inter_node]
     est.comm_s = sum(secs.values())
     est.util = cl.mfu_source[0]
-    est.recompute = rc = recompute_factor(shape)
+    est.recompute = rc = recompute_factor(shape, ds.zero_stage == 3)
     rate = est.util * spec.peak_bf16
     est.step_flops, est.mean_flops = sim.busiest_flops, sim.mean_flops
 
