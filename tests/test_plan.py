@@ -439,7 +439,7 @@ def test_recomputation_against_the_flop_counter(fresh_tiny_model, monkeypatch):
         janus.gradient_checkpointing_disable()
         base = flops()
         janus.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        for every in (1, 2):
+        for every in (1, 2) if not zero3 else (1,):
             set_checkpoint_every(janus, every)
             measured = flops() / base - 1
             sh = dataclasses.replace(shape, checkpointing=True, checkpoint_every=every)
