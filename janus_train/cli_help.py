@@ -37,7 +37,9 @@ ENV_VARS = {
 
 EXIT_STATUSES = {
     0: "stage done (or dry run passed)",
-    2: "user error: config, recipe, missing file, data above data.max_failure_rate",
+    2: "user error: config, recipe, missing file, data above data.max_failure_rate, "
+    "no checkpoint that verifies",
+    3: "storage full: a checkpoint did not fit (the previous one stays latest)",
     70: "stuck: no progress within train.stop_grace_s after SIGTERM/SIGUSR1 (nothing saved)",
     75: "stopped by SIGTERM/SIGUSR1 after a checkpoint: requeue me",
 }

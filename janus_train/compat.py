@@ -18,6 +18,9 @@ reset_deepspeed_groups         five module globals of ``deepspeed.utils.groups``
                                cache of process groups outlives a destroyed group)
 convert_to_universal           ``ds_to_universal.main`` driven with the ``Namespace`` of
                                its command line (no library entry point)
+run_checkpoint_epilogue        ``DeepSpeedEngine._optimizer_has_ckpt_event_epilogue``
+                               (a rank whose save failed must join the collective that
+                               ``save_checkpoint`` runs after its writes)
 dataloader_workers             a DataLoader iterator's ``_workers`` and
                                ``_shutdown_workers()`` (no public stop or worker list)
 reinit_with_hf_initializer     ``PreTrainedModel._init_weights`` and the
@@ -149,6 +152,15 @@ def convert_to_universal(input_folder: str, output_folder: str) -> None:
         hasattr(ds_to_universal, "main"), "deepspeed.checkpoint.ds_to_universal.main", "deepspeed"
     )
     ds_to_universal.main(argparse.Namespace(**universal_args(input_folder, output_folder)))
+
+
+def run_checkpoint_epilogue(engine) -> None:
+    """What DeepSpeed's ``save_checkpoint`` runs after writing its files (ZeRO-3: re-gather the
+    persistent parameters, a collective), for a rank whose write failed while the others went
+    on. An engine without the hook (not DeepSpeed's) has nothing to run."""
+    has_epilogue = getattr(engine, "_optimizer_has_ckpt_event_epilogue", None)
+    if has_epilogue is not None and has_epilogue():
+        engine.optimizer.checkpoint_event_epilogue()
 
 
 # --------------------------------------------------------------------------- DataLoader

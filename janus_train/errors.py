@@ -10,6 +10,11 @@ traceback of user errors too.
 Under torchrun the launcher's own status is 1 whatever the ranks returned, so a rank that stops
 on a user error also writes its line to ``$JANUS_USER_ERROR_FILE`` when that is set (job.sh
 sets it and reads it after the job step).
+
+A checkpoint save that runs out of space (``ENOSPC``, a quota, or the errors torch turns them
+into) is neither: the previous checkpoint stays ``latest`` and the run exits
+:data:`EXIT_STORAGE_FULL` (3) with one line starting ``storage full:`` (also written to
+``$JANUS_USER_ERROR_FILE``); retrying helps only once space is freed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import os
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+EXIT_STORAGE_FULL = 3
+"""A checkpoint could not be written for lack of space; requeue only after space is freed."""
 _PKG = str(Path(__file__).resolve().parent)
 
 
@@ -58,6 +65,58 @@ def is_user_error(exc: BaseException) -> bool:
     ) and _raised_in_package(exc)
 
 
+class StorageFull(RuntimeError):
+    """A checkpoint save ran out of space; the message is the one line to print."""
+
+
+# How torch's zip writer reports a short write (ENOSPC inside its C++ stream), and the errno text
+_FULL_TEXT = (
+    "unexpected pos",
+    "No space left on device",
+    "Disk quota exceeded",
+    "file write failed",
+)
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """``exc`` (or an exception it was raised from) means the file system is full."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StorageFull):
+            return True
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(exc, RuntimeError) and any(t in str(exc) for t in _FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def write_error_line(line: str) -> None:
+    """Record ``line`` in ``$JANUS_USER_ERROR_FILE`` (when set) for ``launch/slurm/job.sh``."""
+    path = os.environ.get("JANUS_USER_ERROR_FILE")
+    if path:
+        try:
+            tmp = f"{path}.{os.getpid()}.tmp"
+            Path(tmp).write_text(line + "\n")
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+
+def report_storage_full(exc: BaseException) -> int:
+    """Print the ``storage full:`` line (stderr), record it; returns :data:`EXIT_STORAGE_FULL`."""
+    import sys
+
+    line = str(exc) if isinstance(exc, StorageFull) else f"storage full: {one_line(exc)}"
+    print(line, file=sys.stderr, flush=True)
+    write_error_line(line)
+    return EXIT_STORAGE_FULL
+
+
 def one_line(exc: BaseException) -> str:
     """The error's message on one line (a worker's wrapped traceback: its last line)."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
@@ -88,14 +147,7 @@ def report_user_error(prog: str, exc: BaseException) -> int:
 
     line = f"{prog}: error: {one_line(exc)}"
     print(line + "  [JANUS_DEBUG=1 for the traceback]", file=sys.stderr, flush=True)
-    path = os.environ.get("JANUS_USER_ERROR_FILE")
-    if path:
-        try:
-            tmp = f"{path}.{os.getpid()}.tmp"
-            Path(tmp).write_text(line + "\n")
-            os.replace(tmp, path)
-        except OSError:
-            pass
+    write_error_line(line)
     return EXIT_USER_ERROR
 
 

@@ -8,7 +8,9 @@
 
 Re-running the same command resumes from ``run_dir/checkpoints/latest``. Exit status:
 0 done; 75 (``EXIT_REQUEUE``) checkpointed after SIGTERM/SIGUSR1, requeue me; 70 stuck after
-such a signal (``trainer/guard.py``); anything else is an error (e.g.
+such a signal (``trainer/guard.py``); 2 a user error (one line); 3 (``EXIT_STORAGE_FULL``) a
+checkpoint did not fit on the disk (one ``storage full:`` line; the previous one stays
+``latest``); anything else is an error (e.g.
 ``train.max_consecutive_skips`` non-finite updates in a row).
 
 ``run`` reads top to bottom: :func:`prepare` (validate, plan), :func:`build_engine` (model,
@@ -44,7 +46,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from janus_train.batch import check_batch, count_supervised
 from janus_train.config import CONF_DIR, RunConfig, to_run_config
-from janus_train.errors import debug_requested, is_user_error, report_user_error
+from janus_train.errors import (
+    debug_requested,
+    is_storage_full,
+    is_user_error,
+    report_storage_full,
+    report_user_error,
+)
 from janus_train.model import (
     TASKS,
     JanusTrainModel,
@@ -218,6 +226,11 @@ def prepare(cfg: RunConfig, info: DistInfo) -> Prepared:
     precision = resolve_precision(cfg.deepspeed.precision)
     ds_config = build_deepspeed_config(cfg.deepspeed, plan, precision, hp.weight_decay, hp.lr)
     stop_step = min(hp.steps, hp.stop_at) if hp.stop_at else hp.steps
+    if tc.keep_last < 2:  # resume is always on: a damaged newest one needs one to fall back to
+        raise ValueError(
+            f"train.keep_last={tc.keep_last}: must be >= 2, so that a damaged newest "
+            "checkpoint leaves an older one to resume from"
+        )
     if not tc.synthetic_data:  # recipe, sources and shard existence, before any model
         from janus_train.data.recipe import check_recipe_for_stage, load_recipe
 
@@ -390,6 +403,7 @@ def step_record(
         "optim/lr": out.lr,
         "optim/grad_norm": out.grad_norm,
         "optim/skipped_steps": state.skipped_steps,
+        "ckpt/fallbacks": state.ckpt_fallbacks,
     }
     for i, task in enumerate(TASKS):
         n = float(out.n_tokens[i])
@@ -482,12 +496,13 @@ def run(cfg: RunConfig) -> int:
 
     # From here on, whatever ends the run (end, exception, signal) closes what `guard` holds.
     with RunGuard(tc.stop_grace_s) as guard:
-        universal = prepare_resume(prep.ckpt_dir, info, prep.ds_config)  # world size changed
+        # the newest checkpoint that verifies; universal when the world size changed
+        resume = prepare_resume(prep.ckpt_dir, info, prep.ds_config)
         t = build_engine(cfg, info, prep.ds_config, prep.run_dir)
         loader = guard.add(
             build_loader(cfg, t.processor, info, prep.plan.micro_batch_size, prep.plan.grad_accum)
         )
-        state = load_train_state(t.engine, prep.ckpt_dir, loader, info, universal)
+        state = load_train_state(t.engine, prep.ckpt_dir, loader, info, resume)
         metrics = guard.add(build_metrics(cfg, info, prep.run_dir, state, prep.stop_step))
         bar = guard.add(
             _Bar(info.is_main and tc.progress_bar, prep.stop_step, state.step, cfg.stage.name)
@@ -615,6 +630,8 @@ def main() -> None:
     if _error is None:  # finished or requeued: exit without Python's finalization
         exit_finished(_exit_status)
     if _error is not None:
+        if is_storage_full(_error) and not debug_requested():
+            sys.exit(report_storage_full(_error))
         if not is_user_error(_error):
             raise _error
         if debug_requested():

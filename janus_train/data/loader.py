@@ -395,9 +395,11 @@ class StepLoader:
                     f"{mine!r}: exact resume needs the same value"
                 )
         missing = set(sd["sources"]) - {s.name for s in self.recipe.sources}
-        if missing:
+        if missing and self.rank == 0:
             logger.warning(
-                "loader state has sources %s not in recipe %s", sorted(missing), self.recipe.name
+                "data sources %s are no longer in recipe %s: dropped",
+                sorted(missing),
+                self.recipe.name,
             )
         self.close()
         self.step = int(sd["step"])
@@ -513,6 +515,12 @@ class TokenStepLoader(StepLoader):
     everywhere) into one packed row per micro-batch. Queued samples of a source that is no
     longer active are dropped (``dropped/<source>``). State = worker stream positions after the
     last *built* step + the queued samples themselves, so resume is exact.
+
+    Resuming under an edited recipe (a source added or removed, weights or batch changed): when
+    what this rank built for the queued steps differs from what the new recipe plans for them
+    on any rank, every rank drops its queues (counted as ``skipped/<source>/recipe_change``)
+    and rebuilds those steps under the new recipe, the streams continuing where they were; an
+    added source starts at its beginning.
     """
 
     _raw = True
@@ -602,11 +610,19 @@ class TokenStepLoader(StepLoader):
     def counters(self) -> dict[str, int]:
         return dict(sorted({**super().counters(), **self.dropped}.items()))
 
+    def _built(self) -> list[list[str]]:
+        """Source names of this rank's supply of the steps built but not trained."""
+        names = [src.name for src in self.recipe.sources]
+        return [
+            [names[i] for i in self._supply(k)[self.rank]] for k in range(self.step, self.pulled)
+        ]
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd.update(
             tokens_per_micro=self.tokens_per_micro,
             pulled=self.pulled,
+            built=self._built(),
             dropped=dict(self.dropped),
             queues={src.name: list(q) for src, q in zip(self.recipe.sources, self.queues)},
         )
@@ -644,6 +660,27 @@ class TokenStepLoader(StepLoader):
         for name, q in sd["queues"].items():
             if name in by_name:
                 self.queues[by_name[name]] = list(q)
+        if "built" in sd:
+            same = sd["built"] == self._built()
+        else:  # written before the plan was recorded: the source list decides
+            same = list(sd["sources"]) == [src.name for src in self.recipe.sources]
+        if any(self.exchange(not same)):  # one rank's queues alone cannot be kept
+            self._rebuild_queued(sd)
+
+    def _rebuild_queued(self, sd: dict) -> None:
+        lost = Counter({name: len(q) for name, q in sd["queues"].items() if q})
+        for name, n in lost.items():
+            self.dropped[f"skipped/{name}/recipe_change"] += n
+        if self.rank == 0:
+            logger.warning(
+                "the data recipe changed since the checkpoint: steps %d-%d are rebuilt under "
+                "the new one, the samples queued for them skipped (%s)",
+                self.step,
+                self.pulled - 1,
+                dict(lost),
+            )
+        self.pulled = self.step
+        self.queues = [[] for _ in self.recipe.sources]
 
 
 def build_context(run, processor) -> BuildContext:

@@ -1,16 +1,40 @@
-"""Atomic, auto-resuming checkpoints and preemption signals.
+"""Atomic, verified, durable, auto-resuming checkpoints and preemption signals.
 
 Layout under ``run_dir/checkpoints``::
 
     step_00000200/                  DeepSpeed files + trainer_state_rank{r}.pt (loader, RNG)
+        manifest.json               every file's size and CRC-32, written last
     step_00000400/
     latest                          name of the newest *committed* checkpoint, written last
     .tmp-step_00000600/step_...     a save in progress (or killed mid-way: ignored, removed)
+    step_00000400.bad               a checkpoint that failed verification, renamed aside
 
-A save writes everything into ``.tmp-<tag>/<tag>`` on every rank, barriers, then rank 0 renames
-the directory into place and replaces ``latest`` atomically (write + ``os.replace``). A kill at
-any moment therefore leaves ``latest`` naming a complete checkpoint. Resume reads only
-``latest``.
+The order of a save (:func:`save_checkpoint`); a kill or power loss at any point leaves
+``latest`` naming a complete checkpoint whose data is on disk:
+
+1. rank 0 checks the free space against the previous checkpoint's size (a warning when the
+   save would leave less than one checkpoint of room);
+2. every rank writes its DeepSpeed files and ``trainer_state_rank{r}.pt`` into
+   ``.tmp-<tag>/<tag>``;
+3. every rank fsyncs the files it wrote (:func:`_owner`) and computes their size and CRC-32;
+4. rank 0 writes ``manifest.json`` (fsynced), then fsyncs the directory ``<tag>``;
+5. rank 0 renames ``.tmp-<tag>/<tag>`` to ``<tag>`` and fsyncs ``checkpoints/``;
+6. rank 0 writes ``latest.tmp`` (fsynced), ``os.replace``-s it onto ``latest`` and fsyncs
+   ``checkpoints/`` again: from here on the checkpoint counts;
+7. rank 0 prunes to ``train.keep_last``.
+
+A save that fails for lack of space (ENOSPC, a quota, torch's "unexpected pos") on any rank
+removes the partial directory, leaves ``latest`` alone and raises
+:class:`~janus_train.errors.StorageFull` on every rank (exit 3).
+
+Resume (:func:`select_checkpoint`, collective) verifies the checkpoint ``latest`` names (its
+manifest is for that step, lists every rank's state file, and every file has its size and
+CRC-32; the ranks share the reading) and, when it does not verify or does not load, falls back
+to the newest older one that does: a warning naming the bad file, the bad directory renamed
+aside (``<tag>.bad``, kept for inspection), ``latest`` rewritten, the count in
+``ckpt/fallbacks``. When none verifies the run stops with one line naming the directory
+(exit 2) and renames nothing. (A directory where no checkpoint has a manifest was written
+before manifests existed: ``latest`` is loaded unverified, with a warning.)
 
 SIGTERM / SIGUSR1 (Slurm's pre-emption notice) only set a flag; the loop all-reduces it with the
 next step's token counts, finishes that step, checkpoints, and exits with :data:`EXIT_REQUEUE`.
@@ -18,27 +42,34 @@ next step's token counts, finishes that step, checkpoints, and exits with :data:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import re
 import shutil
 import signal
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from janus_train import compat
-from janus_train.trainer.distributed import DistInfo, barrier
+from janus_train.errors import StorageFull, is_storage_full, one_line
+from janus_train.trainer.distributed import DistInfo, all_gather_objects, barrier
 
 logger = logging.getLogger(__name__)
 
 EXIT_REQUEUE = 75
 """Exit status after a checkpoint on SIGTERM/SIGUSR1: "requeue me" (BSD EX_TEMPFAIL)."""
 LATEST = "latest"
+MANIFEST = "manifest.json"
 UNIVERSAL_SUFFIX = "_universal"
 _TAG_RE = re.compile(r"^step_(\d{8})$")
+# the rank that writes a file: DeepSpeed's per-rank ZeRO files, our per-rank state; else rank 0
+_OWNER_RE = re.compile(r"(?:zero_pp_rank_|trainer_state_rank|offloaded_tensors/rank)(\d+)")
+_CHUNK = 8 << 20
 
 
 def tag_for(step: int) -> str:
@@ -75,6 +106,24 @@ def read_latest(ckpt_dir: str | os.PathLike) -> str | None:
     return tag
 
 
+# ---- durability ------------------------------------------------------------------------------
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Makes the directory's entries (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -82,13 +131,16 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _commit(src: Path, dst: Path) -> None:
-    """Rank 0: move a completely written checkpoint into place, then point ``latest`` at it."""
+    """Rank 0: move a completely written (and synced) checkpoint into place, then point
+    ``latest`` at it (steps 5-6 of the save order)."""
     if dst.exists():  # a previous save of this tag committed but never became `latest`
         shutil.rmtree(dst)
     os.rename(src, dst)
+    _fsync_dir(dst.parent)
     _write_atomic(dst.parent / LATEST, dst.name)
 
 
@@ -103,6 +155,93 @@ def _prune(ckpt_dir: Path, keep_last: int) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
+# ---- manifest --------------------------------------------------------------------------------
+def _owner(rel: str, world_size: int) -> int:
+    m = _OWNER_RE.search(rel)
+    return int(m.group(1)) % world_size if m else 0
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _sync_and_sum(d: Path, info: DistInfo) -> dict[str, dict]:
+    """This rank's files of ``d``: fsynced, with size and CRC-32 (step 3)."""
+    out = {}
+    for rel in _files(d):
+        if _owner(rel, info.world_size) == info.rank:
+            p = d / rel
+            _fsync_file(p)
+            out[rel] = {"size": p.stat().st_size, "crc32": _crc32(p)}
+    return out
+
+
+def _write_manifest(d: Path, step: int, world_size: int, files: dict[str, dict]) -> None:
+    """Rank 0, step 4: the manifest, then the directory tree's entries, durable."""
+    m = {"format": 1, "step": step, "world_size": world_size, "checksum": "crc32"}
+    m["files"] = dict(sorted(files.items()))
+    with open(d / MANIFEST, "w") as f:
+        json.dump(m, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for sub in sorted({(d / rel).parent for rel in files} | {d}, reverse=True):
+        _fsync_dir(sub)
+
+
+def checkpoint_bytes(d: Path) -> int:
+    """Size of a checkpoint directory (from its manifest when it has one)."""
+    try:
+        return sum(f["size"] for f in json.loads((d / MANIFEST).read_text())["files"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) if d.is_dir() else 0
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_space(ckpt_dir: Path) -> int:
+    """Rank 0, step 1: the previous checkpoint's bytes (0 when none); warns when the next save
+    would leave less than one checkpoint of room."""
+    latest = None
+    try:
+        latest = read_latest(ckpt_dir)
+    except RuntimeError:
+        pass
+    need = checkpoint_bytes(ckpt_dir / latest) if latest else 0
+    free = _free_bytes(ckpt_dir)
+    if need and free < 2 * need:
+        logger.warning(
+            "%s: %s free, a checkpoint takes %s: the next save leaves less than one "
+            "checkpoint of room%s",
+            ckpt_dir,
+            _gib(free),
+            _gib(need),
+            " and may fail" if free < need else "",
+        )
+    return need
+
+
+def _finish_failed_save(engine) -> None:
+    """The collectives of DeepSpeed's ``save_checkpoint`` after its file writes, which a rank
+    whose write failed skipped (the other ranks are waiting in them): ZeRO-3's epilogue
+    (re-gathers the persistent parameters) and the closing barrier."""
+    compat.run_checkpoint_epilogue(engine)
+    barrier()
+
+
 def save_checkpoint(
     engine,
     ckpt_dir: str | os.PathLike,
@@ -112,21 +251,79 @@ def save_checkpoint(
     info: DistInfo,
     keep_last: int,
 ) -> str:
-    """Collective: every rank writes its shards and ``rank_state``; rank 0 commits. Returns the
-    tag. ``client_state`` (same on all ranks) goes into DeepSpeed's files, ``rank_state``
-    (loader position, RNG) into ``trainer_state_rank{r}.pt``."""
+    """Collective: every rank writes its shards and ``rank_state``, syncs them and sums them;
+    rank 0 writes the manifest and commits (the save order above). Returns the tag.
+    ``client_state`` (same on all ranks) goes into DeepSpeed's files, ``rank_state`` (loader
+    position, RNG) into ``trainer_state_rank{r}.pt``. Raises :class:`StorageFull` on every rank
+    when some rank ran out of space (``latest`` unchanged, the partial directory removed)."""
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     tmp_root = ckpt_dir / f".tmp-{tag}"
+    tmp = tmp_root / tag
+    need = 0
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp_root, ignore_errors=True)
+        need = _check_space(ckpt_dir)
+        tmp.mkdir(parents=True)
     barrier()
-    engine.save_checkpoint(str(tmp_root), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rank_state, tmp_root / tag / f"trainer_state_rank{info.rank}.pt")
-    barrier()
+    err: BaseException | None = None
+    files: dict[str, dict] = {}
+    # Lack of space is caught on the rank it hits and shared below; every rank still takes
+    # part in each barrier, so the others do not wait for it until the collective timeout.
+    try:
+        engine.save_checkpoint(str(tmp_root), tag=tag, client_state=client_state, save_latest=False)
+    except Exception as e:
+        if not is_storage_full(e):
+            raise
+        err = e
+        _finish_failed_save(engine)
+    if err is None:
+        try:
+            torch.save(rank_state, tmp / f"trainer_state_rank{info.rank}.pt")
+        except Exception as e:
+            if not is_storage_full(e):
+                raise
+            err = e
+    barrier()  # every rank's files exist before each lists its own
+    if err is None:
+        try:
+            files = _sync_and_sum(tmp, info)
+        except Exception as e:
+            if not is_storage_full(e):
+                raise
+            err = e
+    gathered = all_gather_objects((None if err is None else one_line(err), files))
+    if info.is_main and not any(e for e, _ in gathered):
+        try:
+            _write_manifest(
+                tmp, step, info.world_size, {k: v for _, f in gathered for k, v in f.items()}
+            )
+            _fsync_dir(tmp_root)
+            _commit(tmp, ckpt_dir / tag)
+        except Exception as e:
+            if not is_storage_full(e):
+                raise
+            err = e
+            if read_latest(ckpt_dir) != tag:  # committed but not `latest`: not a checkpoint
+                shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    errors = [e for e, _ in gathered if e]
+    errors += [e for e in all_gather_objects(one_line(err) if err and not errors else None) if e]
+    if errors:
+        msg = None
+        if info.is_main:
+            written = checkpoint_bytes(tmp) if tmp.is_dir() else 0
+            shutil.rmtree(tmp_root, ignore_errors=True)
+            prev = read_latest(ckpt_dir) if (ckpt_dir / LATEST).is_file() else None
+            msg = (
+                f"storage full: could not write checkpoint {ckpt_dir / tag} ({errors[0]}); "
+                f"{_gib(_free_bytes(ckpt_dir))} free, a checkpoint needs "
+                f"{'about ' + _gib(need) if need else 'more than ' + _gib(written)}; "
+                + (f"{prev} is still the latest" if prev else "no checkpoint was committed")
+            )
+        msg = all_gather_objects(msg)[0]
+        raise StorageFull(msg)
     if info.is_main:
-        _commit(tmp_root / tag, ckpt_dir / tag)
         shutil.rmtree(tmp_root, ignore_errors=True)
         _prune(ckpt_dir, keep_last)
     barrier()
@@ -162,44 +359,178 @@ def convert_to_universal(ckpt_dir: str | os.PathLike, tag: str, info: DistInfo) 
     return out.name
 
 
-def load_latest(
-    engine, ckpt_dir: str | os.PathLike, info: DistInfo, universal: bool = False
-) -> tuple[dict, list[dict]] | None:
-    """Load the checkpoint ``latest`` names into ``engine``; returns ``(client_state,
-    rank_states)`` or None when there is none. ``rank_states``: every saving rank's
-    ``trainer_state_rank{r}.pt`` (loader position, RNG), in rank order. ``universal``: load the
-    universal conversion of ``latest`` (:func:`convert_to_universal`; the engine must have been
-    built with ``checkpoint.load_universal``). Removes leftovers of interrupted saves."""
+# ---- verification and fallback ---------------------------------------------------------------
+def _local_problems(d: Path, info: DistInfo) -> list[str]:
+    """What is wrong with checkpoint directory ``d``, as far as this rank checks: the manifest
+    (every rank) and its share of the files (by index)."""
+    mf = d / MANIFEST
+    try:
+        m = json.loads(mf.read_text())
+        files, step, world = m["files"], int(m["step"]), int(m["world_size"])
+    except FileNotFoundError:
+        return [f"{mf} is missing"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{mf} is unreadable ({type(e).__name__}: {e})"]
+    match = _TAG_RE.match(d.name)
+    if match and int(match.group(1)) != step:
+        return [f"{mf} is the manifest of step {step}, not of {d.name}"]
+    out = [
+        f"{d / name} is missing from the manifest"
+        for r in range(world)
+        if (name := f"trainer_state_rank{r}.pt") not in files
+    ]
+    for i, (rel, want) in enumerate(sorted(files.items())):
+        if i % info.world_size != info.rank:
+            continue
+        p = d / rel
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            out.append(f"{p} is missing")
+            continue
+        if size != want["size"]:
+            out.append(f"{p} has {size} bytes, the manifest says {want['size']}")
+        elif _crc32(p) != want["crc32"]:
+            out.append(f"{p} fails its CRC-32 check")
+    return out
+
+
+def verify_checkpoint(d: str | os.PathLike, info: DistInfo) -> list[str]:
+    """Collective: every problem of checkpoint directory ``d`` (empty: it verifies); the ranks
+    share the reading and all return the same list."""
+    out: list[str] = []
+    for part in all_gather_objects(_local_problems(Path(d), info)):
+        out += [p for p in part if p not in out]
+    return out
+
+
+def _aside(d: Path) -> Path:
+    dst = d.with_name(d.name + ".bad")
+    n = 1
+    while dst.exists():
+        n += 1
+        dst = d.with_name(f"{d.name}.bad{n}")
+    os.rename(d, dst)
+    return dst
+
+
+def select_checkpoint(
+    ckpt_dir: str | os.PathLike, info: DistInfo, known_bad: dict[str, str] | None = None
+) -> tuple[str | None, int]:
+    """Collective: the newest checkpoint at or before ``latest`` that verifies (None when
+    there is none at all), and how many newer ones were set aside for it. Leftovers of
+    interrupted saves are removed. ``known_bad``: tags already found bad (e.g. failed to load)
+    with the reason. A checkpoint directory without any that verifies: ``ValueError``."""
     ckpt_dir = Path(ckpt_dir)
     if info.is_main and ckpt_dir.is_dir():
         for d in ckpt_dir.glob(".tmp-*"):
             logger.warning("removing %s: a save that never completed", d)
             shutil.rmtree(d, ignore_errors=True)
     barrier()
-    tag = read_latest(ckpt_dir)
-    if tag is None:
-        return None
-    if universal:
-        tag = f"{tag}{UNIVERSAL_SUFFIX}"
-    n = len(list((ckpt_dir / tag).glob("trainer_state_rank*.pt")))
-    if n != info.world_size and not universal:
-        raise RuntimeError(
-            f"{ckpt_dir / tag} was written by {n} ranks, this run has "
-            f"{info.world_size}: load its universal conversion"
+    known_bad = dict(known_bad or {})
+    lp = ckpt_dir / LATEST
+    latest = lp.read_text().strip() if lp.is_file() else None
+    tags = (
+        sorted(
+            (d.name for d in ckpt_dir.iterdir() if d.is_dir() and _TAG_RE.match(d.name)),
+            reverse=True,
         )
-    path, client_state = engine.load_checkpoint(
-        str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        if ckpt_dir.is_dir()
+        else []
     )
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
-    rank_states = [
-        torch.load(
-            ckpt_dir / tag / f"trainer_state_rank{r}.pt", map_location="cpu", weights_only=False
+    if latest is None and not tags:
+        return None, 0
+    if latest in tags and not any((ckpt_dir / t / MANIFEST).is_file() for t in tags):
+        logger.warning(
+            "%s: written before checkpoints had manifests; resuming from %s unverified",
+            ckpt_dir,
+            latest,
         )
-        for r in range(n)
-    ]
-    logger.info("resumed from %s", ckpt_dir / tag)
-    return client_state, rank_states
+        return latest, 0
+    bad: dict[str, str] = {}
+    if latest is not None and not (ckpt_dir / latest).is_dir():
+        bad[latest] = f"{ckpt_dir / latest} (named by {lp}) does not exist"
+    chosen = None
+    for tag in tags:
+        if latest is not None and tag > latest:
+            continue  # committed after `latest` moved for the last time: never counted
+        problems = [known_bad[tag]] if tag in known_bad else verify_checkpoint(ckpt_dir / tag, info)
+        if not problems:
+            chosen = tag
+            break
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        bad[tag] = problems[0] + more
+    if chosen is None:
+        detail = "; ".join(f"{t}: {p}" for t, p in bad.items()) or "none committed"
+        raise ValueError(
+            f"no checkpoint in {ckpt_dir} verifies ({detail}); move the directory away to "
+            "start the stage over"
+        )
+    if bad and info.is_main:
+        for tag, why in bad.items():
+            msg = f"checkpoint {tag} is damaged: {why}"
+            if (ckpt_dir / tag).is_dir():
+                msg += f"; renamed to {_aside(ckpt_dir / tag).name} (kept for inspection)"
+            logger.warning("%s; falling back to %s", msg, chosen)
+        _fsync_dir(ckpt_dir)
+        if latest != chosen:
+            _write_atomic(lp, chosen)
+    barrier()
+    return chosen, len(bad)
+
+
+def load_latest(
+    engine, ckpt_dir: str | os.PathLike, info: DistInfo, universal: bool = False
+) -> tuple[dict, list[dict], int] | None:
+    """Collective: load the checkpoint ``latest`` names (chosen by :func:`select_checkpoint`)
+    into ``engine``; returns ``(client_state, rank_states, fallbacks)`` or None when there is
+    none. ``rank_states``: every saving rank's ``trainer_state_rank{r}.pt`` (loader position,
+    RNG), in rank order. When loading fails on some rank the checkpoint is set aside like one
+    that does not verify and the next older one is loaded (``fallbacks`` counts them).
+    ``universal``: load the universal conversion of ``latest`` (:func:`convert_to_universal`;
+    the engine must have been built with ``checkpoint.load_universal``), without fallback."""
+    ckpt_dir = Path(ckpt_dir)
+    fallbacks = 0
+    while True:
+        tag = read_latest(ckpt_dir)
+        if tag is None:
+            return None
+        if universal:
+            tag = f"{tag}{UNIVERSAL_SUFFIX}"
+        n = len(list((ckpt_dir / tag).glob("trainer_state_rank*.pt")))
+        if n != info.world_size and not universal:
+            raise RuntimeError(
+                f"{ckpt_dir / tag} was written by {n} ranks, this run has "
+                f"{info.world_size}: load its universal conversion"
+            )
+        err = None
+        try:
+            path, client_state = engine.load_checkpoint(
+                str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")
+            rank_states = [
+                torch.load(
+                    ckpt_dir / tag / f"trainer_state_rank{r}.pt",
+                    map_location="cpu",
+                    weights_only=False,
+                )
+                for r in range(n)
+            ]
+        except Exception as e:
+            if universal:
+                raise
+            err = e
+        why = None if err is None else f"{type(err).__name__}: {one_line(err)}"
+        errors = [e for e in all_gather_objects(why) if e]
+        if not errors:
+            logger.info("resumed from %s", ckpt_dir / tag)
+            return client_state, rank_states, fallbacks
+        _, n_bad = select_checkpoint(
+            ckpt_dir, info, known_bad={tag: f"{ckpt_dir / tag} does not load ({errors[0]})"}
+        )
+        fallbacks += n_bad
 
 
 class StopSignal:

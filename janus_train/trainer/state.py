@@ -1,7 +1,7 @@
 """The train state: everything the loop carries from step to step, saved and loaded as one.
 
 Shared by all ranks (in DeepSpeed's checkpoint files, under ``client_state["janus_train"]``):
-the step, the non-finite-update counters and the wandb run id. Per rank
+the step, the non-finite-update and checkpoint-fallback counters and the wandb run id. Per rank
 (``trainer_state_rank{r}.pt`` beside them): the loader's position and the RNG states. The loop
 reads and writes only a :class:`TrainState`; :func:`save_train_state` / :func:`load_train_state`
 are the one place that knows how it is laid out on disk.
@@ -21,6 +21,7 @@ from janus_train.trainer.checkpoint import (
     read_latest,
     save_checkpoint,
     saved_world_size,
+    select_checkpoint,
     set_rng_state,
 )
 from janus_train.trainer.distributed import DistInfo
@@ -37,6 +38,8 @@ class TrainState:
     """Non-finite updates skipped since the stage began."""
     consecutive_skips: int = 0
     """Non-finite updates in a row (reset by a good one)."""
+    ckpt_fallbacks: int = 0
+    """Damaged checkpoints set aside on resume since the stage began (``ckpt/fallbacks``)."""
     wandb_id: str | None = None
     """The wandb run continued on resume."""
     resumed_from: int | None = None
@@ -54,6 +57,7 @@ class TrainState:
             step=int(d["step"]),
             skipped_steps=int(d["skipped_steps"]),
             consecutive_skips=int(d["consecutive_skips"]),
+            ckpt_fallbacks=int(d.get("ckpt_fallbacks", 0)),
             wandb_id=d.get("wandb_id"),
             resumed_from=int(d["step"]),
         )
@@ -69,13 +73,25 @@ def save_train_state(
     )
 
 
-def prepare_resume(ckpt_dir: str | os.PathLike, info: DistInfo, ds_config: dict) -> bool:
-    """Collective, before the engine exists: when ``latest`` was written by another number of
-    ranks, convert it to a DeepSpeed universal checkpoint and set ``ds_config`` to load that
-    (``checkpoint.load_universal``). Returns whether the resume is universal."""
+@dataclass
+class ResumePlan:
+    """What :func:`prepare_resume` decided before the engine exists."""
+
+    universal: bool = False
+    """Load ``latest``'s universal conversion (the world size changed)."""
+    fallbacks: int = 0
+    """Newer checkpoints that did not verify and were set aside."""
+
+
+def prepare_resume(ckpt_dir: str | os.PathLike, info: DistInfo, ds_config: dict) -> ResumePlan:
+    """Collective, before the engine exists: pick the newest checkpoint that verifies
+    (``select_checkpoint``: damaged newer ones set aside, ``latest`` pointed at it); when it was
+    written by another number of ranks, convert it to a DeepSpeed universal checkpoint and set
+    ``ds_config`` to load that (``checkpoint.load_universal``)."""
+    _, fallbacks = select_checkpoint(ckpt_dir, info)
     saved = saved_world_size(ckpt_dir)
     if saved is None or saved == info.world_size:
-        return False
+        return ResumePlan(False, fallbacks)
     logger.warning(
         "the checkpoint was written by %d ranks, this run has %d: resuming through "
         "a universal checkpoint",
@@ -84,23 +100,27 @@ def prepare_resume(ckpt_dir: str | os.PathLike, info: DistInfo, ds_config: dict)
     )
     convert_to_universal(ckpt_dir, read_latest(ckpt_dir), info)
     ds_config.setdefault("checkpoint", {})["load_universal"] = True
-    return True
+    return ResumePlan(True, fallbacks)
 
 
 def load_train_state(
-    engine, ckpt_dir: str | os.PathLike, loader, info: DistInfo, universal: bool = False
+    engine, ckpt_dir: str | os.PathLike, loader, info: DistInfo, plan: ResumePlan | None = None
 ) -> TrainState:
     """Collective: resume engine, loader and RNG from ``latest``; a fresh state when none.
+    ``plan``: from :func:`prepare_resume`; its fallbacks (and those of a checkpoint that failed
+    to load here) are added to ``ckpt_fallbacks``.
 
     Same world size and loader layout: exact (every rank's own loader position and RNG).
     Otherwise the loader continues from all saving ranks' positions (``load_resharded``: no
     sample twice, what is skipped counted in its ``data/skipped/*/reshard`` counters) and the
     RNGs keep this run's seeds."""
-    resumed = load_latest(engine, ckpt_dir, info, universal)
+    plan = plan or ResumePlan()
+    resumed = load_latest(engine, ckpt_dir, info, plan.universal)
     if resumed is None:
-        return TrainState()
-    client, rank_states = resumed
+        return TrainState(ckpt_fallbacks=plan.fallbacks)
+    client, rank_states, fallbacks = resumed
     state = TrainState.from_client_state(client)
+    state.ckpt_fallbacks += plan.fallbacks + fallbacks
     loader_states = [rs["loader"] for rs in rank_states]
     if len(rank_states) == info.world_size and loader.can_resume_exactly(loader_states[info.rank]):
         loader.load_state_dict(loader_states[info.rank])

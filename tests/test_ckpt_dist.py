@@ -1,0 +1,182 @@
+"""Checkpoint faults on 2 CPU ranks with real DeepSpeed files, ZeRO-2 and ZeRO-3, in one
+torchrun launch (``python tests/test_ckpt_dist.py main <dir>`` is the worker):
+
+* an uninterrupted 4-step reference run checkpointing every step;
+* its checkpoints of steps 1-3 copied and step 3 damaged four ways (a model file truncated, one
+  rank's optimizer file with a byte flipped, a rank's state file missing, the manifest of step
+  2): every rank agrees on falling back to step 2, step 3 is renamed aside;
+* one damaged copy per stage trained to the end: it resumes from step 2 and its losses and
+  exported weights equal the reference's bitwise, ``ckpt/fallbacks`` = 1;
+* ENOSPC injected into rank 1's optimizer file of the step-2 save: both ranks raise the same
+  ``storage full:`` line, ``latest`` stays step 1, the partial directory is gone.
+
+Kills at each moment of the save order are covered in one process (``test_ckpt_faults.py``)
+and the SIGKILL-before-commit chain in ``test_train_dist.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_utils import run_torchrun  # noqa: E402
+
+pytestmark = pytest.mark.dist
+SELF = str(Path(__file__).resolve())
+KINDS = ("model", "optim_rank1", "rank_file", "manifest")
+RESUMED = {2: "model", 3: "optim_rank1"}  # the damaged copy trained to the end, per stage
+
+
+def _run(root, name, zero, steps, extra=()):
+    from janus_train.config import compose, to_run_config
+
+    ov = [
+        "stage=stage2",
+        f"deepspeed=zero{zero}",
+        "train.synthetic_data=true",
+        f"train.run_dir={root}/{name}",
+        f"train.steps={steps}",
+        "train.global_batch_size=4",
+        "train.log_every=1",
+        "train.ckpt_every=1",
+        "train.keep_last=10",
+        "train.tokens_per_micro=0",
+        "train.export_at_end=false",
+        "train.progress_bar=false",
+        "train.synthetic_seq_len=40",
+        *extra,
+    ]
+    return to_run_config(compose(ov))
+
+
+def _damage(d: Path, kind: str) -> None:
+    if kind == "model":
+        p = sorted(d.glob("*model_states.pt"))[0]
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    elif kind == "optim_rank1":
+        (p,) = d.glob("*zero_pp_rank_1_*optim_states.pt")
+        b = bytearray(p.read_bytes())
+        b[len(b) // 2] ^= 0xFF
+        p.write_bytes(bytes(b))
+    elif kind == "rank_file":
+        (d / "trainer_state_rank1.pt").unlink()
+    else:
+        shutil.copy(d.parent / "step_00000002" / "manifest.json", d / "manifest.json")
+
+
+def scenario_main(root):
+    import torch.distributed as dist
+
+    from janus_train import train
+    from janus_train.errors import StorageFull
+    from janus_train.trainer.checkpoint import select_checkpoint
+    from janus_train.trainer.distributed import barrier, setup_distributed
+
+    root = Path(root)
+    real_save = torch.save
+    for zero in (2, 3):
+        assert train.run(_run(root, f"ref_z{zero}", zero, 4, ["train.export_at_end=true"])) == 0
+        info = setup_distributed()
+        src = root / f"ref_z{zero}" / "checkpoints"
+        for kind in KINDS:
+            c = root / f"{kind}_z{zero}" / "checkpoints"
+            if info.is_main:
+                c.mkdir(parents=True)
+                for step in (1, 2, 3):
+                    shutil.copytree(src / f"step_{step:08d}", c / f"step_{step:08d}")
+                (c / "latest").write_text("step_00000003")
+                _damage(c / "step_00000003", kind)
+            barrier()
+            if kind == RESUMED[zero]:  # through the trainer, to the end
+                run = _run(root, f"{kind}_z{zero}", zero, 4, ["train.export_at_end=true"])
+                assert train.run(run) == 0
+                continue
+            tag, n = select_checkpoint(c, info)
+            (root / f"{kind}_z{zero}.rank{info.rank}.json").write_text(
+                json.dumps({"tag": tag, "fallbacks": n})
+            )
+
+        def full(obj, f, *a, **k):
+            if dist.get_rank() == 1 and "step_00000002" in str(f) and "optim" in str(f):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_save(obj, f, *a, **k)
+
+        torch.save = full
+        try:
+            train.run(_run(root, f"enospc_z{zero}", zero, 3))
+            msg = None
+        except StorageFull as e:
+            msg = str(e)
+        finally:
+            torch.save = real_save
+        (root / f"enospc_z{zero}.rank{dist.get_rank()}.json").write_text(json.dumps(msg))
+
+
+def _metrics(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def scen(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt_dist")
+    res = run_torchrun([SELF, "main", str(root)], timeout=400)
+    assert res.returncode == 0, res.output[-6000:]
+    return root
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("kind", KINDS)
+def test_damaged_newest_checkpoint_falls_back_on_every_rank(scen, zero, kind):
+    c = scen / f"{kind}_z{zero}" / "checkpoints"
+    assert (c / "step_00000003.bad").is_dir()
+    if kind == RESUMED[zero]:
+        return  # trained on (step 3 saved again): checked below
+    assert not (c / "step_00000003").exists()
+    assert (c / "latest").read_text() == "step_00000002"
+    for rank in (0, 1):
+        got = json.loads((scen / f"{kind}_z{zero}.rank{rank}.json").read_text())
+        assert got == {"tag": "step_00000002", "fallbacks": 1}
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_resume_past_a_damaged_checkpoint_equals_uninterrupted_run(scen, zero):
+    from safetensors.torch import load_file
+
+    ref_dir, run_dir = scen / f"ref_z{zero}", scen / f"{RESUMED[zero]}_z{zero}"
+    ref = {r["step"]: r["loss"] for r in _metrics(ref_dir / "metrics.jsonl")}
+    rows = _metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [3, 4]  # resumed from step 2
+    assert all(r["ckpt/fallbacks"] == 1 for r in rows)
+    assert {r["step"]: r["loss"] for r in rows} == {3: ref[3], 4: ref[4]}
+    a = load_file(str(ref_dir / "hf" / "model.safetensors"))
+    b = load_file(str(run_dir / "hf" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = run_dir / "checkpoints"
+    assert (c / "latest").read_text() == "step_00000004"
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_enospc_on_one_rank_stops_every_rank_with_previous_latest(scen, zero):
+    c = scen / f"enospc_z{zero}" / "checkpoints"
+    msgs = [json.loads((scen / f"enospc_z{zero}.rank{r}.json").read_text()) for r in (0, 1)]
+    assert msgs[0] == msgs[1] and msgs[0].startswith(
+        f"storage full: could not write checkpoint {c}"
+    )
+    assert "step_00000001 is still the latest" in msgs[0]
+    assert (c / "latest").read_text() == "step_00000001"
+    assert sorted(p.name for p in c.iterdir()) == ["latest", "step_00000001"]
+
+
+if __name__ == "__main__":
+    scenario, root = sys.argv[1], sys.argv[2]
+    if scenario == "main":
+        scenario_main(root)
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")

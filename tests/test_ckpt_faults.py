@@ -1,0 +1,436 @@
+"""Checkpoints against storage faults, in one process with a stand-in engine that writes
+DeepSpeed-named files through ``torch.save``: the manifest (checked against an independent
+CRC-32), verification and fallback for each kind of damage, a load error, the sync/rename
+order, a kill at each moment of that order, a full disk (injected ENOSPC, torch's wrapped
+error, a real 3 MiB tmpfs where mounting is allowed) and ``train.keep_last``. The 2-rank
+ZeRO-2/ZeRO-3 versions run in ``test_ckpt_dist.py``."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from janus_train.errors import (
+    EXIT_STORAGE_FULL,
+    StorageFull,
+    is_storage_full,
+    is_user_error,
+    report_storage_full,
+)
+from janus_train.trainer import checkpoint as ckpt
+from janus_train.trainer.distributed import DistInfo
+
+INFO = DistInfo(rank=0, world_size=1, local_rank=0)
+MODEL = "mp_rank_00_model_states.pt"
+OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+class FakeEngine:
+    """Writes and reads DeepSpeed's file names; ``w`` stands for the weights."""
+
+    def __init__(self, n: int = 1000):
+        self.w = torch.zeros(n)
+        self.fail_load: set[str] = set()
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert not save_latest
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"w": self.w.clone(), "client": client_state}, d / MODEL)
+        torch.save({"exp_avg": self.w * 2}, d / OPTIM)
+
+    def load_checkpoint(self, load_dir, tag, **_):
+        if tag in self.fail_load:
+            raise RuntimeError("PytorchStreamReader failed reading zip archive")
+        d = Path(load_dir) / tag
+        sd = torch.load(d / MODEL, weights_only=False)
+        torch.load(d / OPTIM, weights_only=False)
+        self.w = sd["w"]
+        return str(d), sd["client"]
+
+
+def save(engine, c, step, keep_last=10):
+    engine.w = torch.full_like(engine.w, float(step))
+    return ckpt.save_checkpoint(
+        engine, c, step, {"step": step}, {"rank": 0, "step": step}, INFO, keep_last
+    )
+
+
+@pytest.fixture
+def two(tmp_path):
+    """Checkpoints of steps 4 and 8, ``latest`` = step 8."""
+    c = tmp_path / "checkpoints"
+    e = FakeEngine()
+    save(e, c, 4)
+    save(e, c, 8)
+    return c, e
+
+
+def test_manifest_sizes_and_crc32_match_the_files(two):
+    c, _ = two
+    m = json.loads((c / "step_00000008" / "manifest.json").read_text())
+    names = {MODEL, OPTIM, "trainer_state_rank0.pt"}
+    assert set(m["files"]) == names and m["step"] == 8 and m["world_size"] == 1
+    for name in names:
+        data = (c / "step_00000008" / name).read_bytes()
+        assert m["files"][name] == {"size": len(data), "crc32": zlib.crc32(data)}
+    assert ckpt.verify_checkpoint(c / "step_00000008", INFO) == []
+
+
+def _truncate(d):
+    p = d / MODEL
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    return MODEL
+
+
+def _flip(d):  # same size, one byte changed: only the checksum sees it
+    p = d / OPTIM
+    b = bytearray(p.read_bytes())
+    b[len(b) // 2] ^= 0xFF
+    p.write_bytes(bytes(b))
+    return OPTIM
+
+
+def _remove_rank_file(d):
+    (d / "trainer_state_rank0.pt").unlink()
+    return "trainer_state_rank0.pt"
+
+
+def _manifest_of_other_step(d):
+    (d / "manifest.json").write_text((d.parent / "step_00000004" / "manifest.json").read_text())
+    return "manifest.json"
+
+
+def _no_manifest(d):
+    (d / "manifest.json").unlink()
+    return "manifest.json"
+
+
+def _rank_missing_from_manifest(d):
+    m = json.loads((d / "manifest.json").read_text())
+    del m["files"]["trainer_state_rank0.pt"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    return "trainer_state_rank0.pt"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        _truncate,
+        _flip,
+        _remove_rank_file,
+        _manifest_of_other_step,
+        _no_manifest,
+        _rank_missing_from_manifest,
+    ],
+)
+def test_damaged_newest_falls_back_loudly(two, damage, caplog):
+    c, e = two
+    bad_file = damage(c / "step_00000008")
+    with caplog.at_level(logging.WARNING, logger="janus_train.trainer.checkpoint"):
+        tag, n = ckpt.select_checkpoint(c, INFO)
+    assert (tag, n) == ("step_00000004", 1)
+    assert ckpt.read_latest(c) == "step_00000004"
+    assert not (c / "step_00000008").exists()
+    assert (c / "step_00000008.bad" / "manifest.json").exists() or damage is _no_manifest
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert str(c / "step_00000008" / bad_file) in warning and "step_00000008.bad" in warning
+    client, rank_states, fallbacks = ckpt.load_latest(e, c, INFO)
+    assert client == {"step": 4} and rank_states == [{"rank": 0, "step": 4}] and fallbacks == 0
+    assert torch.equal(e.w, torch.full_like(e.w, 4.0))
+    # the next save and resume go on as usual; pruning never touches the set-aside directory
+    for step in (12, 16, 20):
+        save(e, c, step, keep_last=2)
+    assert sorted(p.name for p in c.iterdir()) == [
+        "latest",
+        "step_00000008.bad",
+        "step_00000016",
+        "step_00000020",
+    ]
+
+
+def test_no_checkpoint_verifies_is_a_one_line_user_error_and_renames_nothing(two):
+    c, _ = two
+    _truncate(c / "step_00000008")
+    _flip(c / "step_00000004")
+    with pytest.raises(ValueError) as exc:
+        ckpt.select_checkpoint(c, INFO)
+    msg = str(exc.value)
+    assert str(c) in msg and "\n" not in msg and "step_00000004" in msg
+    assert is_user_error(exc.value)  # -> one line, exit 2
+    assert sorted(p.name for p in c.iterdir()) == ["latest", "step_00000004", "step_00000008"]
+
+
+def test_checkpoints_from_before_manifests_resume_unverified(two, caplog):
+    c, e = two
+    for d in ("step_00000004", "step_00000008"):
+        (c / d / "manifest.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="janus_train.trainer.checkpoint"):
+        assert ckpt.select_checkpoint(c, INFO) == ("step_00000008", 0)
+    assert "unverified" in caplog.text
+    assert ckpt.load_latest(e, c, INFO)[0] == {"step": 8}
+
+
+def test_latest_naming_a_missing_directory_falls_back(two):
+    c, _ = two
+    import shutil
+
+    shutil.rmtree(c / "step_00000008")
+    assert ckpt.select_checkpoint(c, INFO) == ("step_00000004", 1)
+    assert ckpt.read_latest(c) == "step_00000004"
+
+
+def test_load_error_falls_back_to_the_older_checkpoint(two):
+    c, e = two
+    e.fail_load = {"step_00000008"}
+    assert ckpt.select_checkpoint(c, INFO) == ("step_00000008", 0)  # it verifies
+    client, _, fallbacks = ckpt.load_latest(e, c, INFO)
+    assert client == {"step": 4} and fallbacks == 1
+    assert (c / "step_00000008.bad").is_dir() and ckpt.read_latest(c) == "step_00000004"
+
+
+def test_fresh_directory_has_nothing_to_resume(tmp_path):
+    assert ckpt.select_checkpoint(tmp_path / "none", INFO) == (None, 0)
+    assert ckpt.load_latest(FakeEngine(), tmp_path / "none", INFO) is None
+
+
+def _record_order(monkeypatch) -> list[tuple[str, str]]:
+    """Every fsync, rename and replace, in order, with the path it acted on."""
+    log: list[tuple[str, str]] = []
+    fsync, rename, replace = os.fsync, os.rename, os.replace
+
+    def rec_fsync(fd):
+        log.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def rec_rename(a, b):
+        log.append(("rename", str(b)))
+        return rename(a, b)
+
+    def rec_replace(a, b):
+        log.append(("replace", str(b)))
+        return replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", rec_fsync)
+    monkeypatch.setattr(os, "rename", rec_rename)
+    monkeypatch.setattr(os, "replace", rec_replace)
+    return log
+
+
+def test_every_file_and_directory_synced_before_latest_moves(tmp_path, monkeypatch):
+    c = tmp_path / "checkpoints"
+    e = FakeEngine()
+    save(e, c, 2)
+    log = _record_order(monkeypatch)
+    save(e, c, 4)
+    tmp = str(c / ".tmp-step_00000004" / "step_00000004")
+    i_rename = log.index(("rename", str(c / "step_00000004")))
+    i_latest = log.index(("replace", str(c / "latest")))
+    synced_before = {p for op, p in log[:i_rename] if op == "fsync"}
+    for name in (MODEL, OPTIM, "trainer_state_rank0.pt", "manifest.json"):
+        assert f"{tmp}/{name}" in synced_before, name
+    assert tmp in synced_before  # the directory's entries
+    i_manifest = log.index(("fsync", f"{tmp}/manifest.json"))
+    data = [i for i, (op, p) in enumerate(log) if op == "fsync" and p.endswith(".pt")]
+    assert max(data) < i_manifest  # the manifest is written last
+    # the rename made durable, then `latest` (its own data synced), then the rename of latest
+    between = log[i_rename + 1 : i_latest]
+    assert ("fsync", str(c)) in between and ("fsync", str(c / "latest.tmp")) in between
+    assert between.index(("fsync", str(c))) < between.index(("fsync", str(c / "latest.tmp")))
+    assert ("fsync", str(c)) in log[i_latest + 1 :]
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing of the save's own error handling runs."""
+
+
+@pytest.mark.parametrize(
+    "moment, resumes_at",
+    [
+        ("data_written", 2),  # before any fsync
+        ("manifest", 2),  # manifest written, directory not renamed
+        ("rename", 2),  # renamed into place, `latest` not moved
+        ("latest", 4),  # `latest` moved, before its directory's fsync and the prune
+    ],
+)
+def test_kill_at_each_moment_of_the_save_order(tmp_path, monkeypatch, moment, resumes_at):
+    c = tmp_path / "checkpoints"
+    e = FakeEngine()
+    save(e, c, 2)
+    real = {"write_manifest": ckpt._write_manifest, "rename": os.rename, "replace": os.replace}
+
+    def kill_after(fn, when):
+        def wrapped(*a, **k):
+            out = fn(*a, **k)
+            if when(*a):
+                raise Killed
+            return out
+
+        return wrapped
+
+    if moment == "data_written":
+        monkeypatch.setattr(ckpt, "_sync_and_sum", lambda *a: (_ for _ in ()).throw(Killed()))
+    elif moment == "manifest":
+        monkeypatch.setattr(
+            ckpt, "_write_manifest", kill_after(real["write_manifest"], lambda *a: True)
+        )
+    elif moment == "rename":
+        monkeypatch.setattr(
+            os, "rename", kill_after(real["rename"], lambda a, b: "step_" in str(b))
+        )
+    else:
+        monkeypatch.setattr(
+            os, "replace", kill_after(real["replace"], lambda a, b: str(b).endswith("latest"))
+        )
+    with pytest.raises(Killed):
+        save(e, c, 4)
+    monkeypatch.undo()
+    tag, n = ckpt.select_checkpoint(c, INFO)
+    assert (tag, n) == (ckpt.tag_for(resumes_at), 0)
+    assert not list(c.glob(".tmp-*")) and not list(c.glob("*.bad"))
+    client, _, _ = ckpt.load_latest(e, c, INFO)
+    assert client == {"step": resumes_at}
+    save(e, c, 4)  # the save again, over whatever the kill left
+    assert ckpt.select_checkpoint(c, INFO) == ("step_00000004", 0)
+
+
+def test_free_space_warning(two, monkeypatch, caplog):
+    c, e = two
+    size = ckpt.checkpoint_bytes(c / "step_00000008")
+    assert size == sum(p.stat().st_size for p in (c / "step_00000008").iterdir()) - len(
+        (c / "step_00000008" / "manifest.json").read_bytes()
+    )
+    monkeypatch.setattr(ckpt, "_free_bytes", lambda p: int(size * 1.5))
+    with caplog.at_level(logging.WARNING, logger="janus_train.trainer.checkpoint"):
+        save(e, c, 12)
+    assert any("less than one checkpoint of room" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.setattr(ckpt, "_free_bytes", lambda p: size * 3)
+    with caplog.at_level(logging.WARNING, logger="janus_train.trainer.checkpoint"):
+        save(e, c, 16)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("where", ["engine", "rank_state", "manifest"])
+def test_enospc_keeps_previous_latest_and_says_one_line(two, monkeypatch, tmp_path, where):
+    c, e = two
+    real_save = torch.save
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "engine":  # torch's zip writer wraps the short write
+        monkeypatch.setattr(
+            e,
+            "save_checkpoint",
+            lambda *a, **k: (_ for _ in ()).throw(
+                RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 48 vs 32")
+            ),
+        )
+    elif where == "rank_state":
+        monkeypatch.setattr(
+            torch,
+            "save",
+            lambda obj, f, *a, **k: full() if "trainer_state" in str(f) else real_save(obj, f),
+        )
+    else:
+        monkeypatch.setattr(ckpt, "_write_manifest", full)
+    with pytest.raises(StorageFull) as exc:
+        save(e, c, 12)
+    msg = str(exc.value)
+    assert msg.startswith("storage full: ") and "\n" not in msg
+    assert str(c / "step_00000012") in msg and "step_00000008 is still the latest" in msg
+    assert "needs about" in msg
+    monkeypatch.undo()
+    assert ckpt.read_latest(c) == "step_00000008"
+    assert sorted(p.name for p in c.iterdir()) == ["latest", "step_00000004", "step_00000008"]
+    assert ckpt.select_checkpoint(c, INFO) == ("step_00000008", 0)
+    err_file = tmp_path / "user_error"
+    monkeypatch.setenv("JANUS_USER_ERROR_FILE", str(err_file))
+    assert report_storage_full(exc.value) == EXIT_STORAGE_FULL == 3
+    assert err_file.read_text() == msg + "\n"
+
+
+def test_deepspeed_save_epilogue_hook_exists():
+    """A rank whose save failed runs the epilogue the others run (compat.run_checkpoint_epilogue):
+    the hooks it calls must exist where ZeRO-3 defines its collective one."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    assert callable(getattr(DeepSpeedEngine, "_optimizer_has_ckpt_event_epilogue", None))
+    assert callable(getattr(DeepSpeedZeroOptimizer_Stage3, "checkpoint_event_epilogue", None))
+
+
+def test_storage_full_classification():
+    assert is_storage_full(OSError(errno.ENOSPC, "x"))
+    assert is_storage_full(OSError(errno.EDQUOT, "x"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "x")
+        except OSError as inner:
+            raise RuntimeError("saving failed") from inner
+    except RuntimeError as e:
+        assert is_storage_full(e)
+    assert is_storage_full(
+        RuntimeError("PytorchStreamWriter failed writing file: file write failed")
+    )
+    assert not is_storage_full(OSError(errno.EACCES, "x"))
+    assert not is_storage_full(RuntimeError("PytorchStreamReader failed reading zip archive"))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_real_full_disk_on_a_small_tmpfs(small_tmpfs):
+    c = small_tmpfs / "checkpoints"
+    e = FakeEngine(n=100_000)  # ~0.8 MB a checkpoint: the fourth does not fit in 3 MiB
+    saved = []
+    with pytest.raises(StorageFull) as exc:
+        for step in range(1, 10):
+            save(e, c, step, keep_last=10)
+            saved.append(step)
+    assert len(saved) >= 2
+    assert ckpt.read_latest(c) == ckpt.tag_for(saved[-1])
+    assert not list(c.glob(".tmp-*"))
+    assert ckpt.select_checkpoint(c, INFO) == (ckpt.tag_for(saved[-1]), 0)
+    assert str(exc.value).startswith(f"storage full: could not write checkpoint {c}")
+
+
+def test_keep_last_below_two_refused(tmp_path):
+    from janus_train.config import compose, to_run_config
+    from janus_train.train import prepare
+
+    run = to_run_config(
+        compose(
+            [
+                "train.synthetic_data=true",
+                "train.keep_last=1",
+                f"train.run_dir={tmp_path}/run",
+                "train.dry_run=true",
+            ]
+        )
+    )
+    with pytest.raises(ValueError, match=r"train.keep_last=1: must be >= 2") as exc:
+        prepare(run, INFO)
+    assert is_user_error(exc.value)
