@@ -630,8 +630,8 @@ def main() -> None:
     if _error is None:  # finished or requeued: exit without Python's finalization
         exit_finished(_exit_status)
     if _error is not None:
-        if is_storage_full(_error) and not debug_requested():
-            sys.exit(report_storage_full(_error))
+        if is_storage_full(_error) and not debug_requested():  # status 3 must not become a crash
+            exit_finished(report_storage_full(_error))
         if not is_user_error(_error):
             raise _error
         if debug_requested():
