@@ -434,3 +434,30 @@ def test_keep_last_below_two_refused(tmp_path):
     with pytest.raises(ValueError, match=r"train.keep_last=1: must be >= 2") as exc:
         prepare(run, INFO)
     assert is_user_error(exc.value)
+
+
+def test_janus_train_exits_3_with_the_storage_full_line(monkeypatch, tmp_path, capsys):
+    import sys
+
+    from janus_train import train
+
+    line = "storage full: could not write checkpoint /x/step_00000002 (...)"
+
+    def hydra_main():
+        train._error = StorageFull(line)
+
+    def leave(status):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(train, "_hydra_main", hydra_main)
+    monkeypatch.setattr(train, "exit_finished", leave)
+    monkeypatch.setattr(sys, "argv", ["janus-train"])
+    monkeypatch.setattr(train, "_error", None)
+    monkeypatch.setenv("JANUS_USER_ERROR_FILE", str(tmp_path / "err"))
+    monkeypatch.delenv("JANUS_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        train.main()
+    assert exc.value.code == EXIT_STORAGE_FULL
+    assert capsys.readouterr().err.strip() == line
+    assert (tmp_path / "err").read_text() == line + "\n"
