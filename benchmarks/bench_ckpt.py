@@ -102,7 +102,7 @@ def main() -> None:
             TrainState(step=args.steps + i),
             loader,
             info,
-            keep_last=1,
+            keep_last=2,
         )
         save_times.append(time.perf_counter() - t0)
     ck = root / "checkpoints" / f"step_{args.steps + args.saves - 1:08d}"
