@@ -99,8 +99,8 @@ def exit_finished(status: int) -> NoReturn:
     Python's finalization would destroy the still-referenced process groups (above) in no
     particular order while their C++ threads run; a ``std::thread`` destroyed while joinable
     aborts the process: a rank that had finished died with "terminate called without an
-    active exception" (SIGABRT, about 1 in 20 finished ZeRO-3 bf16 ranks on a loaded CPU
-    machine), which torchrun and Slurm report as a crash. So: destroy the groups, run the
+    active exception" (SIGABRT; 1 of 40 finished ZeRO-3 bf16 ranks on a loaded CPU machine,
+    none of 60 with this exit), which torchrun and Slurm report as a crash. So: destroy the groups, run the
     ``atexit`` handlers, flush the logs and standard streams, and ``os._exit`` without
     finalization (nothing else is left to release: the run's own resources closed in its
     ``RunGuard``)."""
