@@ -326,6 +326,7 @@ def test_requeue_decision_from_exit_code(
             "time limit reached (Reason=TimeLimit",
         ),
         ("JobState=COMPLETING Reason=None Restarts=1 TimeLimit=UNLIMITED", "requeued by Slurm"),
+        ("", "cause unknown (scontrol show job 4242 answered nothing)"),  # no guess
     ],
 )
 def test_sigterm_is_never_requeued_and_the_log_says_why_from_scontrol(

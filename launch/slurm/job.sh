@@ -126,14 +126,16 @@ why_term() {
   # At SIGTERM Slurm shows JobState=COMPLETING whatever the cause; Restarts and Reason tell.
   read_job_info
   local restarts=$(job_field Restarts) reason=$(job_field Reason)
-  if [[ -n $restarts && $restarts -gt $RESTART ]]; then
+  if [[ -z $restarts ]]; then
+    echo "cause unknown (scontrol show job $SLURM_JOB_ID answered nothing); not requeued here"
+  elif [[ $restarts -gt $RESTART ]]; then
     echo "requeued by Slurm (preemption with PreemptMode=REQUEUE, or scontrol requeue:" \
          "Restarts=$restarts); it restarts the job, which resumes from the last checkpoint"
   elif [[ $reason == TimeLimit ]]; then
     echo "time limit reached (Reason=TimeLimit, RunTime=$(job_field RunTime)): no checkpoint" \
          "signal came in time (sbatch --signal=B:USR1@<secs>); resubmit to resume"
   else
-    echo "cancelled (scancel or an administrator; Restarts=${restarts:-?}, Reason=${reason:-?}):" \
+    echo "cancelled (scancel or an administrator; Restarts=$restarts, Reason=${reason:-?}):" \
          "not requeued; resubmit to resume from the last checkpoint"
   fi
 }
