@@ -147,9 +147,12 @@ PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DRY_RUN"))}
     env["SLURM_CONF"] = str(conf)
-    munge = subprocess.run(
+    # every daemon in the foreground, a child of this process (in its process group): none
+    # outlives a test run that is killed
+    munged = subprocess.Popen(
         [
             shutil.which("munged"),
+            "--foreground",
             "--force",
             f"--socket={sock}",
             f"--key-file={key}",
@@ -157,12 +160,16 @@ PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2
             f"--log-file={d}/munge/log",
             f"--seed-file={d}/munge/seed",
         ],
-        capture_output=True,
-        text=True,
+        stdout=subprocess.DEVNULL,
+        stderr=open(d / "log/munged.err", "w"),
     )
-    if munge.returncode != 0:
-        pytest.skip(f"real Slurm: munged did not start: {munge.stderr.strip()[:200]}")
-    daemons = [
+    deadline = time.time() + 10
+    while not sock.exists():
+        if munged.poll() is not None or time.time() > deadline:
+            err = (d / "log/munged.err").read_text().strip()[:200]
+            pytest.skip(f"real Slurm: munged did not start: {err}")
+        time.sleep(0.05)
+    daemons = [munged] + [
         subprocess.Popen(
             [shutil.which(name), "-D", "-f", str(conf), *extra],
             env=env,
@@ -183,6 +190,7 @@ PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2
     finally:
         # jobs first (their processes belong to slurmstepd, not to the daemons), then daemons
         cluster.run("scancel", "--full", "--signal=KILL", "--user=root", check=False)
+        cluster.run("scancel", "--user=root", check=False)  # the pending ones
         deadline = time.time() + 20
         while cluster.run("squeue", "-h", check=False).strip() and time.time() < deadline:
             time.sleep(0.2)
@@ -192,15 +200,16 @@ PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        pid = (d / "munge/pid").read_text().strip() if (d / "munge/pid").exists() else ""
-        if pid:
-            os.kill(int(pid), signal.SIGTERM)
 
 
 # ---- scenarios (each in a thread; the tests below wait for them) --------------------------------
 
 
 def _job_env(cluster: Cluster, tmp: Path, **extra: str) -> dict[str, str]:
+    try:  # the rendezvous host is the node's name (job.sh): where it does not resolve, loopback
+        socket.gethostbyname(cluster.host)
+    except OSError:
+        extra.setdefault("RDZV_HOST", "127.0.0.1")
     return dict(
         cluster.env,
         EXPERIMENT="tiny",
