@@ -308,7 +308,10 @@ def build_tiny(tokenizer_dir: str | Path, overrides: list[str] | None = None):
 
 
 def prepare_init(data_dir: str | Path, out_dir: str | Path, cfg: VQFitConfig) -> dict:
-    """Tokenizer on ``corpus.txt`` -> tiny model -> fitted VQ -> ``save_pretrained(out_dir)``."""
+    """Tokenizer on ``corpus.txt`` -> tiny model -> fitted VQ -> ``save_pretrained(out_dir)``.
+
+    The tiny model's random weights are drawn after ``torch.manual_seed(cfg.seed)``, so the
+    init dir depends on ``cfg`` alone, not on what the calling process drew before."""
     from janus_train.model import train_tiny_tokenizer
 
     out = Path(out_dir)
@@ -316,6 +319,7 @@ def prepare_init(data_dir: str | Path, out_dir: str | Path, cfg: VQFitConfig) ->
     corpus = (Path(data_dir) / "corpus.txt").read_text().splitlines()
     size = json.loads((Path(data_dir) / "world.json").read_text())["config"]["image_size"]
     train_tiny_tokenizer(tok_dir, corpus=corpus, image_size=size, num_image_tokens=(size // 8) ** 2)
+    torch.manual_seed(cfg.seed)
     model, processor = build_tiny(tok_dir)
     vq = model.model.vqmodel
     x = images_to_tensor(load_images(data_dir), size)
@@ -349,7 +353,6 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(ap.parse_args(argv))
     data, out = args.pop("data"), args.pop("out")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.manual_seed(args["seed"])
     res = prepare_init(data, out, VQFitConfig(**args))
     print(json.dumps({k: v for k, v in res.items() if k != "fit"}))
 
