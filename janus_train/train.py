@@ -283,7 +283,11 @@ def build_engine(
     if info.is_main:  # a locally trained tokenizer is written once, then read by every rank
         get_processor(cfg.model, run_dir)
     barrier()
-    janus, processor = build_model(cfg.model, workdir=run_dir)
+    # model.init_from is read in the training dtype: no rank holds an fp32 copy of a bf16 run
+    bf16 = ds_config.get("bf16", {}).get("enabled", False)
+    janus, processor = build_model(
+        cfg.model, workdir=run_dir, dtype=torch.bfloat16 if bf16 else torch.float32
+    )
     # The trained prompt format as the processor's chat template (evaluation, the export),
     # saved at once in run_dir/processor.
     replaced = set_chat_template(processor, run_prompt_format(cfg))

@@ -191,10 +191,19 @@ def set_checkpoint_every(model, k: int) -> None:
         layer.gradient_checkpointing = i % k == 0
 
 
-def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
+def build_model(
+    cfg: ModelConfig,
+    workdir: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+):
     """Build ``(JanusForConditionalGeneration, processor)``.
 
-    Random init uses ``cfg.seed`` so every rank builds identical weights.
+    Random init uses ``cfg.seed`` so every rank builds identical weights. ``dtype``: the dtype
+    ``model.init_from`` is read in, the training dtype (``torch.bfloat16`` for a bf16 run, whose
+    engine would cast every parameter to bf16 anyway): HF's loader builds the model on the meta
+    device and fills it tensor by tensor from the memory-mapped safetensors files, casting each
+    on the way, so no fp32 copy of the weights is ever held (DeepSpeed keeps its fp32 master
+    copy in the optimizer, partitioned under ZeRO). A random init is built in fp32 as before.
     """
     from transformers import JanusForConditionalGeneration
 
@@ -211,7 +220,7 @@ def build_model(cfg: ModelConfig, workdir: str | os.PathLike | None = None):
         model = JanusForConditionalGeneration.from_pretrained(
             cfg.init_from,
             local_files_only=True,
-            dtype=torch.float32,
+            dtype=dtype,
             attn_implementation=build_attn_implementation(attn),
         )
         if model.config.image_token_id != st.image:
