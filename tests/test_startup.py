@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from janus_train import train
 from janus_train.model import build_model
@@ -52,6 +53,12 @@ def test_bf16_checkpoint_read_in_bf16_holds_no_fp32_copy(tiny_workdir, tmp_path)
     assert peak < 0.25 * fp32_mb, (peak, fp32_mb)  # memory-mapped: not even a bf16 copy
     for k, p in params.items():
         assert torch.equal(p, ref[k]), k
+    # in place on file-backed weights (the optimizer, a re-init): private pages, file untouched
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1)
+    on_disk = load_file(next(ckpt.glob("*.safetensors")))
+    assert on_disk and all(torch.equal(on_disk[k], ref[k]) for k in on_disk)
     del params
     # the measure sees an fp32 read (the trainer's behaviour before issue 22)
     peak, params = _peak_load_mb(cfg, tmp_path, torch.float32)
