@@ -64,8 +64,8 @@ MUTATIONS = [
         "liger_rms_norm_swiglu_off",
         "janus_train/model/kernels.py",
         (
-            ("        rms_norm=True,", "        rms_norm=False,"),
-            ("        swiglu=True,", "        swiglu=False,"),
+            ("    rms_norm=True,", "    rms_norm=False,"),
+            ("    swiglu=True,", "    swiglu=False,"),
         ),
         ("tests/test_kernels.py",),
         "model.kernels=liger no longer patches RMSNorm and SwiGLU",
