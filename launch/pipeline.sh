@@ -90,6 +90,16 @@ plan_value() {  # plan_value <stage|-> <key>: a value from the sbatch file's "#P
     if [[ $line =~ $re ]]; then echo "${BASH_REMATCH[2]}"; return; fi
   done <"$script"
 }
+plan_overrides() {  # plan_overrides <stage> <preset>: the #PLAN line's overrides after its preset,
+  # when the stage runs that preset (the sbatch file applies them then, so the check must too)
+  local line re="^#PLAN $1( .*)? deepspeed=([^ ]+)(.*)$"
+  while read -r line; do
+    if [[ $line =~ $re ]]; then
+      if [[ ${BASH_REMATCH[2]} == "$2" ]]; then echo "${BASH_REMATCH[3]# }"; fi
+      return
+    fi
+  done <"$script"
+}
 if [[ $LAUNCHER == slurm ]]; then
   gpn=${GPUS_PER_NODE:-8}
   default_nodes=$(sed -n 's/^#SBATCH --nodes=\([0-9]*\).*/\1/p' "$script")
@@ -127,15 +137,19 @@ for stage in $STAGES; do
   ds_var=DEEPSPEED_$upper nodes_var=NODES_$upper args_var=${upper}_ARGS
   ds=${!ds_var:-${DEEPSPEED:-}}
   nodes=$default_nodes
+  stage_check_args=${!args_var:-}
   if [[ $LAUNCHER == slurm ]]; then
     ds=${ds:-$(plan_value "$stage" deepspeed)}
     nodes=${!nodes_var:-$(plan_value "$stage" nodes)}
     nodes=${nodes:-$default_nodes}
+    # the job runs the plan's checkpointing/token budget/reduction before the stage's own args
+    extra=$(plan_overrides "$stage" "$ds")
+    stage_check_args="$extra${extra:+${stage_check_args:+ }}$stage_check_args"
   fi
   plan_stages+=("$stage") plan_inits+=("$init_from") plan_ds+=("$ds") plan_nodes+=("$nodes")
   if [[ $LAUNCHER == slurm || ! -f $export_dir/config.json ]]; then  # a done stage never reruns
     check_args+=(--stage "$stage" "$nodes" "${ds:--}" "${init_from:--}" "$export_dir"
-                 "${!args_var:-}")
+                 "$stage_check_args")
   fi
   prev_export=$export_dir
 done

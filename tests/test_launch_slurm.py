@@ -661,3 +661,38 @@ def test_torchrun_rendezvous_join_timeout_is_the_trainers_init_timeout():
     from janus_train.trainer.config import TrainConfig
 
     assert TrainConfig().init_timeout_s == 1800  # the script's default is the field's
+
+
+def test_pipeline_checks_each_stage_with_its_plan_line(stubs, tmp_path):
+    """The check runs what the job runs: the #PLAN line's overrides after its preset
+    (checkpointing, token budget, reduction) join the stage's check. Janus-Pro-7B on the
+    A100-40GB file fits only with those (stage 1 with the model's default checkpointing needs
+    more than the 40 GB GPU has); with another preset they are not applied, as in the job."""
+    env = dict(
+        stubs,
+        LAUNCHER="slurm",
+        EXPERIMENT="janus_pro_7b",
+        SBATCH_SCRIPT=str(REPO / "launch/slurm/janus_pro_7b_a100_40gb.sbatch"),
+        RUN_ROOT=str(tmp_path / "r"),
+        CHECK_DATA="0",
+        PYTHON=sys.executable,
+    )
+
+    def pipeline(**extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(REPO / "launch/pipeline.sh")],
+            env=dict(env, **extra),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    res = pipeline()
+    assert res.returncode == 0, res.stderr + res.stdout
+    calls = (tmp_path / "stublog/sbatch.jsonl").read_text().splitlines()
+    assert len(calls) == 3
+    # the stage's own args come after the plan's, as in the job: without checkpointing it does
+    # not fit, so the plan's overrides are what made it pass (not a check that accepts anything)
+    res = pipeline(STAGES="stage1", STAGE1_ARGS="model.gradient_checkpointing=false")
+    assert res.returncode != 0 and "stage1 cannot run" in res.stdout + res.stderr, res.stdout
