@@ -30,6 +30,8 @@ get/set_attn_implementation    ``PretrainedConfig._attn_implementation`` on a co
 mark_generation_config_own     ``GenerationConfig._from_model_config``
 without_duck_shapes            ``torch.fx.experimental._config.use_duck_shape``
 wrap_compiled_call             ``nn.Module._compiled_call_impl`` set by ``Module.compile``
+run_atexit_handlers            ``atexit._run_exitfuncs`` (a rank leaving by ``os._exit``
+                               runs the handlers that finalization would have run)
 =============================  ==========================================================
 """
 
@@ -81,6 +83,22 @@ def _require(ok: bool, what: str, dist: str) -> None:
             f"{what} is missing in {dist} {have} (janus_train.compat was checked against "
             f"{dist} {want}): adapt janus_train/compat.py"
         )
+
+
+# --------------------------------------------------------------------------- Python
+
+
+def run_atexit_handlers() -> None:
+    """Run (and clear) the registered ``atexit`` handlers now: ``os._exit`` skips them, and
+    ``trainer.distributed.exit_finished`` leaves by it to avoid finalization's aborts."""
+    import atexit
+
+    run = getattr(atexit, "_run_exitfuncs", None)
+    if run is None:
+        raise UpstreamChanged(
+            "atexit._run_exitfuncs is missing in this Python: adapt janus_train/compat.py"
+        )
+    run()
 
 
 # --------------------------------------------------------------------------- torch.distributed

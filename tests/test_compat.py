@@ -324,3 +324,21 @@ def test_module_calls_go_through_the_compiled_call():
     assert lin(torch.zeros(2)) == "wrapped" and len(seen) == 1
     with pytest.raises(compat.UpstreamChanged, match="_compiled_call_impl"):
         compat.wrap_compiled_call(torch.nn.Linear(2, 2), lambda fn: fn)
+
+
+def test_atexit_handlers_run_once_through_the_shim(tmp_path):
+    """In a child process: a registered handler runs when the shim is called, and not again at
+    the interpreter's exit (the private function also clears the registry)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit\n"
+        "from janus_train import compat\n"
+        "atexit.register(print, 'handler')\n"
+        "compat.run_atexit_handlers()\n"
+        "print('after')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["handler", "after"]

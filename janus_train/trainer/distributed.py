@@ -104,12 +104,11 @@ def exit_finished(status: int) -> NoReturn:
     ``atexit`` handlers, flush the logs and standard streams, and ``os._exit`` without
     finalization (nothing else is left to release: the run's own resources closed in its
     ``RunGuard``)."""
-    import atexit
     import sys
 
     try:
         shutdown_distributed()
-        atexit._run_exitfuncs()
+        compat.run_atexit_handlers()
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             try:
