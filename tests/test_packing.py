@@ -568,8 +568,11 @@ def _token_loaders(proc, run, world, budget, states=None):
         )
         for r in range(world)
     ]
-    for L, sd in zip(loaders, states or []):
-        L.load_state_dict(sd)
+    if states:  # a collective (the ranks agree whether the recipe changed): ranks concurrently
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(world) as ex:
+            list(ex.map(lambda pair: pair[0].load_state_dict(pair[1]), zip(loaders, states)))
     return loaders
 
 
