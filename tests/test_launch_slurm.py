@@ -688,10 +688,9 @@ def test_pipeline_checks_each_stage_with_its_plan_line(stubs, tmp_path):
             timeout=120,
         )
 
-    res = pipeline()
+    res = pipeline(STAGES="stage1")
     assert res.returncode == 0, res.stderr + res.stdout
-    calls = (tmp_path / "stublog/sbatch.jsonl").read_text().splitlines()
-    assert len(calls) == 3
+    assert len((tmp_path / "stublog/sbatch.jsonl").read_text().splitlines()) == 1
     # the stage's own args come after the plan's, as in the job: without checkpointing it does
     # not fit, so the plan's overrides are what made it pass (not a check that accepts anything)
     res = pipeline(STAGES="stage1", STAGE1_ARGS="model.gradient_checkpointing=false")

@@ -314,4 +314,5 @@ def test_planner_counts_adapters_and_7b_fits_one_80gb_gpu(capsys):
         "gpu=a100-80gb",
     ]
     assert cli.main(argv) == 0
-    assert "recommended: deepspeed=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "recommended: nodes=1 deepspeed=" in out, out
