@@ -167,3 +167,52 @@ def concat_batches(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
         if imgs:
             out[k] = torch.cat(imgs)
     return out
+
+
+class ThreadExchange:
+    """All-gather of Python objects among ``n`` ranks running as threads (the loaders'
+    ``exchange``); a rank that never arrives raises ``BrokenBarrierError`` after 60 s instead of
+    hanging the suite."""
+
+    def __init__(self, n: int):
+        import threading
+
+        self.slots = [None] * n
+        self.barrier = threading.Barrier(n, timeout=60)
+
+    def for_rank(self, r: int):
+        def exchange(obj):
+            self.slots[r] = obj
+            self.barrier.wait()
+            out = list(self.slots)
+            self.barrier.wait()
+            return out
+
+        return exchange
+
+
+def thread_token_loaders(run, proc, world: int, tokens_per_micro: int, states=None):
+    """``world`` token-budget loaders, one per rank, sharing a :class:`ThreadExchange`; ``states``
+    (one per rank) restored concurrently, since ``load_state_dict`` is a collective."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from janus_train.data.loader import build_train_loader
+
+    ex = ThreadExchange(world)
+    loaders = [
+        build_train_loader(
+            run,
+            proc,
+            rank=r,
+            world_size=world,
+            micro_batch_size=1,
+            grad_accum=1,
+            tokens_per_micro=tokens_per_micro,
+            exchange=ex.for_rank(r),
+        )
+        for r in range(world)
+    ]
+    if states:
+        with ThreadPoolExecutor(world) as pool:
+            list(pool.map(lambda pair: pair[0].load_state_dict(pair[1]), zip(loaders, states)))
+    return loaders

@@ -21,6 +21,7 @@ from janus_train.data.packing import (
 )
 from janus_train.model import JanusTrainModel, resolve_special_tokens
 from janus_train.model import forward as fwd
+from tests.helpers import thread_token_loaders
 
 IGN = -100
 
@@ -520,26 +521,6 @@ def test_flex_attention_refused_at_start_on_cpu(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # the token-budget WebDataset loader: 2 ranks in threads exchanging queue lengths
 # ---------------------------------------------------------------------------------------------
-class _ThreadExchange:
-    """all_gather of python objects between ranks running as threads."""
-
-    def __init__(self, world):
-        import threading
-
-        self.slots = [None] * world
-        self.barrier = threading.Barrier(world)
-
-    def for_rank(self, rank):
-        def exchange(obj):
-            self.slots[rank] = obj
-            self.barrier.wait()
-            out = list(self.slots)
-            self.barrier.wait()
-            return out
-
-        return exchange
-
-
 def _run_ranks(loaders, steps):
     """next_step() of every loader ``steps`` times, ranks concurrently: [step][rank] batches."""
     from concurrent.futures import ThreadPoolExecutor
@@ -549,31 +530,6 @@ def _run_ranks(loaders, steps):
         for _ in range(steps):
             out.append(list(ex.map(lambda L: (L.next_step(), list(L.last_keys)), loaders)))
     return out
-
-
-def _token_loaders(proc, run, world, budget, states=None):
-    from janus_train.data.loader import build_train_loader
-
-    ex = _ThreadExchange(world)
-    loaders = [
-        build_train_loader(
-            run,
-            proc,
-            rank=r,
-            world_size=world,
-            micro_batch_size=1,
-            grad_accum=1,
-            tokens_per_micro=budget,
-            exchange=ex.for_rank(r),
-        )
-        for r in range(world)
-    ]
-    if states:  # a collective (the ranks agree whether the recipe changed): ranks concurrently
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(world) as ex:
-            list(ex.map(lambda pair: pair[0].load_state_dict(pair[1]), zip(loaders, states)))
-    return loaders
 
 
 @pytest.fixture(scope="module")
@@ -598,7 +554,7 @@ def test_token_loader_exact_ratio_balanced_equal_micro_steps_and_exact_resume(
     run.data.num_workers, run.data.seq_len = 0, 128
     budget, world, steps = 160, 4, 6
     counts = task_counts({"und": 2, "text": 3, "gen": 5}, 10)
-    loaders = _token_loaders(tok_proc, run, world, budget)
+    loaders = thread_token_loaders(run, tok_proc, world, budget)
     got = _run_ranks(loaders[:], 2)
     states = [L.state_dict() for L in loaders]
     got += _run_ranks(loaders, steps - 2)
@@ -623,7 +579,7 @@ def test_token_loader_exact_ratio_balanced_equal_micro_steps_and_exact_resume(
         assert imbalance(tokens) < 0.25
     assert len(seen) == len(set(seen)) == steps * 10  # G samples a step, none twice
     # exact resume from the state after step 2
-    resumed = _run_ranks(_token_loaders(tok_proc, run, world, budget, states), steps - 2)
+    resumed = _run_ranks(thread_token_loaders(run, tok_proc, world, budget, states), steps - 2)
     for a, b in zip(got[2:], resumed):
         for (ma, ka), (mb_, kb) in zip(a, b):
             assert ka == kb

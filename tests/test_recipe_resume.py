@@ -12,11 +12,10 @@ from collections import Counter
 
 import pytest
 
-from janus_train.data.loader import build_train_loader
 from janus_train.data.mixing import task_counts
 from janus_train.data.synthetic import caption_records, text_records, write_tar
 from janus_train.model.tokenizer import train_tiny_tokenizer
-from tests.helpers import make_run, recipe_file
+from tests.helpers import make_run, recipe_file, thread_token_loaders
 
 G, SEQ, BEFORE, AFTER = 8, 128, 3, 5
 TASK_KEY = {"understanding": "und", "generation": "gen", "text": "text"}
@@ -40,24 +39,6 @@ def _source(root, name, task, records, weight=1):
     }
 
 
-class ThreadExchange:
-    """All-gather among ``n`` threads."""
-
-    def __init__(self, n: int):
-        self.slots = [None] * n
-        self.barrier = threading.Barrier(n, timeout=60)
-
-    def for_rank(self, r: int):
-        def exchange(obj):
-            self.slots[r] = obj
-            self.barrier.wait()
-            out = list(self.slots)
-            self.barrier.wait()
-            return out
-
-        return exchange
-
-
 def _each_rank(fns):
     """Run ``fns[r]()`` for every rank at once (threads); their results in rank order."""
     out, errors = [None] * len(fns), []
@@ -79,20 +60,7 @@ def _each_rank(fns):
 
 
 def _loaders(run, proc, world):
-    ex = ThreadExchange(world)
-    return [
-        build_train_loader(
-            run,
-            proc,
-            rank=r,
-            world_size=world,
-            micro_batch_size=1,
-            grad_accum=1,
-            tokens_per_micro=SEQ,
-            exchange=ex.for_rank(r),
-        )
-        for r in range(world)
-    ]
+    return thread_token_loaders(run, proc, world, SEQ)
 
 
 def _steps(loaders, n):
