@@ -524,8 +524,9 @@ def liger_interpreted():
     import sys
     from pathlib import Path
 
-    if importlib.util.find_spec("liger_kernel") is None:  # not imported here: see above
-        pytest.skip("liger-kernel not installed (dev extra)")
+    missing = [m for m in ("liger_kernel", "triton") if importlib.util.find_spec(m) is None]
+    if missing:  # not imported here: see above
+        pytest.skip(f"{' and '.join(missing)} not installed (dev extra; triton: Linux x86_64)")
     repo = Path(__file__).resolve().parent.parent
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1", PYTHONPATH=str(repo))
     res = subprocess.run(

@@ -167,7 +167,8 @@ PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2
     while not sock.exists():
         if munged.poll() is not None or time.time() > deadline:
             err = (d / "log/munged.err").read_text().strip()[:200]
-            pytest.skip(f"real Slurm: munged did not start: {err}")
+            # installed and root (checked above): a munged that cannot start is a failure
+            pytest.fail(f"real Slurm: munged did not start: {err}")
         time.sleep(0.05)
     daemons = [munged] + [
         subprocess.Popen(
