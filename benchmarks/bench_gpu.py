@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from janus_train import compat
+
 
 def _cuda() -> bool:
     return torch.cuda.is_available()
@@ -131,17 +133,6 @@ class StepProbe:
         }
 
 
-def _dynamo_counts() -> dict:
-    """Compilations and graph breaks of the run (``model.compile``; zeros without it)."""
-    from torch._dynamo.utils import counters
-
-    return {
-        "dynamo_frames": counters["frames"]["total"],
-        "dynamo_unique_graphs": counters["stats"]["unique_graphs"],
-        "graph_breaks": sum(counters["graph_break"].values()),
-    }
-
-
 def _checkpointing(spec: str) -> list[str]:
     """``none`` | ``full`` | k (every k-th decoder layer)."""
     if spec == "none":
@@ -215,7 +206,7 @@ def trainer_part(args, run_dir: Path) -> dict:
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if _cuda() else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if _cuda() else None,
         **probe.record(),
-        **_dynamo_counts(),
+        **compat.dynamo_counters(),  # model.compile's (zeros without it)
         "profile": str(run_dir / "profile.txt") if probe.table is not None else None,
         "wall_s": wall,
         "overrides": ov,
@@ -235,7 +226,7 @@ def reference_part(args, workdir: Path) -> dict:
     )
     tok = get_processor(run.model, workdir).tokenizer
     tcfg = build_janus_config(run.model, tok).text_config
-    tcfg._attn_implementation = _ref_attn(_attn(args.attn))
+    compat.set_attn_implementation(tcfg, _ref_attn(_attn(args.attn)))
     dev = torch.device("cuda" if _cuda() else "cpu")
     torch.manual_seed(0)
     model = LlamaForCausalLM(tcfg).to(dev)
@@ -277,7 +268,7 @@ def reference_part(args, workdir: Path) -> dict:
     step_flops = flops_per_row * rows * args.ref_accum
     return {
         "part": "reference_llm_alone",
-        "attn": tcfg._attn_implementation,
+        "attn": compat.get_attn_implementation(tcfg),
         "rows_per_micro": rows,
         "seq_len": T,
         "accum": args.ref_accum,

@@ -23,14 +23,20 @@ import weakref
 from functools import partial
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from janus_train import compat
 from janus_train.model.loss import HeadLoss
 
 
-class PeakLiveBytes(TorchDispatchMode):
+def _tensors(out) -> list:
+    """The tensors of an aten op's result (a tensor, or tuples / lists of them)."""
+    if isinstance(out, list | tuple):
+        return [t for o in out for t in _tensors(o)]
+    return [out] if isinstance(out, torch.Tensor) else []
+
+
+class PeakLiveBytes(compat.torch_dispatch_mode()):
     """Peak bytes of storages created under the mode and still alive."""
 
     def __init__(self, preexisting) -> None:
@@ -46,14 +52,13 @@ class PeakLiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                if st not in self.seen:
-                    n = st.nbytes()
-                    self.seen[st] = weakref.ref(st, partial(self._freed, n))
-                    self.live += n
-                    self.peak = max(self.peak, self.live)
+        for t in _tensors(out):
+            st = t.untyped_storage()
+            if st not in self.seen:
+                n = st.nbytes()
+                self.seen[st] = weakref.ref(st, partial(self._freed, n))
+                self.live += n
+                self.peak = max(self.peak, self.live)
         return out
 
 

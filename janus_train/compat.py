@@ -1,7 +1,7 @@
 """Every private torch / DeepSpeed / transformers API and patch this package relies on, in one
 place, each behind a guard that names the upstream version when the API is gone.
 
-Nothing else in ``janus_train`` or ``janus_demo`` touches a private name of another package
+Nothing else in ``janus_train``, ``janus_demo`` or ``benchmarks/`` touches a private name of another package
 (``tests/test_compat.py`` scans for it), and that test also asserts each private API below still
 exists with the shape used here, so an upgrade that changes one fails a test instead of changing
 behaviour silently. The upstream modules are imported inside the functions: importing this
@@ -30,6 +30,10 @@ get/set_attn_implementation    ``PretrainedConfig._attn_implementation`` on a co
 mark_generation_config_own     ``GenerationConfig._from_model_config``
 without_duck_shapes            ``torch.fx.experimental._config.use_duck_shape``
 wrap_compiled_call             ``nn.Module._compiled_call_impl`` set by ``Module.compile``
+dynamo_counters                ``torch._dynamo.utils.counters`` (frames, graphs, breaks:
+                               no public counter of compilations)
+torch_dispatch_mode            ``torch.utils._python_dispatch.TorchDispatchMode`` (the
+                               documented base of dispatch modes, in a private module)
 run_atexit_handlers            ``atexit._run_exitfuncs`` (a rank leaving by ``os._exit``
                                runs the handlers that finalization would have run)
 =============================  ==========================================================
@@ -249,3 +253,25 @@ def wrap_compiled_call(module, wrap: Callable[[Callable], Callable]) -> None:
         "torch",
     )
     module._compiled_call_impl = wrap(module._compiled_call_impl)
+
+
+def dynamo_counters() -> dict[str, int]:
+    """Dynamo's process-wide counts so far: frames compiled, unique graphs, graph breaks."""
+    from torch._dynamo import utils as dynamo_utils
+
+    counters = getattr(dynamo_utils, "counters", None)
+    _require(counters is not None, "torch._dynamo.utils.counters", "torch")
+    return {
+        "dynamo_frames": counters["frames"]["total"],
+        "dynamo_unique_graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
+
+
+def torch_dispatch_mode() -> type:
+    """The base class of a ``__torch_dispatch__`` mode (sees every aten op run under it)."""
+    from torch.utils import _python_dispatch
+
+    mode = getattr(_python_dispatch, "TorchDispatchMode", None)
+    _require(mode is not None, "torch.utils._python_dispatch.TorchDispatchMode", "torch")
+    return mode

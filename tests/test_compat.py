@@ -25,9 +25,18 @@ PUBLIC_DUNDERS = {
     n
     for t in (object, type, types.FunctionType, types.ModuleType, types.CodeType, BaseException)
     for n in dir(t)
-} | {"__wrapped__", "__file__", "__path__", "__all__", "__version__", "__dataclass_fields__"}
+} | {
+    "__wrapped__",
+    "__file__",
+    "__path__",
+    "__all__",
+    "__version__",
+    "__dataclass_fields__",
+    "__enter__",
+    "__exit__",
+}
 """Python's own dunders (the data model of objects, classes, functions, modules, exceptions;
-``functools.wraps``, module metadata, dataclasses); any other (``__compatible_ops__``) is a
+``functools.wraps``, module metadata, dataclasses, the context-manager protocol); any other (``__compatible_ops__``) is a
 library's private table."""
 SHIMMED_NAMES = {"ds_to_universal"}
 """Public names used as a private API (a command line's ``main`` driven as a function)."""
@@ -109,13 +118,18 @@ def private_uses(files: list[Path], root: Path = ROOT) -> list[str]:
     return out
 
 
+SCANNED = ("janus_train", "janus_demo", "benchmarks")
+"""The library, the demo application and the benchmarks: none touches a private API itself."""
+
+
 def _package_files() -> list[Path]:
-    return sorted(f for pkg in ("janus_train", "janus_demo") for f in (ROOT / pkg).rglob("*.py"))
+    return sorted(f for pkg in SCANNED for f in (ROOT / pkg).rglob("*.py"))
 
 
 def test_no_private_api_outside_compat():
     files = _package_files()
-    assert any(f.relative_to(ROOT).as_posix() == COMPAT for f in files)
+    rels = {f.relative_to(ROOT).as_posix() for f in files}
+    assert COMPAT in rels and "benchmarks/bench_loss.py" in rels and "janus_demo/report.py" in rels
     assert private_uses(files) == []
 
 
@@ -324,6 +338,34 @@ def test_module_calls_go_through_the_compiled_call():
     assert lin(torch.zeros(2)) == "wrapped" and len(seen) == 1
     with pytest.raises(compat.UpstreamChanged, match="_compiled_call_impl"):
         compat.wrap_compiled_call(torch.nn.Linear(2, 2), lambda fn: fn)
+
+
+def test_dynamo_counters_count_a_compilation_and_a_break():
+    def f(x):
+        y = x + 1
+        print(end="")  # a graph break
+        return y * 2
+
+    before = compat.dynamo_counters()
+    assert torch.compile(f, backend="eager")(torch.ones(2)).tolist() == [4.0, 4.0]
+    after = compat.dynamo_counters()
+    assert after["dynamo_frames"] > before["dynamo_frames"]
+    assert after["dynamo_unique_graphs"] >= before["dynamo_unique_graphs"] + 2
+    assert after["graph_breaks"] > before["graph_breaks"]
+
+
+def test_torch_dispatch_mode_sees_aten_ops():
+    seen = []
+
+    class Record(compat.torch_dispatch_mode()):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.ones(2)
+    with Record():
+        y = x.mul(3)
+    assert y.tolist() == [3.0, 3.0] and seen == ["aten.mul.Tensor"]
 
 
 def test_atexit_handlers_run_once_through_the_shim(tmp_path):
