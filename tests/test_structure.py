@@ -499,3 +499,47 @@ def test_the_dependency_check_sees_undeclared_imports(tmp_path, src):
     f = tmp_path / "m.py"
     f.write_text(f"def f():\n    {src}\n")
     assert _undeclared([f], tmp_path)
+
+
+# --------------------------------------------------------------------------- function length
+
+MAX_FUNCTION_LINES = 80
+LONG_FUNCTIONS = {
+    "janus_train/train.py:run": 87,
+    "janus_train/trainer/checkpoint.py:save_checkpoint": 86,
+    "janus_train/plan/cli.py:plan_stage": 88,
+    "janus_train/plan/cli.py:render": 86,
+    "janus_train/plan/costs.py:communication": 87,
+    "janus_train/plan/estimate.py:estimate": 107,
+    "janus_train/plan/simulate.py:simulate": 92,
+}
+"""The library's functions still over :data:`MAX_FUNCTION_LINES` (``def`` to last line,
+docstring included) and their length: none may grow, none may join (issue 25 names them)."""
+
+
+def _long_functions(files: list[Path], root: Path = ROOT) -> dict[str, int]:
+    out = {}
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        for n in ast.walk(ast.parse(f.read_text(), rel)):
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = n.end_lineno - n.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    out[f"{rel}:{n.name}"] = length
+    return out
+
+
+def test_no_library_function_over_80_lines_but_the_named_ones():
+    long = _long_functions(sorted((ROOT / "janus_train").rglob("*.py")))
+    grown = {k: v for k, v in long.items() if v > LONG_FUNCTIONS.get(k, MAX_FUNCTION_LINES)}
+    assert grown == {}, f"over {MAX_FUNCTION_LINES} lines (or longer than allowed): {grown}"
+
+
+def test_the_length_check_counts_from_def_to_the_last_line(tmp_path):
+    f = tmp_path / "m.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES - 1))
+    f.write_text(
+        f"class A:\n    def ok(self):\n{body.replace('    x', '        x')}\n"
+        f"def long():\n{body}    return 1\n"
+    )
+    assert _long_functions([f], tmp_path) == {"m.py:long": MAX_FUNCTION_LINES + 1}

@@ -199,16 +199,48 @@ class JanusTrainModel(nn.Module):
 
         Sizes come from ``batch["index"]`` (:func:`with_index`, computed on the host) or, when
         absent, from :func:`index_batch` here; nothing else reads a device value on the host."""
+        inner = self.janus.model
+        input_ids = batch["input_ids"]
+        ix = batch.get("index")
+        if ix is None:
+            ix = index_batch(batch, self.janus.config.image_token_id).to(input_ids.device)
+        B, T = input_ids.shape
+        codes = self._fill_codes(batch, ix)  # (n_code,)
+        inputs_embeds, zero = self._embed_inputs(batch, ix, codes)
+
+        attention_mask = batch["attention_mask"]
+        position_ids = batch.get("position_ids")
+        if position_ids is not None:
+            attention_mask = None  # packed rows: kept apart by position restarts (BatchIndex)
+        if self.params_partitioned and torch.is_grad_enabled() and not inputs_embeds.requires_grad:
+            # ZeRO-3 gathers a layer's weights in backward only where autograd reaches it. With a
+            # frozen embedding table (LoRA on the LLM) and no trainable image features in this
+            # micro-batch, the LLM input needs a gradient so that every rank runs the same
+            # backward (the same gathers) as a rank whose micro-batch has images.
+            inputs_embeds = inputs_embeds.detach().requires_grad_()
+        impl = get_attn_implementation(inner.language_model.config)
+        out = inner.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **(ix.varlen_kwargs() if impl in VARLEN_IMPLS else {}),
+        )
+        hidden = out.last_hidden_state.reshape(B * T, -1)  # position t predicts target at t+1
+        loss_sum, zero = self._head_losses(batch, ix, codes, hidden, zero)
+        loss_sum = loss_sum + zero.float()
+        return {"loss_sum": loss_sum, "n_tokens": ix.n_tokens}
+
+    def _embed_inputs(
+        self, batch: dict[str, torch.Tensor], ix: BatchIndex, codes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, d) LLM input: text embeddings, with the aligner's image features at
+        ``ix.image_slots`` and the generation embeddings of ``codes`` at ``ix.code_slots``; and
+        the scalar that carries the dummy calls (weight 0) of the modules this micro-batch lacks."""
         janus = self.janus
         inner = janus.model
         input_ids = batch["input_ids"]
-        dev = input_ids.device
-        ix = batch.get("index")
-        if ix is None:
-            ix = index_batch(batch, janus.config.image_token_id).to(dev)
         B, T = input_ids.shape
-        codes = self._fill_codes(batch, ix)  # (n_code,)
-
         embed = inner.language_model.get_input_embeddings()
         pad_id = janus.config.text_config.pad_token_id or 0
         text_ids = input_ids.reshape(-1).index_fill(0, ix.code_slots, pad_id).view(B, T)
@@ -239,33 +271,26 @@ class JanusTrainModel(nn.Module):
             gen_embeds = janus.prepare_embeddings_for_image_generation(codes)
             inputs_embeds = put(inputs_embeds, ix.code_slots, gen_embeds)
         elif self.call_all_modules:
-            dummy_code = torch.zeros(1, dtype=torch.long, device=dev)
+            dummy_code = torch.zeros(1, dtype=torch.long, device=input_ids.device)
             zero = zero + 0.0 * janus.prepare_embeddings_for_image_generation(dummy_code).sum()
+        return inputs_embeds, zero
 
-        attention_mask = batch["attention_mask"]
-        position_ids = batch.get("position_ids")
-        if position_ids is not None:
-            attention_mask = None  # packed rows: kept apart by position restarts (BatchIndex)
-        if self.params_partitioned and torch.is_grad_enabled() and not inputs_embeds.requires_grad:
-            # ZeRO-3 gathers a layer's weights in backward only where autograd reaches it. With a
-            # frozen embedding table (LoRA on the LLM) and no trainable image features in this
-            # micro-batch, the LLM input needs a gradient so that every rank runs the same
-            # backward (the same gathers) as a rank whose micro-batch has images.
-            inputs_embeds = inputs_embeds.detach().requires_grad_()
-        impl = get_attn_implementation(inner.language_model.config)
-        out = inner.language_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-            **(ix.varlen_kwargs() if impl in VARLEN_IMPLS else {}),
-        )
-        hidden = out.last_hidden_state.reshape(B * T, -1)  # position t predicts target at t+1
+    def _head_losses(
+        self,
+        batch: dict[str, torch.Tensor],
+        ix: BatchIndex,
+        codes: torch.Tensor,
+        hidden: torch.Tensor,
+        zero: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3,) float32 summed CE per task from the LLM's ``hidden`` (B*T, d), and ``zero`` with
+        the dummy head calls of the tasks this micro-batch lacks added.
 
-        loss_sum = torch.zeros(len(TASKS), dtype=torch.float32, device=dev)
-        # Heads run only on supervised positions: avoids (B, T, vocab) logits; ``head_loss``
-        # can also avoid (supervised tokens, vocab) ones. One head call per micro-step, every
-        # task's tokens together.
+        Heads run only on supervised positions: avoids (B, T, vocab) logits; ``head_loss`` can
+        also avoid (supervised tokens, vocab) ones. One head call per micro-step, every task's
+        tokens together."""
+        janus = self.janus
+        loss_sum = torch.zeros(len(TASKS), dtype=torch.float32, device=hidden.device)
         if ix.text_pos.numel():
             nxt = ix.text_pos + 1
             tids = batch["task_ids"].reshape(-1).index_select(0, nxt).clamp(min=0)
@@ -279,7 +304,7 @@ class JanusTrainModel(nn.Module):
         elif self.call_all_modules:
             zero = zero + 0.0 * janus.lm_head(hidden[:1]).sum()
 
-        head = inner.generation_head
+        head = janus.model.generation_head
         if ix.code_pos.numel():
             # HF's JanusVQVAEHead.forward split before its last Linear, which meets the CE;
             # the targets: the codes at t+1, i.e. ``codes`` at the slots that follow a code_pos
@@ -290,9 +315,7 @@ class JanusTrainModel(nn.Module):
         elif self.call_all_modules:  # the same module calls as above (ZeRO-3's trace)
             dummy = head.vision_head(head.activation_fn(head.proj_out(hidden[:1])))
             zero = zero + 0.0 * dummy.sum()
-
-        loss_sum = loss_sum + zero.float()
-        return {"loss_sum": loss_sum, "n_tokens": ix.n_tokens}
+        return loss_sum, zero
 
     @staticmethod
     def _codes_at(ix: BatchIndex, codes: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
