@@ -61,7 +61,7 @@ def main() -> None:
                 f"deepspeed=zero{args.zero}",
                 "train.synthetic_data=true",
                 f"train.synthetic_seq_len={args.seq_len}",
-                f"train.global_batch_size={args.global_batch}",
+                f"experiment.{args.stage}.global_batch_size={args.global_batch}",
                 "train.tokens_per_micro=0",
                 f"train.run_dir={root}",
             ]

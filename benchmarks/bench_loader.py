@@ -134,7 +134,7 @@ def loader_rate(
                 f"model.image_size={size}",
                 "model.vision.patch_size=16",
                 f"experiment.stage2.ratio={ratio}",
-                f"train.global_batch_size={batch}",
+                f"experiment.stage2.global_batch_size={batch}",
             ]
         )
     )

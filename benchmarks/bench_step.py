@@ -37,8 +37,8 @@ def overrides(args, run_dir: str) -> list[str]:
         f"deepspeed=zero{args.zero}",
         "train.synthetic_data=true",
         f"train.synthetic_seq_len={args.seq_len}",
-        f"train.steps={args.steps}",
-        f"train.global_batch_size={args.global_batch}",
+        f"experiment.{args.stage}.steps={args.steps}",
+        f"experiment.{args.stage}.global_batch_size={args.global_batch}",
         "train.micro_batch_size=1",
         "train.tokens_per_micro=0",  # the bare loop below runs fixed micro-batches
         f"train.log_every={args.log_every}",

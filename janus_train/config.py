@@ -97,10 +97,9 @@ class StageHParams:
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to norms, biases and embeddings)."""
     steps: int = 1000
-    """Optimizer steps of the stage and its schedule (``train.steps`` overrides it)."""
+    """Optimizer steps of the stage and its schedule (override: ``experiment.<stage>.steps=N``)."""
     global_batch_size: int = 256
-    """Samples per optimizer step over all ranks, split between tasks by ``ratio``
-    (``train.global_batch_size`` overrides it)."""
+    """Samples per optimizer step over all ranks, split between tasks by ``ratio``."""
     ratio: TaskRatio = field(default_factory=TaskRatio)
     data_recipe: str = "tiny"
     """Name in ``data_recipes/`` (without .yaml) or a path."""
@@ -160,13 +159,8 @@ class RunConfig:
 
     @property
     def hparams(self) -> StageHParams:
-        """The selected stage's hyper-parameters, with ``train.*`` overrides applied."""
-        hp: StageHParams = getattr(self.experiment, self.stage.name)
-        if self.train.steps is not None:
-            hp.steps = self.train.steps
-        if self.train.global_batch_size is not None:
-            hp.global_batch_size = self.train.global_batch_size
-        return hp
+        """The selected stage's hyper-parameters: ``experiment.<stage.name>``."""
+        return getattr(self.experiment, self.stage.name)
 
     @property
     def und_format(self) -> str:
@@ -190,6 +184,42 @@ class RunConfig:
 
 def _value(x) -> str:
     return getattr(x, "value", x)
+
+
+REMOVED_KEYS = {
+    "train.steps": "experiment.<stage>.steps",
+    "train.global_batch_size": "experiment.<stage>.global_batch_size",
+}
+"""Keys that no longer exist -> the one key that holds their value. A stage's step count and
+batch are part of its published recipe (``experiment.<stage>``), beside its lr and ratio: one
+key, which the run's saved ``config.yaml`` shows as trained."""
+
+
+def _removed(key: str) -> ValueError:
+    new = REMOVED_KEYS[key]
+    example = new.replace("<stage>", "stage2")
+    return ValueError(f"{key} was removed: set {new} instead (e.g. stage=stage2 {example}=...)")
+
+
+def check_removed_keys(overrides: list[str]) -> None:
+    """A removed key among Hydra overrides (``key=v``, ``+key=v``, ``++key=v``, ``~key``) ->
+    ``ValueError`` naming the key that replaces it."""
+    for o in overrides:
+        key = o.lstrip("+~").partition("=")[0].strip()
+        if key in REMOVED_KEYS:
+            raise _removed(key)
+
+
+def explain_removed_key(exc: BaseException) -> BaseException:
+    """A composition error about a removed key (set in a YAML file of ``conf/``) -> the error
+    naming its replacement; any other error unchanged."""
+    seen = exc
+    while seen is not None:
+        for key in REMOVED_KEYS:
+            if f"full_key: {key}\n" in f"{seen}\n":
+                return _removed(key)
+        seen = seen.__cause__ or seen.__context__
+    return exc
 
 
 def register_configs() -> None:
@@ -286,6 +316,13 @@ def compose(
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    check_removed_keys(overrides or [])
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir or CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides or [])
+        try:
+            return hydra_compose(config_name=config_name, overrides=overrides or [])
+        except Exception as e:
+            new = explain_removed_key(e)
+            if new is e:
+                raise
+            raise new from e

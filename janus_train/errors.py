@@ -132,7 +132,7 @@ def one_line(exc: BaseException) -> str:
         msg = rest  # "janus_train.errors.DataFailure: ..." -> the message
     cause = exc.__cause__
     if cause is not None and type(exc).__module__.startswith("hydra."):
-        # "Error merging override train.steps=abc" says where; OmegaConf's cause says why
+        # "Error merging override train.log_every=abc" says where; OmegaConf's cause says why
         msg += f" ({str(cause).strip().splitlines()[0].strip()})"
     return msg
 

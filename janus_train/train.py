@@ -45,7 +45,13 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from janus_train.batch import check_batch, count_supervised
-from janus_train.config import CONF_DIR, RunConfig, to_run_config
+from janus_train.config import (
+    CONF_DIR,
+    RunConfig,
+    check_removed_keys,
+    explain_removed_key,
+    to_run_config,
+)
 from janus_train.errors import (
     debug_requested,
     is_storage_full,
@@ -610,6 +616,10 @@ def main() -> None:
         scratch = tempfile.mkdtemp(prefix="janus-dry-run-")
         atexit.register(shutil.rmtree, scratch, True)
         sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+    try:  # a removed key on the command line: the one line naming its replacement, no Hydra
+        check_removed_keys([a for a in sys.argv[1:] if a[:1] != "-"])
+    except ValueError as e:
+        sys.exit(report_user_error("janus-train", e))
     global _error
     # Hydra re-raises its composition errors (unknown key, bad override, missing config group
     # option) under HYDRA_FULL_ERROR instead of printing them and exiting 1: they are reported
@@ -625,7 +635,7 @@ def main() -> None:
             sys.exit(report_user_error("janus-train", ValueError("invalid command line (above)")))
         raise
     except Exception as e:  # noqa: BLE001  # Hydra's composition errors (above)
-        _error = e
+        _error = explain_removed_key(e)
     finally:
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -50,8 +50,8 @@ run_dir=$OUT/runs/tiny_lora/stage3
 bash "$here/torchrun.sh" experiment=tiny stage=stage3 train.run_dir="$run_dir" \
   model.init_from="$base" model.tokenizer=null model.lora.enabled=true \
   model.lora.groups="$LORA_GROUPS" model.lora.r="$LORA_R" model.lora.alpha=$(( 2 * LORA_R )) \
-  deepspeed=zero2 deepspeed.precision=fp32 train.global_batch_size="$BATCH" \
-  train.micro_batch_size="$MICRO" train.steps="$STEPS" experiment.stage3.lr="$LR" \
+  deepspeed=zero2 deepspeed.precision=fp32 experiment.stage3.global_batch_size="$BATCH" \
+  train.micro_batch_size="$MICRO" experiment.stage3.steps="$STEPS" experiment.stage3.lr="$LR" \
   experiment.stage3.ratio.und=6 experiment.stage3.ratio.text=1 experiment.stage3.ratio.gen=3 \
   train.log_every=10 train.ckpt_every=0 data.num_workers=1 train.eval_guidance_scale=1 "$@"
 

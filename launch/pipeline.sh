@@ -5,7 +5,8 @@
 #   bash launch/pipeline.sh [override ...]                           # torchrun on this node
 #   EXPERIMENT=janus_pro_1b LAUNCHER=slurm bash launch/pipeline.sh   # 3 Slurm jobs, chained
 #   EXPERIMENT=tiny LAUNCHER=slurm GPUS_PER_NODE=2 SBATCH_ARGS="-c 4" bash launch/pipeline.sh
-#   EXPERIMENT=tiny NPROC_PER_NODE=2 bash launch/pipeline.sh train.steps=2   # CPU smoke run
+#   EXPERIMENT=tiny NPROC_PER_NODE=2 bash launch/pipeline.sh \
+#     experiment.stage1.steps=2 experiment.stage2.steps=2 experiment.stage3.steps=2   # CPU smoke
 #
 # Before anything runs or is submitted, every stage is checked (janus_train.plan.check): its
 # config, data recipe and shards, batch arithmetic at its world size, the model.init_from chain,

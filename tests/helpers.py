@@ -142,7 +142,9 @@ def mixed_batch(model, tok):
 # Loader runs on recipes written in tmp_path (test_data_loader, test_data_reshard).
 def make_run(stage: str, recipe: Path | str, gbs: int, **data):
     run = to_run_config(
-        compose(["experiment=tiny", f"stage={stage}", f"train.global_batch_size={gbs}"])
+        compose(
+            ["experiment=tiny", f"stage={stage}", f"experiment.{stage}.global_batch_size={gbs}"]
+        )
     )
     run.data.recipe = str(recipe)
     for k, v in data.items():

@@ -19,7 +19,7 @@ def _grads(tmp_path, overrides):
                 "stage=stage2",
                 "train.synthetic_data=true",
                 "train.synthetic_seq_len=40",
-                "train.global_batch_size=4",
+                "experiment.stage2.global_batch_size=4",
                 "model.text.num_hidden_layers=4",
                 *overrides,
             ]

@@ -28,7 +28,7 @@ def _run(overrides):
                 "train.synthetic_data=true",
                 "train.synthetic_seq_len=40",
                 "train.tokens_per_micro=64",
-                "train.global_batch_size=8",
+                "experiment.stage2.global_batch_size=8",
                 *overrides,
             ]
         )
@@ -102,7 +102,7 @@ def _train_losses(tmp_path, name, overrides):
     run_dir = tmp_path / name
     cfg = _run(
         [
-            "train.steps=3",
+            "experiment.stage2.steps=3",
             "train.log_every=1",
             "train.ckpt_every=0",
             "train.export_at_end=false",

@@ -93,9 +93,33 @@ def test_stage_freeze_lists():
     assert get("stage3") == {"und_encoder", "und_adaptor", "gen_adaptor", "gen_head", "llm"}
 
 
-def test_train_overrides_apply_to_hparams():
-    run = to_run_config(compose(["train.steps=7", "train.global_batch_size=4"]))
+def test_stage_steps_and_batch_have_one_key_and_reading_them_writes_nothing():
+    run = to_run_config(
+        compose(
+            ["stage=stage2", "experiment.stage2.steps=7", "experiment.stage2.global_batch_size=4"]
+        )
+    )
     assert (run.hparams.steps, run.hparams.global_batch_size) == (7, 4)
+    assert run.experiment.stage1.steps == 20  # the other stages keep the experiment's values
+    assert not hasattr(run.train, "steps") and not hasattr(run.train, "global_batch_size")
+
+
+@pytest.mark.parametrize("prefix", ["", "+", "++"])
+@pytest.mark.parametrize("key", ["steps", "global_batch_size"])
+def test_removed_train_keys_name_their_replacement(key, prefix):
+    with pytest.raises(ValueError) as e:
+        compose([f"{prefix}train.{key}=3"])
+    assert str(e.value).startswith(f"train.{key} was removed: set experiment.<stage>.{key}")
+
+
+def test_removed_key_in_a_yaml_file_names_its_replacement(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "experiment" / "old.yaml").write_text(
+        (conf / "experiment" / "tiny.yaml").read_text() + "train:\n  global_batch_size: 3\n"
+    )
+    with pytest.raises(ValueError, match=r"^train.global_batch_size was removed: set experiment"):
+        compose(["experiment=old"], config_dir=conf)
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ def scenario_token(workdir: str) -> None:
             [
                 "experiment=tiny",
                 "stage=stage2",
-                "train.global_batch_size=12",
+                "experiment.stage2.global_batch_size=12",
                 f"data.recipe={root / 'r.yaml'}",
                 "data.num_workers=2",
                 "data.seq_len=128",
@@ -88,7 +88,7 @@ def scenario(workdir: str) -> None:
             [
                 "experiment=tiny",
                 "stage=stage2",
-                "train.global_batch_size=12",
+                "experiment.stage2.global_batch_size=12",
                 f"data.recipe={root / 'r.yaml'}",
                 "data.num_workers=2",
             ]

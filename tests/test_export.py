@@ -40,7 +40,7 @@ def exported(tiny_model_and_processor, tmp_path_factory):
             "stage=stage3",
             f"data.system_prompt={SYSTEM}",
             "experiment.stage3.lr=3e-05",
-            "train.global_batch_size=8",
+            "experiment.stage3.global_batch_size=8",
             "train.micro_batch_size=2",
         ]
     )
@@ -173,8 +173,8 @@ def test_a_run_saves_its_processor_and_exports_card_and_template(
         "model=tiny",
         "stage=stage2",
         "train.synthetic_data=true",
-        "train.steps=1",
-        "train.global_batch_size=1",
+        "experiment.stage2.steps=1",
+        "experiment.stage2.global_batch_size=1",
         f"train.run_dir={run_dir}",
         "train.log_every=1",
         "train.export_max_shard_size=2MB",

@@ -21,11 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE = [
     "model=tiny",
     "train.synthetic_data=true",
-    "train.global_batch_size=4",
+    *(f"experiment.stage{i}.global_batch_size=4" for i in (1, 2, 3)),
     "train.micro_batch_size=1",
     "train.progress_bar=false",
 ]
 
+STEPS2 = [f"experiment.stage{i}.steps=2" for i in (1, 2, 3)]
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
@@ -68,7 +69,7 @@ def test_pipeline_sh_runs_three_tiny_stages_through_exports(tmp_path):
         STAGE3_ARGS="stage.trainable=[und_adaptor]",
     )
     res = subprocess.run(
-        ["bash", str(REPO / "launch/pipeline.sh"), *SMOKE, "train.steps=2"],
+        ["bash", str(REPO / "launch/pipeline.sh"), *SMOKE, *STEPS2],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -94,7 +95,7 @@ def test_pipeline_sh_runs_three_tiny_stages_through_exports(tmp_path):
 
     # Re-running the finished pipeline skips every stage.
     res = subprocess.run(
-        ["bash", str(REPO / "launch/pipeline.sh"), *SMOKE, "train.steps=2"],
+        ["bash", str(REPO / "launch/pipeline.sh"), *SMOKE, *STEPS2],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -115,7 +116,7 @@ def test_deepspeed_sh_trains_tiny_through_the_deepspeed_launcher(tmp_path):
             str(REPO / "launch/deepspeed.sh"),
             "experiment=tiny",
             *SMOKE,
-            "train.steps=2",
+            "experiment.stage1.steps=2",
             f"train.run_dir={run_dir}",
         ],
         env=launch_env(NUM_GPUS="1", MASTER_PORT="0"),

@@ -531,7 +531,7 @@ def test_pipeline_slurm_tiny_checks_with_cluster_env_and_uses_the_generic_script
     "override,says",
     [
         ("train.no_such_key=1", "Key 'no_such_key' not in 'TrainConfig'"),
-        ("train.steps=abc", "could not be converted to Integer"),
+        ("experiment.stage1.steps=abc", "could not be converted to Integer"),
         ("deepspeed=zero9", "Could not find 'deepspeed/zero9'"),
     ],
 )

@@ -549,7 +549,7 @@ def test_token_loader_exact_ratio_balanced_equal_micro_steps_and_exact_resume(
     monkeypatch.setenv("JANUS_DATA_ROOT", str(tmp_path / "data"))
     write_tiny_dataset(tmp_path / "data", n_shards=4, per_shard=20)
     run = to_run_config(
-        compose(["experiment=tiny", "stage=stage2", "train.global_batch_size=10"])
+        compose(["experiment=tiny", "stage=stage2", "experiment.stage2.global_batch_size=10"])
     )  # not a multiple of world 4
     run.data.num_workers, run.data.seq_len = 0, 128
     budget, world, steps = 160, 4, 6

@@ -564,7 +564,7 @@ def _traffic_config(zero: int, root: str = "/tmp") -> list[str]:
         f"deepspeed=zero{zero}",
         "train.synthetic_data=true",
         f"train.run_dir={root}/zero{zero}",
-        "train.global_batch_size=4",
+        "experiment.stage2.global_batch_size=4",
         "train.tokens_per_micro=0",  # 1 sample per micro-step: 2 micro-steps on 2 ranks
         "train.synthetic_seq_len=40",
     ]
@@ -735,7 +735,8 @@ def test_pipeline_refuses_a_stage_that_cannot_run_before_submitting(tmp_path):
 
 
 def test_local_pipeline_checks_batch_and_init_from_before_running(tmp_path):
-    smoke = ["model=tiny", "train.synthetic_data=true", "train.global_batch_size=4"]
+    batch = [f"experiment.stage{i}.global_batch_size=4" for i in (1, 2, 3)]
+    smoke = ["model=tiny", "train.synthetic_data=true", *batch]
     res = _pipeline(tmp_path, smoke, EXPERIMENT="tiny", NPROC_PER_NODE="8", DRY_RUN="1")
     assert res.returncode == 1
     for stage in ("stage1", "stage2", "stage3"):

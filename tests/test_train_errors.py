@@ -50,7 +50,7 @@ def test_bad_config_value_is_one_line_exit_2_and_debug_shows_traceback(
         tmp_path,
         "train.tokens_per_micro=0",
         "train.micro_batch_size=3",
-        "train.global_batch_size=8",
+        "experiment.stage1.global_batch_size=8",
     )
     assert code == EXIT_USER_ERROR
     assert "train.micro_batch_size" in _one_error_line(err)
@@ -61,7 +61,7 @@ def test_bad_config_value_is_one_line_exit_2_and_debug_shows_traceback(
         tmp_path,
         "train.tokens_per_micro=0",
         "train.micro_batch_size=3",
-        "train.global_batch_size=8",
+        "experiment.stage1.global_batch_size=8",
         env={"JANUS_DEBUG": "1", "JANUS_USER_ERROR_FILE": str(status)},
     )
     assert code == EXIT_USER_ERROR and "Traceback" in err and "plan_batch" in err
@@ -92,6 +92,18 @@ def test_unknown_key_and_missing_recipe_are_user_errors(monkeypatch, capsys, tmp
         f"data.recipe={tmp_path}/missing.yaml",
     )
     assert code == EXIT_USER_ERROR and "missing.yaml" in _one_error_line(err)
+
+
+@pytest.mark.parametrize("override", ["train.steps=5", "++train.global_batch_size=4"])
+def test_removed_key_is_one_line_naming_its_replacement(monkeypatch, capsys, tmp_path, override):
+    status = tmp_path / "user_error.txt"
+    env = {"JANUS_USER_ERROR_FILE": str(status)}
+    code, err = _main(monkeypatch, capsys, tmp_path, override, env=env)
+    key = override.lstrip("+").split("=")[0]
+    line = _one_error_line(err)
+    assert code == EXIT_USER_ERROR and f"{key} was removed: set experiment.<stage>." in line
+    assert status.read_text().startswith(f"janus-train: error: {key} was removed")
+    assert not (tmp_path / "run").exists()
 
 
 def test_crashes_are_not_user_errors():

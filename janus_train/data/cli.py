@@ -267,12 +267,16 @@ def render_sample(row: dict, tokenizer, st) -> str:
 
 
 def inspect(args, overrides: list[str]) -> str:
+    from omegaconf import OmegaConf
+
     from janus_train.config import compose, to_run_config
     from janus_train.data.loader import build_train_loader
     from janus_train.model.build import get_processor
     from janus_train.model.tokenizer import resolve_special_tokens
 
-    run = to_run_config(compose(overrides + [f"train.global_batch_size={args.n}"]))
+    dcfg = compose(overrides)
+    OmegaConf.update(dcfg, f"experiment.{dcfg.stage.name}.global_batch_size", args.n)
+    run = to_run_config(dcfg)
     run.data.num_workers = 0
     proc = get_processor(run.model, args.workdir)
     loader = build_train_loader(

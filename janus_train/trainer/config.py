@@ -58,10 +58,6 @@ class TrainConfig:
     micro_batch_size: int = 1
     """With ``tokens_per_micro: 0``: samples per rank per micro-batch; accumulation = global
     batch / (micro x world). Ignored with token-budget micro-batches."""
-    steps: int | None = None
-    """Override the stage's step count (smoke runs)."""
-    global_batch_size: int | None = None
-    """Override the stage's global batch size (smoke runs, small clusters)."""
     loss_reduction: str = "token_mean"
     """``token_mean``: mean over all supervised tokens of the step (all tasks, micro-batches and
     ranks). ``task_mean_sum``: sum over tasks of each task's token mean."""

@@ -196,7 +196,7 @@ def plan_batch(
         raise ValueError(
             f"global batch {global_batch_size} is not a multiple of train.micro_batch_size "
             f"({micro_batch_size}) x world size ({world_size}) = {per_step}; change "
-            f"train.global_batch_size / experiment.<stage>.global_batch_size or the micro-batch"
+            f"experiment.<stage>.global_batch_size or the micro-batch"
         )
     return BatchPlan(global_batch_size, micro_batch_size, global_batch_size // per_step, world_size)
 
