@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import tarfile
 
 import numpy as np
@@ -182,6 +183,33 @@ def test_inspect_shows_supervised_spans(proc, tmp_path, monkeypatch, capsys):
     assert "<image x16>" in out and "[[<codes x16>]]" in out
     assert "<|end▁of▁sentence|>]]" in out.replace("｜", "|")
     assert '"samples/captions": 2' in out and '"samples/imagenet": 2' in out
+
+    # --lengths: each source's deciles of the samples the same steps build, as recipe lines
+    # (oracle: the per-sample lengths printed without --lengths, attributed to sources by
+    # their shard directory and task, and numpy's quantiles of them)
+    args = ["--n", "8", "--steps", "3", "--workdir", str(tmp_path), "experiment=tiny"]
+    cli.main(["inspect", *args, "stage=stage2"])
+    source = {("text", "text"): "text", ("und", "caption"): "captions",
+              ("und", "conversation"): "conversations", ("gen", "caption"): "t2i",
+              ("gen", "imagenet"): "imagenet"}  # fmt: skip
+    seen: dict[str, list[int]] = {}
+    for task, folder, n in re.findall(
+        r"^--- step \d (\w+) \S+/(\w+)/[^ ]+ \((\d+) tokens\)$", capsys.readouterr().out, re.M
+    ):
+        seen.setdefault(source[task, folder], []).append(int(n))
+    assert sum(map(len, seen.values())) == 24 and len(set(seen["t2i"])) > 1
+    cli.main(["inspect", *args, "stage=stage2", "--lengths"])
+    out = capsys.readouterr().out
+    assert "--- step" not in out
+    got = dict(re.findall(r"- name: (\w+) .*\n +sample_tokens: (\[.*\])", out))
+    for name, ns in seen.items():
+        if len(ns) < 2:
+            assert f"#   {name}: 1 sample(s), too few" in out
+            continue
+        q = np.quantile(ns, np.linspace(0, 1, 11))
+        want = [round(x) for x in q] if min(ns) < max(ns) else [ns[0], ns[0]]
+        assert json.loads(got.pop(name)) == want, name
+    assert not got
 
 
 def test_vq_encode_matches_direct_encode(proc, tmp_path, monkeypatch):

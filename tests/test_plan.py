@@ -471,6 +471,59 @@ def test_busiest_rank_from_the_loaders_balancer():
     assert sim(256, (100, 4096), tpm=4096).n_micro >= 2.0
 
 
+def test_recipe_declared_lengths_drive_the_busiest_rank(tmp_path):
+    """A source's ``sample_tokens`` quantiles replace the planner's default for it: the
+    simulated mean tokens per rank equal, within sampling error, the mean of the declared
+    piecewise-uniform distributions weighted by the step's task counts (by hand: 2:3:5 of 512
+    by largest remainder = 102 / 154 / 256 samples on 64 ranks); the output says which
+    distribution each source got, and a task's lengths on the command line override both."""
+    import dataclasses
+
+    from janus_train.plan.estimate import estimate, stage_lengths, stage_shape
+
+    text_q = [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 4096]
+    recipe = tmp_path / "declared.yaml"
+    recipe.write_text(
+        "sources:\n"
+        "  - {name: docs, task: text, format: text, shards: t.tar, "
+        f"sample_tokens: {text_q}}}\n"
+        "  - {name: qa, task: understanding, format: caption, shards: c.tar, "
+        "sample_tokens: [590, 590]}\n"
+        "  - {name: t2i, task: generation, format: caption, shards: g.tar}\n"
+    )
+    run = _run(["experiment=janus_pro_7b", "stage=stage2"])
+    cl = ClusterConfig(gpu="a100-80gb", mfu=0.35)
+    plain = stage_shape(run)
+    shape = dataclasses.replace(plain, recipe=str(recipe))
+    est = estimate(shape, cl, "zero3", run.deepspeed, 8)
+    # piecewise uniform mean: the mean of the segments' midpoints
+    text_mean = sum((a + b) / 2 for a, b in zip(text_q, text_q[1:])) / 10  # 749.8
+    gen_mean = (588 + 658) / 2  # the default generation lengths (576 codes + prompt)
+    expect = (102 * 590 + 154 * text_mean + 256 * gen_mean) / 64
+    assert est.sim.mean_tokens == pytest.approx(expect, rel=0.03)
+    assert (
+        est.sim.mean_tokens < 0.8 * estimate(plain, cl, "zero3", run.deepspeed, 8).sim.mean_tokens
+    )
+    origin = {d.name: (d.origin, d.quantiles) for d in stage_lengths(shape, cl)}
+    assert origin == {
+        "docs": ("recipe", tuple(text_q)),
+        "qa": ("recipe", (590, 590)),
+        "t2i": ("default", (588, 658)),
+    }
+    out = cli.render(cli.StagePlan(shape, [est], est), cl, "janus_pro_7b")
+    assert re.search(r"docs +text +recipe +mean +750  100 200 300 .* 1000 4096", out)
+    assert re.search(r"t2i +gen +default +mean +623  588-658", out)
+    cl2 = ClusterConfig(gpu="a100-80gb", mfu=0.35, text_tokens="4096-4096")
+    assert stage_lengths(shape, cl2)[0].origin == "command line"
+    longer = estimate(shape, cl2, "zero3", run.deepspeed, 8)
+    assert longer.sim.mean_tokens == pytest.approx((102 * 590 + 154 * 4096 + 256 * gen_mean) / 64,
+                                                   rel=0.01)  # fmt: skip
+    bad = tmp_path / "bad.yaml"  # a declaration the planner cannot use: one line (exit 2)
+    bad.write_text(recipe.read_text().replace("[590, 590]", "[590, 500]"))
+    with pytest.raises(ValueError, match=r"bad.yaml: sources\[1\].sample_tokens: \[590, 500\]"):
+        stage_lengths(dataclasses.replace(plain, recipe=str(bad)), cl)
+
+
 def test_text_chunk_is_a_recipe_setting_the_planner_sees():
     """``data.text_chunk`` (the builders cut text documents into chunks of that length) evens
     out the busiest rank; the planner takes it from the recipe, or as ``text_chunk=`` beside

@@ -43,7 +43,7 @@ def _one_line_error(p: Path, **kw) -> str:
         (  # unknown key
             "{name: a, task: text, format: text, shards: s.tar, wieght: 2}",
             "sources[1].wieght",
-            "unknown key (known: name, task, format, shards, weight, steps, class_names)",
+            "unknown key (known: name, task, format, shards, weight, steps, class_names, sample_tokens)",
         ),
         (  # wrong type
             "{name: a, task: text, format: text, shards: s.tar, weight: abc}",

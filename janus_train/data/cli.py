@@ -5,7 +5,8 @@
     janus-data convert captions --input table.{csv,tsv,parquet}|HF_DATASET_DIR --out DIR
                                 [--image-col image] [--caption-col caption] [--image-root DIR]
     janus-data convert imagenet --root CLASS_FOLDERS --out DIR [--class-names FILE]
-    janus-data inspect [--recipe NAME|PATH] [--n 8] [--workdir DIR] [hydra overrides ...]
+    janus-data inspect [--recipe NAME|PATH] [--n 8] [--steps 1] [--lengths] [--workdir DIR]
+                       [hydra overrides ...]
     janus-data vq-encode --model HF_DIR --shards PATTERN --out DIR [--device cuda] [--procs 2]
     janus-data convert-checkpoint DEEPSEEK_DIR [--out HF_DIR]   (DeepSeek's release layout in)
     janus-data export-deepseek HF_DIR --out DIR                 (DeepSeek's release layout out)
@@ -266,11 +267,34 @@ def render_sample(row: dict, tokenizer, st) -> str:
     return "".join(out)
 
 
+LENGTH_QUANTILES = 11
+"""``janus-data inspect --lengths`` reports deciles (min, 10%, ..., max) of each source."""
+
+
+def length_snippet(lengths: dict[str, list[int]], recipe_path: str, what: str) -> str:
+    """The ``sample_tokens`` lines to paste into a recipe, one per source with samples:
+    ``LENGTH_QUANTILES`` equally spaced quantiles (numpy's linear interpolation), rounded."""
+    import numpy as np
+
+    lines = [f"# sample_tokens measured over {what}; paste into each source of {recipe_path}:"]
+    for name, ns in lengths.items():
+        if len(ns) < 2:
+            lines.append(f"#   {name}: {len(ns)} sample(s), too few to measure (more --n/--steps)")
+            continue
+        q = np.quantile(np.asarray(ns, dtype=np.float64), np.linspace(0, 1, LENGTH_QUANTILES))
+        q = q if q[0] < q[-1] else q[[0, -1]]  # one length: [n, n]
+        vals = ", ".join(str(int(round(x))) for x in q)
+        lines.append(f"  - name: {name}  # {len(ns)} samples, mean {np.mean(ns):.0f} tokens")
+        lines.append(f"    sample_tokens: [{vals}]")
+    return "\n".join(lines)
+
+
 def inspect(args, overrides: list[str]) -> str:
     from omegaconf import OmegaConf
 
     from janus_train.config import compose, to_run_config
     from janus_train.data.loader import build_train_loader
+    from janus_train.data.mixing import step_plan
     from janus_train.model.build import get_processor
     from janus_train.model.tokenizer import resolve_special_tokens
 
@@ -287,14 +311,23 @@ def inspect(args, overrides: list[str]) -> str:
         f"recipe {loader.recipe.name} ({loader.recipe.path}); stage {run.stage.name}; "
         f"per-step task counts {loader.counts}"
     ]
+    lengths: dict[str, list[int]] = {}
     for step in range(args.steps):
-        for mb, keys in zip(loader.next_step(), loader.last_keys):
+        # one sample per micro-batch; its source is the one the loader's step plan names
+        plan = step_plan(loader.recipe, loader.counts, step, 1, 1, args.n, run.data.seed)[0]
+        for mb, keys, srcs in zip(loader.next_step(), loader.last_keys, plan):
             n = int(mb["attention_mask"][0].sum())
+            lengths.setdefault(loader.recipe.sources[srcs[0]].name, []).append(n)
+            if args.lengths:
+                continue
             row = {k: mb[k][0, :n].tolist() for k in ("input_ids", "labels", "image_codes")}
             task = {0: "text", 1: "und", 2: "gen"}[int(mb["task_ids"][0, 0])]
             lines.append(f"--- step {step} {task} {keys[0]} ({n} tokens)")
             lines.append(render_sample(row, proc.tokenizer, st))
     lines.append("counts: " + json.dumps(loader.counters()))
+    if args.lengths:
+        what = f"{args.steps} step(s) x {args.n} samples"
+        lines.append(length_snippet(lengths, loader.recipe.path, what))
     loader.close()
     text = "\n".join(lines)
     print(text)
@@ -477,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=None, help="recipe name or path (default: the stage's)")
     p.add_argument("--n", type=int, default=8, help="samples per step")
     p.add_argument("--steps", type=int, default=1, help="optimizer steps to build")
+    p.add_argument(
+        "--lengths",
+        action="store_true",
+        help="measure each source's built sample lengths instead of printing the samples, "
+        "and print the recipe's sample_tokens lines (deciles) that janus-plan simulates",
+    )
     p.add_argument("--workdir", default=".", help="where a tiny tokenizer is trained/reused")
     p.add_argument(
         "overrides", nargs="*", help="hydra overrides, e.g. experiment=tiny stage=stage2"

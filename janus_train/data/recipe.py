@@ -43,6 +43,8 @@ class Source:
     """Active optimizer-step range ``[start, end)``; None = always."""
     class_names: list[str] | None = None
     """``class_label`` sources whose samples carry an integer ``cls``: index -> class name."""
+    sample_tokens: tuple[int, ...] | None = None
+    """Declared length quantiles of the built samples (``SourceSchema.sample_tokens``)."""
 
     @property
     def task_key(self) -> str:
@@ -167,7 +169,15 @@ def _build_source(i: int, spec: SourceSchema, path: Path, check: bool, stat: boo
         if not cn_path.is_file():
             raise ValueError(f"{where}.class_names: file {str(cn_path)!r} does not exist")
         class_names = [ln.strip() for ln in cn_path.read_text().splitlines() if ln.strip()]
-    return Source(name, task, fmt, shards, float(spec.weight), steps, class_names)
+    lengths = spec.sample_tokens
+    if lengths is not None:
+        lengths = tuple(lengths)
+        if len(lengths) < 2 or lengths[0] < 1 or any(a > b for a, b in zip(lengths, lengths[1:])):
+            raise ValueError(
+                f"{where}.sample_tokens: {list(lengths)!r} must be >= 2 non-decreasing token "
+                f"counts >= 1 (quantiles from the shortest sample to the longest; source {name})"
+            )
+    return Source(name, task, fmt, shards, float(spec.weight), steps, class_names, lengths)
 
 
 def load_recipe(name_or_path: str, check_shards: bool = True, stat_shards: bool = True) -> Recipe:

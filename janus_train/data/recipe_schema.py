@@ -67,6 +67,12 @@ class SourceSchema:
     """Active optimizer-step range ``[start, end)``; None: always."""
     class_names: str | None = None
     """File of class names (one per line) for ``class_label`` records carrying only ``cls``."""
+    sample_tokens: list[int] | None = None
+    """Length distribution of the source's built samples (tokens, image positions included),
+    as equally spaced quantiles from the shortest to the longest: ``[lo, hi]`` is uniform
+    between them, 11 values are deciles. Read only by ``janus-plan``'s busiest-rank
+    simulation; ``janus-data inspect --lengths`` measures it. None: the planner's default for
+    the task (``janus_train.plan.simulate.default_lengths``)."""
 
 
 @dataclass

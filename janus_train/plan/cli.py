@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from janus_train.config import CONF_DIR, STAGES, compose, to_run_config
 from janus_train.plan import checkpointing as ck
 from janus_train.plan.config import GIB, ClusterConfig
-from janus_train.plan.estimate import Estimate, StageShape, estimate, stage_shape
+from janus_train.plan.estimate import Estimate, StageShape, estimate, stage_lengths, stage_shape
 
 CLUSTER_KEYS = {f.name for f in fields(ClusterConfig)}
 
@@ -262,7 +262,8 @@ def render(plan: StagePlan, cluster: ClusterConfig, experiment: str) -> str:
     sh, ch, best = plan.shape, plan.chosen, plan.best
     spec = cluster.spec
     util, source = cluster.mfu_source
-    lens = ", ".join(f"{t} {lo}-{hi}" for t, lo, hi in cluster.lengths(sh.seq_len, 576))
+    active = {t for t, n in zip(("und", "text", "gen"), sh.ratio) if n}
+    lens = [d for d in stage_lengths(sh, cluster) if d.task in active]
     lines = [
         f"== {experiment} {sh.name}: {sh.steps} steps, global batch {sh.global_batch}, "
         f"trains {', '.join(sh.trainable_groups)} ({sh.trainable / 1e9:.3f} B of "
@@ -272,7 +273,14 @@ def render(plan: StagePlan, cluster: ClusterConfig, experiment: str) -> str:
         f"{spec.intra_node_gbps:.0f} GB/s in-node, {spec.inter_node_gbps:.0f} GB/s across "
         "nodes per GPU)",
         f"utilisation {util:.3f} of executed FLOPs ({source})",
-        f"sample tokens (uniform; und_tokens= text_tokens= gen_tokens= to change): {lens}",
+        "sample tokens per source (recipe: its sample_tokens quantiles; default: the "
+        "planner's, uniform; und_tokens= text_tokens= gen_tokens= override a task):",
+        *(
+            f"  {d.name:<22}{d.task:<5} {d.origin:<13}mean {d.mean:5.0f}  "
+            + (f"{d.quantiles[0]}-{d.quantiles[1]}" if len(d.quantiles) == 2 else "")
+            + (" ".join(map(str, d.quantiles)) if len(d.quantiles) > 2 else "")
+            for d in lens
+        ),
         f"{'deepspeed':<10}{'nodes':>6} {'ckpt':>8}{'tokens':>7} {'reduce':>6}{'micro':>6}"
         f"{'mem GiB':>8}{'comm GB':>8}{'compute s':>9}{'comm s':>8}{'step s':>7}{'days':>7}",
     ]

@@ -124,11 +124,14 @@ class ClusterConfig:
     """Tokens of a generation sample (prompt + 576 codes); text samples fill data.seq_len."""
     und_tokens: str = ""
     """Understanding sample length ``lo-hi`` (uniform; tokens incl. image) for the busiest-rank
-    simulation; empty: the papers' mix (``janus_train.plan.simulate.default_lengths``)."""
+    simulation of every understanding source (overrides a recipe's ``sample_tokens``); empty:
+    the recipe's declaration, else the papers' mix
+    (``janus_train.plan.simulate.default_lengths``)."""
     gen_tokens: str = ""
-    """Generation sample length ``lo-hi``; empty: the papers' mix."""
+    """Generation sample length ``lo-hi``; empty: the recipe's, else the papers' mix."""
     text_tokens: str = ""
-    """Text sample (document) length ``lo-hi``; empty: the papers' mix, 100-4096 tokens."""
+    """Text sample (document) length ``lo-hi``; empty: the recipe's, else the papers' mix,
+    100-4096 tokens."""
     text_chunk: int = 0
     """Also report the stage with text documents chunked to at most this many tokens (a recipe
     change, shown beside the plan, never instead of it); 0: do not."""
@@ -166,6 +169,12 @@ class ClusterConfig:
                 if not 0 < out[task][0] <= out[task][1]:
                     raise ValueError(f"{task}_tokens={spec!r}: expected 0 < lo <= hi")
         return tuple((t, *out[t]) for t in ("und", "text", "gen"))
+
+    @property
+    def lengths_set(self) -> frozenset[str]:
+        """Tasks whose lengths the command line sets (they override a recipe's declaration)."""
+        given = {"und": self.und_tokens, "text": self.text_tokens, "gen": self.gen_tokens}
+        return frozenset(t for t, v in given.items() if v)
 
     @property
     def spec(self) -> GpuSpec:

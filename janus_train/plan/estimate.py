@@ -21,7 +21,7 @@ from janus_train.plan.costs import (
     model_state_bytes,
     zero3_backward_gathers,
 )
-from janus_train.plan.simulate import SimResult, simulate
+from janus_train.plan.simulate import SimResult, SourceLengths, simulate, source_lengths
 from janus_train.trainer.config import DeepSpeedConfig
 from janus_train.trainer.distributed import BatchPlan, plan_batch
 
@@ -195,6 +195,17 @@ def recompute_factor(shape: StageShape, zero3: bool = False) -> float:
     return 1.0 + n_ckpt * 2.0 * redo / (6.0 * s.flops_params)
 
 
+def stage_lengths(shape: StageShape, cl: ClusterConfig) -> tuple[SourceLengths, ...]:
+    """The length distribution of each of the stage's sources, and where it comes from."""
+    return source_lengths(
+        shape.recipe,
+        shape.ratio,
+        cl.lengths(shape.seq_len, shape.sizes.image_tokens),
+        shape.seq_len,
+        cl.lengths_set,
+    )
+
+
 def simulate_stage(
     shape: StageShape, cl: ClusterConfig, world: int, text_chunk: int = 0
 ) -> SimResult:
@@ -216,6 +227,7 @@ def simulate_stage(
         s.und_image_flops,
         s.gen_image_flops,
         text_chunk=text_chunk or shape.text_chunk,
+        per_source=tuple(d.quantiles for d in stage_lengths(shape, cl)),
     )
 
 

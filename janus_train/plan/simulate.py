@@ -9,9 +9,13 @@ packs each rank's share into micro-steps), over per-source sample-length distrib
         --rank_supply per step--> per-rank FIFO queues --balance_takes (keep bounds as the
         loader's)--> per-rank shares --layout--> per-rank, per-micro-step tokens and FLOPs
 
-Lengths are drawn i.i.d. per sample from :data:`DEFAULT_LENGTHS` (the papers' mix as
-``train.synthetic_length_mix=janus`` generates it, the mix ``benchmarks/bench_gpu.py`` measures
-MFU on), uniform between the bounds; ``text_chunk`` splits text documents into chunks of at most
+Lengths are drawn i.i.d. per sample from its source's distribution: the quantiles the recipe
+declares for it (``sample_tokens``, measured by ``janus-data inspect --lengths``; piecewise
+uniform between consecutive quantiles), else the planner's default for its task
+(:func:`default_lengths`: the papers' mix as ``train.synthetic_length_mix=janus`` generates it,
+the mix ``benchmarks/bench_gpu.py`` measures MFU on, uniform between its bounds); a task's
+``und_tokens=`` / ``text_tokens=`` / ``gen_tokens=`` on the command line overrides both for every
+source of the task (:func:`source_lengths` says which applies). ``text_chunk`` splits text documents into chunks of at most
 that many tokens (a recipe change, reported apart). Every rank synchronises at every micro-step
 under ZeRO-2/3 (the gradient reduction or parameter gathers of that micro-step), at the step's
 end under ZeRO-0/1, so the planner takes per micro-step the max over ranks, and per step the max
@@ -47,6 +51,47 @@ def default_lengths(seq_len: int, image_tokens: int) -> dict[str, tuple[int, int
 
 
 @dataclass(frozen=True)
+class SourceLengths:
+    """The length distribution the simulation draws one source's samples from."""
+
+    name: str
+    task: str
+    quantiles: tuple[int, ...]
+    """Equally spaced quantiles, shortest to longest (two: uniform between them)."""
+    origin: str
+    """``recipe`` (the source's ``sample_tokens``), ``command line`` or ``default``."""
+
+    @property
+    def mean(self) -> float:
+        """Mean of the piecewise-uniform distribution the simulation draws from."""
+        q = self.quantiles
+        return sum(a + b for a, b in zip(q, q[1:])) / (2 * (len(q) - 1))
+
+
+def source_lengths(
+    recipe_name: str | None,
+    ratio: tuple[int, int, int],
+    task_lengths: tuple[tuple[str, int, int], ...],
+    seq_len: int,
+    command_line: frozenset[str] = frozenset(),
+) -> tuple[SourceLengths, ...]:
+    """Per source of the stage's recipe (one per task without one): its declared
+    ``sample_tokens`` capped at ``seq_len`` (the loader never builds longer samples), else
+    ``task_lengths`` (the defaults, or the command line's for the tasks in ``command_line``,
+    which override a declaration)."""
+    bounds = {t: (lo, hi) for t, lo, hi in task_lengths}
+    out = []
+    for s in _sources(recipe_name, ratio).sources:
+        t = s.task_key
+        if s.sample_tokens and t not in command_line:
+            q, origin = tuple(min(seq_len, n) for n in s.sample_tokens), "recipe"
+        else:
+            q, origin = bounds[t], "command line" if t in command_line else "default"
+        out.append(SourceLengths(s.name, t, q, origin))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
 class SimResult:
     mean_tokens: float
     """Mean tokens per rank per step."""
@@ -76,8 +121,8 @@ def _sources(recipe_name: str | None, ratio: tuple[int, int, int]):
     if recipe_name:
         try:
             return load_recipe(recipe_name, check_shards=False)
-        except (ValueError, FileNotFoundError, KeyError):
-            pass
+        except FileNotFoundError:
+            pass  # an invalid recipe raises (its one line names the file and key)
     tasks = {"und": "understanding", "text": "text", "gen": "generation"}
     return Recipe(
         "planner",
@@ -102,8 +147,11 @@ def simulate(
     text_chunk: int = 0,
     steps: int = SIM_STEPS,
     seed: int = 0,
+    per_source: tuple[tuple[int, ...] | None, ...] = (),
 ) -> SimResult:
-    """``lengths``: ``((task, lo, hi), ...)`` total tokens per sample. FLOPs of a sample of t
+    """``lengths``: ``((task, lo, hi), ...)`` total tokens per sample, uniform; ``per_source``:
+    quantiles per recipe source (:class:`SourceLengths`), which replace ``lengths`` where not
+    None. FLOPs of a sample of t
     tokens: ``6 N t + 12 L d t^2`` (PaLM; packed samples attend only within themselves, as
     ``speed/mfu`` counts them) plus its encoder's forward FLOPs."""
     recipe = _sources(recipe_name, ratio)
@@ -111,11 +159,17 @@ def simulate(
     bounds = {t: (lo, hi) for t, lo, hi in lengths}
     rng = np.random.default_rng(seed)
     tasks = [s.task_key for s in recipe.sources]
+    dists = [
+        (per_source[i] if i < len(per_source) and per_source[i] else bounds[t])
+        for i, t in enumerate(tasks)
+    ]
     enc = {"und": und_image_flops, "gen": gen_image_flops, "text": 0.0}
 
-    def draw(task: str) -> int:
-        lo, hi = bounds[task]
-        n = int(rng.integers(lo, hi + 1))
+    def draw(i: int) -> int:
+        task, q = tasks[i], dists[i]
+        # piecewise uniform: a segment between consecutive quantiles, then a length in it
+        k = int(rng.integers(0, len(q) - 1)) if len(q) > 2 else 0
+        n = int(rng.integers(q[k], q[k + 1] + 1))
         if task == "text" and text_chunk and n > text_chunk:
             # a chunked document: this sample is a uniformly chosen one of its chunks
             k = int(rng.integers(0, -(-n // text_chunk)))
@@ -127,7 +181,7 @@ def simulate(
     def supply(step: int) -> None:
         for r, share in enumerate(rank_supply(recipe, counts, step, world, seed)):
             for i in share:
-                queues[r].setdefault(i, []).append((draw(tasks[i]), tasks[i]))
+                queues[r].setdefault(i, []).append((draw(i), tasks[i]))
 
     def flops(n: int, task: str) -> float:
         return 6.0 * flops_params * n + 12.0 * layers * hidden * n * n + enc[task]
