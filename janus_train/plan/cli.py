@@ -258,12 +258,25 @@ def _row(c: Candidate, mark: str) -> str:
     )
 
 
+def _length_lines(sh: StageShape, cluster: ClusterConfig) -> list[str]:
+    """Each source's sample-length distribution and where it comes from."""
+    active = {t for t, n in zip(("und", "text", "gen"), sh.ratio) if n}
+    lines = [
+        "sample tokens per source (recipe: its sample_tokens quantiles; default: the "
+        "planner's, uniform; und_tokens= text_tokens= gen_tokens= override a task):"
+    ]
+    for d in stage_lengths(sh, cluster):
+        if d.task in active:
+            q = d.quantiles
+            dist = f"{q[0]}-{q[1]}" if len(q) == 2 else " ".join(map(str, q))
+            lines.append(f"  {d.name:<22}{d.task:<5} {d.origin:<13}mean {d.mean:5.0f}  {dist}")
+    return lines
+
+
 def render(plan: StagePlan, cluster: ClusterConfig, experiment: str) -> str:
     sh, ch, best = plan.shape, plan.chosen, plan.best
     spec = cluster.spec
     util, source = cluster.mfu_source
-    active = {t for t, n in zip(("und", "text", "gen"), sh.ratio) if n}
-    lens = [d for d in stage_lengths(sh, cluster) if d.task in active]
     lines = [
         f"== {experiment} {sh.name}: {sh.steps} steps, global batch {sh.global_batch}, "
         f"trains {', '.join(sh.trainable_groups)} ({sh.trainable / 1e9:.3f} B of "
@@ -273,14 +286,7 @@ def render(plan: StagePlan, cluster: ClusterConfig, experiment: str) -> str:
         f"{spec.intra_node_gbps:.0f} GB/s in-node, {spec.inter_node_gbps:.0f} GB/s across "
         "nodes per GPU)",
         f"utilisation {util:.3f} of executed FLOPs ({source})",
-        "sample tokens per source (recipe: its sample_tokens quantiles; default: the "
-        "planner's, uniform; und_tokens= text_tokens= gen_tokens= override a task):",
-        *(
-            f"  {d.name:<22}{d.task:<5} {d.origin:<13}mean {d.mean:5.0f}  "
-            + (f"{d.quantiles[0]}-{d.quantiles[1]}" if len(d.quantiles) == 2 else "")
-            + (" ".join(map(str, d.quantiles)) if len(d.quantiles) > 2 else "")
-            for d in lens
-        ),
+        *_length_lines(sh, cluster),
         f"{'deepspeed':<10}{'nodes':>6} {'ckpt':>8}{'tokens':>7} {'reduce':>6}{'micro':>6}"
         f"{'mem GiB':>8}{'comm GB':>8}{'compute s':>9}{'comm s':>8}{'step s':>7}{'days':>7}",
     ]

@@ -131,6 +131,28 @@ def _sources(recipe_name: str | None, ratio: tuple[int, int, int]):
     )
 
 
+def _drawer(rng, tasks: list[str], bounds: dict, per_source: tuple, text_chunk: int):
+    """``draw(i)``: the length of a new sample of source ``i``: piecewise uniform over its
+    quantiles (a segment between consecutive ones, then a length in it), text documents
+    chunked as the builders chunk them."""
+    dists = [
+        (per_source[i] if i < len(per_source) and per_source[i] else bounds[t])
+        for i, t in enumerate(tasks)
+    ]
+
+    def draw(i: int) -> int:
+        q = dists[i]
+        k = int(rng.integers(0, len(q) - 1)) if len(q) > 2 else 0
+        n = int(rng.integers(q[k], q[k + 1] + 1))
+        if tasks[i] == "text" and text_chunk and n > text_chunk:
+            # a chunked document: this sample is a uniformly chosen one of its chunks
+            c = int(rng.integers(0, -(-n // text_chunk)))
+            n = min(text_chunk, n - c * text_chunk)
+        return max(1, n)
+
+    return draw
+
+
 @lru_cache(maxsize=256)
 def simulate(
     recipe_name: str | None,
@@ -150,32 +172,16 @@ def simulate(
     per_source: tuple[tuple[int, ...] | None, ...] = (),
 ) -> SimResult:
     """``lengths``: ``((task, lo, hi), ...)`` total tokens per sample, uniform; ``per_source``:
-    quantiles per recipe source (:class:`SourceLengths`), which replace ``lengths`` where not
-    None. FLOPs of a sample of t
-    tokens: ``6 N t + 12 L d t^2`` (PaLM; packed samples attend only within themselves, as
-    ``speed/mfu`` counts them) plus its encoder's forward FLOPs."""
+    quantiles per recipe source (:class:`SourceLengths`), replacing ``lengths`` where given.
+    FLOPs of a sample of t tokens: ``6 N t + 12 L d t^2`` (PaLM; packed samples attend only
+    within themselves, as ``speed/mfu`` counts them) plus its encoder's forward FLOPs."""
     recipe = _sources(recipe_name, ratio)
     counts = task_counts({"und": ratio[0], "text": ratio[1], "gen": ratio[2]}, global_batch)
     bounds = {t: (lo, hi) for t, lo, hi in lengths}
     rng = np.random.default_rng(seed)
     tasks = [s.task_key for s in recipe.sources]
-    dists = [
-        (per_source[i] if i < len(per_source) and per_source[i] else bounds[t])
-        for i, t in enumerate(tasks)
-    ]
+    draw = _drawer(rng, tasks, bounds, per_source, text_chunk)
     enc = {"und": und_image_flops, "gen": gen_image_flops, "text": 0.0}
-
-    def draw(i: int) -> int:
-        task, q = tasks[i], dists[i]
-        # piecewise uniform: a segment between consecutive quantiles, then a length in it
-        k = int(rng.integers(0, len(q) - 1)) if len(q) > 2 else 0
-        n = int(rng.integers(q[k], q[k + 1] + 1))
-        if task == "text" and text_chunk and n > text_chunk:
-            # a chunked document: this sample is a uniformly chosen one of its chunks
-            k = int(rng.integers(0, -(-n // text_chunk)))
-            n = min(text_chunk, n - k * text_chunk)
-        return max(1, n)
-
     queues: list[dict[int, list[tuple[int, str]]]] = [{} for _ in range(world)]
 
     def supply(step: int) -> None:
