@@ -6,6 +6,7 @@
     python benchmarks/bench_gpu.py --kernels liger             # Liger's fused kernels (CUDA)
     python benchmarks/bench_gpu.py --loss-chunk-tokens 4096    # heads' CE in chunks (any device)
     python benchmarks/bench_gpu.py --compile                   # torch.compile of decoder layers
+    python benchmarks/bench_gpu.py --mfu-file ''                # measure without recording
 
 1. **Trainer**: ``janus_train.train.run`` (one process, DeepSpeed ZeRO-2, bf16 where
    supported) on the shipped ``experiment=<model> stage=stage2`` configuration, random init,
@@ -24,7 +25,9 @@ plain PyTorch (the baseline). Prints one JSON line per part: peak memory (alloca
 reserved), on CUDA the host syncs per optimizer step and inside its micro-steps
 (``torch.cuda.set_sync_debug_mode``), dynamo's compilations and graph breaks, and with
 ``--profile-step k`` a ``torch.profiler`` table of step k (top kernels by time) in
-``<out>/trainer/profile.txt``; then the trainer/reference MFU ratio. On a
+``<out>/trainer/profile.txt``; then the trainer/reference MFU ratio. A measured trainer MFU is
+appended, as one record, to ``--mfu-file`` (default ``benchmarks/results/mfu.json``, the file
+``janus-plan`` reads its utilisation from: ``janus_train.plan.config.measured_mfu``). On a
 machine without CUDA it runs the tiny model (rows of 512 tokens) so the script and the trainer
 path stay tested, and reports no MFU (no peak FLOP/s to divide by).
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -141,6 +145,40 @@ def _checkpointing(spec: str) -> list[str]:
     return ["model.gradient_checkpointing=true", f"model.checkpoint_every={k}"]
 
 
+def _commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def mfu_record(trainer: dict, device: str) -> dict:
+    """The trainer part as a record of ``janus_train.plan.config.measured_mfu``'s format."""
+    from datetime import UTC, datetime
+
+    ck = trainer["checkpointing"]
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "gpu": device,
+        "mfu": trainer["mfu"],
+        "model": trainer["model"],
+        "layers": trainer["layers"],
+        "checkpointing": ck if ck in ("none", "full") else f"every {int(ck)}",
+        "commit": _commit(),
+        **{k: trainer[k] for k in ("attn", "kernels", "compile", "tokens_per_micro")},
+        "tokens_per_s": trainer["tokens_per_s"],
+    }
+
+
 def trainer_part(args, run_dir: Path) -> dict:
     from janus_train.config import compose, to_run_config
     from janus_train.train import run
@@ -177,7 +215,8 @@ def trainer_part(args, run_dir: Path) -> dict:
     probe = StepProbe(profile_step=args.profile_step)
     probe.install(train)
     t0 = time.perf_counter()
-    assert run(to_run_config(compose(ov))) == 0
+    cfg = to_run_config(compose(ov))
+    assert run(cfg) == 0
     wall = time.perf_counter() - t0
     if probe.table is not None:
         (run_dir / "profile.txt").write_text(probe.table)
@@ -191,6 +230,7 @@ def trainer_part(args, run_dir: Path) -> dict:
     return {
         "part": "trainer",
         "model": args.model,
+        "layers": cfg.model.text.num_hidden_layers,
         "attn": _attn(args.attn),
         "checkpointing": args.checkpointing,
         "kernels": args.kernels,
@@ -341,6 +381,12 @@ def main() -> None:
     ap.add_argument("--ref-steps", type=int, default=None)
     ap.add_argument("--ref-accum", type=int, default=None)
     ap.add_argument("--out", default=None, help="run directory (default: a temporary one)")
+    ap.add_argument(
+        "--mfu-file",
+        default=str(Path(__file__).resolve().parent / "results" / "mfu.json"),
+        help="append the trainer's measured MFU here as a janus-plan record (never rewritten; "
+        "'' = do not record; nothing is recorded without a measured MFU, e.g. on CPU)",
+    )
     args = ap.parse_args()
     gpu = _cuda()
     defaults = (
@@ -391,6 +437,14 @@ def main() -> None:
     trainer = trainer_part(args, out / "trainer")
     # each part printed as soon as it is measured: a run stopped later keeps it
     print(json.dumps({"device": device, **trainer}), flush=True)
+    if trainer["mfu"] and args.mfu_file:
+        from janus_train.plan.config import append_mfu_record
+
+        n = append_mfu_record(args.mfu_file, mfu_record(trainer, device))
+        print(
+            f"bench_gpu.py: MFU {trainer['mfu']:.3f} recorded in {args.mfu_file} ({n} records)",
+            file=sys.stderr,
+        )
     if args.no_reference:
         return
     ref = reference_part(args, out)

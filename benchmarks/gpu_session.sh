@@ -5,7 +5,10 @@
 # and a rerun). Results: $OUT/summary.jsonl (one JSON line per part and variant, or a
 # skip/failure line), $OUT/session.log (every variant's output, metrics.jsonl, dynamo's
 # recompilation / graph-break log), $OUT/profile_default.txt (torch.profiler, top kernels of one
-# step of the default variant), $OUT/env.txt.
+# step of the default variant), $OUT/env.txt, $OUT/mfu.json (the repository's
+# benchmarks/results/mfu.json with the default variant's measured MFU appended: copy it back
+# there, where janus-plan reads it; compile and liger are not recorded, as janus-plan's
+# overrides set neither).
 #
 # Preparation, on the development machine, in the repository root (wheels travel in .whl/):
 #   echo /.whl/ >> .git/info/exclude
@@ -148,13 +151,16 @@ EOF
   echo "== $name: exit $rc after $(($(date +%s) - t0)) s" >>"$LOG"
 }
 
+MFU_FILE=$OUT/mfu.json
+[ -f benchmarks/results/mfu.json ] && cp benchmarks/results/mfu.json "$MFU_FILE"
 # the LLM alone first, in its own process (no DeepSpeed engine holding memory beside it)
 variant reference "$T_REF" - --reference-only "${COMMON[@]}" "${REF[@]}"
 variant default "$T_RUN" - "${COMMON[@]}" --checkpointing none --no-reference \
-  --profile-step "$PROFILE_STEP"
+  --profile-step "$PROFILE_STEP" --mfu-file "$MFU_FILE"
 TORCH_LOGS=recompiles,graph_breaks variant compile "$T_COMPILE" - "${COMMON[@]}" \
-  --checkpointing none --compile --compile-backend "$BACKEND" --no-reference
-variant liger "$T_RUN" liger "${COMMON[@]}" --checkpointing none --kernels liger --no-reference
+  --checkpointing none --compile --compile-backend "$BACKEND" --no-reference --mfu-file ''
+variant liger "$T_RUN" liger "${COMMON[@]}" --checkpointing none --kernels liger --no-reference \
+  --mfu-file ''
 
 # each trainer variant's MFU and tokens/s over the reference's (the same run, its own process)
 "$PY" - "$SUMMARY" >>"$SUMMARY" <<'EOF'

@@ -90,6 +90,38 @@ def measured_mfu(path: str | Path, gpu: str) -> tuple[float, str] | None:
     )
 
 
+def append_mfu_record(path: str | Path, record: dict) -> int:
+    """Append ``record`` (the format :func:`measured_mfu` reads) to ``path``'s ``records``,
+    creating the file; never rewrites what is there: a file that is not that format is
+    refused (``ValueError``, one line naming it) and left as it is. The new file replaces
+    the old one atomically, under an exclusive lock beside it (concurrent benchmark runs).
+    Returns the number of records now in the file."""
+    import fcntl
+    import os
+
+    p = Path(path)
+    missing = [k for k in ("date", "gpu", "mfu", "layers", "checkpointing") if k not in record]
+    if missing or not (isinstance(record["mfu"], float | int) and 0 < record["mfu"] <= 1):
+        raise ValueError(f"{p}: record without {missing or 'an mfu in (0, 1]'}: {record}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    with open(p.with_name(p.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        raw: object = {"records": []}
+        if p.exists():
+            try:
+                raw = json.loads(p.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}: not JSON ({e}); left unchanged") from None
+        recs = raw.get("records") if isinstance(raw, dict) else raw
+        if not isinstance(recs, list):
+            raise ValueError(f'{p}: not {{"records": [...]}} or a list; left unchanged')
+        recs.append(record)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(raw, indent=1) + "\n")
+        os.replace(tmp, p)
+    return len(recs)
+
+
 @dataclass
 class ClusterConfig:
     """What ``janus-plan`` plans for: ``nodes=32 gpus_per_node=8 gpu=a100-80gb`` on its command
