@@ -8,7 +8,7 @@
 #   EXPERIMENT=tiny NPROC_PER_NODE=2 bash launch/pipeline.sh \
 #     experiment.stage1.steps=2 experiment.stage2.steps=2 experiment.stage3.steps=2   # CPU smoke
 #
-# Before anything runs or is submitted, every stage is checked (janus_train.plan.check): its
+# Before anything runs or is submitted, every stage is checked (janus_train.cli.check): its
 # config, data recipe and shards, batch arithmetic at its world size, the model.init_from chain,
 # and janus-plan's feasibility on the GPU model; a failing stage is named and nothing starts.
 # The checks run with CLUSTER_ENV sourced (in a subshell), as the jobs do: JANUS_DATA_ROOT and
@@ -162,7 +162,7 @@ check_stages() {  # in a subshell: CLUSTER_ENV (what the jobs source) stays out 
   fi
   local py=${PYTHON:-python}
   if [[ -z ${PYTHON:-} && -x $here/../.venv/bin/python ]]; then py=$here/../.venv/bin/python; fi
-  local check=("$py" -m janus_train.plan.check --experiment "$EXPERIMENT"
+  local check=("$py" -m janus_train.cli.check --experiment "$EXPERIMENT"
                --gpus-per-node "$gpn" --gpu "${gpu:-none}")
   if [[ ${CHECK_DATA:-1} == 0 ]]; then check+=(--no-data); fi
   "${check[@]}" "${check_args[@]}" -- "$@"

@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_janus_data_missing_shard_is_one_line(tmp_path, monkeypatch, capsys):
-    from janus_train.data.cli import main
+    from janus_train.cli.data import main
 
     monkeypatch.setenv("JANUS_DATA_ROOT", str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit) as e:
@@ -23,7 +23,7 @@ def test_janus_data_missing_shard_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_janus_sample_missing_export_is_one_line(tmp_path, capsys):
-    from janus_train.sample import main
+    from janus_train.cli.sample import main
 
     with pytest.raises(SystemExit) as e:
         main(

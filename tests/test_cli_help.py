@@ -68,8 +68,8 @@ def _parsers(ap: argparse.ArgumentParser, name: str):
 
 def _cli_parsers():
     from janus_demo.synth import build_parser as synth_parser
-    from janus_train.data.cli import build_parser as data_parser
-    from janus_train.sample import build_parser as sample_parser
+    from janus_train.cli.data import build_parser as data_parser
+    from janus_train.cli.sample import build_parser as sample_parser
 
     yield from _parsers(data_parser(), "janus-data")
     yield from _parsers(sample_parser(), "janus-sample")
@@ -100,7 +100,7 @@ def test_every_cli_option_has_help_and_shows_its_default():
 def test_plan_help_lists_every_cluster_key_with_its_default():
     import dataclasses
 
-    from janus_train.plan.cli import plan_help
+    from janus_train.cli.plan import plan_help
     from janus_train.plan.config import ClusterConfig
 
     text = plan_help()

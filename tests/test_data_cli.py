@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_train.data import cli
+from janus_train.cli import data as cli
 from janus_train.data.builders import BuildContext, record_to_samples
 from janus_train.data.preprocess import decode_image, gen_pixels
 from janus_train.data.shards import ShardCursor

@@ -102,7 +102,7 @@ def test_init_from_accepts_deepseek_layout_and_refuses_the_unknown(dirs, tmp_pat
 
 
 def test_cli_commands_and_one_line_errors(dirs, tmp_path, monkeypatch, capsys):
-    from janus_train.data.cli import main
+    from janus_train.cli.data import main
 
     hf, ds, _ = dirs
     monkeypatch.setenv("JANUS_CONVERT_CACHE", str(tmp_path / "cache"))

@@ -290,9 +290,9 @@ def test_planner_counts_adapters_and_7b_fits_one_80gb_gpu(capsys):
     import torch
     from transformers import JanusForConditionalGeneration
 
+    from janus_train.cli import plan as cli
     from janus_train.config import compose, to_run_config
     from janus_train.model.build import build_janus_config
-    from janus_train.plan import cli
     from janus_train.plan.costs import _VocabOnly
     from janus_train.plan.estimate import stage_shape
 

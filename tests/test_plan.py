@@ -21,8 +21,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from janus_train.cli import plan as cli
 from janus_train.config import compose, to_run_config
-from janus_train.plan import cli
 from janus_train.plan.config import ClusterConfig
 from janus_train.plan.costs import communication
 from janus_train.plan.estimate import Row, activation_bytes, model_sizes, model_state_bytes

@@ -15,6 +15,7 @@ from PIL import Image
 
 from janus_demo import world
 from janus_train import sample as S
+from janus_train.cli import sample as sample_cli
 from janus_train.model.chat_template import PromptFormat, set_chat_template
 from janus_train.model.tokenizer import resolve_special_tokens
 
@@ -229,7 +230,7 @@ def test_guided_greedy_codes_equal_a_hand_written_cfg_decode(loaded, scale):
 def test_cli_both_modes(export_dir, tmp_path, capsys):
     img = tmp_path / "a.png"
     _images(1)[0].save(img)
-    S.main(
+    sample_cli.main(
         [
             "--model",
             str(export_dir),
@@ -247,7 +248,7 @@ def test_cli_both_modes(export_dir, tmp_path, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["question"] for x in lines] == QUESTIONS[:2]
     out = tmp_path / "gen"
-    S.main(
+    sample_cli.main(
         [
             "--model",
             str(export_dir),

@@ -55,8 +55,8 @@ def test_split_special_token_fails(tok_dirs):
 
 
 def test_entry_points_stop_on_a_broken_tokenizer(tok_dirs, tmp_path, capsys):
-    from janus_train import sample
-    from janus_train.data import cli
+    from janus_train.cli import data as cli
+    from janus_train.cli import sample
     from janus_train.model import build_model
     from tests.conftest import tiny_run
 

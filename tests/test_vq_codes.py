@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from janus_train.data import cli
+from janus_train.cli import data as cli
 from janus_train.data.preprocess import decode_image, gen_pixels
 from janus_train.data.shards import ShardCursor
 from janus_train.data.synthetic import caption_records, write_tar

@@ -264,7 +264,7 @@ def build_generation(
 # --------------------------------------------------------------------------- records -> samples
 
 
-def _image_members(members: dict[str, bytes]) -> list[str]:
+def image_members(members: dict[str, bytes]) -> list[str]:
     """Image member extensions in order: ``jpg`` alone, or ``0.jpg``, ``1.png``, ..."""
     exts = [e for e in members if e.rsplit(".", 1)[-1] in IMAGE_EXTS]
     return sorted(exts, key=lambda e: (len(e), e))
@@ -300,7 +300,7 @@ def _codes(members: dict[str, bytes], ctx: BuildContext) -> np.ndarray | None:
 
 
 def _one_image(members: dict[str, bytes]) -> bytes:
-    exts = _image_members(members)
+    exts = image_members(members)
     if not exts:
         raise BadSample("missing_key", "no image member")
     return members[exts[0]]
@@ -351,7 +351,7 @@ def record_to_samples(
         return build_text(text, ctx)
     if fmt == "conversation":
         turns = _conversation_turns(members)
-        exts = _image_members(members)
+        exts = image_members(members)
         if task == "text" and exts:
             raise BadSample("image_marker_mismatch", "text conversation with images")
         imgs = [und_uint8(decode_image(members[e]), S) for e in exts]

@@ -344,7 +344,7 @@ def _encode_shard(job: tuple[str, str, str, str, int, int]) -> dict:
     import numpy as np
     import torch
 
-    from janus_train.data.builders import _image_members
+    from janus_train.data.builders import image_members
     from janus_train.data.preprocess import BadSample, decode_image, gen_pixels
     from janus_train.data.shards import ShardCursor
     from janus_train.model.vq_codes import vq_codes
@@ -354,7 +354,7 @@ def _encode_shard(job: tuple[str, str, str, str, int, int]) -> dict:
     records = [r for _, r in ShardCursor(url, None).iterate(0, lambda p: True)]
 
     def prep(rec):
-        exts = _image_members(rec.members)
+        exts = image_members(rec.members)
         if not exts:
             return None
         try:
