@@ -39,6 +39,7 @@ def main() -> None:
 
     from janus_train.batch import count_supervised
     from janus_train.config import compose, to_run_config
+    from janus_train.data.synthetic_loader import SyntheticStepLoader
     from janus_train.train import build_engine, forward_backward, step_weights
     from janus_train.trainer.distributed import (
         all_reduce_sum,
@@ -48,7 +49,6 @@ def main() -> None:
         setup_distributed,
     )
     from janus_train.trainer.state import TrainState, save_train_state
-    from janus_train.trainer.synthetic import SyntheticStepLoader
 
     info = setup_distributed()
     holder = [tempfile.mkdtemp(prefix="bench_ckpt_") if info.is_main else None]

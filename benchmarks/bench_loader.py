@@ -28,8 +28,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from janus_train import compat
-
 
 def photo_like(i: int, w: int, h: int) -> bytes:
     """A smooth-gradient image with shapes and mild noise: JPEG size/decode cost like photos."""
@@ -149,7 +147,7 @@ def loader_rate(
     )
     for _ in range(max(2, workers)):  # warm-up: worker start, shard indexing
         L.next_step()
-    pids = [w.pid for w in compat.dataloader_workers(L._it)[0]]
+    pids = L.worker_steps.worker_pids()
     t0, c0, w0 = time.perf_counter(), time.process_time(), _cpu_seconds(pids)
     for _ in range(steps):
         L.next_step()

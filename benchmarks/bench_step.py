@@ -51,6 +51,7 @@ def overrides(args, run_dir: str) -> list[str]:
 
 def bare_step_times(run, args) -> list[float]:
     """The same model, DeepSpeed config and batches in the plainest DeepSpeed loop."""
+    from janus_train.data.synthetic_loader import SyntheticStepLoader
     from janus_train.train import build_engine
     from janus_train.trainer.distributed import (
         build_deepspeed_config,
@@ -58,7 +59,6 @@ def bare_step_times(run, args) -> list[float]:
         resolve_precision,
         setup_distributed,
     )
-    from janus_train.trainer.synthetic import SyntheticStepLoader
 
     info = setup_distributed()
     hp = run.hparams

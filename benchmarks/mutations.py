@@ -85,7 +85,7 @@ MUTATIONS = [
     ),
     Mutation(
         "sig_ign_removed",
-        "janus_train/data/loader.py",
+        "janus_train/data/workers.py",
         (("        signal.signal(sig, signal.SIG_IGN)", "        pass"),),
         ("tests/test_data_loader.py", "-k", "sigterm"),
         "loader workers die on the SIGTERM Slurm sends every process of the job",

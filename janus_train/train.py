@@ -36,12 +36,12 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from janus_train.batch import check_batch, count_supervised
@@ -52,6 +52,7 @@ from janus_train.config import (
     explain_removed_key,
     to_run_config,
 )
+from janus_train.data.synthetic_loader import SyntheticStepLoader
 from janus_train.errors import (
     debug_requested,
     is_storage_full,
@@ -73,6 +74,7 @@ from janus_train.model.build import check_init_from
 from janus_train.model.chat_template import run_prompt_format, set_chat_template
 from janus_train.model.forward import with_index
 from janus_train.model.kernels import build_head_loss, check_kernels_available
+from janus_train.step_loader import StepLoader
 from janus_train.trainer.checkpoint import EXIT_REQUEUE, tag_for
 from janus_train.trainer.distributed import (
     BatchPlan,
@@ -101,7 +103,6 @@ from janus_train.trainer.state import (
     prepare_resume,
     save_train_state,
 )
-from janus_train.trainer.synthetic import SyntheticStepLoader
 
 logger = logging.getLogger("janus_train")
 EXIT_OK = 0
@@ -209,16 +210,12 @@ def _to_device(batch: dict, device) -> dict:
     }
 
 
-def _gather_counters(loader) -> dict[str, int]:
+def _gather_counters(loader: StepLoader) -> dict[str, int]:
     """Loader counters summed over ranks (keys may differ per rank)."""
-    local = loader.counters()
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
-    out: dict[str, int] = {}
-    for part in parts:
-        for k, v in part.items():
-            out[k] = out.get(k, 0) + int(v)
-    return out
+    total: Counter = Counter()
+    for part in all_gather_objects(loader.counters()):
+        total.update(part)
+    return dict(total)
 
 
 def prepare(cfg: RunConfig, info: DistInfo) -> Prepared:
@@ -317,7 +314,7 @@ def train_step(
     cfg: RunConfig,
     plan: BatchPlan,
     t: Trainee,
-    loader,
+    loader: StepLoader,
     step: int,
     guard: RunGuard,
     meter: Throughput,
@@ -403,7 +400,7 @@ def check_update(out: StepOut, state: TrainState, tc, ckpt_dir: Path) -> None:
 
 
 def step_record(
-    out: StepOut, state: TrainState, meter: Throughput, loader, world_size: int
+    out: StepOut, state: TrainState, meter: Throughput, loader: StepLoader, world_size: int
 ) -> dict:
     """The metrics row of a logging step. Collective (loader counters are gathered)."""
     rec = {

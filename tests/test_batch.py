@@ -21,8 +21,8 @@ from janus_train.data.builders import (
     finish_pixels,
 )
 from janus_train.data.preprocess import gen_pixels, normalize_batch, normalize_pixels_, und_pixels
+from janus_train.data.synthetic_loader import SyntheticStepLoader
 from janus_train.model.tokenizer import resolve_special_tokens, train_tiny_tokenizer
-from janus_train.trainer.synthetic import SyntheticStepLoader
 from tests.conftest import tiny_run
 
 N = 16  # image tokens of the tiny tokenizer's processor

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from janus_train.config import compose, to_run_config
+from janus_train.data.synthetic_loader import SyntheticStepLoader
 from janus_train.model import JanusTrainModel, build_model
 from janus_train.model.compile import compile_decoder_layers, decoder_layers
-from janus_train.trainer.synthetic import SyntheticStepLoader
 
 
 def _run(overrides):

@@ -390,9 +390,9 @@ def test_loader_worker_ignores_sigterm_and_dies_with_its_parent(tmp_path):
     script = (
         "import multiprocessing as mp, os, sys, time\n"
         "from pathlib import Path\n"
-        "from janus_train.data.loader import _init_worker\n"
+        "from janus_train.data.workers import init_worker\n"
         "def work(parent, d):\n"
-        "    _init_worker(parent, 0)\n"
+        "    init_worker(parent, 0)\n"
         "    Path(d, 'ready').write_text('1')\n"
         "    while not Path(d, 'ping').exists():\n"
         "        time.sleep(0.01)\n"
@@ -413,7 +413,7 @@ def test_loader_worker_ignores_sigterm_and_dies_with_its_parent(tmp_path):
     worker = None
     try:
         worker = int(parent.stdout.readline())
-        _wait_for(ready.exists, 120, "worker start-up (_init_worker done)")
+        _wait_for(ready.exists, 120, "worker start-up (init_worker done)")
         os.kill(worker, signal.SIGTERM)
         ping.write_text("1")
 

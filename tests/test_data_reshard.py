@@ -87,7 +87,7 @@ def test_carry_over_reads_no_record_twice_and_accounts_for_every_record(
 
     # read on while every new stream is in the carried epoch: no record twice
     def epoch(L, src):
-        return L.worker_states[0]["sources"][src]["rec"]["epoch"]
+        return L.worker_steps.worker_states[0]["sources"][src]["rec"]["epoch"]
 
     E = {src: epoch(new[0], src) for src in ("cap", "cls")}
     keys, slack, crossed = list(seen), Counter(), set()

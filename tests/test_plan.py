@@ -651,6 +651,7 @@ def traffic_worker(out: str) -> None:
     for name in COLLECTIVES:
         wrap(name)
     from janus_train.batch import count_supervised
+    from janus_train.data.synthetic_loader import SyntheticStepLoader
     from janus_train.train import build_engine, forward_backward, step_weights
     from janus_train.trainer.distributed import (
         all_reduce_sum,
@@ -658,7 +659,6 @@ def traffic_worker(out: str) -> None:
         plan_batch,
         setup_distributed,
     )
-    from janus_train.trainer.synthetic import SyntheticStepLoader
 
     info = setup_distributed()
     result = {}

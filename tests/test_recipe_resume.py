@@ -74,8 +74,8 @@ def _steps(loaders, n):
         return keys
 
     for L in loaders:  # workers are forked by the main thread: they die with their forking
-        if L._it is None:  # thread (PR_SET_PDEATHSIG)
-            L._start()
+        if L.worker_steps.it is None:  # thread (PR_SET_PDEATHSIG)
+            L.worker_steps.start()
     per_rank = _each_rank([lambda L=L: body(L) for L in loaders])
     return [[k for rank in per_rank for k in rank[s]] for s in range(n)]
 

@@ -65,6 +65,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "janus_train",
             "janus_train.batch",
+            "janus_train.step_loader",
             "janus_train.errors",
             "janus_train.quiet",
             "janus_train.compat",
@@ -374,9 +375,9 @@ def test_users_import_the_batch_contract():
             users[rel] = imported
     for rel, name in (
         ("janus_train/data/builders.py", "collate"),
-        ("janus_train/data/loader.py", "empty_batch"),
+        ("janus_train/data/step_loaders.py", "empty_batch"),
         ("janus_train/model/forward.py", "IGNORE"),
-        ("janus_train/trainer/synthetic.py", "collate"),
+        ("janus_train/data/synthetic_loader.py", "collate"),
         ("janus_train/train.py", "count_supervised"),
         ("janus_train/train.py", "check_batch"),
         ("benchmarks/bench_ckpt.py", "count_supervised"),
@@ -388,7 +389,7 @@ def test_one_ratio_splitter_for_both_loaders():
     """The synthetic loader splits a step like the data loader, ties included (und:text 1:1 with
     one sample goes to und in both)."""
     from janus_train.batch import task_counts
-    from janus_train.trainer.synthetic import split_by_ratio
+    from janus_train.data.synthetic_loader import split_by_ratio
 
     for n in range(1, 13):
         for ratio in (

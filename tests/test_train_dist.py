@@ -140,7 +140,7 @@ def _grads(root, name, zero, reduction, tokens_per_micro=0, extra=()):
 def _text_only_rank1(root):
     """ZeRO-3, stage 3 (SigLIP trains): rank 1's micro-batches are text-only."""
     from janus_train import train
-    from janus_train.trainer.synthetic import SyntheticStepLoader
+    from janus_train.data.synthetic_loader import SyntheticStepLoader
 
     class Loader(SyntheticStepLoader):
         def tasks_for_step(self, step):
@@ -395,9 +395,9 @@ def scenario_resume(root, mode, variant=""):
     import torch.distributed as dist
 
     from janus_train import train
+    from janus_train.data.synthetic_loader import SyntheticStepLoader
     from janus_train.model import JanusTrainModel
     from janus_train.trainer import checkpoint
-    from janus_train.trainer.synthetic import SyntheticStepLoader
 
     current = {"step": -1, "calls": 0}
     orig_next, orig_fwd, orig_commit = (
@@ -497,8 +497,8 @@ def test_stage_runs(scen, stage, zero):
 def _reference_grads(tmp_path, reduction, extra=()):
     """Plain torch, one process: the same 4 samples as one batch, loss from its definition."""
     from janus_train.config import compose, to_run_config
+    from janus_train.data.synthetic_loader import SyntheticStepLoader
     from janus_train.model import JanusTrainModel, apply_freeze, build_model, set_train_mode
-    from janus_train.trainer.synthetic import SyntheticStepLoader
     from tests.helpers import concat_batches
 
     run = to_run_config(

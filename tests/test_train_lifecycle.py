@@ -182,8 +182,8 @@ def scenario(root: str, mode: str) -> None:
 
     from janus_train import train
     from janus_train.config import compose, to_run_config
+    from janus_train.data.synthetic_loader import SyntheticStepLoader
     from janus_train.trainer.distributed import set_collective_timeout
-    from janus_train.trainer.synthetic import SyntheticStepLoader
 
     orig = SyntheticStepLoader.next_step
     started: list[float] = []

@@ -18,6 +18,7 @@ from torch import nn
 
 from janus_train.batch import count_supervised
 from janus_train.config import compose, to_run_config
+from janus_train.data.synthetic_loader import SyntheticStepLoader, split_by_ratio
 from janus_train.model import TASKS, JanusTrainModel, apply_freeze, build_model
 from janus_train.train import step_weights
 from janus_train.trainer import checkpoint as ckpt
@@ -25,7 +26,6 @@ from janus_train.trainer.config import DeepSpeedConfig
 from janus_train.trainer.distributed import build_deepspeed_config, plan_batch
 from janus_train.trainer.metrics import FlopCounter, MetricsLogger, peak_flops
 from janus_train.trainer.optim import build_param_groups, lr_at
-from janus_train.trainer.synthetic import SyntheticStepLoader, split_by_ratio
 from tests.helpers import concat_batches
 
 REPO = Path(__file__).resolve().parent.parent

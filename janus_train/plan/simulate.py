@@ -33,8 +33,8 @@ from janus_train.batch import task_counts
 from janus_train.data.mixing import rank_supply
 from janus_train.data.packing import balance_takes, keep_bounds, layout
 
-# text tokens of a sample per task, inclusive: trainer/synthetic.py's "janus" mix
-from janus_train.trainer.synthetic import JANUS_MIX
+# text tokens of a sample per task, inclusive: data/synthetic_loader.py's "janus" mix
+from janus_train.data.synthetic_loader import JANUS_MIX
 
 SIM_STEPS = 4
 """Steps simulated after one warm-up step (queues filled); the figures are their means."""

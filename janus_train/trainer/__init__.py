@@ -8,5 +8,4 @@ state.py        TrainState: step, skip counters, wandb id, loader + RNG, saved a
 guard.py        RunGuard: clean-up on every exit path, stuck-after-stop watchdog (exit 70)
 metrics.py      metrics.jsonl (+ wandb) on rank 0, PaLM FLOPs and MFU
 export.py       HF-format export (ZeRO-3 consolidated) for the next stage
-synthetic.py    deterministic synthetic StepLoader (tests, benchmarks, smoke runs)
 """

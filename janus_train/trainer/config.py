@@ -89,8 +89,8 @@ class TrainConfig:
     dry_run: bool = False
     """Validate config, recipe and batch arithmetic, then exit before building the model."""
     synthetic_data: bool = False
-    """Train on deterministic synthetic batches (``janus_train.trainer.synthetic``) instead of
-    the WebDataset loader: tests, benchmarks, smoke runs without data."""
+    """Train on deterministic synthetic batches (``janus_train.data.synthetic_loader``)
+    instead of the WebDataset loader: tests, benchmarks, smoke runs without data."""
     synthetic_seq_len: int = 64
     """Row length of synthetic batches (the longest synthetic sample)."""
     synthetic_length_mix: str = "uniform"

@@ -13,7 +13,7 @@ thread. So the C-level signal handler also writes to a pipe (``signal.set_wakeup
 watchdog thread: once a stop signal arrived, the loop must call ``guard.progress()`` at least
 every ``stop_grace_s`` seconds (it does after every step, evaluation and checkpoint); otherwise
 the process exits with :data:`EXIT_STUCK` (the last committed checkpoint stays valid; loader
-workers die with their parent, see ``janus_train.data.loader``).
+workers die with their parent, see ``janus_train.data.workers``).
 """
 
 from __future__ import annotations

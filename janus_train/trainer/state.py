@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from janus_train.step_loader import StepLoader
 from janus_train.trainer.checkpoint import (
     convert_to_universal,
     get_rng_state,
@@ -64,7 +65,12 @@ class TrainState:
 
 
 def save_train_state(
-    engine, ckpt_dir: str | os.PathLike, state: TrainState, loader, info: DistInfo, keep_last: int
+    engine,
+    ckpt_dir: str | os.PathLike,
+    state: TrainState,
+    loader: StepLoader,
+    info: DistInfo,
+    keep_last: int,
 ) -> str:
     """Collective: engine + train state + this rank's loader position and RNG, atomically."""
     rank_state = {"loader": loader.state_dict(), "rng": get_rng_state()}
@@ -104,7 +110,11 @@ def prepare_resume(ckpt_dir: str | os.PathLike, info: DistInfo, ds_config: dict)
 
 
 def load_train_state(
-    engine, ckpt_dir: str | os.PathLike, loader, info: DistInfo, plan: ResumePlan | None = None
+    engine,
+    ckpt_dir: str | os.PathLike,
+    loader: StepLoader,
+    info: DistInfo,
+    plan: ResumePlan | None = None,
 ) -> TrainState:
     """Collective: resume engine, loader and RNG from ``latest``; a fresh state when none.
     ``plan``: from :func:`prepare_resume`; its fallbacks (and those of a checkpoint that failed

@@ -1,5 +1,5 @@
-"""Deterministic synthetic batches with the data loader's interface (``StepLoader``): tests,
-benchmarks and smoke runs with no data on disk.
+"""Deterministic synthetic batches behind the step loader interface
+(``janus_train.step_loader.StepLoader``): tests, benchmarks and smoke runs with no data on disk.
 
 Every optimizer step holds ``global_batch`` rows whose tasks follow the stage ratio (largest
 remainder, then a seeded shuffle). Row ``g`` of step ``s`` is generated from
