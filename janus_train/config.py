@@ -137,9 +137,8 @@ class StageConfig:
     """``stage1`` | ``stage2`` | ``stage3``: selects ``experiment.<name>``."""
     trainable: list[str] = field(default_factory=lambda: ["und_adaptor", "gen_adaptor", "gen_head"])
     """Module groups that train: und_encoder, und_adaptor, gen_embeddings, gen_adaptor,
-    gen_head, llm (vq never)."""
-    train_gen_embeddings: bool = False
-    """Add ``gen_embeddings`` to the trainable groups (the papers do not say)."""
+    gen_head, llm (vq never). No shipped stage trains ``gen_embeddings`` (the papers do not
+    say): add it to the list to train it."""
     und_format: UndFormat = UndFormat.plain
     """Framing of captions and conversations: plain | qa | chat (``UndFormat``)."""
     gen_format: GenFormat = GenFormat.plain
@@ -176,10 +175,8 @@ class RunConfig:
 
     @property
     def trainable_groups(self) -> list[str]:
-        groups = list(self.stage.trainable)
-        if self.stage.train_gen_embeddings and "gen_embeddings" not in groups:
-            groups.append("gen_embeddings")
-        return groups
+        """The module groups that train: ``stage.trainable``."""
+        return list(self.stage.trainable)
 
 
 def _value(x) -> str:
@@ -189,16 +186,20 @@ def _value(x) -> str:
 REMOVED_KEYS = {
     "train.steps": "experiment.<stage>.steps",
     "train.global_batch_size": "experiment.<stage>.global_batch_size",
+    "stage.train_gen_embeddings": "stage.trainable",
 }
 """Keys that no longer exist -> the one key that holds their value. A stage's step count and
 batch are part of its published recipe (``experiment.<stage>``), beside its lr and ratio: one
-key, which the run's saved ``config.yaml`` shows as trained."""
+key, which the run's saved ``config.yaml`` shows as trained. What trains is one list."""
+_REMOVED_EXAMPLES = {
+    "stage.train_gen_embeddings": "stage.trainable=[und_adaptor,gen_adaptor,gen_head,gen_embeddings]"
+}
 
 
 def _removed(key: str) -> ValueError:
     new = REMOVED_KEYS[key]
-    example = new.replace("<stage>", "stage2")
-    return ValueError(f"{key} was removed: set {new} instead (e.g. stage=stage2 {example}=...)")
+    example = _REMOVED_EXAMPLES.get(key) or f"stage=stage2 {new.replace('<stage>', 'stage2')}=..."
+    return ValueError(f"{key} was removed: set {new} instead (e.g. {example})")
 
 
 def check_removed_keys(overrides: list[str]) -> None:

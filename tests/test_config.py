@@ -112,6 +112,23 @@ def test_removed_train_keys_name_their_replacement(key, prefix):
     assert str(e.value).startswith(f"train.{key} was removed: set experiment.<stage>.{key}")
 
 
+@pytest.mark.parametrize("prefix", ["", "+", "~"])
+def test_train_gen_embeddings_is_gone_for_one_trainable_list(prefix):
+    with pytest.raises(ValueError) as e:
+        compose(
+            [
+                "stage=stage2",
+                f"{prefix}stage.train_gen_embeddings" + ("" if prefix == "~" else "=true"),
+            ]
+        )
+    assert str(e.value) == (
+        "stage.train_gen_embeddings was removed: set stage.trainable instead "
+        "(e.g. stage.trainable=[und_adaptor,gen_adaptor,gen_head,gen_embeddings])"
+    )
+    run = to_run_config(compose(["stage=stage2", "stage.trainable=[llm,gen_embeddings]"]))
+    assert run.trainable_groups == ["llm", "gen_embeddings"]
+
+
 def test_removed_key_in_a_yaml_file_names_its_replacement(tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(CONF_DIR, conf)

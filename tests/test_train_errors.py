@@ -94,14 +94,18 @@ def test_unknown_key_and_missing_recipe_are_user_errors(monkeypatch, capsys, tmp
     assert code == EXIT_USER_ERROR and "missing.yaml" in _one_error_line(err)
 
 
-@pytest.mark.parametrize("override", ["train.steps=5", "++train.global_batch_size=4"])
+@pytest.mark.parametrize(
+    "override", ["train.steps=5", "++train.global_batch_size=4", "stage.train_gen_embeddings=true"]
+)
 def test_removed_key_is_one_line_naming_its_replacement(monkeypatch, capsys, tmp_path, override):
     status = tmp_path / "user_error.txt"
     env = {"JANUS_USER_ERROR_FILE": str(status)}
     code, err = _main(monkeypatch, capsys, tmp_path, override, env=env)
     key = override.lstrip("+").split("=")[0]
     line = _one_error_line(err)
-    assert code == EXIT_USER_ERROR and f"{key} was removed: set experiment.<stage>." in line
+    from janus_train.config import REMOVED_KEYS
+
+    assert code == EXIT_USER_ERROR and f"{key} was removed: set {REMOVED_KEYS[key]} " in line
     assert status.read_text().startswith(f"janus-train: error: {key} was removed")
     assert not (tmp_path / "run").exists()
 
