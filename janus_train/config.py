@@ -254,6 +254,12 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"{where}.global_batch_size must be > 0")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: must be 0..3")
+    for key in ("quantized_weights", "quantized_gradients"):
+        if getattr(cfg.deepspeed, key) and cfg.deepspeed.zero_stage != 3:
+            raise ValueError(
+                f"deepspeed.{key}=true needs deepspeed.zero_stage=3 (ZeRO++), got "
+                f"{cfg.deepspeed.zero_stage}"
+            )
     if cfg.deepspeed.precision not in ("bf16", "fp32"):
         raise ValueError(f"deepspeed.precision={cfg.deepspeed.precision!r}: bf16 | fp32")
     if cfg.train.loss_reduction not in ("token_mean", "task_mean_sum"):

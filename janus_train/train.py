@@ -83,6 +83,7 @@ from janus_train.trainer.distributed import (
     all_reduce_sum,
     barrier,
     build_deepspeed_config,
+    check_quantized_available,
     exit_finished,
     init_engine,
     plan_as_dict,
@@ -500,7 +501,7 @@ def run(cfg: RunConfig) -> int:
     # what this machine cannot run, before any model (a dry run may plan for another machine)
     check_attn_available(cfg.model.attn_implementation)
     check_kernels_available(cfg.model)
-
+    check_quantized_available(cfg.deepspeed, info.world_size)
     # From here on, whatever ends the run (end, exception, signal) closes what `guard` holds.
     with RunGuard(tc.stop_grace_s) as guard:
         # the newest checkpoint that verifies; universal when the world size changed

@@ -378,6 +378,66 @@ def test_hpz_keeps_backward_gathers_in_the_node():
     assert in_node == pytest.approx(2 * 2 * 2e9 * 7 / 8)
 
 
+def test_zeropp_quantization_bytes_as_deepspeed_moves_them(monkeypatch):
+    """ZeRO++ under ZeRO-3, by hand from DeepSpeed 0.19's code (no CPU run: its quantizer is a
+    CUDA op). qwZ: every non-persistent gather moves int8 plus one fp32 scale per group of
+    up to 8000 (CUDAQuantizer.target_group_size), hpZ's in-node one too. qgZ
+    (all_to_all_quant_reduce): int4 = 0.5 B per gradient element all-to-all'ed in the node,
+    (8-1)/8 of it sent; the node sums, 1/8 of the elements, int4 across the 4 nodes, (4-1)/4
+    sent; on one node DeepSpeed reduce-scatters as before. The knobs reach DeepSpeed's own
+    config parser, need ZeRO-3 (compose-time, one line) and CUDA (before any model)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from janus_train.trainer import distributed
+
+    args = dict(trainable=10**9, forward_params=2 * 10**9, backward_params=2 * 10**9,
+                nodes=4, gpus_per_node=8, grad_accum=2)  # fmt: skip
+    ring, q8 = 31 / 32, 1 + 4 / 8000
+
+    def by_what(ds, **kw):
+        return {t.what: (t.bytes, t.inter_node) for t in communication(ds, **{**args, **kw})}
+
+    qw = by_what(DeepSpeedConfig(zero_stage=3, quantized_weights=True))
+    assert qw["forward parameter all-gather (qwZ int8) x2"] == pytest.approx(
+        (2 * q8 * 2e9 * ring, True)
+    )
+    assert qw["backward all-gather (qwZ int8) x2"] == pytest.approx((2 * q8 * 2e9 * ring, True))
+    assert qw["gradient reduce-scatter (4 B) x2"] == pytest.approx((2 * 4 * 1e9 * ring, True))
+    hpz = by_what(DeepSpeedConfig(zero_stage=3, quantized_weights=True, hpz_partition_size=8))
+    assert hpz["backward all-gather (qwZ int8) x2 (hpZ, in-node)"] == pytest.approx(
+        (2 * q8 * 2e9 * 7 / 8, False)
+    )
+    qg = by_what(DeepSpeedConfig(zero_stage=3, quantized_gradients=True))
+    assert qg["gradient all-to-all (qgZ int4, in-node) x2"] == pytest.approx(
+        (2 * 0.5e9 * 7 / 8, False)
+    )
+    assert qg["gradient all-to-all (qgZ int4) x2"] == pytest.approx((2 * 0.5e9 / 8 * 3 / 4, True))
+    assert not [w for w in qg if "reduce-scatter" in w]
+    one = by_what(DeepSpeedConfig(zero_stage=3, quantized_gradients=True), nodes=1)
+    assert one["gradient reduce-scatter (4 B) x2"] == pytest.approx((2 * 4e9 * 7 / 8, False))
+    # memory: qwZ's int8 flat buffer beside each gathered (and prefetched) layer
+    base, q = (
+        model_state_bytes(10**9, 0, 10**8, DeepSpeedConfig(zero_stage=3, quantized_weights=w), 32)
+        for w in (False, True)
+    )  # fmt: skip
+    assert sum(q.values()) - sum(base.values()) == 2 * 10**8
+
+    over = ["deepspeed.quantized_weights=true", "deepspeed.quantized_gradients=true"]
+    run = _run(["experiment=tiny", "deepspeed=zero3_hpz", *over])
+    js = build_deepspeed_config(run.deepspeed, BatchPlan(16, 1, 1, 16), "bf16", 0.0, 1e-3)
+    parsed = DeepSpeedZeroConfig(**js["zero_optimization"])
+    assert parsed.zero_quantized_weights and parsed.zero_quantized_gradients
+    assert parsed.zero_hpz_partition_size == 8
+    with pytest.raises(
+        ValueError, match=r"deepspeed.quantized_gradients=true needs deepspeed.zero_stage=3"
+    ):
+        _run(["experiment=tiny", "deepspeed=zero2", over[1]])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="quantized_weights=true needs CUDA"):
+        distributed.check_quantized_available(run.deepspeed, 16)
+    distributed.check_quantized_available(DeepSpeedConfig(zero_stage=3), 16)  # off: nothing
+
+
 def test_reduction_bytes_follow_the_deepspeed_json():
     """The gradient element on the wire is what the generated DeepSpeed config reduces in:
     ``communication_data_type`` fp32 with ``deepspeed.reduce_fp32`` (4 bytes), else the bf16

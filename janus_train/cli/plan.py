@@ -77,8 +77,11 @@ def _row(c: Candidate, mark: str) -> str:
         if e.feasible
         else f"{'-':>8}{'-':>9}{'-':>8}{'-':>7}{'-':>7}"
     )
+    zpp = "+".join(
+        n for n, on in (("qwZ", e.ds.quantized_weights), ("qgZ", e.ds.quantized_gradients)) if on
+    )
     return (
-        f"{e.preset:<10}{e.nodes:>6} {ckpt:>8}{tpm:>7} {red:>6}{micro:>6}"
+        f"{e.preset:<10}{e.nodes:>6} {ckpt:>8}{tpm:>7} {red:>6} {zpp or '-':>7}{micro:>6}"
         f"{e.total_memory / GIB:>8.1f}{times}  {mark}"
     )
 
@@ -112,15 +115,18 @@ def render(plan: StagePlan, cluster: ClusterConfig, experiment: str) -> str:
         "nodes per GPU)",
         f"utilisation {util:.3f} of executed FLOPs ({source})",
         *_length_lines(sh, cluster),
-        f"{'deepspeed':<10}{'nodes':>6} {'ckpt':>8}{'tokens':>7} {'reduce':>6}{'micro':>6}"
-        f"{'mem GiB':>8}{'comm GB':>8}{'compute s':>9}{'comm s':>8}{'step s':>7}{'days':>7}",
+        f"{'deepspeed':<10}{'nodes':>6} {'ckpt':>8}{'tokens':>7} {'reduce':>6} {'zero++':>7}"
+        f"{'micro':>6}{'mem GiB':>8}{'comm GB':>8}{'compute s':>9}{'comm s':>8}{'step s':>7}{'days':>7}",
     ]
-    # per preset: its fastest fitting point, else its smallest-memory one (why it fails)
+    # per preset: the recommendation, else its fastest fitting point, else its smallest-memory
+    # one (why it fails)
     for name in dict.fromkeys(c.est.preset for c in plan.candidates):
         mine = [c for c in plan.candidates if c.est.preset == name]
         fit = [c for c in mine if c.fits]
         c = (
-            min(fit, key=lambda c: c.est.days)
+            best
+            if best in mine
+            else min(fit, key=lambda c: c.est.days)
             if fit
             else min(mine, key=lambda c: (not c.est.feasible, c.est.total_memory))
         )
@@ -164,7 +170,8 @@ def _recommendation_lines(plan: StagePlan, cluster: ClusterConfig) -> list[str]:
     ch, best = plan.chosen, plan.best
     lines = [
         f"recommended: {best.paste()}: step {ch.step_s:.2f} s, {ch.days:.2f} days"
-        + ("" if best.fits else f" (less than {ck.HEADROOM:.0%} memory headroom)"),
+        + ("" if best.fits else f" (less than {ck.HEADROOM:.0%} memory headroom)")
+        + (f" (lossy: ZeRO++ {' and '.join(best.lossy)})" if best.lossy else ""),
         "runners-up (best with one knob changed):",
     ]
     knobs = {"nodes": str(ch.nodes), **best.knobs}

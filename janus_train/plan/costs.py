@@ -59,9 +59,26 @@ DeepSpeed 0.19's ``runtime/zero/stage_1_and_2.py``, ``stage3.py`` and ``engine.p
 tests/test_plan.py checks the bytes and the micro-step each collective runs in against the
 collectives of a 2-rank CPU run of ZeRO-1, 2 and 3 (torch.distributed wrapped).
 
+ZeRO++ quantization (ZeRO-3 only; ``deepspeed.quantized_weights`` / ``quantized_gradients``),
+read from DeepSpeed 0.19's ``partition_parameters.py``, ``partitioned_param_coordinator.py``,
+``stage3.py`` and ``comm/coalesced_collectives.py``:
+
+    qwZ     every non-persistent all-gather, forward and backward (hpZ's in-node one too), moves
+            int8 plus an fp32 scale per group of up to 8000 elements (:data:`QWZ_BYTES`); the
+            persistent parameters' gather after the step is not quantized. Memory: the int8
+            flat buffer beside each gathered layer
+    qgZ     with more than one node, each micro-step's gradient reduce-scatter becomes
+            ``all_to_all_quant_reduce``: the whole gradient quantized to int4 (0.5 B) and
+            all-to-all'ed in the node ((L-1)/L of it sent, L GPUs per node), summed there, the
+            1/L result re-quantized to int4 and all-to-all'ed across the M nodes ((M-1)/M
+            sent). 1-D tensors (norms, biases: < 0.01% of the parameters here) and tensors whose
+            size is not a multiple of 2 x world still reduce-scatter: counted as matrices. The
+            fp32 scales (one per row or column: < 0.3%) are not counted. Memory:
+            :data:`QGZ_BUFFER_BYTES` per bucket element
+    Both need DeepSpeed's CUDA quantizer kernels: no CPU run checks these bytes.
+
 MiCS (``mics_shard_size``) was removed from DeepSpeed 0.19, which this project runs, so it is
-not a candidate; ZeRO++ quantized weights / gradients are not offered by this trainer's config
-yet, so not searched. Step time (:mod:`janus_train.plan.estimate`): per overlap window, the
+not a candidate. Step time (:mod:`janus_train.plan.estimate`): per overlap window, the
 longer of its compute and its transfers; compute = model FLOPs (PaLM accounting, as
 ``speed/mfu`` logs it) plus recomputation, of the busiest rank (:mod:`janus_train.plan.simulate`),
 / (utilisation x peak). Host traffic of offloading is not modelled.
@@ -74,6 +91,11 @@ from dataclasses import dataclass, field
 from janus_train.model.config import ModelConfig
 from janus_train.trainer.config import DeepSpeedConfig
 
+QWZ_BYTES = 1.0 + 4 / 8000
+"""ZeRO++ qwZ: bytes per gathered element, an int8 and a share of one fp32 scale per group of
+up to 8000 (``partition_parameters.CUDAQuantizer.target_group_size``)."""
+QGZ_BUFFER_BYTES = 1.5
+"""ZeRO++ qgZ: transient bytes per element of a gradient bucket (``buffer_bytes``)."""
 PERSISTENCE_THRESHOLD = 100_000
 """DeepSpeed's ``stage3_param_persistence_threshold`` default (the trainer does not set it)."""
 REUSE_DISTANCE = 1_000_000_000
@@ -274,6 +296,8 @@ def model_state_bytes(
         out["optimizer"] = (master + 8) * trainable / n
     if z == 3 and ds.hpz_partition_size > 1:
         out["hpZ secondary copy"] = pb * (trainable + frozen) / ds.hpz_partition_size
+    if z == 3 and ds.quantized_weights:  # the int8 flat buffer of a gather, as gathered layer
+        out["qwZ int8 gather buffers"] = 2.0 * largest_layer
     return out
 
 
@@ -283,6 +307,10 @@ def buffer_bytes(ds: DeepSpeedConfig) -> float:
     if ds.zero_stage == 0:
         return 0.0
     reduce = (2 if ds.overlap_comm else 1) * 2.0 * ds.reduce_bucket_size
+    if ds.zero_stage == 3 and ds.quantized_gradients:
+        # all_to_all_quant_reduce: a bucket's int4 copy and the in-node all-to-all's output
+        # (0.5 + 0.5 B per element), the 1/8-sized node sums, and the fp32 result of 1/8
+        reduce += QGZ_BUFFER_BYTES * ds.reduce_bucket_size
     return reduce + (2.0 * ds.reduce_bucket_size if ds.zero_stage in (1, 2) else 0.0)
 
 
@@ -394,6 +422,78 @@ def zero3_backward_gathers(pre: int, layer: int, layers: int, heads: int) -> int
     return out
 
 
+def _zero3_transfers(
+    ds: DeepSpeedConfig,
+    trainable: int,
+    forward_params: int,
+    backward_params: int,
+    nodes: int,
+    gpus_per_node: int,
+    a: float,
+    pb: int,
+    gb: int,
+) -> list[Transfer]:
+    """ZeRO-3's per-micro-step gathers and gradient reduction (hpZ, qwZ, qgZ as configured);
+    ``a`` micro-steps, ``pb`` / ``gb`` bytes per parameter / reduced gradient element."""
+    n = nodes * gpus_per_node
+    ring, inter = (n - 1) / n, nodes > 1
+    qw = ds.quantized_weights
+    wb = QWZ_BYTES if qw else pb  # qwZ: every non-persistent gather, forward and backward
+    q = " (qwZ int8)" if qw else ""
+    out = [
+        Transfer(
+            f"forward parameter all-gather{q} x{a:g}",
+            a * wb * forward_params * ring,
+            inter,
+            "forward",
+            per_micro=True,
+        )
+    ]
+    bwd = a * wb * backward_params
+    hpz = ds.hpz_partition_size
+    label = f"backward all-gather{q} x{a:g}"
+    if hpz > 1 and gpus_per_node % hpz == 0:
+        out.append(
+            Transfer(f"{label} (hpZ, in-node)", bwd * (hpz - 1) / hpz, False, "backward", True)
+        )
+    else:
+        out.append(Transfer(label, bwd * ring, inter, "backward", True))
+    if ds.quantized_gradients and inter:
+        # qgZ (stage3 __avg_scatter_grads -> all_to_all_quant_reduce, only across nodes):
+        # int4 (0.5 B) all-to-all of each whole gradient in the node, then the node's sums,
+        # 1/gpus_per_node of them, int4 all-to-all across the nodes
+        L, M = gpus_per_node, nodes
+        out.append(
+            Transfer(
+                f"gradient all-to-all (qgZ int4, in-node) x{a:g}",
+                a * 0.5 * trainable * (L - 1) / L,
+                False,
+                "backward",
+                per_micro=True,
+            )
+        )
+        out.append(
+            Transfer(
+                f"gradient all-to-all (qgZ int4) x{a:g}",
+                a * 0.5 * trainable / L * (M - 1) / M,
+                True,
+                "backward",
+                per_micro=True,
+            )
+        )
+    else:
+        out.append(
+            Transfer(
+                f"gradient reduce-scatter ({gb} B) x{a:g}",
+                a * gb * trainable * ring,
+                inter,
+                "backward",
+                per_micro=True,
+            )
+        )
+    return out
+
+
 def communication(
     ds: DeepSpeedConfig,
     trainable: int,
@@ -444,32 +544,8 @@ def communication(
                 per_micro=True,
             )
         return [red, gather]
-    out = [
-        Transfer(
-            f"forward parameter all-gather x{a:g}",
-            a * pb * forward_params * ring,
-            inter,
-            "forward",
-            per_micro=True,
-        )
-    ]
-    bwd = a * pb * backward_params
-    hpz = ds.hpz_partition_size
-    label = f"backward all-gather x{a:g}"
-    if hpz > 1 and gpus_per_node % hpz == 0:
-        out.append(
-            Transfer(f"{label} (hpZ, in-node)", bwd * (hpz - 1) / hpz, False, "backward", True)
-        )
-    else:
-        out.append(Transfer(label, bwd * ring, inter, "backward", True))
-    out.append(
-        Transfer(
-            f"gradient reduce-scatter ({gb} B) x{a:g}",
-            a * gb * trainable * ring,
-            inter,
-            "backward",
-            per_micro=True,
-        )
+    out = _zero3_transfers(
+        ds, trainable, forward_params, backward_params, nodes, gpus_per_node, a, pb, gb
     )
     if persistent:
         out.append(

@@ -1,12 +1,14 @@
 """``janus-plan``'s search: per stage, every DeepSpeed preset in ``conf/deepspeed/`` (or the one
 given) on the node counts that split the batch, and, with ``ClusterConfig.search``, every
-activation checkpointing, token budget and reduction dtype the overrides leave open; the
+activation checkpointing, token budget, reduction dtype and (ZeRO-3) ZeRO++ quantization the
+overrides leave open; the
 fastest configuration that fits memory is recommended (the command line: ``janus_train.cli.plan``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -17,6 +19,9 @@ from janus_train.config import CONF_DIR, compose, to_run_config
 from janus_train.plan import checkpointing as ck
 from janus_train.plan.config import GIB, ClusterConfig
 from janus_train.plan.estimate import Estimate, StageShape, estimate, stage_shape
+
+QUANTIZED = ("deepspeed.quantized_weights", "deepspeed.quantized_gradients")
+"""ZeRO++ qwZ / qgZ: searched with the ZeRO-3 presets."""
 
 
 @dataclass
@@ -32,7 +37,15 @@ class Candidate:
 
     @property
     def knobs(self) -> dict[str, str]:
-        return dict(o.split("=", 1) for o in self.overrides)
+        """The overrides as a dict; ZeRO++ quantization, searched under ZeRO-3 only, is off
+        (``false``) elsewhere, so presets compare on the other knobs."""
+        given = dict(o.split("=", 1) for o in self.overrides)
+        return {**given, **{k: "false" for k in QUANTIZED if k not in given}}
+
+    @property
+    def lossy(self) -> list[str]:
+        """The ZeRO++ quantization it turns on (rounds weights / gradients in transit)."""
+        return [k.split(".")[1] for k in QUANTIZED if self.knobs[k] == "true"]
 
     def paste(self) -> str:
         return f"nodes={self.est.nodes} " + " ".join(self.overrides)
@@ -99,6 +112,8 @@ def loses(c: Candidate, best: Candidate) -> str:
         parts.append(f"compute {d_comp:+.2f} s" + (f" ({', '.join(why)})" if why else ""))
     if abs(d_exp) >= 0.005:
         parts.append(f"exposed communication {d_exp:+.2f} s")
+    if len(c.lossy) > len(best.lossy) and e.days <= b.days * 1.02:
+        parts.append("quantizes in transit (ZeRO++), for less than 2%")
     return "; ".join(parts) or "tie"
 
 
@@ -107,8 +122,9 @@ def plan_stage(
 ) -> StagePlan:
     """Every DeepSpeed preset (or ``preset``) x node count, and with ``cluster.search`` every
     activation checkpointing of ``plan.checkpointing.OPTIONS``, ``train.tokens_per_micro`` of
-    1, 2 and 4 rows and ``deepspeed.reduce_fp32`` true / false (bf16) that the overrides do not
-    fix: the fastest that fits is recommended."""
+    1, 2 and 4 rows, ``deepspeed.reduce_fp32`` true / false (bf16) and, under ZeRO-3,
+    ``deepspeed.quantized_weights`` x ``quantized_gradients`` that the overrides do not fix:
+    the fastest that fits is recommended."""
     names = [preset] if preset else presets()
     estimates, candidates, shape = [], [], None
     for name in names:
@@ -151,7 +167,40 @@ def _search_preset(
         node_counts += [
             n for n in range(cluster.nodes - 1, 0, -1) if base.global_batch % (n * per) == 0
         ]
-    search = cluster.search
+    ckpts, tpms, reds, quants = _knob_options(base, run.deepspeed, overrides, cluster.search)
+    for n, (on, k), tpm, red, (qw, qg) in itertools.product(node_counts, ckpts, tpms, reds, quants):
+        sh = dataclasses.replace(base, checkpointing=on, checkpoint_every=k, tokens_per_micro=tpm)
+        ds = dataclasses.replace(
+            run.deepspeed, reduce_fp32=red, quantized_weights=qw, quantized_gradients=qg
+        )
+        e = estimate(sh, cluster, name, ds, n)
+        ov = [f"deepspeed={name}"]
+        if len(ckpts) > 1:
+            ov.append(f"model.gradient_checkpointing={str(on).lower()}")
+            if on:
+                ov.append(f"model.checkpoint_every={k}")
+        if len(tpms) > 1:
+            ov.append(f"train.tokens_per_micro={tpm}")
+        if len(reds) > 1:
+            ov.append(f"deepspeed.reduce_fp32={str(red).lower()}")
+        for key, on_, was in zip(QUANTIZED, (qw, qg), quants[0]):
+            if on_ != was:  # searched, not as configured
+                ov.append(f"{key}={str(on_).lower()}")
+        c = Candidate(tuple(ov), sh, e, e.feasible and ck.fits(e))
+        candidates.append(c)
+        configured = (base.checkpointing, base.checkpoint_every, base.tokens_per_micro)
+        if (
+            (on, k, tpm) == configured
+            and red == run.deepspeed.reduce_fp32
+            and (qw, qg) == quants[0]
+        ):
+            estimates.append(e)  # the preset as configured
+
+
+def _knob_options(base: StageShape, ds, overrides: list[str], search: bool):
+    """The values the search tries per knob (only the configured one where the overrides fix
+    it, or without ``search``): checkpointing, tokens per micro-step, reduction dtype, and
+    ZeRO++ qwZ x qgZ (ZeRO-3 presets only; the configured pair first)."""
     ckpts = [(base.checkpointing, base.checkpoint_every)]
     if search and not (
         _fixed(overrides, "model.gradient_checkpointing")
@@ -161,39 +210,19 @@ def _search_preset(
     tpms = [base.tokens_per_micro]
     if search and base.tokens_per_micro and not _fixed(overrides, "train.tokens_per_micro"):
         tpms = [base.seq_len * m for m in (1, 2, 4)]
-    reds = [run.deepspeed.reduce_fp32]
+    reds = [ds.reduce_fp32]
     if search and base.precision == "bf16" and not _fixed(overrides, "deepspeed.reduce_fp32"):
         reds = [True, False]
-    for n in node_counts:
-        for on, k in ckpts:
-            for tpm in tpms:
-                for red in reds:
-                    sh = dataclasses.replace(
-                        base, checkpointing=on, checkpoint_every=k, tokens_per_micro=tpm
-                    )
-                    ds = dataclasses.replace(run.deepspeed, reduce_fp32=red)
-                    e = estimate(sh, cluster, name, ds, n)
-                    ov = [f"deepspeed={name}"]
-                    if len(ckpts) > 1:
-                        ov.append(f"model.gradient_checkpointing={str(on).lower()}")
-                        if on:
-                            ov.append(f"model.checkpoint_every={k}")
-                    if len(tpms) > 1:
-                        ov.append(f"train.tokens_per_micro={tpm}")
-                    if len(reds) > 1:
-                        ov.append(f"deepspeed.reduce_fp32={str(red).lower()}")
-                    c = Candidate(tuple(ov), sh, e, e.feasible and ck.fits(e))
-                    candidates.append(c)
-                    if (on, k) == (base.checkpointing, base.checkpoint_every) and (
-                        tpm == base.tokens_per_micro and red == run.deepspeed.reduce_fp32
-                    ):
-                        estimates.append(e)  # the preset as configured
+    quants = [(ds.quantized_weights, ds.quantized_gradients)]
+    if search and ds.zero_stage == 3 and not any(_fixed(overrides, k) for k in QUANTIZED):
+        quants += [q for q in itertools.product((False, True), repeat=2) if q != quants[0]]
+    return ckpts, tpms, reds, quants
 
 
 def _recommend(candidates: list[Candidate]) -> Candidate | None:
     """The fastest candidate within the memory headroom if any is, else the fastest feasible
-    one (the output says so); near-ties (2%) to fewer nodes, fp32 reduction, less traffic and
-    memory."""
+    one (the output says so); near-ties (2%) to fewer nodes, no quantization, fp32 reduction,
+    less traffic and memory."""
     ok = [c for c in candidates if c.fits] or [c for c in candidates if c.est.feasible]
     if not ok:
         return None
@@ -203,6 +232,7 @@ def _recommend(candidates: list[Candidate]) -> Candidate | None:
         near,
         key=lambda c: (
             c.est.nodes,
+            len(c.lossy),
             not c.est.ds.reduce_fp32,
             round(c.est.step_s, 3),
             c.est.comm_bytes,

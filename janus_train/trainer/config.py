@@ -19,6 +19,15 @@ class DeepSpeedConfig:
     hpz_partition_size: int = 1
     """ZeRO++ hpZ (ZeRO-3 only): keep a secondary copy of the parameters sharded over this many
     GPUs (the GPUs of a node) so the backward all-gathers stay inside the node; 1 = off."""
+    quantized_weights: bool = False
+    """ZeRO++ qwZ (ZeRO-3 only, CUDA): all-gather parameters as int8 with a scale per group of
+    about 8000 (DeepSpeed's ``zero_quantized_weights``), half the bf16 bytes of every forward
+    and backward gather; the layers then compute with the dequantized (rounded) weights."""
+    quantized_gradients: bool = False
+    """ZeRO++ qgZ (ZeRO-3 only, CUDA, more than one node): reduce gradient matrices by an int4
+    all-to-all in the node, then across nodes (DeepSpeed's ``zero_quantized_gradients``)
+    instead of the reduce-scatter in ``reduce_fp32``'s dtype; 1-D tensors still reduce-scatter.
+    Lossy: each gradient is rounded to 4 bits twice."""
     precision: str = "bf16"
     """``bf16`` | ``fp32``; bf16 falls back to fp32 where the device lacks it (CPU)."""
     reduce_bucket_size: int = 500_000_000

@@ -247,6 +247,9 @@ def build_deepspeed_config(
         zero["stage3_gather_16bit_weights_on_model_save"] = False
         if ds_cfg.hpz_partition_size > 1:
             zero["zero_hpz_partition_size"] = ds_cfg.hpz_partition_size
+        for key in ("quantized_weights", "quantized_gradients"):  # ZeRO++ (config.validate)
+            if getattr(ds_cfg, key):
+                zero[f"zero_{key}"] = True
     extra = {}
     if precision == "bf16" and ds_cfg.reduce_fp32 and ds_cfg.zero_stage >= 1:
         extra["communication_data_type"] = "fp32"  # see DeepSpeedConfig.reduce_fp32
@@ -286,6 +289,34 @@ def build_deepspeed_config(
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
+
+
+def check_quantized_available(ds_cfg, world_size: int) -> None:
+    """ZeRO++ qwZ / qgZ run DeepSpeed's CUDA quantizer kernels, and qgZ's all-to-all groups
+    take every GPU of a node (``torch.cuda.device_count()`` ranks each): refused in one line
+    where that cannot hold, before any model is built (a dry run may plan for another
+    machine, so it is not checked there)."""
+    keys = [k for k in ("quantized_weights", "quantized_gradients") if getattr(ds_cfg, k)]
+    if not keys:
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"deepspeed.{keys[0]}=true needs CUDA (DeepSpeed's quantizer kernels); "
+            "set it false on this machine"
+        )
+    from deepspeed.ops.op_builder import QuantizerBuilder
+
+    if not QuantizerBuilder().is_compatible(verbose=False):
+        raise ValueError(
+            f"deepspeed.{keys[0]}=true: DeepSpeed's quantizer op cannot be built here (it is "
+            "JIT-compiled with nvcc at first use, or DS_BUILD_QUANTIZER=1 at install)"
+        )
+    per_node = torch.cuda.device_count()
+    if ds_cfg.quantized_gradients and world_size % per_node:
+        raise ValueError(
+            f"deepspeed.quantized_gradients=true needs every GPU of each node: world size "
+            f"{world_size} is not a multiple of the {per_node} GPUs per node"
+        )
 
 
 def init_engine(model: torch.nn.Module, ds_config: dict, param_groups: list[dict]):
