@@ -21,7 +21,12 @@ from pathlib import Path
 def und_accuracy(model, processor, export: Path, n_und: int) -> tuple[float, int]:
     from janus_train import sample as S
     from janus_train.config import compose, to_run_config
-    from janus_train.evaluate import _norm, _understanding_items, eval_recipe, prompt_format
+    from janus_train.evaluate import (
+        eval_recipe,
+        normalize_answer,
+        prompt_format,
+        understanding_items,
+    )
 
     run = to_run_config(
         compose(
@@ -29,9 +34,10 @@ def und_accuracy(model, processor, export: Path, n_und: int) -> tuple[float, int
         )
     )
     fmt = prompt_format(run)
-    items = _understanding_items(eval_recipe(run), fmt, n_und)
+    items = understanding_items(eval_recipe(run.eval), fmt, n_und)
     preds = S.answer(model, processor, [i[0] for i in items], [i[1] for i in items], fmt)
-    return sum(_norm(p) == _norm(i[2]) for p, i in zip(preds, items)) / len(items), len(items)
+    right = sum(normalize_answer(p) == normalize_answer(i[2]) for p, i in zip(preds, items))
+    return right / len(items), len(items)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -98,11 +98,12 @@ def final_eval(
     export: Path, eval_dir: Path, n_und: int, n_gen: int, guidance: float
 ) -> dict[str, float]:
     """``run_eval`` on the final export with more held-out items than in training, generating
-    with the stage's ``train.eval_guidance_scale`` (plus a token-accuracy sweep)."""
+    with the stage's ``eval.guidance_scale`` (plus a token-accuracy sweep)."""
     from janus_train.config import compose, to_run_config
-    from janus_train.evaluate import EvalConfig, run_eval
+    from janus_train.evaluate import run_eval
     from janus_train.sample import load
 
+    extra = ",".join(str(s) for s in SWEEP if s != guidance)
     run = to_run_config(
         compose(
             [
@@ -110,29 +111,35 @@ def final_eval(
                 "stage=stage3",
                 f"model.init_from={export}",
                 "model.tokenizer=null",
-                f"train.eval_guidance_scale={guidance}",
-                f"train.eval_metrics=[{SCENE_METRICS}]",
+                f"eval.guidance_scale={guidance}",
+                f"eval.metrics=[{SCENE_METRICS}]",
+                "eval.max_per_source=64",
+                f"eval.n_und={n_und}",
+                f"eval.n_gen={n_gen}",
+                "eval.n_grid=12",
+                f"eval.extra_guidance_scales=[{extra}]",
             ]
         )
     )
     model, processor = load(export)
-    extra = tuple(s for s in SWEEP if s != guidance)
-    cfg = EvalConfig(
-        max_per_source=64, n_und=n_und, n_gen=n_gen, n_grid=12, extra_guidance_scales=extra
-    )
-    metrics = run_eval(model, processor, run, -1, eval_dir, cfg)
+    metrics = run_eval(model, processor, run, -1, eval_dir)
     # The same held-out questions asked with nothing but transformers and the export's template.
-    from janus_train.evaluate import _norm, _understanding_items, eval_recipe, prompt_format
+    from janus_train.evaluate import (
+        eval_recipe,
+        normalize_answer,
+        prompt_format,
+        understanding_items,
+    )
 
-    items = _understanding_items(eval_recipe(run), prompt_format(run), n_und)
+    items = understanding_items(eval_recipe(run.eval), prompt_format(run), n_und)
     answers_path = eval_dir / "answers.jsonl"
     if items and answers_path.exists():
         ours = [json.loads(x)["answer"] for x in answers_path.read_text().splitlines()]
         hf = plain_transformers_answers(
-            export, [i[0] for i in items], [i[1] for i in items], cfg.max_new_tokens
+            export, [i[0] for i in items], [i[1] for i in items], run.eval.max_new_tokens
         )
         metrics["und/accuracy_plain_transformers"] = sum(
-            _norm(a) == _norm(r) for a, (_, _, r) in zip(hf, items)
+            normalize_answer(a) == normalize_answer(r) for a, (_, _, r) in zip(hf, items)
         ) / len(items)
         metrics["und/same_answers_as_janus_sample"] = sum(a == b for a, b in zip(hf, ours)) / len(
             items
@@ -178,13 +185,13 @@ def plain_transformers_answers(
 
 
 def stage_guidance(runs: Path) -> float:
-    """``train.eval_guidance_scale`` of the stage-3 run (its ``config.yaml``), default 5."""
+    """``eval.guidance_scale`` of the stage-3 run (its ``config.yaml``), default 5."""
     from omegaconf import OmegaConf
 
     path = runs / "stage3" / "config.yaml"
     if not path.exists():
         return 5.0
-    return float(OmegaConf.load(path).train.get("eval_guidance_scale", 5.0))
+    return float(OmegaConf.load(path).get("eval", {}).get("guidance_scale", 5.0))
 
 
 def stage_evals(runs: Path) -> dict[str, dict[str, float]]:

@@ -22,9 +22,8 @@ ENV_VARS = {
     "JANUS_DATA_ROOT": "root of the shards named by the shipped data recipes (default /data/janus)",
     "JANUS_CKPT_ROOT": "root of the local HF-format checkpoints named in conf/model/*.yaml "
     "(default checkpoints)",
-    "JANUS_EVAL_RECIPE": "held-out recipe of the in-training evaluation when train.eval_recipe "
-    "is unset",
-    "JANUS_EVAL_DATA_ROOT": "held-out directory in the tiny layout (docs/data.md), used when no eval recipe is set",
+    "JANUS_EVAL_DATA_ROOT": "root of the held-out shards named by data_recipes/tiny_heldout.yaml "
+    "(the tiny experiment's eval.recipe; default data/tiny_heldout)",
     "JANUS_DATA_RECIPES": "directory of the named data recipes (default data_recipes/)",
     "JANUS_TRAIN_CONF": "directory of the config tree (default conf/)",
     "JANUS_CONVERT_CACHE": "where a model.init_from in DeepSeek's release layout is converted "

@@ -9,6 +9,7 @@ Root layout (``conf/config.yaml`` picks the defaults)::
     deepspeed   DeepSpeedConfig    conf/deepspeed/*.yaml   ZeRO stage, offload, precision
     data        DataConfig         loader / sample-builder settings
     train       TrainConfig        loop, logging, checkpoints
+    eval        EvalConfig         held-out evaluation: when, recipe, sizes, guidance, metrics
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from janus_train.model.forward import check_attn_implementation
 from janus_train.model.freeze import validate_trainable
 from janus_train.model.kernels import check_kernels_config
 from janus_train.model.lora import validate_lora
-from janus_train.trainer.config import DeepSpeedConfig, TrainConfig
+from janus_train.trainer.config import DeepSpeedConfig, EvalConfig, TrainConfig
 
 CONF_DIR = Path(os.environ.get("JANUS_TRAIN_CONF", Path(__file__).resolve().parent.parent / "conf"))
 STAGES = ("stage1", "stage2", "stage3")
@@ -155,6 +156,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def hparams(self) -> StageHParams:
@@ -187,10 +189,15 @@ REMOVED_KEYS = {
     "train.steps": "experiment.<stage>.steps",
     "train.global_batch_size": "experiment.<stage>.global_batch_size",
     "stage.train_gen_embeddings": "stage.trainable",
+    "train.eval_every": "eval.every",
+    "train.eval_recipe": "eval.recipe",
+    "train.eval_metrics": "eval.metrics",
+    "train.eval_guidance_scale": "eval.guidance_scale",
 }
 """Keys that no longer exist -> the one key that holds their value. A stage's step count and
 batch are part of its published recipe (``experiment.<stage>``), beside its lr and ratio: one
-key, which the run's saved ``config.yaml`` shows as trained. What trains is one list."""
+key, which the run's saved ``config.yaml`` shows as trained. What trains is one list. The
+evaluation has its own group (``eval``)."""
 _REMOVED_EXAMPLES = {
     "stage.train_gen_embeddings": "stage.trainable=[und_adaptor,gen_adaptor,gen_head,gen_embeddings]"
 }
@@ -198,7 +205,9 @@ _REMOVED_EXAMPLES = {
 
 def _removed(key: str) -> ValueError:
     new = REMOVED_KEYS[key]
-    example = _REMOVED_EXAMPLES.get(key) or f"stage=stage2 {new.replace('<stage>', 'stage2')}=..."
+    example = _REMOVED_EXAMPLES.get(key) or f"{new}=..."
+    if "<stage>" in new:
+        example = f"stage=stage2 {new.replace('<stage>', 'stage2')}=..."
     return ValueError(f"{key} was removed: set {new} instead (e.g. {example})")
 
 
@@ -295,14 +304,30 @@ def validate(cfg: RunConfig) -> None:
     check_attn_implementation(cfg.model.attn_implementation)
     check_kernels_config(cfg.model)
     check_compile_backend(cfg.model.compile_backend)
-    if cfg.train.eval_guidance_scale < 1:
-        raise ValueError(
-            f"train.eval_guidance_scale={cfg.train.eval_guidance_scale}: must be >= 1 (1 = none)"
-        )
+    validate_eval(cfg.eval)
     if cfg.model.image_size % cfg.model.vision.patch_size:
         raise ValueError(
             f"model.image_size={cfg.model.image_size} not a multiple of model.vision.patch_size"
         )
+
+
+def validate_eval(ev: EvalConfig) -> None:
+    """The ``eval`` group's checks (``ValueError`` naming the key)."""
+    if ev.every < 0:
+        raise ValueError(f"eval.every={ev.every}: must be >= 0 (0 = never)")
+    if ev.every and not ev.recipe:
+        raise ValueError(
+            f"eval.every={ev.every} needs eval.recipe (a held-out recipe name or path)"
+        )
+    for key, s in [("guidance_scale", ev.guidance_scale)] + [
+        (f"extra_guidance_scales[{i}]", x) for i, x in enumerate(ev.extra_guidance_scales)
+    ]:
+        if s < 1:
+            raise ValueError(f"eval.{key}={s}: must be >= 1 (1 = none)")
+    lows = dict(max_per_source=0, n_und=0, n_gen=0, n_grid=0, batch_size=1, max_new_tokens=1)
+    for key, low in lows.items():
+        if getattr(ev, key) < low:
+            raise ValueError(f"eval.{key}={getattr(ev, key)}: must be >= {low}")
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

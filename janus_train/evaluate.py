@@ -3,35 +3,31 @@ of generated images, understanding answers, and accuracy figures.
 
     run_eval(model, processor, run, step, out_dir) -> {"loss/text": .., "und/accuracy": .., ...}
 
-The trainer calls it every ``train.eval_every`` steps on **every rank**: every rank runs the same
-forwards on the same data (ZeRO-3 gathers parameters collectively), rank 0 writes the files.
+The trainer calls it every ``eval.every`` steps on **every rank**: every rank runs the same
+forwards on the same data (ZeRO-3 gathers parameters collectively), rank 0 writes the files. What
+it reads and how much: the ``eval`` group (``janus_train.trainer.config.EvalConfig``).
 
-Eval recipe: ``train.eval_recipe`` when the config has it, else ``$JANUS_EVAL_RECIPE`` (a recipe
-name or path), else a held-out directory under ``$JANUS_EVAL_DATA_ROOT`` (default
-``data/tiny_heldout``) in the tiny layout (``docs/data.md``: ``text/``, ``caption/``, ...; what
-the demo's ``janus_demo.synth`` writes). The first ``max_per_source``
-records of each source are read in order (no shuffle), built by the training sample builders
-with the stage's framing but without CFG dropout or caption truncation, so the figures are
-comparable between evaluations.
+Eval recipe: ``eval.recipe`` (a recipe name or path; the ``tiny`` experiment's is
+``data_recipes/tiny_heldout.yaml``). The first ``eval.max_per_source`` records of each source
+are read in order (no shuffle), built by the training sample builders with the stage's framing
+but without CFG dropout or caption truncation, so the figures are comparable between
+evaluations.
 
 - ``loss/{text,und,gen}``: token-mean CE per task (``JanusTrainModel`` forward).
 - ``und/accuracy``: greedy answers equal (case and final period ignored) to the reference answer
   of single-question conversations (chat framing), or the generated caption equals the reference
   caption (stage 1 plain framing).
 - ``gen/token_accuracy``: codes generated greedily with classifier-free guidance
-  ``train.eval_guidance_scale`` (``gen/guidance_scale``; 1 = none) equal the VQ codes of the
+  ``eval.guidance_scale`` (``gen/guidance_scale``; 1 = none) equal the VQ codes of the
   reference image, position by position (chance: 1 / codebook size);
-  ``gen/token_accuracy@cfg{s}`` for ``EvalConfig.extra_guidance_scales``.
-- ``gen/object_token_accuracy``: the same on the positions whose reference code differs from the
-  code of a blank (black) image there; ``gen/token_accuracy_blank_baseline``: the accuracy of
-  "drawing" the blank image, the floor a model must beat when images are objects on a plain
-  background.
+  ``gen/token_accuracy@cfg{s}`` for ``eval.extra_guidance_scales``.
 
-Application metrics: ``train.eval_metrics`` names callables (``"package.module:function"``), each
+Application metrics: ``eval.metrics`` names callables (``"package.module:function"``), each
 called on every rank with the ``GenerationOutputs`` (the held-out prompts, reference
-images, their records' ``json`` metadata, generated codes and decoded images) and returning
-``{name: value}`` merged into the metrics. The demo's scene, object and unseen-object accuracies
-come this way (``janus_demo.metrics``); the library itself never imports an application.
+images, their records' ``json`` metadata, generated and reference codes, decoded images, and
+the VQ encoder of reference images) and returning ``{name: value}`` merged into the metrics.
+The demo's scene, object and unseen-object accuracies and its blank-image baseline come this way
+(``janus_demo.metrics``); the library itself never imports an application.
 """
 
 from __future__ import annotations
@@ -40,7 +36,6 @@ import dataclasses
 import importlib
 import json
 import logging
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,57 +47,22 @@ from PIL import Image
 
 from janus_train import sample as S
 from janus_train.model.vq_codes import vq_codes
+from janus_train.trainer.config import EvalConfig
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalConfig:
-    max_per_source: int = 32
-    """Records read from each source of the eval recipe (loss)."""
-    batch_size: int = 16
-    """Samples per forward (loss) and prompts per generation batch."""
-    n_und: int = 32
-    """Held-out questions answered."""
-    n_gen: int = 16
-    """Held-out prompts generated (greedy, with CFG)."""
-    n_grid: int = 8
-    """Prompts shown in the image grid (greedy + 2 sampled images each)."""
-    guidance_scale: float | None = None
-    """Classifier-free guidance of generated images; None: ``train.eval_guidance_scale``."""
-    extra_guidance_scales: tuple[float, ...] = ()
-    """Further scales whose greedy ``gen/token_accuracy@cfg{s}`` is also reported."""
-    max_new_tokens: int = 24
-    """Longest generated answer, in tokens."""
 
 
 def _is_main() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
-def eval_recipe(run):
-    """The eval recipe (see module docstring)."""
-    from janus_train.data.recipe import Recipe, Source, expand_shards, load_recipe
+def eval_recipe(cfg: EvalConfig):
+    """The held-out recipe ``eval.recipe``, loaded."""
+    from janus_train.data.recipe import load_recipe
 
-    name = getattr(run.train, "eval_recipe", None) or os.environ.get("JANUS_EVAL_RECIPE")
-    if name:
-        return load_recipe(name)
-    root = Path(os.environ.get("JANUS_EVAL_DATA_ROOT", "data/tiny_heldout"))
-    spec = [
-        ("text", "text", "text", "text"),
-        ("captions", "understanding", "caption", "caption"),
-        ("conversations", "understanding", "conversation", "conversation"),
-        ("t2i", "generation", "caption", "caption"),
-        ("imagenet", "generation", "class_label", "imagenet"),
-    ]
-    sources = []
-    for name, task, fmt, d in spec:
-        if (root / d).is_dir():
-            shards = expand_shards(str(root / d / "*.tar"), f"eval source {name}")
-            sources.append(Source(name, task, fmt, shards))
-    if not sources:
-        raise FileNotFoundError(f"no eval shards under {root} (set JANUS_EVAL_DATA_ROOT)")
-    return Recipe("heldout", str(root), sources)
+    if not cfg.recipe:
+        raise ValueError("eval.recipe is not set: name the held-out recipe (name or path)")
+    return load_recipe(cfg.recipe)
 
 
 def _records(src, n: int):
@@ -157,20 +117,22 @@ def heldout_losses(janus, ctx, recipe, cfg: EvalConfig) -> dict[str, float]:
     return {f"loss/{t}": float(loss_sum[i] / n_tok[i]) for i, t in enumerate(TASKS) if n_tok[i]}
 
 
-def _norm(text: str) -> str:
+def normalize_answer(text: str) -> str:
+    """An answer as compared with its reference: case, surrounding space and final period
+    ignored."""
     return " ".join(text.lower().strip().rstrip(".").split())
 
 
 def _image(members):
-    from janus_train.data.builders import _one_image
+    from janus_train.data.builders import record_image
     from janus_train.data.preprocess import decode_image
 
-    return decode_image(_one_image(members)).convert("RGB")
+    return decode_image(record_image(members)).convert("RGB")
 
 
-def _understanding_items(recipe, fmt: S.PromptFormat, n: int):
+def understanding_items(recipe, fmt: S.PromptFormat, n: int):
     """(image, question, reference answer) from the eval recipe's understanding sources."""
-    from janus_train.data.builders import _caption, _conversation_turns
+    from janus_train.data.builders import record_caption, record_turns
 
     want = "caption" if fmt.style == "plain" else "conversation"  # stage 1: captioning
     items = []
@@ -179,9 +141,9 @@ def _understanding_items(recipe, fmt: S.PromptFormat, n: int):
             continue
         for rec in _records(src, n - len(items)):
             if want == "caption":
-                items.append((_image(rec.members), "", _caption(rec.members)))
+                items.append((_image(rec.members), "", record_caption(rec.members)))
                 continue
-            turns = [t for t in _conversation_turns(rec.members) if t[0] != "system"]
+            turns = [t for t in record_turns(rec.members) if t[0] != "system"]
             if len(turns) >= 2 and turns[0][1].count("<image>") == 1:
                 q = turns[0][1].replace("<image>", "").strip()
                 items.append((_image(rec.members), q, turns[1][1]))
@@ -192,7 +154,7 @@ def _generation_items(recipe, n: int):
     """(prompt, reference image, metadata) from the eval recipe's generation sources; metadata is
     the record's ``json`` member for captions (it describes the whole image) and ``{}`` for class
     labels (a class name does not fix the rest of the image)."""
-    from janus_train.data.builders import _caption, _class_name
+    from janus_train.data.builders import record_caption, record_class_name
     from janus_train.data.preprocess import decode_json
 
     items = []
@@ -201,7 +163,11 @@ def _generation_items(recipe, n: int):
             continue
         for rec in _records(src, n - len(items)):
             m = rec.members
-            prompt = _class_name(m, src.class_names) if src.format == "class_label" else _caption(m)
+            prompt = (
+                record_class_name(m, src.class_names)
+                if src.format == "class_label"
+                else record_caption(m)
+            )
             meta = decode_json(m["json"]) if "json" in m and src.format == "caption" else {}
             items.append((prompt, _image(m), meta if isinstance(meta, dict) else {}))
     return items
@@ -219,7 +185,7 @@ def reference_codes(janus, images, size: int) -> torch.Tensor:
 
 @dataclass
 class GenerationOutputs:
-    """What an application metric (``train.eval_metrics``) sees of the greedy generation."""
+    """What an application metric (``eval.metrics``) sees of the greedy generation."""
 
     prompts: list[str]
     references: list[Image.Image]
@@ -232,6 +198,8 @@ class GenerationOutputs:
     """VQ codes of the reference images, (n, image tokens)."""
     images: list[Image.Image]
     """Generated images (``codes`` decoded by the VQ)."""
+    encode: Callable[[list[Image.Image]], torch.Tensor]
+    """VQ codes, (n, image tokens), of any images, computed as ``reference_codes`` were."""
     run: object
     """The run config (``RunConfig``)."""
 
@@ -240,16 +208,16 @@ MetricFn = Callable[[GenerationOutputs], dict]
 
 
 def load_metric(spec: str) -> MetricFn:
-    """``"package.module:function"`` -> the function (``train.eval_metrics``)."""
+    """``"package.module:function"`` -> the function (``eval.metrics``)."""
     mod, sep, fn = spec.partition(":")
     if not sep or not mod or not fn:
-        raise ValueError(f"train.eval_metrics: {spec!r} is not 'package.module:function'")
+        raise ValueError(f"eval.metrics: {spec!r} is not 'package.module:function'")
     try:
         obj = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"train.eval_metrics: cannot load {spec!r} ({e})") from e
+        raise ValueError(f"eval.metrics: cannot load {spec!r} ({e})") from e
     if not callable(obj):
-        raise ValueError(f"train.eval_metrics: {spec!r} is not callable")
+        raise ValueError(f"eval.metrics: {spec!r} is not callable")
     return obj
 
 
@@ -272,17 +240,23 @@ def _answer_questions(janus, processor, und: list, fmt, cfg: EvalConfig) -> list
         cfg.batch_size,
     )
     return [
-        {"question": q, "answer": p, "reference": r, "correct": _norm(p) == _norm(r)}
+        {
+            "question": q,
+            "answer": p,
+            "reference": r,
+            "correct": normalize_answer(p) == normalize_answer(r),
+        }
         for (_, q, r), p in zip(und, preds)
     ]
 
 
 def _generation_metrics(
-    janus, processor, gen: list, fmt, cfg: EvalConfig, scale: float, size: int
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, torch.Tensor]:
+    janus, processor, gen: list, fmt, cfg: EvalConfig, size: int
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """Greedy CFG generation of the held-out prompts against the reference images' VQ codes:
-    token accuracies (at ``scale`` and each extra scale, of the objects, of a blank image).
-    Returns (metrics, generated codes, reference codes, the blank image's codes)."""
+    token accuracies at ``eval.guidance_scale`` and each extra scale. Returns (metrics,
+    generated codes, reference codes)."""
+    scale = cfg.guidance_scale
     metrics: dict[str, float] = {}
     greedy = S.SampleConfig(guidance_scale=scale, temperature=0.0, batch_size=cfg.batch_size)
     codes = S.generate_codes(janus, processor, [g[0] for g in gen], greedy, fmt)
@@ -299,17 +273,14 @@ def _generation_metrics(
             fmt,
         )
         metrics[f"gen/token_accuracy@cfg{s:g}"] = float((other == ref).float().mean())
-    # baseline: the codes of a blank (black) image, i.e. "draw nothing"
-    blank = reference_codes(janus, [Image.new("RGB", (size, size))], size)
-    metrics["gen/token_accuracy_blank_baseline"] = float((ref == blank).float().mean())
-    return metrics, codes, ref, blank
+    return metrics, codes, ref
 
 
-def _sample_grid(janus, processor, gen: list, decoded, fmt, cfg: EvalConfig, scale, size, step):
+def _sample_grid(janus, processor, gen: list, decoded, fmt, cfg: EvalConfig, size, step):
     """Rows of (reference, greedy, two sampled images) for the first ``n_grid`` prompts."""
     k = min(cfg.n_grid, len(gen))
     sampled = S.SampleConfig(
-        guidance_scale=scale,
+        guidance_scale=cfg.guidance_scale,
         temperature=1.0,
         num_images=2,
         batch_size=cfg.batch_size,
@@ -342,22 +313,23 @@ def _write_eval_outputs(out_dir, step: int, metrics: dict, answers: list, grid, 
         )
 
 
-def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None = None) -> dict:
-    """Evaluate on every rank; rank 0 writes ``out_dir/{metrics.json, answers.jsonl,
-    generated.png}``. Returns flat metrics (the caller logs them, e.g. prefixed ``eval/``)."""
-    cfg = cfg or EvalConfig()
+def run_eval(model, processor, run, step: int, out_dir) -> dict:
+    """Evaluate on every rank as ``run.eval`` says; rank 0 writes ``out_dir/{metrics.json,
+    answers.jsonl, generated.png}``. Returns flat metrics (the caller logs them, e.g. prefixed
+    ``eval/``)."""
+    cfg = run.eval
     # loaded before any forward: a wrong name fails in a second, not after the generation
-    extra_metrics = [load_metric(m) for m in getattr(run.train, "eval_metrics", None) or ()]
+    extra_metrics = [load_metric(m) for m in cfg.metrics]
     janus = S.unwrap(model)
     was_training = janus.training
     janus.eval()
-    recipe = eval_recipe(run)
+    recipe = eval_recipe(cfg)
     fmt = prompt_format(run)
     size = janus.config.vision_config.image_size
     metrics: dict[str, float] = {}
     metrics.update(heldout_losses(janus, eval_context(run, processor), recipe, cfg))
 
-    und = _understanding_items(recipe, fmt, cfg.n_und)
+    und = understanding_items(recipe, fmt, cfg.n_und)
     answers = []
     if und:
         answers = _answer_questions(janus, processor, und, fmt, cfg)
@@ -365,16 +337,10 @@ def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None =
 
     gen = _generation_items(recipe, cfg.n_gen)
     grid, rows = None, []
-    scale = cfg.guidance_scale or getattr(run.train, "eval_guidance_scale", 5.0)
     if gen:
-        gen_metrics, codes, ref, blank = _generation_metrics(
-            janus, processor, gen, fmt, cfg, scale, size
-        )
+        gen_metrics, codes, ref = _generation_metrics(janus, processor, gen, fmt, cfg, size)
         metrics.update(gen_metrics)
         decoded = S.decode_codes(janus, codes)
-        fg = ref != blank
-        if bool(fg.any()):
-            metrics["gen/object_token_accuracy"] = float((codes == ref)[fg].float().mean())
         outputs = GenerationOutputs(
             prompts=[g[0] for g in gen],
             references=[g[1] for g in gen],
@@ -382,11 +348,12 @@ def run_eval(model, processor, run, step: int, out_dir, cfg: EvalConfig | None =
             codes=codes,
             reference_codes=ref,
             images=decoded,
+            encode=lambda images: reference_codes(janus, images, size),
             run=run,
         )
         for fn in extra_metrics:
             metrics.update({k: float(v) for k, v in fn(outputs).items()})
-        grid, k = _sample_grid(janus, processor, gen, decoded, fmt, cfg, scale, size, step)
+        grid, k = _sample_grid(janus, processor, gen, decoded, fmt, cfg, size, step)
         rows = [
             {"prompt": g[0], "token_accuracy": float((c == r).float().mean())}
             for g, c, r in zip(gen, codes, ref)

@@ -425,7 +425,7 @@ def step_record(
 
 
 def evaluate(cfg: RunConfig, t: Trainee, step: int, run_dir: Path, metrics: MetricsLogger) -> None:
-    """In-training evaluation on all ranks (``train.eval_every``)."""
+    """In-training evaluation on all ranks (``eval.every``)."""
     from janus_train.evaluate import run_eval
 
     eval_dir = run_dir / "eval" / tag_for(step)
@@ -536,7 +536,7 @@ def run(cfg: RunConfig) -> int:
             if log_now:
                 metrics.log(step_record(out, state, meter, loader, info.world_size))
             bar.update(out)
-            if tc.eval_every and state.step % tc.eval_every == 0:
+            if cfg.eval.every and state.step % cfg.eval.every == 0:
                 t0 = time.perf_counter()
                 evaluate(cfg, t, state.step, prep.run_dir, metrics)
                 meter.exclude(time.perf_counter() - t0)

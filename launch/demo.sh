@@ -71,19 +71,19 @@ if [[ ! -f $OUT/init/config.json ]]; then
 fi
 
 export JANUS_DATA_ROOT=$OUT/data/train          # read by data_recipes/tiny_stage*.yaml
-export JANUS_EVAL_DATA_ROOT=$OUT/data/heldout   # read by janus_train.evaluate
+export JANUS_EVAL_DATA_ROOT=$OUT/data/heldout   # read by data_recipes/tiny_heldout.yaml (eval.recipe)
 export EXPERIMENT=tiny RUN_ROOT=$OUT/runs RUN_NAME=tiny INIT_FROM=$OUT/init LAUNCHER=torchrun
-export STAGE1_ARGS="experiment.stage1.steps=$STEPS1 experiment.stage1.global_batch_size=$BATCH train.eval_every=$STEPS1"
+export STAGE1_ARGS="experiment.stage1.steps=$STEPS1 experiment.stage1.global_batch_size=$BATCH eval.every=$STEPS1"
 # und:text:gen mixes of the demo (tiny experiment defaults: stage 2 2:3:5, stage 3 5:1:4): the
 # world's text is trivial and generation converges first, understanding needs the samples
-export STAGE2_ARGS="experiment.stage2.steps=$STEPS2 experiment.stage2.global_batch_size=$BATCH train.eval_every=$STEPS2 experiment.stage2.ratio.und=5 \
+export STAGE2_ARGS="experiment.stage2.steps=$STEPS2 experiment.stage2.global_batch_size=$BATCH eval.every=$STEPS2 experiment.stage2.ratio.und=5 \
 experiment.stage2.ratio.text=1 experiment.stage2.ratio.gen=4"
-export STAGE3_ARGS="experiment.stage3.steps=$STEPS3 experiment.stage3.global_batch_size=$BATCH train.eval_every=$STEPS3 experiment.stage3.ratio.und=6 \
+export STAGE3_ARGS="experiment.stage3.steps=$STEPS3 experiment.stage3.global_batch_size=$BATCH eval.every=$STEPS3 experiment.stage3.ratio.und=6 \
 experiment.stage3.ratio.text=1 experiment.stage3.ratio.gen=3"
 phase "train stages 1-3" bash "$here/pipeline.sh" model.tokenizer=null deepspeed=zero2 \
   deepspeed.precision=fp32 train.micro_batch_size="$MICRO" \
-  train.log_every=10 train.ckpt_every=0 data.num_workers=1 train.eval_guidance_scale=1 \
-  'train.eval_metrics=[janus_demo.metrics:scene_metrics]' "$@"
+  train.log_every=10 train.ckpt_every=0 data.num_workers=1 eval.guidance_scale=1 \
+  'eval.metrics=[janus_demo.metrics:scene_metrics]' "$@"
 # (evaluation generates without classifier-free guidance: the report shows why, with a sweep;
 # the demo's scene/object accuracies come from its own metrics, janus_demo.metrics)
 

@@ -53,7 +53,7 @@ bash "$here/torchrun.sh" experiment=tiny stage=stage3 train.run_dir="$run_dir" \
   deepspeed=zero2 deepspeed.precision=fp32 experiment.stage3.global_batch_size="$BATCH" \
   train.micro_batch_size="$MICRO" experiment.stage3.steps="$STEPS" experiment.stage3.lr="$LR" \
   experiment.stage3.ratio.und=6 experiment.stage3.ratio.text=1 experiment.stage3.ratio.gen=3 \
-  train.log_every=10 train.ckpt_every=0 data.num_workers=1 train.eval_guidance_scale=1 "$@"
+  train.log_every=10 train.ckpt_every=0 data.num_workers=1 eval.guidance_scale=1 "$@"
 
 "$PYTHON" "$root/benchmarks/lora_demo.py" --base "$base" --lora "$run_dir" \
   --out "$OUT/lora_report.json"

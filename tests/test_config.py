@@ -168,12 +168,29 @@ def test_bad_overrides_fail_at_compose_naming_field(override, exc, field):
         ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
         ("train.loss_reduction=mean", "train.loss_reduction"),
         ("model.image_size=30", "model.image_size"),
-        ("train.eval_guidance_scale=0.5", "train.eval_guidance_scale"),
+        ("eval.guidance_scale=0.5", "eval.guidance_scale"),
+        ("eval.extra_guidance_scales=[2,0.5]", "eval.extra_guidance_scales"),
+        ("eval.n_gen=-1", "eval.n_gen"),
+        ("eval.every=-1", "eval.every"),
     ],
 )
 def test_semantic_errors_name_the_field(override, field):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         to_run_config(compose([override]))
+
+
+def test_evaluation_needs_its_recipe():
+    """``eval.every`` > 0 without ``eval.recipe`` fails at validation; the tiny experiment names
+    its held-out recipe, the real ones none."""
+    with pytest.raises(ValueError, match=r"^eval\.every=5 needs eval\.recipe"):
+        to_run_config(compose(["experiment=janus_pro_1b", "eval.every=5"]))
+    assert to_run_config(compose(["eval.every=5"])).eval.recipe == "tiny_heldout"
+
+
+@pytest.mark.parametrize("key", ["every", "recipe", "metrics", "guidance_scale"])
+def test_eval_keys_left_train_for_the_eval_group(key):
+    with pytest.raises(ValueError, match=rf"^train\.eval_{key} was removed: set eval\.{key} "):
+        compose([f"train.eval_{key}=1"])
 
 
 def test_bad_yaml_file_names_the_key(tmp_path):

@@ -57,7 +57,7 @@ def demo_run(tmp_path_factory):
         "model.tokenizer=null",
         f"train.run_dir={run_dir}",
         f"experiment.stage2.steps={STEPS}",
-        f"train.eval_every={STEPS}",
+        f"eval.every={STEPS}",
         "experiment.stage2.global_batch_size=16",
         "train.micro_batch_size=16",
         "train.log_every=50",
@@ -65,8 +65,8 @@ def demo_run(tmp_path_factory):
         "data.num_workers=1",
         "deepspeed.precision=fp32",
         "experiment.stage2.ratio.text=0",
-        "train.eval_guidance_scale=1",
-        f"train.eval_metrics=[{SCENE_METRICS}]",  # the demo app's metrics, plugged in
+        "eval.guidance_scale=1",
+        f"eval.metrics=[{SCENE_METRICS}]",  # the demo app's metrics, plugged in
     ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -94,6 +94,6 @@ def test_short_demo_learns_beyond_chance(demo_run):
     answers = (run_dir / "eval" / f"step_{STEPS:08d}" / "answers.jsonl").read_text().splitlines()
     assert len(answers) >= 32 and 0.0 <= ev["eval/und/accuracy"] <= 1.0
     assert Path(run_dir / "eval" / f"step_{STEPS:08d}" / "generated.png").exists()
-    # the application metrics reached the trainer's log through train.eval_metrics
+    # the application metrics reached the trainer's log through eval.metrics
     for k in ("scene_accuracy", "object_accuracy", "unseen_object_accuracy"):
         assert 0.0 <= ev[f"eval/gen/{k}"] <= 1.0, ev

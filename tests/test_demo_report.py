@@ -18,3 +18,16 @@ def test_no_explanation_when_nothing_rises():
     s3 = {k: v / 2 for k, v in S2.items()}
     lines = held_out_loss_section({"stage2": S2, "stage3": s3}, TRAIN)
     assert not any("rise from stage 2" in line for line in lines)
+
+
+def test_report_reads_the_stage_guidance_from_the_eval_group(tmp_path):
+    from omegaconf import OmegaConf
+
+    from janus_demo.report import stage_guidance
+    from janus_train.config import compose
+
+    assert stage_guidance(tmp_path) == 5.0  # no stage-3 run: the default
+    (tmp_path / "stage3").mkdir()
+    cfg = compose(["stage=stage3", "eval.guidance_scale=1.5"])
+    OmegaConf.save(cfg, tmp_path / "stage3" / "config.yaml")  # as the trainer saves it
+    assert stage_guidance(tmp_path) == 1.5

@@ -1,5 +1,5 @@
 """run_eval on the demo's held-out split: metrics, files, the held-out text loss against
-HF's own forward, and application metrics plugged in through ``train.eval_metrics``."""
+HF's own forward, and application metrics plugged in through ``eval.metrics``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,15 @@ import torch
 
 from janus_demo import synth, world
 from janus_demo.metrics import SCENE_METRICS
-from janus_train.evaluate import EvalConfig, GenerationOutputs, run_eval
+from janus_train.evaluate import GenerationOutputs, run_eval
 from tests.conftest import tiny_run
 
 SMALL = dict(n_caption=8, n_conversation=8, n_chat=4, n_text=4, n_imagenet=8, n_heldout=12)
+
+
+def ev(**kw) -> list[str]:
+    """The ``eval`` group's overrides."""
+    return [f"eval.{k}={v}" for k, v in kw.items()]
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +31,13 @@ def heldout(tmp_path_factory):
 @pytest.mark.slow  # two whole evaluations (generation, answers, grid): ~10 s idle
 def test_run_eval_metrics_and_files(heldout, tiny_model_and_processor, tmp_path, monkeypatch):
     monkeypatch.setenv("JANUS_EVAL_DATA_ROOT", str(heldout))
-    monkeypatch.delenv("JANUS_EVAL_RECIPE", raising=False)
     model, processor = tiny_model_and_processor
-    cfg = EvalConfig(max_per_source=6, batch_size=4, n_und=5, n_gen=5, n_grid=3, max_new_tokens=4)
+    cfg = ev(max_per_source=6, batch_size=4, n_und=5, n_gen=5, n_grid=3, max_new_tokens=4)
     was_training = model.training
     for stage in ("stage1", "stage3"):
         out = tmp_path / stage
-        run = tiny_run([f"stage={stage}", f"train.eval_metrics=[{SCENE_METRICS}]"])
-        res = run_eval(model, processor, run, 7, out, cfg)
+        run = tiny_run([f"stage={stage}", f"eval.metrics=[{SCENE_METRICS}]", *cfg])
+        res = run_eval(model, processor, run, 7, out)
         for k in ("loss/text", "loss/und", "loss/gen"):
             assert 0 < res[k] < 20
         for k in ("und/accuracy", "gen/token_accuracy", "gen/scene_accuracy"):
@@ -57,10 +61,9 @@ def test_heldout_text_loss_matches_hf_forward(
         "name: text_only\nsources:\n  - name: text\n    task: text\n    format: text\n"
         f"    shards: {heldout}/text/text-{{000000..000001}}.tar\n"
     )
-    monkeypatch.setenv("JANUS_EVAL_RECIPE", str(recipe))
     model, processor = tiny_model_and_processor
-    cfg = EvalConfig(max_per_source=5, batch_size=3, n_und=0, n_gen=0)
-    res = run_eval(model, processor, tiny_run(), 0, tmp_path / "ev", cfg)
+    cfg = ev(recipe=recipe, max_per_source=5, batch_size=3, n_und=0, n_gen=0)
+    res = run_eval(model, processor, tiny_run(cfg), 0, tmp_path / "ev")
     assert set(res) == {"loss/text"}
 
     # independent: HF's forward with labels on each text alone, token-weighted
@@ -84,17 +87,16 @@ def test_generation_metrics_against_known_outputs(
     """Wiring of the generation metrics, with the generator replaced by known answers: codes =
     the reference codes and decoded images = the reference renders -> every accuracy is 1; a
     blank image -> no object found and the token accuracy equals the blank baseline. The
-    guidance scale comes from ``train.eval_guidance_scale`` and extra scales are reported."""
+    guidance scale comes from ``eval.guidance_scale`` and extra scales are reported."""
     from PIL import Image
 
     from janus_train import evaluate as E
     from janus_train import sample as S
 
     monkeypatch.setenv("JANUS_EVAL_DATA_ROOT", str(heldout))
-    monkeypatch.delenv("JANUS_EVAL_RECIPE", raising=False)
     model, processor = tiny_model_and_processor
     size = model.config.vision_config.image_size
-    items = E._generation_items(E.eval_recipe(tiny_run([])), 4)
+    items = E._generation_items(E.eval_recipe(tiny_run([]).eval), 4)
     assert len(items) == 4 and all(g[2]["scene"] for g in items)  # captions: whole scenes
     unseen = world.heldout_triples()
     assert all(any(o in unseen for o in synth.scene_from_json(g[2]["scene"])) for g in items)
@@ -115,15 +117,19 @@ def test_generation_metrics_against_known_outputs(
 
     monkeypatch.setattr(S, "generate_codes", fake_codes)
     monkeypatch.setattr(S, "decode_codes", fake_decode)
-    cfg = EvalConfig(
-        max_per_source=4, batch_size=4, n_und=0, n_gen=4, n_grid=2, extra_guidance_scales=(4.0,)
-    )
+    cfg = ev(max_per_source=4, batch_size=4, n_und=0, n_gen=4, n_grid=2)
     run = tiny_run(
-        ["stage=stage3", "train.eval_guidance_scale=1.5", f"train.eval_metrics=[{SCENE_METRICS}]"]
+        [
+            "stage=stage3",
+            "eval.guidance_scale=1.5",
+            "eval.extra_guidance_scales=[4.0]",
+            f"eval.metrics=[{SCENE_METRICS}]",
+            *cfg,
+        ]
     )
     for mode in ("perfect", "blank"):
         state.update(mode=mode, scales=[])
-        res = run_eval(model, processor, run, 1, tmp_path / mode, cfg)
+        res = run_eval(model, processor, run, 1, tmp_path / mode)
         assert res["gen/guidance_scale"] == 1.5 and state["scales"][0] == 1.5
         assert 4.0 in state["scales"] and "gen/token_accuracy@cfg4" in res
         if mode == "perfect":
@@ -145,31 +151,34 @@ SEEN: list[GenerationOutputs] = []
 
 
 def record_outputs(outputs: GenerationOutputs) -> dict[str, float]:
-    """An application metric (``train.eval_metrics``) for the test below."""
+    """An application metric (``eval.metrics``) for the test below."""
     SEEN.append(outputs)
     return {"app/n_prompts": len(outputs.prompts)}
 
 
 def test_application_metrics_hook(heldout, tiny_model_and_processor, tmp_path, monkeypatch):
-    """``train.eval_metrics`` callables get the generation's outputs and add their metrics;
+    """``eval.metrics`` callables get the generation's outputs and add their metrics;
     without them no demo metric appears; a bad name fails before any forward."""
     from janus_train import evaluate as E
 
     monkeypatch.setenv("JANUS_EVAL_DATA_ROOT", str(heldout))
-    monkeypatch.delenv("JANUS_EVAL_RECIPE", raising=False)
     model, processor = tiny_model_and_processor
-    cfg = EvalConfig(max_per_source=2, batch_size=3, n_und=0, n_gen=3, n_grid=1, max_new_tokens=2)
+    cfg = ev(max_per_source=2, batch_size=3, n_und=0, n_gen=3, n_grid=1, max_new_tokens=2)
     SEEN.clear()
-    run = tiny_run(["stage=stage3", f"train.eval_metrics=[{__name__}:record_outputs]"])
-    res = run_eval(model, processor, run, 0, tmp_path / "a", cfg)
+    run = tiny_run(["stage=stage3", f"eval.metrics=[{__name__}:record_outputs]", *cfg])
+    res = run_eval(model, processor, run, 0, tmp_path / "a")
     assert res["app/n_prompts"] == 3 and len(SEEN) == 1
     out = SEEN[0]
     assert len(out.prompts) == len(out.references) == len(out.images) == len(out.metadata) == 3
     assert out.codes.shape == out.reference_codes.shape and out.codes.shape[0] == 3
     assert all("scene" in m for m in out.metadata)  # the records' json, as the demo wrote it
     assert out.run is run
-    res = run_eval(model, processor, tiny_run(["stage=stage3"]), 0, tmp_path / "b", cfg)
-    assert "gen/token_accuracy" in res and not any("scene" in k or "object_acc" in k for k in res)
+    # the encoder of reference images: the reference codes again, one image or several
+    assert torch.equal(out.encode(out.references), out.reference_codes)
+    assert torch.equal(out.encode(out.references[1:2]), out.reference_codes[1:2])
+    res = run_eval(model, processor, tiny_run(["stage=stage3", *cfg]), 0, tmp_path / "b")
+    demo = ("scene", "object", "blank")  # janus_demo's metrics, the blank baseline included
+    assert "gen/token_accuracy" in res and not any(d in k for k in res for d in demo)
 
     calls = []
     monkeypatch.setattr(E, "heldout_losses", lambda *a: calls.append(a) or {})
@@ -179,7 +188,7 @@ def test_application_metrics_hook(heldout, tiny_model_and_processor, tmp_path, m
         (f"{__name__}:no_such_function", "cannot load"),
         (f"{__name__}:SEEN", "is not callable"),
     ]:
-        bad = tiny_run(["stage=stage3", f"train.eval_metrics=[{spec}]"])
-        with pytest.raises(ValueError, match=f"train.eval_metrics: .*{msg}"):
-            run_eval(model, processor, bad, 0, tmp_path / "c", cfg)
+        bad = tiny_run(["stage=stage3", f"eval.metrics=[{spec}]", *cfg])
+        with pytest.raises(ValueError, match=f"eval.metrics: .*{msg}"):
+            run_eval(model, processor, bad, 0, tmp_path / "c")
     assert calls == []

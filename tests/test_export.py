@@ -224,7 +224,6 @@ def test_demo_report_asks_the_export_with_plain_transformers(
     small = dict(n_caption=4, n_conversation=4, n_chat=2, n_text=2, n_imagenet=4, n_heldout=8)
     synth.synthesize(synth.SynthConfig(out=str(tmp_path / "data"), **small))
     monkeypatch.setenv("JANUS_EVAL_DATA_ROOT", str(tmp_path / "data" / "heldout"))
-    monkeypatch.delenv("JANUS_EVAL_RECIPE", raising=False)
     janus, processor = tiny_model_and_processor
     processor = copy.deepcopy(processor)
     set_chat_template(processor, run_prompt_format(tiny_run(["stage=stage3"])))

@@ -106,11 +106,11 @@ def test_official_defaults():
     ``generation_inference.py``: ``cfg_weight=5``, ``temperature=1``)."""
     from janus_train.data.config import DataConfig
     from janus_train.sample import SampleConfig
-    from janus_train.trainer.config import TrainConfig
+    from janus_train.trainer.config import EvalConfig
 
     assert DataConfig().cfg_dropout == 0.1
     assert (SampleConfig().guidance_scale, SampleConfig().temperature) == (5.0, 1.0)
-    assert TrainConfig().eval_guidance_scale == 5.0
+    assert EvalConfig().guidance_scale == 5.0
 
 
 KINDS = ("code", "paper", "choice")

@@ -98,7 +98,7 @@ imports one."""
 
 PLUGIN_LOADERS = {"janus_train/evaluate.py"}
 """Where an import by string is allowed: a function the user names in the config
-(``train.eval_metrics``), not a module of this repository chosen by the code."""
+(``eval.metrics``), not a module of this repository chosen by the code."""
 
 
 def _module_name(path: Path, root: Path) -> str:

@@ -335,7 +335,7 @@ def scenario_main(root):
 
     _install_fake_eval(root)
     extras = {
-        ("stage1", 2): ["train.eval_every=1"],  # the in-training eval call point
+        ("stage1", 2): ["eval.every=1"],  # the in-training eval call point
         ("stage2", 3): ["model.gradient_checkpointing=true"],
         ("stage3", 2): ["train.export_at_end=true"],
         ("stage3", 3): ["train.export_at_end=true"],

@@ -106,11 +106,12 @@ def _train_args(root: Path, recipe: Path, workers: int, extra=()) -> list[str]:
 )
 def test_failure_exits_nonzero_and_leaves_no_process(tmp_path, failure, ranks, workers):
     recipe = _recipe(tmp_path, bad=failure == "data")
-    extra = ["train.eval_every=1"] if failure == "eval" else []
+    extra = ["eval.every=1"] if failure == "eval" else []
     args = ["-m", "janus_train.train", *_train_args(tmp_path, recipe, workers, extra)]
     cmd = torchrun_cmd(args[1:], nproc=ranks, module=True) if ranks > 1 else [sys.executable, *args]
     # The data failure is near once a worker reports its first bad sample; the eval failure
-    # comes right after step 1's log line (no eval data under JANUS_EVAL_DATA_ROOT).
+    # comes right after step 1's log line (eval.recipe tiny_heldout: no shards under
+    # JANUS_EVAL_DATA_ROOT).
     marker = "skipped a sample" if failure == "data" else "step 1/6"
     res = run_watched(
         cmd, marker, timeout=240, env={"JANUS_EVAL_DATA_ROOT": str(tmp_path / "no_eval_data")}
@@ -124,7 +125,7 @@ def test_failure_exits_nonzero_and_leaves_no_process(tmp_path, failure, ranks, w
     )
     assert EXIT_USER_ERROR in codes, (codes, out[-3000:])
     line = [ln for ln in out.splitlines() if "janus-train: error:" in ln][0]
-    assert ("data.max_failure_rate" if failure == "data" else "no eval shards") in line, line
+    assert ("data.max_failure_rate" if failure == "data" else "tiny_heldout.yaml") in line, line
     assert res.seconds_after_marker is not None, out[-3000:]
     assert res.seconds_after_marker < EXIT_BOUND_S, (res.seconds_after_marker, out[-3000:])
     # the ranks and their loader workers ran (the agent's ranks under torchrun)

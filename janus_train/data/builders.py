@@ -270,7 +270,7 @@ def image_members(members: dict[str, bytes]) -> list[str]:
     return sorted(exts, key=lambda e: (len(e), e))
 
 
-def _caption(members: dict[str, bytes], key: str = "txt") -> str:
+def record_caption(members: dict[str, bytes], key: str = "txt") -> str:
     if key in members:
         cap = decode_text(members[key])
     elif "json" in members:
@@ -299,14 +299,14 @@ def _codes(members: dict[str, bytes], ctx: BuildContext) -> np.ndarray | None:
     return None
 
 
-def _one_image(members: dict[str, bytes]) -> bytes:
+def record_image(members: dict[str, bytes]) -> bytes:
     exts = image_members(members)
     if not exts:
         raise BadSample("missing_key", "no image member")
     return members[exts[0]]
 
 
-def _conversation_turns(members: dict[str, bytes]) -> list[tuple[str, str]]:
+def record_turns(members: dict[str, bytes]) -> list[tuple[str, str]]:
     if "json" not in members:
         raise BadSample("missing_key", "no json member")
     meta = decode_json(members["json"])
@@ -350,29 +350,29 @@ def record_to_samples(
             raise BadSample("empty_text")
         return build_text(text, ctx)
     if fmt == "conversation":
-        turns = _conversation_turns(members)
+        turns = record_turns(members)
         exts = image_members(members)
         if task == "text" and exts:
             raise BadSample("image_marker_mismatch", "text conversation with images")
         imgs = [und_uint8(decode_image(members[e]), S) for e in exts]
         return [build_conversation(turns, imgs, ctx, "und" if task == "understanding" else "text")]
     if fmt == "caption" and task == "understanding":
-        cap = _caption(members)
-        img = und_uint8(decode_image(_one_image(members)), S)
+        cap = record_caption(members)
+        img = und_uint8(decode_image(record_image(members)), S)
         build = build_caption_plain if ctx.und_format == "plain" else build_caption_qa
         return [build(cap, img, ctx)]
     if task == "generation":
         if fmt == "class_label":
-            prompt = _class_name(members, class_names)
+            prompt = record_class_name(members, class_names)
         else:
-            prompt = _caption(members)
+            prompt = record_caption(members)
         codes = _codes(members, ctx)
-        img = None if codes is not None else gen_uint8(decode_image(_one_image(members)), S)
+        img = None if codes is not None else gen_uint8(decode_image(record_image(members)), S)
         return [build_generation(prompt, ctx, rng, codes=codes, image=img)]
     raise BadSample("bad_format", f"format {fmt!r} cannot feed task {task!r}")
 
 
-def _class_name(members: dict[str, bytes], class_names: list[str] | None) -> str:
+def record_class_name(members: dict[str, bytes], class_names: list[str] | None) -> str:
     if "txt" in members:
         name = decode_text(members["txt"]).strip()
     elif "cls" in members and class_names:

@@ -1,4 +1,5 @@
-"""Typed configuration of the trainer and of DeepSpeed (owned by janus_train.trainer)."""
+"""Typed configuration of the trainer, of DeepSpeed and of the held-out evaluation the trainer
+runs (owned by janus_train.trainer; the evaluation itself: ``janus_train.evaluate``)."""
 
 from __future__ import annotations
 
@@ -84,17 +85,6 @@ class TrainConfig:
     export_max_shard_size: str = "5GB"
     """Largest safetensors file of the export (``"5GB"``, ``"500MB"``, ``"2GiB"``): bigger models
     are written in shards with an index, and load shard by shard."""
-    eval_every: int = 0
-    """Call ``janus_train.evaluate.run_eval`` every N steps on all ranks (0: never)."""
-    eval_recipe: str | None = None
-    """Held-out recipe of the evaluation (name in ``data_recipes/`` or path); unset:
-    ``$JANUS_EVAL_RECIPE``, else the tiny layout under ``$JANUS_EVAL_DATA_ROOT``."""
-    eval_metrics: list[str] = field(default_factory=list)
-    """Application metrics added to the evaluation: ``"package.module:function"`` callables
-    (``janus_train.evaluate.GenerationOutputs`` -> ``{name: value}``); the demo adds
-    ``janus_demo.metrics:scene_metrics``."""
-    eval_guidance_scale: float = 5.0
-    """Classifier-free guidance of the evaluation's generated images (>= 1; 1 = none)."""
     dry_run: bool = False
     """Validate config, recipe and batch arithmetic, then exit before building the model."""
     synthetic_data: bool = False
@@ -125,3 +115,35 @@ class TrainConfig:
     """After SIGTERM/SIGUSR1 the loop must complete a step, evaluation or checkpoint at least
     this often, else the rank is stuck (e.g. in a collective with a dead peer) and exits 70
     without saving (the last committed checkpoint stays valid)."""
+
+
+@dataclass
+class EvalConfig:
+    """The held-out evaluation (``janus_train.evaluate.run_eval``): when the trainer runs it, on
+    which recipe, how much of it, and how images are generated."""
+
+    every: int = 0
+    """Run the evaluation every N optimizer steps, on all ranks (0: never)."""
+    recipe: str | None = None
+    """Held-out data recipe (name in ``data_recipes/`` or a path); required when ``every`` > 0
+    (the ``tiny`` experiment sets ``tiny_heldout``, the demo's held-out split)."""
+    metrics: list[str] = field(default_factory=list)
+    """Application metrics added to the evaluation: ``"package.module:function"`` callables
+    (``janus_train.evaluate.GenerationOutputs`` -> ``{name: value}``); the demo adds
+    ``janus_demo.metrics:scene_metrics``."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance of the generated images (>= 1; 1 = none)."""
+    extra_guidance_scales: list[float] = field(default_factory=list)
+    """Further scales whose greedy ``gen/token_accuracy@cfg{s}`` is also reported."""
+    max_per_source: int = 32
+    """Records read from each source of the eval recipe (loss)."""
+    batch_size: int = 16
+    """Samples per forward (loss) and prompts per generation batch."""
+    n_und: int = 32
+    """Held-out questions answered."""
+    n_gen: int = 16
+    """Held-out prompts generated (greedy, with CFG)."""
+    n_grid: int = 8
+    """Prompts shown in the image grid (greedy + 2 sampled images each)."""
+    max_new_tokens: int = 24
+    """Longest generated answer, in tokens."""

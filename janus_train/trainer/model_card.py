@@ -186,7 +186,7 @@ def _metrics_section(train: dict | None, held: dict | None) -> list[str]:
         keys = [k for k in held if k.startswith("eval/")]
         lines += [f"Held-out evaluation, step {held['step']}:", "", _metrics_table(held, keys), ""]
     else:
-        lines += ["No held-out evaluation ran (`train.eval_every=0`).", ""]
+        lines += ["No held-out evaluation ran (`eval.every=0`).", ""]
     return lines
 
 
