@@ -16,7 +16,12 @@ engine applies to every parameter. Both an fp32 checkpoint (the trainer's export
   the load itself took at its peak, file-backed mapped pages included (those are the page
   cache's, shared by every rank of a node that maps the same file);
 - ``anon_MB``: the rank's private (anonymous) memory after the load, which no other rank shares;
-- ``param_MB``: bytes of the loaded parameters, and their dtypes.
+- ``param_MB``: bytes of the loaded parameters, and their dtypes;
+- with the node copy (``train.init_from_node_copy``, ``janus_train.trainer.startup``; the
+  ranks form a gloo process group, one node): ``shared_MB``, bytes the rank fetched from the
+  checkpoint's own directory (the shared file system: the copy it made, plus tensors read there)
+  and ``local_MB``, tensor bytes it read from the node's copy; ``shmem_MB``: its shared-memory
+  RSS growth (the tmpfs copy's pages it maps, shared by the node's ranks).
 
     python benchmarks/bench_startup.py [--ranks 2] [--hidden 512] [--layers 8] [--vocab 32000]
 """
@@ -50,20 +55,26 @@ def _model_overrides(args) -> list[str]:
     ]
 
 
-def _count_reads() -> dict:
-    """Wrap the ``safe_open`` HF's loader calls; returns the running byte count."""
+def _count_reads(shared: str) -> dict:
+    """Wrap the ``safe_open`` HF's loader calls; returns the running byte counts: all, and of
+    files under ``shared``."""
     import transformers.modeling_utils as mu
 
-    count = {"bytes": 0}
+    count = {"bytes": 0, "shared": 0}
     real = mu.safe_open
 
+    def _add(is_shared: bool, t) -> None:
+        n = t.numel() * t.element_size()
+        count["bytes"] += n
+        count["shared"] += n if is_shared else 0
+
     class _Slice:
-        def __init__(self, s):
-            self._s = s
+        def __init__(self, s, is_shared):
+            self._s, self._shared = s, is_shared
 
         def __getitem__(self, idx):
             t = self._s[idx]
-            count["bytes"] += t.numel() * t.element_size()
+            _add(self._shared, t)
             return t
 
         def __getattr__(self, name):
@@ -72,6 +83,7 @@ def _count_reads() -> dict:
     class _File:
         def __init__(self, *a, **kw):
             self._f = real(*a, **kw)
+            self._shared = str(a[0]).startswith(shared)
 
         def __enter__(self):
             self._f.__enter__()
@@ -82,11 +94,11 @@ def _count_reads() -> dict:
 
         def get_tensor(self, k):
             t = self._f.get_tensor(k)
-            count["bytes"] += t.numel() * t.element_size()
+            _add(self._shared, t)
             return t
 
         def get_slice(self, k):
-            return _Slice(self._f.get_slice(k))
+            return _Slice(self._f.get_slice(k), self._shared)
 
         def __getattr__(self, name):
             return getattr(self._f, name)
@@ -112,10 +124,41 @@ def worker(args) -> None:
             ]
         )
     ).model
-    count = _count_reads()
+    count = _count_reads(str(Path(args.ckpt).resolve()))
+    copied = {"bytes": 0}
+    exchange, rank = None, int(os.environ.get("RANK", 0))
+    if args.node_copy:
+        import dataclasses
+
+        import torch.distributed as dist
+
+        from janus_train.trainer import startup
+        from janus_train.trainer.distributed import all_gather_objects
+
+        dist.init_process_group("gloo")
+        exchange = all_gather_objects
+        real_copy = startup._copy
+
+        def counted_copy(src, root):
+            out = real_copy(src, root)
+            if out[0]:
+                copied["bytes"] += startup._size(src)
+            return out
+
+        startup._copy = counted_copy
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    base = {k: _status_kb(k) for k in ("VmRSS", "RssAnon")}
-    model, _ = build_model(cfg, workdir=args.workdir, dtype=getattr(torch, args.dtype))
+    base = {k: _status_kb(k) for k in ("VmRSS", "RssAnon", "RssShmem")}
+    if exchange:
+        with startup.node_local_init_from(
+            str(Path(args.ckpt).resolve()), args.node_copy, rank, exchange
+        ) as src:
+            model, _ = build_model(
+                dataclasses.replace(cfg, init_from=src),
+                workdir=args.workdir,
+                dtype=getattr(torch, args.dtype),
+            )
+    else:
+        model, _ = build_model(cfg, workdir=args.workdir, dtype=getattr(torch, args.dtype))
     # what DeepSpeed's bf16 engine then does to every parameter (engine._configure_distributed_model)
     for p in model.parameters():
         if p.dtype != torch.bfloat16:
@@ -128,6 +171,9 @@ def worker(args) -> None:
                 "read_MB": count["bytes"] / 2**20,
                 "peak_MB": (_status_kb("VmHWM") - base["VmRSS"]) / 1024,
                 "anon_MB": (_status_kb("RssAnon") - base["RssAnon"]) / 1024,
+                "shmem_MB": (_status_kb("RssShmem") - base["RssShmem"]) / 1024,
+                "shared_MB": (copied["bytes"] + count["shared"]) / 2**20,
+                "local_MB": (count["bytes"] - count["shared"]) / 2**20,
                 "param_MB": sum(p.numel() * p.element_size() for p in params) / 2**20,
                 "param_dtypes": sorted({str(p.dtype) for p in params}),
             }
@@ -150,13 +196,24 @@ def save_checkpoint(args, out: Path, dtype: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def launch(args, dtype: str, ckpt: Path, workdir: Path) -> list[dict]:
-    """``args.ranks`` workers started together (as a node's ranks are), their reports."""
+def launch(args, dtype: str, ckpt: Path, workdir: Path, node_copy: str = "") -> list[dict]:
+    """``args.ranks`` workers started together (as a node's ranks are), their reports; with
+    ``node_copy`` they form a process group (torchrun's environment variables) and load
+    through the node copy under that directory."""
+    import socket
+
     cmd = [sys.executable, __file__, "--worker", "--dtype", dtype, "--ckpt", str(ckpt)]
-    cmd += ["--workdir", str(workdir), *_shape_args(args)]
+    cmd += ["--workdir", str(workdir), "--node-copy", node_copy, *_shape_args(args)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE=str(args.ranks))
+    env["LOCAL_WORLD_SIZE"] = str(args.ranks)
     procs = [
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
-        for _ in range(args.ranks)
+        subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))
+        )
+        for r in range(args.ranks)
     ]
     out = []
     for p in procs:
@@ -181,6 +238,12 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
+    ap.add_argument("--node-copy", default="", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--copy-root",
+        default="/dev/shm",
+        help="node-local directory of the node-copy runs (train.init_from_node_copy)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.worker:
@@ -192,14 +255,17 @@ def main() -> None:
             n = save_checkpoint(args, ckpt, ck_dtype)
             size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**20
             print(f"{n / 1e6:.1f}M parameters, {ck_dtype} checkpoint: {size:.0f} MB of safetensors")
-            for dtype, label in (
-                ("float32", "before: fp32 read"),
-                ("bfloat16", "after: bf16 read"),
+            for dtype, label, copy in (
+                ("float32", "fp32 read, every rank from the checkpoint", ""),
+                ("bfloat16", "bf16 read, every rank from the checkpoint", ""),
+                ("bfloat16", "bf16 read through the node copy", args.copy_root),
             ):
-                for rank, r in enumerate(launch(args, dtype, ckpt, Path(tmp))):
+                for rank, r in enumerate(launch(args, dtype, ckpt, Path(tmp), copy)):
                     print(
-                        f"  {label} rank {rank}: read {r['read_MB']:.0f} MB, peak RSS "
-                        f"+{r['peak_MB']:.0f} MB, private (anon) +{r['anon_MB']:.0f} MB, params "
+                        f"  {label}, rank {rank}: read {r['read_MB']:.0f} MB (from the "
+                        f"checkpoint's directory {r['shared_MB']:.0f} MB, node copy "
+                        f"{r['local_MB']:.0f} MB), peak RSS +{r['peak_MB']:.0f} MB, private (anon) "
+                        f"+{r['anon_MB']:.0f} MB, shared memory +{r['shmem_MB']:.0f} MB, params "
                         f"{r['param_MB']:.0f} MB {','.join(r['param_dtypes'])}"
                     )
 

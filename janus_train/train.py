@@ -27,6 +27,7 @@ share of the step loss.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import logging
 import math
@@ -70,7 +71,7 @@ from janus_train.model import (
     write_trainable_report,
 )
 from janus_train.model.attention import check_attn_available
-from janus_train.model.build import check_init_from
+from janus_train.model.build import check_init_from, hf_init_from
 from janus_train.model.chat_template import run_prompt_format, set_chat_template
 from janus_train.model.forward import with_index
 from janus_train.model.kernels import build_head_loss, check_kernels_available
@@ -98,6 +99,7 @@ from janus_train.trainer.guard import RunGuard
 from janus_train.trainer.metrics import FlopCounter, MetricsLogger, Throughput, fill_metrics
 from janus_train.trainer.model_card import model_card
 from janus_train.trainer.optim import build_param_groups, lr_at
+from janus_train.trainer.startup import node_local_init_from
 from janus_train.trainer.state import (
     TrainState,
     load_train_state,
@@ -287,11 +289,18 @@ def build_engine(
     if info.is_main:  # a locally trained tokenizer is written once, then read by every rank
         get_processor(cfg.model, run_dir)
     barrier()
-    # model.init_from is read in the training dtype: no rank holds an fp32 copy of a bf16 run
+    # model.init_from is read in the training dtype: no rank holds an fp32 copy of a bf16 run;
+    # from the node's copy: the shared file system is read once per node
     bf16 = ds_config.get("bf16", {}).get("enabled", False)
-    janus, processor = build_model(
-        cfg.model, workdir=run_dir, dtype=torch.bfloat16 if bf16 else torch.float32
-    )
+    init = cfg.model.init_from and hf_init_from(cfg.model.init_from)
+    with node_local_init_from(
+        init, cfg.train.init_from_node_copy, info.rank, all_gather_objects
+    ) as src:
+        janus, processor = build_model(
+            dataclasses.replace(cfg.model, init_from=src),
+            workdir=run_dir,
+            dtype=torch.bfloat16 if bf16 else torch.float32,
+        )
     # The trained prompt format as the processor's chat template (evaluation, the export),
     # saved at once in run_dir/processor.
     replaced = set_chat_template(processor, run_prompt_format(cfg))

@@ -82,3 +82,72 @@ def test_build_engine_reads_in_the_engine_dtype(monkeypatch, tmp_path, bf16, dty
     with pytest.raises(Built):
         train.build_engine(tiny_run(), DistInfo(0, 1, 0), {"bf16": {"enabled": bf16}}, tmp_path)
     assert seen == [dtype]
+
+
+def _ranks(n, fn):
+    """``fn(rank, exchange)`` on ``n`` threads standing in for ranks; their results (or
+    exceptions)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.helpers import ThreadExchange
+
+    ex = ThreadExchange(n)
+
+    def one(r):
+        try:
+            return fn(r, ex.for_rank(r))
+        except Exception as e:  # noqa: BLE001  (returned to the test)
+            return e
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_init_from_is_read_once_per_node(tmp_path, monkeypatch):
+    """Four ranks on two nodes (threads, hosts a and b, each its own node-local root): one
+    copy of the checkpoint directory per node, by the node's lowest rank; every rank of the
+    node loads that copy, bitwise the original; the copies are gone afterwards. Too little
+    space on one node: every rank reads init_from itself. A rank whose load fails does not
+    leave the others waiting. One rank per node: no copy."""
+    from janus_train.trainer import startup
+
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    files = {"config.json": b"{}", "model.safetensors": bytes(range(256)) * 999, "tok.json": b"t"}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    copies = []
+    real_copytree = startup.shutil.copytree
+    monkeypatch.setattr(
+        startup.shutil, "copytree", lambda a, b, **kw: copies.append(a) or real_copytree(a, b, **kw)
+    )
+    host = {0: "a", 1: "a", 2: "b", 3: "b"}
+
+    def load(r, ex, fail=None):
+        with startup.node_local_init_from(str(src), str(tmp_path / host[r]), r, ex, host[r]) as d:
+            if r == fail:
+                raise RuntimeError("load failed")
+            return d, {f.name: f.read_bytes() for f in Path(d).iterdir()}
+
+    got = _ranks(4, load)
+    assert len(copies) == 2  # once per node
+    assert got[0][0] == got[1][0] != got[2][0] == got[3][0]
+    assert Path(got[0][0]).parent == tmp_path / "a" and Path(got[2][0]).parent == tmp_path / "b"
+    assert all(files_ == files for _, files_ in got)
+    assert not list((tmp_path / "a").iterdir()) and not list((tmp_path / "b").iterdir())
+
+    real_usage = startup.shutil.disk_usage
+    monkeypatch.setattr(
+        startup.shutil,
+        "disk_usage",
+        lambda p: real_usage(p)._replace(free=0) if str(p).endswith("b") else real_usage(p),
+    )
+    assert [d for d, _ in _ranks(4, load)] == [str(src)] * 4  # node b cannot: nobody copies
+    assert not list((tmp_path / "a").iterdir())
+    monkeypatch.setattr(startup.shutil, "disk_usage", real_usage)
+
+    got = _ranks(4, lambda r, ex: load(r, ex, fail=1))
+    assert isinstance(got[1], RuntimeError) and all(isinstance(g, tuple) for g in got[::2])
+    host.update({1: "c", 3: "d"})  # one rank per node: nothing to share
+    copies.clear()
+    assert [d for d, _ in _ranks(4, load)] == [str(src)] * 4 and not copies

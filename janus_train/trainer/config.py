@@ -111,6 +111,12 @@ class TrainConfig:
     """Timeout of joining the process group and of the collectives of the set-up (model load,
     checkpoint load) and the final export; ``launch/torchrun.sh`` also uses it as the
     rendezvous ``join_timeout``."""
+    init_from_node_copy: str | None = "/dev/shm"
+    """Node-local directory where one rank per node copies ``model.init_from`` for the node's
+    ranks to load, so the shared file system is read once per node, not once per rank
+    (``janus_train.trainer.startup``); on tmpfs (``/dev/shm``) the copy is the memory the ranks
+    map. null, one rank per node, or too little space on any node: every rank reads
+    ``model.init_from`` itself (the last with a warning)."""
     stop_grace_s: float = 300.0
     """After SIGTERM/SIGUSR1 the loop must complete a step, evaluation or checkpoint at least
     this often, else the rank is stuck (e.g. in a collective with a dead peer) and exits 70
