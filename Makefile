@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 
 .PHONY: install test test-fast test-heavy lint demo clean
 
@@ -18,13 +19,20 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# one line per test file with its progress, then the 15 slowest tests (heavy tier excluded)
+# Everything but the heavy tier, in two runs: the unit tier on TEST_WORKERS pytest-xdist
+# workers (a test file stays on one worker, so its module fixtures are built once), then the
+# multi-process and end-to-end tiers one test at a time (each of their runs uses 2 cores) with
+# one line per test file and the 15 slowest tests. Both runs always run; either failing fails.
+# "no tests collected" (5) counts as a pass for a PYTEST_ARGS that selects one tier only.
 test: install
-	$(PY) -m pytest -m "not heavy" --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not dist and not slow and not heavy" -n $(TEST_WORKERS) --dist loadfile \
+	  --durations=5 $(PYTEST_ARGS); u=$$?; \
+	$(PY) -m pytest -m "(dist or slow) and not heavy" --durations=15 $(PYTEST_ARGS); d=$$?; \
+	for rc in $$u $$d; do if [ $$rc != 0 ] && [ $$rc != 5 ]; then exit $$rc; fi; done
 
 # unit tests only (no multi-process, no end-to-end runs)
 test-fast: install
-	$(PY) -m pytest -m "not dist and not slow and not heavy" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not dist and not slow and not heavy" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # the heavy tier only (docs/testing.md): long repetitions, inductor compiles
 test-heavy: install

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from janus_train import compat
 from janus_train.config import RunConfig, compose, to_run_config
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs the unit tier on 2 workers) each worker takes its
+    share of the cores for torch's intra-op threads: every worker using them all would
+    oversubscribe the machine."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 def tiny_run(overrides: list[str] | None = None) -> RunConfig:
@@ -43,8 +54,6 @@ def _no_process_group_leaks():
     """A test that runs the trainer in-process (a world of one) must not leave its process group
     (whose store holds MASTER_PORT) nor its rendezvous variables to later tests: a subprocess
     inheriting MASTER_PORT would fail to bind it (EADDRINUSE)."""
-    import os
-
     import torch.distributed as dist
 
     before = {k: os.environ.get(k) for k in _DIST_ENV}

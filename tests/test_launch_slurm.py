@@ -26,6 +26,9 @@ from janus_train.trainer.checkpoint import EXIT_REQUEUE
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_ID = "4242"
+# Hang guards, not speed checks: a loaded 2-core machine may take a minute or more for what
+# takes seconds idle (every stub and check is a new Python process)
+DEADLINE = 300
 
 # Emulates srun: one task per node (SLURM_NODEID/SLURMD_NODENAME set), stdout to --output with
 # %n expanded, each task in its own process group (recorded, so the scancel stub can signal the
@@ -61,7 +64,8 @@ if os.environ.get("STUB_SRUN_WAIT") == "1":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(int(os.environ.get("STUB_SRUN_RC", "1"))))
     with open(os.path.join(log, "srun.started"), "w") as f:
         f.write(str(os.getpid()))
-    for _ in range(400):
+    deadline = time.monotonic() + 300  # a hang guard: the test signals at once
+    while time.monotonic() < deadline:
         if os.path.exists(os.path.join(log, "scancel.txt")):
             break
         time.sleep(0.05)
@@ -177,7 +181,7 @@ def run_job(script: str, env: dict, *overrides: str) -> subprocess.CompletedProc
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=DEADLINE,
     )
 
 
@@ -248,12 +252,12 @@ def test_usr1_checkpoints_then_requeues_and_the_requeued_job_resumes_same_run_di
         stderr=subprocess.STDOUT,
     )
     started = tmp_path / "stublog/srun.started"
-    deadline = time.time() + 30
+    deadline = time.time() + DEADLINE
     while not started.exists():
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGUSR1)  # what --signal=B:USR1@600 does
-    out, _ = proc.communicate(timeout=30)
+    out, _ = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 0, out
     # forwarded to the job steps (all ranks), then requeued once the step ended
     assert (tmp_path / "stublog/scancel.txt").read_text().split() == ["--signal=USR1", JOB_ID]
@@ -352,13 +356,13 @@ def test_sigterm_is_never_requeued_and_the_log_says_why_from_scontrol(
         stderr=subprocess.STDOUT,
     )
     started = tmp_path / "stublog/srun.started"
-    deadline = time.time() + 30
+    deadline = time.time() + DEADLINE
     while not (started.exists() and started.read_text()):
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGTERM)
     os.kill(int(started.read_text()), signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+    out, _ = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 143, out
     assert says in out, out
     assert not (tmp_path / "stublog/scontrol.txt").exists()  # no `scontrol requeue`
@@ -391,12 +395,12 @@ def test_usr1_log_line_tells_time_limit_from_preemption_notice(stubs, tmp_path, 
         stderr=subprocess.STDOUT,
     )
     started = tmp_path / "stublog/srun.started"
-    deadline = time.time() + 30
+    deadline = time.time() + DEADLINE
     while not (started.exists() and started.read_text()):
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read()
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGUSR1)
-    out, _ = proc.communicate(timeout=30)
+    out, _ = proc.communicate(timeout=DEADLINE)
     assert proc.returncode == 0 and f"SIGUSR1 ({says}" in out, out
     assert (tmp_path / "stublog/scontrol.txt").read_text().split() == ["requeue", JOB_ID]
 
@@ -452,7 +456,7 @@ def test_pipeline_slurm_chains_three_jobs_through_exports(stubs, tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=DEADLINE,
     )
     assert res.returncode == 0, res.stderr + res.stdout
     calls = [json.loads(x) for x in (tmp_path / "stublog/sbatch.jsonl").read_text().splitlines()]
@@ -509,7 +513,7 @@ def test_pipeline_slurm_tiny_checks_with_cluster_env_and_uses_the_generic_script
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=DEADLINE,
     )
     assert res.returncode == 0, res.stderr + res.stdout
     (call,) = [json.loads(x) for x in (tmp_path / "stublog/sbatch.jsonl").read_text().splitlines()]
@@ -522,7 +526,7 @@ def test_pipeline_slurm_tiny_checks_with_cluster_env_and_uses_the_generic_script
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=DEADLINE,
     )
     assert res.returncode == 1 and "stage1 cannot run" in res.stderr, res.stderr
 
@@ -685,7 +689,7 @@ def test_pipeline_checks_each_stage_with_its_plan_line(stubs, tmp_path):
             cwd=tmp_path,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=DEADLINE,
         )
 
     res = pipeline(STAGES="stage1")
