@@ -159,11 +159,13 @@ def test_unchecked_load_keeps_unset_variables_literal(recipe, monkeypatch):
 
 
 def test_shipped_recipes_use_only_the_conf_syntax():
-    """Every shipped recipe loads (the old form would be refused) and reads JANUS_DATA_ROOT
-    through ${oc.env:...}; the README shows no old form either."""
+    """Every shipped recipe loads (the old form would be refused) and reads its data root
+    (JANUS_DATA_ROOT; the held-out recipe JANUS_EVAL_DATA_ROOT) through ${oc.env:...}; the
+    README shows no old form either."""
     old = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*:-")
     for f in RECIPE_DIR.glob("*.yaml"):
-        assert "${oc.env:JANUS_DATA_ROOT," in f.read_text() and not old.search(f.read_text())
+        root = "JANUS_EVAL_DATA_ROOT" if f.stem.endswith("_heldout") else "JANUS_DATA_ROOT"
+        assert "${oc.env:" + root + "," in f.read_text() and not old.search(f.read_text()), f
         load_recipe(f.stem, check_shards=False)
     assert not old.search((RECIPE_DIR.parent / "README.md").read_text())
 
