@@ -569,3 +569,34 @@ def test_the_length_check_counts_from_def_to_the_last_line(tmp_path):
         f"def long():\n{body}    return 1\n"
     )
     assert _long_functions([f], tmp_path) == {"m.py:long": MAX_FUNCTION_LINES + 1}
+
+
+def _readme_layout(text: str) -> set[str]:
+    """The paths (``janus_train/plan/search.py``) that the README's architecture tree names: each
+    entry is a name ending in ``/`` or ``.py`` indented two spaces per level."""
+    block = text.split("## Architecture", 1)[1].split("```")[1]
+    stack: list[str] = []
+    out = set()
+    for line in block.splitlines():
+        name = line.strip().split(" ")[0]
+        if not name.endswith(("/", ".py")):
+            continue
+        stack = [*stack[: (len(line) - len(line.lstrip(" "))) // 2], name]
+        out.add("".join(stack))
+    return out
+
+
+def test_readme_architecture_names_every_module_and_no_other():
+    named = {p for p in _readme_layout((ROOT / "README.md").read_text()) if p.endswith(".py")}
+    files = {
+        f.relative_to(ROOT).as_posix()
+        for f in (ROOT / "janus_train").rglob("*.py")
+        if f.name != "__init__.py"
+    }
+    assert {"janus_train/plan/search.py", "janus_train/cli/data.py"} <= named  # the parse works
+    assert sorted(files - named) == [] and sorted(named - files) == []
+
+
+def test_readme_layout_parse_nests_by_indent():
+    text = "## Architecture\n```\npkg/\n  a.py   x\n  sub/\n    b.py\n  c.py\n```\n"
+    assert _readme_layout(text) == {"pkg/", "pkg/a.py", "pkg/sub/", "pkg/sub/b.py", "pkg/c.py"}
