@@ -124,7 +124,7 @@ def test_crashes_are_not_user_errors():
     wrapped = RuntimeError(
         "Caught DataFailure in DataLoader worker process 0.\nOriginal "
         'Traceback (most recent call last):\n  File "x.py", line 1\n'
-        "janus_train.data.loader.DataFailure: data source 'cap': 5 of 9 "
+        "janus_train.errors.DataFailure: data source 'cap': 5 of 9 "
         "failed"
     )
     assert is_user_error(wrapped)
