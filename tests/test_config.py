@@ -219,3 +219,15 @@ def test_cli_prints_composed_config_and_rejects_unknown_key():
     )
     assert bad.returncode != 0
     assert "trainabel" in bad.stderr
+
+
+def test_readme_config_table_lists_every_option_of_each_group():
+    """The README's config-group table names exactly the YAML files of ``conf/<group>/``."""
+    import re
+
+    readme = (CONF_DIR.parent / "README.md").read_text()
+    for group in ("model", "stage", "experiment", "deepspeed"):
+        row = re.search(rf"^\| `{group}` \| (.*?) \|", readme, re.M)
+        assert row, f"README: no row for config group {group}"
+        listed = set(re.findall(r"`([^`]+)`", row.group(1)))
+        assert listed == {p.stem for p in (CONF_DIR / group).glob("*.yaml")}, group
