@@ -185,13 +185,16 @@ def plain_transformers_answers(
 
 
 def stage_guidance(runs: Path) -> float:
-    """``eval.guidance_scale`` of the stage-3 run (its ``config.yaml``), default 5."""
+    """``eval.guidance_scale`` of the stage-3 run (its ``config.yaml``), else the key's default."""
     from omegaconf import OmegaConf
 
+    from janus_train.trainer.config import EvalConfig
+
+    default = EvalConfig.guidance_scale
     path = runs / "stage3" / "config.yaml"
     if not path.exists():
-        return 5.0
-    return float(OmegaConf.load(path).get("eval", {}).get("guidance_scale", 5.0))
+        return default
+    return float(OmegaConf.load(path).get("eval", {}).get("guidance_scale", default))
 
 
 def stage_evals(runs: Path) -> dict[str, dict[str, float]]:

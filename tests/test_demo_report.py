@@ -26,7 +26,7 @@ def test_report_reads_the_stage_guidance_from_the_eval_group(tmp_path):
     from janus_demo.report import stage_guidance
     from janus_train.config import compose
 
-    assert stage_guidance(tmp_path) == 5.0  # no stage-3 run: the default
+    assert stage_guidance(tmp_path) == 5.0  # no stage-3 run: eval.guidance_scale's default
     (tmp_path / "stage3").mkdir()
     cfg = compose(["stage=stage3", "eval.guidance_scale=1.5"])
     OmegaConf.save(cfg, tmp_path / "stage3" / "config.yaml")  # as the trainer saves it
