@@ -18,6 +18,9 @@ reset_deepspeed_groups         five module globals of ``deepspeed.utils.groups``
                                cache of process groups outlives a destroyed group)
 convert_to_universal           ``ds_to_universal.main`` driven with the ``Namespace`` of
                                its command line (no library entry point)
+restore_torch_linear           ZeRO-3's ``torch.nn.functional.linear`` patch and the
+                               original it keeps (``InsertPostInitMethodToModuleSubClasses
+                               .linear_bk``): DeepSpeed never puts it back
 run_checkpoint_epilogue        ``DeepSpeedEngine._optimizer_has_ckpt_event_epilogue``
                                (a rank whose save failed must join the collective that
                                ``save_checkpoint`` runs after its writes)
@@ -28,6 +31,9 @@ reinit_with_hf_initializer     ``PreTrainedModel._init_weights`` and the
 get/set_attn_implementation    ``PretrainedConfig._attn_implementation`` on a config
                                (public only as a model's ``set_attn_implementation``)
 mark_generation_config_own     ``GenerationConfig._from_model_config``
+from_pretrained_keeping_fp32   ``PreTrainedModel._keep_in_fp32_modules_strict`` (the
+                               loader's own "read these in fp32" list is a class
+                               attribute; ``from_pretrained`` takes no per-module dtype)
 without_duck_shapes            ``torch.fx.experimental._config.use_duck_shape``
 wrap_compiled_call             ``nn.Module._compiled_call_impl`` set by ``Module.compile``
 dynamo_counters                ``torch._dynamo.utils.counters`` (frames, graphs, breaks:
@@ -176,6 +182,32 @@ def convert_to_universal(input_folder: str, output_folder: str) -> None:
     ds_to_universal.main(argparse.Namespace(**universal_args(input_folder, output_folder)))
 
 
+def restore_torch_linear() -> bool:
+    """Put torch's own ``torch.nn.functional.linear`` back where a ZeRO-3 engine left DeepSpeed's
+    ``zero3_linear_wrap`` (installed for the engine's backward re-gathers, left in place for the
+    rest of the process: every later linear runs through an autograd Function, 2x slower in a
+    tiny CPU forward, and activation checkpointing recomputes whole layers). Only once no
+    ZeRO-3 engine trains any more. True when it was patched."""
+    import sys
+
+    import torch
+
+    zero3 = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    if zero3 is None:  # DeepSpeed's ZeRO-3 never loaded: nothing patched it
+        return False
+    holder = getattr(zero3, "InsertPostInitMethodToModuleSubClasses", None)
+    _require(
+        holder is not None and hasattr(zero3, "zero3_linear_wrap"),
+        "deepspeed.runtime.zero.partition_parameters.zero3_linear_wrap",
+        "deepspeed",
+    )
+    original = getattr(holder, "linear_bk", None)
+    if original is None or torch.nn.functional.linear is not zero3.zero3_linear_wrap:
+        return False
+    torch.nn.functional.linear = original
+    return True
+
+
 def run_checkpoint_epilogue(engine) -> None:
     """What DeepSpeed's ``save_checkpoint`` runs after writing its files (ZeRO-3: re-gather the
     persistent parameters, a collective), for a rank whose write failed while the others went
@@ -230,6 +262,27 @@ def mark_generation_config_own(gc) -> None:
         hasattr(gc, "_from_model_config"), "GenerationConfig._from_model_config", "transformers"
     )
     gc._from_model_config = False
+
+
+def from_pretrained_keeping_fp32(cls, path, keep: list[str], **kwargs):
+    """``cls.from_pretrained(path, **kwargs)`` with the modules named by ``keep`` (name patterns
+    of the state dict) read in float32 whatever ``dtype`` asks, by transformers' own
+    ``_keep_in_fp32_modules_strict``: set on a same-named subclass for this one load (the
+    loader reads it from the instance it builds), then the instance gets ``cls`` back."""
+    _require(
+        hasattr(cls, "_keep_in_fp32_modules_strict") and hasattr(cls, "_get_dtype_plan"),
+        "PreTrainedModel._keep_in_fp32_modules_strict",
+        "transformers",
+    )
+    own = set(cls._keep_in_fp32_modules_strict or [])
+    sub = type(
+        cls.__name__,
+        (cls,),
+        {"_keep_in_fp32_modules_strict": sorted(own | set(keep)), "__module__": cls.__module__},
+    )
+    model = sub.from_pretrained(path, **kwargs)
+    model.__class__ = cls
+    return model
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -53,7 +53,7 @@ _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 def _no_process_group_leaks():
     """A test that runs the trainer in-process (a world of one) must not leave its process group
     (whose store holds MASTER_PORT) nor its rendezvous variables to later tests: a subprocess
-    inheriting MASTER_PORT would fail to bind it (EADDRINUSE)."""
+    inheriting MASTER_PORT would fail to bind it (EADDRINUSE); nor ZeRO-3's ``F.linear``."""
     import torch.distributed as dist
 
     before = {k: os.environ.get(k) for k in _DIST_ENV}
@@ -62,6 +62,7 @@ def _no_process_group_leaks():
         dist.destroy_process_group()
     # DeepSpeed caches its groups at module level, also when the trainer destroyed its group
     compat.reset_deepspeed_groups()
+    compat.restore_torch_linear()  # an in-process ZeRO-3 engine leaves its F.linear patch
     for k, v in before.items():
         if v is None:
             os.environ.pop(k, None)

@@ -218,3 +218,19 @@ def thread_token_loaders(run, proc, world: int, tokens_per_micro: int, states=No
         with ThreadPoolExecutor(world) as pool:
             list(pool.map(lambda pair: pair[0].load_state_dict(pair[1]), zip(loaders, states)))
     return loaders
+
+
+def reference_codes(vq, px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VQ-code oracle: (cosine argmax in float64 over the latents HF's quantizer receives
+    (captured by a hook on its input) against the codebook as stored, HF's own codes)."""
+    seen = []
+    h = vq.quantize.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            hf = vq.encode(px).image_tokens.view(px.shape[0], -1)
+    finally:
+        h.remove()
+    z = seen[0].double().permute(0, 2, 3, 1).reshape(-1, seen[0].shape[1])
+    e = vq.quantize.embedding.weight.detach().double()
+    cos = (z @ e.t()) / z.norm(dim=1, keepdim=True) / e.norm(dim=1)
+    return cos.argmax(1).view(px.shape[0], -1), hf

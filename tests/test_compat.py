@@ -384,3 +384,49 @@ def test_atexit_handlers_run_once_through_the_shim(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["handler", "after"]
+
+
+def test_from_pretrained_keeping_fp32(tiny_llama, tmp_path):
+    """transformers' loader still reads ``_keep_in_fp32_modules_strict`` (``_get_dtype_plan``):
+    the named module comes back fp32 and bitwise as stored, the rest in the asked dtype, and
+    the instance has its own class again; a class without the attribute is refused."""
+    from transformers import LlamaForCausalLM
+
+    tiny_llama.save_pretrained(tmp_path)
+    got = compat.from_pretrained_keeping_fp32(
+        LlamaForCausalLM, tmp_path, ["lm_head"], dtype=torch.bfloat16
+    )
+    assert type(got) is LlamaForCausalLM
+    assert torch.equal(got.lm_head.weight, tiny_llama.lm_head.weight)
+    assert got.model.embed_tokens.weight.dtype == torch.bfloat16
+    with pytest.raises(compat.UpstreamChanged, match="_keep_in_fp32_modules_strict"):
+        compat.from_pretrained_keeping_fp32(torch.nn.Linear, tmp_path, ["x"])
+
+
+def test_zero3_linear_patch_restored_by_the_next_engine(tmp_path):
+    """A ZeRO-3 engine (a world of one, in this process) leaves DeepSpeed's ``zero3_linear_wrap``
+    as ``torch.nn.functional.linear`` (the premise: DeepSpeed still does this); the next
+    engine of another ZeRO stage built by ``init_engine`` gets torch's own back, and
+    ``restore_torch_linear`` is then a no-op."""
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    from janus_train.trainer.distributed import init_engine, setup_distributed
+
+    original = F.linear
+    setup_distributed(60)
+
+    def engine(zero: int):
+        model = torch.nn.Linear(4, 4)
+        cfg = {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": zero},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        }
+        return init_engine(model, cfg, list(model.parameters()))
+
+    engine(3)
+    assert F.linear is zero3_linear_wrap
+    engine(2)
+    assert F.linear is original
+    assert compat.restore_torch_linear() is False

@@ -304,7 +304,7 @@ def test_planner_counts_adapters_and_7b_fits_one_80gb_gpu(capsys):
     report = apply_freeze(janus, run.trainable_groups, run.model.lora)
     shape = stage_shape(run)
     assert shape.trainable == sum(g["trainable"] for g in report.values())
-    assert shape.frozen == sum(g["frozen"] for g in report.values())
+    assert shape.frozen + shape.vq == sum(g["frozen"] for g in report.values())  # VQ: own row
 
     argv = [
         "experiment=janus_pro_7b_lora_sft_1gpu",

@@ -16,6 +16,8 @@ from janus_train.data.preprocess import decode_image, gen_pixels
 from janus_train.data.shards import ShardCursor
 from janus_train.data.synthetic import caption_records, write_tar
 from janus_train.model.forward import JanusTrainModel
+from janus_train.model.vq_codes import normalized_codebook, normalized_latents, vq_codes
+from tests.helpers import reference_codes
 
 
 def _spread_norms(model, seed: int = 0) -> None:
@@ -25,22 +27,6 @@ def _spread_norms(model, seed: int = 0) -> None:
     scale = torch.exp(torch.empty(emb.shape[0], 1).uniform_(np.log(0.05), np.log(20), generator=g))
     with torch.no_grad():
         emb.mul_(scale)
-
-
-def reference_codes(vq, px: torch.Tensor) -> torch.Tensor:
-    """Cosine argmax in float64 over the latents HF's quantizer receives (captured by a hook on
-    its input), against the codebook as stored."""
-    seen = []
-    h = vq.quantize.register_forward_hook(lambda m, args, out: seen.append(args[0]))
-    try:
-        with torch.no_grad():
-            hf = vq.encode(px).image_tokens.view(px.shape[0], -1)
-    finally:
-        h.remove()
-    z = seen[0].double().permute(0, 2, 3, 1).reshape(-1, seen[0].shape[1])
-    e = vq.quantize.embedding.weight.detach().double()
-    cos = (z @ e.t()) / z.norm(dim=1, keepdim=True) / e.norm(dim=1)
-    return cos.argmax(1).view(px.shape[0], -1), hf
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +54,56 @@ def test_in_step_codes_are_the_cosine_argmax(spread_model):
     hf_agree = float((hf == want).float().mean())
     print(f"HF encode agreement with the cosine argmax: {hf_agree:.3f}")
     assert hf_agree < 0.8, hf_agree
+
+
+def test_codes_of_a_bf16_vq_are_computed_in_fp32(spread_model):
+    """A VQ held in bf16 assigns its codes in fp32 (on fp32 copies of its weights): the float64
+    argmax over the same (bf16-valued) weights in an fp32 VQ, which a bf16 computation misses
+    on some codes; the module itself is left in bf16."""
+    import copy
+
+    model, _ = spread_model
+    vq16 = copy.deepcopy(model.model.vqmodel).to(torch.bfloat16)
+    vq32 = copy.deepcopy(vq16).float()
+    torch.manual_seed(1)
+    px = torch.rand(8, 3, 32, 32) * 2 - 1
+    want, _ = reference_codes(vq32, px)
+    assert torch.equal(vq_codes(vq16, px), want)
+    assert vq16.quant_conv.weight.dtype == torch.bfloat16
+    with torch.no_grad():  # what a bf16 computation would assign
+        z = normalized_latents(vq16, px.bfloat16())
+        bf16 = (z @ normalized_codebook(vq16).t()).argmax(-1).view(8, -1)
+    assert not torch.equal(bf16, want)
+
+
+def test_detached_vq_is_out_of_the_tree_in_fp32_and_still_exported(tmp_path):
+    """``detach_vq``: the wrapping module's parameters, state dict and dtype casts no longer
+    reach the VQ (what DeepSpeed would cast and partition); ``janus.model.vqmodel`` still reads
+    it; ``vq_state_dict`` gives its tensors under their state-dict names; a checkpoint written
+    with the VQ inside the engine still loads strictly (its VQ tensors dropped), while any
+    other unexpected key still fails."""
+    from janus_train.model import build_model
+    from janus_train.model.vq_codes import detach_vq, vq_state_dict
+    from janus_train.trainer.checkpoint import load_module_state
+    from tests.conftest import tiny_run
+
+    janus, _ = build_model(tiny_run().model, workdir=tmp_path)
+    before = {k: v.clone() for k, v in janus.state_dict().items()}
+    legacy = JanusTrainModel(janus).state_dict()
+    assert vq_state_dict(janus) == {}
+    tm = JanusTrainModel(janus)
+    vq = detach_vq(janus)
+    assert detach_vq(janus) is vq and janus.model.vqmodel is vq
+    assert not any("vqmodel" in k for k, _ in tm.named_parameters())
+    tm.to(torch.bfloat16)
+    assert {p.dtype for p in vq.parameters()} == {torch.float32}
+    assert not any(p.requires_grad for p in vq.parameters()) and not vq.training
+    got = {**janus.state_dict(), **vq_state_dict(janus)}
+    assert got.keys() == before.keys()
+    assert all(torch.equal(got[k], before[k]) for k in before if "vqmodel" in k)
+    load_module_state(legacy, tm)  # legacy VQ keys dropped, the rest strict
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        load_module_state({**legacy, "janus.extra.weight": torch.zeros(1)}, tm)
 
 
 def test_vq_encode_writes_the_cosine_argmax(spread_model, tmp_path):

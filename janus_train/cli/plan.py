@@ -108,7 +108,7 @@ def render(plan: StagePlan, cluster: ClusterConfig, experiment: str) -> str:
     lines = [
         f"== {experiment} {sh.name}: {sh.steps} steps, global batch {sh.global_batch}, "
         f"trains {', '.join(sh.trainable_groups)} ({sh.trainable / 1e9:.3f} B of "
-        f"{(sh.trainable + sh.frozen) / 1e9:.3f} B parameters) ==",
+        f"{(sh.trainable + sh.frozen + sh.vq) / 1e9:.3f} B parameters) ==",
         f"cluster: up to {cluster.nodes} nodes x {cluster.gpus_per_node} {cluster.gpu} "
         f"({spec.memory_gib:.0f} GiB, {spec.peak_bf16 / 1e12:.0f} TFLOP/s bf16, "
         f"{spec.intra_node_gbps:.0f} GB/s in-node, {spec.inter_node_gbps:.0f} GB/s across "

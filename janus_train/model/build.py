@@ -21,7 +21,7 @@ from janus_train.model.attention import (
     set_llm_attention,
 )
 from janus_train.model.compile import compile_decoder_layers
-from janus_train.model.config import ModelConfig
+from janus_train.model.config import ModelConfig, assemble_janus_config
 from janus_train.model.kernels import apply_kernels, check_kernels_available
 from janus_train.model.tokenizer import (
     SpecialTokens,
@@ -29,16 +29,13 @@ from janus_train.model.tokenizer import (
     resolve_special_tokens,
     train_tiny_tokenizer,
 )
-from janus_train.model.vq_codes import normalized_codebook
+from janus_train.model.vq_codes import VQ_PATH, normalized_codebook
 
 logger = logging.getLogger(__name__)
 
 
 def build_janus_config(cfg: ModelConfig, tokenizer):
     """A ``JanusConfig`` from the typed dimensions; special-token ids come from `tokenizer`."""
-    from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
-
-    st = resolve_special_tokens(tokenizer)
     d = cfg.text.hidden_size
     if cfg.image_size % cfg.vision.patch_size:
         raise ValueError(
@@ -51,9 +48,8 @@ def build_janus_config(cfg: ModelConfig, tokenizer):
             f"model.vq.channel_multiplier downsamples by {vq_down} but model.vision.patch_size is "
             f"{cfg.vision.patch_size}: understanding and generation grids must match"
         )
-    vocab = max(cfg.text.vocab_size, len(tokenizer))
-    text = LlamaConfig(
-        vocab_size=vocab,
+    text = dict(
+        vocab_size=max(cfg.text.vocab_size, len(tokenizer)),
         hidden_size=d,
         intermediate_size=cfg.text.intermediate_size,
         num_hidden_layers=cfg.text.num_hidden_layers,
@@ -62,12 +58,8 @@ def build_janus_config(cfg: ModelConfig, tokenizer):
         max_position_embeddings=cfg.text.max_position_embeddings,
         rms_norm_eps=cfg.text.rms_norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.text.rope_theta},
-        bos_token_id=st.bos,
-        eos_token_id=st.eos,
-        pad_token_id=st.pad,
-        tie_word_embeddings=False,
     )
-    vision = JanusVisionConfig(
+    vision = dict(
         hidden_size=cfg.vision.hidden_size,
         num_hidden_layers=cfg.vision.num_hidden_layers,
         num_attention_heads=cfg.vision.num_attention_heads,
@@ -78,7 +70,7 @@ def build_janus_config(cfg: ModelConfig, tokenizer):
         depth=cfg.vision.aligner_depth,
         num_image_tokens=cfg.num_image_tokens,
     )
-    vq = JanusVQVAEConfig(
+    vq = dict(
         embed_dim=cfg.vq.embed_dim,
         num_embeddings=cfg.vq.num_embeddings,
         base_channels=cfg.vq.base_channels,
@@ -89,13 +81,7 @@ def build_janus_config(cfg: ModelConfig, tokenizer):
         image_token_embed_dim=d,
         num_hidden_layers=cfg.vq.aligner_depth,
     )
-    return JanusConfig(
-        text_config=text,
-        vision_config=vision,
-        vq_config=vq,
-        image_token_id=st.image,
-        tie_word_embeddings=False,
-    )
+    return assemble_janus_config(tokenizer, text, vision, vq)
 
 
 def load_processor(path: str | os.PathLike):
@@ -217,8 +203,10 @@ def build_model(
     if cfg.init_from:
         if not Path(cfg.init_from).is_dir():
             raise FileNotFoundError(f"model.init_from={cfg.init_from!r} is not a directory")
-        model = JanusForConditionalGeneration.from_pretrained(
+        model = compat.from_pretrained_keeping_fp32(
+            JanusForConditionalGeneration,
             cfg.init_from,
+            [VQ_PATH],
             local_files_only=True,
             dtype=dtype,
             attn_implementation=build_attn_implementation(attn),

@@ -174,3 +174,29 @@ class ModelConfig:
     @property
     def num_image_tokens(self) -> int:
         return (self.image_size // self.vision.patch_size) ** 2
+
+
+def assemble_janus_config(tokenizer, text: dict, vision: dict, vq: dict):
+    """The one place a ``transformers.JanusConfig`` is put together (from the typed config in
+    ``build.build_janus_config``, from DeepSeek's ``config.json`` in ``deepseek_format``):
+    ``text``, ``vision``, ``vq`` are the keyword arguments of ``LlamaConfig``,
+    ``JanusVisionConfig``, ``JanusVQVAEConfig``; every special-token id comes from
+    ``tokenizer`` by its string; ``lm_head`` is untied from the embeddings."""
+    from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
+
+    from janus_train.model.tokenizer import resolve_special_tokens
+
+    st = resolve_special_tokens(tokenizer)
+    return JanusConfig(
+        text_config=LlamaConfig(
+            **text,
+            bos_token_id=st.bos,
+            eos_token_id=st.eos,
+            pad_token_id=st.pad,
+            tie_word_embeddings=False,
+        ),
+        vision_config=JanusVisionConfig(**vision),
+        vq_config=JanusVQVAEConfig(**vq),
+        image_token_id=st.image,
+        tie_word_embeddings=False,
+    )

@@ -281,9 +281,7 @@ def load_state(d: Path) -> dict[str, torch.Tensor]:
 def hf_config_from_deepseek(cfg: dict, tokenizer):
     """DeepSeek's ``config.json`` (dict) -> ``JanusConfig`` (special-token ids from the
     tokenizer, as transformers' converter does)."""
-    from transformers import JanusConfig, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
-
-    from janus_train.model.tokenizer import resolve_special_tokens
+    from janus_train.model.config import assemble_janus_config
 
     try:
         lang, vis = cfg["language_config"], cfg["vision_config"]["params"]
@@ -296,7 +294,6 @@ def hf_config_from_deepseek(cfg: dict, tokenizer):
             f"DeepSeek config.json: vision {vis.get('model_name')!r} / gen vision "
             f"{cfg['gen_vision_config'].get('cls')!r}: only {SIGLIP!r} / 'VQ-16' are known"
         )
-    st = resolve_special_tokens(tokenizer)
     sig = {k: vis.get(k, v) for k, v in SIGLIP_DIMS.items()}
     select = int(vis.get("select_layer", -1))
     layers = sig["layers"] + select + 1 if select <= 0 else min(sig["layers"], select)
@@ -305,15 +302,9 @@ def hf_config_from_deepseek(cfg: dict, tokenizer):
         "num_attention_heads", "num_key_value_heads", "hidden_act", "max_position_embeddings",
         "rms_norm_eps", "rope_theta",
     )  # fmt: skip
-    text = LlamaConfig(
-        **{k: lang[k] for k in text_keys if k in lang},
-        bos_token_id=st.bos,
-        eos_token_id=st.eos,
-        pad_token_id=st.pad,
-        tie_word_embeddings=False,
-    )
+    text = {k: lang[k] for k in text_keys if k in lang}
     image_size = int(vis.get("image_size", 384))
-    vision = JanusVisionConfig(
+    vision = dict(
         hidden_size=sig["width"],
         num_hidden_layers=layers,
         num_attention_heads=sig["heads"],
@@ -324,7 +315,7 @@ def hf_config_from_deepseek(cfg: dict, tokenizer):
         depth=al.get("depth", 2),
         num_image_tokens=(image_size // sig["patch_size"]) ** 2,
     )
-    vq = JanusVQVAEConfig(
+    vq = dict(
         embed_dim=gv["n_embed"],
         num_embeddings=gv["image_token_size"],
         projection_dim=gal["n_embed"],
@@ -332,13 +323,7 @@ def hf_config_from_deepseek(cfg: dict, tokenizer):
         image_token_embed_dim=gh["image_token_embed"],
         **{k: gv.get(k, v) for k, v in VQ16_DIMS.items()},
     )
-    return JanusConfig(
-        text_config=text,
-        vision_config=vision,
-        vq_config=vq,
-        image_token_id=st.image,
-        tie_word_embeddings=False,
-    )
+    return assemble_janus_config(tokenizer, text, vision, vq)
 
 
 def deepseek_config_from_hf(config) -> dict:

@@ -141,9 +141,10 @@ class JanusTrainModel(nn.Module):
     to the loss with weight 0 when the micro-batch lacks that task, so ZeRO-3's parameter
     gathers happen on every rank in the same order (spec §7) and every trainable parameter
     gets a gradient.
-    ``params_partitioned`` (ZeRO-3): also run the frozen VQ encoder on a dummy image when the
-    micro-batch has nothing to encode. Without partitioning it has no collective to keep in
-    step, and with pre-tokenized codes it would be a wasted VQ encode per micro-batch.
+    ``params_partitioned`` (ZeRO-3): how the heads read their weights (``HeadLoss``), and an
+    LLM input that always needs a gradient (the same backward gathers on every rank). The
+    frozen VQ needs no dummy encode: the trainer holds it outside the engine
+    (``vq_codes.detach_vq``), so it is never partitioned and has no collective to keep in step.
     ``head_loss``: how ``lm_head`` and the image head's last Linear meet the cross-entropy
     (chunked, Liger's fused kernel; ``janus_train.model.loss``); default: all logits at once.
     """
@@ -169,7 +170,7 @@ class JanusTrainModel(nn.Module):
     def encode_images(self, gen_pixel_values: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [-1, 1] -> (N, num_image_tokens) VQ codes with the frozen VQ, assigned
         by cosine as DeepSeek's quantizer does (``janus_train.model.vq_codes``), not by HF's
-        ``encode``."""
+        ``encode``, in float32 whatever the training precision."""
         return vq_codes(self.janus.model.vqmodel, gen_pixel_values)
 
     def _fill_codes(self, batch, ix: BatchIndex) -> torch.Tensor:
@@ -181,9 +182,6 @@ class JanusTrainModel(nn.Module):
         if gen_px is None or gen_px.shape[0] == 0:
             if n_need:
                 raise ValueError(f"batch has {n_need} image-code slots but no gen_pixel_values")
-            if self.call_all_modules and self.params_partitioned:
-                size = self.janus.config.vision_config.image_size
-                self.encode_images(torch.zeros(1, 3, size, size, device=flat.device))
             return flat.index_select(0, ix.code_slots)
         enc = self.encode_images(gen_px).reshape(-1)
         if enc.numel() != n_need:

@@ -14,7 +14,9 @@ for trainable parameters (P_t, N ranks):
     2      2 P_t         (2 + 4) P_t / N      12 P_t / N
     3      2 P_t / N     4 P_t / N            12 P_t / N   + 4 x the largest layer (gathered)
 
-Frozen modules hold only their bf16 weights: 2 P_f per GPU, or 2 P_f / N under ZeRO-3. With
+Frozen modules hold only their bf16 weights: 2 P_f per GPU, or 2 P_f / N under ZeRO-3; the VQ
+is held outside the engine, whole and in fp32 on every GPU whatever the stage (4 P_vq: its codes
+are the generation targets, ``janus_train.model.vq_codes``), and never communicated. With
 ``offload_optimizer`` gradients and optimizer state live in CPU memory; with ``offload_param``
 (ZeRO-3) the parameters too. hpZ adds a secondary copy: 2 (P_t + P_f) / hpz.
 
@@ -126,12 +128,10 @@ class ModelSizes:
     gen_image_flops: float
     persistent: dict[str, int] = field(default_factory=dict)
     """Per group, parameters of at most :data:`PERSISTENCE_THRESHOLD` elements: ZeRO-3 keeps
-    them whole on every rank (never gathered per micro-step; all-gathered after the step)."""
+    them whole on every rank (never gathered per micro-step; all-gathered after the step). Not
+    the VQ's: it is held outside the engine."""
     head_params: int = 0
     """``lm_head`` + ``generation_head``: the last modules of the forward."""
-    idle: int = 0
-    """Non-persistent parameters training never runs (the VQ decoder): ZeRO-3 never gathers
-    them."""
 
 
 class _VocabOnly:
@@ -185,14 +185,8 @@ def _sizes(cfg: ModelConfig) -> ModelSizes:
             if p.numel() <= PERSISTENCE_THRESHOLD
         )
         for g, paths in GROUPS.items()
+        if g != "vq"  # held outside the engine (trainer.distributed.init_engine)
     }
-    vq = model.model.vqmodel
-    idle = sum(
-        p.numel()
-        for m in (vq.decoder, vq.post_quant_conv)
-        for p in m.parameters()
-        if p.numel() > PERSISTENCE_THRESHOLD
-    )
     heads = sum(p.numel() for p in model.lm_head.parameters())
     heads += sum(p.numel() for p in model.model.generation_head.parameters())
     lm = model.model.language_model
@@ -218,7 +212,6 @@ def _sizes(cfg: ModelConfig) -> ModelSizes:
         gen_image_flops=gen_f,
         persistent=persistent,
         head_params=heads,
-        idle=idle,
     )
 
 
@@ -266,8 +259,10 @@ def model_state_bytes(
     ds: DeepSpeedConfig,
     world: int,
     precision: str = "bf16",
+    vq: int = 0,
 ) -> dict[str, float]:
-    """Per-GPU bytes of parameters, gradients and optimizer state (module docstring table)."""
+    """Per-GPU bytes of parameters, gradients and optimizer state (module docstring table);
+    ``frozen`` excludes the ``vq`` parameters, held whole in fp32 outside the engine."""
     z, n = ds.zero_stage, world
     pb = 2 if precision == "bf16" else 4  # parameter / gradient element
     master = 4 if precision == "bf16" else 0  # fp32 master copy and fp32 gradient partition
@@ -298,6 +293,7 @@ def model_state_bytes(
         out["hpZ secondary copy"] = pb * (trainable + frozen) / ds.hpz_partition_size
     if z == 3 and ds.quantized_weights:  # the int8 flat buffer of a gather, as gathered layer
         out["qwZ int8 gather buffers"] = 2.0 * largest_layer
+    out["VQ (fp32, whole)"] = 4.0 * vq
     return out
 
 

@@ -120,8 +120,13 @@ class StageShape:
 
     @property
     def frozen(self) -> int:
-        full = set(self.trainable_groups) - set(self.lora_groups)
+        """Frozen parameters inside the engine (the VQ is held outside it: ``vq``)."""
+        full = {*self.trainable_groups, "vq"} - set(self.lora_groups)
         return sum(n for g, n in self.sizes.groups.items() if g not in full)
+
+    @property
+    def vq(self) -> int:
+        return self.sizes.groups.get("vq", 0)
 
 
 def stage_shape(run) -> StageShape:
@@ -273,7 +278,7 @@ def estimate(
         est.problems.append("deepspeed.offload_param needs ZeRO-3")
     s = shape.sizes
     est.memory = model_state_bytes(
-        shape.trainable, shape.frozen, s.largest_layer, ds, world, shape.precision
+        shape.trainable, shape.frozen, s.largest_layer, ds, world, shape.precision, shape.vq
     )
     est.memory["DeepSpeed buffers"] = buffer_bytes(ds)
     # the worst row under the same activation model that sizes it (which row is worst depends
@@ -304,8 +309,8 @@ def estimate(
     est.sim = sim
     accum = sim.n_micro if shape.tokens_per_micro else (est.batch.grad_accum if est.batch else 1)
     frozen_no_bwd = {"vq", "und_encoder", "gen_embeddings"} - set(shape.trainable_groups)
-    pers = s.persistent
-    fwd_np = sum(n - pers.get(g, 0) for g, n in s.groups.items()) - s.idle
+    pers = s.persistent  # none of the VQ's: it is held outside the engine, never gathered
+    fwd_np = sum(n - pers.get(g, 0) for g, n in s.groups.items() if g != "vq")
     bwd_np = sum(n - pers.get(g, 0) for g, n in s.groups.items() if g not in frozen_no_bwd)
     # llm = embeddings + layers + final norm + lm_head (vocab x hidden each)
     layer = (s.groups["llm"] - pers.get("llm", 0) - 2 * s.vocab * s.hidden) // s.layers

@@ -57,6 +57,7 @@ import torch
 
 from janus_train import compat
 from janus_train.errors import StorageFull, is_storage_full, one_line
+from janus_train.model.vq_codes import VQ_PATH
 from janus_train.trainer.distributed import DistInfo, all_gather_objects, barrier
 
 logger = logging.getLogger(__name__)
@@ -232,6 +233,17 @@ def _check_space(ckpt_dir: Path) -> int:
             " and may fail" if free < need else "",
         )
     return need
+
+
+def load_module_state(src: dict, dst: torch.nn.Module) -> None:
+    """DeepSpeed's strict module load, less the frozen VQ's tensors of a checkpoint written
+    while the VQ was still inside the engine: it is now held outside it
+    (``janus_train.model.vq_codes.detach_vq``) and, frozen, comes from the model build."""
+    expected = set(dst.state_dict())
+    legacy = f"janus.{VQ_PATH}."
+    dst.load_state_dict(
+        {k: v for k, v in src.items() if k in expected or not k.startswith(legacy)}, strict=True
+    )
 
 
 def _finish_failed_save(engine) -> None:
@@ -506,7 +518,11 @@ def load_latest(
         err = None
         try:
             path, client_state = engine.load_checkpoint(
-                str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+                str(ckpt_dir),
+                tag=tag,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+                custom_load_fn=load_module_state,
             )
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / tag}")

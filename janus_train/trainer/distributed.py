@@ -320,28 +320,31 @@ def check_quantized_available(ds_cfg, world_size: int) -> None:
 
 
 def init_engine(model: torch.nn.Module, ds_config: dict, param_groups: list[dict]):
-    """``deepspeed.initialize`` with our param groups; returns the engine."""
+    """``deepspeed.initialize`` with our param groups; returns the engine.
+
+    A :class:`JanusTrainModel`'s frozen VQ is held outside the engine
+    (``janus_train.model.vq_codes.detach_vq``), whole and in fp32 on every rank: DeepSpeed would
+    cast it to bf16 under ``deepspeed.precision=bf16`` (about 1 code in 16 differed from the fp32
+    run's) and partition it under ZeRO-3, where it would cost a gather per micro-step. Its cost:
+    4 bytes per VQ parameter on each rank, instead of 2 (ZeRO-0/1/2) or 2 / world (ZeRO-3).
+
+    A ZeRO-3 engine replaces ``torch.nn.functional.linear`` process-wide and DeepSpeed never
+    restores it; an engine of another stage built later in the same process gets torch's own
+    back (``compat.restore_torch_linear``)."""
     import deepspeed
 
+    from janus_train.model import JanusTrainModel
+    from janus_train.model.vq_codes import detach_vq
+
+    vq = detach_vq(model.janus) if isinstance(model, JanusTrainModel) else None
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        compat.restore_torch_linear()  # left by a ZeRO-3 engine earlier in this process
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups, config=ds_config
     )
-    if ds_config.get("zero_optimization", {}).get("stage") == 3:
-        register_external_parameters(engine.module)
+    if vq is not None:
+        vq.to(engine.device)
     return engine
-
-
-def register_external_parameters(model: torch.nn.Module) -> None:
-    """ZeRO-3 gathers a module's own parameters when its forward runs. HF's VQ quantizer reads
-    its child's ``embedding.weight`` directly (no child forward): inside the engine's forward
-    DeepSpeed detects that, outside it (evaluation, sampling from a live engine) the codebook
-    stays partitioned (shape 0). Declare it as the quantizer's parameter."""
-    from deepspeed.runtime.zero import register_external_parameter
-    from transformers.models.janus.modeling_janus import JanusVQVAEVectorQuantizer
-
-    for mod in model.modules():
-        if isinstance(mod, JanusVQVAEVectorQuantizer):
-            register_external_parameter(mod, mod.embedding.weight)
 
 
 def set_lr(engine, lr: float) -> None:

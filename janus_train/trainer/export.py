@@ -5,8 +5,8 @@ the run's chat template (``janus_train.model.chat_template``), a model card
 (``janus_train.trainer.model_card``).
 
 Weights are the fp32 master copies (DeepSpeed's optimizer partitions for trainable parameters,
-gathered under ZeRO-3; the module's own tensors for frozen ones), so a bf16 run hands off
-without rounding. The directory is written to ``<out>.tmp`` and renamed when complete.
+gathered under ZeRO-3; the module's own tensors for frozen ones, the VQ from outside the
+engine), so a bf16 run hands off without rounding. The directory is written to ``<out>.tmp`` and renamed when complete.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from janus_train.model.lora import export_lora
+from janus_train.model.vq_codes import vq_state_dict
 from janus_train.trainer.distributed import DistInfo, barrier
 
 COMPLETE = "export_complete"
@@ -43,7 +44,8 @@ def consolidated_state_dict(janus: torch.nn.Module, zero_stage: int, info: DistI
     """Collective: full fp32 state dict of ``janus`` on rank 0 (empty dict elsewhere)."""
     params = dict(janus.named_parameters(remove_duplicate=False))
     sd = {}
-    for name, value in janus.state_dict().items():
+    # + the VQ the trainer holds outside the engine (whole, fp32, on every rank)
+    for name, value in {**janus.state_dict(), **vq_state_dict(janus)}.items():
         if name in params:
             value = _full_param(params[name], zero_stage)
         if info.is_main:
