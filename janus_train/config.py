@@ -284,6 +284,8 @@ def validate(cfg: RunConfig) -> None:
             f"train.export_max_shard_size={cfg.train.export_max_shard_size!r}: a size like "
             "5GB, 500MB or 2GiB"
         ) from None
+    if cfg.train.export_dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"train.export_dtype={cfg.train.export_dtype!r}: auto | bf16 | fp32")
     if cfg.train.micro_batch_size <= 0:
         raise ValueError("train.micro_batch_size must be > 0")
     tpm = cfg.train.tokens_per_micro

@@ -568,9 +568,6 @@ def run(cfg: RunConfig) -> int:
         set_collective_timeout(tc.init_timeout_s)  # consolidation on rank 0 may be slow
         out_dir = prep.run_dir / "hf"
         if tc.export_at_end and not is_exported(out_dir, state.step):
-            card = None
-            if info.is_main:
-                card = model_card(cfg, t.processor, state.step, info.world_size)
             export_hf(
                 t.janus,
                 t.processor,
@@ -579,7 +576,8 @@ def run(cfg: RunConfig) -> int:
                 info,
                 state.step,
                 tc.export_max_shard_size,
-                card,
+                lambda: model_card(cfg, t.processor, state.step, info.world_size),  # rank 0
+                tc.export_dtype,
             )
             logger.info("exported %s (next stage: model.init_from=%s)", out_dir, out_dir.resolve())
     return EXIT_OK

@@ -150,7 +150,8 @@ def test_a_run_saves_its_processor_and_exports_card_and_template(
     tmp_path, tiny_model_and_processor
 ):
     """janus-train wiring: run_dir/processor at the start, hf/ with README.md and the template,
-    every shard within train.export_max_shard_size. The run starts from a checkpoint in
+    every shard within train.export_max_shard_size, weights in train.export_dtype (the VQ's
+    fp32). The run starts from a checkpoint in
     DeepSeek's release layout (``model.init_from``, converted on first use), and its export
     goes back to that layout and returns bitwise."""
     from safetensors import safe_open
@@ -178,6 +179,7 @@ def test_a_run_saves_its_processor_and_exports_card_and_template(
         f"train.run_dir={run_dir}",
         "train.log_every=1",
         "train.export_max_shard_size=2MB",
+        "train.export_dtype=bf16",  # janus-train passes it to the export (an fp32 run here)
         "train.progress_bar=false",
         "train.tokens_per_micro=0",
         f"model.init_from={ds}",
@@ -192,7 +194,8 @@ def test_a_run_saves_its_processor_and_exports_card_and_template(
     init = F.load_state(tmp_path / "hf0")
     assert start.keys() == init.keys() and all(torch.equal(v, init[k]) for k, v in start.items())
     llm = [k for k in start if k.startswith("model.language_model.layers.")]
-    assert any(not torch.equal(start[k], end[k]) for k in llm)  # stage 2 trained the LLM
+    assert {end[k].dtype for k in llm} == {torch.bfloat16}
+    assert any(not torch.equal(start[k].bfloat16(), end[k]) for k in llm)  # the LLM trained
     q = "model.vqmodel.quant_conv.weight"
     assert torch.equal(end[q], init[q])
     back = F.convert_checkpoint(F.export_deepseek(run_dir / "hf", tmp_path / "ds2"), tmp_path / "b")
@@ -233,3 +236,45 @@ def test_demo_report_asks_the_export_with_plain_transformers(
     res = final_eval(export, tmp_path / "final_eval", n_und=6, n_gen=1, guidance=1.0)
     assert res["und/same_answers_as_janus_sample"] == 1.0
     assert res["und/accuracy_plain_transformers"] == res["und/accuracy"]
+
+
+@pytest.mark.parametrize(
+    "module_dtype,choice,want",
+    [
+        (torch.bfloat16, "auto", torch.bfloat16),  # a bf16 run's default: as trained
+        (torch.bfloat16, "fp32", torch.float32),
+        (torch.float32, "bf16", torch.bfloat16),
+    ],
+)
+def test_export_dtype(tiny_model_and_processor, tmp_path, module_dtype, choice, want):
+    """``train.export_dtype``: every floating tensor of the safetensors files in the chosen dtype
+    (``auto``: the module's, i.e. the training dtype), equal to the module's weights cast to it,
+    except the VQ, fp32 and bitwise as built (held outside the engine as the trainer does);
+    config.json records the dtype, and ``from_pretrained`` on the directory loads in it."""
+    from safetensors.torch import load_file
+    from transformers import JanusForConditionalGeneration
+
+    from janus_train.model.vq_codes import detach_vq
+
+    janus, processor = tiny_model_and_processor
+    model = copy.deepcopy(janus)
+    detach_vq(model)
+    model.to(module_dtype)  # as DeepSpeed casts the engine's module
+    out = export_hf(model, processor, tmp_path / "hf", 0, DistInfo(0, 1, 0), step=1, dtype=choice)
+    files = load_file(str(out / "model.safetensors"))
+    ref, mod = janus.state_dict(), model.state_dict()
+    vq = [k for k in files if k.startswith("model.vqmodel.")]
+    rest = [k for k in files if k not in vq and files[k].is_floating_point()]
+    assert vq and rest and set(files) == set(ref)
+    assert all(files[k].dtype == torch.float32 and torch.equal(files[k], ref[k]) for k in vq)
+    assert all(files[k].dtype == want and torch.equal(files[k], mod[k].to(want)) for k in rest)
+    name = str(want).removeprefix("torch.")
+    assert json.loads((out / "config.json").read_text())["dtype"] == name
+    loaded = JanusForConditionalGeneration.from_pretrained(out, local_files_only=True)
+    assert loaded.lm_head.weight.dtype == want
+    assert torch.equal(loaded.lm_head.weight, files["lm_head.weight"])
+
+
+def test_bad_export_dtype_fails_at_config_time():
+    with pytest.raises(ValueError, match="train.export_dtype='fp16'"):
+        tiny_run(["train.export_dtype=fp16"])

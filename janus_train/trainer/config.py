@@ -85,6 +85,11 @@ class TrainConfig:
     export_max_shard_size: str = "5GB"
     """Largest safetensors file of the export (``"5GB"``, ``"500MB"``, ``"2GiB"``): bigger models
     are written in shards with an index, and load shard by shard."""
+    export_dtype: str = "auto"
+    """Dtype of the export's weights: ``auto`` (the training dtype: bf16 for a bf16 run, as
+    DeepSeek's releases are stored, half the bytes of fp32; the next stage reads its
+    ``model.init_from`` in its own training dtype anyway), ``bf16`` or ``fp32`` (the fp32
+    master weights unrounded). The frozen VQ is written in fp32 either way."""
     dry_run: bool = False
     """Validate config, recipe and batch arithmetic, then exit before building the model."""
     synthetic_data: bool = False
