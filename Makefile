@@ -19,15 +19,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# Everything but the heavy tier, in two runs: the unit tier on TEST_WORKERS pytest-xdist
-# workers (a test file stays on one worker, so its module fixtures are built once), then the
-# multi-process and end-to-end tiers one test at a time (each of their runs uses 2 cores) with
-# one line per test file and the 15 slowest tests. Both runs always run; either failing fails.
-# "no tests collected" (5) counts as a pass for a PYTEST_ARGS that selects one tier only.
+# Everything but the heavy tier, in two runs: what runs in one process (the unit tier and the
+# single-process end-to-end runs) on TEST_WORKERS pytest-xdist workers (a test file stays on one
+# worker, so its module fixtures are built once), then the multi-process tier one test at a time
+# (each of its runs uses 2 cores) with one line per test file and the 15 slowest tests. Both runs
+# always run; either failing fails. "no tests collected" (5) counts as a pass for a PYTEST_ARGS
+# that selects one run's tests only.
 test: install
-	$(PY) -m pytest -m "not dist and not slow and not heavy" -n $(TEST_WORKERS) --dist loadfile \
-	  --durations=5 $(PYTEST_ARGS); u=$$?; \
-	$(PY) -m pytest -m "(dist or slow) and not heavy" --durations=15 $(PYTEST_ARGS); d=$$?; \
+	$(PY) -m pytest -m "not dist and not heavy" -n $(TEST_WORKERS) --dist loadfile \
+	  --durations=10 $(PYTEST_ARGS); u=$$?; \
+	$(PY) -m pytest -m "dist and not heavy" --durations=15 $(PYTEST_ARGS); d=$$?; \
 	for rc in $$u $$d; do if [ $$rc != 0 ] && [ $$rc != 5 ]; then exit $$rc; fi; done
 
 # unit tests only (no multi-process, no end-to-end runs)
