@@ -1,13 +1,18 @@
-"""Checkpoint stall: how long a save stops the step loop, against the step time (issue 12, 6).
+"""Checkpoint stall: how long a save stops the step loop, synchronous against asynchronous
+(issue 12 item 6, issue 23 item 4).
 
-The trainer's own set-up (``janus_train.train.build_engine``) and save
-(``janus_train.trainer.state.save_train_state``: DeepSpeed files + per-rank loader/RNG state,
-written under ``.tmp-`` and committed by rename) on synthetic batches. Reports the median step
-time, the median save time (the stall: saving is synchronous, every rank waits for the commit),
-the checkpoint's bytes, bytes per model parameter, and the write rate this machine reached, from
-which a 7B estimate follows (bytes per parameter x 7e9 / write rate, per rank sharing the writes).
+The trainer's own set-up (``janus_train.train.build_engine``) and saves
+(``janus_train.trainer.state.Checkpointer``: DeepSpeed files + per-rank loader/RNG state,
+written under ``.tmp-``, fsynced, summed into the manifest and committed by rename) on
+synthetic batches, in the loop's order: a save every ``--every`` steps, and with
+``train.ckpt_async`` its two phases advanced at step boundaries where every rank's thread is done
+(the flag rides in the step's all-reduce, as in ``train_step``). The stall of a save is the
+time the loop's thread spends in ``save`` and ``advance`` for it (the wait for the last
+save's commit when the run ends is reported apart); the median over ``--saves`` saves is
+reported per mode with the median step time with and without a write in flight, the
+checkpoint's bytes and the synchronous write rate (a 7B estimate follows from it).
 
-    python benchmarks/bench_ckpt.py [--zero 2] [--steps 6] [--saves 3] [--stage stage2]
+    python benchmarks/bench_ckpt.py [--zero 2] [--steps 6] [--saves 3] [--every 3]
     torchrun --nproc_per_node 2 benchmarks/bench_ckpt.py ...
 """
 
@@ -29,7 +34,8 @@ def main() -> None:
     ap.add_argument("--zero", type=int, default=2)
     ap.add_argument("--stage", default="stage2")
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--saves", type=int, default=3)
+    ap.add_argument("--saves", type=int, default=5)
+    ap.add_argument("--every", type=int, default=3, help="steps between saves")
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
     args = ap.parse_args()
@@ -48,7 +54,7 @@ def main() -> None:
         resolve_precision,
         setup_distributed,
     )
-    from janus_train.trainer.state import TrainState, save_train_state
+    from janus_train.trainer.state import Checkpointer, TrainState
 
     info = setup_distributed()
     holder = [tempfile.mkdtemp(prefix="bench_ckpt_") if info.is_main else None]
@@ -84,33 +90,55 @@ def main() -> None:
         micro_batch_size=1,
         grad_accum=plan.grad_accum,
     )
-    step_times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
+
+    def step(save_flags: tuple[float, float]) -> tuple[bool, bool]:
+        """One optimizer step; returns whether every rank's checkpoint thread was done, and
+        whether some rank's failed (``train_step``'s flags)."""
         micro = [{k: v.to(t.engine.device) for k, v in b.items()} for b in loader.next_step()]
-        n = all_reduce_sum(torch.stack([count_supervised(b) for b in micro]).sum(0))
-        forward_backward(t.engine, micro, step_weights(n, "token_mean"), plan.loss_scale)
+        counts = torch.stack([count_supervised(b) for b in micro]).sum(0).to(torch.float64)
+        red = all_reduce_sum(torch.cat([counts, torch.tensor(save_flags, dtype=torch.float64)]))
+        forward_backward(t.engine, micro, step_weights(red[:3], "token_mean"), plan.loss_scale)
         t.engine.step()
-        step_times.append(time.perf_counter() - t0)
-    save_times = []
-    for i in range(args.saves):
-        dist.barrier()
+        return int(red[3]) == info.world_size, bool(red[4] > 0)
+
+    for _ in range(args.steps):  # warm-up
+        step((1.0, 0.0))
+    n_step = args.steps
+    res = {}
+    for mode in ("sync", "async"):
+        saver = Checkpointer(t.engine, root / f"ckpt_{mode}", info, 2, mode == "async")
+        stalls, busy, idle = [], [], []  # stalls[i]: save i's time in save() and commit()
+        for _ in range(args.saves):
+            for _ in range(args.every):
+                flags = saver.flags()
+                t0 = time.perf_counter()
+                ready, failed = step(flags)
+                (busy if not flags[0] else idle).append(time.perf_counter() - t0)
+                n_step += 1
+                if saver.pending is not None and ready:
+                    t0 = time.perf_counter()
+                    saver.advance(not failed)  # the previous save's next phase
+                    stalls[-1] += time.perf_counter() - t0
+            dist.barrier()
+            t0 = time.perf_counter()
+            saver.save(TrainState(step=n_step), loader)
+            stalls.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        save_train_state(
-            t.engine,
-            root / "checkpoints",
-            TrainState(step=args.steps + i),
-            loader,
-            info,
-            keep_last=2,
-        )
-        save_times.append(time.perf_counter() - t0)
-    ck = root / "checkpoints" / f"step_{args.steps + args.saves - 1:08d}"
+        saver.commit()  # the end of the run: the last save's remaining phases, waited for
+        final = time.perf_counter() - t0
+        res[mode] = {
+            "median_stall_s": round(statistics.median(stalls), 4),
+            "stalls_s": [round(x, 4) for x in stalls],
+            "final_commit_wait_s": round(final, 4),
+            "median_step_s": round(statistics.median(idle), 4),
+            "median_step_writing_s": round(statistics.median(busy), 4) if busy else None,
+        }
+    ck = sorted((root / "ckpt_sync").glob("step_*"))[-1]
     nbytes = sum(f.stat().st_size for f in ck.rglob("*") if f.is_file())
     if info.is_main:
-        step, save = statistics.median(step_times[1:]), statistics.median(save_times)
+        sync = res["sync"]["median_stall_s"]
         per_param = nbytes / n_params
-        rate = nbytes / save
+        rate = nbytes / sync
         print(
             json.dumps(
                 {
@@ -118,13 +146,12 @@ def main() -> None:
                     "zero": args.zero,
                     "stage": args.stage,
                     "params": n_params,
-                    "median_step_s": round(step, 4),
-                    "median_save_s": round(save, 4),
-                    "stall_in_steps": round(save / step, 2),
+                    **res,
+                    "async_stall_over_sync": round(res["async"]["median_stall_s"] / sync, 3),
                     "checkpoint_bytes": nbytes,
                     "bytes_per_param": round(per_param, 2),
-                    "write_rate_MB_s": round(rate / 1e6, 1),
-                    "est_7b_save_s_at_this_rate": round(per_param * 7e9 / rate, 1),
+                    "sync_write_rate_MB_s": round(rate / 1e6, 1),
+                    "est_7b_sync_save_s_at_this_rate": round(per_param * 7e9 / rate, 1),
                 },
                 indent=2,
             )

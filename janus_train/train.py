@@ -101,10 +101,10 @@ from janus_train.trainer.model_card import model_card
 from janus_train.trainer.optim import build_param_groups, lr_at
 from janus_train.trainer.startup import node_local_init_from
 from janus_train.trainer.state import (
+    Checkpointer,
     TrainState,
     load_train_state,
     prepare_resume,
-    save_train_state,
 )
 
 logger = logging.getLogger("janus_train")
@@ -146,6 +146,8 @@ class StepOut:
     summed: torch.Tensor | None  # (6,) all-reduced CE sums + throughput counters, with loss
     stop: bool  # some rank got a stop signal before this step
     applied: bool  # DeepSpeed applied the update (not an overflow skip)
+    saves_ready: bool  # every rank had done its part of the pending save's phase before it
+    saves_failed: bool  # and some rank's part had failed
 
 
 def build_loader(run: RunConfig, processor, info: DistInfo, micro_batch_size: int, grad_accum: int):
@@ -329,8 +331,10 @@ def train_step(
     guard: RunGuard,
     meter: Throughput,
     log_now: bool,
+    save_flags: tuple[float, float] = (1.0, 0.0),
 ) -> StepOut:
-    """One optimizer step (index ``step``, 0-based) on every rank. Collective."""
+    """One optimizer step (index ``step``, 0-based) on every rank. Collective.
+    ``save_flags``: this rank's (ready, failed) of the pending save (``Checkpointer.flags``)."""
     tc, hp, engine = cfg.train, cfg.hparams, t.engine
     host = loader.next_step()
     local_n = torch.stack([count_supervised(check_batch(b)) for b in host]).sum(0)
@@ -339,14 +343,17 @@ def train_step(
     micro = [loader.finish(_to_device(with_index(b, t.janus), engine.device)) for b in host]
     # The loop's one collective of a non-logging step: the supervised-token counts (the loss
     # normalisation, needed before any backward), the stop flag (a signal that arrived
-    # before this step is honoured right after it, on every rank together) and the
-    # micro-step count m (equal on all ranks iff world * sum m^2 == (sum m)^2).
+    # before this step is honoured right after it, on every rank together), the
+    # micro-step count m (equal on all ranks iff world * sum m^2 == (sum m)^2) and the
+    # pending checkpoint's flags (this rank's thread done; it failed): once every rank is
+    # done, the save advances a phase after this step.
     m = float(len(host))
+    flags = [float(guard.stop_requested), m, m * m, *save_flags]
     red = all_reduce_sum(
         torch.cat(
             [
                 local_n.to(torch.float64),
-                torch.tensor([float(guard.stop_requested), m, m * m], dtype=torch.float64),
+                torch.tensor(flags, dtype=torch.float64),
             ]
         ).to(engine.device)
     ).cpu()
@@ -372,9 +379,9 @@ def train_step(
             torch.cat([loss_sum.to(torch.float64), meter.local[:3].to(engine.device)])
         ).cpu()
         loss = float((summed[:3] * weights).sum())
-    return StepOut(
-        n_tokens, weights, lr, grad_norm, loss, summed, stop, bool(engine.was_step_applied())
-    )
+    applied = bool(engine.was_step_applied())
+    ready, failed = int(red[6]) == plan.world_size, bool(red[7] > 0)
+    return StepOut(n_tokens, weights, lr, grad_norm, loss, summed, stop, applied, ready, failed)
 
 
 def check_update(out: StepOut, state: TrainState, tc, ckpt_dir: Path) -> None:
@@ -527,20 +534,32 @@ def run(cfg: RunConfig) -> int:
         meter = Throughput(t.flops)
         set_collective_timeout(tc.collective_timeout_s)  # set-up done: training collectives
         saved_at = state.step if state.resumed_from is not None else -1
+        saver = guard.add(Checkpointer(t.engine, prep.ckpt_dir, info, tc.keep_last, tc.ckpt_async))
 
-        def checkpoint() -> None:
+        def checkpoint(save: bool, commit: bool, none_failed: bool = False) -> None:
+            """Start a save of this step (``save``; commits the pending one first) and/or
+            commit the pending save (``commit``; neither: advance it one phase)."""
             t0 = time.perf_counter()
             set_collective_timeout(tc.init_timeout_s)  # rank 0 writes more than the others
-            save_train_state(t.engine, prep.ckpt_dir, state, loader, info, tc.keep_last)
+            if save:
+                saver.save(state, loader)
+            if commit:
+                saver.commit()
+            elif not save:
+                saver.advance(none_failed)
             set_collective_timeout(tc.collective_timeout_s)
             meter.exclude(time.perf_counter() - t0)  # throughput counts training time only
             guard.progress()
 
         while state.step < prep.stop_step:
             log_now = (state.step + 1) % tc.log_every == 0 or state.step + 1 == prep.stop_step
-            out = train_step(cfg, prep.plan, t, loader, state.step, guard, meter, log_now)
+            out = train_step(
+                cfg, prep.plan, t, loader, state.step, guard, meter, log_now, saver.flags()
+            )
             state.step += 1
             guard.progress()
+            if saver.pending is not None and out.saves_ready:  # e.g. every rank's files synced
+                checkpoint(save=False, commit=False, none_failed=not out.saves_failed)
             check_update(out, state, tc, prep.ckpt_dir)
             if log_now:
                 metrics.log(step_record(out, state, meter, loader, info.world_size))
@@ -551,7 +570,7 @@ def run(cfg: RunConfig) -> int:
                 meter.exclude(time.perf_counter() - t0)
                 guard.progress()
             if out.stop:  # some rank got SIGTERM/SIGUSR1: all ranks checkpoint and leave
-                checkpoint()
+                checkpoint(save=True, commit=True)
                 logger.warning(
                     "stop signal: checkpointed step %d, exiting %d (requeue)",
                     state.step,
@@ -559,28 +578,34 @@ def run(cfg: RunConfig) -> int:
                 )
                 return EXIT_REQUEUE
             if (tc.ckpt_every and state.step % tc.ckpt_every == 0) or state.step == prep.stop_step:
-                checkpoint()
+                checkpoint(save=True, commit=state.step == prep.stop_step)
                 saved_at = state.step
 
-        # ---- end of stage: final checkpoint, HF export ---------------------------------
-        if saved_at != state.step:
-            checkpoint()
+        # ---- end of stage: final checkpoint (committed), HF export ---------------------
+        if saved_at != state.step or saver.pending is not None:
+            checkpoint(save=saved_at != state.step, commit=True)
         set_collective_timeout(tc.init_timeout_s)  # consolidation on rank 0 may be slow
-        out_dir = prep.run_dir / "hf"
-        if tc.export_at_end and not is_exported(out_dir, state.step):
-            export_hf(
-                t.janus,
-                t.processor,
-                out_dir,
-                cfg.deepspeed.zero_stage,
-                info,
-                state.step,
-                tc.export_max_shard_size,
-                lambda: model_card(cfg, t.processor, state.step, info.world_size),  # rank 0
-                tc.export_dtype,
-            )
-            logger.info("exported %s (next stage: model.init_from=%s)", out_dir, out_dir.resolve())
+        if tc.export_at_end:
+            export_stage(cfg, t, prep.run_dir / "hf", info, state.step)
     return EXIT_OK
+
+
+def export_stage(cfg: RunConfig, t: Trainee, out_dir: Path, info: DistInfo, step: int) -> None:
+    """Collective: the stage's HF export (the next stage's ``model.init_from``), once."""
+    if is_exported(out_dir, step):
+        return
+    export_hf(
+        t.janus,
+        t.processor,
+        out_dir,
+        cfg.deepspeed.zero_stage,
+        info,
+        step,
+        cfg.train.export_max_shard_size,
+        lambda: model_card(cfg, t.processor, step, info.world_size),  # rank 0
+        cfg.train.export_dtype,
+    )
+    logger.info("exported %s (next stage: model.init_from=%s)", out_dir, out_dir.resolve())
 
 
 def _json(obj) -> str:

@@ -10,8 +10,12 @@ torchrun launch (``python tests/test_ckpt_dist.py main <dir>`` is the worker):
 * ENOSPC injected into rank 1's optimizer file of the step-2 save: both ranks raise the same
   ``storage full:`` line, ``latest`` stays step 1, the partial directory is gone.
 
-Kills at each moment of the save order are covered in one process (``test_ckpt_faults.py``)
-and the SIGKILL-before-commit chain in ``test_train_dist.py``.
+* every file of the reference runs' saves written by the ranks' writer threads
+  (``train.ckpt_async``, the default; so are all the runs above).
+
+Kills at each moment of the save order are covered in one process (``test_ckpt_faults.py``),
+on 2 ranks with real SIGKILLs (``test_ckpt_kill.py``, heavy tier) and in the
+SIGKILL/resume chain of ``test_train_dist.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import errno
 import json
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -81,9 +86,22 @@ def scenario_main(root):
 
     root = Path(root)
     real_save = torch.save
+    writers = []  # (file, thread) of every checkpoint file written
+
+    def recorded(obj, f, *a, **k):
+        if "checkpoints" in str(f):
+            writers.append((Path(f).name, threading.current_thread().name))
+        return real_save(obj, f, *a, **k)
+
     for zero in (2, 3):
-        assert train.run(_run(root, f"ref_z{zero}", zero, 4, ["train.export_at_end=true"])) == 0
+        writers.clear()
+        torch.save = recorded
+        try:
+            assert train.run(_run(root, f"ref_z{zero}", zero, 4, ["train.export_at_end=true"])) == 0
+        finally:
+            torch.save = real_save
         info = setup_distributed()
+        (root / f"writers_z{zero}.rank{info.rank}.json").write_text(json.dumps(writers))
         src = root / f"ref_z{zero}" / "checkpoints"
         for kind in KINDS:
             c = root / f"{kind}_z{zero}" / "checkpoints"
@@ -143,6 +161,20 @@ def test_damaged_newest_checkpoint_falls_back_on_every_rank(scen, zero, kind):
     for rank in (0, 1):
         got = json.loads((scen / f"{kind}_z{zero}.rank{rank}.json").read_text())
         assert got == {"tag": "step_00000002", "fallbacks": 1}
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_files_are_written_by_the_writer_threads(scen, zero):
+    """``train.ckpt_async`` (the default): every file of every save of the reference run (4
+    saves, DeepSpeed's and ours) was written by a writer thread, none by the loop's thread."""
+    for rank in (0, 1):
+        writers = json.loads((scen / f"writers_z{zero}.rank{rank}.json").read_text())
+        names = {name for name, _ in writers}
+        assert f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" in names
+        assert f"trainer_state_rank{rank}.pt" in names
+        assert (rank == 0) <= any(n.endswith("model_states.pt") for n in names)
+        assert len(writers) == 4 * len(names)
+        assert all(thread.startswith("janus-ckpt") for _, thread in writers), writers
 
 
 @pytest.mark.parametrize("zero", [2, 3])

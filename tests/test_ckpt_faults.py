@@ -33,19 +33,28 @@ MODEL = "mp_rank_00_model_states.pt"
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 
+class TorchWriter:
+    """DeepSpeed's ``TorchCheckpointEngine`` as far as a save uses it."""
+
+    def save(self, state_dict, path):
+        torch.save(state_dict, path)
+
+
 class FakeEngine:
-    """Writes and reads DeepSpeed's file names; ``w`` stands for the weights."""
+    """Writes (through its ``checkpoint_engine``, as DeepSpeed does) and reads DeepSpeed's file
+    names; ``w`` stands for the weights."""
 
     def __init__(self, n: int = 1000):
         self.w = torch.zeros(n)
         self.fail_load: set[str] = set()
+        self.checkpoint_engine = TorchWriter()
 
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert not save_latest
         d = Path(save_dir) / tag
         d.mkdir(parents=True, exist_ok=True)
-        torch.save({"w": self.w.clone(), "client": client_state}, d / MODEL)
-        torch.save({"exp_avg": self.w * 2}, d / OPTIM)
+        self.checkpoint_engine.save({"w": self.w, "client": client_state}, str(d / MODEL))
+        self.checkpoint_engine.save({"exp_avg": self.w * 2}, str(d / OPTIM))
 
     def load_checkpoint(self, load_dir, tag, **_):
         if tag in self.fail_load:
@@ -57,11 +66,17 @@ class FakeEngine:
         return str(d), sd["client"]
 
 
-def save(engine, c, step, keep_last=10):
+def save(engine, c, step, keep_last=10, background=False):
+    """A whole save; ``background``: written and committed by the threads of an async save."""
     engine.w = torch.full_like(engine.w, float(step))
-    return ckpt.save_checkpoint(
-        engine, c, step, {"step": step}, {"rank": 0, "step": step}, INFO, keep_last
-    )
+    rank_state = {"rank": 0, "step": step}
+    if not background:
+        return ckpt.save_checkpoint(engine, c, step, {"step": step}, rank_state, INFO, keep_last)
+    p = ckpt.begin_save(engine, c, step, {"step": step}, rank_state, INFO, background=True)
+    return p.commit(keep_last)
+
+
+ASYNC = pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
 
 
 @pytest.fixture
@@ -225,12 +240,13 @@ def _record_order(monkeypatch) -> list[tuple[str, str]]:
     return log
 
 
-def test_every_file_and_directory_synced_before_latest_moves(tmp_path, monkeypatch):
+@ASYNC
+def test_every_file_and_directory_synced_before_latest_moves(tmp_path, monkeypatch, background):
     c = tmp_path / "checkpoints"
     e = FakeEngine()
     save(e, c, 2)
     log = _record_order(monkeypatch)
-    save(e, c, 4)
+    save(e, c, 4, background=background)
     tmp = str(c / ".tmp-step_00000004" / "step_00000004")
     i_rename = log.index(("rename", str(c / "step_00000004")))
     i_latest = log.index(("replace", str(c / "latest")))
@@ -252,6 +268,14 @@ class Killed(BaseException):
     """Stands for SIGKILL: nothing of the save's own error handling runs."""
 
 
+def _quiet_thread_deaths(monkeypatch) -> None:
+    """A thread that dies of ``Killed`` stands for the process dying there: no report."""
+    import threading
+
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)
+
+
+@ASYNC
 @pytest.mark.parametrize(
     "moment, resumes_at",
     [
@@ -261,7 +285,11 @@ class Killed(BaseException):
         ("latest", 4),  # `latest` moved, before its directory's fsync and the prune
     ],
 )
-def test_kill_at_each_moment_of_the_save_order(tmp_path, monkeypatch, moment, resumes_at):
+def test_kill_at_each_moment_of_the_save_order(
+    tmp_path, monkeypatch, moment, resumes_at, background
+):
+    """Sync: the save raises ``Killed`` at the moment. Async: the writer or commit thread
+    dies of it (and the process with it: nothing of the save runs after)."""
     c = tmp_path / "checkpoints"
     e = FakeEngine()
     save(e, c, 2)
@@ -276,6 +304,7 @@ def test_kill_at_each_moment_of_the_save_order(tmp_path, monkeypatch, moment, re
 
         return wrapped
 
+    _quiet_thread_deaths(monkeypatch)
     if moment == "data_written":
         monkeypatch.setattr(ckpt, "_sync_and_sum", lambda *a: (_ for _ in ()).throw(Killed()))
     elif moment == "manifest":
@@ -290,8 +319,16 @@ def test_kill_at_each_moment_of_the_save_order(tmp_path, monkeypatch, moment, re
         monkeypatch.setattr(
             os, "replace", kill_after(real["replace"], lambda a, b: str(b).endswith("latest"))
         )
-    with pytest.raises(Killed):
-        save(e, c, 4)
+    if background:
+        p = ckpt.begin_save(e, c, 4, {"step": 4}, {"rank": 0, "step": 4}, INFO, background=True)
+        p.wait()
+        if moment != "data_written":
+            p.advance(10)  # the write phase, done: rank 0's commit thread starts
+            p.wait()
+        assert p.phase == ("write" if moment == "data_written" else "commit")
+    else:
+        with pytest.raises(Killed):
+            save(e, c, 4)
     monkeypatch.undo()
     tag, n = ckpt.select_checkpoint(c, INFO)
     assert (tag, n) == (ckpt.tag_for(resumes_at), 0)
@@ -300,6 +337,119 @@ def test_kill_at_each_moment_of_the_save_order(tmp_path, monkeypatch, moment, re
     assert client == {"step": resumes_at}
     save(e, c, 4)  # the save again, over whatever the kill left
     assert ckpt.select_checkpoint(c, INFO) == ("step_00000004", 0)
+
+
+def test_async_save_writes_the_state_of_its_step(tmp_path, monkeypatch):
+    """The loop changes the weights in place and the loader moves on while the writer thread
+    is held: the files hold the snapshot, ``latest`` moves only after the commit thread."""
+    import threading
+
+    c = tmp_path / "checkpoints"
+    e = FakeEngine()
+    save(e, c, 2)
+    go, real_save = threading.Event(), torch.save
+
+    def held(obj, f, *a, **k):
+        assert go.wait(10)
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(e.checkpoint_engine, "save", held)
+    e.w = torch.full_like(e.w, 4.0)
+    rank_state = {"loader": {"position": [4]}}
+    p = ckpt.begin_save(e, c, 4, {"step": 4}, rank_state, INFO, background=True)
+    e.w.fill_(99.0)  # the next optimizer step, in place
+    rank_state["loader"]["position"].append(5)
+    assert not p.ready and p.phase == "write"
+    assert ckpt.read_latest(c) == "step_00000002" and not (c / "step_00000004").exists()
+    go.set()
+    assert p.advance(10) is False and p.phase == "commit"  # rank 0's commit thread runs
+    p.wait()
+    assert ckpt.read_latest(c) == "step_00000004"  # the thread moved it
+    assert p.advance(10) is True and p.phase == "done"
+    monkeypatch.undo()
+    assert ckpt.select_checkpoint(c, INFO) == ("step_00000004", 0)
+    client, rank_states, _ = ckpt.load_latest(e, c, INFO)
+    assert torch.equal(e.w, torch.full_like(e.w, 4.0)) and client == {"step": 4}
+    assert rank_states == [{"loader": {"position": [4]}}]
+
+
+def test_checkpointer_flags_drive_the_phases(tmp_path, monkeypatch):
+    """The loop's view: ``flags`` (ready, failed) go into the step's all-reduce; ``advance``
+    moves a save on one phase; a failure of rank 0's commit thread is flagged and raised."""
+    from janus_train.trainer.state import Checkpointer, TrainState
+
+    class Loader:
+        def state_dict(self):
+            return {"position": 3}
+
+    c = tmp_path / "checkpoints"
+    e = FakeEngine()
+    saver = Checkpointer(e, c, INFO, keep_last=10, background=True)
+    assert saver.flags() == (1.0, 0.0)
+    saver.save(TrainState(step=2), Loader())
+    saver.pending.wait()
+    assert saver.flags() == (1.0, 0.0) and saver.pending.phase == "write"
+    saver.advance(none_failed=True)  # gathers the sums; rank 0's commit thread starts
+    saver.pending.wait()
+    assert saver.flags() == (1.0, 0.0) and saver.pending.phase == "commit"
+    saver.advance(none_failed=True)
+    assert saver.pending is None and ckpt.read_latest(c) == "step_00000002"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_write_manifest", full)
+    saver.save(TrainState(step=4), Loader())
+    saver.pending.wait()
+    saver.advance(none_failed=True)
+    saver.pending.wait()
+    assert saver.flags() == (1.0, 1.0)
+    with pytest.raises(StorageFull, match="step_00000002 is still the latest"):
+        saver.advance(none_failed=False)
+    assert saver.pending is None and saver.commit() is None
+    assert ckpt.read_latest(c) == "step_00000002" and not list(c.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("phase", ["write", "commit", "failed"])
+def test_an_error_exit_commits_a_written_save_without_collectives(tmp_path, monkeypatch, phase):
+    """``Checkpointer.close`` (every exit of the loop): a save whose files every rank has
+    synced is committed by rank 0 alone; one whose writer failed never counts."""
+    from janus_train.trainer.state import Checkpointer, TrainState
+
+    class Loader:
+        def state_dict(self):
+            return {"position": 3}
+
+    c = tmp_path / "checkpoints"
+    e = FakeEngine()
+    save(e, c, 2)
+    if phase == "failed":
+        monkeypatch.setattr(ckpt, "_sync_and_sum", lambda *a: (_ for _ in ()).throw(OSError()))
+    saver = Checkpointer(e, c, INFO, keep_last=10, background=True)
+    saver.save(TrainState(step=4), Loader())
+    if phase == "commit":
+        saver.pending.wait()
+        saver.advance(none_failed=True)
+    monkeypatch.setattr(ckpt, "all_gather_objects", None)  # no collective from here on
+    saver.close()
+    assert saver.pending is None
+    assert ckpt.read_latest(c) == ("step_00000002" if phase == "failed" else "step_00000004")
+    monkeypatch.undo()
+    assert ckpt.select_checkpoint(c, INFO)[0] == ckpt.read_latest(c)
+
+
+def test_a_writer_that_dies_never_counts_as_written(tmp_path, monkeypatch):
+    c = tmp_path / "checkpoints"
+    e = FakeEngine()
+    save(e, c, 2)
+    _quiet_thread_deaths(monkeypatch)
+    monkeypatch.setattr(ckpt, "_sync_and_sum", lambda *a: (_ for _ in ()).throw(Killed()))
+    p = ckpt.begin_save(e, c, 4, {"step": 4}, {"rank": 0}, INFO, background=True)
+    p.wait()
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="the writer of step_00000004 did not finish"):
+        p.advance(10)
+    assert ckpt.read_latest(c) == "step_00000002" and not list(c.glob(".tmp-*"))
 
 
 def test_free_space_warning(two, monkeypatch, caplog):
@@ -319,8 +469,11 @@ def test_free_space_warning(two, monkeypatch, caplog):
     assert not caplog.records
 
 
+@ASYNC
 @pytest.mark.parametrize("where", ["engine", "rank_state", "manifest"])
-def test_enospc_keeps_previous_latest_and_says_one_line(two, monkeypatch, tmp_path, where):
+def test_enospc_keeps_previous_latest_and_says_one_line(
+    two, monkeypatch, tmp_path, where, background
+):
     c, e = two
     real_save = torch.save
 
@@ -344,7 +497,7 @@ def test_enospc_keeps_previous_latest_and_says_one_line(two, monkeypatch, tmp_pa
     else:
         monkeypatch.setattr(ckpt, "_write_manifest", full)
     with pytest.raises(StorageFull) as exc:
-        save(e, c, 12)
+        save(e, c, 12, background=background)
     msg = str(exc.value)
     assert msg.startswith("storage full: ") and "\n" not in msg
     assert str(c / "step_00000012") in msg and "step_00000008 is still the latest" in msg
@@ -357,6 +510,42 @@ def test_enospc_keeps_previous_latest_and_says_one_line(two, monkeypatch, tmp_pa
     monkeypatch.setenv("JANUS_USER_ERROR_FILE", str(err_file))
     assert report_storage_full(exc.value) == EXIT_STORAGE_FULL == 3
     assert err_file.read_text() == msg + "\n"
+
+
+@ASYNC
+def test_enospc_after_latest_moved_says_the_checkpoint_counts(two, monkeypatch, background):
+    """The space runs out in the fsync of ``checkpoints/`` after ``latest`` was replaced: the
+    checkpoint is committed, so the line says so (not "could not write"), nothing is
+    pruned, and the run still stops with the storage-full status."""
+    c, e = two
+    real_replace, real_fsync_dir, moved = os.replace, ckpt._fsync_dir, []
+
+    def replace(a, b):
+        real_replace(a, b)
+        moved.append(str(b).endswith("latest"))
+
+    def fsync_dir(path):
+        if any(moved):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync_dir(path)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(ckpt, "_fsync_dir", fsync_dir)
+    with pytest.raises(StorageFull) as exc:
+        save(e, c, 12, keep_last=2, background=background)
+    monkeypatch.undo()
+    msg = str(exc.value)
+    assert msg.startswith(f"storage full: checkpoint {c / 'step_00000012'} was committed and is ")
+    assert "the latest" in msg and "could not write" not in msg and "\n" not in msg
+    assert "not pruned" in msg and "needs about" in msg
+    assert ckpt.read_latest(c) == "step_00000012"
+    assert sorted(p.name for p in c.iterdir()) == [
+        "latest",
+        "step_00000004",
+        "step_00000008",
+        "step_00000012",
+    ]
+    assert ckpt.select_checkpoint(c, INFO) == ("step_00000012", 0)
 
 
 def test_deepspeed_save_epilogue_hook_exists():

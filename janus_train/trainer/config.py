@@ -77,6 +77,13 @@ class TrainConfig:
     """Checkpoint every N optimizer steps (0: only at the end and on a stop signal)."""
     keep_last: int = 2
     """Committed checkpoints kept; older ones are deleted after a new one is committed."""
+    ckpt_async: bool = True
+    """Write checkpoints off the critical path: the loop waits only while the states are
+    copied to host memory, a thread of each rank writes and fsyncs the files, and the save is
+    committed (manifest, rename, ``latest``) at the first step boundary after every rank has
+    finished writing (at the latest at the next save, the end of the stage or a stop signal).
+    Needs host memory for one more copy of each rank's checkpoint share. false: every save
+    writes and commits before the loop goes on."""
     max_consecutive_skips: int = 10
     """Non-finite updates in a row before the run stops."""
     export_at_end: bool = True

@@ -250,7 +250,7 @@ def build_deepspeed_config(
         for key in ("quantized_weights", "quantized_gradients"):  # ZeRO++ (config.validate)
             if getattr(ds_cfg, key):
                 zero[f"zero_{key}"] = True
-    extra = {}
+    extra: dict = {"checkpoint": {"tag_validation": "Ignore"}}  # a save's tag: the shared step
     if precision == "bf16" and ds_cfg.reduce_fp32 and ds_cfg.zero_stage >= 1:
         extra["communication_data_type"] = "fp32"  # see DeepSpeedConfig.reduce_fp32
         if ds_cfg.zero_stage == 3 and not ds_cfg.offload_optimizer:

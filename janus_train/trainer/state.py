@@ -3,7 +3,7 @@
 Shared by all ranks (in DeepSpeed's checkpoint files, under ``client_state["janus_train"]``):
 the step, the non-finite-update and checkpoint-fallback counters and the wandb run id. Per rank
 (``trainer_state_rank{r}.pt`` beside them): the loader's position and the RNG states. The loop
-reads and writes only a :class:`TrainState`; :func:`save_train_state` / :func:`load_train_state`
+reads and writes only a :class:`TrainState`; :class:`Checkpointer` / :func:`load_train_state`
 are the one place that knows how it is laid out on disk.
 """
 
@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 from janus_train.step_loader import StepLoader
 from janus_train.trainer.checkpoint import (
+    PendingSave,
+    begin_save,
     convert_to_universal,
     get_rng_state,
     load_latest,
     read_latest,
-    save_checkpoint,
     saved_world_size,
     select_checkpoint,
     set_rng_state,
@@ -64,19 +65,73 @@ class TrainState:
         )
 
 
-def save_train_state(
-    engine,
-    ckpt_dir: str | os.PathLike,
-    state: TrainState,
-    loader: StepLoader,
-    info: DistInfo,
-    keep_last: int,
-) -> str:
-    """Collective: engine + train state + this rank's loader position and RNG, atomically."""
-    rank_state = {"loader": loader.state_dict(), "rng": get_rng_state()}
-    return save_checkpoint(
-        engine, ckpt_dir, state.step, state.client_state(), rank_state, info, keep_last
-    )
+class Checkpointer:
+    """The loop's saves of engine + train state + this rank's loader position and RNG.
+
+    :meth:`save` starts one (after committing the one before); it counts once :meth:`commit`
+    returns. ``background`` (``train.ckpt_async``): ``save`` returns after the host snapshot; a
+    writer thread of each rank writes and syncs its files, then a thread of rank 0 commits,
+    while the loop goes on; the loop calls :meth:`advance` at a step boundary where every
+    rank's :meth:`flags` said ready (twice per save), and :meth:`commit` before the next
+    save and on leaving. Otherwise ``save`` writes and commits at once."""
+
+    def __init__(
+        self, engine, ckpt_dir: str | os.PathLike, info: DistInfo, keep_last: int, background: bool
+    ) -> None:
+        self.engine, self.ckpt_dir, self.info = engine, ckpt_dir, info
+        self.keep_last, self.background = keep_last, background
+        self.pending: PendingSave | None = None
+
+    def flags(self) -> tuple[float, float]:
+        """This rank's (ready, failed) for the loop's all-reduce: no save pending, or its part
+        of the pending save's current phase done; and that part failed (local)."""
+        p = self.pending
+        ready = p is None or p.ready
+        return float(ready), float(ready and p is not None and p.failed)
+
+    def advance(self, none_failed: bool = False) -> None:
+        """Collective, when every rank's ``flags`` said ready: the pending save's next phase
+        (see :class:`PendingSave`); ``none_failed``: no rank's said failed."""
+        p = self.pending
+        if p is None:
+            return
+        try:
+            done = p.advance(self.keep_last, none_failed)
+        except BaseException:
+            self.pending = None  # a failed save never counts
+            raise
+        if done:
+            self.pending = None
+
+    def save(self, state: TrainState, loader: StepLoader) -> None:
+        """Collective: commit the pending save, then start one of ``state``."""
+        self.commit()
+        rank_state = {"loader": loader.state_dict(), "rng": get_rng_state()}
+        self.pending = begin_save(
+            self.engine,
+            self.ckpt_dir,
+            state.step,
+            state.client_state(),
+            rank_state,
+            self.info,
+            self.background,
+        )
+        if not self.background:
+            self.commit()
+
+    def close(self) -> None:
+        """On leaving with a save pending (an error, as the normal exits commit): finish it
+        where no collective is needed (:meth:`PendingSave.finish_alone`), else it never
+        counts (removed at the next start)."""
+        p, self.pending = self.pending, None
+        if p is not None and p.finish_alone(self.keep_last, timeout_s=60.0):
+            logger.warning("checkpoint %s committed on the way out", p.tag)
+
+    def commit(self) -> str | None:
+        """Collective: wait for the pending save and commit it (its tag; None when none).
+        The save is dropped whatever happens (an exception: it never counts)."""
+        pending, self.pending = self.pending, None
+        return None if pending is None else pending.commit(self.keep_last)
 
 
 @dataclass
