@@ -44,13 +44,12 @@ def main() -> None:
     import torch.distributed as dist
 
     from janus_train.batch import count_supervised
-    from janus_train.config import compose, to_run_config
+    from janus_train.config import compose, resolve_stage, to_run_config
     from janus_train.data.synthetic_loader import SyntheticStepLoader
     from janus_train.train import build_engine, forward_backward, step_weights
     from janus_train.trainer.distributed import (
         all_reduce_sum,
         build_deepspeed_config,
-        plan_batch,
         resolve_precision,
         setup_distributed,
     )
@@ -73,22 +72,17 @@ def main() -> None:
             ]
         )
     )
-    hp = run.hparams
-    plan = plan_batch(hp.global_batch_size, 1, info.world_size)
+    spec = resolve_stage(run, info.world_size)
+    plan = spec.plan
     ds = build_deepspeed_config(
-        run.deepspeed, plan, resolve_precision(run.deepspeed.precision), hp.weight_decay, hp.lr
+        run.deepspeed, plan, resolve_precision(run.deepspeed.precision), spec.weight_decay, spec.lr
     )
-    t = build_engine(run, info, ds, root)
+    t = build_engine(run, spec, info, ds, root)
     n_params = sum(
         p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in t.janus.parameters()
     )
     loader = SyntheticStepLoader(
-        run,
-        t.processor,
-        rank=info.rank,
-        world_size=info.world_size,
-        micro_batch_size=1,
-        grad_accum=plan.grad_accum,
+        t.processor, run.model, plan, spec.ratio, rank=info.rank, seq_len=args.seq_len
     )
 
     def step(save_flags: tuple[float, float]) -> tuple[bool, bool]:

@@ -51,33 +51,28 @@ def overrides(args, run_dir: str) -> list[str]:
 
 def bare_step_times(run, args) -> list[float]:
     """The same model, DeepSpeed config and batches in the plainest DeepSpeed loop."""
+    from janus_train.config import resolve_stage
     from janus_train.data.synthetic_loader import SyntheticStepLoader
     from janus_train.train import build_engine
     from janus_train.trainer.distributed import (
         build_deepspeed_config,
-        plan_batch,
         resolve_precision,
         setup_distributed,
     )
 
     info = setup_distributed()
-    hp = run.hparams
-    plan = plan_batch(hp.global_batch_size, 1, info.world_size)
+    spec = resolve_stage(run, info.world_size)
+    plan = spec.plan
     ds = build_deepspeed_config(
-        run.deepspeed, plan, resolve_precision(run.deepspeed.precision), hp.weight_decay, hp.lr
+        run.deepspeed, plan, resolve_precision(run.deepspeed.precision), spec.weight_decay, spec.lr
     )
-    t = build_engine(run, info, ds, run.train.run_dir)  # the trainer's own set-up
+    t = build_engine(run, spec, info, ds, run.train.run_dir)  # the trainer's own set-up
     engine, proc = t.engine, t.processor
     loader = SyntheticStepLoader(
-        run,
-        proc,
-        rank=info.rank,
-        world_size=info.world_size,
-        micro_batch_size=1,
-        grad_accum=plan.grad_accum,
+        proc, run.model, plan, spec.ratio, rank=info.rank, seq_len=args.seq_len
     )
     stamps = [_now()]
-    for _ in range(hp.steps):
+    for _ in range(spec.steps):
         for mb in loader.next_step():
             mb = {k: v.to(engine.device) for k, v in mb.items()}
             out = engine(mb)

@@ -33,7 +33,7 @@ def deployments(experiment: str) -> dict[str, tuple[int, str]]:
 
 
 def rows(gpu: str = "a100-80gb", experiments=tuple(MODELS)) -> list[dict]:
-    from janus_train.config import compose, to_run_config
+    from janus_train.config import compose, resolve_stage, to_run_config
     from janus_train.plan import checkpointing as ck
     from janus_train.plan.config import GIB, ClusterConfig
     from janus_train.plan.estimate import estimate, stage_shape
@@ -45,7 +45,13 @@ def rows(gpu: str = "a100-80gb", experiments=tuple(MODELS)) -> list[dict]:
             run = to_run_config(
                 compose([f"experiment={exp}", f"stage={stage}", f"deepspeed={preset}"])
             )
-            shape = stage_shape(run)
+            shape = stage_shape(
+                resolve_stage(run),
+                run.model,
+                run.data,
+                micro_batch_size=run.train.micro_batch_size,
+                precision=run.deepspeed.precision,
+            )
             opts = ck.estimates(shape, cl, preset, run.deepspeed, nodes)
             default = ck.label(run.model.gradient_checkpointing, run.model.checkpoint_every)
             out.append(

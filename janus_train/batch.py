@@ -13,6 +13,8 @@ checks and the counts.
 - ``Sample`` --``collate``--> batch dict: the one padding / packing implementation of both
   loaders (``empty_batch``: a micro-batch with nothing to learn).
 - ``count_supervised``: a batch's supervised tokens per task, without a forward.
+- ``BatchPlan`` / ``plan_batch``: a stage's batch arithmetic (global = micro x accumulation x
+  world, or token-budget micro-batches), checked once; every loader and the engine take it.
 
 The batch dict (``JanusTrainModel.forward`` consumes it)::
 
@@ -210,3 +212,46 @@ def count_supervised(batch: dict[str, torch.Tensor]) -> torch.Tensor:
             (text_sup & (t == TASK_IDS["gen"])).sum() + img_sup.sum(),
         ]
     )
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch arithmetic of one stage: global = micro x grad_accum x world; with token-budget
+    micro-batches (``tokens_per_micro`` > 0) micro and grad_accum are DeepSpeed's nominal
+    values only (the loop sets each step's accumulation boundary itself)."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+    tokens_per_micro: int = 0
+
+    @property
+    def loss_scale(self) -> float:
+        """Undoes DeepSpeed's 1/world gradient averaging (backwards run unscaled by the
+        accumulation steps; ``janus_train.trainer.distributed``'s docstring)."""
+        return float(self.world_size)
+
+
+def plan_batch(
+    global_batch_size: int, micro_batch_size: int, world_size: int, tokens_per_micro: int = 0
+) -> BatchPlan:
+    """Derive gradient accumulation; ``ValueError`` naming the fields when it does not divide.
+    Token-budget mode: any global batch; nominal accumulation ceil(G / world), at least 2
+    (DeepSpeed's offload path accumulates only when it expects more than one micro-step)."""
+    if tokens_per_micro:
+        return BatchPlan(
+            global_batch_size,
+            1,
+            max(2, -(-global_batch_size // world_size)),
+            world_size,
+            tokens_per_micro,
+        )
+    per_step = micro_batch_size * world_size
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"global batch {global_batch_size} is not a multiple of train.micro_batch_size "
+            f"({micro_batch_size}) x world size ({world_size}) = {per_step}; change "
+            f"experiment.<stage>.global_batch_size or the micro-batch"
+        )
+    return BatchPlan(global_batch_size, micro_batch_size, global_batch_size // per_step, world_size)

@@ -22,7 +22,10 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from janus_train.batch import plan_batch
 from janus_train.data.config import DataConfig
+from janus_train.data.recipe import Recipe, check_recipe_for_stage, load_recipe
+from janus_train.model.chat_template import PromptFormat
 from janus_train.model.compile import check_compile_backend
 from janus_train.model.config import ModelConfig
 from janus_train.model.forward import check_attn_implementation
@@ -30,6 +33,7 @@ from janus_train.model.freeze import validate_trainable
 from janus_train.model.kernels import check_kernels_config
 from janus_train.model.lora import validate_lora
 from janus_train.trainer.config import DeepSpeedConfig, EvalConfig, TrainConfig
+from janus_train.trainer.spec import StageSpec
 
 CONF_DIR = Path(os.environ.get("JANUS_TRAIN_CONF", Path(__file__).resolve().parent.parent / "conf"))
 STAGES = ("stage1", "stage2", "stage3")
@@ -164,25 +168,9 @@ class RunConfig:
         return getattr(self.experiment, self.stage.name)
 
     @property
-    def und_format(self) -> str:
-        """The stage's understanding framing (``experiment.<stage>.und_format`` wins)."""
-        hp = getattr(self.experiment, self.stage.name)
-        return _value(hp.und_format or self.stage.und_format)
-
-    @property
-    def gen_format(self) -> str:
-        """The stage's text-to-image prompt framing (``experiment.<stage>.gen_format`` wins)."""
-        hp = getattr(self.experiment, self.stage.name)
-        return _value(hp.gen_format or self.stage.gen_format)
-
-    @property
     def trainable_groups(self) -> list[str]:
         """The module groups that train: ``stage.trainable``."""
         return list(self.stage.trainable)
-
-
-def _value(x) -> str:
-    return getattr(x, "value", x)
 
 
 REMOVED_KEYS = {
@@ -248,10 +236,11 @@ def validate(cfg: RunConfig) -> None:
     validate_lora(cfg.model.lora, cfg.trainable_groups)
     hp = cfg.hparams
     where = f"experiment.{cfg.stage.name}"
-    for k in ("und", "text", "gen"):
-        if getattr(hp.ratio, k) < 0:
+    ratio = _ratio(hp)
+    for k, n in ratio.items():
+        if n < 0:
             raise ValueError(f"{where}.ratio.{k} must be >= 0")
-    if hp.ratio.und + hp.ratio.text + hp.ratio.gen <= 0:
+    if sum(ratio.values()) <= 0:
         raise ValueError(f"{where}.ratio: at least one task must have a positive share")
     if hp.lr <= 0:
         raise ValueError(f"{where}.lr must be > 0")
@@ -330,6 +319,81 @@ def validate_eval(ev: EvalConfig) -> None:
     for key, low in lows.items():
         if getattr(ev, key) < low:
             raise ValueError(f"eval.{key}={getattr(ev, key)}: must be >= {low}")
+
+
+def prompt_format(run: RunConfig) -> PromptFormat:
+    """The framing a run trains: the stage's understanding and text-to-image styles (the
+    experiment stage's ``und_format`` / ``gen_format`` win), the experiment's chat template,
+    ``data.system_prompt``."""
+    hp = run.hparams
+    und = hp.und_format or run.stage.und_format
+    gen = hp.gen_format or run.stage.gen_format
+    return PromptFormat(
+        und.value, run.experiment.chat_template.value, run.data.system_prompt, gen.value
+    )
+
+
+def recipe_ref(run: RunConfig) -> str | None:
+    """The stage's data recipe (``data.recipe``, else ``experiment.<stage>.data_recipe``); None
+    with synthetic data."""
+    return None if run.train.synthetic_data else (run.data.recipe or run.hparams.data_recipe)
+
+
+def load_stage_recipe(
+    run: RunConfig, *, check_shards: bool = True, stat_shards: bool = True
+) -> Recipe | None:
+    """The stage's recipe loaded (``data.recipe.load_recipe``: shard existence with
+    ``check_shards``, every shard statted with ``stat_shards``) and checked against the stage's
+    ratio and steps; None with synthetic data."""
+    ref = recipe_ref(run)
+    if ref is None:
+        return None
+    recipe = load_recipe(ref, check_shards=check_shards, stat_shards=stat_shards)
+    hp = run.hparams
+    check_recipe_for_stage(recipe, _ratio(hp), hp.steps)
+    return recipe
+
+
+def _ratio(hp: StageHParams) -> dict[str, int]:
+    return {"und": hp.ratio.und, "text": hp.ratio.text, "gen": hp.ratio.gen}
+
+
+def resolve_stage(
+    run: RunConfig,
+    world_size: int = 1,
+    *,
+    with_recipe: bool = False,
+    check_shards: bool = True,
+    stat_shards: bool = True,
+) -> StageSpec:
+    """The stage ``run`` selects, every derived value once (``trainer.spec.StageSpec``): its
+    batch plan at ``world_size`` ranks first (``ValueError`` when the arithmetic does not hold,
+    before any I/O), then, ``with_recipe``, its data recipe (:func:`load_stage_recipe`;
+    ``check_shards`` / ``stat_shards`` as there). Without: no I/O, ``recipe`` None."""
+    hp, tc = run.hparams, run.train
+    plan = plan_batch(hp.global_batch_size, tc.micro_batch_size, world_size, tc.tokens_per_micro)
+    recipe = None
+    if with_recipe:
+        recipe = load_stage_recipe(run, check_shards=check_shards, stat_shards=stat_shards)
+    return StageSpec(
+        name=run.stage.name,
+        experiment=run.experiment.name,
+        lr=hp.lr,
+        schedule=hp.schedule.value,
+        warmup_steps=hp.warmup_steps,
+        min_lr_ratio=hp.min_lr_ratio,
+        weight_decay=hp.weight_decay,
+        steps=hp.steps,
+        stop_at=hp.stop_at,
+        first_sentence_prob=hp.first_sentence_prob,
+        ratio=_ratio(hp),
+        recipe_ref=recipe_ref(run),
+        recipe=recipe,
+        prompt=prompt_format(run),
+        sft=run.stage.sft,
+        trainable=tuple(run.trainable_groups),
+        plan=plan,
+    )
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:

@@ -81,10 +81,11 @@ def _records(src, n: int):
 
 def eval_context(run, processor):
     """The stage's BuildContext without CFG dropout and caption truncation."""
+    from janus_train.config import prompt_format
     from janus_train.data.loader import build_context
 
-    ctx = build_context(run, processor)
-    return dataclasses.replace(ctx, cfg_dropout=0.0, first_sentence_prob=0.0)
+    ctx = build_context(processor, run.model, run.data, prompt_format(run), sft=run.stage.sft)
+    return dataclasses.replace(ctx, cfg_dropout=0.0)
 
 
 @torch.no_grad()
@@ -222,9 +223,9 @@ def load_metric(spec: str) -> MetricFn:
 
 
 def prompt_format(run) -> S.PromptFormat:
-    from janus_train.model.chat_template import run_prompt_format
+    from janus_train.config import prompt_format
 
-    return run_prompt_format(run)
+    return prompt_format(run)
 
 
 @torch.no_grad()

@@ -39,6 +39,7 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import hydra
@@ -51,6 +52,7 @@ from janus_train.config import (
     RunConfig,
     check_removed_keys,
     explain_removed_key,
+    resolve_stage,
     to_run_config,
 )
 from janus_train.data.synthetic_loader import SyntheticStepLoader
@@ -72,13 +74,12 @@ from janus_train.model import (
 )
 from janus_train.model.attention import check_attn_available
 from janus_train.model.build import check_init_from, hf_init_from
-from janus_train.model.chat_template import run_prompt_format, set_chat_template
+from janus_train.model.chat_template import set_chat_template
 from janus_train.model.forward import with_index
 from janus_train.model.kernels import build_head_loss, check_kernels_available
 from janus_train.step_loader import StepLoader
 from janus_train.trainer.checkpoint import EXIT_REQUEUE, tag_for
 from janus_train.trainer.distributed import (
-    BatchPlan,
     DistInfo,
     all_gather_objects,
     all_reduce_sum,
@@ -87,8 +88,6 @@ from janus_train.trainer.distributed import (
     check_quantized_available,
     exit_finished,
     init_engine,
-    plan_as_dict,
-    plan_batch,
     resolve_precision,
     set_collective_timeout,
     set_lr,
@@ -99,6 +98,7 @@ from janus_train.trainer.guard import RunGuard
 from janus_train.trainer.metrics import FlopCounter, MetricsLogger, Throughput, fill_metrics
 from janus_train.trainer.model_card import model_card
 from janus_train.trainer.optim import build_param_groups, lr_at
+from janus_train.trainer.spec import StageSpec
 from janus_train.trainer.startup import node_local_init_from
 from janus_train.trainer.state import (
     Checkpointer,
@@ -116,10 +116,9 @@ __all__ = ["EXIT_OK", "EXIT_REQUEUE", "build_engine", "forward_backward", "run",
 class Prepared:
     """A validated, planned stage (no model yet)."""
 
-    plan: BatchPlan
+    spec: StageSpec
     precision: str
     ds_config: dict
-    stop_step: int
     run_dir: Path
     ckpt_dir: Path
 
@@ -150,25 +149,33 @@ class StepOut:
     saves_failed: bool  # and some rank's part had failed
 
 
-def build_loader(run: RunConfig, processor, info: DistInfo, micro_batch_size: int, grad_accum: int):
-    """The step loader: synthetic batches or the WebDataset pipeline (same interface)."""
-    kw = dict(
-        rank=info.rank,
-        world_size=info.world_size,
-        micro_batch_size=micro_batch_size,
-        grad_accum=grad_accum,
-    )
-    if run.train.synthetic_data:
-        return SyntheticStepLoader(run, processor, **kw)
-    from janus_train.data.loader import build_train_loader
+def build_loader(cfg: RunConfig, spec: StageSpec, processor, rank: int) -> StepLoader:
+    """The step loader of stage ``spec``: synthetic batches or the WebDataset pipeline (same
+    interface)."""
+    if cfg.train.synthetic_data:
+        return SyntheticStepLoader(
+            processor,
+            cfg.model,
+            spec.plan,
+            spec.ratio,
+            rank=rank,
+            seq_len=cfg.train.synthetic_seq_len,
+            length_mix=cfg.train.synthetic_length_mix,
+            seed=cfg.data.seed,
+        )
+    from janus_train.data.loader import build_context, build_train_loader
 
+    ctx = build_context(
+        processor,
+        cfg.model,
+        cfg.data,
+        spec.prompt,
+        sft=spec.sft,
+        first_sentence_prob=spec.first_sentence_prob,
+    )
     # token-budget mode: the ranks exchange their queued sample lengths once per step
     return build_train_loader(
-        run,
-        processor,
-        **kw,
-        tokens_per_micro=run.train.tokens_per_micro,
-        exchange=all_gather_objects,
+        spec.recipe, ctx, cfg.data, spec.ratio, spec.plan, rank=rank, exchange=all_gather_objects
     )
 
 
@@ -223,41 +230,41 @@ def _gather_counters(loader: StepLoader) -> dict[str, int]:
     return dict(total)
 
 
+def resolve_on_every_rank(cfg: RunConfig, info: DistInfo) -> StageSpec:
+    """The stage resolved once per rank (:func:`resolve_stage`), its recipe loaded and checked
+    against the stage; only rank 0 stats every shard (once per job, not once per rank). An
+    error on any rank is raised on every rank. Collective."""
+    spec = err = None
+    try:
+        spec = resolve_stage(cfg, info.world_size, with_recipe=True, stat_shards=info.is_main)
+    except (ValueError, FileNotFoundError) as e:
+        err = e
+    dev = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else None
+    if all_reduce_sum(torch.tensor([float(err is not None)], device=dev)).item():
+        raise err or ValueError("data recipe check failed on rank 0 (see its log)")
+    return spec
+
+
 def prepare(cfg: RunConfig, info: DistInfo) -> Prepared:
-    """Validate and plan before any model exists; writes ``ds_config.json`` and
-    ``config.yaml`` into the run dir."""
-    tc, hp = cfg.train, cfg.hparams
-    plan = plan_batch(
-        hp.global_batch_size, tc.micro_batch_size, info.world_size, tc.tokens_per_micro
-    )
+    """Validate and resolve the stage once (:class:`StageSpec`) before any model exists; writes
+    ``ds_config.json`` and ``config.yaml`` into the run dir."""
+    tc = cfg.train
     check_init_from(cfg.model)
+    # batch arithmetic, then recipe, sources and shard existence, before any model
+    spec = resolve_on_every_rank(cfg, info)
     precision = resolve_precision(cfg.deepspeed.precision)
-    ds_config = build_deepspeed_config(cfg.deepspeed, plan, precision, hp.weight_decay, hp.lr)
-    stop_step = min(hp.steps, hp.stop_at) if hp.stop_at else hp.steps
+    ds = build_deepspeed_config(cfg.deepspeed, spec.plan, precision, spec.weight_decay, spec.lr)
     if tc.keep_last < 2:  # resume is always on: a damaged newest one needs one to fall back to
         raise ValueError(
             f"train.keep_last={tc.keep_last}: must be >= 2, so that a damaged newest "
             "checkpoint leaves an older one to resume from"
         )
-    if not tc.synthetic_data:  # recipe, sources and shard existence, before any model
-        from janus_train.data.recipe import check_recipe_for_stage, load_recipe
-
-        err = None
-        try:  # only rank 0 stats every shard (once per job, not once per rank)
-            recipe = load_recipe(cfg.data.recipe or hp.data_recipe, stat_shards=info.is_main)
-            check_recipe_for_stage(
-                recipe, {"und": hp.ratio.und, "text": hp.ratio.text, "gen": hp.ratio.gen}, hp.steps
-            )
-        except (ValueError, FileNotFoundError) as e:
-            err = e
-        dev = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else None
-        if all_reduce_sum(torch.tensor([float(err is not None)], device=dev)).item():
-            raise err or ValueError("data recipe check failed on rank 0 (see its log)")
     run_dir = Path(tc.run_dir)
     if info.is_main and not tc.dry_run:  # a dry run prints its plan and leaves no run dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "ds_config.json").write_text(_json(ds_config))
+        (run_dir / "ds_config.json").write_text(_json(ds))
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        plan = spec.plan
         batching = (
             f"micro-batches of <= {plan.tokens_per_micro} tokens x {plan.world_size} ranks"
             if plan.tokens_per_micro
@@ -265,9 +272,9 @@ def prepare(cfg: RunConfig, info: DistInfo) -> Prepared:
         )
         logger.info(
             "%s %s: %d steps, batch %d samples in %s, %s, ZeRO-%d",
-            cfg.experiment.name,
-            cfg.stage.name,
-            stop_step,
+            spec.experiment,
+            spec.name,
+            spec.stop_step,
             plan.global_batch_size,
             batching,
             precision,
@@ -276,13 +283,13 @@ def prepare(cfg: RunConfig, info: DistInfo) -> Prepared:
         logger.info(
             "DeepSpeed config (also in %s): %s",
             run_dir / "ds_config.json",
-            json.dumps(ds_config, sort_keys=True),
+            json.dumps(ds, sort_keys=True),
         )
-    return Prepared(plan, precision, ds_config, stop_step, run_dir, run_dir / "checkpoints")
+    return Prepared(spec, precision, ds, run_dir, run_dir / "checkpoints")
 
 
 def build_engine(
-    cfg: RunConfig, info: DistInfo, ds_config: dict, run_dir: str | os.PathLike
+    cfg: RunConfig, spec: StageSpec, info: DistInfo, ds_config: dict, run_dir: str | os.PathLike
 ) -> Trainee:
     """Model, freezing and DeepSpeed engine, as every stage trains them (also used by the tests
     and benchmarks that drive the engine directly). Collective."""
@@ -305,11 +312,11 @@ def build_engine(
         )
     # The trained prompt format as the processor's chat template (evaluation, the export),
     # saved at once in run_dir/processor.
-    replaced = set_chat_template(processor, run_prompt_format(cfg))
+    replaced = set_chat_template(processor, spec.prompt)
     if info.is_main:
         processor.save_pretrained(run_dir / "processor")
         logger.info("chat template: %s", "the run's format" if replaced else "the checkpoint's own")
-    report = apply_freeze(janus, cfg.trainable_groups, cfg.model.lora)  # + LoRA adapters
+    report = apply_freeze(janus, list(spec.trainable), cfg.model.lora)  # + LoRA adapters
     if info.is_main:
         write_trainable_report(report, run_dir / "trainable.json")
     flops = FlopCounter(janus)  # before ZeRO-3 partitions the parameters
@@ -317,14 +324,14 @@ def build_engine(
     model = JanusTrainModel(
         janus, params_partitioned=zero3, head_loss=build_head_loss(cfg.model, zero3)
     )
-    engine = init_engine(model, ds_config, build_param_groups(model, cfg.hparams.weight_decay))
-    set_train_mode(janus, cfg.trainable_groups)
+    engine = init_engine(model, ds_config, build_param_groups(model, spec.weight_decay))
+    set_train_mode(janus, list(spec.trainable))
     return Trainee(janus, processor, engine, flops)
 
 
 def train_step(
     cfg: RunConfig,
-    plan: BatchPlan,
+    spec: StageSpec,
     t: Trainee,
     loader: StepLoader,
     step: int,
@@ -335,7 +342,7 @@ def train_step(
 ) -> StepOut:
     """One optimizer step (index ``step``, 0-based) on every rank. Collective.
     ``save_flags``: this rank's (ready, failed) of the pending save (``Checkpointer.flags``)."""
-    tc, hp, engine = cfg.train, cfg.hparams, t.engine
+    tc, plan, engine = cfg.train, spec.plan, t.engine
     host = loader.next_step()
     local_n = torch.stack([count_supervised(check_batch(b)) for b in host]).sum(0)
     meter.add_step(host)
@@ -364,7 +371,7 @@ def train_step(
             "ZeRO's collectives would hang"
         )
     weights = step_weights(n_tokens, tc.loss_reduction)
-    lr = lr_at(step, hp.lr, hp.warmup_steps, hp.steps, hp.schedule.value, hp.min_lr_ratio)
+    lr = lr_at(step, spec.lr, spec.warmup_steps, spec.steps, spec.schedule, spec.min_lr_ratio)
     set_lr(engine, lr)
 
     loss_sum = forward_backward(engine, micro, weights, plan.loss_scale)
@@ -440,17 +447,17 @@ def step_record(
     return rec
 
 
-def evaluate(cfg: RunConfig, t: Trainee, step: int, run_dir: Path, metrics: MetricsLogger) -> None:
+def evaluate(cfg: RunConfig, prep: Prepared, t: Trainee, step: int, metrics: MetricsLogger) -> None:
     """In-training evaluation on all ranks (``eval.every``)."""
     from janus_train.evaluate import run_eval
 
-    eval_dir = run_dir / "eval" / tag_for(step)
+    eval_dir = prep.run_dir / "eval" / tag_for(step)
     res = run_eval(t.janus, t.processor, cfg, step, eval_dir)
     metrics.log(
         {"step": step, **{k if k.startswith("eval/") else f"eval/{k}": v for k, v in res.items()}}
     )
     metrics.log_eval_media(step, eval_dir)
-    set_train_mode(t.janus, cfg.trainable_groups)
+    set_train_mode(t.janus, list(prep.spec.trainable))
 
 
 def build_metrics(
@@ -503,6 +510,37 @@ class _Bar:
             self.bar.close()
 
 
+def export_stage(cfg: RunConfig, prep: Prepared, t: Trainee, step: int, info: DistInfo) -> None:
+    """Collective: the stage's HF export (``run_dir/hf``, the next stage's ``model.init_from``,
+    with its model card), once, when ``train.export_at_end``."""
+    tc = cfg.train
+    set_collective_timeout(tc.init_timeout_s)  # consolidation on rank 0 may be slow
+    out_dir = prep.run_dir / "hf"
+    if not tc.export_at_end or is_exported(out_dir, step):
+        return
+    card = partial(
+        model_card,
+        prep.spec,
+        t.processor,
+        step,
+        model=cfg.model,
+        deepspeed=cfg.deepspeed,
+        loss_reduction=tc.loss_reduction,
+        seq_len=cfg.data.seq_len,
+        metrics_path=prep.run_dir / "metrics.jsonl",
+    )  # called on rank 0
+    zero, shard = cfg.deepspeed.zero_stage, tc.export_max_shard_size
+    export_hf(t.janus, t.processor, out_dir, zero, info, step, shard, card, tc.export_dtype)
+    logger.info("exported %s (next stage: model.init_from=%s)", out_dir, out_dir.resolve())
+
+
+def check_machine(cfg: RunConfig, info: DistInfo) -> None:
+    """What this machine cannot run, before any model (a dry run may plan for another one)."""
+    check_attn_available(cfg.model.attn_implementation)
+    check_kernels_available(cfg.model)
+    check_quantized_available(cfg.deepspeed, info.world_size)
+
+
 def run(cfg: RunConfig) -> int:
     """Train one stage; returns the exit status (``EXIT_OK`` or ``EXIT_REQUEUE``)."""
     tc = cfg.train
@@ -510,27 +548,21 @@ def run(cfg: RunConfig) -> int:
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     logger.setLevel(logging.INFO if info.is_main else logging.WARNING)
     prep = prepare(cfg, info)
+    spec, stop_step = prep.spec, prep.spec.stop_step
     if tc.dry_run:
         if info.is_main:
-            print(_json({"batch": plan_as_dict(prep.plan), "deepspeed": prep.ds_config}))
+            print(_json({"batch": dataclasses.asdict(spec.plan), "deepspeed": prep.ds_config}))
         return EXIT_OK
-    # what this machine cannot run, before any model (a dry run may plan for another machine)
-    check_attn_available(cfg.model.attn_implementation)
-    check_kernels_available(cfg.model)
-    check_quantized_available(cfg.deepspeed, info.world_size)
+    check_machine(cfg, info)
     # From here on, whatever ends the run (end, exception, signal) closes what `guard` holds.
     with RunGuard(tc.stop_grace_s) as guard:
         # the newest checkpoint that verifies; universal when the world size changed
         resume = prepare_resume(prep.ckpt_dir, info, prep.ds_config)
-        t = build_engine(cfg, info, prep.ds_config, prep.run_dir)
-        loader = guard.add(
-            build_loader(cfg, t.processor, info, prep.plan.micro_batch_size, prep.plan.grad_accum)
-        )
+        t = build_engine(cfg, spec, info, prep.ds_config, prep.run_dir)
+        loader = guard.add(build_loader(cfg, spec, t.processor, info.rank))
         state = load_train_state(t.engine, prep.ckpt_dir, loader, info, resume)
-        metrics = guard.add(build_metrics(cfg, info, prep.run_dir, state, prep.stop_step))
-        bar = guard.add(
-            _Bar(info.is_main and tc.progress_bar, prep.stop_step, state.step, cfg.stage.name)
-        )
+        metrics = guard.add(build_metrics(cfg, info, prep.run_dir, state, stop_step))
+        bar = guard.add(_Bar(info.is_main and tc.progress_bar, stop_step, state.step, spec.name))
         meter = Throughput(t.flops)
         set_collective_timeout(tc.collective_timeout_s)  # set-up done: training collectives
         saved_at = state.step if state.resumed_from is not None else -1
@@ -551,11 +583,10 @@ def run(cfg: RunConfig) -> int:
             meter.exclude(time.perf_counter() - t0)  # throughput counts training time only
             guard.progress()
 
-        while state.step < prep.stop_step:
-            log_now = (state.step + 1) % tc.log_every == 0 or state.step + 1 == prep.stop_step
-            out = train_step(
-                cfg, prep.plan, t, loader, state.step, guard, meter, log_now, saver.flags()
-            )
+        while state.step < stop_step:
+            log_now = (state.step + 1) % tc.log_every == 0 or state.step + 1 == stop_step
+            flags = saver.flags()
+            out = train_step(cfg, spec, t, loader, state.step, guard, meter, log_now, flags)
             state.step += 1
             guard.progress()
             if saver.pending is not None and out.saves_ready:  # e.g. every rank's files synced
@@ -566,7 +597,7 @@ def run(cfg: RunConfig) -> int:
             bar.update(out)
             if cfg.eval.every and state.step % cfg.eval.every == 0:
                 t0 = time.perf_counter()
-                evaluate(cfg, t, state.step, prep.run_dir, metrics)
+                evaluate(cfg, prep, t, state.step, metrics)
                 meter.exclude(time.perf_counter() - t0)
                 guard.progress()
             if out.stop:  # some rank got SIGTERM/SIGUSR1: all ranks checkpoint and leave
@@ -577,35 +608,15 @@ def run(cfg: RunConfig) -> int:
                     EXIT_REQUEUE,
                 )
                 return EXIT_REQUEUE
-            if (tc.ckpt_every and state.step % tc.ckpt_every == 0) or state.step == prep.stop_step:
-                checkpoint(save=True, commit=state.step == prep.stop_step)
+            if (tc.ckpt_every and state.step % tc.ckpt_every == 0) or state.step == stop_step:
+                checkpoint(save=True, commit=state.step == stop_step)
                 saved_at = state.step
 
         # ---- end of stage: final checkpoint (committed), HF export ---------------------
         if saved_at != state.step or saver.pending is not None:
             checkpoint(save=saved_at != state.step, commit=True)
-        set_collective_timeout(tc.init_timeout_s)  # consolidation on rank 0 may be slow
-        if tc.export_at_end:
-            export_stage(cfg, t, prep.run_dir / "hf", info, state.step)
+        export_stage(cfg, prep, t, state.step, info)
     return EXIT_OK
-
-
-def export_stage(cfg: RunConfig, t: Trainee, out_dir: Path, info: DistInfo, step: int) -> None:
-    """Collective: the stage's HF export (the next stage's ``model.init_from``), once."""
-    if is_exported(out_dir, step):
-        return
-    export_hf(
-        t.janus,
-        t.processor,
-        out_dir,
-        cfg.deepspeed.zero_stage,
-        info,
-        step,
-        cfg.train.export_max_shard_size,
-        lambda: model_card(cfg, t.processor, step, info.world_size),  # rank 0
-        cfg.train.export_dtype,
-    )
-    logger.info("exported %s (next stage: model.init_from=%s)", out_dir, out_dir.resolve())
 
 
 def _json(obj) -> str:

@@ -193,22 +193,88 @@ class ThreadExchange:
         return exchange
 
 
+def stage_context(run, proc):
+    """The stage's BuildContext, as ``train.build_loader`` builds it."""
+    from janus_train.config import resolve_stage
+    from janus_train.data.loader import build_context
+
+    spec = resolve_stage(run)
+    return build_context(
+        proc,
+        run.model,
+        run.data,
+        spec.prompt,
+        sft=spec.sft,
+        first_sentence_prob=spec.first_sentence_prob,
+    )
+
+
+def stage_loader(
+    run,
+    proc,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    micro_batch_size: int = 1,
+    tokens_per_micro: int = 0,
+    exchange=None,
+):
+    """``run``'s stage resolved at ``world_size`` ranks (its recipe loaded and checked once,
+    ``micro_batch_size`` fixed micro-batches or ``tokens_per_micro`` token budgets) and rank
+    ``rank``'s data loader of it, as ``train.build_loader`` builds it."""
+    from janus_train.config import resolve_stage
+    from janus_train.data.loader import build_train_loader
+
+    run.train.micro_batch_size, run.train.tokens_per_micro = micro_batch_size, tokens_per_micro
+    spec = resolve_stage(run, world_size, with_recipe=True, stat_shards=rank == 0)
+    ctx = stage_context(run, proc)
+    return build_train_loader(
+        spec.recipe, ctx, run.data, spec.ratio, spec.plan, rank=rank, exchange=exchange
+    )
+
+
+def synthetic_loader(run, proc, *, rank: int = 0, world_size: int = 1, plan=None, **kw):
+    """Rank ``rank``'s synthetic loader of ``run``'s stage at ``world_size`` ranks (``plan``:
+    another batch plan), as ``train.build_loader`` builds it."""
+    from janus_train.config import resolve_stage
+    from janus_train.data.synthetic_loader import SyntheticStepLoader
+
+    spec = resolve_stage(run, world_size)
+    kw = {
+        "seq_len": run.train.synthetic_seq_len,
+        "length_mix": run.train.synthetic_length_mix,
+        "seed": run.data.seed,
+        **kw,
+    }
+    return SyntheticStepLoader(proc, run.model, plan or spec.plan, spec.ratio, rank=rank, **kw)
+
+
+def stage_shape_of(run):
+    """``janus-plan``'s StageShape of ``run``'s stage."""
+    from janus_train.config import resolve_stage
+    from janus_train.plan.estimate import stage_shape
+
+    return stage_shape(
+        resolve_stage(run),
+        run.model,
+        run.data,
+        micro_batch_size=run.train.micro_batch_size,
+        precision=run.deepspeed.precision,
+    )
+
+
 def thread_token_loaders(run, proc, world: int, tokens_per_micro: int, states=None):
     """``world`` token-budget loaders, one per rank, sharing a :class:`ThreadExchange`; ``states``
     (one per rank) restored concurrently, since ``load_state_dict`` is a collective."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from janus_train.data.loader import build_train_loader
-
     ex = ThreadExchange(world)
     loaders = [
-        build_train_loader(
+        stage_loader(
             run,
             proc,
             rank=r,
             world_size=world,
-            micro_batch_size=1,
-            grad_accum=1,
             tokens_per_micro=tokens_per_micro,
             exchange=ex.for_rank(r),
         )

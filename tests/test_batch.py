@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_train.batch import check_batch, count_supervised, empty_batch
+from janus_train.batch import BatchPlan, check_batch, count_supervised, empty_batch
 from janus_train.data.builders import (
     BuildContext,
     build_caption_plain,
@@ -21,9 +21,9 @@ from janus_train.data.builders import (
     finish_pixels,
 )
 from janus_train.data.preprocess import gen_pixels, normalize_batch, normalize_pixels_, und_pixels
-from janus_train.data.synthetic_loader import SyntheticStepLoader
 from janus_train.model.tokenizer import resolve_special_tokens, train_tiny_tokenizer
 from tests.conftest import tiny_run
+from tests.helpers import synthetic_loader
 
 N = 16  # image tokens of the tiny tokenizer's processor
 ROW = 60  # packed row length: the five samples take 2-4 rows
@@ -156,15 +156,7 @@ def test_synthetic_batches_equal_batches_built_by_hand(proc, tokens_per_micro):
     """Fixed-length rows (no position_ids, image keys only when there are images) and packed
     rows (unpadded, position_ids restart per sample), from the loader's own samples."""
     run = tiny_run(["train.synthetic_seq_len=64"])
-    loader = SyntheticStepLoader(
-        run,
-        proc,
-        rank=0,
-        world_size=1,
-        micro_batch_size=2,
-        grad_accum=4,
-        tokens_per_micro=tokens_per_micro,
-    )
+    loader = synthetic_loader(run, proc, plan=BatchPlan(8, 2, 4, 1, tokens_per_micro))
     tasks = loader.tasks_for_step(0)
     samples = [loader.make_row(t, 0, g) for g, t in enumerate(tasks)]
     assert [len(s.input_ids) for s in samples] == [

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from janus_train.config import prompt_format
 from janus_train.data.builders import build_caption_plain, build_conversation, build_generation
-from janus_train.data.loader import build_context
-from janus_train.model.chat_template import PromptFormat, run_prompt_format
+from janus_train.model.chat_template import PromptFormat
 from janus_train.model.tokenizer import resolve_special_tokens
 from tests.conftest import tiny_run
+from tests.helpers import stage_context
 
 IGNORE = -100
 SYSTEM = "You are a helpful language and vision assistant."
@@ -126,7 +127,7 @@ SHAPES = {
 
 
 def _ctx(processor, template: str, system: str | None, stage: str = "stage3"):
-    ctx = build_context(tiny_run([f"stage={stage}"]), processor)
+    ctx = stage_context(tiny_run([f"stage={stage}"]), processor)
     ctx.chat_template, ctx.system_prompt, ctx.sft = template, system, True
     ctx.cfg_dropout = ctx.first_sentence_prob = 0.0
     return ctx
@@ -211,8 +212,8 @@ def test_role_order_is_checked_and_run_format_follows_the_config(processor):
     processor.chat_template = PromptFormat().jinja()
     with pytest.raises(Exception, match="expected a user message, got assistant"):
         processor.apply_chat_template([{"role": "assistant", "content": "hi"}])
-    assert run_prompt_format(tiny_run(["stage=stage1"])).style == "plain"
-    fmt = run_prompt_format(
+    assert prompt_format(tiny_run(["stage=stage1"])).style == "plain"
+    fmt = prompt_format(
         tiny_run(["stage=stage3", "experiment.chat_template=janus", "data.system_prompt=Be brief."])
     )
     assert fmt == PromptFormat("chat", "janus", "Be brief.")

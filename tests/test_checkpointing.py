@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from janus_train.config import compose, to_run_config
-from janus_train.data.synthetic_loader import SyntheticStepLoader
 from janus_train.model import JanusTrainModel, build_model
+from tests.helpers import synthetic_loader
 
 
 def _grads(tmp_path, overrides):
@@ -30,9 +30,7 @@ def _grads(tmp_path, overrides):
     for m in janus.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    batch = SyntheticStepLoader(
-        run, proc, rank=0, world_size=1, micro_batch_size=1, grad_accum=1
-    ).next_step()[0]
+    batch = synthetic_loader(run, proc).next_step()[0]
     calls = [0] * 4  # first-norm forwards per layer: 2 where the backward recomputes it
 
     def hook(i):

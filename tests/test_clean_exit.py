@@ -47,11 +47,11 @@ def _rank(rank: int, port: int, shutdown: bool) -> None:
     import deepspeed
     import torch
 
+    from janus_train.batch import plan_batch
     from janus_train.trainer.config import DeepSpeedConfig
     from janus_train.trainer.distributed import (
         build_deepspeed_config,
         exit_finished,
-        plan_batch,
         setup_distributed,
     )
 

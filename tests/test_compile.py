@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from janus_train.config import compose, to_run_config
-from janus_train.data.synthetic_loader import SyntheticStepLoader
 from janus_train.model import JanusTrainModel, build_model
 from janus_train.model.compile import compile_decoder_layers, decoder_layers
+from tests.helpers import synthetic_loader
 
 
 def _run(overrides):
@@ -45,7 +45,7 @@ def test_compiled_layers_match_eager_and_compile_once(tmp_path, ckpt):
     eager, proc = build_model(run.model, workdir=tmp_path)
     compiled = copy.deepcopy(eager)
     compile_decoder_layers(compiled, "aot_eager")
-    loader = SyntheticStepLoader(run, proc, rank=0, world_size=1, micro_batch_size=1, grad_accum=1)
+    loader = synthetic_loader(run, proc)
     mbs = [mb for _ in range(2) for mb in loader.next_step()]
     lengths = {mb["input_ids"].shape[1] for mb in mbs}
     assert len(lengths) >= 4, lengths  # the point: row lengths vary between micro-steps

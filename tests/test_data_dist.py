@@ -21,9 +21,9 @@ def scenario_token(workdir: str) -> None:
     import torch.distributed as dist
 
     from janus_train.config import compose, to_run_config
-    from janus_train.data.loader import build_train_loader
     from janus_train.model.build import load_processor
     from janus_train.trainer.distributed import all_gather_objects
+    from tests.helpers import stage_loader
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -40,13 +40,11 @@ def scenario_token(workdir: str) -> None:
             ]
         )
     )
-    L = build_train_loader(
+    L = stage_loader(
         run,
         load_processor(root / "tok"),
         rank=rank,
         world_size=world,
-        micro_batch_size=1,
-        grad_accum=1,
         tokens_per_micro=128,
         exchange=all_gather_objects,
     )
@@ -77,8 +75,8 @@ def scenario(workdir: str) -> None:
     import torch.distributed as dist
 
     from janus_train.config import compose, to_run_config
-    from janus_train.data.loader import build_train_loader
     from janus_train.model.build import load_processor
+    from tests.helpers import stage_loader
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -94,13 +92,8 @@ def scenario(workdir: str) -> None:
             ]
         )
     )
-    L = build_train_loader(
-        run,
-        load_processor(root / "tok"),
-        rank=rank,
-        world_size=world,
-        micro_batch_size=2,
-        grad_accum=3,
+    L = stage_loader(
+        run, load_processor(root / "tok"), rank=rank, world_size=world, micro_batch_size=2
     )
     steps = []
     for _ in range(8):

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from janus_train.data.loader import build_train_loader
 from janus_train.data.mixing import task_counts
 from janus_train.data.synthetic import (
     caption_records,
@@ -23,7 +22,7 @@ from janus_train.data.synthetic import (
     write_tiny_dataset,
 )
 from janus_train.model.tokenizer import train_tiny_tokenizer
-from tests.helpers import make_run, recipe_file
+from tests.helpers import make_run, recipe_file, stage_loader
 
 TASK = {0: "text", 1: "und", 2: "gen"}
 
@@ -57,10 +56,7 @@ def test_ratio_and_no_overlap_two_ranks_two_workers(proc, tmp_path):
         ],
     )
     run = make_run("stage1", rec, 8, num_workers=2)
-    loaders = [
-        build_train_loader(run, proc, rank=r, world_size=2, micro_batch_size=2, grad_accum=2)
-        for r in range(2)
-    ]
+    loaders = [stage_loader(run, proc, rank=r, world_size=2, micro_batch_size=2) for r in range(2)]
     counts = task_counts({"und": 1, "text": 0, "gen": 1}, 8)
     per_consumer: dict[tuple[int, int], dict[str, list[str]]] = {}
     for step in range(12):
@@ -136,7 +132,7 @@ def test_exact_resume_two_workers(proc, tmp_path):
     run = make_run("stage2", rec, 10, num_workers=2, seq_len=40)
 
     def loader():
-        return build_train_loader(run, proc, rank=1, world_size=2, micro_batch_size=1, grad_accum=5)
+        return stage_loader(run, proc, rank=1, world_size=2, micro_batch_size=1)
 
     N = 14
     L = loader()
@@ -219,7 +215,7 @@ def test_bad_data_skipped_and_counted(proc, tmp_path):
         ],
     )
     run = make_run("stage1", rec, 2, num_workers=0, shuffle=False, max_failure_rate=0.9)
-    L = build_train_loader(run, proc, rank=0, world_size=1, micro_batch_size=1, grad_accum=2)
+    L = stage_loader(run, proc, rank=0, world_size=1, micro_batch_size=1)
     for _ in range(9):  # 9 good captions: 6 in a.tar, 3 complete records in b.tar
         L.next_step()
     c = L.counters()
@@ -257,7 +253,7 @@ def test_failure_rate_stops_naming_shard(proc, tmp_path):
         ],
     )
     run = make_run("stage1", rec, 2, num_workers=2, max_failure_rate=0.2, failure_min_samples=5)
-    L = build_train_loader(run, proc, rank=0, world_size=1, micro_batch_size=1, grad_accum=2)
+    L = stage_loader(run, proc, rank=0, world_size=1, micro_batch_size=1)
     with pytest.raises(Exception, match="bad-000.tar") as e:
         for _ in range(40):
             L.next_step()
@@ -279,7 +275,7 @@ def test_tiny_recipes_feed_the_model_forward(proc, tmp_path, monkeypatch):
     for stage, pack in (("stage1", False), ("stage2", False), ("stage3", False), ("stage2", True)):
         run = make_run(stage, "x", 8, num_workers=0, pack=pack, seq_len=128)
         run.data.recipe = None
-        L = build_train_loader(run, proc, rank=0, world_size=2, micro_batch_size=2, grad_accum=2)
+        L = stage_loader(run, proc, rank=0, world_size=2, micro_batch_size=2)
         for mb in L.next_step():
             assert mb["input_ids"].shape[0] == (1 if pack else 2)
             out = wrapped(mb)
@@ -296,9 +292,9 @@ def test_tiny_recipes_feed_the_model_forward(proc, tmp_path, monkeypatch):
     run = make_run("stage1", "x", 8, num_workers=0)
     run.data.recipe = None
     run.data.pixels_uint8 = True
-    L8 = build_train_loader(run, proc, rank=0, world_size=2, micro_batch_size=2, grad_accum=2)
+    L8 = stage_loader(run, proc, rank=0, world_size=2, micro_batch_size=2)
     run.data.pixels_uint8 = False
-    L = build_train_loader(run, proc, rank=0, world_size=2, micro_batch_size=2, grad_accum=2)
+    L = stage_loader(run, proc, rank=0, world_size=2, micro_batch_size=2)
     for a, b in zip(L8.next_step(), L.next_step()):
         assert a["pixel_values"].dtype == torch.uint8 and a["pixel_values"].shape[0] == 1
         a = L8.finish(a)
@@ -311,10 +307,10 @@ def test_batch_arithmetic_validated(proc, tmp_path, monkeypatch):
     write_tiny_dataset(tmp_path / "data", n_shards=1, per_shard=2)
     run = make_run("stage1", "tiny_stage1", 8)
     with pytest.raises(ValueError, match="global_batch_size"):
-        build_train_loader(run, proc, rank=0, world_size=2, micro_batch_size=3, grad_accum=1)
+        stage_loader(run, proc, rank=0, world_size=2, micro_batch_size=3)
     monkeypatch.setenv("JANUS_DATA_ROOT", str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="does not exist"):
-        build_train_loader(run, proc, rank=0, world_size=2, micro_batch_size=2, grad_accum=2)
+        stage_loader(run, proc, rank=0, world_size=2, micro_batch_size=2)
     assert os.environ["JANUS_DATA_ROOT"].endswith("missing")
 
 
@@ -340,7 +336,7 @@ def test_unreadable_remote_and_missing_shards_are_counted(proc, tmp_path):
         ],
     )
     run = make_run("stage1", rec, 2, num_workers=0, shuffle=False, max_failure_rate=0.9)
-    L = build_train_loader(run, proc, rank=0, world_size=1, micro_batch_size=1, grad_accum=2)
+    L = stage_loader(run, proc, rank=0, world_size=1, micro_batch_size=1)
     os.remove(gone)  # deleted after validation: read time failure
     for _ in range(4):  # 3 records of ok.tar, the two bad shards, then ok.tar again
         L.next_step()

@@ -8,11 +8,10 @@ from collections import Counter
 
 import pytest
 
-from janus_train.data.loader import build_train_loader
 from janus_train.data.reshard import _count_residue
 from janus_train.data.synthetic import caption_records, class_records, write_tar
 from janus_train.model.tokenizer import train_tiny_tokenizer
-from tests.helpers import make_run, recipe_file
+from tests.helpers import make_run, recipe_file, stage_loader
 
 N_CAP, N_CLS = 24, 12
 
@@ -47,10 +46,7 @@ def setup(tmp_path_factory):
 def _loaders(setup, world):
     proc, run = setup
     return [
-        build_train_loader(
-            run, proc, rank=r, world_size=world, micro_batch_size=1, grad_accum=4 // world
-        )
-        for r in range(world)
+        stage_loader(run, proc, rank=r, world_size=world, micro_batch_size=1) for r in range(world)
     ]
 
 

@@ -46,16 +46,16 @@ def test_formats_match_the_tiny_recipes_and_build(data_dir, tiny_model_and_proce
     """Every tiny stage recipe loads on the train split, and every record of every source builds
     a training sample with the data pipeline's own builders."""
     from janus_train.data.builders import record_to_samples
-    from janus_train.data.loader import build_context
     from janus_train.data.recipe import load_recipe
     from janus_train.data.tario import iter_shard
     from tests.conftest import tiny_run
+    from tests.helpers import stage_context
 
     monkeypatch.setenv("JANUS_DATA_ROOT", str(data_dir / "train"))
     _, processor = tiny_model_and_processor
     for stage in ("stage1", "stage2", "stage3"):
         run = tiny_run([f"stage={stage}"])
-        ctx = build_context(run, processor)
+        ctx = stage_context(run, processor)
         recipe = load_recipe(run.hparams.data_recipe)
         for src in recipe.sources:
             recs = [r for url in src.shards for r in iter_shard(url)]

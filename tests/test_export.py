@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_train.model.chat_template import run_prompt_format, set_chat_template
+from janus_train.config import prompt_format, resolve_stage
+from janus_train.model.chat_template import set_chat_template
 from janus_train.trainer.distributed import DistInfo
 from janus_train.trainer.export import export_hf, is_exported
 from janus_train.trainer.model_card import MODEL_DIR, model_card, read_metrics
@@ -44,9 +45,19 @@ def exported(tiny_model_and_processor, tmp_path_factory):
             "train.micro_batch_size=2",
         ]
     )
-    set_chat_template(processor, run_prompt_format(run))
+    set_chat_template(processor, prompt_format(run))
     (root / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in METRICS) + "\n{trunc")
-    card = model_card(run, processor, step=7, world_size=2)
+    spec = resolve_stage(run, 2, with_recipe=True, check_shards=False)
+    card = model_card(
+        spec,
+        processor,
+        7,
+        model=run.model,
+        deepspeed=run.deepspeed,
+        loss_reduction=run.train.loss_reduction,
+        seq_len=run.data.seq_len,
+        metrics_path=root / "metrics.jsonl",
+    )
     total = sum(t.numel() * 4 for t in janus.state_dict().values())
     out = export_hf(
         janus,
@@ -97,7 +108,7 @@ def test_processor_and_tokenizer_carry_the_runs_chat_template(exported):
     from transformers import AutoTokenizer, JanusProcessor
 
     _, run, out = exported
-    want = run_prompt_format(run).jinja()
+    want = prompt_format(run).jinja()
     proc = JanusProcessor.from_pretrained(out, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert proc.chat_template == tok.chat_template == want
@@ -201,7 +212,7 @@ def test_a_run_saves_its_processor_and_exports_card_and_template(
     back = F.convert_checkpoint(F.export_deepseek(run_dir / "hf", tmp_path / "ds2"), tmp_path / "b")
     back = F.load_state(back)
     assert back.keys() == end.keys() and all(torch.equal(v, end[k]) for k, v in back.items())
-    want = run_prompt_format(tiny_run(["stage=stage2"])).jinja()
+    want = prompt_format(tiny_run(["stage=stage2"])).jinja()
     for d in (run_dir / "processor", run_dir / "hf"):
         assert (d / "chat_template.jinja").read_text() == want
     shards = list((run_dir / "hf").glob("model-*.safetensors"))
@@ -229,7 +240,7 @@ def test_demo_report_asks_the_export_with_plain_transformers(
     monkeypatch.setenv("JANUS_EVAL_DATA_ROOT", str(tmp_path / "data" / "heldout"))
     janus, processor = tiny_model_and_processor
     processor = copy.deepcopy(processor)
-    set_chat_template(processor, run_prompt_format(tiny_run(["stage=stage3"])))
+    set_chat_template(processor, prompt_format(tiny_run(["stage=stage3"])))
     export = tmp_path / "hf"
     janus.save_pretrained(export)
     processor.save_pretrained(export)

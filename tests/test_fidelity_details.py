@@ -30,13 +30,13 @@ def test_first_sentence_only_in_stage2(exp):
 
 
 def test_builders_take_the_stage_probability(tiny_model_and_processor):
-    from janus_train.data.loader import build_context
+    from tests.helpers import stage_context
 
     _, proc = tiny_model_and_processor
     run = tiny_run(["stage=stage3", "experiment.stage3.first_sentence_prob=0.7"])
-    assert build_context(run, proc).first_sentence_prob == 0.7
+    assert stage_context(run, proc).first_sentence_prob == 0.7
     run = tiny_run(["stage=stage1", "experiment.stage1.first_sentence_prob=0.0"])
-    assert build_context(run, proc).first_sentence_prob == 0.0
+    assert stage_context(run, proc).first_sentence_prob == 0.0
 
 
 def test_reinit_gen_modules_sets_code_embeddings_to_the_normalised_codebook(tiny_workdir):

@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 
+from janus_train.config import prompt_format
 from janus_train.model import JanusTrainModel, apply_freeze, build_model, set_train_mode
 from janus_train.model.lora import is_adapter_param, lora_layers
 from janus_train.trainer.optim import build_param_groups
@@ -222,7 +223,7 @@ def test_shipped_lora_experiments_compose(exp, model, batch, monkeypatch, tmp_pa
 
     run = to_run_config(compose([f"experiment={exp}"]))  # stage 3 without naming it
     assert (run.experiment.name, run.model.name, run.stage.name) == (exp, model, "stage3")
-    assert run.stage.sft and run.und_format == "chat"
+    assert run.stage.sft and prompt_format(run).style == "chat"
     hp = run.hparams
     assert (hp.ratio.und, hp.ratio.text, hp.ratio.gen) == (5, 1, 4)  # the paper's stage 3
     assert hp.global_batch_size == batch and run.train.tokens_per_micro == 4096
@@ -294,7 +295,7 @@ def test_planner_counts_adapters_and_7b_fits_one_80gb_gpu(capsys):
     from janus_train.config import compose, to_run_config
     from janus_train.model.build import build_janus_config
     from janus_train.plan.costs import _VocabOnly
-    from janus_train.plan.estimate import stage_shape
+    from tests.helpers import stage_shape_of
 
     run = to_run_config(compose(["experiment=janus_pro_1b_lora_sft"]))
     with torch.device("meta"):
@@ -302,7 +303,7 @@ def test_planner_counts_adapters_and_7b_fits_one_80gb_gpu(capsys):
             build_janus_config(run.model, _VocabOnly(run.model.text.vocab_size))
         )
     report = apply_freeze(janus, run.trainable_groups, run.model.lora)
-    shape = stage_shape(run)
+    shape = stage_shape_of(run)
     assert shape.trainable == sum(g["trainable"] for g in report.values())
     assert shape.frozen + shape.vq == sum(g["frozen"] for g in report.values())  # VQ: own row
 

@@ -21,13 +21,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from janus_train.batch import BatchPlan
 from janus_train.cli import plan as cli
 from janus_train.config import compose, to_run_config
 from janus_train.plan.config import ClusterConfig
 from janus_train.plan.costs import communication
 from janus_train.plan.estimate import Row, activation_bytes, model_sizes, model_state_bytes
 from janus_train.trainer.config import DeepSpeedConfig
-from janus_train.trainer.distributed import BatchPlan, build_deepspeed_config
+from janus_train.trainer.distributed import build_deepspeed_config
+from tests.helpers import stage_shape_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -198,11 +200,11 @@ def test_mixed_stage_activations_are_its_worst_task_alone(kernels):
     call the worst (text) is not (understanding, once the text row's logits are fused away)."""
     import dataclasses
 
-    from janus_train.plan.estimate import estimate, stage_shape
+    from janus_train.plan.estimate import estimate
 
     cl = ClusterConfig(gpu="a100-80gb")
     run = _run(["experiment=janus_pro_1b", "stage=stage3", f"model.kernels={kernels}"])
-    shape = stage_shape(run)
+    shape = stage_shape_of(run)
     ds = DeepSpeedConfig(zero_stage=1)
     assert all(n > 0 for n in shape.ratio)
     alone = [
@@ -302,7 +304,7 @@ def test_shipped_checkpointing_defaults_fit_80gb(experiment, plan_file):
     at Janus-Pro-1B's), fits 80 GB with the model's default activation checkpointing, leaving
     the headroom the defaults were chosen with (BENCHMARKS.md, issue 10)."""
     from janus_train.plan import checkpointing as ck
-    from janus_train.plan.estimate import estimate, stage_shape
+    from janus_train.plan.estimate import estimate
 
     cl = ClusterConfig(gpu="a100-80gb")
     deployments = _plan_lines(REPO / f"launch/slurm/{plan_file}.sbatch")
@@ -310,7 +312,7 @@ def test_shipped_checkpointing_defaults_fit_80gb(experiment, plan_file):
     for stage, (nodes, plan) in deployments.items():
         preset = plan.split()[0].split("=")[1]
         run = _run([f"experiment={experiment}", f"stage={stage}", f"deepspeed={preset}"])
-        shape = stage_shape(run)
+        shape = stage_shape_of(run)
         est = estimate(shape, cl, preset, run.deepspeed, nodes)
         default = ck.label(shape.checkpointing, shape.checkpoint_every)
         assert ck.fits(est), (
@@ -473,7 +475,7 @@ def test_recomputation_against_the_flop_counter(fresh_tiny_model, monkeypatch):
 
     from janus_train.model import JanusTrainModel, apply_freeze
     from janus_train.model.build import set_checkpoint_every
-    from janus_train.plan.estimate import recompute_factor, stage_shape
+    from janus_train.plan.estimate import recompute_factor
 
     run = _run(["experiment=tiny", "model=tiny", "stage=stage2"])
     janus, _ = fresh_tiny_model
@@ -493,7 +495,7 @@ def test_recomputation_against_the_flop_counter(fresh_tiny_model, monkeypatch):
             model(batch)["loss_sum"].sum().backward()
         return fc.get_total_flops()
 
-    shape = stage_shape(run)
+    shape = stage_shape_of(run)
     for linear, zero3 in ((torch._C._nn.linear, False), (zero3_linear_wrap, True)):
         monkeypatch.setattr(F, "linear", linear)  # an earlier in-process ZeRO-3 run leaves it
         janus.gradient_checkpointing_disable()
@@ -539,7 +541,7 @@ def test_recipe_declared_lengths_drive_the_busiest_rank(tmp_path):
     distribution each source got, and a task's lengths on the command line override both."""
     import dataclasses
 
-    from janus_train.plan.estimate import estimate, stage_lengths, stage_shape
+    from janus_train.plan.estimate import estimate, stage_lengths
 
     text_q = [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 4096]
     recipe = tmp_path / "declared.yaml"
@@ -553,7 +555,7 @@ def test_recipe_declared_lengths_drive_the_busiest_rank(tmp_path):
     )
     run = _run(["experiment=janus_pro_7b", "stage=stage2"])
     cl = ClusterConfig(gpu="a100-80gb", mfu=0.35)
-    plain = stage_shape(run)
+    plain = stage_shape_of(run)
     shape = dataclasses.replace(plain, recipe=str(recipe))
     est = estimate(shape, cl, "zero3", run.deepspeed, 8)
     # piecewise uniform mean: the mean of the segments' midpoints
@@ -588,15 +590,15 @@ def test_text_chunk_is_a_recipe_setting_the_planner_sees():
     """``data.text_chunk`` (the builders cut text documents into chunks of that length) evens
     out the busiest rank; the planner takes it from the recipe, or as ``text_chunk=`` beside
     the plan; a chunk outside 2..seq_len is refused at compose time."""
-    from janus_train.plan.estimate import estimate, stage_shape
+    from janus_train.plan.estimate import estimate
 
     cl = ClusterConfig(gpu="a100-80gb", mfu=0.35)
     runs = [
         _run(["experiment=janus_pro_7b", "stage=stage2", "deepspeed=zero3_hpz", *extra])
         for extra in ([], ["data.text_chunk=2048"])
     ]
-    base, chunked = (estimate(stage_shape(r), cl, "zero3_hpz", r.deepspeed, 32) for r in runs)
-    beside = estimate(stage_shape(runs[0]), cl, "zero3_hpz", runs[0].deepspeed, 32, 2048)
+    base, chunked = (estimate(stage_shape_of(r), cl, "zero3_hpz", r.deepspeed, 32) for r in runs)
+    beside = estimate(stage_shape_of(runs[0]), cl, "zero3_hpz", runs[0].deepspeed, 32, 2048)
     assert chunked.sim.imbalance < base.sim.imbalance - 0.2
     assert beside.step_s == chunked.step_s < base.step_s
     with pytest.raises(ValueError, match="data.text_chunk"):
@@ -609,11 +611,11 @@ def test_zero1_reduction_hides_only_behind_the_last_backward(monkeypatch):
     from the simulated steps; ZeRO-2 overlaps every micro-step's backward instead."""
     import dataclasses
 
-    from janus_train.plan.estimate import estimate, stage_shape
+    from janus_train.plan.estimate import estimate
 
     cl = ClusterConfig(gpu="a100-80gb", mfu=0.35)
     run = _run(["experiment=janus_pro_7b", "stage=stage2", "deepspeed=zero1"])
-    shape = dataclasses.replace(stage_shape(run), tokens_per_micro=4096)
+    shape = dataclasses.replace(stage_shape_of(run), tokens_per_micro=4096)
     e = estimate(shape, cl, "zero1", run.deepspeed, 32)
     rate = 0.35 * 312e12
     red, gather = (t.bytes / 23e9 for t in e.transfers)
@@ -710,15 +712,15 @@ def traffic_worker(out: str) -> None:
 
     for name in COLLECTIVES:
         wrap(name)
-    from janus_train.batch import count_supervised
-    from janus_train.data.synthetic_loader import SyntheticStepLoader
+    from janus_train.batch import count_supervised, plan_batch
+    from janus_train.config import resolve_stage
     from janus_train.train import build_engine, forward_backward, step_weights
     from janus_train.trainer.distributed import (
         all_reduce_sum,
         build_deepspeed_config,
-        plan_batch,
         setup_distributed,
     )
+    from tests.helpers import synthetic_loader
 
     info = setup_distributed()
     result = {}
@@ -726,11 +728,9 @@ def traffic_worker(out: str) -> None:
         run = _run(_traffic_config(zero, out))
         plan = plan_batch(4, 1, info.world_size, 0)
         ds = build_deepspeed_config(run.deepspeed, plan, "fp32", 0.0, 1e-3)
-        t = build_engine(run, info, ds, run.train.run_dir)
-        loader = SyntheticStepLoader(
-            run, t.processor, rank=info.rank, world_size=info.world_size,
-            micro_batch_size=1, grad_accum=plan.grad_accum,
-        )  # fmt: skip
+        spec = resolve_stage(run, info.world_size)
+        t = build_engine(run, spec, info, ds, run.train.run_dir)
+        loader = synthetic_loader(run, t.processor, rank=info.rank, plan=plan)
         engine, boundary = t.engine, t.engine.set_gradient_accumulation_boundary
 
         def next_micro(flag, boundary=boundary):
@@ -761,7 +761,7 @@ def test_predicted_traffic_matches_the_collectives_of_a_2rank_run(tmp_path):
     import dataclasses
 
     from janus_train.plan.costs import PHASES
-    from janus_train.plan.estimate import estimate, stage_shape
+    from janus_train.plan.estimate import estimate
     from tests.dist_utils import run_torchrun
 
     res = run_torchrun([__file__, "traffic", str(tmp_path)], timeout=400)
@@ -774,7 +774,7 @@ def test_predicted_traffic_matches_the_collectives_of_a_2rank_run(tmp_path):
             return sum(_ring_bytes(op, size, 2) for op, size, m in log if m in micro_steps)
 
         run = _run(_traffic_config(zero))
-        shape = dataclasses.replace(stage_shape(run), precision="fp32")  # CPU: fp32
+        shape = dataclasses.replace(stage_shape_of(run), precision="fp32")  # CPU: fp32
         cl = ClusterConfig(nodes=1, gpus_per_node=2, search_nodes=False)
         est = estimate(shape, cl, f"zero{zero}", run.deepspeed, 1)
         assert est.feasible, est.problems

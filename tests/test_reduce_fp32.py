@@ -26,8 +26,9 @@ def _check(reduce_fp32: bool, ckpt_dir: str) -> float:
     from deepspeed.runtime.zero import stage3
     from deepspeed.utils import safe_get_full_grad
 
+    from janus_train.batch import plan_batch
     from janus_train.trainer.config import DeepSpeedConfig
-    from janus_train.trainer.distributed import build_deepspeed_config, plan_batch
+    from janus_train.trainer.distributed import build_deepspeed_config
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

@@ -59,12 +59,12 @@ def test_prompts_from_the_export_template_equal_the_training_builders(loaded):
     """Independent check: the sampler's prompts (the export's own template) are the prefixes the
     data builders train on; an explicit format overrides the export's template."""
     from janus_train.data.builders import build_conversation, build_generation
-    from janus_train.data.loader import build_context
     from tests.conftest import tiny_run
+    from tests.helpers import stage_context
 
     model, processor = loaded
     st = resolve_special_tokens(processor.tokenizer)
-    ctx = build_context(tiny_run(["stage=stage3", f"data.system_prompt={SYSTEM}"]), processor)
+    ctx = stage_context(tiny_run(["stage=stage3", f"data.system_prompt={SYSTEM}"]), processor)
     ctx.cfg_dropout = ctx.first_sentence_prob = 0.0
     g = build_generation(PROMPTS[1], ctx, random.Random(0), codes=[0] * ctx.num_image_tokens)
     ids = S.generation_inputs(processor, [PROMPTS[1]])["input_ids"][0].tolist()

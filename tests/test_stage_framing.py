@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from janus_train.config import compose, to_run_config
+from janus_train.config import compose, prompt_format, to_run_config
 from janus_train.data.builders import build_conversation, build_generation, record_to_samples
-from janus_train.data.loader import build_context
-from janus_train.model.chat_template import PromptFormat, run_prompt_format
+from janus_train.model.chat_template import PromptFormat
 from tests.conftest import tiny_run
+from tests.helpers import stage_context
 
 X = -100
 PRESETS = ["janus_1.3b", "janus_pro_1b", "janus_pro_7b"]
@@ -68,8 +68,14 @@ def preset(exp: str, stage: str, proc, **kw):
         image_processor=proc.image_processor,
         num_image_tokens=run.model.num_image_tokens,
     )
-    ctx = build_context(run, fake)
+    ctx = stage_context(run, fake)
     return run, dataclasses.replace(ctx, cfg_dropout=0.0, first_sentence_prob=0.0, **kw)
+
+
+def _formats(run) -> tuple[str, str]:
+    """The stage's understanding and text-to-image framing."""
+    fmt = prompt_format(run)
+    return fmt.style, fmt.gen_style
 
 
 def samples(fmt: str, task: str, members: dict, ctx) -> list:
@@ -84,7 +90,7 @@ def enc(proc, text: str) -> list[int]:
 def test_stage2_presets_build_the_papers_sequences(proc, exp):
     run, ctx = preset(exp, "stage2", proc)
     st, n = ctx.st, run.model.num_image_tokens
-    assert (run.und_format, run.gen_format, run.stage.sft) == ("qa", "plain", False)
+    assert (*_formats(run), run.stage.sft) == ("qa", "plain", False)
     assert run.data.system_prompt == SYSTEM  # configured, and still not used in stage 2
     img = [st.boi] + [st.image] * n + [st.eoi]
 
@@ -131,12 +137,12 @@ def test_stage1_and_stage3_framing(proc, exp):
     run, ctx = preset(exp, "stage1", proc)
     st, n = ctx.st, run.model.num_image_tokens
     img = [st.boi] + [st.image] * n + [st.eoi]
-    assert (run.und_format, run.gen_format) == ("plain", "plain")
+    assert _formats(run) == ("plain", "plain")
     (s,) = samples("caption", "understanding", {"png": _png(), "txt": CAPTION.encode()}, ctx)
     assert s.input_ids == [st.bos] + img + enc(proc, CAPTION) + [st.eos]
 
     run, ctx = preset(exp, "stage3", proc)
-    assert (run.und_format, run.gen_format, run.stage.sft) == ("chat", "chat", True)
+    assert (*_formats(run), run.stage.sft) == ("chat", "chat", True)
     (s,) = samples("caption", "understanding", {"png": _png(), "txt": CAPTION.encode()}, ctx)
     head = enc(proc, SYSTEM + "\n\n") + enc(proc, f"{u}: ")
     q = enc(proc, f"\nDescribe the image in detail.\n\n{a}:")
@@ -163,13 +169,13 @@ def test_chat_framing_stays_an_option_and_the_demo_keeps_it(proc):
             ]
         )
     )
-    assert (chat.und_format, chat.gen_format) == ("chat", "chat")
+    assert _formats(chat) == ("chat", "chat")
     ctx = dataclasses.replace(ctx, und_format="chat", gen_format="chat")
     (s,) = samples("caption", "understanding", {"png": _png(), "txt": CAPTION.encode()}, ctx)
     assert s.input_ids[1 : 1 + len(enc(proc, SYSTEM))] == enc(proc, SYSTEM)
     # the tiny demo: chat framing in stage 2 (its held-out figures were measured so)
     tiny = {s: tiny_run([f"stage={s}"]) for s in ("stage1", "stage2", "stage3")}
-    assert {s: (r.und_format, r.gen_format) for s, r in tiny.items()} == {
+    assert {s: _formats(r) for s, r in tiny.items()} == {
         "stage1": ("plain", "plain"),
         "stage2": ("chat", "chat"),
         "stage3": ("chat", "chat"),
@@ -242,10 +248,10 @@ def test_stage2_export_template_renders_what_stage2_trained(shape, tiny_workdir)
 
     processor = load_processor(tiny_workdir / "tokenizer")  # own copy: the test sets its template
     run = _paper_stage2_run()
-    fmt = run_prompt_format(run)
+    fmt = prompt_format(run)
     assert fmt == PromptFormat("qa", "janus_pro", None, "plain")  # tiny: no system prompt
     processor.chat_template = fmt.jinja()
-    ctx = dataclasses.replace(build_context(run, processor), sft=True)
+    ctx = dataclasses.replace(stage_context(run, processor), sft=True)
     messages, turns, n_img = SHAPES[shape]
     images = [np.zeros((ctx.image_size, ctx.image_size, 3), np.uint8)] * n_img
     full = build_conversation(turns, images, ctx, "und")

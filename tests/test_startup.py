@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from janus_train import train
+from janus_train.config import resolve_stage
 from janus_train.model import build_model
 from janus_train.trainer.distributed import DistInfo
 from tests.conftest import tiny_run
@@ -98,7 +99,9 @@ def test_build_engine_reads_in_the_engine_dtype(monkeypatch, tmp_path, bf16, dty
     monkeypatch.setattr(train, "build_model", fake_build_model)
     monkeypatch.setattr(train, "get_processor", lambda *a, **k: None)
     with pytest.raises(Built):
-        train.build_engine(tiny_run(), DistInfo(0, 1, 0), {"bf16": {"enabled": bf16}}, tmp_path)
+        run = tiny_run()
+        spec = resolve_stage(run)
+        train.build_engine(run, spec, DistInfo(0, 1, 0), {"bf16": {"enabled": bf16}}, tmp_path)
     assert seen == [dtype]
 
 

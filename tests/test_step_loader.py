@@ -73,8 +73,7 @@ def test_the_protocol_is_what_the_trainer_calls():
 
 
 def test_every_loader_class_implements_the_protocol(tiny_model_and_processor, tmp_path):
-    from janus_train.data.loader import build_train_loader
-    from janus_train.data.synthetic_loader import SyntheticStepLoader
+    from tests.helpers import stage_loader, synthetic_loader
 
     classes = _loader_classes()
     assert set(classes) == {"FixedStepLoader", "TokenStepLoader", "SyntheticStepLoader"}
@@ -91,11 +90,10 @@ def test_every_loader_class_implements_the_protocol(tiny_model_and_processor, tm
         ],
     )
     run = make_run("stage1", rec, 2, num_workers=0, seq_len=128)
-    kw = dict(rank=0, world_size=1, micro_batch_size=1, grad_accum=2)
     made = [
-        build_train_loader(run, proc, **kw),
-        build_train_loader(run, proc, **kw, tokens_per_micro=128),
-        SyntheticStepLoader(run, proc, **kw),
+        stage_loader(run, proc, micro_batch_size=1),
+        stage_loader(run, proc, tokens_per_micro=128),
+        synthetic_loader(run, proc),
     ]
     assert {type(x).__name__ for x in made} == set(classes)
     for loader in made:

@@ -98,11 +98,9 @@ def _grads(root, name, zero, reduction, tokens_per_micro=0, extra=()):
     )
     info = setup_distributed()
     prep = train.prepare(run, info)
-    assert prep.plan.grad_accum == 2 and prep.plan.world_size == 2
-    t = train.build_engine(run, info, prep.ds_config, prep.run_dir)
-    loader = train.build_loader(
-        run, t.processor, info, prep.plan.micro_batch_size, prep.plan.grad_accum
-    )
+    assert prep.spec.plan.grad_accum == 2 and prep.spec.plan.world_size == 2
+    t = train.build_engine(run, prep.spec, info, prep.ds_config, prep.run_dir)
+    loader = train.build_loader(run, prep.spec, t.processor, info.rank)
     rows: list[int] = []
     next_step = loader.next_step
 
@@ -127,7 +125,7 @@ def _grads(root, name, zero, reduction, tokens_per_micro=0, extra=()):
 
     t.engine.step = capturing_step
     with RunGuard(run.train.stop_grace_s) as guard:
-        out = train.train_step(run, prep.plan, t, loader, 0, guard, Throughput(t.flops), True)
+        out = train.train_step(run, prep.spec, t, loader, 0, guard, Throughput(t.flops), True)
     assert grads and out.applied
     if tokens_per_micro:
         (Path(root) / f"{name}.rank{info.rank}.json").write_text(json.dumps(rows))
@@ -149,8 +147,8 @@ def _text_only_rank1(root):
             return ["und", "text", "gen", "text"]  # rows 1, 3 (rank 1) text only
 
     orig = train.build_loader
-    train.build_loader = lambda run, proc, info, mbs, ga: Loader(
-        run, proc, rank=info.rank, world_size=info.world_size, micro_batch_size=mbs, grad_accum=ga
+    train.build_loader = lambda run, spec, proc, rank: Loader(
+        proc, run.model, spec.plan, spec.ratio, rank=rank, seq_len=run.train.synthetic_seq_len
     )
     try:
         assert (
@@ -448,10 +446,10 @@ def test_stage_runs(scen, stage, zero):
 
 def _reference_grads(tmp_path, reduction, extra=()):
     """Plain torch, one process: the same 4 samples as one batch, loss from its definition."""
+    from janus_train.batch import BatchPlan
     from janus_train.config import compose, to_run_config
-    from janus_train.data.synthetic_loader import SyntheticStepLoader
     from janus_train.model import JanusTrainModel, apply_freeze, build_model, set_train_mode
-    from tests.helpers import concat_batches
+    from tests.helpers import concat_batches, synthetic_loader
 
     run = to_run_config(
         compose(
@@ -461,9 +459,7 @@ def _reference_grads(tmp_path, reduction, extra=()):
     janus, proc = build_model(run.model, workdir=tmp_path)
     apply_freeze(janus, run.trainable_groups, run.model.lora)
     set_train_mode(janus, run.trainable_groups)
-    loader = SyntheticStepLoader(
-        run, proc, rank=0, world_size=1, micro_batch_size=1, grad_accum=4, tokens_per_micro=0
-    )
+    loader = synthetic_loader(run, proc, plan=BatchPlan(4, 1, 4, 1))
     batch = concat_batches(loader.next_step())
     out = JanusTrainModel(janus)(batch)
     s, n = out["loss_sum"].double(), out["n_tokens"].double()

@@ -16,17 +16,17 @@ import pytest
 import torch
 from torch import nn
 
-from janus_train.batch import count_supervised
+from janus_train.batch import BatchPlan, count_supervised, plan_batch
 from janus_train.config import compose, to_run_config
-from janus_train.data.synthetic_loader import SyntheticStepLoader, split_by_ratio
+from janus_train.data.synthetic_loader import split_by_ratio
 from janus_train.model import TASKS, JanusTrainModel, apply_freeze, build_model
 from janus_train.train import step_weights
 from janus_train.trainer import checkpoint as ckpt
 from janus_train.trainer.config import DeepSpeedConfig
-from janus_train.trainer.distributed import build_deepspeed_config, plan_batch
+from janus_train.trainer.distributed import build_deepspeed_config
 from janus_train.trainer.metrics import FlopCounter, MetricsLogger, peak_flops
 from janus_train.trainer.optim import build_param_groups, lr_at
-from tests.helpers import concat_batches
+from tests.helpers import concat_batches, synthetic_loader
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -189,14 +189,8 @@ def test_synthetic_loader_split_invariant_and_resumable(tiny):
     run, janus, proc = tiny
 
     def loader(rank, world, accum):
-        return SyntheticStepLoader(
-            run,
-            proc,
-            rank=rank,
-            world_size=world,
-            micro_batch_size=1,
-            grad_accum=accum,
-            tokens_per_micro=0,
+        return synthetic_loader(
+            run, proc, rank=rank, plan=BatchPlan(world * accum, 1, accum, world)
         )
 
     one = concat_batches(loader(0, 1, 4).next_step())
@@ -306,20 +300,11 @@ def test_synthetic_packed_steps_same_samples_for_any_world_and_budget(tiny):
     """Token-budget mode: the step's samples (so its summed loss and token counts) do not
     depend on the world size or the budget; ranks get equal micro-step counts, rows <= budget."""
     run, janus, proc = tiny
-    run.hparams.global_batch_size = 6
     model = JanusTrainModel(janus)
     totals = []
     for world, budget in ((1, 400), (2, 64), (3, 40)):
         steps = [
-            SyntheticStepLoader(
-                run,
-                proc,
-                rank=r,
-                world_size=world,
-                micro_batch_size=1,
-                grad_accum=1,
-                tokens_per_micro=budget,
-            ).next_step()
+            synthetic_loader(run, proc, rank=r, plan=BatchPlan(6, 1, 1, world, budget)).next_step()
             for r in range(world)
         ]
         assert len({len(s) for s in steps}) == 1
@@ -484,3 +469,52 @@ def test_zero3_offload_trains_a_step(tmp_path):
     b = load_file(str(tmp_path / "zero3" / "hf" / "model.safetensors"))
     head = [k for k in a if "generation_head" in k]
     assert head and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in head)
+
+
+def test_stage_resolved_once_per_run_recipe_statted_once(tmp_path, monkeypatch):
+    """``prepare`` resolves the stage once: a one-step run on real shards loads and checks its
+    recipe once and stats each shard once (rank 0); the loader trains on that same recipe."""
+    from janus_train import config, train
+    from janus_train.data import recipe as recipe_mod
+    from janus_train.data.synthetic import write_tiny_dataset
+    from tests.conftest import tiny_run
+
+    data = tmp_path / "data"
+    write_tiny_dataset(data, n_shards=2, per_shard=2, size=(16, 16))
+    monkeypatch.setenv("JANUS_DATA_ROOT", str(data))
+    loads, stats, recipes = [], [], []
+    load, expand, build_loader = config.load_recipe, recipe_mod.expand_shards, train.build_loader
+    monkeypatch.setattr(config, "load_recipe", lambda *a, **k: loads.append(a) or load(*a, **k))
+
+    def expand_shards(*a, check=True, stat_shards=True, **k):  # the recipe's shard statting
+        out = expand(*a, check=check, stat_shards=stat_shards, **k)
+        stats.extend(out if check and stat_shards else [])
+        return out
+
+    monkeypatch.setattr(recipe_mod, "expand_shards", expand_shards)
+    monkeypatch.setattr(
+        train,
+        "build_loader",
+        lambda cfg, spec, *a: recipes.append(spec.recipe) or build_loader(cfg, spec, *a),
+    )
+    cfg = tiny_run(
+        [
+            "stage=stage1",
+            "experiment.stage1.steps=1",
+            "experiment.stage1.global_batch_size=2",
+            "data.num_workers=0",
+            "data.seq_len=128",
+            "train.tokens_per_micro=128",
+            f"train.run_dir={tmp_path / 'run'}",
+            "train.export_at_end=false",
+            "train.progress_bar=false",
+        ]
+    )
+    assert train.run(cfg) == 0
+    assert len(loads) == 1  # was 2: prepare and the loader each loaded and checked it
+    shards = sorted(str(p) for p in data.glob("caption/*.tar")) + sorted(
+        str(p) for p in data.glob("imagenet/*.tar")
+    )
+    assert sorted(stats) == sorted(shards)  # each of the 4 shards statted once (was twice)
+    (rec,) = recipes
+    assert [s.shards for s in rec.sources] == [shards[:2], shards[2:]]

@@ -292,20 +292,31 @@ def length_snippet(lengths: dict[str, list[int]], recipe_path: str, what: str) -
 def inspect(args, overrides: list[str]) -> str:
     from omegaconf import OmegaConf
 
-    from janus_train.config import compose, to_run_config
-    from janus_train.data.loader import build_train_loader
+    from janus_train.config import compose, resolve_stage, to_run_config
+    from janus_train.data.loader import build_context, build_train_loader
     from janus_train.data.mixing import step_plan
     from janus_train.model.build import get_processor
     from janus_train.model.tokenizer import resolve_special_tokens
 
     dcfg = compose(overrides)
-    OmegaConf.update(dcfg, f"experiment.{dcfg.stage.name}.global_batch_size", args.n)
+    stage = dcfg.stage.name  # one step of args.n samples, one per micro-batch
+    OmegaConf.update(dcfg, f"experiment.{stage}.global_batch_size", args.n)
     run = to_run_config(dcfg)
     run.data.num_workers = 0
+    run.train.tokens_per_micro, run.train.micro_batch_size = 0, 1
+    if args.recipe:
+        run.data.recipe = args.recipe
+    spec = resolve_stage(run, with_recipe=True)
     proc = get_processor(run.model, args.workdir)
-    loader = build_train_loader(
-        run, proc, rank=0, world_size=1, micro_batch_size=1, grad_accum=args.n, recipe=args.recipe
+    ctx = build_context(
+        proc,
+        run.model,
+        run.data,
+        spec.prompt,
+        sft=spec.sft,
+        first_sentence_prob=spec.first_sentence_prob,
     )
+    loader = build_train_loader(spec.recipe, ctx, run.data, spec.ratio, spec.plan, rank=0)
     st = resolve_special_tokens(proc.tokenizer)
     lines = [
         f"recipe {loader.recipe.name} ({loader.recipe.path}); stage {run.stage.name}; "

@@ -33,12 +33,14 @@ from janus_train.batch import (
     CODE_FROM_PIXELS,
     IGNORE,
     TASKS,
+    BatchPlan,
     Sample,
     collate,
     empty_batch,
     task_counts,
 )
 from janus_train.data.packing import assign_balanced, layout
+from janus_train.model.config import ModelConfig
 from janus_train.model.tokenizer import resolve_special_tokens
 
 JANUS_MIX = {"und": (20, 300), "gen": (10, 80), "text": (98, 4094)}
@@ -66,66 +68,51 @@ class SyntheticStepLoader:
 
     def __init__(
         self,
-        run,
         processor,
+        model: ModelConfig,
+        plan: BatchPlan,
+        ratio: dict[str, int],
         *,
         rank: int,
-        world_size: int,
-        micro_batch_size: int,
-        grad_accum: int,
-        seq_len: int | None = None,
-        seed: int | None = None,
-        tokens_per_micro: int | None = None,
+        seq_len: int,
+        length_mix: str = "uniform",
+        seed: int = 0,
         text_lengths: dict[str, tuple[int, int]] | None = None,
     ):
-        mc = run.model
-        self.rank, self.world, self.micro, self.accum = (
-            rank,
-            world_size,
-            micro_batch_size,
-            grad_accum,
-        )
-        self.seq_len = seq_len or run.train.synthetic_seq_len
-        self.tokens_per_micro = (
-            run.train.tokens_per_micro if tokens_per_micro is None else tokens_per_micro
-        )
-        self.global_batch = (
-            run.hparams.global_batch_size
-            if self.tokens_per_micro
-            else micro_batch_size * grad_accum * world_size
-        )
-        mix = run.train.synthetic_length_mix
-        if text_lengths is None and mix == "janus":
+        """``plan``: the stage's batch (``global_batch_size`` rows per step; fixed
+        ``micro_batch_size`` x ``grad_accum`` rows per rank, or token-budget micro-batches);
+        ``ratio``: the stage's ``{"und", "text", "gen"}`` ratio; ``seq_len``, ``length_mix``:
+        ``train.synthetic_seq_len`` / ``synthetic_length_mix``; ``seed``: ``data.seed``."""
+        self.rank, self.world = rank, plan.world_size
+        self.micro, self.accum = plan.micro_batch_size, plan.grad_accum
+        self.seq_len = seq_len
+        self.tokens_per_micro = plan.tokens_per_micro
+        self.global_batch = plan.global_batch_size
+        if text_lengths is None and length_mix == "janus":
             text_lengths = {
                 task: (min(lo, hi_cap), min(hi, hi_cap))
                 for task, (lo, hi), hi_cap in (
-                    ("und", JANUS_MIX["und"], self.seq_len - mc.num_image_tokens - 4),
-                    ("gen", JANUS_MIX["gen"], self.seq_len - mc.num_image_tokens - 2),
+                    ("und", JANUS_MIX["und"], self.seq_len - model.num_image_tokens - 4),
+                    ("gen", JANUS_MIX["gen"], self.seq_len - model.num_image_tokens - 2),
                     ("text", JANUS_MIX["text"], self.seq_len - 2),
                 )
             }
-        elif mix not in ("uniform", "janus"):
-            raise ValueError(f"train.synthetic_length_mix={mix!r}: uniform | janus")
+        elif length_mix not in ("uniform", "janus"):
+            raise ValueError(f"train.synthetic_length_mix={length_mix!r}: uniform | janus")
         self.text_lengths = text_lengths
         """Optional ``{task: (lo, hi)}``: text tokens of a sample (inclusive), instead of the
         defaults derived from ``seq_len``."""
-        self.seed = run.data.seed if seed is None else seed
-        self.n_img = mc.num_image_tokens
-        self.image_size = mc.image_size
-        self.codebook = mc.vq.num_embeddings
+        self.seed = seed
+        self.n_img = model.num_image_tokens
+        self.image_size = model.image_size
+        self.codebook = model.vq.num_embeddings
         tok = processor.tokenizer
         self.st = resolve_special_tokens(tok)
         special = set(vars(self.st).values())
         self.words = torch.tensor([i for i in range(len(tok)) if i not in special])
-        r = run.hparams.ratio
-        self.ratio = {"text": r.text, "und": r.und, "gen": r.gen}
+        self.ratio = dict(ratio)
         if self.seq_len < self.n_img + 8:
             raise ValueError(f"train.synthetic_seq_len={self.seq_len} < image tokens + 8")
-        if self.tokens_per_micro and self.tokens_per_micro < self.seq_len:
-            raise ValueError(
-                f"train.tokens_per_micro={self.tokens_per_micro} < "
-                f"train.synthetic_seq_len={self.seq_len}: a sample must fit"
-            )
         self.pad_id = self.st.pad
         self.step = 0
         self.counts = {f"samples/synthetic_{t}": 0 for t in TASKS}

@@ -89,14 +89,6 @@ class PromptFormat:
         return jinja_template(self)
 
 
-def run_prompt_format(run) -> PromptFormat:
-    """The format a run trains: its stage's understanding framing (``run.und_format``: plain,
-    qa, or the experiment's chat template with ``data.system_prompt``) and text-to-image
-    framing (``run.gen_format``)."""
-    tmpl = getattr(run.experiment.chat_template, "value", run.experiment.chat_template)
-    return PromptFormat(run.und_format, tmpl, run.data.system_prompt, run.gen_format)
-
-
 def _lit(s: str) -> str:
     """A Jinja string literal (JSON escapes are valid Jinja escapes)."""
     return json.dumps(s, ensure_ascii=False)

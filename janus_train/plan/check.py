@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from janus_train.config import compose, to_run_config
+from janus_train.config import compose, load_stage_recipe, resolve_stage, to_run_config
 from janus_train.plan.config import GIB, ClusterConfig
 from janus_train.plan.estimate import batch_plan, estimate, stage_shape
 
@@ -44,16 +44,10 @@ def check_stage(
     problems += [
         f"{p} (at {nodes} nodes x {gpus_per_node} = {world} ranks)" for p in batch_problems
     ]
-    if not run.train.synthetic_data:
-        from janus_train.data.recipe import check_recipe_for_stage, load_recipe
-
-        try:
-            recipe = load_recipe(run.data.recipe or hp.data_recipe, check_shards=check_data)
-            check_recipe_for_stage(
-                recipe, {"und": hp.ratio.und, "text": hp.ratio.text, "gen": hp.ratio.gen}, hp.steps
-            )
-        except (ValueError, FileNotFoundError) as e:
-            problems.append(f"recipe: {e}")
+    try:
+        load_stage_recipe(run, check_shards=check_data)
+    except (ValueError, FileNotFoundError) as e:
+        problems.append(f"recipe: {e}")
     init = run.model.init_from
     if expected_init is not None and init != expected_init:
         problems.append(
@@ -72,7 +66,14 @@ def check_stage(
         )
         try:
             cluster.validate()
-            est = estimate(stage_shape(run), cluster, deepspeed, run.deepspeed, nodes)
+            shape = stage_shape(
+                resolve_stage(run),
+                run.model,
+                run.data,
+                micro_batch_size=run.train.micro_batch_size,
+                precision=run.deepspeed.precision,
+            )
+            est = estimate(shape, cluster, deepspeed, run.deepspeed, nodes)
         except ValueError as e:
             problems.append(f"planner: {e}")
         else:

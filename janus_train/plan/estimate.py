@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from janus_train.batch import BatchPlan, plan_batch
+from janus_train.data.config import DataConfig
+from janus_train.model.config import ModelConfig
 from janus_train.plan.config import ClusterConfig
 from janus_train.plan.costs import (
     PHASES,
@@ -23,7 +26,7 @@ from janus_train.plan.costs import (
 )
 from janus_train.plan.simulate import SimResult, SourceLengths, simulate, source_lengths
 from janus_train.trainer.config import DeepSpeedConfig
-from janus_train.trainer.distributed import BatchPlan, plan_batch
+from janus_train.trainer.spec import StageSpec
 
 __all__ = [
     "Estimate",
@@ -129,29 +132,37 @@ class StageShape:
         return self.sizes.groups.get("vq", 0)
 
 
-def stage_shape(run) -> StageShape:
-    """``run``: a validated ``RunConfig`` with ``stage`` selecting the stage."""
-    hp = run.hparams
+def stage_shape(
+    spec: StageSpec,
+    model: ModelConfig,
+    data: DataConfig,
+    *,
+    micro_batch_size: int,
+    precision: str,
+) -> StageShape:
+    """What stage ``spec`` runs (any world size: the search varies it) with ``model`` and
+    ``data``; ``micro_batch_size``: ``train.micro_batch_size`` (fixed micro-batches, also when
+    the search tries them on a token-budget stage); ``precision``: ``deepspeed.precision``."""
     return StageShape(
-        name=run.stage.name,
-        sizes=model_sizes(run.model),
-        trainable_groups=run.trainable_groups,
-        global_batch=hp.global_batch_size,
-        micro_batch=run.train.micro_batch_size,
-        steps=min(hp.steps, hp.stop_at) if hp.stop_at else hp.steps,
-        seq_len=run.data.seq_len,
-        tokens_per_micro=run.train.tokens_per_micro,
-        pack=run.data.pack,
-        ratio=(hp.ratio.und, hp.ratio.text, hp.ratio.gen),
-        checkpointing=run.model.gradient_checkpointing,
-        checkpoint_every=run.model.checkpoint_every,
-        precision=run.deepspeed.precision,
-        lora_groups=tuple(run.model.lora.groups) if run.model.lora.enabled else (),
-        adapter_params=lora_adapter_params(run.model),
-        loss_chunk_tokens=run.model.loss_chunk_tokens,
-        kernels=run.model.kernels,
-        text_chunk=run.data.text_chunk,
-        recipe=None if run.train.synthetic_data else (run.data.recipe or hp.data_recipe),
+        name=spec.name,
+        sizes=model_sizes(model),
+        trainable_groups=list(spec.trainable),
+        global_batch=spec.plan.global_batch_size,
+        micro_batch=micro_batch_size,
+        steps=spec.stop_step,
+        seq_len=data.seq_len,
+        tokens_per_micro=spec.plan.tokens_per_micro,
+        pack=data.pack,
+        ratio=(spec.ratio["und"], spec.ratio["text"], spec.ratio["gen"]),
+        checkpointing=model.gradient_checkpointing,
+        checkpoint_every=model.checkpoint_every,
+        precision=precision,
+        lora_groups=tuple(model.lora.groups) if model.lora.enabled else (),
+        adapter_params=lora_adapter_params(model),
+        loss_chunk_tokens=model.loss_chunk_tokens,
+        kernels=model.kernels,
+        text_chunk=data.text_chunk,
+        recipe=spec.recipe_ref,
     )
 
 

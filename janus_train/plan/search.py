@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from janus_train.config import CONF_DIR, compose, to_run_config
+from janus_train.config import CONF_DIR, RunConfig, compose, resolve_stage, to_run_config
 from janus_train.plan import checkpointing as ck
 from janus_train.plan.config import GIB, ClusterConfig
 from janus_train.plan.estimate import Estimate, StageShape, estimate, stage_shape
@@ -117,6 +117,18 @@ def loses(c: Candidate, best: Candidate) -> str:
     return "; ".join(parts) or "tie"
 
 
+def _shape(run: RunConfig) -> StageShape:
+    """The stage's shape (world-independent: resolved at one rank)."""
+    tc, ds = run.train, run.deepspeed
+    return stage_shape(
+        resolve_stage(run),
+        run.model,
+        run.data,
+        micro_batch_size=tc.micro_batch_size,
+        precision=ds.precision,
+    )
+
+
 def plan_stage(
     stage: str, cluster: ClusterConfig, overrides: list[str], preset: str | None
 ) -> StagePlan:
@@ -129,7 +141,7 @@ def plan_stage(
     estimates, candidates, shape = [], [], None
     for name in names:
         run = to_run_config(compose([*overrides, f"stage={stage}", f"deepspeed={name}"]))
-        base = stage_shape(run)
+        base = _shape(run)
         shape = shape or base
         _search_preset(name, run, base, cluster, overrides, candidates, estimates)
     assert shape is not None

@@ -1,4 +1,4 @@
-"""Process group, batch arithmetic and the DeepSpeed engine: the only module (with export and
+"""Process group and the DeepSpeed engine (batch arithmetic: ``janus_train.batch.BatchPlan``): the only module (with export and
 checkpoint) that imports deepspeed.
 
 The DeepSpeed JSON is generated from the typed config (:func:`build_deepspeed_config`), saved
@@ -17,13 +17,14 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
 from janus_train import compat
+from janus_train.batch import BatchPlan
 
 logger = logging.getLogger(__name__)
 
@@ -156,49 +157,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """Batch arithmetic of one stage: global = micro x grad_accum x world; with token-budget
-    micro-batches (``tokens_per_micro`` > 0) micro and grad_accum are DeepSpeed's nominal
-    values only (the loop sets each step's accumulation boundary itself)."""
-
-    global_batch_size: int
-    micro_batch_size: int
-    grad_accum: int
-    world_size: int
-    tokens_per_micro: int = 0
-
-    @property
-    def loss_scale(self) -> float:
-        """Undoes DeepSpeed's 1/world gradient averaging (backwards run unscaled by the
-        accumulation steps, see the module docstring)."""
-        return float(self.world_size)
-
-
-def plan_batch(
-    global_batch_size: int, micro_batch_size: int, world_size: int, tokens_per_micro: int = 0
-) -> BatchPlan:
-    """Derive gradient accumulation; ``ValueError`` naming the fields when it does not divide.
-    Token-budget mode: any global batch; nominal accumulation ceil(G / world), at least 2
-    (DeepSpeed's offload path accumulates only when it expects more than one micro-step)."""
-    if tokens_per_micro:
-        return BatchPlan(
-            global_batch_size,
-            1,
-            max(2, -(-global_batch_size // world_size)),
-            world_size,
-            tokens_per_micro,
-        )
-    per_step = micro_batch_size * world_size
-    if global_batch_size % per_step:
-        raise ValueError(
-            f"global batch {global_batch_size} is not a multiple of train.micro_batch_size "
-            f"({micro_batch_size}) x world size ({world_size}) = {per_step}; change "
-            f"experiment.<stage>.global_batch_size or the micro-batch"
-        )
-    return BatchPlan(global_batch_size, micro_batch_size, global_batch_size // per_step, world_size)
 
 
 def resolve_precision(requested: str) -> str:
@@ -350,7 +308,3 @@ def init_engine(model: torch.nn.Module, ds_config: dict, param_groups: list[dict
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-
-
-def plan_as_dict(plan: BatchPlan) -> dict:
-    return asdict(plan)

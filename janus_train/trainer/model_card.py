@@ -10,8 +10,11 @@ import json
 import os
 from pathlib import Path
 
-from janus_train.model.chat_template import run_prompt_format
+from janus_train.model.chat_template import PromptFormat
+from janus_train.model.config import ModelConfig
 from janus_train.model.tokenizer import BOI_TOKEN
+from janus_train.trainer.config import DeepSpeedConfig
+from janus_train.trainer.spec import StageSpec
 
 MODEL_DIR = "path/to/this/export"
 """Placeholder for the export's location in the usage code (tests substitute it)."""
@@ -20,7 +23,7 @@ MODEL_DIR = "path/to/this/export"
 def _val(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
-    return "—" if v is None else str(getattr(v, "value", v))
+    return "—" if v is None else str(v)
 
 
 def read_metrics(path: str | os.PathLike) -> tuple[dict | None, dict | None]:
@@ -47,16 +50,12 @@ def _metrics_table(rec: dict, keys: list[str]) -> str:
     return "| metric | value |\n|---|---|\n" + "\n".join(rows)
 
 
-def _sources(run) -> str:
-    if run.train.synthetic_data:
+def _sources(spec: StageSpec) -> str:
+    if spec.recipe_ref is None:
         return "Synthetic batches (`train.synthetic_data=true`): no data recipe.\n"
-    from janus_train.data.recipe import load_recipe
-
-    name = run.data.recipe or run.hparams.data_recipe
-    try:
-        recipe = load_recipe(name, check_shards=False)
-    except Exception as e:  # the card must not fail an export
-        return f"Data recipe `{name}` (could not be read for this card: {e}).\n"
+    recipe = spec.recipe
+    if recipe is None:
+        return f"Data recipe `{spec.recipe_ref}`.\n"
     rows = [
         f"| {s.name} | {s.task} | {s.format} | {_val(s.weight)} | "
         f"{'all' if s.steps is None else f'{s.steps[0]}–{s.steps[1]}'} | "
@@ -124,13 +123,13 @@ Image.fromarray(((pixels[0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()).s
 """
 
 
-def _training_table(run, step: int, world_size: int, fmt) -> list[str]:
+def _training_table(
+    spec: StageSpec, step: int, m: ModelConfig, ds: DeepSpeedConfig, loss: str, seq_len: int
+) -> list[str]:
     """The "Training" table: base, stage, steps, batch, ratio, optimiser, precision, loss, format."""
-    hp, tc, m, stage = run.hparams, run.train, run.model, run.stage
-    micro = tc.micro_batch_size
-    accum = hp.global_batch_size // max(1, micro * world_size)
+    plan, fmt, r = spec.plan, spec.prompt, spec.ratio
     base = f"`{m.init_from}`" if m.init_from else f"random initialisation (`model={m.name}`)"
-    trainable = list(run.trainable_groups)
+    trainable = list(spec.trainable)
     if m.lora.enabled:
         trainable.append(f"LoRA r={m.lora.r} on {list(m.lora.groups)} (merged)")
     return [
@@ -139,26 +138,32 @@ def _training_table(run, step: int, world_size: int, fmt) -> list[str]:
         "| | |",
         "|---|---|",
         f"| base checkpoint | {base} |",
-        f"| stage | `{stage.name}`: trains {', '.join(f'`{g}`' for g in trainable)}; framing "
-        f"`{run.und_format}` (understanding), `{run.gen_format}` (text-to-image prompts), SFT "
-        f"masking `{stage.sft}` |",
-        f"| steps | {step} of {hp.steps} scheduled"
-        + (f" (stop at {hp.stop_at})" if hp.stop_at else "")
+        f"| stage | `{spec.name}`: trains {', '.join(f'`{g}`' for g in trainable)}; framing "
+        f"`{fmt.style}` (understanding), `{fmt.gen_style}` (text-to-image prompts), SFT "
+        f"masking `{spec.sft}` |",
+        f"| steps | {step} of {spec.steps} scheduled"
+        + (f" (stop at {spec.stop_at})" if spec.stop_at else "")
         + " |",
-        f"| global batch | {hp.global_batch_size} samples per step over {world_size} GPUs, "
+        f"| global batch | {plan.global_batch_size} samples per step over {plan.world_size} GPUs, "
         + (
-            f"micro-batches packed to at most {tc.tokens_per_micro} tokens |"
-            if getattr(tc, "tokens_per_micro", 0)
-            else f"{micro} per GPU x {accum} accumulation |"
+            f"micro-batches packed to at most {plan.tokens_per_micro} tokens |"
+            if plan.tokens_per_micro
+            else f"{plan.micro_batch_size} per GPU x {plan.grad_accum} accumulation |"
         ),
-        f"| task ratio und : text : gen | {hp.ratio.und} : {hp.ratio.text} : {hp.ratio.gen} |",
-        f"| optimiser | AdamW, lr {_val(hp.lr)}, {_val(hp.schedule)} schedule, warmup "
-        f"{hp.warmup_steps}, min lr ratio {_val(hp.min_lr_ratio)}, weight decay "
-        f"{_val(hp.weight_decay)}, gradient clip {_val(run.deepspeed.gradient_clipping)} |",
-        f"| precision / sharding | {run.deepspeed.precision} (fp32 where the device lacks bf16), "
-        f"DeepSpeed ZeRO-{run.deepspeed.zero_stage}; exported in fp32 |",
-        f"| loss | `{tc.loss_reduction}`; sequence length {run.data.seq_len} |",
-        f"| prompt format | {fmt.style}"
+        f"| task ratio und : text : gen | {r['und']} : {r['text']} : {r['gen']} |",
+        f"| optimiser | AdamW, lr {_val(spec.lr)}, {spec.schedule} schedule, warmup "
+        f"{spec.warmup_steps}, min lr ratio {_val(spec.min_lr_ratio)}, weight decay "
+        f"{_val(spec.weight_decay)}, gradient clip {_val(ds.gradient_clipping)} |",
+        f"| precision / sharding | {ds.precision} (fp32 where the device lacks bf16), "
+        f"DeepSpeed ZeRO-{ds.zero_stage}; exported in fp32 |",
+        f"| loss | `{loss}`; sequence length {seq_len} |",
+        f"| prompt format | {_format_line(fmt)} |",
+    ]
+
+
+def _format_line(fmt: PromptFormat) -> str:
+    return (
+        fmt.style
         + (f" (text-to-image: {fmt.gen_style})" if fmt.gen_style != fmt.style else "")
         + (f", `{fmt.chat_template}` roles" if "chat" in (fmt.style, fmt.gen_style) else "")
         + (
@@ -166,8 +171,7 @@ def _training_table(run, step: int, world_size: int, fmt) -> list[str]:
             if fmt.system_prompt and fmt.style == "chat"
             else ""
         )
-        + " |",
-    ]
+    )
 
 
 def _metrics_section(train: dict | None, held: dict | None) -> list[str]:
@@ -225,11 +229,20 @@ def _chat_section(processor, und: str, gen: str) -> list[str]:
     ]
 
 
-def model_card(run, processor, step: int, world_size: int, metrics_path=None) -> str:
-    """README.md text of the export of ``run`` after ``step`` optimizer steps."""
-    stage, exp = run.stage, run.experiment
-    fmt = run_prompt_format(run)
-    train, held = read_metrics(metrics_path or Path(run.train.run_dir) / "metrics.jsonl")
+def model_card(
+    spec: StageSpec,
+    processor,
+    step: int,
+    *,
+    model: ModelConfig,
+    deepspeed: DeepSpeedConfig,
+    loss_reduction: str,
+    seq_len: int,
+    metrics_path: str | os.PathLike,
+) -> str:
+    """README.md text of the export of stage ``spec`` after ``step`` optimizer steps."""
+    fmt = spec.prompt
+    train, held = read_metrics(metrics_path)
     und, gen = _example(processor, fmt.style)
     lines = [
         "---",
@@ -238,16 +251,16 @@ def model_card(run, processor, step: int, world_size: int, metrics_path=None) ->
         "tags: [janus, janus-pro, multimodal, text-to-image, janus_train]",
         "---",
         "",
-        f"# {exp.name} — {stage.name} (step {step})",
+        f"# {spec.experiment} — {spec.name} (step {step})",
         "",
         "A Janus model (`JanusForConditionalGeneration` + `JanusProcessor`, plain transformers) "
-        f"trained with `janus_train`: {stage.name} of the `{exp.name}` experiment.",
+        f"trained with `janus_train`: {spec.name} of the `{spec.experiment}` experiment.",
         "",
-        *_training_table(run, step, world_size, fmt),
+        *_training_table(spec, step, model, deepspeed, loss_reduction, seq_len),
         "",
         "### Data",
         "",
-        _sources(run),
+        _sources(spec),
         *_metrics_section(train, held),
         *_chat_section(processor, und, gen),
     ]

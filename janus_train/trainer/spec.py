@@ -1,0 +1,55 @@
+"""One stage of one run, resolved once (``janus_train.config.resolve_stage``, called by
+``train.prepare``): its hyper-parameters, task ratio, data recipe (loaded and checked against the
+stage, with its shards), framing, trainable groups and batch plan. Frozen; the components below
+the training loop each take their typed piece of it, never the whole config tree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from janus_train.batch import BatchPlan
+from janus_train.data.recipe import Recipe
+from janus_train.model.chat_template import PromptFormat
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """The stage a run trains (``stage.name`` of ``experiment.name``), every derived value once."""
+
+    name: str
+    """``stage1`` | ``stage2`` | ``stage3``."""
+    experiment: str
+    """``experiment.name``."""
+    lr: float
+    schedule: str
+    """``constant`` | ``cosine``."""
+    warmup_steps: int
+    min_lr_ratio: float
+    weight_decay: float
+    steps: int
+    """Steps of the schedule (``experiment.<stage>.steps``)."""
+    stop_at: int | None
+    """The stage ends here although the schedule runs to ``steps`` (None: at ``steps``)."""
+    first_sentence_prob: float
+    ratio: dict[str, int]
+    """Samples per step as a ratio, ``{"und": u, "text": t, "gen": g}``: the one dict form."""
+    recipe_ref: str | None
+    """The data recipe's name or path (``data.recipe``, else the stage's ``data_recipe``);
+    None with synthetic data."""
+    recipe: Recipe | None
+    """The recipe loaded and checked against ``ratio`` and ``steps`` (None: synthetic data, or
+    not loaded, as for the planner)."""
+    prompt: PromptFormat
+    """The framing: understanding style (``stage.und_format`` or the experiment stage's),
+    text-to-image style, chat template roles, system prompt."""
+    sft: bool
+    """Conversations with system/user turns masked (``stage.sft``)."""
+    trainable: tuple[str, ...]
+    """Module groups that train."""
+    plan: BatchPlan
+    """Batch arithmetic at the run's world size, checked (``janus_train.batch.plan_batch``)."""
+
+    @property
+    def stop_step(self) -> int:
+        """The step the stage ends at."""
+        return min(self.steps, self.stop_at) if self.stop_at else self.steps
