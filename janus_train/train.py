@@ -13,8 +13,8 @@ checkpoint did not fit on the disk (one ``storage full:`` line; the previous one
 ``latest``); anything else is an error (e.g.
 ``train.max_consecutive_skips`` non-finite updates in a row).
 
-``run`` reads top to bottom: :func:`prepare` (validate; the stage resolved once, :class:`StageSpec`), :func:`build_engine` (model,
-freezing, DeepSpeed), the loop of :func:`train_step` inside one :class:`RunGuard` (clean-up on
+``run`` reads top to bottom: :func:`prepare` (validate; the stage resolved once, a
+:class:`StageSpec`), :func:`build_engine` (model, freezing, DeepSpeed), the loop of :func:`train_step` inside one :class:`RunGuard` (clean-up on
 every exit path), with the :class:`TrainState` saved and loaded as one.
 
 Loss of an optimizer step (``train.loss_reduction``): ``token_mean`` = sum of every supervised
