@@ -42,7 +42,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-STEPS = 100  # a tiny step is ~30 ms: far more than any attempt runs before its event
+# Each attempt runs 2 steps, then its ranks wait for the test's event (tests/hold_site): no
+# race between a run's end and the signal, on a fast or a slow machine. 3 interrupted attempts
+# stop by step 9 at the latest (2 steps, then the step the signal's flag rides on, each).
+STEPS = 12
+HOLD_SITE = Path(__file__).resolve().parent / "hold_site"
 SMOKE = [
     "train.synthetic_data=true",
     *(f"experiment.stage{i}.steps={STEPS}" for i in (1, 2, 3)),
@@ -181,7 +185,7 @@ PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2
     ]
     cluster = Cluster(d, env, host)
     try:
-        deadline = time.time() + 30
+        deadline = time.time() + 120
         while "idle" not in cluster.run("sinfo", "-h", "-o", "%t", check=False):
             if time.time() > deadline or any(p.poll() is not None for p in daemons):
                 logs = "".join(p.read_text()[-1000:] for p in (d / "log").iterdir())
@@ -207,6 +211,8 @@ PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2
 
 
 def _job_env(cluster: Cluster, tmp: Path, **extra: str) -> dict[str, str]:
+    """The job's environment; its ranks hold after 2 steps while ``tmp/hold`` exists."""
+    (tmp / "hold").touch()
     try:  # the rendezvous host is the node's name (job.sh): where it does not resolve, loopback
         socket.gethostbyname(cluster.host)
     except OSError:
@@ -220,6 +226,8 @@ def _job_env(cluster: Cluster, tmp: Path, **extra: str) -> dict[str, str]:
         RUN_ROOT=str(tmp / "runs"),
         LOG_ROOT=str(tmp / "logs"),
         RDZV_PORT=str(_free_port()),
+        JANUS_TEST_HOLD=str(tmp / "hold"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(HOLD_SITE), cluster.env.get("PYTHONPATH")])),
         **extra,
     )
 
@@ -269,6 +277,14 @@ def _stepds(job: str) -> list[str]:
     return found
 
 
+def _wait_gone(job: str, timeout: float = 90) -> None:
+    """Until no process of the job is left on the node (its batch shell has exited)."""
+    deadline = time.time() + timeout
+    while _stepds(job):
+        assert time.time() < deadline, f"job {job}: still on the node after {timeout} s"
+        time.sleep(0.1)
+
+
 def _release(cluster: Cluster, job: str, restarts: int) -> None:
     """Wait for the requeued job (Restarts=restarts, pending), then make it eligible now.
 
@@ -281,10 +297,7 @@ def _release(cluster: Cluster, job: str, restarts: int) -> None:
         lambda i: i.get("Restarts") == str(restarts) and i.get("JobState") == "PENDING",
         f"requeued ({restarts} restarts)",
     )
-    deadline = time.time() + 60
-    while _stepds(job):
-        assert time.time() < deadline, f"job {job}: previous attempt still on the node"
-        time.sleep(0.1)
+    _wait_gone(job)
     time.sleep(1.1)
     cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
 
@@ -345,6 +358,9 @@ def scenario_lifecycle(cluster: Cluster, tmp: Path, others_done) -> dict:
     pids = _rank_pids(run_dir)
     assert len(pids) == 2, pids
     os.kill(pids[0], signal.SIGKILL)
+    cluster.wait(job, lambda i: i.get("Restarts") == "3", "requeued after the crash")
+    assert (tmp / "hold.reached").exists(), "the ranks never held (tests/hold_site)"
+    (tmp / "hold").unlink()  # the last attempt runs to the end
     _release(cluster, job, 3)
     # attempt 3: resumes from the preemption's checkpoint and completes
     info = cluster.wait(job, lambda i: i.get("JobState") == "COMPLETED", "completed")
@@ -365,7 +381,7 @@ def scenario_scancel(cluster: Cluster, tmp: Path) -> dict:
     _wait_step_past(cluster, job, run_dir / "metrics.jsonl", 0)
     cluster.run("scancel", job)
     info = cluster.wait(job, lambda i: i.get("JobState") == "CANCELLED", "cancelled")
-    time.sleep(3)  # a requeue would show by now (job.sh's decision follows the step's end)
+    _wait_gone(job)  # job.sh has decided (a requeue comes before its end) and the ranks saved
     return dict(
         info=cluster.job(job),
         first=info,
@@ -390,7 +406,7 @@ def scenario_pipeline(cluster: Cluster, tmp: Path) -> dict:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     jobs = re.findall(r"submitted as job (\d+)", res.stdout)
@@ -400,7 +416,7 @@ def scenario_pipeline(cluster: Cluster, tmp: Path) -> dict:
         cluster.wait(j, lambda i: i.get("JobState") == "CANCELLED", "cancelled", timeout=60)
         for j in jobs[1:]
     ]
-    time.sleep(2)  # a requeue of the first would show by now
+    _wait_gone(jobs[0])  # job.sh has decided: a requeue would come before its end
     return dict(
         stdout=res.stdout,
         jobs=jobs,
