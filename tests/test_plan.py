@@ -6,6 +6,7 @@ jobs, and ``launch/pipeline.sh`` refusing a stage that cannot run before submitt
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import re
@@ -438,6 +439,25 @@ def test_zeropp_quantization_bytes_as_deepspeed_moves_them(monkeypatch):
     with pytest.raises(ValueError, match="quantized_weights=true needs CUDA"):
         distributed.check_quantized_available(run.deepspeed, 16)
     distributed.check_quantized_available(DeepSpeedConfig(zero_stage=3), 16)  # off: nothing
+
+
+def test_zeropp_quantization_is_searched_only_when_lossy_is_allowed():
+    """ZeRO++ qwZ / qgZ round weights and gradients: the search leaves them as configured
+    (off) unless ``search_lossy=true``; then every ZeRO-3 preset is tried with each of the
+    four on/off pairs, and never a ZeRO-1/2 one."""
+    argv = ["experiment=janus_pro_7b", "nodes=2", "gpus_per_node=8", "gpu=a100-80gb"]
+    for lossy, pairs in (
+        (False, {(False, False)}),
+        (True, set(itertools.product((0, 1), repeat=2))),
+    ):
+        cluster, overrides, _, _ = cli.split_args([*argv, f"search_lossy={str(lossy).lower()}"])
+        assert cluster.search_lossy is lossy
+        plan = cli.plan_stage("stage3", cluster, overrides, None)
+        seen = {(c.est.ds.quantized_weights, c.est.ds.quantized_gradients) for c in plan.candidates
+                if c.est.ds.zero_stage == 3}  # fmt: skip
+        assert seen == {(bool(w), bool(g)) for w, g in pairs}
+        assert not any(c.lossy for c in plan.candidates if c.est.ds.zero_stage < 3)
+        assert lossy or not plan.best.lossy
 
 
 def test_reduction_bytes_follow_the_deepspeed_json():

@@ -170,6 +170,11 @@ class ClusterConfig:
     search: bool = True
     """Search activation checkpointing, ``train.tokens_per_micro`` and
     ``deepspeed.reduce_fp32`` beside the preset and node count; false: as configured."""
+    search_lossy: bool = False
+    """Let the search also turn on ZeRO++ quantization under ZeRO-3
+    (``deepspeed.quantized_weights``: int8 parameter gathers; ``quantized_gradients``: int4
+    gradient all-to-all). Lossy numerics the papers did not use, never trained by this
+    project's tests or GPU sessions; off: kept as the overrides set them."""
 
     @property
     def mfu_source(self) -> tuple[float, str]:

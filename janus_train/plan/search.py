@@ -1,7 +1,7 @@
 """``janus-plan``'s search: per stage, every DeepSpeed preset in ``conf/deepspeed/`` (or the one
 given) on the node counts that split the batch, and, with ``ClusterConfig.search``, every
-activation checkpointing, token budget, reduction dtype and (ZeRO-3) ZeRO++ quantization the
-overrides leave open; the
+activation checkpointing, token budget, reduction dtype and (ZeRO-3, ``search_lossy`` only)
+ZeRO++ quantization the overrides leave open; the
 fastest configuration that fits memory is recommended (the command line: ``janus_train.cli.plan``).
 """
 
@@ -135,8 +135,8 @@ def plan_stage(
     """Every DeepSpeed preset (or ``preset``) x node count, and with ``cluster.search`` every
     activation checkpointing of ``plan.checkpointing.OPTIONS``, ``train.tokens_per_micro`` of
     1, 2 and 4 rows, ``deepspeed.reduce_fp32`` true / false (bf16) and, under ZeRO-3,
-    ``deepspeed.quantized_weights`` x ``quantized_gradients`` that the overrides do not fix:
-    the fastest that fits is recommended."""
+    ``deepspeed.quantized_weights`` x ``quantized_gradients`` (``cluster.search_lossy`` only)
+    that the overrides do not fix: the fastest that fits is recommended."""
     names = [preset] if preset else presets()
     estimates, candidates, shape = [], [], None
     for name in names:
@@ -179,7 +179,9 @@ def _search_preset(
         node_counts += [
             n for n in range(cluster.nodes - 1, 0, -1) if base.global_batch % (n * per) == 0
         ]
-    ckpts, tpms, reds, quants = _knob_options(base, run.deepspeed, overrides, cluster.search)
+    ckpts, tpms, reds, quants = _knob_options(
+        base, run.deepspeed, overrides, cluster.search, cluster.search_lossy
+    )
     for n, (on, k), tpm, red, (qw, qg) in itertools.product(node_counts, ckpts, tpms, reds, quants):
         sh = dataclasses.replace(base, checkpointing=on, checkpoint_every=k, tokens_per_micro=tpm)
         ds = dataclasses.replace(
@@ -209,10 +211,10 @@ def _search_preset(
             estimates.append(e)  # the preset as configured
 
 
-def _knob_options(base: StageShape, ds, overrides: list[str], search: bool):
+def _knob_options(base: StageShape, ds, overrides: list[str], search: bool, lossy: bool):
     """The values the search tries per knob (only the configured one where the overrides fix
     it, or without ``search``): checkpointing, tokens per micro-step, reduction dtype, and
-    ZeRO++ qwZ x qgZ (ZeRO-3 presets only; the configured pair first)."""
+    with ``lossy`` ZeRO++ qwZ x qgZ (ZeRO-3 presets only; the configured pair first)."""
     ckpts = [(base.checkpointing, base.checkpoint_every)]
     if search and not (
         _fixed(overrides, "model.gradient_checkpointing")
@@ -226,7 +228,7 @@ def _knob_options(base: StageShape, ds, overrides: list[str], search: bool):
     if search and base.precision == "bf16" and not _fixed(overrides, "deepspeed.reduce_fp32"):
         reds = [True, False]
     quants = [(ds.quantized_weights, ds.quantized_gradients)]
-    if search and ds.zero_stage == 3 and not any(_fixed(overrides, k) for k in QUANTIZED):
+    if lossy and search and ds.zero_stage == 3 and not any(_fixed(overrides, k) for k in QUANTIZED):
         quants += [q for q in itertools.product((False, True), repeat=2) if q != quants[0]]
     return ckpts, tpms, reds, quants
 
