@@ -29,7 +29,8 @@ test: install
 	$(PY) -m pytest -m "not dist and not heavy" -n $(TEST_WORKERS) --dist loadfile \
 	  --durations=10 $(PYTEST_ARGS); u=$$?; \
 	$(PY) -m pytest -m "dist and not heavy" --durations=15 $(PYTEST_ARGS); d=$$?; \
-	for rc in $$u $$d; do if [ $$rc != 0 ] && [ $$rc != 5 ]; then exit $$rc; fi; done
+	for rc in $$u $$d; do if [ $$rc != 0 ] && [ $$rc != 5 ]; then exit $$rc; fi; done; \
+	if [ $$u = 5 ] && [ $$d = 5 ]; then echo "make test: no test selected" >&2; exit 5; fi
 
 # unit tests only (no multi-process, no end-to-end runs)
 test-fast: install

@@ -169,6 +169,16 @@ def test_init_from_is_read_once_per_node(tmp_path, monkeypatch):
 
     got = _ranks(4, lambda r, ex: load(r, ex, fail=1))
     assert isinstance(got[1], RuntimeError) and all(isinstance(g, tuple) for g in got[::2])
+    # a killed attempt (of the same job) left its copy, partial: the next one replaces it
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    left = tmp_path / "a" / startup.copy_name(src)
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"partial")
+    got = _ranks(4, load)
+    assert got[0][0] == str(left) and all(files_ == files for _, files_ in got)
+    assert not list((tmp_path / "a").iterdir())
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job: another name
+    assert startup.copy_name(src) != left.name
     host.update({1: "c", 3: "d"})  # one rank per node: nothing to share
     copies.clear()
     assert [d for d, _ in _ranks(4, load)] == [str(src)] * 4 and not copies

@@ -8,7 +8,8 @@ each host) copies the directory into node-local storage (``train.init_from_node_
 copy), and the node's ranks load that copy::
 
     all ranks:     exchange hostnames -> the node's leader (lowest rank on the host)
-    node leader:   free space >= size? copy init_from -> <root>/janus_init_<id> (a fresh dir)
+    node leader:   free space >= size? copy init_from -> <root>/janus_init_<key> (replacing
+                   what a killed attempt of the same job left there)
     all ranks:     exchange (copy ok, its path) -> load the leader's copy if every node's copy
                    succeeded and it is visible here, else init_from itself (warned)
     all ranks:     (load) -> exchange "loaded" -> the leader removes its copy
@@ -17,14 +18,21 @@ The exchanges are an all-gather of small objects (``trainer.distributed.all_gath
 in the trainer; tests pass a thread stand-in). A rank whose load raises still joins the last
 exchange, so the others never wait on it; a mapped file stays readable after its removal
 (Linux keeps unlinked pages while mapped).
+
+A rank killed during the load (SIGKILL, OOM, preemption) never removes the copy: on tmpfs it
+holds node memory. Its name is therefore a key of the user, the job (``SLURM_JOB_ID``, kept
+across requeues, else torchrun's ``MASTER_PORT``, distinct between concurrent jobs of a node)
+and the resolved ``init_from``, not a random one: the next attempt finds and replaces it, so
+one job leaks at most one copy per node, and only until it runs again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,18 +47,30 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def copy_name(src: Path) -> str:
+    """The node copy's directory name: ``janus_init_<key>``, the same for every attempt of a
+    job (see the module docstring)."""
+    job = os.environ.get("SLURM_JOB_ID") or "port" + os.environ.get("MASTER_PORT", "")
+    key = f"{os.getuid()}:{job}:{src.resolve()}"
+    return "janus_init_" + hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
 def _copy(src: Path, root: Path) -> tuple[str | None, str]:
     """(the copy's path or None, why not)."""
     need = _size(src)
+    where = f"train.init_from_node_copy={root}"
     try:
         root.mkdir(parents=True, exist_ok=True)
+        dst = root / copy_name(src)
+        if dst.exists():  # a killed attempt's copy (possibly partial): its space comes back
+            logger.warning("%s: replacing %s, left by an earlier attempt", where, dst)
+            shutil.rmtree(dst)
         free = shutil.disk_usage(root).free
         if free < need * 1.02:
-            return None, f"{root}: {free / 2**30:.1f} GiB free < {need / 2**30:.1f} GiB needed"
-        dst = Path(tempfile.mkdtemp(prefix="janus_init_", dir=root))
-        shutil.copytree(src, dst, dirs_exist_ok=True)
+            return None, f"{where}: {free / 2**30:.1f} GiB free < {need / 2**30:.1f} GiB needed"
+        shutil.copytree(src, dst)
     except OSError as e:
-        return None, f"copy into {root} failed: {e}"
+        return None, f"{where}: copy failed: {e}"
     return str(dst), ""
 
 
