@@ -528,7 +528,7 @@ def export_stage(cfg: RunConfig, prep: Prepared, t: Trainee, step: int, info: Di
         loss_reduction=tc.loss_reduction,
         seq_len=cfg.data.seq_len,
         metrics_path=prep.run_dir / "metrics.jsonl",
-    )  # called on rank 0
+    )  # called on rank 0, with the exported weights' dtype
     zero, shard = cfg.deepspeed.zero_stage, tc.export_max_shard_size
     export_hf(t.janus, t.processor, out_dir, zero, info, step, shard, card, tc.export_dtype)
     logger.info("exported %s (next stage: model.init_from=%s)", out_dir, out_dir.resolve())

@@ -224,6 +224,7 @@ def test_a_run_saves_its_processor_and_exports_card_and_template(
     card = (run_dir / "hf" / "README.md").read_text()
     assert "# tiny — stage2 (step 1)" in card and "Synthetic batches" in card
     assert "1 samples per step over 1 GPUs, 1 per GPU x 1 accumulation" in card
+    assert "; exported in bfloat16 (the VQ in fp32) |" in card  # the files' dtype, not the run's
 
 
 @pytest.mark.slow

@@ -102,14 +102,15 @@ def export_hf(
     info: DistInfo,
     step: int,
     max_shard_size: int | str = "5GB",
-    model_card: str | Callable[[], str] | None = None,
+    model_card: str | Callable[[torch.dtype], str] | None = None,
     dtype: str = "auto",
 ) -> Path:
     """Collective: write ``out_dir`` atomically: model safetensors in ``dtype``
     (``train.export_dtype``: :func:`export_dtype`; the VQ in fp32), in shards of at most
     ``max_shard_size`` plus ``model.safetensors.index.json`` so large models load shard by
     shard; config (its ``dtype`` that of the files), generation config, processor with its chat
-    template, ``model_card`` as ``README.md`` (a callable: called on rank 0 only); the marker
+    template, ``model_card`` as ``README.md`` (a callable: called on rank 0 only, with the
+    weights' dtype); the marker
     file records ``step``. Returns the path."""
     out = Path(out_dir)
     dt = export_dtype(dtype, janus)
@@ -125,7 +126,7 @@ def export_hf(
         _write_config_dtype(tmp / "config.json", dt)
         processor.save_pretrained(str(tmp))
         if callable(model_card):
-            model_card = model_card()
+            model_card = model_card(dt)
         if model_card is not None:
             (tmp / "README.md").write_text(model_card)
         (tmp / COMPLETE).write_text(f"{step}\n")

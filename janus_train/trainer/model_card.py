@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+import torch
+
 from janus_train.model.chat_template import PromptFormat
 from janus_train.model.config import ModelConfig
 from janus_train.model.tokenizer import BOI_TOKEN
@@ -124,7 +126,13 @@ Image.fromarray(((pixels[0].clamp(-1, 1) + 1) * 127.5).round().byte().numpy()).s
 
 
 def _training_table(
-    spec: StageSpec, step: int, m: ModelConfig, ds: DeepSpeedConfig, loss: str, seq_len: int
+    spec: StageSpec,
+    step: int,
+    m: ModelConfig,
+    ds: DeepSpeedConfig,
+    loss: str,
+    seq_len: int,
+    export_dtype: torch.dtype | None,
 ) -> list[str]:
     """The "Training" table: base, stage, steps, batch, ratio, optimiser, precision, loss, format."""
     plan, fmt, r = spec.plan, spec.prompt, spec.ratio
@@ -155,7 +163,13 @@ def _training_table(
         f"{spec.warmup_steps}, min lr ratio {_val(spec.min_lr_ratio)}, weight decay "
         f"{_val(spec.weight_decay)}, gradient clip {_val(ds.gradient_clipping)} |",
         f"| precision / sharding | {ds.precision} (fp32 where the device lacks bf16), "
-        f"DeepSpeed ZeRO-{ds.zero_stage}; exported in fp32 |",
+        f"DeepSpeed ZeRO-{ds.zero_stage}"
+        + (
+            f"; exported in {str(export_dtype).removeprefix('torch.')} (the VQ in fp32)"
+            if export_dtype
+            else ""
+        )
+        + " |",
         f"| loss | `{loss}`; sequence length {seq_len} |",
         f"| prompt format | {_format_line(fmt)} |",
     ]
@@ -233,6 +247,7 @@ def model_card(
     spec: StageSpec,
     processor,
     step: int,
+    export_dtype: torch.dtype | None = None,
     *,
     model: ModelConfig,
     deepspeed: DeepSpeedConfig,
@@ -256,7 +271,7 @@ def model_card(
         "A Janus model (`JanusForConditionalGeneration` + `JanusProcessor`, plain transformers) "
         f"trained with `janus_train`: {spec.name} of the `{spec.experiment}` experiment.",
         "",
-        *_training_table(spec, step, model, deepspeed, loss_reduction, seq_len),
+        *_training_table(spec, step, model, deepspeed, loss_reduction, seq_len, export_dtype),
         "",
         "### Data",
         "",
