@@ -36,6 +36,13 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
+def shard_name(url: str) -> str:
+    """The part of a shard's URL that seeds its randomness: its last two path components
+    (``caption/caption-00003.tar``), so a run's data order and per-sample choices do not
+    depend on where the shards are mounted (a resume after moving them stays exact)."""
+    return "/".join(url.rstrip("/").rsplit("/", 2)[-2:])
+
+
 class ShardCursor:
     """Records of one shard in this epoch's order, starting at position ``start``."""
 
@@ -162,7 +169,11 @@ class RecordStream:
                 shards = self.epoch_shards(self.epoch)
                 continue
             url = shards[self.cursor]
-            seed = stable_seed(self.seed, self.name, self.epoch, url) if self.shuffle else None
+            seed = (
+                stable_seed(self.seed, self.name, self.epoch, shard_name(url))
+                if self.shuffle
+                else None
+            )
             try:
                 sc = ShardCursor(url, seed)
             except ShardError as e:

@@ -21,7 +21,7 @@ from janus_train.data.builders import BuildContext, record_to_samples
 from janus_train.data.config import DataConfig
 from janus_train.data.preprocess import BadSample
 from janus_train.data.recipe import Source
-from janus_train.data.shards import RecordStream, stable_seed
+from janus_train.data.shards import RecordStream, shard_name, stable_seed
 from janus_train.errors import DataFailure
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,9 @@ class SampleStream:
             self.cur = self.rs.state()
             rec = self.rs.next()
             rng = random.Random(
-                stable_seed(self.dcfg.seed, self.src.name, self.rs.epoch, rec.url, rec.key)
+                stable_seed(
+                    self.dcfg.seed, self.src.name, self.rs.epoch, shard_name(rec.url), rec.key
+                )
             )
             try:
                 samples = record_to_samples(
