@@ -232,11 +232,13 @@ def _gather_counters(loader: StepLoader) -> dict[str, int]:
 
 def resolve_on_every_rank(cfg: RunConfig, info: DistInfo) -> StageSpec:
     """The stage resolved once per rank (:func:`resolve_stage`), its recipe loaded and checked
-    against the stage; only rank 0 stats every shard (once per job, not once per rank). An
-    error on any rank is raised on every rank. Collective."""
+    against the stage, and the evaluation's (:func:`check_eval`); only rank 0 stats every shard
+    (once per job, not once per rank). An error on any rank is raised on every rank.
+    Collective."""
     spec = err = None
     try:
         spec = resolve_stage(cfg, info.world_size, with_recipe=True, stat_shards=info.is_main)
+        check_eval(cfg)
     except (ValueError, FileNotFoundError) as e:
         err = e
     dev = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else None
@@ -286,6 +288,20 @@ def prepare(cfg: RunConfig, info: DistInfo) -> Prepared:
             json.dumps(ds, sort_keys=True),
         )
     return Prepared(spec, precision, ds, run_dir, run_dir / "checkpoints")
+
+
+def check_eval(cfg: RunConfig) -> None:
+    """With ``eval.every``: the held-out recipe (its file and sources; its shards are globbed at
+    the first evaluation) and every ``eval.metrics`` callable load now, not at the first
+    evaluation after hours of training."""
+    if not cfg.eval.every:
+        return
+    from janus_train.data.recipe import load_recipe
+    from janus_train.evaluate import load_metric
+
+    load_recipe(cfg.eval.recipe, check_shards=False)
+    for spec in cfg.eval.metrics:
+        load_metric(spec)
 
 
 def build_engine(

@@ -129,3 +129,23 @@ def test_crashes_are_not_user_errors():
     )
     assert is_user_error(wrapped)
     assert one_line(wrapped) == "data source 'cap': 5 of 9 failed"
+
+
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("eval.metrics=[nopkg.mod:fn]", "eval.metrics: cannot load 'nopkg.mod:fn'"),
+        ("eval.metrics=[janus_train.train]", "is not 'package.module:function'"),
+        ("eval.recipe=no_such_recipe", "data recipe 'no_such_recipe' not found"),
+    ],
+)
+def test_eval_recipe_and_metrics_checked_before_training(
+    monkeypatch, capsys, tmp_path, override, named
+):
+    """With ``eval.every``, a bad held-out recipe or metric fails the dry run (so also the run,
+    before any model), not the first evaluation after training; without it, nothing loads."""
+    from janus_train.config import compose, to_run_config
+
+    code, err = _main(monkeypatch, capsys, tmp_path, "eval.every=2", override)
+    assert code == EXIT_USER_ERROR and named in _one_error_line(err)
+    train.check_eval(to_run_config(compose(["eval.every=0", override])))  # no evaluation
