@@ -54,11 +54,16 @@ def test_split_special_token_fails(tok_dirs):
     assert "\n" not in str(e.value)
 
 
-def test_entry_points_stop_on_a_broken_tokenizer(tok_dirs, tmp_path, capsys):
+def test_entry_points_stop_on_a_broken_tokenizer(tok_dirs, tmp_path, capsys, monkeypatch):
     from janus_train.cli import data as cli
     from janus_train.cli import sample
+    from janus_train.data.synthetic import write_tiny_dataset
     from janus_train.model import build_model
     from tests.conftest import tiny_run
+
+    # the recipe's shards exist (inspect checks them first), so the tokenizer is what fails
+    monkeypatch.setenv("JANUS_DATA_ROOT", str(tmp_path / "data"))
+    write_tiny_dataset(tmp_path / "data", n_shards=2, per_shard=2)
 
     bad = str(tok_dirs / "nospace")
     with pytest.raises(ValueError, match="does not round-trip"):  # janus-train's model build
