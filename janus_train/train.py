@@ -297,11 +297,13 @@ def check_eval(cfg: RunConfig) -> None:
     if not cfg.eval.every:
         return
     from janus_train.data.recipe import load_recipe
-    from janus_train.evaluate import load_metric
 
     load_recipe(cfg.eval.recipe, check_shards=False)
-    for spec in cfg.eval.metrics:
-        load_metric(spec)
+    if cfg.eval.metrics:
+        from janus_train.evaluate import load_metric
+
+        for spec in cfg.eval.metrics:
+            load_metric(spec)
 
 
 def build_engine(
