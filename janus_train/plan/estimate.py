@@ -287,6 +287,33 @@ def estimate(
         )
     if ds.offload_param and ds.zero_stage != 3:
         est.problems.append("deepspeed.offload_param needs ZeRO-3")
+    _memory(est, shape, cl, ds, world)
+    if est.problems:  # infeasible: no time (and no simulation) needed
+        est.step_s = est.days = float("inf")
+        return est
+    sim = simulate_stage(shape, cl, world, text_chunk)
+    est.sim = sim
+    accum = sim.n_micro if shape.tokens_per_micro else (est.batch.grad_accum if est.batch else 1)
+    est.transfers = _transfers(shape, ds, nodes, gpn, accum)
+    spec = cl.spec
+    bw = {True: spec.inter_node_gbps * 1e9, False: spec.intra_node_gbps * 1e9}
+    secs = {ph: 0.0 for ph in PHASES}
+    for t in est.transfers:
+        secs[t.phase] += t.bytes / bw[t.inter_node]
+    est.comm_s = sum(secs.values())
+    est.util = cl.mfu_source[0]
+    est.recompute = recompute_factor(shape, ds.zero_stage == 3)
+    est.step_flops, est.mean_flops = sim.busiest_flops, sim.mean_flops
+    _step_times(est, sim, secs, ds, accum, est.util * spec.peak_bf16)
+    est.days = shape.steps * est.step_s / 86400
+    return est
+
+
+def _memory(
+    est: Estimate, shape: StageShape, cl: ClusterConfig, ds: DeepSpeedConfig, world: int
+) -> None:
+    """``est.memory`` per GPU (model states, DeepSpeed buffers, the worst row's activations);
+    a problem when it exceeds the usable memory."""
     s = shape.sizes
     est.memory = model_state_bytes(
         shape.trainable, shape.frozen, s.largest_layer, ds, world, shape.precision, shape.vq
@@ -313,12 +340,11 @@ def estimate(
             f"memory: {est.total_memory / 2**30:.1f} GiB per GPU > {est.usable / 2**30:.1f} GiB "
             f"usable on {cl.gpu}"
         )
-    if est.problems:  # infeasible: no time (and no simulation) needed
-        est.step_s = est.days = float("inf")
-        return est
-    sim = simulate_stage(shape, cl, world, text_chunk)
-    est.sim = sim
-    accum = sim.n_micro if shape.tokens_per_micro else (est.batch.grad_accum if est.batch else 1)
+
+
+def _transfers(shape: StageShape, ds: DeepSpeedConfig, nodes: int, gpn: int, accum: int):
+    """The step's collectives (:func:`communication`) for the stage's parameter groups."""
+    s = shape.sizes
     frozen_no_bwd = {"vq", "und_encoder", "gen_embeddings"} - set(shape.trainable_groups)
     pers = s.persistent  # none of the VQ's: it is held outside the engine, never gathered
     fwd_np = sum(n - pers.get(g, 0) for g, n in s.groups.items() if g != "vq")
@@ -327,7 +353,7 @@ def estimate(
     layer = (s.groups["llm"] - pers.get("llm", 0) - 2 * s.vocab * s.hidden) // s.layers
     heads_np = s.head_params  # matrices: never persistent
     pre = max(0, bwd_np - layer * s.layers - heads_np)
-    est.transfers = communication(
+    return communication(
         ds,
         shape.trainable,
         fwd_np,
@@ -338,16 +364,15 @@ def estimate(
         shape.precision,
         persistent=sum(pers.values()),
     )
-    spec = cl.spec
-    bw = {True: spec.inter_node_gbps * 1e9, False: spec.intra_node_gbps * 1e9}
-    secs = {ph: 0.0 for ph in PHASES}
-    for t in est.transfers:
-        secs[t.phase] += t.bytes / bw[t.inter_node]
-    est.comm_s = sum(secs.values())
-    est.util = cl.mfu_source[0]
-    est.recompute = rc = recompute_factor(shape, ds.zero_stage == 3)
-    rate = est.util * spec.peak_bf16
-    est.step_flops, est.mean_flops = sim.busiest_flops, sim.mean_flops
+
+
+def _step_times(
+    est: Estimate, sim, secs: dict, ds: DeepSpeedConfig, accum: int, rate: float
+) -> None:
+    """``est.compute_s`` and ``est.step_s``: the mean over the simulated steps of the busiest
+    rank's compute (with recomputation) and of what each ZeRO stage leaves exposed of
+    ``secs`` (transfer seconds per phase)."""
+    rc = est.recompute
 
     def fwd(f: float) -> float:
         return f / 3 / rate
@@ -370,14 +395,6 @@ def estimate(
         compute.append(c)
     est.compute_s = sum(compute) / len(compute)
     est.step_s = sum(steps) / len(steps)
-    est.days = shape.steps * est.step_s / 86400
-    return est
-
-
-def _default_mfu() -> float:
-    from janus_train.plan.config import DEFAULT_MFU
-
-    return DEFAULT_MFU
 
 
 def recommend(estimates: list[Estimate]) -> Estimate | None:
