@@ -104,7 +104,7 @@ def loader_rate(
     import yaml
 
     from janus_train.config import compose, resolve_stage, to_run_config
-    from janus_train.data.loader import build_context, build_train_loader
+    from janus_train.data.loader import build_train_loader
     from janus_train.model.tokenizer import train_tiny_tokenizer
 
     recipe = root / f"{task}.yaml"
@@ -144,10 +144,7 @@ def loader_rate(
     proc = train_tiny_tokenizer(tok_dir, image_size=size, num_image_tokens=n_tok)
     run.train.tokens_per_micro, run.train.micro_batch_size = 0, batch // 4  # 4 micro-steps
     spec = resolve_stage(run, with_recipe=True)
-    fsp = spec.first_sentence_prob
-    ctx = build_context(
-        proc, run.model, run.data, spec.prompt, sft=spec.sft, first_sentence_prob=fsp
-    )
+    ctx = spec.context(proc, run.model, run.data)
     L = build_train_loader(spec.recipe, ctx, run.data, spec.ratio, spec.plan, rank=0)
     for _ in range(max(2, workers)):  # warm-up: worker start, shard indexing
         L.next_step()

@@ -163,16 +163,9 @@ def build_loader(cfg: RunConfig, spec: StageSpec, processor, rank: int) -> StepL
             length_mix=cfg.train.synthetic_length_mix,
             seed=cfg.data.seed,
         )
-    from janus_train.data.loader import build_context, build_train_loader
+    from janus_train.data.loader import build_train_loader
 
-    ctx = build_context(
-        processor,
-        cfg.model,
-        cfg.data,
-        spec.prompt,
-        sft=spec.sft,
-        first_sentence_prob=spec.first_sentence_prob,
-    )
+    ctx = spec.context(processor, cfg.model, cfg.data)
     # token-budget mode: the ranks exchange their queued sample lengths once per step
     return build_train_loader(
         spec.recipe, ctx, cfg.data, spec.ratio, spec.plan, rank=rank, exchange=all_gather_objects

@@ -196,17 +196,8 @@ class ThreadExchange:
 def stage_context(run, proc):
     """The stage's BuildContext, as ``train.build_loader`` builds it."""
     from janus_train.config import resolve_stage
-    from janus_train.data.loader import build_context
 
-    spec = resolve_stage(run)
-    return build_context(
-        proc,
-        run.model,
-        run.data,
-        spec.prompt,
-        sft=spec.sft,
-        first_sentence_prob=spec.first_sentence_prob,
-    )
+    return resolve_stage(run).context(proc, run.model, run.data)
 
 
 def stage_loader(

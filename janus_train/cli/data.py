@@ -293,7 +293,7 @@ def inspect(args, overrides: list[str]) -> str:
     from omegaconf import OmegaConf
 
     from janus_train.config import compose, resolve_stage, to_run_config
-    from janus_train.data.loader import build_context, build_train_loader
+    from janus_train.data.loader import build_train_loader
     from janus_train.data.mixing import step_plan
     from janus_train.model.build import get_processor
     from janus_train.model.tokenizer import resolve_special_tokens
@@ -308,14 +308,7 @@ def inspect(args, overrides: list[str]) -> str:
         run.data.recipe = args.recipe
     spec = resolve_stage(run, with_recipe=True)
     proc = get_processor(run.model, args.workdir)
-    ctx = build_context(
-        proc,
-        run.model,
-        run.data,
-        spec.prompt,
-        sft=spec.sft,
-        first_sentence_prob=spec.first_sentence_prob,
-    )
+    ctx = spec.context(proc, run.model, run.data)
     loader = build_train_loader(spec.recipe, ctx, run.data, spec.ratio, spec.plan, rank=0)
     st = resolve_special_tokens(proc.tokenizer)
     lines = [

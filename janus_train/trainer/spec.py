@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from janus_train.batch import BatchPlan
+from janus_train.data.builders import BuildContext
+from janus_train.data.loader import build_context
 from janus_train.data.recipe import Recipe
 from janus_train.model.chat_template import PromptFormat
 
@@ -53,3 +55,15 @@ class StageSpec:
     def stop_step(self) -> int:
         """The step the stage ends at."""
         return min(self.steps, self.stop_at) if self.stop_at else self.steps
+
+    def context(self, processor, model, data) -> BuildContext:
+        """The stage's sample-building context (``data.loader.build_context`` with this
+        stage's framing, SFT masking and first-sentence probability)."""
+        return build_context(
+            processor,
+            model,
+            data,
+            self.prompt,
+            sft=self.sft,
+            first_sentence_prob=self.first_sentence_prob,
+        )
