@@ -48,7 +48,7 @@ def photo_like(i: int, w: int, h: int) -> bytes:
 
 
 def write_shards(root: Path, records: int, shards: int, w: int, h: int) -> list[str]:
-    from janus_train.data.synthetic import write_tar
+    from janus_train.data.tario import write_tar
 
     per = records // shards
     paths = []

@@ -25,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from janus_train.batch import plan_batch
 from janus_train.data.config import DataConfig
 from janus_train.data.recipe import Recipe, check_recipe_for_stage, load_recipe
+from janus_train.model.attention import check_attn_implementation
 from janus_train.model.chat_template import PromptFormat
 from janus_train.model.compile import check_compile_backend
 from janus_train.model.config import ModelConfig
-from janus_train.model.forward import check_attn_implementation
 from janus_train.model.freeze import validate_trainable
 from janus_train.model.kernels import check_kernels_config
 from janus_train.model.lora import validate_lora

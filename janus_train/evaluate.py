@@ -91,9 +91,10 @@ def eval_context(run, processor):
 @torch.no_grad()
 def heldout_losses(janus, ctx, recipe, cfg: EvalConfig) -> dict[str, float]:
     """Token-mean CE per task over the first records of every source."""
+    from janus_train.batch import TASKS
     from janus_train.data.builders import collate_samples, record_to_samples
     from janus_train.data.preprocess import BadSample
-    from janus_train.model import TASKS, JanusTrainModel
+    from janus_train.model import JanusTrainModel
 
     samples = []
     for src in recipe.sources:

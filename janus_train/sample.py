@@ -33,7 +33,6 @@ from janus_train.model.chat_template import PromptFormat
 from janus_train.model.tokenizer import BOI_TOKEN, resolve_special_tokens
 
 __all__ = [
-    "PromptFormat",
     "answer",
     "generate_codes",
     "generation_inputs",

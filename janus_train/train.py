@@ -46,7 +46,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from janus_train.batch import check_batch, count_supervised
+from janus_train.batch import TASKS, check_batch, count_supervised
 from janus_train.config import (
     CONF_DIR,
     RunConfig,
@@ -64,7 +64,6 @@ from janus_train.errors import (
     report_user_error,
 )
 from janus_train.model import (
-    TASKS,
     JanusTrainModel,
     apply_freeze,
     build_model,
@@ -109,7 +108,7 @@ from janus_train.trainer.state import (
 
 logger = logging.getLogger("janus_train")
 EXIT_OK = 0
-__all__ = ["EXIT_OK", "EXIT_REQUEUE", "build_engine", "forward_backward", "run", "step_weights"]
+__all__ = ["EXIT_OK", "build_engine", "forward_backward", "run", "step_weights"]
 
 
 @dataclass

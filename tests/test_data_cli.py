@@ -18,7 +18,8 @@ from janus_train.cli import data as cli
 from janus_train.data.builders import BuildContext, record_to_samples
 from janus_train.data.preprocess import decode_image, gen_pixels
 from janus_train.data.shards import ShardCursor
-from janus_train.data.synthetic import caption_records, shape_image, write_tar
+from janus_train.data.synthetic import caption_records, shape_image
+from janus_train.data.tario import write_tar
 from janus_train.model.tokenizer import resolve_special_tokens, train_tiny_tokenizer
 
 

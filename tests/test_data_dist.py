@@ -111,7 +111,8 @@ def scenario(workdir: str) -> None:
 
 
 def _write_data(tmp_path):
-    from janus_train.data.synthetic import caption_records, text_records, write_tar
+    from janus_train.data.synthetic import caption_records, text_records
+    from janus_train.data.tario import write_tar
     from janus_train.model.tokenizer import train_tiny_tokenizer
 
     train_tiny_tokenizer(tmp_path / "tok", image_size=32, num_image_tokens=16)
@@ -153,7 +154,7 @@ def test_two_ranks_gloo_ratio_and_disjoint(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from dist_utils import run_torchrun
 
-    from janus_train.data.mixing import task_counts
+    from janus_train.batch import task_counts
 
     _write_data(tmp_path)
     res = run_torchrun([__file__, "scenario", str(tmp_path)], nproc=2, timeout=240)
@@ -184,7 +185,7 @@ def test_two_ranks_token_budget_exact_ratio_equal_micro_steps_balanced(tmp_path)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from dist_utils import run_torchrun
 
-    from janus_train.data.mixing import task_counts
+    from janus_train.batch import task_counts
     from janus_train.data.packing import imbalance
 
     _write_data(tmp_path)

@@ -14,13 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from janus_train.data.mixing import task_counts
-from janus_train.data.synthetic import (
-    caption_records,
-    class_records,
-    write_tar,
-    write_tiny_dataset,
-)
+from janus_train.batch import task_counts
+from janus_train.data.synthetic import caption_records, class_records, write_tiny_dataset
+from janus_train.data.tario import write_tar
 from janus_train.model.tokenizer import train_tiny_tokenizer
 from tests.helpers import make_run, recipe_file, stage_loader
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from janus_train.batch import task_counts
 from janus_train.config import compose, to_run_config
-from janus_train.data.mixing import step_plan, task_counts
+from janus_train.data.mixing import step_plan
 from janus_train.data.recipe import (
     RECIPE_DIR,
     Recipe,
@@ -16,7 +17,8 @@ from janus_train.data.recipe import (
     check_recipe_for_stage,
     load_recipe,
 )
-from janus_train.data.synthetic import caption_records, write_tar
+from janus_train.data.synthetic import caption_records
+from janus_train.data.tario import write_tar
 
 
 def _write(tmp_path: Path, body: str) -> Path:

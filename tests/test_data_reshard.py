@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 
 from janus_train.data.reshard import _count_residue
-from janus_train.data.synthetic import caption_records, class_records, write_tar
+from janus_train.data.synthetic import caption_records, class_records
+from janus_train.data.tario import write_tar
 from janus_train.model.tokenizer import train_tiny_tokenizer
 from tests.helpers import make_run, recipe_file, stage_loader
 

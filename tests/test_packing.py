@@ -542,8 +542,8 @@ def tok_proc(tmp_path_factory):
 def test_token_loader_exact_ratio_balanced_equal_micro_steps_and_exact_resume(
     tok_proc, tmp_path, monkeypatch
 ):
+    from janus_train.batch import task_counts
     from janus_train.config import compose, to_run_config
-    from janus_train.data.mixing import task_counts
     from janus_train.data.synthetic import write_tiny_dataset
 
     monkeypatch.setenv("JANUS_DATA_ROOT", str(tmp_path / "data"))

@@ -26,8 +26,13 @@ from janus_train.batch import BatchPlan
 from janus_train.cli import plan as cli
 from janus_train.config import compose, to_run_config
 from janus_train.plan.config import ClusterConfig
-from janus_train.plan.costs import communication
-from janus_train.plan.estimate import Row, activation_bytes, model_sizes, model_state_bytes
+from janus_train.plan.costs import (
+    Row,
+    activation_bytes,
+    communication,
+    model_sizes,
+    model_state_bytes,
+)
 from janus_train.trainer.config import DeepSpeedConfig
 from janus_train.trainer.distributed import build_deepspeed_config
 from tests.helpers import stage_shape_of

@@ -12,8 +12,9 @@ from collections import Counter
 
 import pytest
 
-from janus_train.data.mixing import task_counts
-from janus_train.data.synthetic import caption_records, text_records, write_tar
+from janus_train.batch import task_counts
+from janus_train.data.synthetic import caption_records, text_records
+from janus_train.data.tario import write_tar
 from janus_train.model.tokenizer import train_tiny_tokenizer
 from tests.helpers import make_run, recipe_file, thread_token_loaders
 

@@ -9,8 +9,9 @@ from collections import Counter
 
 import pytest
 
+from janus_train.batch import task_counts
 from janus_train.config import compose, to_run_config
-from janus_train.data.mixing import step_plan, task_counts
+from janus_train.data.mixing import step_plan
 from janus_train.data.recipe import check_recipe_for_stage, load_recipe
 
 

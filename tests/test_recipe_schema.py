@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from janus_train.data.recipe import RECIPE_DIR, load_recipe
-from janus_train.data.synthetic import caption_records, write_tar
+from janus_train.data.synthetic import caption_records
+from janus_train.data.tario import write_tar
 
 GOOD = "{name: z, task: text, format: text, shards: s.tar}"
 

@@ -12,7 +12,8 @@ import pkgutil
 from pathlib import Path
 
 import janus_train.data
-from janus_train.data.synthetic import caption_records, write_tar
+from janus_train.data.synthetic import caption_records
+from janus_train.data.tario import write_tar
 from janus_train.step_loader import StepLoader
 from tests.helpers import make_run, recipe_file
 

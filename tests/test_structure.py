@@ -597,3 +597,121 @@ def test_readme_architecture_names_every_module_and_no_other():
 def test_readme_layout_parse_nests_by_indent():
     text = "## Architecture\n```\npkg/\n  a.py   x\n  sub/\n    b.py\n  c.py\n```\n"
     assert _readme_layout(text) == {"pkg/", "pkg/a.py", "pkg/sub/", "pkg/sub/b.py", "pkg/c.py"}
+
+
+# --------------------------------------------------------------------------- re-exports
+
+OWN = ("janus_train", *APPS)
+
+
+def _defined(tree: ast.Module) -> set[str]:
+    """Names a module binds at its top level (inside top-level ``if`` / ``try`` too), imports
+    aside: functions, classes, assignment targets."""
+    out: set[str] = set()
+
+    def walk(body: list[ast.stmt]) -> None:
+        for n in body:
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                out.add(n.name)
+            elif isinstance(n, ast.Assign):
+                out.update(x.id for t in n.targets for x in ast.walk(t) if isinstance(x, ast.Name))
+            elif isinstance(n, ast.AnnAssign | ast.AugAssign) and isinstance(n.target, ast.Name):
+                out.add(n.target.id)
+            elif isinstance(n, ast.If | ast.Try):
+                walk(n.body)
+                walk(n.orelse)
+                walk(getattr(n, "finalbody", []))
+                for h in getattr(n, "handlers", []):
+                    walk(h.body)
+
+    walk(tree.body)
+    return out
+
+
+def _reexports(root: Path = ROOT, trees=("tests", "benchmarks")) -> list[str]:
+    """Names of this repository imported from a module that does not define them, and names a
+    library module re-exports (imports from another module of the repository and lists in
+    ``__all__`` or never uses): each name has one home, its users import it from there. A
+    package's ``__init__`` may gather the names its own submodules define (``janus_train.model``)."""
+    files = {_module_name(f, root): f for f in _package_files(root)}
+    parsed = {m: ast.parse(f.read_text(), str(f)) for m, f in files.items()}
+    defined = {m: _defined(t) for m, t in parsed.items()}
+
+    def gathered(pkg: str, name: str) -> bool:
+        """``pkg/__init__`` imports ``name`` from a submodule of its own that defines it."""
+        f = files.get(pkg)
+        return (
+            f is not None
+            and f.name == "__init__.py"
+            and any(
+                isinstance(n, ast.ImportFrom)
+                and (n.module or "").startswith(pkg + ".")
+                and any(a.name == name and a.asname is None for a in n.names)
+                and name in defined.get(n.module, ())
+                for n in parsed[pkg].body
+            )
+        )
+
+    extra = [f for t in trees for f in sorted((root / t).rglob("*.py"))]
+    out = []
+    for f in [*files.values(), *extra]:
+        tree = parsed.get(_module_name(f, root)) if f in files.values() else None
+        tree = tree or ast.parse(f.read_text(), str(f))
+        mod, rel = _module_name(f, root), f.relative_to(root).as_posix()
+        exported = {
+            e.value
+            for n in tree.body
+            if isinstance(n, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)
+            for e in getattr(n.value, "elts", [])
+            if isinstance(e, ast.Constant)
+        }
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        for n in ast.walk(tree):
+            if not (isinstance(n, ast.ImportFrom) and n.level == 0 and n.module in files):
+                continue
+            for a in n.names:
+                if f"{n.module}.{a.name}" in files:
+                    continue  # a module, not a name
+                if a.name not in defined[n.module] and not gathered(n.module, a.name):
+                    out.append(f"{rel}:{n.lineno} imports {a.name} from {n.module} (not its home)")
+                bound = a.asname or a.name
+                lib = f in files.values() and rel.split("/")[0] in OWN
+                if lib and (bound in exported or bound not in used) and not gathered(mod, a.name):
+                    out.append(f"{rel}:{n.lineno} re-exports {a.name} of {n.module}")
+    return out
+
+
+def test_every_name_is_imported_from_its_home_and_never_re_exported():
+    """``task_counts`` (janus_train.batch) once came through data/mixing.py, the batch constants
+    through model/forward.py: a second address for a name hides where it lives."""
+    assert _reexports() == []
+
+
+@pytest.mark.parametrize(
+    "src, want",
+    [
+        ("from janus_train.batch import task_counts  # noqa: F401\n", "re-exports task_counts"),
+        ("from janus_train.batch import TASKS\n__all__ = ['TASKS']\nx = TASKS\n", "re-exports"),
+        ("from janus_train.mix import task_counts\nx = task_counts\n", "(not its home)"),
+        ("from janus_train.model import TASKS\nx = TASKS\n", "(not its home)"),
+    ],
+)
+def test_the_re_export_check_sees_both_sides(tmp_path, src, want):
+    pkg = tmp_path / "janus_train"
+    (pkg / "model").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "batch.py").write_text("TASKS = ('text',)\n\ndef task_counts():\n    pass\n")
+    (pkg / "mix.py").write_text("from janus_train.batch import task_counts\nx = task_counts\n")
+    (pkg / "model" / "forward.py").write_text("from janus_train.batch import TASKS\nx = TASKS\n")
+    (pkg / "model" / "__init__.py").write_text(
+        "from janus_train.model.forward import TASKS, x\n__all__ = ['TASKS', 'x']\n"
+    )
+    (pkg / "user.py").write_text(src)
+    got = [b for b in _reexports(tmp_path, ()) if "user.py" in b or "model/__init__" in b]
+    assert any(want in b for b in got if "user.py" in b), got
+    # the package gathering its own submodule's name is fine; passing on batch's TASKS is not
+    assert [b for b in got if "model/__init__" in b] == [
+        "janus_train/model/__init__.py:1 imports TASKS from janus_train.model.forward (not its home)",
+        "janus_train/model/__init__.py:1 re-exports TASKS of janus_train.model.forward",
+    ]

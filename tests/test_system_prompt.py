@@ -20,6 +20,7 @@ from janus_train.data.builders import (
     build_conversation,
     build_generation,
 )
+from janus_train.model.chat_template import PromptFormat
 from janus_train.model.tokenizer import resolve_special_tokens, train_tiny_tokenizer
 
 # written out here, independently of the code's constant
@@ -88,7 +89,7 @@ def test_generation_prompt_has_no_system_prompt(proc):
     want = [st.bos] + enc(proc, "<|User|>: a red circle\n\n<|Assistant|>:") + [st.boi]
     assert g.input_ids[: g.input_ids.index(st.boi) + 1] == want
     # the sampler's default format (with the system prompt) renders the same generation prompt
-    got = S.generation_inputs(proc, ["a red circle"], S.PromptFormat())["input_ids"][0].tolist()
+    got = S.generation_inputs(proc, ["a red circle"], PromptFormat())["input_ids"][0].tolist()
     assert got == want
 
 
@@ -98,7 +99,7 @@ def test_sampler_default_format_has_the_official_prompt(proc):
     c = build_conversation(
         [("user", "<image>\nwhat color?"), ("assistant", "red")], [img()], ctx, "und"
     )
-    ids = S.understanding_inputs(proc, [_img()], ["what color?"], S.PromptFormat())
+    ids = S.understanding_inputs(proc, [_img()], ["what color?"], PromptFormat())
     ids = ids["input_ids"][0].tolist()
     sys_ = enc(proc, OFFICIAL + "\n\n")
     assert ids[: 1 + len(sys_)] == [st.bos] + sys_
@@ -121,7 +122,7 @@ def test_messages_and_system_prompt_are_stripped(proc):
     g2 = build_generation("  a red circle \n", ctx, random.Random(0), codes=[0] * N)
     assert g1.input_ids == g2.input_ids
     # the exported template strips the same way
-    fmt = S.PromptFormat("chat", "janus_pro", " be brief ")
+    fmt = PromptFormat("chat", "janus_pro", " be brief ")
     ids = S.understanding_inputs(proc, [_img()], ["what color?  \n"], fmt)["input_ids"][0]
     assert clean.input_ids[: len(ids)] == ids.tolist()
 
@@ -153,4 +154,4 @@ def test_real_experiments_default_to_the_official_prompt_everywhere():
         run = to_run_config(compose([f"experiment={exp}", "stage=stage3"]))
         assert run.data.system_prompt == OFFICIAL  # training builders (loader.build_context)
         assert prompt_format(run).system_prompt == OFFICIAL  # evaluation and the export template
-    assert S.PromptFormat().system_prompt == OFFICIAL  # janus-sample --chat-template ...
+    assert PromptFormat().system_prompt == OFFICIAL  # janus-sample --chat-template ...

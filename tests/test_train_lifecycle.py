@@ -46,7 +46,8 @@ def _survivors(res, within_s: float = 1.0) -> list[int]:
 
 
 def _recipe(root: Path, bad: bool) -> Path:
-    from janus_train.data.synthetic import caption_records, class_records, write_tar
+    from janus_train.data.synthetic import caption_records, class_records
+    from janus_train.data.tario import write_tar
 
     caps = caption_records(0, 40)
     if bad:  # good records first (a few steps run), then only bad ones

@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from janus_train.batch import BatchPlan, count_supervised, plan_batch
+from janus_train.batch import TASKS, BatchPlan, count_supervised, plan_batch
 from janus_train.config import compose, to_run_config
 from janus_train.data.synthetic_loader import split_by_ratio
-from janus_train.model import TASKS, JanusTrainModel, apply_freeze, build_model
+from janus_train.model import JanusTrainModel, apply_freeze, build_model
 from janus_train.train import step_weights
 from janus_train.trainer import checkpoint as ckpt
 from janus_train.trainer.config import DeepSpeedConfig

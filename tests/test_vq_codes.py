@@ -14,7 +14,8 @@ import torch
 from janus_train.cli import data as cli
 from janus_train.data.preprocess import decode_image, gen_pixels
 from janus_train.data.shards import ShardCursor
-from janus_train.data.synthetic import caption_records, write_tar
+from janus_train.data.synthetic import caption_records
+from janus_train.data.tario import write_tar
 from janus_train.model.forward import JanusTrainModel
 from janus_train.model.vq_codes import normalized_codebook, normalized_latents, vq_codes
 from tests.helpers import reference_codes

@@ -17,10 +17,9 @@ import dataclasses
 import logging
 import os
 
-from janus_train.batch import BatchPlan
+from janus_train.batch import BatchPlan, task_counts
 from janus_train.data.builders import BuildContext
 from janus_train.data.config import DataConfig
-from janus_train.data.mixing import task_counts
 from janus_train.data.recipe import Recipe
 from janus_train.data.step_loaders import FixedStepLoader, TokenStepLoader
 from janus_train.model.chat_template import PromptFormat

@@ -21,7 +21,6 @@ import numpy as np
 
 # one splitter for every loader (janus_train.batch); slots of a step grouped in its tie order
 from janus_train.batch import TIE_ORDER as TASK_ORDER
-from janus_train.batch import task_counts  # noqa: F401  (re-exported: loader, tests)
 from janus_train.data.recipe import Recipe
 from janus_train.data.shards import stable_seed
 

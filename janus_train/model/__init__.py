@@ -2,13 +2,13 @@
 
 from janus_train.model.build import build_model, get_processor
 from janus_train.model.config import ModelConfig
-from janus_train.model.forward import TASKS, JanusTrainModel
-from janus_train.model.freeze import GROUPS, apply_freeze, set_train_mode, write_trainable_report
+from janus_train.model.forward import JanusTrainModel
+from janus_train.model.freeze import apply_freeze, set_train_mode, write_trainable_report
+from janus_train.model.groups import GROUPS
 from janus_train.model.tokenizer import SpecialTokens, resolve_special_tokens, train_tiny_tokenizer
 
 __all__ = [
     "GROUPS",
-    "TASKS",
     "JanusTrainModel",
     "ModelConfig",
     "SpecialTokens",

@@ -16,15 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# the batch contract's names, defined once (re-exported here for the model package)
-from janus_train.batch import CODE_FROM_PIXELS, IGNORE, TASK_IDS, TASKS  # noqa: F401
+from janus_train.batch import CODE_FROM_PIXELS, IGNORE, TASK_IDS, TASKS
 from janus_train.compat import get_attn_implementation
-from janus_train.model.attention import (  # noqa: F401  (re-exported)
-    MASK_PACKED_IMPLS,
-    PACKED_SAFE_IMPLS,
-    VARLEN_IMPLS,
-    check_attn_implementation,
-)
+from janus_train.model.attention import VARLEN_IMPLS
 from janus_train.model.loss import HeadLoss
 from janus_train.model.vq_codes import vq_codes
 

@@ -30,13 +30,9 @@ from janus_train.trainer.spec import StageSpec
 
 __all__ = [
     "Estimate",
-    "Row",
     "StageShape",
-    "activation_bytes",
     "batch_plan",
     "estimate",
-    "model_sizes",
-    "model_state_bytes",
     "recommend",
     "stage_shape",
 ]
