@@ -26,6 +26,7 @@ from janus_train.errors import (
     report_storage_full,
 )
 from janus_train.trainer import checkpoint as ckpt
+from janus_train.trainer import ckpt_save
 from janus_train.trainer.distributed import DistInfo
 
 INFO = DistInfo(rank=0, world_size=1, local_rank=0)
@@ -71,8 +72,10 @@ def save(engine, c, step, keep_last=10, background=False):
     engine.w = torch.full_like(engine.w, float(step))
     rank_state = {"rank": 0, "step": step}
     if not background:
-        return ckpt.save_checkpoint(engine, c, step, {"step": step}, rank_state, INFO, keep_last)
-    p = ckpt.begin_save(engine, c, step, {"step": step}, rank_state, INFO, background=True)
+        return ckpt_save.save_checkpoint(
+            engine, c, step, {"step": step}, rank_state, INFO, keep_last
+        )
+    p = ckpt_save.begin_save(engine, c, step, {"step": step}, rank_state, INFO, background=True)
     return p.commit(keep_last)
 
 
@@ -293,7 +296,7 @@ def test_kill_at_each_moment_of_the_save_order(
     c = tmp_path / "checkpoints"
     e = FakeEngine()
     save(e, c, 2)
-    real = {"write_manifest": ckpt._write_manifest, "rename": os.rename, "replace": os.replace}
+    real = {"write_manifest": ckpt_save._write_manifest, "rename": os.rename, "replace": os.replace}
 
     def kill_after(fn, when):
         def wrapped(*a, **k):
@@ -306,10 +309,10 @@ def test_kill_at_each_moment_of_the_save_order(
 
     _quiet_thread_deaths(monkeypatch)
     if moment == "data_written":
-        monkeypatch.setattr(ckpt, "_sync_and_sum", lambda *a: (_ for _ in ()).throw(Killed()))
+        monkeypatch.setattr(ckpt_save, "_sync_and_sum", lambda *a: (_ for _ in ()).throw(Killed()))
     elif moment == "manifest":
         monkeypatch.setattr(
-            ckpt, "_write_manifest", kill_after(real["write_manifest"], lambda *a: True)
+            ckpt_save, "_write_manifest", kill_after(real["write_manifest"], lambda *a: True)
         )
     elif moment == "rename":
         monkeypatch.setattr(
@@ -320,7 +323,9 @@ def test_kill_at_each_moment_of_the_save_order(
             os, "replace", kill_after(real["replace"], lambda a, b: str(b).endswith("latest"))
         )
     if background:
-        p = ckpt.begin_save(e, c, 4, {"step": 4}, {"rank": 0, "step": 4}, INFO, background=True)
+        p = ckpt_save.begin_save(
+            e, c, 4, {"step": 4}, {"rank": 0, "step": 4}, INFO, background=True
+        )
         p.wait()
         if moment != "data_written":
             p.advance(10)  # the write phase, done: rank 0's commit thread starts
@@ -356,7 +361,7 @@ def test_async_save_writes_the_state_of_its_step(tmp_path, monkeypatch):
     monkeypatch.setattr(e.checkpoint_engine, "save", held)
     e.w = torch.full_like(e.w, 4.0)
     rank_state = {"loader": {"position": [4]}}
-    p = ckpt.begin_save(e, c, 4, {"step": 4}, rank_state, INFO, background=True)
+    p = ckpt_save.begin_save(e, c, 4, {"step": 4}, rank_state, INFO, background=True)
     e.w.fill_(99.0)  # the next optimizer step, in place
     rank_state["loader"]["position"].append(5)
     assert not p.ready and p.phase == "write"
@@ -398,7 +403,7 @@ def test_checkpointer_flags_drive_the_phases(tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write_manifest", full)
+    monkeypatch.setattr(ckpt_save, "_write_manifest", full)
     saver.save(TrainState(step=4), Loader())
     saver.pending.wait()
     saver.advance(none_failed=True)
@@ -424,13 +429,13 @@ def test_an_error_exit_commits_a_written_save_without_collectives(tmp_path, monk
     e = FakeEngine()
     save(e, c, 2)
     if phase == "failed":
-        monkeypatch.setattr(ckpt, "_sync_and_sum", lambda *a: (_ for _ in ()).throw(OSError()))
+        monkeypatch.setattr(ckpt_save, "_sync_and_sum", lambda *a: (_ for _ in ()).throw(OSError()))
     saver = Checkpointer(e, c, INFO, keep_last=10, background=True)
     saver.save(TrainState(step=4), Loader())
     if phase == "commit":
         saver.pending.wait()
         saver.advance(none_failed=True)
-    monkeypatch.setattr(ckpt, "all_gather_objects", None)  # no collective from here on
+    monkeypatch.setattr(ckpt_save, "all_gather_objects", None)  # no collective from here on
     saver.close()
     assert saver.pending is None
     assert ckpt.read_latest(c) == ("step_00000002" if phase == "failed" else "step_00000004")
@@ -443,8 +448,8 @@ def test_a_writer_that_dies_never_counts_as_written(tmp_path, monkeypatch):
     e = FakeEngine()
     save(e, c, 2)
     _quiet_thread_deaths(monkeypatch)
-    monkeypatch.setattr(ckpt, "_sync_and_sum", lambda *a: (_ for _ in ()).throw(Killed()))
-    p = ckpt.begin_save(e, c, 4, {"step": 4}, {"rank": 0}, INFO, background=True)
+    monkeypatch.setattr(ckpt_save, "_sync_and_sum", lambda *a: (_ for _ in ()).throw(Killed()))
+    p = ckpt_save.begin_save(e, c, 4, {"step": 4}, {"rank": 0}, INFO, background=True)
     p.wait()
     monkeypatch.undo()
     with pytest.raises(RuntimeError, match="the writer of step_00000004 did not finish"):
@@ -458,13 +463,13 @@ def test_free_space_warning(two, monkeypatch, caplog):
     assert size == sum(p.stat().st_size for p in (c / "step_00000008").iterdir()) - len(
         (c / "step_00000008" / "manifest.json").read_bytes()
     )
-    monkeypatch.setattr(ckpt, "_free_bytes", lambda p: int(size * 1.5))
-    with caplog.at_level(logging.WARNING, logger="janus_train.trainer.checkpoint"):
+    monkeypatch.setattr(ckpt_save, "_free_bytes", lambda p: int(size * 1.5))
+    with caplog.at_level(logging.WARNING, logger="janus_train.trainer.ckpt_save"):
         save(e, c, 12)
     assert any("less than one checkpoint of room" in r.getMessage() for r in caplog.records)
     caplog.clear()
-    monkeypatch.setattr(ckpt, "_free_bytes", lambda p: size * 3)
-    with caplog.at_level(logging.WARNING, logger="janus_train.trainer.checkpoint"):
+    monkeypatch.setattr(ckpt_save, "_free_bytes", lambda p: size * 3)
+    with caplog.at_level(logging.WARNING, logger="janus_train.trainer.ckpt_save"):
         save(e, c, 16)
     assert not caplog.records
 
@@ -495,7 +500,7 @@ def test_enospc_keeps_previous_latest_and_says_one_line(
             lambda obj, f, *a, **k: full() if "trainer_state" in str(f) else real_save(obj, f),
         )
     else:
-        monkeypatch.setattr(ckpt, "_write_manifest", full)
+        monkeypatch.setattr(ckpt_save, "_write_manifest", full)
     with pytest.raises(StorageFull) as exc:
         save(e, c, 12, background=background)
     msg = str(exc.value)
@@ -518,7 +523,7 @@ def test_enospc_after_latest_moved_says_the_checkpoint_counts(two, monkeypatch, 
     checkpoint is committed, so the line says so (not "could not write"), nothing is
     pruned, and the run still stops with the storage-full status."""
     c, e = two
-    real_replace, real_fsync_dir, moved = os.replace, ckpt._fsync_dir, []
+    real_replace, real_fsync_dir, moved = os.replace, ckpt.fsync_dir, []
 
     def replace(a, b):
         real_replace(a, b)
@@ -530,7 +535,7 @@ def test_enospc_after_latest_moved_says_the_checkpoint_counts(two, monkeypatch, 
         return real_fsync_dir(path)
 
     monkeypatch.setattr(os, "replace", replace)
-    monkeypatch.setattr(ckpt, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(ckpt, "fsync_dir", fsync_dir)  # write_atomic's
     with pytest.raises(StorageFull) as exc:
         save(e, c, 12, keep_last=2, background=background)
     monkeypatch.undo()

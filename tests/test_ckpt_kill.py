@@ -8,7 +8,7 @@ with SIGKILL from inside its writer or commit thread; torchrun then stops the ot
 more launch (``resume``) then selects and loads every killed directory on 2 ranks (the
 collective verification), saves step 6 over what the kill left and checks that it verifies.
 
-The moments, in the save order of ``janus_train/trainer/checkpoint.py``:
+The moments, in the save order of ``janus_train/trainer/ckpt_save.py``:
 
 * ``writing``: rank 1's writer, after its first file (nothing synced yet);
 * ``written``: rank 0's commit thread, before the manifest (every rank's files synced);
@@ -83,10 +83,10 @@ class Engine:
 def _save(engine, c, step, info, background=False):
     import torch
 
-    from janus_train.trainer import checkpoint as ckpt
+    from janus_train.trainer import ckpt_save
 
     engine.w = torch.full_like(engine.w, float(step))
-    return ckpt.begin_save(
+    return ckpt_save.begin_save(
         engine, c, step, {"step": step}, {"rank": info.rank, "step": step}, info, background
     )
 
@@ -106,7 +106,7 @@ def scenario_kill(root: Path, moment: str) -> None:
 
     import torch
 
-    from janus_train.trainer import checkpoint as ckpt
+    from janus_train.trainer import ckpt_save
     from janus_train.trainer.distributed import all_reduce_sum, setup_distributed
 
     info = setup_distributed()
@@ -115,9 +115,9 @@ def scenario_kill(root: Path, moment: str) -> None:
     if moment == "writing" and info.rank == 1:
         e.save = _die_after(e.save, lambda *a: True)  # in the writer thread, after 1 file
     elif info.rank == 0 and moment == "written":
-        ckpt._write_manifest = _die_after(lambda *a: None, lambda *a: True)
+        ckpt_save._write_manifest = _die_after(lambda *a: None, lambda *a: True)
     elif info.rank == 0 and moment == "manifest":
-        ckpt._write_manifest = _die_after(ckpt._write_manifest, lambda *a: True)
+        ckpt_save._write_manifest = _die_after(ckpt_save._write_manifest, lambda *a: True)
     elif info.rank == 0 and moment == "renamed":
         os.rename = _die_after(os.rename, lambda a, b: Path(b).name == "step_00000004")
     elif info.rank == 0 and moment == "latest":

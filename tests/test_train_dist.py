@@ -347,13 +347,13 @@ def scenario_resume(root, mode, variant=""):
     from janus_train import train
     from janus_train.data.synthetic_loader import SyntheticStepLoader
     from janus_train.model import JanusTrainModel
-    from janus_train.trainer import checkpoint
+    from janus_train.trainer import ckpt_save
 
     current = {"step": -1, "calls": 0}
     orig_next, orig_fwd, orig_commit = (
         SyntheticStepLoader.next_step,
         JanusTrainModel.forward,
-        checkpoint._commit,
+        ckpt_save._commit,
     )
 
     def next_step(self):
@@ -379,7 +379,7 @@ def scenario_resume(root, mode, variant=""):
         return orig_commit(src, dst)
 
     SyntheticStepLoader.next_step, JanusTrainModel.forward = next_step, forward
-    checkpoint._commit = commit
+    ckpt_save._commit = commit
     full, lora = resume_run(root), resume_run(root, "resume_lora", LORA_RESUME)
     # "both": the last launch of the two chains completes both runs (one torchrun start less)
     from janus_train.trainer.distributed import exit_finished

@@ -22,6 +22,7 @@ from janus_train.data.synthetic_loader import split_by_ratio
 from janus_train.model import JanusTrainModel, apply_freeze, build_model
 from janus_train.train import step_weights
 from janus_train.trainer import checkpoint as ckpt
+from janus_train.trainer import ckpt_save
 from janus_train.trainer.config import DeepSpeedConfig
 from janus_train.trainer.distributed import build_deepspeed_config
 from janus_train.trainer.metrics import FlopCounter, MetricsLogger, peak_flops
@@ -113,8 +114,8 @@ def test_checkpoint_commit_prune_and_interrupted_save(tmp_path):
         src.mkdir(parents=True)
         (src / "x").write_text(str(step))
         c.mkdir(exist_ok=True)
-        ckpt._commit(src, c / ckpt.tag_for(step))
-        ckpt._prune(c, keep_last=2)
+        ckpt_save._commit(src, c / ckpt.tag_for(step))
+        ckpt_save._prune(c, keep_last=2)
     assert ckpt.read_latest(c) == "step_00000006"
     assert sorted(p.name for p in c.iterdir() if p.is_dir()) == ["step_00000004", "step_00000006"]
     # A save that died before its commit leaves `latest` unchanged.

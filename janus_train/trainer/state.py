@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 from janus_train.step_loader import StepLoader
 from janus_train.trainer.checkpoint import (
-    PendingSave,
-    begin_save,
     convert_to_universal,
     get_rng_state,
     load_latest,
@@ -26,6 +24,7 @@ from janus_train.trainer.checkpoint import (
     select_checkpoint,
     set_rng_state,
 )
+from janus_train.trainer.ckpt_save import PendingSave, begin_save
 from janus_train.trainer.distributed import DistInfo
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,499 @@
+"""Saving a checkpoint: the save order, what makes it durable, a full disk, asynchronous writes.
+
+The layout and the reading side (verification, fallback) are in
+:mod:`janus_train.trainer.checkpoint`. The order of a save (:func:`begin_save`, then
+:meth:`PendingSave.commit`); a kill or power loss at any point leaves ``latest`` naming a
+complete checkpoint whose data is on disk:
+
+1. rank 0 checks the free space against the previous checkpoint's size (a warning when the
+   save would leave less than one checkpoint of room);
+2. every rank runs DeepSpeed's ``save_checkpoint`` (its collectives included) with the file
+   writes captured as host-memory snapshots (a) -- the only part the loop waits for with
+   ``train.ckpt_async`` -- then writes them and ``trainer_state_rank{r}.pt`` into
+   ``.tmp-<tag>/<tag>`` (b): inline, or in a writer thread of that rank while training goes on;
+3. every rank fsyncs the files it wrote and computes their size and CRC-32 (same thread);
+4. the commit, a collective on the main thread of every rank: synchronously, or (async) at
+   the first step boundary at which every rank's writer has finished (a flag in the step's
+   token-count all-reduce), and at the latest before the next save, at the end of the stage
+   and after a stop signal. Rank 0 merges the ranks' file lists (each rank's writer left its
+   list in ``.tmp-<tag>/files_rank{r}.json``; they are gathered instead when the flags are not
+   known or some rank failed), writes ``manifest.json`` (fsynced), then fsyncs the directory
+   ``<tag>``; steps 4-7 run in rank 0's writer thread with ``train.ckpt_async``;
+5. rank 0 renames ``.tmp-<tag>/<tag>`` to ``<tag>`` and fsyncs ``checkpoints/``;
+6. rank 0 writes ``latest.tmp`` (fsynced), ``os.replace``-s it onto ``latest`` and fsyncs
+   ``checkpoints/`` again: from here on the checkpoint counts;
+7. rank 0 prunes to ``train.keep_last``.
+
+An error that ends the run while a save is pending: rank 0 still commits it, alone, when every
+rank's writer has finished (each left its list; no collective is needed); otherwise it stays
+under ``.tmp-``, ``latest`` stays the previous checkpoint and the next start removes it.
+
+A save that fails for lack of space (ENOSPC, a quota, torch's "unexpected pos") on any rank
+removes the partial directory, leaves ``latest`` alone and raises
+:class:`~janus_train.errors.StorageFull` on every rank (exit 3). When the space runs out after
+``latest`` has moved (its directory's fsync), the checkpoint counts: the line says it was
+committed, nothing is pruned, and the run still stops with exit 3.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
+from pathlib import Path
+
+import torch
+
+from janus_train import compat
+from janus_train.errors import StorageFull, is_storage_full, one_line
+from janus_train.trainer.checkpoint import (
+    LATEST,
+    MANIFEST,
+    TAG_RE,
+    UNIVERSAL_SUFFIX,
+    checkpoint_bytes,
+    crc32_file,
+    fsync_dir,
+    fsync_file,
+    read_latest,
+    tag_for,
+    write_atomic,
+)
+from janus_train.trainer.distributed import DistInfo, all_gather_objects, barrier
+
+logger = logging.getLogger(__name__)
+
+# the rank that writes a file: DeepSpeed's per-rank ZeRO files, our per-rank state; else rank 0
+_OWNER_RE = re.compile(r"(?:zero_pp_rank_|trainer_state_rank|offloaded_tensors/rank)(\d+)")
+_WORKER: ThreadPoolExecutor | None = None
+"""The thread that writes and commits asynchronous saves (started by the first)."""
+
+
+def _owner(rel: str, world_size: int) -> int:
+    m = _OWNER_RE.search(rel)
+    return int(m.group(1)) % world_size if m else 0
+
+
+def _commit(src: Path, dst: Path) -> None:
+    """Rank 0: move a completely written (and synced) checkpoint into place, then point
+    ``latest`` at it (steps 5-6 of the save order)."""
+    if dst.exists():  # a previous save of this tag committed but never became `latest`
+        shutil.rmtree(dst)
+    os.rename(src, dst)
+    fsync_dir(dst.parent)
+    write_atomic(dst.parent / LATEST, dst.name)
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    latest = read_latest(ckpt_dir)
+    tags = sorted(d.name for d in ckpt_dir.iterdir() if d.is_dir() and TAG_RE.match(d.name))
+    for tag in tags[: max(0, len(tags) - keep_last)]:
+        if tag != latest:
+            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+    for d in ckpt_dir.glob(f"*{UNIVERSAL_SUFFIX}"):  # conversions of older checkpoints
+        if d.name != f"{latest}{UNIVERSAL_SUFFIX}":
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _files(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _write_manifest(d: Path, step: int, world_size: int, files: dict[str, dict]) -> None:
+    """Rank 0, step 4: the manifest, then the directory tree's entries, durable."""
+    m = {"format": 1, "step": step, "world_size": world_size, "checksum": "crc32"}
+    m["files"] = dict(sorted(files.items()))
+    with open(d / MANIFEST, "w") as f:
+        json.dump(m, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for sub in sorted({(d / rel).parent for rel in files} | {d}, reverse=True):
+        fsync_dir(sub)
+
+
+def _free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def _check_space(ckpt_dir: Path) -> int:
+    """Rank 0, step 1: the previous checkpoint's bytes (0 when none); warns when the next save
+    would leave less than one checkpoint of room."""
+    latest = None
+    try:
+        latest = read_latest(ckpt_dir)
+    except RuntimeError:
+        pass
+    need = checkpoint_bytes(ckpt_dir / latest) if latest else 0
+    free = _free_bytes(ckpt_dir)
+    if need and free < 2 * need:
+        logger.warning(
+            "%s: %s free, a checkpoint takes %s: the next save leaves less than one "
+            "checkpoint of room%s",
+            ckpt_dir,
+            _gib(free),
+            _gib(need),
+            " and may fail" if free < need else "",
+        )
+    return need
+
+
+def _finish_failed_save(engine) -> None:
+    """The collectives of DeepSpeed's ``save_checkpoint`` after its file writes, which a rank
+    whose write failed skipped (the other ranks are waiting in them): ZeRO-3's epilogue
+    (re-gathers the persistent parameters) and the closing barrier."""
+    compat.run_checkpoint_epilogue(engine)
+    barrier()
+
+
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.Size)
+
+
+def snapshot(obj, _memo: dict | None = None):
+    """A deep copy of ``obj`` with every tensor copied to host memory (once, however often it
+    is referenced): what a write started now serializes, whatever later optimizer steps do
+    to the live tensors. Containers are rebuilt directly (``copy.deepcopy`` is several times
+    slower on a state dict); any other object is deep-copied."""
+    memo = {} if _memo is None else _memo
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.detach().to("cpu", copy=True)
+        return memo[id(obj)]
+    if isinstance(obj, _IMMUTABLE):
+        return obj
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # the same class, with its attributes (a state dict's _metadata)
+        for k, v in obj.items():
+            out[k] = snapshot(v, memo)
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(snapshot(v, memo) for v in obj)
+    return copy.deepcopy(obj)
+
+
+class _Capture:
+    """Stands in for DeepSpeed's checkpoint engine during ``engine.save_checkpoint``: ``save``
+    keeps a host snapshot of the state dict and the path instead of writing it (step 2a);
+    everything else is the engine's own."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.writes: list[tuple[Callable, object, str]] = []
+
+    def save(self, state_dict, path: str) -> None:
+        self.writes.append((self.inner.save, snapshot(state_dict), str(path)))
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # the snapshot already copies every tensor by itself
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def _write_and_sum(
+    d: Path, writes: list, extras: list[str], listing: Path
+) -> tuple[BaseException | None, dict]:
+    """Steps 2b-3 on this rank (inline, or the writer thread): write the snapshots, then fsync
+    each file it wrote and those of ``extras`` and take their size and CRC-32; the result
+    also goes to ``listing`` (beside the checkpoint directory), where rank 0's commit reads it
+    when the loop's flags said every rank succeeded."""
+    rels = [str(Path(p).relative_to(d)) for _, _, p in writes] + extras
+    try:
+        while writes:  # each snapshot's host memory is released once it is written
+            save, obj, path = writes.pop(0)
+            save(obj, path)
+            del obj
+        files = _sync_and_sum(d, rels)
+        tmp = listing.with_name(listing.name + ".tmp")
+        tmp.write_text(json.dumps(files))
+        os.replace(tmp, listing)  # whole or absent: its presence means "all synced"
+        return None, files
+    except Exception as e:  # noqa: BLE001  # reported by commit(), on every rank
+        return e, {}
+
+
+def _sync_and_sum(d: Path, rels: list[str]) -> dict[str, dict]:
+    """Files ``rels`` of ``d``: fsynced, with size and CRC-32 (step 3)."""
+    out = {}
+    for rel in rels:
+        p = d / rel
+        fsync_file(p)
+        out[rel] = {"size": p.stat().st_size, "crc32": crc32_file(p)}
+    return out
+
+
+class PendingSave:
+    """A checkpoint on its way (:func:`begin_save`): phase ``write`` (every rank writes and
+    syncs its files, in a thread of its own with ``background``), then ``commit`` (rank 0
+    writes the manifest, renames, moves ``latest`` and prunes, in a thread with
+    ``background``), then ``done``. :meth:`advance` moves it on one phase on every rank
+    together, on the caller's (main) thread; it is the only part with collectives."""
+
+    def __init__(self, ckpt_dir: Path, step: int, info: DistInfo, background: bool) -> None:
+        self.ckpt_dir, self.step, self.info, self.background = ckpt_dir, step, info, background
+        self.need = 0
+        self.tag = tag_for(step)
+        self.tmp_root = ckpt_dir / f".tmp-{self.tag}"
+        self.phase = "write"
+        # until a thread reports, it did not finish (e.g. it died): never taken for success
+        unfinished = RuntimeError(f"the writer of {self.tag} did not finish")
+        self.written: tuple[BaseException | None, dict] = (unfinished, {})  # this rank's files
+        self.outcome: tuple[str, BaseException] | None = None  # rank 0's commit: failure
+        self._task: Future | None = None
+
+    def _run(self, fn: Callable[[], None]) -> None:
+        if not self.background:
+            fn()
+            return
+        global _WORKER
+        if _WORKER is None:  # one thread for the process: the saves never overlap
+            _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="janus-ckpt")
+        self._task = _WORKER.submit(fn)
+
+    def _listing(self, rank: int) -> Path:
+        return self.tmp_root / f"files_rank{rank}.json"
+
+    def start(self, writes: list, extras: list[str]) -> None:
+        d, listing = self.tmp_root / self.tag, self._listing(self.info.rank)
+
+        def write() -> None:
+            self.written = _write_and_sum(d, writes, extras, listing)
+
+        self._run(write)
+
+    @property
+    def ready(self) -> bool:
+        """This rank's part of the current phase is done (local, no collective)."""
+        return self._task is None or self._task.done()
+
+    @property
+    def failed(self) -> bool:
+        """This rank's part of the current phase failed (meaningful once :attr:`ready`)."""
+        return (self.written[0] if self.phase == "write" else self.outcome) is not None
+
+    def wait(self) -> None:
+        """Until this rank's part of the current phase is done (local, no collective)."""
+        if self._task is not None:
+            futures_wait([self._task])
+
+    def advance(self, keep_last: int, none_failed: bool = False) -> bool:
+        """Collective: finish the current phase (waiting for this rank's thread when it is
+        not :attr:`ready`) and start the next; True once the save is committed.
+        ``none_failed``: every rank is :attr:`ready` and none :attr:`failed` (the loop's
+        all-reduced flags): then neither phase needs a collective (rank 0's commit reads the
+        ranks' file lists from ``.tmp-<tag>/files_rank{r}.json``). Raises
+        :class:`StorageFull` on every rank when some rank ran out of space (``latest``
+        unchanged, the partial directory removed), and ``RuntimeError`` on every rank after
+        any other failure of a write or of the commit (the save is lost)."""
+        self.wait()
+        self._task = None
+        if self.phase == "write":
+            if none_failed:
+                if self.info.is_main:
+                    self._run(lambda: self._commit_rank0(None, keep_last))
+            else:
+                self._gather_written(keep_last)
+            self.phase = "commit"
+            return not self.background and self.advance(keep_last)
+        if none_failed:
+            self.phase = "done"
+            return True
+        kind, what = all_gather_objects(
+            None if self.outcome is None else (self.outcome[0], one_line(self.outcome[1]))
+        )[0] or (None, None)
+        self.phase = "done"
+        if kind == "full":
+            raise StorageFull(what)
+        if kind == "error":
+            if self.info.is_main:
+                raise self.outcome[1]
+            raise RuntimeError(f"checkpoint {self.ckpt_dir / self.tag}: rank 0 failed ({what})")
+        return True
+
+    def finish_alone(self, keep_last: int, timeout_s: float) -> bool:
+        """Without any collective (an error is ending the run): wait for this rank's thread;
+        then rank 0 commits the save when every rank's writer has left its listing (all
+        files synced) within ``timeout_s``, or has already done so in its commit thread.
+        True when the save counts."""
+        self.wait()
+        if not self.info.is_main or self.written[0] is not None and self.phase == "write":
+            return False
+        if self.phase == "write":
+            deadline = time.monotonic() + timeout_s
+            while not all(self._listing(r).is_file() for r in range(self.info.world_size)):
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+            self._commit_rank0(None, keep_last)
+        return self.outcome is None
+
+    def commit(self, keep_last: int) -> str:
+        """Collective: every remaining phase, waiting for the threads. Returns the tag."""
+        while not self.advance(keep_last):
+            pass
+        return self.tag
+
+    def _gather_written(self, keep_last: int) -> None:
+        """Steps 3-4: the ranks' file lists; on success rank 0 starts the commit."""
+        err, files = self.written
+        dst = self.ckpt_dir / self.tag
+        full = err is not None and is_storage_full(err)
+        gathered = all_gather_objects((None if err is None else one_line(err), full, files))
+        failed = [(r, e) for r, (e, f, _) in enumerate(gathered) if e and not f]
+        if failed:  # not a full disk: this save is lost, `latest` stays; as loud as a crash
+            if self.info.is_main:
+                shutil.rmtree(self.tmp_root, ignore_errors=True)
+            if err is not None and not full:
+                raise err
+            r, e = failed[0]
+            raise RuntimeError(f"checkpoint {dst}: rank {r} failed to write its files ({e})")
+        errors = [e for e, _, _ in gathered if e]
+        if errors:
+            msg = self._full_message(errors[0], dst) if self.info.is_main else None
+            raise StorageFull(all_gather_objects(msg)[0])
+        if self.info.is_main:
+            merged = {k: v for _, _, f in gathered for k, v in f.items()}
+            self._run(lambda: self._commit_rank0(merged, keep_last))
+
+    def _commit_rank0(self, files: dict[str, dict] | None, keep_last: int) -> None:
+        """Rank 0, steps 4-7 (inline or its commit thread): the outcome is shared by the next
+        :meth:`advance`. ``files``: the gathered lists, or None to read the ranks' listings."""
+        dst = self.ckpt_dir / self.tag
+        self.outcome = ("error", RuntimeError(f"the commit of {self.tag} did not finish"))
+        try:
+            if files is None:
+                files = {}
+                for r in range(self.info.world_size):
+                    files.update(json.loads(self._listing(r).read_text()))
+            errors = self._commit_main(self.tmp_root / self.tag, dst, files)
+            if errors:
+                self.outcome = ("full", StorageFull(self._full_message(errors[0], dst)))
+                return
+            shutil.rmtree(self.tmp_root, ignore_errors=True)
+            _prune(self.ckpt_dir, keep_last)
+            self.outcome = None
+        except Exception as e:  # noqa: BLE001  # shared with every rank by advance()
+            self.outcome = ("error", e)
+
+    def _commit_main(self, tmp: Path, dst: Path, files: dict[str, dict]) -> list[str]:
+        """Rank 0, steps 4-6; returns ``[the error]`` when the disk filled up meanwhile."""
+        try:
+            # a file that no rank listed as its own (DeepSpeed's, of an unknown name): every
+            # writer has finished, so it is complete; synced and summed here
+            orphans = sorted(set(_files(tmp)) - set(files))
+            files = {**files, **_sync_and_sum(tmp, orphans)}
+            _write_manifest(tmp, self.step, self.info.world_size, files)
+            fsync_dir(self.tmp_root)
+            _commit(tmp, dst)
+        except Exception as e:
+            if not is_storage_full(e):
+                raise
+            if read_latest(self.ckpt_dir) != self.tag:  # renamed, not `latest`: not a checkpoint
+                shutil.rmtree(dst, ignore_errors=True)
+            return [one_line(e)]
+        return []
+
+    def _full_message(self, error: str, dst: Path) -> str:
+        """Rank 0: the ``storage full:`` line, after removing the partial directory."""
+        tmp = self.tmp_root / self.tag
+        written = checkpoint_bytes(tmp) if tmp.is_dir() else 0
+        shutil.rmtree(self.tmp_root, ignore_errors=True)
+        latest = read_latest(self.ckpt_dir) if (self.ckpt_dir / LATEST).is_file() else None
+        free = _gib(_free_bytes(self.ckpt_dir))
+        if latest == self.tag:  # `latest` had moved when the error came: the checkpoint counts
+            return (
+                f"storage full: checkpoint {dst} was committed and is the latest, but the disk "
+                f"filled up right after ({error}); {free} free, a checkpoint needs about "
+                f"{_gib(self.need or checkpoint_bytes(dst))}; older checkpoints were not pruned"
+            )
+        need = f"about {_gib(self.need)}" if self.need else f"more than {_gib(written)}"
+        return (
+            f"storage full: could not write checkpoint {dst} ({error}); {free} free, a "
+            f"checkpoint needs {need}; "
+            + (f"{latest} is still the latest" if latest else "no checkpoint was committed")
+        )
+
+
+def begin_save(
+    engine,
+    ckpt_dir: str | os.PathLike,
+    step: int,
+    client_state: dict,
+    rank_state: dict,
+    info: DistInfo,
+    background: bool = False,
+) -> PendingSave:
+    """Collective, steps 1-3: DeepSpeed's save runs (with its collectives) but its writes are
+    captured as host snapshots (:class:`_Capture`); then this rank writes them and
+    ``rank_state``, fsyncs and sums its files: inline, or with ``background`` in a thread of
+    its own while the caller goes on (nothing in the thread is a collective). The save counts
+    once :meth:`PendingSave.commit` returns."""
+    ckpt_dir = Path(ckpt_dir)
+    p = PendingSave(ckpt_dir, step, info, background)
+    tmp = p.tmp_root / p.tag
+    if info.is_main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(p.tmp_root, ignore_errors=True)
+        p.need = _check_space(ckpt_dir)
+        tmp.mkdir(parents=True)
+    barrier()
+    inner = getattr(engine, "checkpoint_engine", None)
+    capture = None if inner is None else _Capture(inner)
+    if capture is not None:
+        engine.checkpoint_engine = capture
+    # Lack of space is caught on the rank it hits and shared at the commit; every rank still
+    # takes part in each collective, so the others do not wait for it until the timeout.
+    try:
+        engine.save_checkpoint(
+            str(p.tmp_root), tag=p.tag, client_state=client_state, save_latest=False
+        )
+    except Exception as e:
+        if not is_storage_full(e):
+            raise
+        p.written = (e, {})
+        _finish_failed_save(engine)
+        return p
+    finally:
+        if capture is not None:
+            engine.checkpoint_engine = inner
+    # files DeepSpeed wrote by itself (e.g. zero_to_fp32.py), complete: its save ends in a
+    # barrier; other ranks' captured files (``*_states.pt``) may be in the writing
+    extras = [
+        rel
+        for rel in _files(tmp)
+        if _owner(rel, info.world_size) == info.rank
+        and not (capture is not None and rel.endswith("_states.pt"))
+    ]
+    writes = [] if capture is None else capture.writes
+    writes.append(
+        (torch.save, snapshot(rank_state), str(tmp / f"trainer_state_rank{info.rank}.pt"))
+    )
+    p.start(writes, extras)
+    return p
+
+
+def save_checkpoint(
+    engine,
+    ckpt_dir: str | os.PathLike,
+    step: int,
+    client_state: dict,
+    rank_state: dict,
+    info: DistInfo,
+    keep_last: int,
+) -> str:
+    """Collective, the whole save order at once (:func:`begin_save` writing inline, then
+    :meth:`PendingSave.commit`). Returns the tag. ``client_state`` (same on all ranks) goes
+    into DeepSpeed's files, ``rank_state`` (loader position, RNG) into
+    ``trainer_state_rank{r}.pt``. Raises :class:`StorageFull` on every rank when some rank ran
+    out of space (``latest`` unchanged, the partial directory removed)."""
+    return begin_save(engine, ckpt_dir, step, client_state, rank_state, info).commit(keep_last)
