@@ -136,7 +136,7 @@ def loader_rate(
             ]
         )
     )
-    run.data.recipe = str(recipe)
+    run.hparams.data_recipe = str(recipe)
     run.data.num_workers = workers
     run.data.pixels_uint8 = pixels_uint8
     n_tok = (size // 16) ** 2

@@ -107,7 +107,8 @@ class StageHParams:
     """Samples per optimizer step over all ranks, split between tasks by ``ratio``."""
     ratio: TaskRatio = field(default_factory=TaskRatio)
     data_recipe: str = "tiny"
-    """Name in ``data_recipes/`` (without .yaml) or a path."""
+    """The stage's data mixture: a name in ``data_recipes/`` (without .yaml) or a path to a
+    YAML file (override: ``experiment.<stage>.data_recipe=NAME_OR_PATH``)."""
     stop_at: int | None = None
     """End the stage at this step although the schedule runs to ``steps`` (Janus-Pro stage 2:
     scheduled for 360K, stopped at 270K)."""
@@ -181,31 +182,37 @@ REMOVED_KEYS = {
     "train.eval_recipe": "eval.recipe",
     "train.eval_metrics": "eval.metrics",
     "train.eval_guidance_scale": "eval.guidance_scale",
+    "data.recipe": "experiment.<stage>.data_recipe",
 }
 """Keys that no longer exist -> the one key that holds their value. A stage's step count and
 batch are part of its published recipe (``experiment.<stage>``), beside its lr and ratio: one
-key, which the run's saved ``config.yaml`` shows as trained. What trains is one list. The
-evaluation has its own group (``eval``)."""
+key, which the run's saved ``config.yaml`` shows as trained; so is its data mixture. What
+trains is one list. The evaluation has its own group (``eval``)."""
 _REMOVED_EXAMPLES = {
     "stage.train_gen_embeddings": "stage.trainable=[und_adaptor,gen_adaptor,gen_head,gen_embeddings]"
 }
 
 
-def _removed(key: str) -> ValueError:
+def _removed(key: str, value: str = "", stage: str = "") -> ValueError:
+    """The error for ``key``, its example carrying the user's value and ``stage=`` (when the
+    override gave them)."""
     new = REMOVED_KEYS[key]
-    example = _REMOVED_EXAMPLES.get(key) or f"{new}=..."
+    example = _REMOVED_EXAMPLES.get(key) or f"{new}={value or '...'}"
     if "<stage>" in new:
-        example = f"stage=stage2 {new.replace('<stage>', 'stage2')}=..."
+        example = example.replace("<stage>", stage or "stage2")
+        example = example if stage else f"stage=stage2 {example}"
     return ValueError(f"{key} was removed: set {new} instead (e.g. {example})")
 
 
 def check_removed_keys(overrides: list[str]) -> None:
     """A removed key among Hydra overrides (``key=v``, ``+key=v``, ``++key=v``, ``~key``) ->
-    ``ValueError`` naming the key that replaces it."""
+    ``ValueError`` naming the key that replaces it (``data.recipe=x stage=stage1``: "set
+    experiment.<stage>.data_recipe instead (e.g. experiment.stage1.data_recipe=x)")."""
+    stages = [o.partition("=")[2].strip() for o in overrides if o.startswith("stage=")]
     for o in overrides:
-        key = o.lstrip("+~").partition("=")[0].strip()
-        if key in REMOVED_KEYS:
-            raise _removed(key)
+        key, _, value = o.lstrip("+~").partition("=")
+        if key.strip() in REMOVED_KEYS:
+            raise _removed(key.strip(), value.strip(), stages[-1] if stages else "")
 
 
 def explain_removed_key(exc: BaseException) -> BaseException:
@@ -334,9 +341,8 @@ def prompt_format(run: RunConfig) -> PromptFormat:
 
 
 def recipe_ref(run: RunConfig) -> str | None:
-    """The stage's data recipe (``data.recipe``, else ``experiment.<stage>.data_recipe``); None
-    with synthetic data."""
-    return None if run.train.synthetic_data else (run.data.recipe or run.hparams.data_recipe)
+    """The stage's data recipe (``experiment.<stage>.data_recipe``); None with synthetic data."""
+    return None if run.train.synthetic_data else run.hparams.data_recipe
 
 
 def load_stage_recipe(

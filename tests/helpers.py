@@ -140,13 +140,15 @@ def mixed_batch(model, tok):
 
 
 # Loader runs on recipes written in tmp_path (test_data_loader, test_data_reshard).
-def make_run(stage: str, recipe: Path | str, gbs: int, **data):
+def make_run(stage: str, recipe: Path | str | None, gbs: int, **data):
+    """The tiny experiment's ``stage`` on ``recipe`` (None: the stage's own)."""
     run = to_run_config(
         compose(
             ["experiment=tiny", f"stage={stage}", f"experiment.{stage}.global_batch_size={gbs}"]
         )
     )
-    run.data.recipe = str(recipe)
+    if recipe is not None:
+        run.hparams.data_recipe = str(recipe)
     for k, v in data.items():
         setattr(run.data, k, v)
     return run

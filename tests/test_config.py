@@ -11,7 +11,7 @@ import sys
 import pytest
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from janus_train.config import CONF_DIR, compose, to_run_config
+from janus_train.config import CONF_DIR, compose, recipe_ref, to_run_config
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 STAGES = sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
@@ -129,6 +129,23 @@ def test_train_gen_embeddings_is_gone_for_one_trainable_list(prefix):
     assert run.trainable_groups == ["llm", "gen_embeddings"]
 
 
+def test_data_recipe_is_gone_for_the_stage_recipe():
+    """One key for a stage's mixture: ``experiment.<stage>.data_recipe``; the old override is
+    refused with the user's own value and stage in the example."""
+    with pytest.raises(ValueError) as e:
+        compose(["stage=stage3", "data.recipe=my_sft"])
+    assert str(e.value) == (
+        "data.recipe was removed: set experiment.<stage>.data_recipe instead "
+        "(e.g. experiment.stage3.data_recipe=my_sft)"
+    )
+    with pytest.raises(
+        ValueError, match=r"\(e\.g\. stage=stage2 experiment\.stage2\.data_recipe=x\)$"
+    ):
+        compose(["+data.recipe=x"])
+    run = to_run_config(compose(["stage=stage3", "experiment.stage3.data_recipe=my_sft"]))
+    assert recipe_ref(run) == "my_sft" and not hasattr(run.data, "recipe")
+
+
 def test_removed_key_in_a_yaml_file_names_its_replacement(tmp_path):
     conf = tmp_path / "conf"
     shutil.copytree(CONF_DIR, conf)
@@ -136,6 +153,11 @@ def test_removed_key_in_a_yaml_file_names_its_replacement(tmp_path):
         (conf / "experiment" / "tiny.yaml").read_text() + "train:\n  global_batch_size: 3\n"
     )
     with pytest.raises(ValueError, match=r"^train.global_batch_size was removed: set experiment"):
+        compose(["experiment=old"], config_dir=conf)
+    (conf / "experiment" / "old.yaml").write_text("# @package _global_\ndata:\n  recipe: mine\n")
+    with pytest.raises(
+        ValueError, match=r"^data.recipe was removed: set experiment.<stage>.data_r"
+    ):
         compose(["experiment=old"], config_dir=conf)
 
 

@@ -7,6 +7,7 @@ import io
 import json
 import random
 import re
+import shutil
 import tarfile
 
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 from janus_train.cli import data as cli
 from janus_train.data.builders import BuildContext, record_to_samples
 from janus_train.data.preprocess import decode_image, gen_pixels
+from janus_train.data.recipe import RECIPE_DIR
 from janus_train.data.shards import ShardCursor
 from janus_train.data.synthetic import caption_records, shape_image
 from janus_train.data.tario import write_tar
@@ -179,8 +181,12 @@ def test_inspect_shows_supervised_spans(proc, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("JANUS_DATA_ROOT", str(tmp_path / "data"))
     write_tiny_dataset(tmp_path / "data", n_shards=2, per_shard=2)
-    cli.main(["inspect", "--n", "4", "--workdir", str(tmp_path), "experiment=tiny", "stage=stage1"])
+    mine = tmp_path / "mine.yaml"  # --recipe: in place of experiment.stage1.data_recipe
+    shutil.copy(RECIPE_DIR / "tiny_stage1.yaml", mine)
+    args = ["--n", "4", "--workdir", str(tmp_path), "--recipe", str(mine)]
+    cli.main(["inspect", *args, "experiment=tiny", "stage=stage1"])
     out = capsys.readouterr().out
+    assert out.startswith(f"recipe tiny_stage1 ({mine}); stage stage1")
     assert "<image x16>" in out and "[[<codes x16>]]" in out
     assert "<|end▁of▁sentence|>]]" in out.replace("｜", "|")
     assert '"samples/captions": 2' in out and '"samples/imagenet": 2' in out

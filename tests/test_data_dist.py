@@ -34,7 +34,7 @@ def scenario_token(workdir: str) -> None:
                 "experiment=tiny",
                 "stage=stage2",
                 "experiment.stage2.global_batch_size=12",
-                f"data.recipe={root / 'r.yaml'}",
+                f"experiment.stage2.data_recipe={root / 'r.yaml'}",
                 "data.num_workers=2",
                 "data.seq_len=128",
             ]
@@ -87,7 +87,7 @@ def scenario(workdir: str) -> None:
                 "experiment=tiny",
                 "stage=stage2",
                 "experiment.stage2.global_batch_size=12",
-                f"data.recipe={root / 'r.yaml'}",
+                f"experiment.stage2.data_recipe={root / 'r.yaml'}",
                 "data.num_workers=2",
             ]
         )

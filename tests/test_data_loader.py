@@ -264,13 +264,11 @@ def test_tiny_recipes_feed_the_model_forward(proc, tmp_path, monkeypatch):
 
     monkeypatch.setenv("JANUS_DATA_ROOT", str(tmp_path / "data"))
     write_tiny_dataset(tmp_path / "data", n_shards=2, per_shard=6)
-    run = make_run("stage2", "tiny_stage2", 8, num_workers=0)
-    run.data.recipe = None  # the stage's own recipe name
+    run = make_run("stage2", None, 8, num_workers=0)  # the stage's own recipe
     model, _ = build_model(run.model, workdir=tmp_path)
     wrapped = JanusTrainModel(model)
     for stage, pack in (("stage1", False), ("stage2", False), ("stage3", False), ("stage2", True)):
-        run = make_run(stage, "x", 8, num_workers=0, pack=pack, seq_len=128)
-        run.data.recipe = None
+        run = make_run(stage, None, 8, num_workers=0, pack=pack, seq_len=128)
         L = stage_loader(run, proc, rank=0, world_size=2, micro_batch_size=2)
         for mb in L.next_step():
             assert mb["input_ids"].shape[0] == (1 if pack else 2)
@@ -285,8 +283,7 @@ def test_tiny_recipes_feed_the_model_forward(proc, tmp_path, monkeypatch):
         L.close()
     assert json.dumps(L.state_dict())  # plain python types
     # data.pixels_uint8 + finish() on the "device" gives the float contract's batch
-    run = make_run("stage1", "x", 8, num_workers=0)
-    run.data.recipe = None
+    run = make_run("stage1", None, 8, num_workers=0)
     run.data.pixels_uint8 = True
     L8 = stage_loader(run, proc, rank=0, world_size=2, micro_batch_size=2)
     run.data.pixels_uint8 = False

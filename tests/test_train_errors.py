@@ -89,13 +89,19 @@ def test_unknown_key_and_missing_recipe_are_user_errors(monkeypatch, capsys, tmp
         capsys,
         tmp_path,
         "train.synthetic_data=false",
-        f"data.recipe={tmp_path}/missing.yaml",
+        f"experiment.stage1.data_recipe={tmp_path}/missing.yaml",
     )
     assert code == EXIT_USER_ERROR and "missing.yaml" in _one_error_line(err)
 
 
 @pytest.mark.parametrize(
-    "override", ["train.steps=5", "++train.global_batch_size=4", "stage.train_gen_embeddings=true"]
+    "override",
+    [
+        "train.steps=5",
+        "++train.global_batch_size=4",
+        "stage.train_gen_embeddings=true",
+        "data.recipe=my_stage1",
+    ],
 )
 def test_removed_key_is_one_line_naming_its_replacement(monkeypatch, capsys, tmp_path, override):
     status = tmp_path / "user_error.txt"

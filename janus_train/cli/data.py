@@ -305,7 +305,7 @@ def inspect(args, overrides: list[str]) -> str:
     run.data.num_workers = 0
     run.train.tokens_per_micro, run.train.micro_batch_size = 0, 1
     if args.recipe:
-        run.data.recipe = args.recipe
+        run.hparams.data_recipe = args.recipe
     spec = resolve_stage(run, with_recipe=True)
     proc = get_processor(run.model, args.workdir)
     ctx = spec.context(proc, run.model, run.data)
@@ -511,7 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the samples a recipe builds for the first steps (supervised tokens in "
         "[[...]]) and the per-source counts.",
     )
-    p.add_argument("--recipe", default=None, help="recipe name or path (default: the stage's)")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="recipe name or path (default: experiment.<stage>.data_recipe)",
+    )
     p.add_argument("--n", type=int, default=8, help="samples per step")
     p.add_argument("--steps", type=int, default=1, help="optimizer steps to build")
     p.add_argument(

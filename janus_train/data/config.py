@@ -9,11 +9,9 @@ from janus_train.model.chat_template import SYSTEM_PROMPT
 
 @dataclass
 class DataConfig:
-    """How samples are read, built and batched. The per-stage recipe (sources, task ratio)
-    comes from the experiment's stage hyper-parameters; ``recipe`` overrides it."""
+    """How samples are read, built and batched. The data mixture (recipe: sources, task
+    weights) is the stage's, ``experiment.<stage>.data_recipe``."""
 
-    recipe: str | None = None
-    """Data recipe: a name in ``data_recipes/`` or a path to a YAML file. Unset: the stage's."""
     seq_len: int = 4096
     """Maximum tokens per sample row."""
     text_chunk: int = 0

@@ -36,8 +36,8 @@ class StageSpec:
     ratio: dict[str, int]
     """Samples per step as a ratio, ``{"und": u, "text": t, "gen": g}``: the one dict form."""
     recipe_ref: str | None
-    """The data recipe's name or path (``data.recipe``, else the stage's ``data_recipe``);
-    None with synthetic data."""
+    """The data recipe's name or path (``experiment.<stage>.data_recipe``); None with
+    synthetic data."""
     recipe: Recipe | None
     """The recipe loaded and checked against ``ratio`` and ``steps`` (None: synthetic data, or
     not loaded, as for the planner)."""
