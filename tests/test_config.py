@@ -93,6 +93,74 @@ def test_stage_freeze_lists():
     assert get("stage3") == {"und_encoder", "und_adaptor", "gen_adaptor", "gen_head", "llm"}
 
 
+def _mutable_parts(obj, where: str = "spec") -> list[str]:
+    """Every place inside ``obj`` that could be changed in place: a list, dict, set or other
+    object, a dataclass that is not frozen (a walk of every field, item and value)."""
+    import dataclasses
+    from types import MappingProxyType
+
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return []
+    if isinstance(obj, tuple):
+        return [p for i, x in enumerate(obj) for p in _mutable_parts(x, f"{where}[{i}]")]
+    if isinstance(obj, MappingProxyType):
+        return [p for k, v in obj.items() for p in _mutable_parts(v, f"{where}[{k!r}]")]
+    if dataclasses.is_dataclass(obj) and obj.__dataclass_params__.frozen:
+        return [
+            p
+            for f in dataclasses.fields(obj)
+            for p in _mutable_parts(getattr(obj, f.name), f"{where}.{f.name}")
+        ]
+    return [f"{where}: {type(obj).__name__}"]
+
+
+def test_the_stage_spec_is_immutable_all_the_way_down(tmp_path):
+    """``prepare()`` resolves the stage once: neither the spec nor any piece of it (ratio,
+    framing, plan, recipe, its sources and their lists) can change afterwards; consumers read
+    the same values."""
+    import dataclasses
+
+    from janus_train.config import resolve_stage
+    from tests.helpers import make_run, recipe_file
+
+    und = dict(name="u", task="understanding", format="caption", shards="u-{0..1}.tar")
+    recipe = recipe_file(
+        tmp_path,
+        [
+            {**und, "steps": [0, 100], "sample_tokens": [10, 20], "weight": 2},
+            dict(name="t", task="text", format="text", shards=["t.tar"]),
+            dict(name="g", task="generation", format="caption", shards="g.tar"),
+        ],
+    )
+    spec = resolve_stage(make_run("stage2", recipe, 4), 1, with_recipe=True, check_shards=False)
+    src = spec.recipe.sources[0]
+    assert spec.ratio == {"und": 2, "text": 3, "gen": 5} and dict(spec.ratio)["gen"] == 5
+    assert src.shards == ("u-0.tar", "u-1.tar") and src.steps == (0, 100) and src.weight == 2
+    assert [s.name for s in spec.recipe.sources] == ["u", "t", "g"]
+    attempts = {
+        "ratio item": lambda: spec.ratio.__setitem__("und", 9),
+        "ratio": lambda: setattr(spec, "ratio", {}),
+        "framing": lambda: setattr(spec.prompt, "system_prompt", "x"),
+        "plan": lambda: setattr(spec.plan, "world_size", 2),
+        "recipe": lambda: setattr(spec.recipe, "sources", ()),
+        "sources": lambda: spec.recipe.sources.append(src),
+        "source": lambda: setattr(src, "weight", 3.0),
+        "shards": lambda: src.shards.append("x.tar"),
+        "trainable": lambda: spec.trainable.append("x"),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises((TypeError, AttributeError)):
+            attempt()
+            pytest.fail(f"{what} changed")
+    assert _mutable_parts(spec) == []
+    # lists given to the recipe's types become tuples; a ratio given as a dict is copied
+    ratio = {"und": 1, "text": 0, "gen": 1}
+    other = dataclasses.replace(spec, ratio=ratio, trainable=["llm"])
+    ratio["und"] = 7
+    assert other.ratio["und"] == 1 and other.trainable == ("llm",) and spec.ratio["und"] == 2
+    assert _mutable_parts(dataclasses.replace(spec.recipe, sources=[src])) == []
+
+
 def test_stage_steps_and_batch_have_one_key_and_reading_them_writes_nothing():
     run = to_run_config(
         compose(

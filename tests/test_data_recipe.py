@@ -47,8 +47,13 @@ sources:
 """,
     )
     r = load_recipe(str(p))
-    assert r.sources[0].shards == [str(tmp_path / "s-000000.tar"), str(tmp_path / "s-000001.tar")]
-    assert r.sources[1].shards == [str(tmp_path / "s-000000.tar")] and r.sources[1].weight == 3
+    assert list(r.sources[0].shards) == [
+        str(tmp_path / "s-000000.tar"),
+        str(tmp_path / "s-000001.tar"),
+    ]
+    assert (
+        list(r.sources[1].shards) == [str(tmp_path / "s-000000.tar")] and r.sources[1].weight == 3
+    )
     assert r.sources[1].active(9) and not r.sources[1].active(10)
     assert len(r.sources[2].shards) == 3 and r.sources[2].shards[0].startswith("pipe:")
 
@@ -194,7 +199,7 @@ sources:
     )
     monkeypatch.chdir(tmp_path.parent)  # shards resolve against the recipe's directory
     full = load_recipe(str(p)).sources[0].shards
-    assert load_recipe(str(p), stat_shards=False).sources[0].shards == full
+    assert load_recipe(str(p), stat_shards=False).sources[0].shards == tuple(full)
 
     calls = []
     for name in ("exists", "isfile"):
@@ -210,4 +215,4 @@ sources:
     (tmp_path / "s-000003.tar").unlink()
     with pytest.raises(ValueError, match="s-000003.tar.*does not exist"):
         load_recipe(str(p))
-    assert load_recipe(str(p), stat_shards=False).sources[0].shards == full
+    assert load_recipe(str(p), stat_shards=False).sources[0].shards == tuple(full)

@@ -518,4 +518,4 @@ def test_stage_resolved_once_per_run_recipe_statted_once(tmp_path, monkeypatch):
     )
     assert sorted(stats) == sorted(shards)  # each of the 4 shards statted once (was twice)
     (rec,) = recipes
-    assert [s.shards for s in rec.sources] == [shards[:2], shards[2:]]
+    assert [list(s.shards) for s in rec.sources] == [shards[:2], shards[2:]]

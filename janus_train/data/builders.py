@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -338,7 +339,7 @@ def record_to_samples(
     task: str,
     ctx: BuildContext,
     rng: random.Random,
-    class_names: list[str] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> list[Sample]:
     """Decode one record and build its sample(s); raises ``BadSample`` to skip it."""
     S = ctx.image_size
@@ -372,7 +373,7 @@ def record_to_samples(
     raise BadSample("bad_format", f"format {fmt!r} cannot feed task {task!r}")
 
 
-def record_class_name(members: dict[str, bytes], class_names: list[str] | None) -> str:
+def record_class_name(members: dict[str, bytes], class_names: Sequence[str] | None) -> str:
     if "txt" in members:
         name = decode_text(members["txt"]).strip()
     elif "cls" in members and class_names:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 # recipe task name -> key of ``TaskRatio`` and of the batch contract's task names
@@ -27,24 +27,31 @@ RECIPE_DIR = Path(
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Source:
-    """One named shard source of a recipe."""
+    """One named shard source of a recipe. Immutable (lists given become tuples), as is
+    :class:`Recipe`: a stage's recipe, checked once, cannot drift after ``prepare()``."""
 
     name: str
     task: str
     """``text`` | ``understanding`` | ``generation``."""
     format: str
     """``caption`` | ``conversation`` | ``text`` | ``class_label``."""
-    shards: list[str]
+    shards: tuple[str, ...]
     """Expanded shard URLs (local paths, ``pipe:`` commands, URLs), in recipe order."""
     weight: float = 1.0
     steps: tuple[int, int] | None = None
     """Active optimizer-step range ``[start, end)``; None = always."""
-    class_names: list[str] | None = None
+    class_names: tuple[str, ...] | None = None
     """``class_label`` sources whose samples carry an integer ``cls``: index -> class name."""
     sample_tokens: tuple[int, ...] | None = None
     """Declared length quantiles of the built samples (``SourceSchema.sample_tokens``)."""
+
+    def __post_init__(self) -> None:
+        for name in ("shards", "steps", "class_names", "sample_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
 
     @property
     def task_key(self) -> str:
@@ -54,11 +61,14 @@ class Source:
         return self.steps is None or self.steps[0] <= step < self.steps[1]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe:
     name: str
     path: str
-    sources: list[Source] = field(default_factory=list)
+    sources: tuple[Source, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", tuple(self.sources))
 
     def sources_for(self, task_key: str) -> list[Source]:
         return [s for s in self.sources if s.task_key == task_key]

@@ -62,7 +62,7 @@ def user_turn(template: str, text: str) -> str:
     return user_prefix(template) + text + USER_END + assistant_header(template)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PromptFormat:
     """How prompts are framed: ``chat`` with a template's roles and a system prompt, or
     ``plain`` / ``qa`` (no roles, no system prompt; stages 1 and 2); text-to-image prompts by
@@ -79,7 +79,7 @@ class PromptFormat:
         if self.style not in STYLES:
             raise ValueError(f"prompt style {self.style!r}: one of {STYLES}")
         if self.gen_style is None:
-            self.gen_style = "chat" if self.style == "chat" else "plain"
+            object.__setattr__(self, "gen_style", "chat" if self.style == "chat" else "plain")
         if self.gen_style not in GEN_STYLES:
             raise ValueError(f"text-to-image prompt style {self.gen_style!r}: one of {GEN_STYLES}")
         if self.chat_template not in ROLES:

@@ -1,11 +1,15 @@
 """One stage of one run, resolved once (``janus_train.config.resolve_stage``, called by
 ``train.prepare``): its hyper-parameters, task ratio, data recipe (loaded and checked against the
-stage, with its shards), framing, trainable groups and batch plan. Frozen; the components below
-the training loop each take their typed piece of it, never the whole config tree."""
+stage, with its shards), framing, trainable groups and batch plan. Immutable all the way down
+(the ratio a read-only mapping, the recipe, its sources, the framing and the plan frozen
+dataclasses, sequences tuples); the components below the training loop each take their typed
+piece of it, never the whole config tree."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from janus_train.batch import BatchPlan
 from janus_train.data.builders import BuildContext
@@ -33,8 +37,9 @@ class StageSpec:
     stop_at: int | None
     """The stage ends here although the schedule runs to ``steps`` (None: at ``steps``)."""
     first_sentence_prob: float
-    ratio: dict[str, int]
-    """Samples per step as a ratio, ``{"und": u, "text": t, "gen": g}``: the one dict form."""
+    ratio: Mapping[str, int]
+    """Samples per step as a ratio, ``{"und": u, "text": t, "gen": g}``: the one mapping form
+    (read-only)."""
     recipe_ref: str | None
     """The data recipe's name or path (``experiment.<stage>.data_recipe``); None with
     synthetic data."""
@@ -50,6 +55,10 @@ class StageSpec:
     """Module groups that train."""
     plan: BatchPlan
     """Batch arithmetic at the run's world size, checked (``janus_train.batch.plan_batch``)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ratio", MappingProxyType(dict(self.ratio)))
+        object.__setattr__(self, "trainable", tuple(self.trainable))
 
     @property
     def stop_step(self) -> int:
