@@ -24,13 +24,25 @@ Assumptions (each one a line of the printed table):
 
 from __future__ import annotations
 
-import sys
 import tempfile
 
 GB = 1e9
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        default=["experiment=janus_pro_7b_lora_sft_1gpu"],
+        help="Hydra overrides of the experiment to estimate (default: %(default)s)",
+    )
+    overrides = ap.parse_args(argv).overrides
+
     import torch
 
     from janus_train.config import compose, to_run_config
@@ -38,7 +50,6 @@ def main(argv: list[str]) -> None:
     from janus_train.model.freeze import apply_freeze
     from janus_train.model.tokenizer import train_tiny_tokenizer
 
-    overrides = argv or ["experiment=janus_pro_7b_lora_sft_1gpu"]
     run = to_run_config(compose(overrides))
     m = run.model
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,4 +108,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

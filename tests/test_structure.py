@@ -715,3 +715,28 @@ def test_the_re_export_check_sees_both_sides(tmp_path, src, want):
         "janus_train/model/__init__.py:1 imports TASKS from janus_train.model.forward (not its home)",
         "janus_train/model/__init__.py:1 re-exports TASKS of janus_train.model.forward",
     ]
+
+
+# --------------------------------------------------------------------------- benchmark scripts
+
+BENCH_SCRIPTS = sorted(f for f in (ROOT / "benchmarks").glob("*.py") if "__main__" in f.read_text())
+
+
+@pytest.mark.parametrize("script", BENCH_SCRIPTS, ids=lambda f: f.name)
+def test_every_benchmark_script_answers_help(script, monkeypatch, capsys):
+    """``python benchmarks/<script> --help`` prints its usage and exits 0 (lora_memory.py once
+    handed ``--help`` to Hydra as an override: a traceback). Run in-process: the script's
+    ``main`` with ``sys.argv`` set, as its ``__main__`` block calls it."""
+    import importlib.util
+    import sys
+
+    assert len(BENCH_SCRIPTS) >= 10  # the glob found the scripts
+    spec = importlib.util.spec_from_file_location(f"bench_{script.stem}", script)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "argv", [str(script), "--help"])
+    with pytest.raises(SystemExit) as e:
+        mod.main()
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"usage: {script.name}"), out[:300]
