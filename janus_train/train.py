@@ -87,6 +87,7 @@ from janus_train.trainer.distributed import (
     check_quantized_available,
     exit_finished,
     init_engine,
+    partitioned_load,
     resolve_precision,
     set_collective_timeout,
     set_lr,
@@ -319,6 +320,7 @@ def build_engine(
             dataclasses.replace(cfg.model, init_from=src),
             workdir=run_dir,
             dtype=torch.bfloat16 if bf16 else torch.float32,
+            partitioned=partitioned_load(ds_config),  # ZeRO-3: no rank holds the whole model
         )
     # The trained prompt format as the processor's chat template (evaluation, the export),
     # saved at once in run_dir/processor.
@@ -329,7 +331,7 @@ def build_engine(
     report = apply_freeze(janus, list(spec.trainable), cfg.model.lora)  # + LoRA adapters
     if info.is_main:
         write_trainable_report(report, run_dir / "trainable.json")
-    flops = FlopCounter(janus)  # before ZeRO-3 partitions the parameters
+    flops = FlopCounter(janus)
     zero3 = cfg.deepspeed.zero_stage == 3
     model = JanusTrainModel(
         janus, params_partitioned=zero3, head_loss=build_head_loss(cfg.model, zero3)

@@ -92,8 +92,8 @@ def test_build_engine_reads_in_the_engine_dtype(monkeypatch, tmp_path, bf16, dty
     class Built(Exception):
         pass
 
-    def fake_build_model(cfg, workdir=None, dtype=torch.float32):
-        seen.append(dtype)
+    def fake_build_model(cfg, workdir=None, dtype=torch.float32, partitioned=None):
+        seen.append((dtype, partitioned))
         raise Built
 
     monkeypatch.setattr(train, "build_model", fake_build_model)
@@ -102,7 +102,21 @@ def test_build_engine_reads_in_the_engine_dtype(monkeypatch, tmp_path, bf16, dty
         run = tiny_run()
         spec = resolve_stage(run)
         train.build_engine(run, spec, DistInfo(0, 1, 0), {"bf16": {"enabled": bf16}}, tmp_path)
-    assert seen == [dtype]
+    assert seen == [(dtype, None)]  # ZeRO-0/1/2: built whole
+
+
+def test_partitioned_load_only_under_zero3_and_only_while_loading():
+    """HF builds under ``zero.Init`` inside ``loading()`` only: a later ``from_pretrained`` (an
+    export's check, evaluation) builds whole again."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from janus_train.trainer.distributed import partitioned_load
+
+    assert partitioned_load({"zero_optimization": {"stage": 2}}) is None
+    load = partitioned_load({"zero_optimization": {"stage": 3}, "train_batch_size": 1})
+    with load.loading():
+        assert is_deepspeed_zero3_enabled()
+    assert not is_deepspeed_zero3_enabled()
 
 
 def _ranks(n, fn):

@@ -280,6 +280,75 @@ def _bf16_run(root, zero):
     torch.save(seen, Path(root) / f"bf16_vq_z{zero}.rank{dist.get_rank()}.pt")
 
 
+INIT_FROM = [  # stage 3 trains every group but the VQ, with weight decay; LoRA on SigLIP
+    "experiment.stage3.weight_decay=0.1",
+    "model.reinit_gen_modules=true",
+    "model.tokenizer=null",
+    "model.lora.enabled=true",
+    "model.lora.groups=[und_encoder]",
+    "model.lora.init=random",
+]
+
+
+def _init_from_z3(root):
+    """ZeRO-3 runs of stage 3 from ``model.init_from`` (``stage3_z3``'s export): built and
+    loaded partitioned (``partitioned_load``), and whole then partitioned by
+    ``deepspeed.initialize`` (the reference: ``partitioned_load`` returning None, as before
+    issue 22). Records per run and rank: the parameter elements ``build_model`` left on the
+    rank (held) against the model's (full), whether the VQ is whole fp32 outside ZeRO, the
+    FLOP counter's parameter count, and (rank 0) every weight gathered after the engine."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from janus_train import train
+    from janus_train.model.freeze import full_numel
+    from janus_train.model.vq_codes import vq_state_dict
+
+    orig_build_model, orig_engine, orig_load = (
+        train.build_model,
+        train.build_engine,
+        train.partitioned_load,
+    )
+    seen: dict = {}
+
+    def build_model(*a, **k):
+        janus, proc = orig_build_model(*a, **k)
+        vq = janus.model.vqmodel.quant_conv.weight
+        seen["vq_whole_fp32"] = vq.dtype == torch.float32 and not hasattr(vq, "ds_id")
+        # a partitioned parameter's elements on this rank are its shard (ds_tensor)
+        seen["held"] = sum(getattr(p, "ds_tensor", p).numel() for p in janus.parameters())
+        seen["full"] = sum(full_numel(p) for p in janus.parameters())
+        seen["vq"] = sum(p.numel() for p in janus.model.vqmodel.parameters())
+        return janus, proc
+
+    def build_engine(*a, **k):
+        t = orig_engine(*a, **k)
+        seen["flop_params"] = t.flops.n_params
+        params = dict(t.janus.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            weights = {n: p.detach().clone() for n, p in params.items()}
+        weights.update({k: v.clone() for k, v in vq_state_dict(t.janus).items()})
+        if dist.get_rank() == 0:
+            torch.save(weights, Path(root) / f"{seen['name']}.weights.pt")
+        return t
+
+    ckpt = Path(root) / "stage3_z3" / "hf"
+    train.build_model, train.build_engine = build_model, build_engine
+    try:
+        for name, whole in (("init_from_z3", False), ("init_from_z3_whole", True)):
+            seen.clear()
+            seen["name"] = name
+            if whole:
+                train.partitioned_load = lambda ds_config: None
+            run = make_run(root, name, "stage3", 3, extra=[f"model.init_from={ckpt}", *INIT_FROM])
+            assert train.run(run) == 0
+            path = Path(root) / f"{name}.rank{dist.get_rank()}.json"
+            path.write_text(json.dumps(seen))
+    finally:
+        train.build_model, train.build_engine = orig_build_model, orig_engine
+        train.partitioned_load = orig_load
+
+
 def scenario_main(root):
     from janus_train import train
 
@@ -296,6 +365,7 @@ def scenario_main(root):
                 root, f"{stage}_z{zero}", stage, zero, extra=extras.get((stage, zero), [])
             )
             assert train.run(run) == 0
+    _init_from_z3(root)
     _bf16_run(root, 2)
     _bf16_run(root, 3)
     _grads(root, "grad_token_mean_z2", 2, "token_mean")
@@ -573,6 +643,44 @@ def _module_state(ckpt):
     return torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
 
 
+def test_zero3_init_from_loads_partitioned_and_trains_as_the_whole_load(scen):
+    """ZeRO-3 from ``model.init_from``: ``build_model`` leaves each rank its shards only (the
+    frozen VQ whole, fp32, outside ZeRO); gathered after the engine, the weights equal the
+    checkpoint's bitwise (the re-initialised generation modules and the adapters excepted) and
+    the whole load's bitwise (those too: same seeds, rank 0's values kept). Training is then
+    bitwise the whole load's: the same values in the same partitions of the same engine."""
+    from janus_train.model.lora import is_adapter_param
+
+    ck = _load_safetensors(scen / "stage3_z3" / "hf")
+    part, whole = (
+        torch.load(scen / f"{n}.weights.pt") for n in ("init_from_z3", "init_from_z3_whole")
+    )
+    assert part.keys() == whole.keys()
+    assert all(torch.equal(part[k], whole[k]) for k in part)
+    loaded = {k.replace(".base_layer.", "."): v for k, v in part.items() if not is_adapter_param(k)}
+    assert loaded.keys() == ck.keys()
+    reinit = ("model.generation_head.", "model.generation_aligner.", "model.generation_embeddings.")
+    for k, v in loaded.items():
+        assert torch.equal(v, ck[k]) != k.startswith(reinit), k
+    for r in (0, 1):
+        p, w = (
+            json.loads((scen / f"{n}.rank{r}.json").read_text())
+            for n in ("init_from_z3", "init_from_z3_whole")
+        )
+        assert p["vq_whole_fp32"] and w["vq_whole_fp32"]
+        assert p["full"] == w["full"] == w["held"] and p["flop_params"] == w["flop_params"]
+        assert p["held"] - p["vq"] <= 0.51 * (p["full"] - p["vq"]), p  # half, a shard each
+    a, b = (_metrics(scen / n / "metrics.jsonl") for n in ("init_from_z3", "init_from_z3_whole"))
+    keys = [k for k in a[0] if k.startswith(("loss", "optim/")) and k != "optim/lr"]
+    assert len(a) == len(b) == 2 and "optim/grad_norm" in keys
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    report = [
+        json.loads((scen / n / "trainable.json").read_text())
+        for n in ("init_from_z3", "init_from_z3_whole")
+    ]
+    assert report[0] == report[1] and report[0]["total"]["trainable"] > 0
+
+
 def test_nonfinite_updates_skipped_then_stop(scen):
     for zero in (2, 3):
         recs = _metrics(scen / f"nan_skip_z{zero}" / "metrics.jsonl")
@@ -770,6 +878,14 @@ if __name__ == "__main__":
         from janus_train.trainer.distributed import exit_finished
 
         scenario_main(root)
+        exit_finished(0)
+    elif scenario == "init_from":  # the part of main that _init_from_z3 needs, alone
+        from janus_train import train
+        from janus_train.trainer.distributed import exit_finished
+
+        extra = ["train.export_at_end=true"]
+        assert train.run(make_run(root, "stage3_z3", "stage3", 3, extra=extra)) == 0
+        _init_from_z3(root)
         exit_finished(0)
     elif scenario == "resume":
         scenario_resume(root, *sys.argv[3:])

@@ -1,6 +1,6 @@
 """Model assembly, freezing and the training forward on HF transformers' Janus classes."""
 
-from janus_train.model.build import build_model, get_processor
+from janus_train.model.build import PartitionedLoad, build_model, get_processor
 from janus_train.model.config import ModelConfig
 from janus_train.model.forward import JanusTrainModel
 from janus_train.model.freeze import apply_freeze, set_train_mode, write_trainable_report
@@ -11,6 +11,7 @@ __all__ = [
     "GROUPS",
     "JanusTrainModel",
     "ModelConfig",
+    "PartitionedLoad",
     "SpecialTokens",
     "apply_freeze",
     "build_model",

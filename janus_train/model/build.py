@@ -3,13 +3,28 @@
 
 Nothing here re-implements a Janus module: the model is always a
 ``transformers.JanusForConditionalGeneration``.
+
+Under ZeRO-3 the trainer passes a :class:`PartitionedLoad` (this layer never imports DeepSpeed):
+``model.init_from`` is then built partitioned and loaded into the partitions (HF's
+``from_pretrained`` under ``deepspeed.zero.Init``: rank 0 reads each module's tensors, gathers,
+copies and re-partitions it), so no rank ever holds the whole model; the frozen VQ, which the
+trainer holds whole and in float32 outside the engine anyway, is read whole from the checkpoint
+instead of the partitioned one (:func:`load_whole_vq`)::
+
+    ZeRO-3, init_from:  zero.Init build -> per module: rank 0 reads, gather, copy, partition
+                        -> VQ replaced by a whole fp32 one read from the checkpoint
+                        -> re-inits (reinit_gen_*) on gathered parameters, rank 0's kept
+    otherwise:          whole build (from_pretrained in the training dtype, or random init)
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -32,6 +47,25 @@ from janus_train.model.tokenizer import (
 from janus_train.model.vq_codes import VQ_PATH, normalized_codebook
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionedLoad:
+    """ZeRO-3's partitioned build, supplied by the trainer
+    (``janus_train.trainer.distributed.partitioned_load``).
+
+    ``loading()``: the context HF's ``from_pretrained`` runs in to construct the model
+    partitioned (``deepspeed.zero.Init``) and load the checkpoint into the partitions.
+    ``gathered(params)``: the context in which ``params`` are whole on every rank; what rank 0
+    wrote into them is kept (broadcast) when it exits, so every rank ends with rank 0's values.
+    """
+
+    loading: Callable[[], AbstractContextManager]
+    gathered: Callable[[list], AbstractContextManager]
+
+
+def _whole(params: Iterable) -> AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def build_janus_config(cfg: ModelConfig, tokenizer):
@@ -140,21 +174,58 @@ def set_generation_config(model, st: SpecialTokens) -> None:
     compat.mark_generation_config_own(gc)
 
 
-def reinit_generation_modules(model, include_embeddings_and_adaptor: bool) -> None:
+def reinit_generation_modules(
+    model,
+    include_embeddings_and_adaptor: bool,
+    gathered: Callable[[list], AbstractContextManager] = _whole,
+) -> None:
     """Random re-initialisation of the image head (and optionally the generation adaptor) with
     HF's own initialiser; the code embeddings (with the adaptor) become the VQ's L2-normalised
-    codebook, the "codebook embeddings" the Janus paper's generation adaptor maps (its architecture section) and what
-    DeepSeek's quantizer outputs, so they are meaningful while frozen (the default)."""
+    codebook, the "codebook embeddings" the Janus paper's generation adaptor maps (its
+    architecture section) and what DeepSeek's quantizer outputs, so they are meaningful while
+    frozen (the default). ``gathered``: :attr:`PartitionedLoad.gathered` for a partitioned model
+    (the initialiser draws the same numbers from the whole tensors as on an unpartitioned one;
+    rank 0's are kept). The VQ is read whole (never partitioned: :func:`load_whole_vq`)."""
     mods = [model.model.generation_head]
     if include_embeddings_and_adaptor:
         mods += [model.model.generation_aligner]
-    for mod in mods:
-        for sub in mod.modules():
-            compat.reinit_with_hf_initializer(model, sub)
-    if include_embeddings_and_adaptor:
-        with torch.no_grad():
-            emb = model.model.generation_embeddings.weight
-            emb.copy_(normalized_codebook(model.model.vqmodel).to(emb.dtype))
+    emb = model.model.generation_embeddings.weight
+    params = [p for mod in mods for p in mod.parameters()]
+    with gathered(params + ([emb] if include_embeddings_and_adaptor else [])):
+        for mod in mods:
+            for sub in mod.modules():
+                compat.reinit_with_hf_initializer(model, sub)
+        if include_embeddings_and_adaptor:
+            with torch.no_grad():
+                emb.copy_(normalized_codebook(model.model.vqmodel).to(emb.dtype))
+
+
+def load_whole_vq(vq_config, path: str | os.PathLike) -> torch.nn.Module:
+    """The VQ of the HF-format checkpoint at ``path``, whole and in float32, built outside any
+    ``zero.Init``: its tensors memory-mapped from the safetensors files (an fp32 checkpoint's
+    are used in place, a bf16 one's are cast: the VQ's float32 copy every rank holds anyway,
+    ``vq_codes.detach_vq``). Raises ``ValueError`` naming ``path`` when its safetensors lack a
+    VQ tensor or hold an unexpected one."""
+    from safetensors import safe_open
+    from transformers import JanusVQVAE
+
+    prefix = VQ_PATH + "."
+    state = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                if k.startswith(prefix):
+                    state[k[len(prefix) :]] = sf.get_tensor(k).float()
+    with torch.device("meta"):
+        vq = JanusVQVAE(vq_config)
+    res = vq.load_state_dict(state, strict=False, assign=True)
+    meta = [n for n, t in [*vq.named_parameters(), *vq.named_buffers()] if t.is_meta]
+    if res.unexpected_keys or meta:
+        raise ValueError(
+            f"model.init_from={str(path)!r}: its safetensors lack VQ tensor(s) "
+            f"{[prefix + k for k in meta][:3]} or hold unexpected {res.unexpected_keys[:3]}"
+        )
+    return vq.eval()
 
 
 def set_pad_embedding_trainable(model, trainable: bool, pad_id: int) -> None:
@@ -177,10 +248,39 @@ def set_checkpoint_every(model, k: int) -> None:
         layer.gradient_checkpointing = i % k == 0
 
 
+def _load_init_from(cfg: ModelConfig, dtype, attn: str, partitioned: PartitionedLoad | None):
+    """``from_pretrained`` of ``cfg.init_from`` (an HF-format directory), partitioned when
+    ``partitioned`` is given and the checkpoint is safetensors; (model, partitioned or None)."""
+    from transformers import JanusForConditionalGeneration
+
+    if not Path(cfg.init_from).is_dir():
+        raise FileNotFoundError(f"model.init_from={cfg.init_from!r} is not a directory")
+    if partitioned and not any(Path(cfg.init_from).glob("*.safetensors")):
+        logger.warning(
+            "model.init_from=%s holds no safetensors: loaded whole on every rank, not "
+            "partitioned (convert it with save_pretrained)",
+            cfg.init_from,
+        )
+        partitioned = None
+    with partitioned.loading() if partitioned else contextlib.nullcontext():
+        model = compat.from_pretrained_keeping_fp32(
+            JanusForConditionalGeneration,
+            cfg.init_from,
+            [VQ_PATH],
+            local_files_only=True,
+            dtype=dtype,
+            attn_implementation=build_attn_implementation(attn),
+        )
+    if partitioned:  # the partitioned VQ (its dtype the engine's) gives way to a whole one
+        model.model.vqmodel = load_whole_vq(model.config.vq_config, cfg.init_from)
+    return model, partitioned
+
+
 def build_model(
     cfg: ModelConfig,
     workdir: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
+    partitioned: PartitionedLoad | None = None,
 ):
     """Build ``(JanusForConditionalGeneration, processor)``.
 
@@ -190,6 +290,12 @@ def build_model(
     device and fills it tensor by tensor from the memory-mapped safetensors files, casting each
     on the way, so no fp32 copy of the weights is ever held (DeepSpeed keeps its fp32 master
     copy in the optimizer, partitioned under ZeRO). A random init is built in fp32 as before.
+
+    ``partitioned`` (ZeRO-3, from the trainer): ``model.init_from`` is built and loaded
+    partitioned (module docstring); the parameters come back as DeepSpeed's partitioned ones
+    (``ds_shape``, ``ds_numel``), the VQ whole. A random init is built whole even then: its
+    seeded weights are the same under every ZeRO stage (a model large enough to need
+    partitioning starts from a checkpoint).
     """
     from transformers import JanusForConditionalGeneration
 
@@ -201,22 +307,14 @@ def build_model(
     tokenizer = processor.tokenizer
     st = resolve_special_tokens(tokenizer)
     if cfg.init_from:
-        if not Path(cfg.init_from).is_dir():
-            raise FileNotFoundError(f"model.init_from={cfg.init_from!r} is not a directory")
-        model = compat.from_pretrained_keeping_fp32(
-            JanusForConditionalGeneration,
-            cfg.init_from,
-            [VQ_PATH],
-            local_files_only=True,
-            dtype=dtype,
-            attn_implementation=build_attn_implementation(attn),
-        )
+        model, partitioned = _load_init_from(cfg, dtype, attn, partitioned)
         if model.config.image_token_id != st.image:
             raise ValueError(
                 f"checkpoint {cfg.init_from!r} has image_token_id={model.config.image_token_id} "
                 f"but the tokenizer maps {st.image} to <image_placeholder>"
             )
     else:
+        partitioned = None  # a random init is built whole (docstring)
         jcfg = build_janus_config(cfg, tokenizer)
         compat.set_attn_implementation(jcfg, build_attn_implementation(attn))
         with torch.random.fork_rng(devices=[]):
@@ -225,7 +323,9 @@ def build_model(
     if cfg.reinit_gen_head or cfg.reinit_gen_modules:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed + 1)
-            reinit_generation_modules(model, cfg.reinit_gen_modules)
+            reinit_generation_modules(
+                model, cfg.reinit_gen_modules, partitioned.gathered if partitioned else _whole
+            )
     set_llm_attention(model, attn)
     set_pad_embedding_trainable(model, cfg.train_pad_embedding, st.pad)
     set_generation_config(model, st)

@@ -10,11 +10,22 @@ from __future__ import annotations
 import json
 import os
 
+import torch
 from torch import nn
 
 from janus_train.model.config import LoraConfig
 from janus_train.model.groups import GROUPS, NEVER_TRAINABLE
 from janus_train.model.lora import is_adapter_param
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also once ZeRO-3 has partitioned it (DeepSpeed's ``ds_shape``: the
+    tensor itself is then this rank's flat shard, or empty)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
+def full_numel(p: torch.Tensor) -> int:
+    return full_shape(p).numel()
 
 
 def validate_trainable(groups: list[str], where: str = "stage.trainable") -> None:
@@ -74,9 +85,9 @@ def apply_freeze(
         adapter = is_adapter_param(name)
         # peft marked only adapters trainable model-wide: every flag is set again here
         p.requires_grad_(adapter or (group in trainable and group not in lora_groups))
-        report[group]["trainable" if p.requires_grad else "frozen"] += p.numel()
+        report[group]["trainable" if p.requires_grad else "frozen"] += full_numel(p)
         if adapter:
-            report[group]["adapter"] += p.numel()
+            report[group]["adapter"] += full_numel(p)
     return report
 
 

@@ -14,6 +14,7 @@ of the whole step).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -275,6 +276,38 @@ def check_quantized_available(ds_cfg, world_size: int) -> None:
             f"deepspeed.quantized_gradients=true needs every GPU of each node: world size "
             f"{world_size} is not a multiple of the {per_node} GPUs per node"
         )
+
+
+def partitioned_load(ds_config: dict):
+    """How ``build_model`` builds a ZeRO-3 run's ``model.init_from``
+    (:class:`janus_train.model.PartitionedLoad`), None under ZeRO-0/1/2.
+
+    Loading: transformers' public switch, an ``HfDeepSpeedConfig`` of this run's DeepSpeed
+    config kept alive (transformers holds only a weak reference) for the ``from_pretrained``
+    call, then removed, so no later ``from_pretrained`` (an export's check, evaluation) builds
+    under ``zero.Init``. Gathering: ``deepspeed.zero.GatheredParameters`` with rank 0 as the
+    modifier."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    import deepspeed
+
+    from janus_train.model import PartitionedLoad
+
+    @contextlib.contextmanager
+    def loading():
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        alive = HfDeepSpeedConfig(ds_config)
+        try:
+            yield alive
+        finally:
+            unset_hf_deepspeed_config()
+
+    def gathered(params: list):
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+    return PartitionedLoad(loading, gathered)
 
 
 def init_engine(model: torch.nn.Module, ds_config: dict, param_groups: list[dict]):

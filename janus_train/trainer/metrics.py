@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from janus_train.model.freeze import full_numel
+
 logger = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s by GPU model (substring of torch.cuda.get_device_name, first match).
@@ -86,9 +88,9 @@ class FlopCounter:
     def __init__(self, janus) -> None:
         lm = janus.model.language_model
         tc = janus.config.text_config
-        # Built before DeepSpeed partitions anything, so numel() is the full size.
-        n = sum(p.numel() for name, p in lm.named_parameters() if "embed_tokens" not in name)
-        n += sum(p.numel() for p in janus.lm_head.parameters())
+        # full sizes, also of parameters built partitioned (ZeRO-3)
+        n = sum(full_numel(p) for name, p in lm.named_parameters() if "embed_tokens" not in name)
+        n += sum(full_numel(p) for p in janus.lm_head.parameters())
         self.n_params = n
         self.layers, self.width = tc.num_hidden_layers, tc.hidden_size
         self.und_image, self.gen_image = encoder_flops(janus.config)

@@ -11,6 +11,8 @@ import math
 
 from torch import nn
 
+from janus_train.model.freeze import full_shape
+
 
 def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters split into decay / no-decay groups (empty groups dropped)."""
@@ -21,7 +23,7 @@ def build_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or id(p) in embedding_params:
+        if len(full_shape(p)) < 2 or id(p) in embedding_params:  # ZeRO-3: built partitioned
             no_decay.append(p)
         else:
             decay.append(p)
