@@ -490,6 +490,35 @@ def _zero3_transfers(
     return out
 
 
+def _zero12_transfers(
+    ds: DeepSpeedConfig, trainable: int, a: float, pb: int, gb: int, ring: float, inter: bool
+) -> list[Transfer]:
+    """ZeRO-1/2's gradient reduction and the parameter all-gather after the step; ``a``
+    micro-steps, ``ring`` the ring factor (n - 1) / n, ``inter``: across nodes."""
+    gather = Transfer(
+        "parameter all-gather after the step", pb * trainable * ring, inter, "after step"
+    )
+    # use_multi_rank_bucket_allreduce (default): all-reduce of each bucket; else a reduce
+    # of each partition to its owner
+    op, k = ("all-reduce", 2) if ds.bucket_allreduce else ("reduce", 1)
+    if ds.zero_stage == 1:  # hooks reduce only at the accumulation boundary
+        red = Transfer(
+            f"gradient {op} ({gb} B) in the last backward",
+            k * gb * trainable * ring,
+            inter,
+            "last backward",
+        )
+    else:
+        red = Transfer(
+            f"gradient {op} ({gb} B) x{a:g}",
+            a * k * gb * trainable * ring,
+            inter,
+            "backward",
+            per_micro=True,
+        )
+    return [red, gather]
+
+
 def communication(
     ds: DeepSpeedConfig,
     trainable: int,
@@ -518,28 +547,7 @@ def communication(
         # engine.allreduce_gradients at the boundary, after the backward (buffered fallback)
         return [Transfer("gradient all-reduce", 2 * gb * trainable * ring, inter, "after step")]
     if z in (1, 2):
-        gather = Transfer(
-            "parameter all-gather after the step", pb * trainable * ring, inter, "after step"
-        )
-        # use_multi_rank_bucket_allreduce (default): all-reduce of each bucket; else a reduce
-        # of each partition to its owner
-        op, k = ("all-reduce", 2) if ds.bucket_allreduce else ("reduce", 1)
-        if z == 1:  # hooks reduce only at the accumulation boundary
-            red = Transfer(
-                f"gradient {op} ({gb} B) in the last backward",
-                k * gb * trainable * ring,
-                inter,
-                "last backward",
-            )
-        else:
-            red = Transfer(
-                f"gradient {op} ({gb} B) x{a:g}",
-                a * k * gb * trainable * ring,
-                inter,
-                "backward",
-                per_micro=True,
-            )
-        return [red, gather]
+        return _zero12_transfers(ds, trainable, a, pb, gb, ring, inter)
     out = _zero3_transfers(
         ds, trainable, forward_params, backward_params, nodes, gpus_per_node, a, pb, gb
     )
