@@ -433,11 +433,13 @@ def test_torch_varlen_refuses_missing_arguments_or_a_mask():
 
 
 def test_attention_that_would_mix_samples_is_refused():
-    fwd.check_attn_implementation("sdpa")
-    fwd.check_attn_implementation("flash_attention_2")
-    fwd.check_attn_implementation("auto")
+    from janus_train.model.attention import check_attn_implementation
+
+    check_attn_implementation("sdpa")
+    check_attn_implementation("flash_attention_2")
+    check_attn_implementation("auto")
     with pytest.raises(ValueError, match="model.attn_implementation='paged|sdpa'"):
-        fwd.check_attn_implementation("paged|sdpa")
+        check_attn_implementation("paged|sdpa")
 
 
 def test_attention_resolution_and_what_this_machine_cannot_run(monkeypatch):
