@@ -278,7 +278,8 @@ def test_tiny_recipes_feed_the_model_forward(proc, tmp_path, monkeypatch):
             n_gen = mb["gen_pixel_values"].shape[0]
             assert int((mb["image_codes"] == -1).sum()) == 16 * n_gen
             assert (
-                int((mb["input_ids"] == L.ctx.st.image).sum()) == 16 * mb["pixel_values"].shape[0]
+                int((mb["input_ids"] == L.args.ctx.st.image).sum())
+                == 16 * mb["pixel_values"].shape[0]
             )
         L.close()
     assert json.dumps(L.state_dict())  # plain python types

@@ -310,18 +310,19 @@ def inspect(args, overrides: list[str]) -> str:
     proc = get_processor(run.model, args.workdir)
     ctx = spec.context(proc, run.model, run.data)
     loader = build_train_loader(spec.recipe, ctx, run.data, spec.ratio, spec.plan, rank=0)
+    recipe, counts = loader.args.recipe, loader.args.counts
     st = resolve_special_tokens(proc.tokenizer)
     lines = [
-        f"recipe {loader.recipe.name} ({loader.recipe.path}); stage {run.stage.name}; "
-        f"per-step task counts {loader.counts}"
+        f"recipe {recipe.name} ({recipe.path}); stage {run.stage.name}; "
+        f"per-step task counts {counts}"
     ]
     lengths: dict[str, list[int]] = {}
     for step in range(args.steps):
         # one sample per micro-batch; its source is the one the loader's step plan names
-        plan = step_plan(loader.recipe, loader.counts, step, 1, 1, args.n, run.data.seed)[0]
+        plan = step_plan(recipe, counts, step, 1, 1, args.n, run.data.seed)[0]
         for mb, keys, srcs in zip(loader.next_step(), loader.last_keys, plan):
             n = int(mb["attention_mask"][0].sum())
-            lengths.setdefault(loader.recipe.sources[srcs[0]].name, []).append(n)
+            lengths.setdefault(recipe.sources[srcs[0]].name, []).append(n)
             if args.lengths:
                 continue
             row = {k: mb[k][0, :n].tolist() for k in ("input_ids", "labels", "image_codes")}
@@ -331,7 +332,7 @@ def inspect(args, overrides: list[str]) -> str:
     lines.append("counts: " + json.dumps(loader.counters()))
     if args.lengths:
         what = f"{args.steps} step(s) x {args.n} samples"
-        lines.append(length_snippet(lengths, loader.recipe.path, what))
+        lines.append(length_snippet(lengths, recipe.path, what))
     loader.close()
     text = "\n".join(lines)
     print(text)

@@ -22,6 +22,7 @@ from janus_train.data.builders import BuildContext
 from janus_train.data.config import DataConfig
 from janus_train.data.recipe import Recipe
 from janus_train.data.step_loaders import FixedStepLoader, TokenStepLoader
+from janus_train.data.steps import LoaderArgs
 from janus_train.model.chat_template import PromptFormat
 from janus_train.model.config import ModelConfig
 from janus_train.model.tokenizer import resolve_special_tokens
@@ -104,18 +105,14 @@ def build_train_loader(
                 consumers,
                 consumers,
             )
-    dcfg = dataclasses.replace(data)  # a snapshot: later edits of the config do not leak in
-    if plan.tokens_per_micro:
-        return TokenStepLoader(
-            recipe,
-            ctx,
-            dcfg,
-            counts,
-            rank,
-            world_size,
-            tokens_per_micro=plan.tokens_per_micro,
-            exchange=exchange,
-        )
-    return FixedStepLoader(
-        recipe, ctx, dcfg, counts, rank, world_size, plan.micro_batch_size, plan.grad_accum
+    args = LoaderArgs(
+        recipe,
+        ctx,
+        dataclasses.replace(data),  # a snapshot: later edits of the config do not leak in
+        counts,
+        rank,
+        world_size,
     )
+    if plan.tokens_per_micro:
+        return TokenStepLoader(args, tokens_per_micro=plan.tokens_per_micro, exchange=exchange)
+    return FixedStepLoader(args, plan.micro_batch_size, plan.grad_accum)

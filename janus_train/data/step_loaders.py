@@ -17,12 +17,10 @@ from collections.abc import Callable
 import torch
 
 from janus_train.batch import Sample, empty_batch
-from janus_train.data.builders import BuildContext, collate_samples, finish_pixels
-from janus_train.data.config import DataConfig
+from janus_train.data.builders import collate_samples, finish_pixels
 from janus_train.data.mixing import rank_supply
 from janus_train.data.packing import Layout, balance_takes, keep_bounds, layout
-from janus_train.data.recipe import Recipe
-from janus_train.data.steps import MicroBatches, RankSupply, WorkerSteps
+from janus_train.data.steps import LoaderArgs, MicroBatches, RankSupply, WorkerSteps
 
 logger = logging.getLogger(__name__)
 
@@ -31,21 +29,9 @@ class FixedStepLoader:
     """``next_step()`` -> this rank's ``grad_accum`` micro-batches of ``micro_batch_size``
     samples of the next optimizer step."""
 
-    def __init__(
-        self,
-        recipe: Recipe,
-        ctx: BuildContext,
-        dcfg: DataConfig,
-        counts: dict,
-        rank: int,
-        world_size: int,
-        micro_batch_size: int,
-        grad_accum: int,
-    ):
-        self.recipe, self.ctx, self.counts = recipe, ctx, counts
-        self.worker_steps = WorkerSteps(
-            recipe, ctx, dcfg, counts, rank, world_size, MicroBatches(micro_batch_size, grad_accum)
-        )
+    def __init__(self, args: LoaderArgs, micro_batch_size: int, grad_accum: int):
+        self.args = args
+        self.worker_steps = WorkerSteps(args, MicroBatches(micro_batch_size, grad_accum))
         self.last_keys: list[list[str]] = []
         """Sample keys (``shard#key``) of the last step's micro-batches."""
 
@@ -62,7 +48,7 @@ class FixedStepLoader:
     def finish(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """With ``data.pixels_uint8``: normalise a (device) batch's uint8 pixels to the float
         contract; otherwise the batch unchanged. Call after moving the batch to the device."""
-        return finish_pixels(batch, self.ctx.mean, self.ctx.std)
+        return finish_pixels(batch, self.args.ctx.mean, self.args.ctx.std)
 
     def counters(self) -> dict[str, int]:
         return self.worker_steps.counters()
@@ -111,33 +97,28 @@ class TokenStepLoader:
 
     def __init__(
         self,
-        recipe: Recipe,
-        ctx: BuildContext,
-        dcfg: DataConfig,
-        counts: dict,
-        rank: int,
-        world_size: int,
+        args: LoaderArgs,
         *,
         tokens_per_micro: int,
         exchange: Callable[[object], list] | None = None,
     ):
-        self.recipe, self.ctx, self.dcfg, self.counts = recipe, ctx, dcfg, counts
-        self.rank, self.world_size = rank, world_size
+        self.args = args
         self.tokens_per_micro = tokens_per_micro
         self.exchange = exchange or (lambda obj: [obj])
         """``exchange(obj) -> [obj of rank 0, ..., obj of rank world-1]`` (all-gather)."""
-        self.worker_steps = WorkerSteps(recipe, ctx, dcfg, counts, rank, world_size, RankSupply())
+        self.worker_steps = WorkerSteps(args, RankSupply())
         """Its ``pulled``: steps whose supply has been built into the queues."""
         self.step = 0
         """The next step to train."""
-        self.queues: list[list[Sample]] = [[] for _ in recipe.sources]
+        self.queues: list[list[Sample]] = [[] for _ in args.recipe.sources]
         self.dropped: Counter = Counter()
         self.last_keys: list[list[str]] = []
         """Sample keys (``shard#key``) of the last step's micro-batches."""
         self.last_layout: Layout | None = None
 
     def _supply(self, step: int) -> list[list[int]]:
-        return rank_supply(self.recipe, self.counts, step, self.world_size, self.dcfg.seed)
+        a = self.args
+        return rank_supply(a.recipe, a.counts, step, a.world_size, a.dcfg.seed)
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         s = self.step
@@ -146,13 +127,13 @@ class TokenStepLoader:
             for src, sample in supply:
                 self.queues[src].append(sample)
         taken, lay = self._take(s)
-        for i, src in enumerate(self.recipe.sources):  # a source that ends leaves nothing
+        for i, src in enumerate(self.args.recipe.sources):  # a source that ends leaves nothing
             if self.queues[i] and not src.active(s + 1):
                 self.dropped[f"dropped/{src.name}"] += len(self.queues[i])
                 self.queues[i] = []
-        out = [self._collate([taken[j] for j in pack]) for pack in lay.packs[self.rank]]
+        out = [self._collate([taken[j] for j in pack]) for pack in lay.packs[self.args.rank]]
         self.step += 1
-        self.last_keys = [[taken[j].key for j in pack] for pack in lay.packs[self.rank]]
+        self.last_keys = [[taken[j].key for j in pack] for pack in lay.packs[self.args.rank]]
         self.last_layout = lay
         return out
 
@@ -160,30 +141,31 @@ class TokenStepLoader:
         """This rank's samples of step ``s`` (taken off its queues) and every rank's packing:
         the same decision on every rank from the exchanged queue lengths. Collective."""
         need = Counter(i for share in self._supply(s) for i in share)
-        keep = keep_bounds(need, self._supply(s + 1), self.world_size)
+        keep = keep_bounds(need, self._supply(s + 1), self.args.world_size)
         mine = {i: [len(x.input_ids) for x in q] for i, q in enumerate(self.queues) if q}
         queues = [{i: r_q.get(i, []) for i in need} for r_q in self.exchange(mine)]
         takes = balance_takes(queues, dict(need), keep)
         order = sorted(need)
         rank_lengths = [
-            [n for i in order for n in queues[r][i][: takes[r][i]]] for r in range(self.world_size)
+            [n for i in order for n in queues[r][i][: takes[r][i]]]
+            for r in range(self.args.world_size)
         ]
         taken: list[Sample] = []
         for i in order:
-            k = takes[self.rank][i]
+            k = takes[self.args.rank][i]
             taken += self.queues[i][:k]
             del self.queues[i][:k]
         return taken, layout(rank_lengths, self.tokens_per_micro)
 
     def _collate(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         """One packed row of ``samples``; an empty micro-batch (one pad token) for none."""
-        d = self.dcfg
+        d = self.args.dcfg
         if not samples:
             dtype = torch.uint8 if d.pixels_uint8 else torch.float32
-            return empty_batch(self.ctx.st.pad, self.ctx.image_size, dtype)
+            return empty_batch(self.args.ctx.st.pad, self.args.ctx.image_size, dtype)
         return collate_samples(
             samples,
-            self.ctx,
+            self.args.ctx,
             d.pad_to_multiple_of,
             d.pixels_uint8,
             pack=True,
@@ -192,16 +174,16 @@ class TokenStepLoader:
 
     def finish(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """As :meth:`FixedStepLoader.finish`."""
-        return finish_pixels(batch, self.ctx.mean, self.ctx.std)
+        return finish_pixels(batch, self.args.ctx.mean, self.args.ctx.std)
 
     def counters(self) -> dict[str, int]:
         return dict(sorted({**self.worker_steps.counters(), **self.dropped}.items()))
 
     def _built(self) -> list[list[str]]:
         """Source names of this rank's supply of the steps built but not trained."""
-        names = [src.name for src in self.recipe.sources]
+        names = [src.name for src in self.args.recipe.sources]
         return [
-            [names[i] for i in self._supply(k)[self.rank]]
+            [names[i] for i in self._supply(k)[self.args.rank]]
             for k in range(self.step, self.worker_steps.pulled)
         ]
 
@@ -212,7 +194,7 @@ class TokenStepLoader:
             pulled=self.worker_steps.pulled,
             built=self._built(),
             dropped=dict(self.dropped),
-            queues={src.name: list(q) for src, q in zip(self.recipe.sources, self.queues)},
+            queues={src.name: list(q) for src, q in zip(self.args.recipe.sources, self.queues)},
         )
         return sd
 
@@ -225,9 +207,9 @@ class TokenStepLoader:
         ``skipped/<source>/reshard_queued``."""
         self.worker_steps.load_resharded(sds)
         self.step = self.worker_steps.pulled
-        self.queues = [[] for _ in self.recipe.sources]
+        self.queues = [[] for _ in self.args.recipe.sources]
         self.dropped = Counter()
-        if self.rank == 0:
+        if self.args.rank == 0:
             for sd in sds:
                 self.dropped.update(sd.get("dropped", {}))
                 for name, q in sd.get("queues", {}).items():
@@ -243,15 +225,15 @@ class TokenStepLoader:
         self.worker_steps.load_state_dict(sd, int(sd["pulled"]))
         self.step = int(sd["step"])
         self.dropped = Counter(sd.get("dropped", {}))
-        by_name = {src.name: i for i, src in enumerate(self.recipe.sources)}
-        self.queues = [[] for _ in self.recipe.sources]
+        by_name = {src.name: i for i, src in enumerate(self.args.recipe.sources)}
+        self.queues = [[] for _ in self.args.recipe.sources]
         for name, q in sd["queues"].items():
             if name in by_name:
                 self.queues[by_name[name]] = list(q)
         if "built" in sd:
             same = sd["built"] == self._built()
         else:  # written before the plan was recorded: the source list decides
-            same = list(sd["sources"]) == [src.name for src in self.recipe.sources]
+            same = list(sd["sources"]) == [src.name for src in self.args.recipe.sources]
         if any(self.exchange(not same)):  # one rank's queues alone cannot be kept
             self._rebuild_queued(sd)
 
@@ -259,7 +241,7 @@ class TokenStepLoader:
         lost = Counter({name: len(q) for name, q in sd["queues"].items() if q})
         for name, n in lost.items():
             self.dropped[f"skipped/{name}/recipe_change"] += n
-        if self.rank == 0:
+        if self.args.rank == 0:
             logger.warning(
                 "the data recipe changed since the checkpoint: steps %d-%d are rebuilt under "
                 "the new one, the samples queued for them skipped (%s)",
@@ -268,7 +250,7 @@ class TokenStepLoader:
                 dict(lost),
             )
         self.worker_steps.restart_at(self.step)
-        self.queues = [[] for _ in self.recipe.sources]
+        self.queues = [[] for _ in self.args.recipe.sources]
 
     def close(self) -> None:
         """Stop the worker processes (see :meth:`WorkerSteps.close`)."""

@@ -42,6 +42,28 @@ STATE_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
+class LoaderArgs:
+    """What every part of a rank's WebDataset loader is built on, built once
+    (``data.loader.build_train_loader``) and shared by the step loader, its :class:`WorkerSteps`
+    and the workers' :class:`StepDataset`."""
+
+    recipe: Recipe
+    """The stage's recipe, checked against it (``config.resolve_stage``)."""
+    ctx: BuildContext
+    dcfg: DataConfig
+    """A snapshot of the data settings (later edits of the config do not leak in)."""
+    counts: dict[str, int]
+    """Samples per task of every step (``batch.task_counts`` of the ratio and global batch)."""
+    rank: int
+    world_size: int
+
+    @property
+    def num_workers(self) -> int:
+        """Logical workers building steps (``data.num_workers``; 0 builds in-process, as one)."""
+        return max(1, self.dcfg.num_workers)
+
+
+@dataclasses.dataclass(frozen=True)
 class MicroBatches:
     """A fixed-count step as a worker makes it: the rank's ``grad_accum`` groups of
     ``micro_batch_size`` samples (``mixing.step_plan``), each collated in the worker into a
@@ -89,19 +111,13 @@ class StepDataset(IterableDataset):
 
     def __init__(
         self,
-        recipe: Recipe,
-        ctx: BuildContext,
-        dcfg: DataConfig,
-        counts: dict,
-        rank: int,
-        world_size: int,
+        args: LoaderArgs,
         start_step: int,
         worker_states: list[dict],
         shape: MicroBatches | RankSupply,
     ):
         super().__init__()
-        self.recipe, self.ctx, self.dcfg, self.counts = recipe, ctx, dcfg, counts
-        self.rank, self.world_size, self.W = rank, world_size, max(1, dcfg.num_workers)
+        self.args, self.W = args, args.num_workers
         self.start_step, self.worker_states, self.shape = start_step, worker_states, shape
 
     def __iter__(self):
@@ -111,33 +127,31 @@ class StepDataset(IterableDataset):
             torch.set_num_threads(1)
         # DataLoader hands out items from loader worker 0 first: rotate so that the worker
         # serving step start_step is logical worker start_step % W (stable across resumes).
+        a = self.args
         w = (loader_id + self.start_step) % self.W
         ws = self.worker_states[w]
         counters = Counter(ws.get("counters", {}))
-        consumer, n_consumers = self.rank * self.W + w, self.world_size * self.W
+        consumer, n_consumers = a.rank * self.W + w, a.world_size * self.W
         streams: dict[int, SampleStream] = {}
         src_states = ws.get("sources", {})
 
         def stream(i: int) -> SampleStream:
             if i not in streams:
-                src = self.recipe.sources[i]
+                src = a.recipe.sources[i]
                 state = src_states.get(src.name)
                 streams[i] = SampleStream(
-                    src, self.ctx, self.dcfg, consumer, n_consumers, state, counters
+                    src, a.ctx, a.dcfg, consumer, n_consumers, state, counters
                 )
             return streams[i]
 
         step = self.start_step + ((w - self.start_step) % self.W)
         while True:
-            plan = self.shape.plan(
-                self.recipe, self.counts, step, self.world_size, self.rank, self.dcfg.seed
-            )
+            plan = self.shape.plan(a.recipe, a.counts, step, a.world_size, a.rank, a.dcfg.seed)
             made = [  # one group at a time: a collated group's samples are freed
-                self.shape.make([(i, stream(i).next()) for i in ids], self.ctx, self.dcfg)
-                for ids in plan
+                self.shape.make([(i, stream(i).next()) for i in ids], a.ctx, a.dcfg) for ids in plan
             ]
             for i, s in streams.items():
-                src_states[self.recipe.sources[i].name] = s.state()
+                src_states[a.recipe.sources[i].name] = s.state()
             state = {
                 "sources": {k: dict(v) for k, v in src_states.items()},
                 "counters": dict(counters),
@@ -152,19 +166,9 @@ class WorkerSteps:
     continues (``state_dict``, exact ``load_state_dict``, ``load_resharded`` onto another
     layout). The component both WebDataset loaders are built on."""
 
-    def __init__(
-        self,
-        recipe: Recipe,
-        ctx: BuildContext,
-        dcfg: DataConfig,
-        counts: dict,
-        rank: int,
-        world_size: int,
-        shape: MicroBatches | RankSupply,
-    ):
-        self.recipe, self.ctx, self.dcfg, self.counts = recipe, ctx, dcfg, counts
-        self.rank, self.world_size, self.shape = rank, world_size, shape
-        self.num_workers = dcfg.num_workers
+    def __init__(self, args: LoaderArgs, shape: MicroBatches | RankSupply):
+        self.args, self.shape = args, shape
+        self.num_workers = args.dcfg.num_workers
         self.pulled = 0
         """Steps taken from the workers: the next step to take."""
         self.worker_states: list[dict] = [{} for _ in range(max(1, self.num_workers))]
@@ -173,17 +177,12 @@ class WorkerSteps:
     def start(self) -> None:
         """Start the workers at step ``pulled`` (``take`` does when none run)."""
         ds = StepDataset(
-            self.recipe,
-            self.ctx,
-            self.dcfg,
-            self.counts,
-            self.rank,
-            self.world_size,
+            self.args,
             self.pulled,
             copy.deepcopy(self.worker_states),  # in-process streams update their own copy
             self.shape,
         )
-        self.it = start_workers(ds, self.dcfg)
+        self.it = start_workers(ds, self.args.dcfg)
 
     def take(self) -> list:
         """What ``shape`` made of each group of step ``pulled``."""
@@ -217,12 +216,12 @@ class WorkerSteps:
         return {
             "version": STATE_VERSION,
             "step": step,
-            "rank": self.rank,
-            "world_size": self.world_size,
+            "rank": self.args.rank,
+            "world_size": self.args.world_size,
             "num_workers": self.num_workers,
-            "seed": self.dcfg.seed,
-            "recipe": self.recipe.name,
-            "sources": [s.name for s in self.recipe.sources],
+            "seed": self.args.dcfg.seed,
+            "recipe": self.args.recipe.name,
+            "sources": [s.name for s in self.args.recipe.sources],
             "workers": [dict(ws) for ws in self.worker_states],
         }
 
@@ -230,22 +229,22 @@ class WorkerSteps:
         """Continue from this rank's own ``sd`` (same layout, checked) at step ``pulled``."""
         for key, mine in (
             ("version", STATE_VERSION),
-            ("world_size", self.world_size),
+            ("world_size", self.args.world_size),
             ("num_workers", self.num_workers),
-            ("seed", self.dcfg.seed),
-            ("rank", self.rank),
+            ("seed", self.args.dcfg.seed),
+            ("rank", self.args.rank),
         ):
             if sd.get(key) != mine:
                 raise ValueError(
                     f"loader state has {key}={sd.get(key)!r} but this run has "
                     f"{mine!r}: exact resume needs the same value"
                 )
-        missing = set(sd["sources"]) - {s.name for s in self.recipe.sources}
-        if missing and self.rank == 0:
+        missing = set(sd["sources"]) - {s.name for s in self.args.recipe.sources}
+        if missing and self.args.rank == 0:
             logger.warning(
                 "data sources %s are no longer in recipe %s: dropped",
                 sorted(missing),
-                self.recipe.name,
+                self.args.recipe.name,
             )
         self.close()
         self.pulled = pulled
@@ -257,9 +256,9 @@ class WorkerSteps:
             sd.get(k) == v
             for k, v in (
                 ("version", STATE_VERSION),
-                ("world_size", self.world_size),
+                ("world_size", self.args.world_size),
                 ("num_workers", self.num_workers),
-                ("rank", self.rank),
+                ("rank", self.args.rank),
             )
         )
 
@@ -270,11 +269,11 @@ class WorkerSteps:
         0 as ``skipped/<source>/reshard*`` (see ``janus_train.data.reshard``), the old counters
         summed there too."""
         for sd in sds:
-            if sd.get("seed") != self.dcfg.seed or sd.get("version") != STATE_VERSION:
+            if sd.get("seed") != self.args.dcfg.seed or sd.get("version") != STATE_VERSION:
                 raise ValueError(
                     f"loader state has data.seed={sd.get('seed')!r} "
                     f"(version {sd.get('version')}), this run "
-                    f"{self.dcfg.seed!r}: the data order cannot continue"
+                    f"{self.args.dcfg.seed!r}: the data order cannot continue"
                 )
         if len({int(sd["step"]) for sd in sds}) != 1:
             raise ValueError("loader states of the ranks are at different steps")
@@ -291,7 +290,7 @@ class WorkerSteps:
         self.worker_states = [
             {
                 "sources": {k: {"rec": dict(v["rec"]), "sub": 0} for k, v in sources.items()},
-                "counters": dict(total) if self.rank == 0 and w == 0 else {},
+                "counters": dict(total) if self.args.rank == 0 and w == 0 else {},
             }
             for w in range(max(1, self.num_workers))
         ]
@@ -304,22 +303,22 @@ class WorkerSteps:
         sources, total = {}, Counter()
         for ws in old:
             total.update(ws.get("counters", {}))
-        for src in self.recipe.sources:
+        for src in self.args.recipe.sources:
             state, counts = plan_carry(
                 src.name,
                 src.shards,
-                self.dcfg.seed,
-                self.dcfg.shuffle,
+                self.args.dcfg.seed,
+                self.args.dcfg.shuffle,
                 [ws.get("sources", {}).get(src.name) for ws in old],
             )
             sources[src.name] = {"rec": state, "sub": 0}
             for k, v in counts.items():
                 total[f"skipped/{src.name}/{k}"] += v
-            if any(counts.values()) and self.rank == 0:
+            if any(counts.values()) and self.args.rank == 0:
                 logger.warning(
                     "data source %s: resumed on %d consumers from %d: %s",
                     src.name,
-                    self.world_size * max(1, self.num_workers),
+                    self.args.world_size * max(1, self.num_workers),
                     len(old),
                     dict(counts),
                 )
