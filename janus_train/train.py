@@ -648,6 +648,27 @@ def _hydra_main(dcfg: DictConfig) -> None:
         _error = e
 
 
+def dry_run_requested(args: list[str]) -> bool:
+    """Whether the command line sets ``train.dry_run`` true, read as Hydra and OmegaConf will:
+    the override grammar (``train.dry_run=...``, ``+``/``++`` forms, the last one counts, ``~``
+    deletes), then the conversion of a ``bool`` field (``true``/``yes``/``on``/``1``, any case).
+    A value either cannot read is Hydra's to report: not a dry run here."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import BooleanNode, OmegaConf
+
+    parser, on = OverridesParser.create(), False
+    for arg in args:
+        if arg[:1] == "-" or "dry_run" not in arg:
+            continue
+        try:
+            (o,) = parser.parse_overrides([arg])
+            if o.key_or_group == "train.dry_run":
+                on = not o.is_delete() and OmegaConf.create({"v": BooleanNode(o.value())}).v
+        except Exception:  # noqa: BLE001  # Hydra reports the bad override itself
+            continue
+    return bool(on)
+
+
 def main() -> None:
     # The `deepspeed` launcher appends --local_rank=N unless given --no_local_rank; Hydra would
     # reject it, and LOCAL_RANK in the environment carries the same information.
@@ -664,7 +685,7 @@ def main() -> None:
 
         run_cli("janus-train", lambda: print(render([a for a in sys.argv[1:] if a[:1] != "-"])))
         sys.exit(0)
-    if any(a.lower() == "train.dry_run=true" for a in sys.argv[1:]):
+    if dry_run_requested(sys.argv[1:]):
         # Hydra's own files (.hydra/, train.log) go to a scratch dir removed at exit
         scratch = tempfile.mkdtemp(prefix="janus-dry-run-")
         atexit.register(shutil.rmtree, scratch, True)
@@ -696,15 +717,13 @@ def main() -> None:
             os.environ["HYDRA_FULL_ERROR"] = full_error
     if _error is None:  # finished or requeued: exit without Python's finalization
         exit_finished(_exit_status)
-    if _error is not None:
-        if is_storage_full(_error) and not debug_requested():  # status 3 must not become a crash
-            exit_finished(report_storage_full(_error))
-        if not is_user_error(_error):
-            raise _error
-        if debug_requested():
-            traceback.print_exception(_error)
-        sys.exit(report_user_error("janus-train", _error))
-    sys.exit(_exit_status)
+    if is_storage_full(_error) and not debug_requested():  # status 3 must not become a crash
+        exit_finished(report_storage_full(_error))
+    if not is_user_error(_error):
+        raise _error
+    if debug_requested():
+        traceback.print_exception(_error)
+    sys.exit(report_user_error("janus-train", _error))
 
 
 if __name__ == "__main__":

@@ -392,18 +392,26 @@ def test_wandb_run_id_survives_a_resume(tmp_path, monkeypatch):
     assert saved["janus_train"]["wandb_id"] == ids.pop()
 
 
-@pytest.mark.parametrize("outcome", ["done", "requeue", "error"])
-def test_main_destroys_the_process_groups_after_a_finished_run(monkeypatch, outcome):
+@pytest.mark.parametrize("outcome", ["done", "requeue", "error", "user error"])
+def test_main_destroys_the_process_groups_after_a_finished_run(monkeypatch, capsys, outcome):
     """``janus-train``'s ``main`` leaves through ``exit_finished`` with the run's status when
     the run returned (done or requeued): no finalization racing gloo's threads (SIGABRT; see
-    ``tests/test_clean_exit.py``); an error keeps its own exit path."""
+    ``tests/test_clean_exit.py``); an error keeps its own exit path: a crash raises, a user
+    error is one line and exit 2."""
     from janus_train import train
 
     calls = []
+    monkeypatch.delenv("JANUS_DEBUG", raising=False)
+    monkeypatch.delenv("JANUS_USER_ERROR_FILE", raising=False)
 
     def hydra_main():
         if outcome == "error":
             train._error = RuntimeError("boom")
+        elif outcome == "user error":
+            try:
+                plan_batch(7, 2, 1)
+            except ValueError as e:  # raised in the package: a user error
+                train._error = e
         else:
             train._exit_status = {"done": 0, "requeue": ckpt.EXIT_REQUEUE}[outcome]
 
@@ -421,11 +429,38 @@ def test_main_destroys_the_process_groups_after_a_finished_run(monkeypatch, outc
         with pytest.raises(RuntimeError, match="boom"):
             train.main()
         assert calls == []
+    elif outcome == "user error":
+        with pytest.raises(SystemExit) as e:
+            train.main()
+        assert e.value.code == 2 and calls == []
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "janus-train: error:" in err[0] and "micro" in err[0], err
     else:
         with pytest.raises(SystemExit) as e:
             train.main()
         want = 0 if outcome == "done" else ckpt.EXIT_REQUEUE
         assert e.value.code == want and calls == [want]
+
+
+@pytest.mark.parametrize("value", ["1", "yes", "True", "no"])
+def test_dry_run_flag_read_as_hydra_reads_it(monkeypatch, value):
+    """A dry run's Hydra files go to a scratch dir (no ``outputs/``) for every spelling of true
+    that Hydra + OmegaConf accept for ``train.dry_run`` (``=1``, ``=yes``, ``=True`` once wrote
+    ``outputs/``), and for no false one: the oracle is the composed config itself."""
+    from janus_train import train
+
+    want = to_run_config(compose([f"train.dry_run={value}"])).train.dry_run
+    assert want == (value != "no")  # OmegaConf's reading
+    seen = []
+    monkeypatch.setattr(train, "_hydra_main", lambda: seen.extend(sys.argv))
+    monkeypatch.setattr(train, "exit_finished", lambda status: sys.exit(status))
+    monkeypatch.setattr(train, "_exit_status", 0)
+    monkeypatch.setattr(train, "_error", None)
+    monkeypatch.setattr(sys, "argv", ["janus-train", f"train.dry_run={value}"])
+    with pytest.raises(SystemExit):
+        train.main()
+    assert any(a.startswith("hydra.run.dir=") for a in seen) == want
+    assert ("hydra.output_subdir=null" in seen) == want
 
 
 @pytest.mark.heavy
