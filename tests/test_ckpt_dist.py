@@ -11,7 +11,9 @@ torchrun launch (``python tests/test_ckpt_dist.py main <dir>`` is the worker):
   ``storage full:`` line, ``latest`` stays step 1, the partial directory is gone.
 
 * every file of the reference runs' saves written by the ranks' writer threads
-  (``train.ckpt_async``, the default; so are all the runs above).
+  (``train.ckpt_async``, the default; so are all the runs above), fsynced by the rank that
+  wrote it (two files written outside DeepSpeed's checkpoint engine included), then the
+  directories by rank 0, before the rename.
 
 Kills at each moment of the save order are covered in one process (``test_ckpt_faults.py``),
 on 2 ranks with real SIGKILLs (``test_ckpt_kill.py``, heavy tier) and in the
@@ -76,6 +78,67 @@ def _damage(d: Path, kind: str) -> None:
         shutil.copy(d.parent / "step_00000002" / "manifest.json", d / "manifest.json")
 
 
+class Durability:
+    """On this rank, while a reference run saves: the checkpoint files it wrote (through
+    ``torch.save``, and two more DeepSpeed-like files written outside the checkpoint engine:
+    rank 0 one named like rank 1's ZeRO file, rank 1 one in a subdirectory), and every fsync
+    and rename under ``checkpoints/`` with its time (``time.monotonic``: one clock for both
+    processes of this host)."""
+
+    def __init__(self) -> None:
+        self.wrote: list[str] = []
+        self.synced: list[tuple[str, float]] = []
+        self.renamed: list[tuple[str, float]] = []
+
+    def __enter__(self):
+        import os
+        import time
+
+        import torch.distributed as dist
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        real = self.real = (torch.save, os.fsync, os.rename, DeepSpeedEngine._save_zero_checkpoint)
+
+        def save(obj, f, *a, **k):
+            if "checkpoints" in str(f):
+                self.wrote.append(str(f))
+            return real[0](obj, f, *a, **k)
+
+        def fsync(fd):
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            if "/checkpoints" in path:
+                self.synced.append((path, time.monotonic()))
+            return real[1](fd)
+
+        def rename(a, b):
+            real[2](a, b)
+            self.renamed.append((str(b), time.monotonic()))
+
+        def zero_files(engine, save_path, tag):
+            real[3](engine, save_path, tag)
+            d = Path(save_path) / str(tag)
+            f = d / "zero_pp_rank_1_notes.txt"  # a name the old by-name owner gave rank 1
+            if dist.get_rank() == 1:
+                (d / "notes").mkdir(exist_ok=True)
+                f = d / "notes" / "extra.txt"
+            f.write_text(f"written by rank {dist.get_rank()}")
+            self.wrote.append(str(f))
+
+        torch.save, os.fsync, os.rename = save, fsync, rename
+        DeepSpeedEngine._save_zero_checkpoint = zero_files
+        return self
+
+    def __exit__(self, *exc):
+        import os
+
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        torch.save, os.fsync, os.rename, DeepSpeedEngine._save_zero_checkpoint = self.real
+
+    def dump(self, path: Path) -> None:
+        path.write_text(json.dumps(vars(self) | {"real": None}))
+
+
 def scenario_main(root):
     import torch.distributed as dist
 
@@ -91,16 +154,19 @@ def scenario_main(root):
     def recorded(obj, f, *a, **k):
         if "checkpoints" in str(f):
             writers.append((Path(f).name, threading.current_thread().name))
-        return real_save(obj, f, *a, **k)
+        return durability_save(obj, f, *a, **k)
 
     for zero in (2, 3):
         writers.clear()
-        torch.save = recorded
-        try:
-            assert train.run(_run(root, f"ref_z{zero}", zero, 4, ["train.export_at_end=true"])) == 0
-        finally:
-            torch.save = real_save
+        with Durability() as durability:
+            durability_save, torch.save = torch.save, recorded
+            try:
+                run = _run(root, f"ref_z{zero}", zero, 4, ["train.export_at_end=true"])
+                assert train.run(run) == 0
+            finally:
+                torch.save = real_save
         info = setup_distributed()
+        durability.dump(root / f"durability_z{zero}.rank{info.rank}.json")
         (root / f"writers_z{zero}.rank{info.rank}.json").write_text(json.dumps(writers))
         src = root / f"ref_z{zero}" / "checkpoints"
         for kind in KINDS:
@@ -175,6 +241,35 @@ def test_deepspeed_files_are_written_by_the_writer_threads(scen, zero):
         assert (rank == 0) <= any(n.endswith("model_states.pt") for n in names)
         assert len(writers) == 4 * len(names)
         assert all(thread.startswith("janus-ckpt") for _, thread in writers), writers
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_each_rank_fsyncs_the_files_it_wrote_then_rank_0_the_directories(scen, zero):
+    """The durability order of ``ckpt_save`` with per-rank ownership, on the reference run's 4
+    saves: every file of a checkpoint was fsynced by the rank that wrote it and by no other
+    (on a multi-node file system only the writer's fsync flushes its cache), DeepSpeed-like
+    files written outside the checkpoint engine included, whatever their name; then rank 0
+    fsynced the checkpoint's directories, after every rank's file fsyncs, before the rename."""
+    rec = [json.loads((scen / f"durability_z{zero}.rank{r}.json").read_text()) for r in (0, 1)]
+    c = scen / f"ref_z{zero}" / "checkpoints"
+    for step in (1, 2, 3, 4):
+        tag = f"step_{step:08d}"
+        tmp = f"{c}/.tmp-{tag}/{tag}"
+        manifest = json.loads((c / tag / "manifest.json").read_text())["files"]
+        assert {"zero_pp_rank_1_notes.txt", "notes/extra.txt"} <= set(manifest)
+        wrote = {f[len(tmp) + 1 :]: r for r in (0, 1) for f in rec[r]["wrote"] if f.startswith(tmp)}
+        assert wrote["zero_pp_rank_1_notes.txt"] == 0 and wrote["notes/extra.txt"] == 1
+        assert set(wrote) == set(manifest)
+        for rel, writer in wrote.items():
+            by = {r for r in (0, 1) for p, _ in rec[r]["synced"] if p == f"{tmp}/{rel}"}
+            assert by == {writer}, (rel, by)
+        paths = {f"{tmp}/{rel}" for rel in [*manifest, "manifest.json"]}
+        last_file = max(t for r in (0, 1) for p, t in rec[r]["synced"] if p in paths)
+        dirs = {p: t for p, t in rec[0]["synced"] if p in (tmp, f"{tmp}/notes")}
+        assert set(dirs) == {tmp, f"{tmp}/notes"}  # rank 0's, after every rank's files
+        assert not any(p in dirs for p, _ in rec[1]["synced"])
+        (renamed,) = [t for p, t in rec[0]["renamed"] if p == str(c / tag)]
+        assert last_file < min(dirs.values()) and max(dirs.values()) < renamed
 
 
 @pytest.mark.parametrize("zero", [2, 3])

@@ -267,6 +267,43 @@ def test_every_file_and_directory_synced_before_latest_moves(tmp_path, monkeypat
     assert ("fsync", str(c)) in log[i_latest + 1 :]
 
 
+def test_files_written_outside_the_engine_are_synced_by_their_writer(tmp_path, monkeypatch, caplog):
+    """What DeepSpeed writes on a rank outside its checkpoint engine (``open``, ``shutil``'s
+    copies, a rename into place; any name) is that rank's: its writer fsyncs it with its
+    own files, before leaving its file list. A file written where Python does not see it (a
+    C++ writer) is still synced and listed, by rank 0's commit, with a warning naming it."""
+    import shutil
+
+    e = FakeEngine()
+    real = e.save_checkpoint
+
+    def save_checkpoint(save_dir, tag, client_state, save_latest):
+        real(save_dir, tag, client_state, save_latest)
+        d = Path(save_dir) / tag
+        (d / "offloaded").mkdir()
+        (d / "offloaded" / "a.bin").write_bytes(b"a" * 10)
+        shutil.copyfile(d / "offloaded" / "a.bin", d / "b.part")
+        os.replace(d / "b.part", d / "zero_pp_rank_7_b.bin")
+        torch._C.PyTorchFileWriter(str(d / "native.pt")).write_end_of_file()
+
+    monkeypatch.setattr(e, "save_checkpoint", save_checkpoint)
+    c = tmp_path / "checkpoints"
+    log = _record_order(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="janus_train.trainer.ckpt_save"):
+        save(e, c, 2, background=True)
+    tmp = f"{c}/.tmp-step_00000002"
+    i_listed = log.index(("replace", f"{tmp}/files_rank0.json"))
+    listed = json.loads((c / "step_00000002" / "manifest.json").read_text())["files"]
+    for rel in ("offloaded/a.bin", "zero_pp_rank_7_b.bin"):
+        assert log.index(("fsync", f"{tmp}/step_00000002/{rel}")) < i_listed, rel
+        assert rel in listed
+    assert "b.part" not in listed
+    assert log.index(("fsync", f"{tmp}/step_00000002/native.pt")) > i_listed
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "native.pt written by no rank's recorded writes; fsynced by rank 0" in warning
+    assert ckpt.verify_checkpoint(c / "step_00000002", INFO) == []
+
+
 class Killed(BaseException):
     """Stands for SIGKILL: nothing of the save's own error handling runs."""
 
@@ -413,6 +450,11 @@ def test_checkpointer_flags_drive_the_phases(tmp_path, monkeypatch):
         saver.advance(none_failed=False)
     assert saver.pending is None and saver.commit() is None
     assert ckpt.read_latest(c) == "step_00000002" and not list(c.glob(".tmp-*"))
+    assert _running_jobs() == []  # waited for on the way
+
+
+def _running_jobs() -> list[str]:
+    return [j.tag for j in ckpt_save._PENDING if not j.done.is_set()]
 
 
 @pytest.mark.parametrize("phase", ["write", "commit", "failed"])
@@ -437,7 +479,7 @@ def test_an_error_exit_commits_a_written_save_without_collectives(tmp_path, monk
         saver.advance(none_failed=True)
     monkeypatch.setattr(ckpt_save, "all_gather_objects", None)  # no collective from here on
     saver.close()
-    assert saver.pending is None
+    assert saver.pending is None and _running_jobs() == []
     assert ckpt.read_latest(c) == ("step_00000002" if phase == "failed" else "step_00000004")
     monkeypatch.undo()
     assert ckpt.select_checkpoint(c, INFO)[0] == ckpt.read_latest(c)
@@ -654,3 +696,60 @@ def test_janus_train_exits_3_with_the_storage_full_line(monkeypatch, tmp_path, c
     assert exc.value.code == EXIT_STORAGE_FULL
     assert capsys.readouterr().err.strip() == line
     assert (tmp_path / "err").read_text() == line + "\n"
+
+
+_EXIT_SCRIPT = """
+import sys, threading, time
+from pathlib import Path
+import torch
+from janus_train.trainer import ckpt_save
+from janus_train.trainer.distributed import DistInfo
+
+class Writer:
+    def __init__(self, delay):
+        self.delay = delay
+    def save(self, obj, path):
+        if self.delay is None:
+            threading.Event().wait()  # a write that never ends (a hung file system)
+        time.sleep(self.delay)
+        torch.save(obj, path)
+
+class Engine:
+    def __init__(self, delay):
+        self.checkpoint_engine = Writer(delay)
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        self.checkpoint_engine.save({"w": torch.ones(3)}, str(Path(save_dir) / tag / "m.pt"))
+
+ckpt_save._EXIT_WAIT_S = 2.0
+info = DistInfo(rank=0, world_size=1, local_rank=0)
+root = Path(sys.argv[1])
+for name, delay in (("slow", 0.1), ("hung", None)):
+    ckpt_save.begin_save(Engine(delay), root / name, 2, {}, {}, info, background=True)
+print("main thread done", flush=True)
+"""
+
+
+def test_writer_threads_neither_keep_the_process_alive_nor_are_cut_off_at_exit(tmp_path):
+    """A script that leaves two asynchronous saves running when its main thread ends (the
+    loop always waits for them; this is the backstop): the slow one is waited for at exit
+    and finishes (its file list is there), the hung one is abandoned after ``_EXIT_WAIT_S``
+    with a warning, and the process exits 0 (a non-daemon thread would keep it alive for
+    good; a daemon stopped mid-write could abort it)."""
+    import sys
+    import time
+
+    t0 = time.monotonic()
+    res = subprocess.run(
+        [sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert time.monotonic() - t0 < 60
+    assert "main thread done" in res.stdout
+    assert (tmp_path / "slow" / ".tmp-step_00000002" / "files_rank0.json").is_file()
+    assert not (tmp_path / "hung" / ".tmp-step_00000002" / "files_rank0.json").exists()
+    assert "checkpoint step_00000002 still being saved at exit after 2 s" in res.stderr
+    assert "terminate called" not in res.stderr

@@ -11,14 +11,19 @@ complete checkpoint whose data is on disk:
    writes captured as host-memory snapshots (a) -- the only part the loop waits for with
    ``train.ckpt_async`` -- then writes them and ``trainer_state_rank{r}.pt`` into
    ``.tmp-<tag>/<tag>`` (b): inline, or in a writer thread of that rank while training goes on;
-3. every rank fsyncs the files it wrote and computes their size and CRC-32 (same thread);
+3. every rank fsyncs the files it wrote itself and computes their size and CRC-32 (same
+   thread): its captured snapshots, its ``trainer_state_rank{r}.pt`` and whatever DeepSpeed
+   wrote on that rank outside its checkpoint engine (:class:`_WrittenHere`). On a multi-node
+   shared file system only the writer's fsync flushes its node's client cache, so no rank
+   syncs another's file (a file no rank saw itself write is synced by rank 0, with a warning);
 4. the commit, a collective on the main thread of every rank: synchronously, or (async) at
    the first step boundary at which every rank's writer has finished (a flag in the step's
    token-count all-reduce), and at the latest before the next save, at the end of the stage
    and after a stop signal. Rank 0 merges the ranks' file lists (each rank's writer left its
    list in ``.tmp-<tag>/files_rank{r}.json``; they are gathered instead when the flags are not
-   known or some rank failed), writes ``manifest.json`` (fsynced), then fsyncs the directory
-   ``<tag>``; steps 4-7 run in rank 0's writer thread with ``train.ckpt_async``;
+   known or some rank failed), writes ``manifest.json`` (fsynced), then fsyncs the directories
+   (``<tag>``, its subdirectories, ``.tmp-<tag>``) once every rank's files are synced; steps
+   4-7 run in rank 0's writer thread with ``train.ckpt_async``;
 5. rank 0 renames ``.tmp-<tag>/<tag>`` to ``<tag>`` and fsyncs ``checkpoints/``;
 6. rank 0 writes ``latest.tmp`` (fsynced), ``os.replace``-s it onto ``latest`` and fsyncs
    ``checkpoints/`` again: from here on the checkpoint counts;
@@ -37,16 +42,17 @@ committed, nothing is pruned, and the run still stops with exit 3.
 
 from __future__ import annotations
 
+import atexit
 import copy
 import json
 import logging
 import os
-import re
+import queue
 import shutil
+import sys
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 import torch
@@ -70,15 +76,119 @@ from janus_train.trainer.distributed import DistInfo, all_gather_objects, barrie
 
 logger = logging.getLogger(__name__)
 
-# the rank that writes a file: DeepSpeed's per-rank ZeRO files, our per-rank state; else rank 0
-_OWNER_RE = re.compile(r"(?:zero_pp_rank_|trainer_state_rank|offloaded_tensors/rank)(\d+)")
-_WORKER: ThreadPoolExecutor | None = None
-"""The thread that writes and commits asynchronous saves (started by the first)."""
+_EXIT_WAIT_S = 60.0
+"""How long the interpreter's exit waits for a save's job still running (every normal exit
+path of the loop has waited for it already, :meth:`PendingSave.wait`)."""
 
 
-def _owner(rel: str, world_size: int) -> int:
-    m = _OWNER_RE.search(rel)
-    return int(m.group(1)) % world_size if m else 0
+class _Job:
+    """One phase of an asynchronous save (its writes, or rank 0's commit) for the thread."""
+
+    def __init__(self, fn: Callable[[], None], tag: str) -> None:
+        self.fn, self.tag, self.done = fn, tag, threading.Event()
+
+
+_JOBS: queue.SimpleQueue[_Job] | None = None
+_PENDING: list[_Job] = []
+"""The jobs submitted and not yet seen done."""
+
+
+def _work() -> None:
+    while True:
+        job = _JOBS.get()
+        try:
+            job.fn()
+        except BaseException:  # noqa: BLE001,S110  # (a test's stand-in for SIGKILL) the
+            pass  # job's outcome stays "did not finish", which advance() raises on every rank
+        finally:
+            job.done.set()
+
+
+def _submit(fn: Callable[[], None], tag: str) -> _Job:
+    """Runs ``fn`` in the process's one checkpoint thread, after the jobs before it. The
+    thread is a daemon, started once (a thread start costs the loop milliseconds on a busy
+    host): it never keeps a process alive, and idle it waits on a queue, where the end of
+    the interpreter can stop it safely."""
+    global _JOBS
+    if _JOBS is None:
+        _JOBS = queue.SimpleQueue()
+        threading.Thread(target=_work, name="janus-ckpt", daemon=True).start()
+    job = _Job(fn, tag)
+    _PENDING[:] = [j for j in _PENDING if not j.done.is_set()] + [job]
+    _JOBS.put(job)
+    return job
+
+
+@atexit.register
+def _join_at_exit() -> None:
+    """Waits (bounded) for the jobs still running before the interpreter finalizes: a daemon
+    thread stopped there while inside torch's C++ writer can abort the process (``terminate
+    called without an active exception``). A save abandoned here never counts (it stays
+    under ``.tmp-``, removed at the next start)."""
+    deadline = time.monotonic() + _EXIT_WAIT_S
+    for job in list(_PENDING):
+        if not job.done.wait(max(0.0, deadline - time.monotonic())):
+            logger.warning(
+                "checkpoint %s still being saved at exit after %.0f s: abandoned",
+                job.tag,
+                _EXIT_WAIT_S,
+            )
+
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+class _WrittenHere:
+    """The files under ``root`` that this process creates, opens for writing or renames into
+    place while the ``with`` block runs, seen through Python's audit events (PEP 578: every
+    ``open``/``os.open``, ``shutil``'s copies included, and ``os.rename``/``os.replace``): what
+    DeepSpeed writes outside its checkpoint engine (e.g. NVMe offload copies), so that the
+    rank that wrote a file is the one that fsyncs it (:attr:`files`, relative to ``root``).
+    The hook is installed once per process (audit hooks cannot be removed) and is idle outside
+    the block."""
+
+    _active: _WrittenHere | None = None
+    _installed = False
+
+    def __init__(self, root: Path) -> None:
+        self.root = os.path.abspath(root) + os.sep
+        self._seen: dict[str, None] = {}  # insertion-ordered set
+
+    def __enter__(self) -> _WrittenHere:
+        if not _WrittenHere._installed:
+            sys.addaudithook(_WrittenHere._hook)
+            _WrittenHere._installed = True
+        _WrittenHere._active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _WrittenHere._active = None
+
+    @property
+    def files(self) -> list[str]:
+        return [r for r in self._seen if os.path.isfile(os.path.join(self.root, r))]
+
+    def _add(self, path) -> None:
+        if isinstance(path, int):  # open() of a file descriptor: opened (and seen) before
+            return
+        full = os.path.abspath(os.fsdecode(path))
+        if full.startswith(self.root):
+            self._seen[full[len(self.root) :]] = None
+
+    @staticmethod
+    def _hook(event: str, args: tuple) -> None:
+        me = _WrittenHere._active
+        if me is None or event not in ("open", "os.rename"):
+            return
+        try:  # an exception here would fail the audited call itself
+            if event == "os.rename":
+                me._add(args[1])
+                return
+            path, mode, flags = args
+            if (flags or 0) & _WRITE_FLAGS or (mode and any(c in mode for c in "wax+")):
+                me._add(path)
+        except Exception:  # noqa: BLE001,S110  # a path it cannot read is not ours
+            pass
 
 
 def _commit(src: Path, dst: Path) -> None:
@@ -249,16 +359,13 @@ class PendingSave:
         unfinished = RuntimeError(f"the writer of {self.tag} did not finish")
         self.written: tuple[BaseException | None, dict] = (unfinished, {})  # this rank's files
         self.outcome: tuple[str, BaseException] | None = None  # rank 0's commit: failure
-        self._task: Future | None = None
+        self._task: _Job | None = None
 
     def _run(self, fn: Callable[[], None]) -> None:
         if not self.background:
             fn()
             return
-        global _WORKER
-        if _WORKER is None:  # one thread for the process: the saves never overlap
-            _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="janus-ckpt")
-        self._task = _WORKER.submit(fn)
+        self._task = _submit(fn, self.tag)
 
     def _listing(self, rank: int) -> Path:
         return self.tmp_root / f"files_rank{rank}.json"
@@ -274,7 +381,7 @@ class PendingSave:
     @property
     def ready(self) -> bool:
         """This rank's part of the current phase is done (local, no collective)."""
-        return self._task is None or self._task.done()
+        return self._task is None or self._task.done.is_set()
 
     @property
     def failed(self) -> bool:
@@ -284,7 +391,7 @@ class PendingSave:
     def wait(self) -> None:
         """Until this rank's part of the current phase is done (local, no collective)."""
         if self._task is not None:
-            futures_wait([self._task])
+            self._task.done.wait()
 
     def advance(self, keep_last: int, none_failed: bool = False) -> bool:
         """Collective: finish the current phase (waiting for this rank's thread when it is
@@ -388,9 +495,16 @@ class PendingSave:
     def _commit_main(self, tmp: Path, dst: Path, files: dict[str, dict]) -> list[str]:
         """Rank 0, steps 4-6; returns ``[the error]`` when the disk filled up meanwhile."""
         try:
-            # a file that no rank listed as its own (DeepSpeed's, of an unknown name): every
-            # writer has finished, so it is complete; synced and summed here
+            # a file no rank saw itself write (e.g. by a C++ writer in DeepSpeed): every
+            # rank's writer has finished, so it is complete; synced and summed here, which
+            # is durable on one node but may not flush another node's client cache
             orphans = sorted(set(_files(tmp)) - set(files))
+            if orphans:
+                logger.warning(
+                    "%s: %s written by no rank's recorded writes; fsynced by rank 0",
+                    tmp,
+                    ", ".join(orphans),
+                )
             files = {**files, **_sync_and_sum(tmp, orphans)}
             _write_manifest(tmp, self.step, self.info.world_size, files)
             fsync_dir(self.tmp_root)
@@ -447,16 +561,15 @@ def begin_save(
         p.need = _check_space(ckpt_dir)
         tmp.mkdir(parents=True)
     barrier()
-    inner = getattr(engine, "checkpoint_engine", None)
-    capture = None if inner is None else _Capture(inner)
-    if capture is not None:
-        engine.checkpoint_engine = capture
+    capture = _Capture(engine.checkpoint_engine)
+    engine.checkpoint_engine = capture
     # Lack of space is caught on the rank it hits and shared at the commit; every rank still
     # takes part in each collective, so the others do not wait for it until the timeout.
     try:
-        engine.save_checkpoint(
-            str(p.tmp_root), tag=p.tag, client_state=client_state, save_latest=False
-        )
+        with _WrittenHere(tmp) as written_here:
+            engine.save_checkpoint(
+                str(p.tmp_root), tag=p.tag, client_state=client_state, save_latest=False
+            )
     except Exception as e:
         if not is_storage_full(e):
             raise
@@ -464,21 +577,14 @@ def begin_save(
         _finish_failed_save(engine)
         return p
     finally:
-        if capture is not None:
-            engine.checkpoint_engine = inner
-    # files DeepSpeed wrote by itself (e.g. zero_to_fp32.py), complete: its save ends in a
-    # barrier; other ranks' captured files (``*_states.pt``) may be in the writing
-    extras = [
-        rel
-        for rel in _files(tmp)
-        if _owner(rel, info.world_size) == info.rank
-        and not (capture is not None and rel.endswith("_states.pt"))
-    ]
-    writes = [] if capture is None else capture.writes
+        engine.checkpoint_engine = capture.inner
+    # this rank's files: its captured writes, the state file, and what DeepSpeed wrote on this
+    # rank outside its checkpoint engine (complete: written on this thread)
+    writes = capture.writes
     writes.append(
         (torch.save, snapshot(rank_state), str(tmp / f"trainer_state_rank{info.rank}.pt"))
     )
-    p.start(writes, extras)
+    p.start(writes, written_here.files)
     return p
 
 
