@@ -23,7 +23,18 @@ engine applies to every parameter. Both an fp32 checkpoint (the trainer's export
   and ``local_MB``, tensor bytes it read from the node's copy; ``shmem_MB``: its shared-memory
   RSS growth (the tmpfs copy's pages it maps, shared by the node's ranks).
 
+ZeRO-3 (``--zero3-only`` runs just these): the ranks form a gloo process group and end with the
+model partitioned as ``deepspeed.initialize`` leaves it, the frozen VQ whole outside it
+(``detach_vq``). "whole" (before): ``build_model`` loads the whole model on every rank, then
+DeepSpeed partitions it (``zero.Init(module=...)``, what the engine does to a model built
+outside ``zero.Init``). "partitioned" (after): ``build_model(partitioned=partitioned_load(ds))``,
+built under ``zero.Init`` and loaded into the partitions (rank 0 reads, each module gathered,
+filled, re-partitioned), the VQ read whole in fp32. ``held_MB``: parameter bytes the rank holds
+at the end (its shards, plus the whole VQ); ``anon_trimmed_MB``: private memory after
+``malloc_trim(0)`` (what glibc kept of the freed transient buffers returned to the system).
+
     python benchmarks/bench_startup.py [--ranks 2] [--hidden 512] [--layers 8] [--vocab 32000]
+        [--zero3-only]
 """
 
 from __future__ import annotations
@@ -103,7 +114,10 @@ def _count_reads(shared: str) -> dict:
         def __getattr__(self, name):
             return getattr(self._f, name)
 
+    import safetensors
+
     mu.safe_open = _File
+    safetensors.safe_open = _File  # janus_train.model.build.load_whole_vq reads through it
     return count
 
 
@@ -146,6 +160,9 @@ def worker(args) -> None:
             return out
 
         startup._copy = counted_copy
+    if args.zero3:
+        zero3_load(args, cfg, count)
+        return
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = {k: _status_kb(k) for k in ("VmRSS", "RssAnon", "RssShmem")}
     if exchange:
@@ -181,6 +198,63 @@ def worker(args) -> None:
     )
 
 
+def zero3_load(args, cfg, count: dict) -> None:
+    """One rank of a ZeRO-3 start-up, ``args.zero3`` "whole" or "partitioned" (module doc)."""
+    import ctypes
+
+    import deepspeed
+    import torch
+
+    from janus_train.model import build_model
+    from janus_train.model.vq_codes import detach_vq
+    from janus_train.trainer.distributed import partitioned_load, setup_distributed
+
+    info = setup_distributed()
+    bf16 = args.dtype == "bfloat16"
+    ds = {
+        "train_batch_size": info.world_size,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3},
+        "bf16": {"enabled": bf16},
+    }
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    base = {k: _status_kb(k) for k in ("VmRSS", "RssAnon")}
+    dtype = getattr(torch, args.dtype)
+    if args.zero3 == "partitioned":
+        model, _ = build_model(
+            cfg, workdir=args.workdir, dtype=dtype, partitioned=partitioned_load(ds)
+        )
+        vq = detach_vq(model)
+    else:
+        model, _ = build_model(cfg, workdir=args.workdir, dtype=dtype)
+        vq = detach_vq(model)
+        deepspeed.zero.Init(module=model, config_dict_or_path=ds, dtype=dtype)
+    params = [*model.parameters(), *vq.parameters()]
+    assert all(hasattr(p, "ds_tensor") for p in model.parameters())
+    held = [getattr(p, "ds_tensor", p) for p in params]
+    anon = _status_kb("RssAnon")
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap memory glibc kept: back to the system
+    print(
+        json.dumps(
+            {
+                "rank": info.rank,
+                "read_MB": count["bytes"] / 2**20,
+                "peak_MB": (_status_kb("VmHWM") - base["VmRSS"]) / 1024,
+                "anon_MB": (anon - base["RssAnon"]) / 1024,
+                "anon_trimmed_MB": (_status_kb("RssAnon") - base["RssAnon"]) / 1024,
+                "held_MB": sum(t.numel() * t.element_size() for t in held) / 2**20,
+                "vq_MB": sum(p.numel() * p.element_size() for p in vq.parameters()) / 2**20,
+                "param_dtypes": sorted({str(t.dtype) for t in held}),
+            }
+        ),
+        flush=True,
+    )
+    from janus_train.trainer.distributed import exit_finished
+
+    exit_finished(0)
+
+
 def save_checkpoint(args, out: Path, dtype: str) -> int:
     """The widened tiny model, random init, saved in `dtype` with its processor; its parameter
     count."""
@@ -196,14 +270,17 @@ def save_checkpoint(args, out: Path, dtype: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def launch(args, dtype: str, ckpt: Path, workdir: Path, node_copy: str = "") -> list[dict]:
+def launch(
+    args, dtype: str, ckpt: Path, workdir: Path, node_copy: str = "", zero3: str = ""
+) -> list[dict]:
     """``args.ranks`` workers started together (as a node's ranks are), their reports; with
     ``node_copy`` they form a process group (torchrun's environment variables) and load
     through the node copy under that directory."""
     import socket
 
     cmd = [sys.executable, __file__, "--worker", "--dtype", dtype, "--ckpt", str(ckpt)]
-    cmd += ["--workdir", str(workdir), "--node-copy", node_copy, *_shape_args(args)]
+    cmd += ["--workdir", str(workdir), "--node-copy", node_copy, "--zero3", zero3]
+    cmd += _shape_args(args)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
@@ -239,6 +316,8 @@ def main() -> None:
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--node-copy", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--zero3", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--zero3-only", action="store_true", help="only the ZeRO-3 start-ups")
     ap.add_argument(
         "--copy-root",
         default="/dev/shm",
@@ -255,6 +334,17 @@ def main() -> None:
             n = save_checkpoint(args, ckpt, ck_dtype)
             size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors")) / 2**20
             print(f"{n / 1e6:.1f}M parameters, {ck_dtype} checkpoint: {size:.0f} MB of safetensors")
+            for mode in ("whole", "partitioned"):
+                for r in launch(args, ck_dtype, ckpt, Path(tmp), zero3=mode):
+                    print(
+                        f"  ZeRO-3, {ck_dtype} read, {mode}, rank {r['rank']}: read "
+                        f"{r['read_MB']:.0f} MB, peak RSS +{r['peak_MB']:.0f} MB, private (anon) "
+                        f"+{r['anon_MB']:.0f} MB (+{r['anon_trimmed_MB']:.0f} MB after malloc_trim), "
+                        f"params held {r['held_MB']:.0f} MB (VQ "
+                        f"{r['vq_MB']:.0f} MB) {','.join(r['param_dtypes'])}"
+                    )
+            if args.zero3_only:
+                continue
             for dtype, label, copy in (
                 ("float32", "fp32 read, every rank from the checkpoint", ""),
                 ("bfloat16", "bf16 read, every rank from the checkpoint", ""),
