@@ -20,13 +20,8 @@ from pathlib import Path
 
 def und_accuracy(model, processor, export: Path, n_und: int) -> tuple[float, int]:
     from janus_train import sample as S
-    from janus_train.config import compose, to_run_config
-    from janus_train.evaluate import (
-        eval_recipe,
-        normalize_answer,
-        prompt_format,
-        understanding_items,
-    )
+    from janus_train.config import compose, prompt_format, to_run_config
+    from janus_train.evaluate import eval_recipe, normalize_answer, understanding_items
 
     run = to_run_config(
         compose(

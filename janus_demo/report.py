@@ -99,7 +99,7 @@ def final_eval(
 ) -> dict[str, float]:
     """``run_eval`` on the final export with more held-out items than in training, generating
     with the stage's ``eval.guidance_scale`` (plus a token-accuracy sweep)."""
-    from janus_train.config import compose, to_run_config
+    from janus_train.config import compose, resolve_stage, to_run_config
     from janus_train.evaluate import run_eval
     from janus_train.sample import load
 
@@ -122,16 +122,12 @@ def final_eval(
         )
     )
     model, processor = load(export)
-    metrics = run_eval(model, processor, run, -1, eval_dir)
+    spec = resolve_stage(run)
+    metrics = run_eval(model, processor, spec, run.model, run.data, run.eval, -1, eval_dir)
     # The same held-out questions asked with nothing but transformers and the export's template.
-    from janus_train.evaluate import (
-        eval_recipe,
-        normalize_answer,
-        prompt_format,
-        understanding_items,
-    )
+    from janus_train.evaluate import eval_recipe, normalize_answer, understanding_items
 
-    items = understanding_items(eval_recipe(run.eval), prompt_format(run), n_und)
+    items = understanding_items(eval_recipe(run.eval), spec.prompt, n_und)
     answers_path = eval_dir / "answers.jsonl"
     if items and answers_path.exists():
         ours = [json.loads(x)["answer"] for x in answers_path.read_text().splitlines()]

@@ -1,7 +1,12 @@
 """In-training and post-training evaluation on a held-out *eval recipe*: per-task loss, a grid
 of generated images, understanding answers, and accuracy figures.
 
-    run_eval(model, processor, run, step, out_dir) -> {"loss/text": .., "und/accuracy": .., ...}
+    run_eval(model, processor, spec, model_cfg, data, ev, step, out_dir)
+        -> {"loss/text": .., "und/accuracy": .., ...}
+
+It takes the run's typed pieces, never the config tree: the stage evaluated
+(``trainer.spec.StageSpec``: its framing), the model and data configs its samples are built
+with, and the ``eval`` group.
 
 The trainer calls it every ``eval.every`` steps on **every rank**: every rank runs the same
 forwards on the same data (ZeRO-3 gathers parameters collectively), rank 0 writes the files. What
@@ -24,8 +29,9 @@ evaluations.
 
 Application metrics: ``eval.metrics`` names callables (``"package.module:function"``), each
 called on every rank with the ``GenerationOutputs`` (the held-out prompts, reference
-images, their records' ``json`` metadata, generated and reference codes, decoded images, and
-the VQ encoder of reference images) and returning ``{name: value}`` merged into the metrics.
+images, their records' ``json`` metadata, generated and reference codes, decoded images, the
+VQ encoder of reference images, the stage evaluated and the step) and returning
+``{name: value}`` merged into the metrics.
 The demo's scene, object and unseen-object accuracies and its blank-image baseline come this way
 (``janus_demo.metrics``); the library itself never imports an application.
 """
@@ -46,8 +52,12 @@ import torch
 from PIL import Image
 
 from janus_train import sample as S
+from janus_train.data.builders import BuildContext
+from janus_train.data.config import DataConfig
+from janus_train.model.config import ModelConfig
 from janus_train.model.vq_codes import vq_codes
 from janus_train.trainer.config import EvalConfig
+from janus_train.trainer.spec import StageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +89,13 @@ def _records(src, n: int):
     return out
 
 
-def eval_context(run, processor):
-    """The stage's BuildContext without CFG dropout and caption truncation."""
-    from janus_train.config import prompt_format
-    from janus_train.data.loader import build_context
-
-    ctx = build_context(processor, run.model, run.data, prompt_format(run), sft=run.stage.sft)
-    return dataclasses.replace(ctx, cfg_dropout=0.0)
+def eval_context(
+    spec: StageSpec, processor, model_cfg: ModelConfig, data: DataConfig
+) -> BuildContext:
+    """The stage's BuildContext (:meth:`StageSpec.context`) without CFG dropout and caption
+    truncation."""
+    ctx = spec.context(processor, model_cfg, data)
+    return dataclasses.replace(ctx, cfg_dropout=0.0, first_sentence_prob=0.0)
 
 
 @torch.no_grad()
@@ -202,8 +212,10 @@ class GenerationOutputs:
     """Generated images (``codes`` decoded by the VQ)."""
     encode: Callable[[list[Image.Image]], torch.Tensor]
     """VQ codes, (n, image tokens), of any images, computed as ``reference_codes`` were."""
-    run: object
-    """The run config (``RunConfig``)."""
+    stage: StageSpec
+    """The stage evaluated (frozen): name, framing (``stage.prompt``), ratio, recipe."""
+    step: int
+    """The training step evaluated (-1: after training)."""
 
 
 MetricFn = Callable[[GenerationOutputs], dict]
@@ -221,12 +233,6 @@ def load_metric(spec: str) -> MetricFn:
     if not callable(obj):
         raise ValueError(f"eval.metrics: {spec!r} is not callable")
     return obj
-
-
-def prompt_format(run) -> S.PromptFormat:
-    from janus_train.config import prompt_format
-
-    return prompt_format(run)
 
 
 @torch.no_grad()
@@ -315,21 +321,30 @@ def _write_eval_outputs(out_dir, step: int, metrics: dict, answers: list, grid, 
         )
 
 
-def run_eval(model, processor, run, step: int, out_dir) -> dict:
-    """Evaluate on every rank as ``run.eval`` says; rank 0 writes ``out_dir/{metrics.json,
-    answers.jsonl, generated.png}``. Returns flat metrics (the caller logs them, e.g. prefixed
-    ``eval/``)."""
-    cfg = run.eval
+def run_eval(
+    model,
+    processor,
+    spec: StageSpec,
+    model_cfg: ModelConfig,
+    data: DataConfig,
+    cfg: EvalConfig,
+    step: int,
+    out_dir,
+) -> dict:
+    """Evaluate stage ``spec`` (samples built with ``model_cfg`` / ``data``) on every rank as
+    ``cfg`` (the ``eval`` group) says; rank 0 writes ``out_dir/{metrics.json, answers.jsonl,
+    generated.png}``. Returns flat metrics (the caller logs them, e.g. prefixed ``eval/``)."""
     # loaded before any forward: a wrong name fails in a second, not after the generation
     extra_metrics = [load_metric(m) for m in cfg.metrics]
     janus = S.unwrap(model)
     was_training = janus.training
     janus.eval()
     recipe = eval_recipe(cfg)
-    fmt = prompt_format(run)
+    fmt = spec.prompt
     size = janus.config.vision_config.image_size
     metrics: dict[str, float] = {}
-    metrics.update(heldout_losses(janus, eval_context(run, processor), recipe, cfg))
+    ctx = eval_context(spec, processor, model_cfg, data)
+    metrics.update(heldout_losses(janus, ctx, recipe, cfg))
 
     und = understanding_items(recipe, fmt, cfg.n_und)
     answers = []
@@ -351,7 +366,8 @@ def run_eval(model, processor, run, step: int, out_dir) -> dict:
             reference_codes=ref,
             images=decoded,
             encode=lambda images: reference_codes(janus, images, size),
-            run=run,
+            stage=spec,
+            step=step,
         )
         for fn in extra_metrics:
             metrics.update({k: float(v) for k, v in fn(outputs).items()})

@@ -464,7 +464,7 @@ def evaluate(cfg: RunConfig, prep: Prepared, t: Trainee, step: int, metrics: Met
     from janus_train.evaluate import run_eval
 
     eval_dir = prep.run_dir / "eval" / tag_for(step)
-    res = run_eval(t.janus, t.processor, cfg, step, eval_dir)
+    res = run_eval(t.janus, t.processor, prep.spec, cfg.model, cfg.data, cfg.eval, step, eval_dir)
     metrics.log(
         {"step": step, **{k if k.startswith("eval/") else f"eval/{k}": v for k, v in res.items()}}
     )

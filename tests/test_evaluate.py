@@ -10,10 +10,18 @@ import torch
 
 from janus_demo import synth, world
 from janus_demo.metrics import SCENE_METRICS
+from janus_train.config import resolve_stage
 from janus_train.evaluate import GenerationOutputs, run_eval
 from tests.conftest import tiny_run
 
 SMALL = dict(n_caption=8, n_conversation=8, n_chat=4, n_text=4, n_imagenet=8, n_heldout=12)
+
+
+def evaluate(model, processor, run, step, out_dir) -> dict:
+    """``run_eval`` on ``run``'s typed pieces, as the trainer hands them."""
+    return run_eval(
+        model, processor, resolve_stage(run), run.model, run.data, run.eval, step, out_dir
+    )
 
 
 def ev(**kw) -> list[str]:
@@ -37,7 +45,7 @@ def test_run_eval_metrics_and_files(heldout, tiny_model_and_processor, tmp_path,
     for stage in ("stage1", "stage3"):
         out = tmp_path / stage
         run = tiny_run([f"stage={stage}", f"eval.metrics=[{SCENE_METRICS}]", *cfg])
-        res = run_eval(model, processor, run, 7, out)
+        res = evaluate(model, processor, run, 7, out)
         for k in ("loss/text", "loss/und", "loss/gen"):
             assert 0 < res[k] < 20
         for k in ("und/accuracy", "gen/token_accuracy", "gen/scene_accuracy"):
@@ -63,7 +71,7 @@ def test_heldout_text_loss_matches_hf_forward(
     )
     model, processor = tiny_model_and_processor
     cfg = ev(recipe=recipe, max_per_source=5, batch_size=3, n_und=0, n_gen=0)
-    res = run_eval(model, processor, tiny_run(cfg), 0, tmp_path / "ev")
+    res = evaluate(model, processor, tiny_run(cfg), 0, tmp_path / "ev")
     assert set(res) == {"loss/text"}
 
     # independent: HF's forward with labels on each text alone, token-weighted
@@ -129,7 +137,7 @@ def test_generation_metrics_against_known_outputs(
     )
     for mode in ("perfect", "blank"):
         state.update(mode=mode, scales=[])
-        res = run_eval(model, processor, run, 1, tmp_path / mode)
+        res = evaluate(model, processor, run, 1, tmp_path / mode)
         assert res["gen/guidance_scale"] == 1.5 and state["scales"][0] == 1.5
         assert 4.0 in state["scales"] and "gen/token_accuracy@cfg4" in res
         if mode == "perfect":
@@ -166,17 +174,18 @@ def test_application_metrics_hook(heldout, tiny_model_and_processor, tmp_path, m
     cfg = ev(max_per_source=2, batch_size=3, n_und=0, n_gen=3, n_grid=1, max_new_tokens=2)
     SEEN.clear()
     run = tiny_run(["stage=stage3", f"eval.metrics=[{__name__}:record_outputs]", *cfg])
-    res = run_eval(model, processor, run, 0, tmp_path / "a")
+    spec = resolve_stage(run)
+    res = run_eval(model, processor, spec, run.model, run.data, run.eval, 5, tmp_path / "a")
     assert res["app/n_prompts"] == 3 and len(SEEN) == 1
     out = SEEN[0]
     assert len(out.prompts) == len(out.references) == len(out.images) == len(out.metadata) == 3
     assert out.codes.shape == out.reference_codes.shape and out.codes.shape[0] == 3
     assert all("scene" in m for m in out.metadata)  # the records' json, as the demo wrote it
-    assert out.run is run
+    assert out.stage is spec and out.step == 5  # typed pieces, not the config tree
     # the encoder of reference images: the reference codes again, one image or several
     assert torch.equal(out.encode(out.references), out.reference_codes)
     assert torch.equal(out.encode(out.references[1:2]), out.reference_codes[1:2])
-    res = run_eval(model, processor, tiny_run(["stage=stage3", *cfg]), 0, tmp_path / "b")
+    res = evaluate(model, processor, tiny_run(["stage=stage3", *cfg]), 0, tmp_path / "b")
     demo = ("scene", "object", "blank")  # janus_demo's metrics, the blank baseline included
     assert "gen/token_accuracy" in res and not any(d in k for k in res for d in demo)
 
@@ -190,5 +199,5 @@ def test_application_metrics_hook(heldout, tiny_model_and_processor, tmp_path, m
     ]:
         bad = tiny_run(["stage=stage3", f"eval.metrics=[{spec}]", *cfg])
         with pytest.raises(ValueError, match=f"eval.metrics: .*{msg}"):
-            run_eval(model, processor, bad, 0, tmp_path / "c")
+            evaluate(model, processor, bad, 0, tmp_path / "c")
     assert calls == []

@@ -148,10 +148,11 @@ def test_own_system_turn_wins_and_config_disables(proc):
 
 
 def test_real_experiments_default_to_the_official_prompt_everywhere():
-    from janus_train.evaluate import prompt_format
+    from janus_train.config import resolve_stage
 
     for exp in ("janus_1.3b", "janus_pro_1b", "janus_pro_7b"):
         run = to_run_config(compose([f"experiment={exp}", "stage=stage3"]))
         assert run.data.system_prompt == OFFICIAL  # training builders (loader.build_context)
-        assert prompt_format(run).system_prompt == OFFICIAL  # evaluation and the export template
+        # evaluation (run_eval's framing) and the export template
+        assert resolve_stage(run).prompt.system_prompt == OFFICIAL
     assert PromptFormat().system_prompt == OFFICIAL  # janus-sample --chat-template ...

@@ -238,7 +238,7 @@ def _install_fake_eval(root):
 
     import torch.distributed as dist
 
-    def run_eval(model, processor, run, step, out_dir):
+    def run_eval(model, processor, spec, model_cfg, data, ev, step, out_dir):
         model.eval()
         with torch.no_grad():
             ids = processor.tokenizer("a red circle", return_tensors="pt").input_ids

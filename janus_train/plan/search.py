@@ -15,10 +15,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from janus_train.config import CONF_DIR, RunConfig, compose, resolve_stage, to_run_config
+from janus_train.config import CONF_DIR, compose, resolve_stage, to_run_config
 from janus_train.plan import checkpointing as ck
 from janus_train.plan.config import GIB, ClusterConfig
 from janus_train.plan.estimate import Estimate, StageShape, estimate, stage_shape
+from janus_train.trainer.config import DeepSpeedConfig
 
 QUANTIZED = ("deepspeed.quantized_weights", "deepspeed.quantized_gradients")
 """ZeRO++ qwZ / qgZ: searched with the ZeRO-3 presets."""
@@ -117,18 +118,6 @@ def loses(c: Candidate, best: Candidate) -> str:
     return "; ".join(parts) or "tie"
 
 
-def _shape(run: RunConfig) -> StageShape:
-    """The stage's shape (world-independent: resolved at one rank)."""
-    tc, ds = run.train, run.deepspeed
-    return stage_shape(
-        resolve_stage(run),
-        run.model,
-        run.data,
-        micro_batch_size=tc.micro_batch_size,
-        precision=ds.precision,
-    )
-
-
 def plan_stage(
     stage: str, cluster: ClusterConfig, overrides: list[str], preset: str | None
 ) -> StagePlan:
@@ -141,9 +130,15 @@ def plan_stage(
     estimates, candidates, shape = [], [], None
     for name in names:
         run = to_run_config(compose([*overrides, f"stage={stage}", f"deepspeed={name}"]))
-        base = _shape(run)
+        base = stage_shape(  # world-independent: the stage resolved at one rank
+            resolve_stage(run),
+            run.model,
+            run.data,
+            micro_batch_size=run.train.micro_batch_size,
+            precision=run.deepspeed.precision,
+        )
         shape = shape or base
-        _search_preset(name, run, base, cluster, overrides, candidates, estimates)
+        _search_preset(name, run.deepspeed, base, cluster, overrides, candidates, estimates)
     assert shape is not None
     best = _recommend(candidates)
     chunked = None
@@ -162,15 +157,16 @@ def plan_stage(
 
 def _search_preset(
     name: str,
-    run,
+    configured_ds: DeepSpeedConfig,
     base: StageShape,
     cluster: ClusterConfig,
     overrides: list[str],
     candidates: list[Candidate],
     estimates: list[Estimate],
 ) -> None:
-    """Append one preset's candidates to ``candidates``, and to ``estimates`` the estimate of
-    each node count with the preset as configured."""
+    """Append one preset's candidates (``configured_ds``: the preset as composed, the knobs
+    varied from it) to ``candidates``, and to ``estimates`` the estimate of each node count
+    with the preset as configured."""
     # Searched node counts split the batch evenly over the ranks (token-budget micro-batches
     # accept any count, but the busiest rank sets the pace); `nodes` itself is always shown.
     node_counts = [cluster.nodes]
@@ -180,12 +176,12 @@ def _search_preset(
             n for n in range(cluster.nodes - 1, 0, -1) if base.global_batch % (n * per) == 0
         ]
     ckpts, tpms, reds, quants = _knob_options(
-        base, run.deepspeed, overrides, cluster.search, cluster.search_lossy
+        base, configured_ds, overrides, cluster.search, cluster.search_lossy
     )
     for n, (on, k), tpm, red, (qw, qg) in itertools.product(node_counts, ckpts, tpms, reds, quants):
         sh = dataclasses.replace(base, checkpointing=on, checkpoint_every=k, tokens_per_micro=tpm)
         ds = dataclasses.replace(
-            run.deepspeed, reduce_fp32=red, quantized_weights=qw, quantized_gradients=qg
+            configured_ds, reduce_fp32=red, quantized_weights=qw, quantized_gradients=qg
         )
         e = estimate(sh, cluster, name, ds, n)
         ov = [f"deepspeed={name}"]
@@ -205,13 +201,15 @@ def _search_preset(
         configured = (base.checkpointing, base.checkpoint_every, base.tokens_per_micro)
         if (
             (on, k, tpm) == configured
-            and red == run.deepspeed.reduce_fp32
+            and red == configured_ds.reduce_fp32
             and (qw, qg) == quants[0]
         ):
             estimates.append(e)  # the preset as configured
 
 
-def _knob_options(base: StageShape, ds, overrides: list[str], search: bool, lossy: bool):
+def _knob_options(
+    base: StageShape, ds: DeepSpeedConfig, overrides: list[str], search: bool, lossy: bool
+):
     """The values the search tries per knob (only the configured one where the overrides fix
     it, or without ``search``): checkpointing, tokens per micro-step, reduction dtype, and
     with ``lossy`` ZeRO++ qwZ x qgZ (ZeRO-3 presets only; the configured pair first)."""
