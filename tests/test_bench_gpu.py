@@ -104,7 +104,8 @@ def test_measured_mfu_is_appended_where_janus_plan_reads_it(tmp_path, monkeypatc
            "checkpointing": "none", "model": "janus_pro_1b"}  # fmt: skip
     f.parent.mkdir()
     f.write_text(json.dumps({"records": [old]}))
-    row = {"part": "trainer", "model": "janus_pro_1b", "layers": 24, "checkpointing": "2",
+    row = {"part": "trainer", "model": "janus_pro_1b", "layers": 24, "hidden": 2048,
+           "checkpointing": "2",
            "attn": "torch_varlen", "kernels": "none", "compile": None, "tokens_per_micro": 8192,
            "mfu": 0.23, "tokens_per_s": 1e4}  # fmt: skip
     monkeypatch.setattr(bench, "trainer_part", lambda args, run_dir: dict(row))
@@ -116,6 +117,7 @@ def test_measured_mfu_is_appended_where_janus_plan_reads_it(tmp_path, monkeypatc
     assert recs[0] == old and len(recs) == 2 and recs[1]["mfu"] == 0.23
     assert recs[1]["checkpointing"] == "every 2" and recs[1]["layers"] == 24
     assert set(recs[1]) >= {"date", "gpu", "mfu", "model", "layers", "checkpointing", "commit"}
+    assert recs[1]["hidden"] == 2048  # the planner's match by dimensions
     a100 = bench.mfu_record(row, "NVIDIA A100-SXM4-40GB")
     assert append_mfu_record(f, a100) == 3
     util, source = ClusterConfig(gpu="a100-40gb", mfu_file=str(f)).mfu_source

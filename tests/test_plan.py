@@ -654,6 +654,37 @@ def test_zero1_reduction_hides_only_behind_the_last_backward(monkeypatch):
     assert e.sim.n_micro >= 2 and red > gather  # mostly exposed unless the last pack is big
 
 
+def test_mfu_prefers_the_planned_models_newest_record(tmp_path, capsys):
+    """Of a GPU family's records the planned model's newest is taken (same experiment name, or
+    the same LLM layers and width), else the family's newest whatever it measured; the
+    source line says which."""
+    f = tmp_path / "mfu.json"
+    recs = [
+        {"date": "2026-12-02T00:00:00Z", "gpu": "NVIDIA A100-SXM4-80GB", "mfu": 0.30,
+         "layers": 30, "hidden": 4096, "checkpointing": "none", "model": "janus_pro_7b"},
+        {"date": "2026-12-01T00:00:00Z", "gpu": "NVIDIA A100-SXM4-40GB", "mfu": 0.20,
+         "layers": 24, "hidden": 2048, "checkpointing": "none", "model": "janus_pro_1b"},
+        {"date": "2026-11-01T00:00:00Z", "gpu": "NVIDIA A100-SXM4-40GB", "mfu": 0.10,
+         "layers": 24, "hidden": 2048, "checkpointing": "none", "model": "janus_pro_1b"},
+        {"date": "2026-12-03T00:00:00Z", "gpu": "NVIDIA H200", "mfu": 0.5, "layers": 24,
+         "hidden": 2048, "checkpointing": "none", "model": "janus_pro_1b"},
+    ]  # fmt: skip
+    f.write_text(json.dumps({"records": recs}))
+    cl = ClusterConfig(gpu="a100-40gb", mfu_file=str(f))
+    util, source = cl.mfu_for("janus_pro_1b", 24, 2048)
+    assert util == 0.20 and source.endswith("the newest of janus_pro_1b)")  # not 7B's newer
+    assert cl.mfu_for("janus_pro_7b", 30, 4096)[0] == 0.30
+    assert cl.mfu_for("janus_pro_1b_lora_sft", 24, 2048)[0] == 0.20  # same dimensions
+    util, source = cl.mfu_for("janus_1.3b", 24, 2304)
+    assert util == 0.30 and "none of janus_1.3b: the a100 family's newest" in source
+    assert cl.mfu_source[0] == 0.30  # no model named: the family's newest
+    argv = ["experiment=janus_pro_1b", "stage=stage3", "nodes=2", f"mfu_file={f}"]
+    assert cli.main([*argv, "gpu=a100-40gb", "search=false"]) == 0
+    out = capsys.readouterr().out
+    assert "measured 0.200 MFU on NVIDIA A100-SXM4-40GB (janus_pro_1b" in out
+    assert "the newest of janus_pro_1b)" in out
+
+
 def test_mfu_from_the_newest_measured_record(tmp_path, capsys):
     from janus_train.plan.config import DEFAULT_MFU
 

@@ -104,7 +104,7 @@ def _length_lines(sh: StageShape, cluster: ClusterConfig) -> list[str]:
 def render(plan: StagePlan, cluster: ClusterConfig, experiment: str) -> str:
     sh, ch, best = plan.shape, plan.chosen, plan.best
     spec = cluster.spec
-    util, source = cluster.mfu_source
+    util, source = cluster.mfu_for(*sh.mfu_key)
     lines = [
         f"== {experiment} {sh.name}: {sh.steps} steps, global batch {sh.global_batch}, "
         f"trains {', '.join(sh.trainable_groups)} ({sh.trainable / 1e9:.3f} B of "

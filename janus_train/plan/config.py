@@ -57,11 +57,22 @@ def _gpu_family(name: str) -> str:
     return next((f for f in ("a100", "h100", "h200") if f in name), name)
 
 
-def measured_mfu(path: str | Path, gpu: str) -> tuple[float, str] | None:
+def _same_model(r: dict, model: str, layers: int, hidden: int) -> bool:
+    if model and r.get("model") == model:
+        return True
+    return bool(layers and hidden and r.get("layers") == layers and r.get("hidden") == hidden)
+
+
+def measured_mfu(
+    path: str | Path, gpu: str, model: str = "", layers: int = 0, hidden: int = 0
+) -> tuple[float, str] | None:
     """The newest record of ``path`` for ``gpu``'s family (a100 / h100 / h200) as a utilisation
     of the executed FLOPs: its ``mfu`` (model FLOPs / (time x peak)) times the recomputation
-    its checkpointing added, so it applies to any checkpointing. None when the file or a
-    matching record is absent.
+    its checkpointing added, so it applies to any checkpointing. Of the family's records, the
+    newest of the planned model's is taken (its ``model``, the experiment name, equal to
+    ``model``, or its ``layers`` and ``hidden`` equal to the LLM's), else the family's newest
+    whatever it measured; the source line says which. None when the file or a matching record
+    is absent.
 
     Format (a JSON object ``{"records": [...]}`` or a list of records), one record per run::
 
@@ -78,7 +89,16 @@ def measured_mfu(path: str | Path, gpu: str) -> tuple[float, str] | None:
     mine = [r for r in recs if _gpu_family(str(r.get("gpu", ""))) == fam and r.get("mfu")]
     if not mine:
         return None
-    r = max(mine, key=lambda r: str(r.get("date", "")))
+    same = [r for r in mine if _same_model(r, model, layers, hidden)]
+    r = max(same or mine, key=lambda r: str(r.get("date", "")))
+    planned = model or (f"{layers} layers x {hidden}" if layers and hidden else "")
+    which = (
+        f"; the newest of {planned}"
+        if same
+        else f"; none of {planned}: the {fam} family's newest"
+        if planned
+        else ""
+    )
     layers = int(r.get("layers") or 1)
     ck = str(r.get("checkpointing", "none"))
     every = 0 if ck == "none" else (1 if ck == "full" else int(ck.split()[-1]))
@@ -86,7 +106,7 @@ def measured_mfu(path: str | Path, gpu: str) -> tuple[float, str] | None:
     util = float(r["mfu"]) * (1 + redo)
     return util, (
         f"measured {float(r['mfu']):.3f} MFU on {r.get('gpu')} ({r.get('model', '?')}, "
-        f"checkpointing {ck}, {r.get('date', '?')}, {p})"
+        f"checkpointing {ck}, {r.get('date', '?')}, {p}{which})"
     )
 
 
@@ -178,12 +198,19 @@ class ClusterConfig:
 
     @property
     def mfu_source(self) -> tuple[float, str]:
-        """(utilisation, where it comes from)."""
+        """(utilisation, where it comes from), whatever model a record measured."""
+        return self.mfu_for()
+
+    def mfu_for(self, model: str = "", layers: int = 0, hidden: int = 0) -> tuple[float, str]:
+        """(utilisation, where it comes from) for the planned model (experiment name, LLM
+        layers and width): :func:`measured_mfu` prefers that model's records."""
         if self.mfu is not None:
             return self.mfu, "mfu= on the command line"
         root = Path(__file__).resolve().parents[2]
         path = Path(self.mfu_file)
-        found = measured_mfu(path if path.is_absolute() else root / path, self.gpu)
+        found = measured_mfu(
+            path if path.is_absolute() else root / path, self.gpu, model, layers, hidden
+        )
         if found:
             return found
         return DEFAULT_MFU, f"default: no figure for {self.gpu} in {self.mfu_file}"

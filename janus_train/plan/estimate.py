@@ -111,6 +111,14 @@ class StageShape:
     recipe: str | None = None
     """The stage's data recipe (sources, weights, active ranges) for the busiest-rank
     simulation; None: one source per task."""
+    model: str = ""
+    """The experiment's name: which measured MFU record is this model's
+    (``ClusterConfig.mfu_for``)."""
+
+    @property
+    def mfu_key(self) -> tuple[str, int, int]:
+        """(experiment, LLM layers, LLM width): ``ClusterConfig.mfu_for``'s arguments."""
+        return self.model, self.sizes.layers, self.sizes.hidden
 
     @property
     def trainable(self) -> int:
@@ -159,6 +167,7 @@ def stage_shape(
         kernels=model.kernels,
         text_chunk=data.text_chunk,
         recipe=spec.recipe_ref,
+        model=spec.experiment,
     )
 
 
@@ -297,7 +306,7 @@ def estimate(
     for t in est.transfers:
         secs[t.phase] += t.bytes / bw[t.inter_node]
     est.comm_s = sum(secs.values())
-    est.util = cl.mfu_source[0]
+    est.util = cl.mfu_for(*shape.mfu_key)[0]
     est.recompute = recompute_factor(shape, ds.zero_stage == 3)
     est.step_flops, est.mean_flops = sim.busiest_flops, sim.mean_flops
     _step_times(est, sim, secs, ds, accum, est.util * spec.peak_bf16)
