@@ -231,7 +231,7 @@ def resolve_on_every_rank(cfg: RunConfig, info: DistInfo) -> StageSpec:
     spec = err = None
     try:
         spec = resolve_stage(cfg, info.world_size, with_recipe=True, stat_shards=info.is_main)
-        check_eval(cfg)
+        check_eval(cfg, stat_shards=info.is_main)
     except (ValueError, FileNotFoundError) as e:
         err = e
     dev = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else None
@@ -283,20 +283,26 @@ def prepare(cfg: RunConfig, info: DistInfo) -> Prepared:
     return Prepared(spec, precision, ds, run_dir, run_dir / "checkpoints")
 
 
-def check_eval(cfg: RunConfig) -> None:
-    """With ``eval.every``: the held-out recipe (its file and sources; its shards are globbed at
-    the first evaluation) and every ``eval.metrics`` callable load now, not at the first
-    evaluation after hours of training."""
+def check_eval(cfg: RunConfig, stat_shards: bool = True) -> None:
+    """With ``eval.every``: every ``eval.metrics`` callable and the held-out recipe load now,
+    not at the first evaluation after hours of training: its file, its sources and its shards
+    (globbed; with ``stat_shards``, rank 0's part, every local one an existing tar file)."""
     if not cfg.eval.every:
         return
     from janus_train.data.recipe import load_recipe
+    from janus_train.data.tario import check_tar, is_remote
 
-    load_recipe(cfg.eval.recipe, check_shards=False)
     if cfg.eval.metrics:
         from janus_train.evaluate import load_metric
 
         for spec in cfg.eval.metrics:
             load_metric(spec)
+    recipe = load_recipe(cfg.eval.recipe, stat_shards=stat_shards)
+    if stat_shards:
+        for src in recipe.sources:
+            for url in src.shards:
+                if not is_remote(url):
+                    check_tar(url, f"{recipe.path}: source {src.name}")
 
 
 def build_engine(

@@ -354,7 +354,8 @@ def scenario_main(root):
 
     _install_fake_eval(root)
     extras = {
-        ("stage1", 2): ["eval.every=1"],  # the in-training eval call point
+        # the in-training eval call point (prepare checks the held-out shards: scen writes one)
+        ("stage1", 2): ["eval.every=1", f"eval.recipe={root}/heldout.yaml"],
         ("stage2", 3): ["model.gradient_checkpointing=true"],
         ("stage3", 2): ["train.export_at_end=true"],
         ("stage3", 3): ["train.export_at_end=true"],
@@ -471,7 +472,13 @@ def _metrics(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def scen(tmp_path_factory):
+    from janus_train.data.synthetic import text_records
+    from janus_train.data.tario import write_tar
+
     root = tmp_path_factory.mktemp("train_dist")
+    write_tar(root / "heldout-0.tar", text_records(0, 2))
+    src = {"name": "t", "task": "text", "format": "text", "shards": str(root / "heldout-0.tar")}
+    (root / "heldout.yaml").write_text(json.dumps({"name": "heldout", "sources": [src]}))
     res = run_torchrun([SELF, "main", str(root)], timeout=400)
     assert res.returncode == 0, res.output[-6000:]
     return root

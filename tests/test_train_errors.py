@@ -155,3 +155,31 @@ def test_eval_recipe_and_metrics_checked_before_training(
     code, err = _main(monkeypatch, capsys, tmp_path, "eval.every=2", override)
     assert code == EXIT_USER_ERROR and named in _one_error_line(err)
     train.check_eval(to_run_config(compose(["eval.every=0", override])))  # no evaluation
+
+
+def test_eval_shards_checked_before_training(monkeypatch, capsys, tmp_path):
+    """With ``eval.every``, a held-out shard that is missing or not a tar file fails the dry run
+    (so the run, before any model) in one line naming it, exit 2: it was found only at the first
+    evaluation, a traceback. Good shards pass."""
+    import yaml
+
+    from janus_train.data.synthetic import text_records
+    from janus_train.data.tario import write_tar
+
+    good = write_tar(tmp_path / "good.tar", text_records(0, 2))
+    notes = tmp_path / "notes.tar"
+    notes.write_text("held-out notes, not a tar\n" * 40)
+    recipe = tmp_path / "heldout.yaml"
+
+    def dry_run(*shards):
+        src = {"name": "t", "task": "text", "format": "text", "shards": [str(s) for s in shards]}
+        recipe.write_text(yaml.safe_dump({"name": "heldout", "sources": [src]}))
+        return _main(monkeypatch, capsys, tmp_path, "eval.every=2", f"eval.recipe={recipe}")
+
+    for bad, named in ((notes, "is not a tar file"), (tmp_path / "gone.tar", "does not exist")):
+        code, err = dry_run(good, bad)
+        line = _one_error_line(err)
+        assert code == EXIT_USER_ERROR and named in line and f"'{bad}'" in line, line
+        assert str(recipe) in line
+    monkeypatch.setattr(train, "exit_finished", lambda status: sys.exit(status))
+    assert dry_run(good)[0] == 0

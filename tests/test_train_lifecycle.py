@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -81,6 +82,21 @@ def _recipe(root: Path, bad: bool) -> Path:
     return path
 
 
+def _heldout(root: Path) -> tuple[Path, Path]:
+    """A held-out recipe globbing ``eval_data/*.tar`` (one good text shard: prepare's check
+    passes) and that directory, which the eval-failure test removes once training runs."""
+    from janus_train.data.synthetic import text_records
+    from janus_train.data.tario import write_tar
+
+    data = root / "eval_data"
+    data.mkdir()
+    write_tar(data / "text-0.tar", text_records(0, 4))
+    src = {"name": "text", "task": "text", "format": "text", "shards": str(data / "*.tar")}
+    path = root / "heldout.yaml"
+    path.write_text(yaml.safe_dump({"name": "heldout", "sources": [src]}))
+    return path, data
+
+
 def _train_args(root: Path, recipe: Path, workers: int, extra=()) -> list[str]:
     return [
         "experiment=tiny",
@@ -107,16 +123,22 @@ def _train_args(root: Path, recipe: Path, workers: int, extra=()) -> list[str]:
 )
 def test_failure_exits_nonzero_and_leaves_no_process(tmp_path, failure, ranks, workers):
     recipe = _recipe(tmp_path, bad=failure == "data")
-    extra = ["eval.every=1"] if failure == "eval" else []
+    extra, on_line = [], None
+    if failure == "eval":  # held-out shards checked by prepare, gone by the first evaluation
+        heldout, eval_data = _heldout(tmp_path)
+        extra = [f"eval.recipe={heldout}", "eval.every=2", "eval.n_und=0", "eval.n_gen=0"]
+
+        def on_line(line, proc):
+            if "step 1/6" in line:
+                shutil.rmtree(eval_data, ignore_errors=True)
+
     args = ["-m", "janus_train.train", *_train_args(tmp_path, recipe, workers, extra)]
     cmd = torchrun_cmd(args[1:], nproc=ranks, module=True) if ranks > 1 else [sys.executable, *args]
-    # The data failure is near once a worker reports its first bad sample; the eval failure
-    # comes right after step 1's log line (eval.recipe tiny_heldout: no shards under
-    # JANUS_EVAL_DATA_ROOT).
+    # The data failure is near once a worker reports its first bad sample; the eval failure at
+    # the first evaluation after step 1's log line (step 2, or 4 should the removal lag): the
+    # held-out glob matches no shard any more.
     marker = "skipped a sample" if failure == "data" else "step 1/6"
-    res = run_watched(
-        cmd, marker, timeout=240, env={"JANUS_EVAL_DATA_ROOT": str(tmp_path / "no_eval_data")}
-    )
+    res = run_watched(cmd, marker, timeout=240, on_line=on_line)
     out = res.output
     # both are user errors: one line naming the field / file, exit 2 (a rank's, under torchrun)
     codes = (
@@ -126,7 +148,7 @@ def test_failure_exits_nonzero_and_leaves_no_process(tmp_path, failure, ranks, w
     )
     assert EXIT_USER_ERROR in codes, (codes, out[-3000:])
     line = [ln for ln in out.splitlines() if "janus-train: error:" in ln][0]
-    assert ("data.max_failure_rate" if failure == "data" else "tiny_heldout.yaml") in line, line
+    assert ("data.max_failure_rate" if failure == "data" else "heldout.yaml") in line, line
     assert res.seconds_after_marker is not None, out[-3000:]
     assert res.seconds_after_marker < EXIT_BOUND_S, (res.seconds_after_marker, out[-3000:])
     # the ranks and their loader workers ran (the agent's ranks under torchrun)

@@ -69,6 +69,17 @@ def is_member(name: str) -> bool:
     return base != "" and not base.startswith(("_", "."))
 
 
+def check_tar(path: str, where: str) -> None:
+    """``ValueError`` naming ``path`` (``where``: what lists it) unless it is a file whose first
+    header reads as a tar's (one header read, no member)."""
+    try:
+        ok = tarfile.is_tarfile(path)
+    except OSError as e:
+        raise ValueError(f"{where}: shard {path!r} cannot be read ({e.strerror})") from None
+    if not ok:
+        raise ValueError(f"{where}: shard {path!r} is not a tar file")
+
+
 def open_shard(url: str) -> BinaryIO:
     """Local paths as files; URLs and ``pipe:`` commands through ``webdataset.gopen``."""
     try:
