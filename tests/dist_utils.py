@@ -15,6 +15,8 @@ import re
 import socket
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,17 +76,84 @@ def run_torchrun(
     cwd: str | os.PathLike = REPO,
 ) -> TorchrunResult:
     """Run ``args`` (a script path and its arguments, or a module with ``module=True``) under
-    torchrun with ``nproc`` CPU workers; raises ``subprocess.TimeoutExpired`` on a hang."""
-    proc = subprocess.run(
-        torchrun_cmd(args, nproc, module),
+    torchrun with ``nproc`` CPU workers; raises ``subprocess.TimeoutExpired`` on a hang: no
+    output for ``timeout`` seconds (see ``run_guarded``)."""
+    res = run_guarded(
+        torchrun_cmd(args, nproc, module), silence=timeout, env=torchrun_env(env), cwd=cwd
+    )
+    return TorchrunResult(res.returncode, res.stdout)
+
+
+def wait_while_talking(
+    proc: subprocess.Popen, last_line: list[float], silence: float, cap: float | None = None
+) -> int:
+    """Wait for ``proc`` like ``proc.wait``, as a hang guard that a slow machine cannot trip: it
+    raises ``subprocess.TimeoutExpired`` only when no output line arrived for ``silence`` seconds
+    (``last_line[0]``: the monotonic time of the newest line, kept by the caller's reader) or the
+    run exceeded ``cap`` (default ``4 * silence``: a run that talks forever). A fixed wall-clock
+    timeout fails a correct run on a loaded 2-core machine (a 700-step demo run took 16 min with
+    other jobs running, against 90 s idle)."""
+    cap = 4 * silence if cap is None else cap
+    start = time.monotonic()
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            now = time.monotonic()
+            if now - last_line[0] > silence or now - start > cap:
+                raise subprocess.TimeoutExpired(proc.args, now - start) from None
+
+
+def _kill_group(proc: subprocess.Popen, pids=()) -> None:
+    """SIGKILL the command's process group (it runs in its own session) and any ``pids``."""
+    try:
+        os.killpg(proc.pid, 9)
+    except OSError:
+        pass
+    for p in pids:
+        try:
+            os.kill(p, 9)
+        except OSError:
+            pass
+
+
+def run_guarded(
+    cmd: list[str],
+    silence: float = 300,
+    cap: float | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, stdout=PIPE, stderr=STDOUT, text=True)`` with the hang guard of
+    ``wait_while_talking`` instead of a wall-clock timeout; on a hang the whole process group is
+    killed and ``subprocess.TimeoutExpired`` carries the output so far."""
+    proc = subprocess.Popen(
+        cmd,
         cwd=cwd,
-        env=torchrun_env(env),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        timeout=timeout,
+        start_new_session=True,
     )
-    return TorchrunResult(proc.returncode, proc.stdout)
+    lines: list[str] = []
+    last = [time.monotonic()]
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            last[0] = time.monotonic()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        rc = wait_while_talking(proc, last, silence, cap)
+    except subprocess.TimeoutExpired as e:
+        _kill_group(proc)
+        reader.join(timeout=10)
+        raise subprocess.TimeoutExpired(cmd, e.timeout, output="".join(lines)) from None
+    reader.join(timeout=30)
+    return subprocess.CompletedProcess(cmd, rc, "".join(lines))
 
 
 def _children() -> dict[int, list[int]]:
@@ -134,10 +203,8 @@ def run_watched(
 ) -> WatchedRun:
     """Run ``cmd``, recording every descendant process (polled) and when ``marker`` first
     appears in its output; ``on_line(line, proc)`` sees each output line. Kills the whole tree
-    and raises ``subprocess.TimeoutExpired`` after ``timeout``."""
-    import threading
-    import time
-
+    and raises ``subprocess.TimeoutExpired`` when no output line came for ``timeout`` seconds
+    (``wait_while_talking``)."""
     proc = subprocess.Popen(
         cmd,
         cwd=cwd,
@@ -150,6 +217,7 @@ def run_watched(
     seen: dict[int, str] = {}
     lines: list[str] = []
     marked: list[float] = []
+    last = [time.monotonic()]
     done = threading.Event()
 
     def poll() -> None:
@@ -167,6 +235,7 @@ def run_watched(
     def read() -> None:
         for line in proc.stdout:
             lines.append(line)
+            last[0] = time.monotonic()
             if not marked and marker in line:
                 marked.append(time.monotonic())
             if on_line is not None:
@@ -179,13 +248,9 @@ def run_watched(
     for t in threads:
         t.start()
     try:
-        rc = proc.wait(timeout=timeout)
+        rc = wait_while_talking(proc, last, timeout)
     except subprocess.TimeoutExpired:
-        for p in [proc.pid, *seen]:
-            try:
-                os.kill(p, 9)
-            except OSError:
-                pass
+        _kill_group(proc, list(seen))
         raise
     finally:
         done.set()

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.dist_utils import run_guarded
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -18,16 +19,9 @@ pytestmark = pytest.mark.slow
 
 def test_gpu_session_dry_run_on_cpu(tmp_path):
     env = dict(os.environ, GPU_SESSION_DRY="1", PYTHON=sys.executable, OUT=str(tmp_path))
-    res = subprocess.run(
-        ["bash", "benchmarks/gpu_session.sh"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    res = run_guarded(["bash", "benchmarks/gpu_session.sh"], silence=300, env=env, cwd=REPO)
     log = (tmp_path / "session.log").read_text() if (tmp_path / "session.log").exists() else ""
-    assert res.returncode == 0, res.stderr[-2000:] + log[-3000:]
+    assert res.returncode == 0, res.stdout[-2000:] + log[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "summary.jsonl").read_text().splitlines()]
     by = {}
     for r in rows:

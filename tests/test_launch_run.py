@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.dist_utils import run_guarded
+
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = [
     "model=tiny",
@@ -68,15 +70,13 @@ def test_pipeline_sh_runs_three_tiny_stages_through_exports(tmp_path):
         STAGE2_ARGS="stage.trainable=[llm,gen_head]",
         STAGE3_ARGS="stage.trainable=[und_adaptor]",
     )
-    res = subprocess.run(
+    res = run_guarded(
         ["bash", str(REPO / "launch/pipeline.sh"), *SMOKE, *STEPS2],
+        silence=300,
         env=env,
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
-    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert res.returncode == 0, res.stdout[-4000:]
     root = tmp_path / "runs/tiny"
     sd = {s: load_file(root / s / "hf/model.safetensors") for s in ("stage1", "stage2", "stage3")}
     for stage in ("stage1", "stage2", "stage3"):
@@ -110,7 +110,7 @@ def test_deepspeed_sh_trains_tiny_through_the_deepspeed_launcher(tmp_path):
     # `--no_local_rank --module janus_train.train <overrides>` starts the Hydra app correctly.
     # MASTER_PORT=0: a single rank's store may take any free port (tests run in parallel).
     run_dir = tmp_path / "run"
-    res = subprocess.run(
+    res = run_guarded(
         [
             "bash",
             str(REPO / "launch/deepspeed.sh"),
@@ -119,12 +119,10 @@ def test_deepspeed_sh_trains_tiny_through_the_deepspeed_launcher(tmp_path):
             "experiment.stage1.steps=2",
             f"train.run_dir={run_dir}",
         ],
+        silence=180,
         env=launch_env(NUM_GPUS="1", MASTER_PORT="0"),
         cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=180,
     )
-    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert res.returncode == 0, res.stdout[-3000:]
     assert [r["step"] for r in read_metrics(run_dir)] == [2]
     assert (run_dir / "hf/config.json").is_file()
