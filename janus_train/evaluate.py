@@ -57,13 +57,10 @@ from janus_train.data.config import DataConfig
 from janus_train.model.config import ModelConfig
 from janus_train.model.vq_codes import vq_codes
 from janus_train.trainer.config import EvalConfig
+from janus_train.trainer.distributed import is_main_process
 from janus_train.trainer.spec import StageSpec
 
 logger = logging.getLogger(__name__)
-
-
-def _is_main() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def eval_recipe(cfg: EvalConfig):
@@ -376,7 +373,7 @@ def run_eval(
             {"prompt": g[0], "token_accuracy": float((c == r).float().mean())}
             for g, c, r in zip(gen, codes, ref)
         ][:k]
-    if _is_main():
+    if is_main_process():
         _write_eval_outputs(out_dir, step, metrics, answers, grid, rows)
     if was_training:
         janus.train()

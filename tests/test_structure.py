@@ -529,6 +529,59 @@ def test_the_dependency_check_sees_undeclared_imports(tmp_path, src):
     assert _undeclared([f], tmp_path)
 
 
+# --------------------------------------------------------------------------- process group
+
+DIST_MODULES = {"janus_train/trainer/distributed.py", "janus_train/compat.py"}
+"""Where the process group is touched: ``trainer/distributed.py`` (every collective, the rank,
+setup and teardown; the rest of the library calls its helpers) and ``compat.py`` (torch's
+private timeout setter, behind its guard)."""
+
+
+def _direct_dist(path: Path, root: Path = ROOT) -> list[str]:
+    """Uses of ``torch.distributed`` or ``deepspeed.comm`` outside :data:`DIST_MODULES`: an
+    import of either (any form), or either reached as an attribute (``torch.distributed.x``)."""
+    rel = path.relative_to(root).as_posix()
+    if rel in DIST_MODULES:
+        return []
+    dist = ("torch.distributed", "deepspeed.comm")
+    out = [
+        f"{rel}:{line} imports {mod}"
+        for line, mod in _imports(path)
+        if any(mod == d or mod.startswith(f"{d}.") for d in dist)
+    ]
+    out += [
+        f"{rel}:{n.lineno} uses {n.value.id}.{n.attr}"
+        for n in ast.walk(ast.parse(path.read_text(), str(path)))
+        if isinstance(n, ast.Attribute)
+        and isinstance(n.value, ast.Name)
+        and f"{n.value.id}.{n.attr}" in dist
+    ]
+    return out
+
+
+def test_only_the_distributed_module_talks_to_the_process_group():
+    files = _package_files()
+    assert {f.relative_to(ROOT).as_posix() for f in files} >= DIST_MODULES
+    assert [b for f in files for b in _direct_dist(f)] == []
+
+
+@pytest.mark.parametrize(
+    "src",
+    [
+        "import torch.distributed as dist",
+        "from torch import distributed",
+        "def f():\n    from torch.distributed import all_gather_object\n",
+        "import torch\nr = torch.distributed.get_rank()\n",
+        "from deepspeed import comm",
+        "import deepspeed\ndeepspeed.comm.barrier()\n",
+    ],
+)
+def test_the_process_group_check_sees_every_form(tmp_path, src):
+    f = tmp_path / "m.py"
+    f.write_text(src)
+    assert _direct_dist(f, tmp_path)
+
+
 # --------------------------------------------------------------------------- function length
 
 MAX_FUNCTION_LINES = 80

@@ -140,6 +140,11 @@ def set_collective_timeout(timeout_s: float) -> int:
     return n
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or no process group (one process)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
