@@ -19,8 +19,10 @@ checkpoint's bytes and the synchronous write rate (a 7B estimate follows from it
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import statistics
 import tempfile
 import time
@@ -38,6 +40,12 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=3, help="steps between saves")
     ap.add_argument("--global-batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="print rank 0's cProfile of the asynchronous saves' stall (the top N by cumtime)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -99,6 +107,7 @@ def main() -> None:
         step((1.0, 0.0))
     n_step = args.steps
     res = {}
+    profiler = cProfile.Profile() if args.profile and info.is_main else None
     for mode in ("sync", "async"):
         saver = Checkpointer(t.engine, root / f"ckpt_{mode}", info, 2, mode == "async")
         stalls, busy, idle = [], [], []  # stalls[i]: save i's time in save() and commit()
@@ -114,8 +123,13 @@ def main() -> None:
                     saver.advance(not failed)  # the previous save's next phase
                     stalls[-1] += time.perf_counter() - t0
             dist.barrier()
+            prof = profiler if mode == "async" else None
             t0 = time.perf_counter()
+            if prof is not None:
+                prof.enable()
             saver.save(TrainState(step=n_step), loader)
+            if prof is not None:
+                prof.disable()
             stalls.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         saver.commit()  # the end of the run: the last save's remaining phases, waited for
@@ -127,6 +141,8 @@ def main() -> None:
             "median_step_s": round(statistics.median(idle), 4),
             "median_step_writing_s": round(statistics.median(busy), 4) if busy else None,
         }
+    if profiler is not None:
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(args.profile)
     ck = sorted((root / "ckpt_sync").glob("step_*"))[-1]
     nbytes = sum(f.stat().st_size for f in ck.rglob("*") if f.is_file())
     if info.is_main:

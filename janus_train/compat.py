@@ -24,6 +24,9 @@ restore_torch_linear           ZeRO-3's ``torch.nn.functional.linear`` patch and
 run_checkpoint_epilogue        ``DeepSpeedEngine._optimizer_has_ckpt_event_epilogue``
                                (a rank whose save failed must join the collective that
                                ``save_checkpoint`` runs after its writes)
+save_without_barriers          the module global ``dist`` of ``deepspeed.runtime.engine``
+                               and ``DeepSpeedEngine._copy_recovery_script`` (no switch
+                               for ``save_checkpoint``'s two barriers and script copies)
 dataloader_workers             a DataLoader iterator's ``_workers`` and
                                ``_shutdown_workers()`` (no public stop or worker list)
 reinit_with_hf_initializer     ``PreTrainedModel._init_weights`` and the
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import importlib.metadata
 import logging
 import re
@@ -71,8 +75,10 @@ DEEPSPEED_GROUP_GLOBALS = (
 """The process groups ``deepspeed.utils.groups`` caches at module level."""
 
 
+@functools.cache
 def version(dist: str) -> tuple[int, int]:
-    """(major, minor) of an installed distribution (``(0, 0)`` when not installed)."""
+    """(major, minor) of an installed distribution (``(0, 0)`` when not installed); read once
+    (``importlib.metadata`` parses the metadata file each time: ~2 ms, in every save)."""
     try:
         v = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -215,6 +221,61 @@ def run_checkpoint_epilogue(engine) -> None:
     has_epilogue = getattr(engine, "_optimizer_has_ckpt_event_epilogue", None)
     if has_epilogue is not None and has_epilogue():
         engine.optimizer.checkpoint_event_epilogue()
+
+
+class _WithoutBarrier:
+    """``deepspeed.comm`` as ``deepspeed.runtime.engine`` sees it, less ``barrier``."""
+
+    def __init__(self, comm) -> None:
+        self._comm = comm
+
+    def barrier(self, *args, **kwargs) -> None:
+        return None
+
+    def __getattr__(self, name: str):
+        return getattr(self._comm, name)
+
+
+SAVE_BARRIERS = 2
+"""``dist.barrier()`` calls in DeepSpeed's ``save_checkpoint`` (after rank 0 creates the save
+directory; at the end, after every rank's writes), checked by ``tests/test_compat.py``."""
+
+
+@contextlib.contextmanager
+def save_without_barriers(engine) -> Iterator[bool]:
+    """While DeepSpeed's ``save_checkpoint`` runs in the block, its :data:`SAVE_BARRIERS`
+    barriers and its copies of the recovery scripts (``zero_to_fp32.py``, into the save
+    directory) are skipped; its other collectives (ZeRO-3's gathers, tag validation) run.
+    For a caller that writes no file inside the call (its checkpoint engine only records the
+    state dicts), has the directory made and agreed on before, and commits by a protocol of
+    its own: then those barriers only make every rank wait for the slowest. Yields whether
+    they are skipped: not for an engine other than DeepSpeed's or a DeepSpeed newer than
+    :data:`TESTED` (the call then runs unchanged)."""
+    try:
+        from deepspeed.runtime import engine as ds_engine
+    except ImportError:
+        yield False
+        return
+    if (
+        not isinstance(engine, ds_engine.DeepSpeedEngine)
+        or version("deepspeed") != TESTED["deepspeed"]
+    ):
+        yield False
+        return
+    comm = ds_engine.dist
+    _require(callable(getattr(comm, "barrier", None)), "deepspeed.runtime.engine.dist", "deepspeed")
+    _require(
+        callable(getattr(engine, "_copy_recovery_script", None)),
+        "DeepSpeedEngine._copy_recovery_script",
+        "deepspeed",
+    )
+    ds_engine.dist = _WithoutBarrier(comm)
+    engine._copy_recovery_script = lambda save_path: None
+    try:
+        yield True
+    finally:
+        ds_engine.dist = comm
+        del engine._copy_recovery_script
 
 
 # --------------------------------------------------------------------------- DataLoader

@@ -430,3 +430,36 @@ def test_zero3_linear_patch_restored_by_the_next_engine(tmp_path):
     engine(2)
     assert F.linear is original
     assert compat.restore_torch_linear() is False
+
+
+def test_save_without_barriers_skips_exactly_deepspeeds_save_barriers(monkeypatch):
+    """The assumption behind ``compat.save_without_barriers``: DeepSpeed's ``save_checkpoint``
+    synchronizes through ``dist.barrier()`` of its module's ``dist`` (``deepspeed.comm``)
+    exactly ``SAVE_BARRIERS`` times; inside the block those are no-ops (the rest of ``dist``
+    forwarded) and the recovery-script copy does nothing; after it all is restored. Another
+    engine, or another DeepSpeed version, runs unchanged."""
+    import inspect
+
+    import deepspeed.comm
+    from deepspeed.runtime import engine as ds_engine
+
+    src = inspect.getsource(ds_engine.DeepSpeedEngine.save_checkpoint)
+    assert src.count("dist.barrier()") == compat.SAVE_BARRIERS
+    assert ds_engine.dist is deepspeed.comm
+    engine = object.__new__(ds_engine.DeepSpeedEngine)
+    torch.nn.Module.__init__(engine)  # an engine's attributes, without a model or a group
+    calls = []
+    monkeypatch.setattr(deepspeed.comm, "barrier", lambda *a, **k: calls.append("barrier"))
+    with compat.save_without_barriers(engine) as skipped:
+        assert skipped is True
+        assert ds_engine.dist.barrier() is None and calls == []
+        assert ds_engine.dist.get_world_size is deepspeed.comm.get_world_size
+        assert engine._copy_recovery_script("/nonexistent") is None
+    assert ds_engine.dist is deepspeed.comm and "_copy_recovery_script" not in vars(engine)
+    ds_engine.dist.barrier()
+    assert calls == ["barrier"]
+    with compat.save_without_barriers(object()) as skipped:
+        assert skipped is False and ds_engine.dist is deepspeed.comm
+    monkeypatch.setattr(compat, "version", lambda dist: (0, 99))
+    with compat.save_without_barriers(engine) as skipped:
+        assert skipped is False and ds_engine.dist is deepspeed.comm

@@ -7,7 +7,9 @@ complete checkpoint whose data is on disk:
 
 1. rank 0 checks the free space against the previous checkpoint's size (a warning when the
    save would leave less than one checkpoint of room);
-2. every rank runs DeepSpeed's ``save_checkpoint`` (its collectives included) with the file
+2. every rank runs DeepSpeed's ``save_checkpoint`` (its collectives included, less its two
+   barriers: :func:`~janus_train.compat.save_without_barriers`; the directory was made
+   before one barrier of ours) with the file
    writes captured as host-memory snapshots (a) -- the only part the loop waits for with
    ``train.ckpt_async`` -- then writes them and ``trainer_state_rank{r}.pt`` into
    ``.tmp-<tag>/<tag>`` (b): inline, or in a writer thread of that rank while training goes on;
@@ -72,7 +74,12 @@ from janus_train.trainer.checkpoint import (
     tag_for,
     write_atomic,
 )
-from janus_train.trainer.distributed import DistInfo, all_gather_objects, barrier
+from janus_train.trainer.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -258,12 +265,14 @@ def _check_space(ckpt_dir: Path) -> int:
     return need
 
 
-def _finish_failed_save(engine) -> None:
+def _finish_failed_save(engine, barriers: bool) -> None:
     """The collectives of DeepSpeed's ``save_checkpoint`` after its file writes, which a rank
     whose write failed skipped (the other ranks are waiting in them): ZeRO-3's epilogue
-    (re-gathers the persistent parameters) and the closing barrier."""
+    (re-gathers the persistent parameters) and, unless ``barriers`` are skipped on every rank
+    (:func:`~janus_train.compat.save_without_barriers`), the closing barrier."""
     compat.run_checkpoint_epilogue(engine)
-    barrier()
+    if barriers:
+        barrier()
 
 
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.Size)
@@ -360,6 +369,7 @@ class PendingSave:
         self.written: tuple[BaseException | None, dict] = (unfinished, {})  # this rank's files
         self.outcome: tuple[str, BaseException] | None = None  # rank 0's commit: failure
         self._task: _Job | None = None
+        self.device: torch.device | str = "cpu"  # the engine's: where a collective's tensor lives
 
     def _run(self, fn: Callable[[], None]) -> None:
         if not self.background:
@@ -412,7 +422,7 @@ class PendingSave:
                 self._gather_written(keep_last)
             self.phase = "commit"
             return not self.background and self.advance(keep_last)
-        if none_failed:
+        if none_failed or not self._any_failed(self.outcome is not None):
             self.phase = "done"
             return True
         kind, what = all_gather_objects(
@@ -426,6 +436,12 @@ class PendingSave:
                 raise self.outcome[1]
             raise RuntimeError(f"checkpoint {self.ckpt_dir / self.tag}: rank 0 failed ({what})")
         return True
+
+    def _any_failed(self, failed: bool) -> bool:
+        """Collective: whether ``failed`` on some rank, in one all-reduce (the message, when
+        there is one, takes a gather more)."""
+        flag = torch.tensor([float(failed)], dtype=torch.float64, device=self.device)
+        return bool(all_reduce_sum(flag)[0] > 0)
 
     def finish_alone(self, keep_last: int, timeout_s: float) -> bool:
         """Without any collective (an error is ending the run): wait for this rank's thread;
@@ -554,6 +570,7 @@ def begin_save(
     once :meth:`PendingSave.commit` returns."""
     ckpt_dir = Path(ckpt_dir)
     p = PendingSave(ckpt_dir, step, info, background)
+    p.device = getattr(engine, "device", "cpu")
     tmp = p.tmp_root / p.tag
     if info.is_main:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -565,8 +582,11 @@ def begin_save(
     engine.checkpoint_engine = capture
     # Lack of space is caught on the rank it hits and shared at the commit; every rank still
     # takes part in each collective, so the others do not wait for it until the timeout.
+    # DeepSpeed's barriers are skipped (every rank alike): nothing is written in the call, the
+    # directory was made before the barrier above, and the commit needs every rank's flag.
+    skipped = False
     try:
-        with _WrittenHere(tmp) as written_here:
+        with _WrittenHere(tmp) as written_here, compat.save_without_barriers(engine) as skipped:
             engine.save_checkpoint(
                 str(p.tmp_root), tag=p.tag, client_state=client_state, save_latest=False
             )
@@ -574,7 +594,7 @@ def begin_save(
         if not is_storage_full(e):
             raise
         p.written = (e, {})
-        _finish_failed_save(engine)
+        _finish_failed_save(engine, barriers=not skipped)
         return p
     finally:
         engine.checkpoint_engine = capture.inner
