@@ -457,6 +457,45 @@ def _running_jobs() -> list[str]:
     return [j.tag for j in ckpt_save._PENDING if not j.done.is_set()]
 
 
+def test_a_save_after_a_pending_commit_agrees_on_it_in_its_one_collective(tmp_path, monkeypatch):
+    """The save after an asynchronous one of which only the agreement on rank 0's commit is
+    left runs one collective before DeepSpeed's save: that agreement's all-reduce, which is
+    also the new save's barrier (rank 0 made the directory first). When that commit failed, the
+    save raises it (on every rank: the all-reduce says so) and starts nothing."""
+    from janus_train.trainer.state import Checkpointer, TrainState
+
+    class Loader:
+        def state_dict(self):
+            return {"position": 3}
+
+    calls, reduce = [], ckpt_save.all_reduce_sum
+    monkeypatch.setattr(ckpt_save, "all_reduce_sum", lambda t: calls.append("reduce") or reduce(t))
+    monkeypatch.setattr(ckpt_save, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(ckpt_save, "all_gather_objects", lambda o: calls.append("gather") or [o])
+    c = tmp_path / "checkpoints"
+    saver = Checkpointer(FakeEngine(), c, INFO, keep_last=10, background=True)
+    saver.save(TrainState(step=2), Loader())
+    assert calls == ["barrier"]
+    saver.pending.wait()
+    saver.advance(none_failed=True)  # rank 0's commit job starts
+    calls.clear()
+    saver.save(TrainState(step=4), Loader())
+    assert calls == ["reduce"] and ckpt.read_latest(c) == "step_00000002"
+    assert saver.pending.tag == "step_00000004"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_save, "_write_manifest", full)
+    saver.pending.wait()
+    saver.advance(none_failed=True)
+    calls.clear()
+    with pytest.raises(StorageFull, match="step_00000002 is still the latest"):
+        saver.save(TrainState(step=6), Loader())
+    assert calls == ["reduce", "gather"] and saver.pending is None
+    assert ckpt.read_latest(c) == "step_00000002" and not list(c.glob(".tmp-*"))
+
+
 @pytest.mark.parametrize("phase", ["write", "commit", "failed"])
 def test_an_error_exit_commits_a_written_save_without_collectives(tmp_path, monkeypatch, phase):
     """``Checkpointer.close`` (every exit of the loop): a save whose files every rank has

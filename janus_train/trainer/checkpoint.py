@@ -44,7 +44,6 @@ import torch
 
 from janus_train import compat
 from janus_train.errors import one_line
-from janus_train.model.vq_codes import VQ_PATH
 from janus_train.trainer.distributed import DistInfo, all_gather_objects, barrier
 
 logger = logging.getLogger(__name__)
@@ -141,6 +140,8 @@ def load_module_state(src: dict, dst: torch.nn.Module) -> None:
     """DeepSpeed's strict module load, less the frozen VQ's tensors of a checkpoint written
     while the VQ was still inside the engine: it is now held outside it
     (``janus_train.model.vq_codes.detach_vq``) and, frozen, comes from the model build."""
+    from janus_train.model.vq_codes import VQ_PATH  # here: the model package imports in seconds
+
     expected = set(dst.state_dict())
     legacy = f"janus.{VQ_PATH}."
     dst.load_state_dict(

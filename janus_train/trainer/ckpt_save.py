@@ -20,8 +20,9 @@ complete checkpoint whose data is on disk:
    syncs another's file (a file no rank saw itself write is synced by rank 0, with a warning);
 4. the commit, a collective on the main thread of every rank: synchronously, or (async) at
    the first step boundary at which every rank's writer has finished (a flag in the step's
-   token-count all-reduce), and at the latest before the next save, at the end of the stage
-   and after a stop signal. Rank 0 merges the ranks' file lists (each rank's writer left its
+   token-count all-reduce), and at the latest before the next save (when only the agreement on
+   rank 0's commit is left, in the all-reduce that is also that save's barrier), at the end of
+   the stage and after a stop signal. Rank 0 merges the ranks' file lists (each rank's writer left its
    list in ``.tmp-<tag>/files_rank{r}.json``; they are gathered instead when the flags are not
    known or some rank failed), writes ``manifest.json`` (fsynced), then fsyncs the directories
    (``<tag>``, its subdirectories, ``.tmp-<tag>``) once every rank's files are synced; steps
@@ -562,22 +563,36 @@ def begin_save(
     rank_state: dict,
     info: DistInfo,
     background: bool = False,
+    previous: PendingSave | None = None,
+    keep_last: int = 2,
 ) -> PendingSave:
     """Collective, steps 1-3: DeepSpeed's save runs (with its collectives) but its writes are
     captured as host snapshots (:class:`_Capture`); then this rank writes them and
     ``rank_state``, fsyncs and sums its files: inline, or with ``background`` in a thread of
     its own while the caller goes on (nothing in the thread is a collective). The save counts
-    once :meth:`PendingSave.commit` returns."""
+    once :meth:`PendingSave.commit` returns. ``previous``: the save before, still pending,
+    committed first (``keep_last``); when only the agreement on rank 0's commit is left, that
+    agreement (one all-reduce) is also the barrier that orders this save's directory before
+    the other ranks' use of it (one collective less on the loop's thread)."""
     ckpt_dir = Path(ckpt_dir)
+    if previous is not None and not (previous.phase == "commit" and previous.background):
+        previous.commit(keep_last)
+        previous = None
     p = PendingSave(ckpt_dir, step, info, background)
     p.device = getattr(engine, "device", "cpu")
     tmp = p.tmp_root / p.tag
     if info.is_main:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(p.tmp_root, ignore_errors=True)
-        p.need = _check_space(ckpt_dir)
-        tmp.mkdir(parents=True)
-    barrier()
+        if previous is not None:
+            previous.wait()  # rank 0's commit: `latest` moved (or not) before the check below
+        if previous is None or previous.outcome is None:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(p.tmp_root, ignore_errors=True)
+            p.need = _check_space(ckpt_dir)
+            tmp.mkdir(parents=True)
+    if previous is None:
+        barrier()
+    else:
+        previous.commit(keep_last)  # raises on every rank when rank 0's commit failed
     capture = _Capture(engine.checkpoint_engine)
     engine.checkpoint_engine = capture
     # Lack of space is caught on the rank it hits and shared at the commit; every rank still

@@ -103,8 +103,9 @@ class Checkpointer:
             self.pending = None
 
     def save(self, state: TrainState, loader: StepLoader) -> None:
-        """Collective: commit the pending save, then start one of ``state``."""
-        self.commit()
+        """Collective: commit the pending save, then start one of ``state`` (``begin_save``
+        commits the pending one, with one collective less when only its agreement is left)."""
+        previous, self.pending = self.pending, None  # a failed save never counts
         rank_state = {"loader": loader.state_dict(), "rng": get_rng_state()}
         self.pending = begin_save(
             self.engine,
@@ -114,6 +115,8 @@ class Checkpointer:
             rank_state,
             self.info,
             self.background,
+            previous,
+            self.keep_last,
         )
         if not self.background:
             self.commit()
