@@ -166,7 +166,8 @@ class RunConfig:
     @property
     def hparams(self) -> StageHParams:
         """The selected stage's hyper-parameters: ``experiment.<stage.name>``."""
-        return getattr(self.experiment, self.stage.name)
+        e = self.experiment
+        return {"stage1": e.stage1, "stage2": e.stage2, "stage3": e.stage3}[self.stage.name]
 
     @property
     def trainable_groups(self) -> list[str]:
@@ -259,12 +260,11 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"{where}.global_batch_size must be > 0")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed.zero_stage={cfg.deepspeed.zero_stage}: must be 0..3")
-    for key in ("quantized_weights", "quantized_gradients"):
-        if getattr(cfg.deepspeed, key) and cfg.deepspeed.zero_stage != 3:
-            raise ValueError(
-                f"deepspeed.{key}=true needs deepspeed.zero_stage=3 (ZeRO++), got "
-                f"{cfg.deepspeed.zero_stage}"
-            )
+    if cfg.deepspeed.quantized and cfg.deepspeed.zero_stage != 3:
+        raise ValueError(
+            f"deepspeed.{cfg.deepspeed.quantized[0]}=true needs deepspeed.zero_stage=3 (ZeRO++), "
+            f"got {cfg.deepspeed.zero_stage}"
+        )
     if cfg.deepspeed.precision not in ("bf16", "fp32"):
         raise ValueError(f"deepspeed.precision={cfg.deepspeed.precision!r}: bf16 | fp32")
     if cfg.train.loss_reduction not in ("token_mean", "task_mean_sum"):
@@ -322,10 +322,16 @@ def validate_eval(ev: EvalConfig) -> None:
     ]:
         if s < 1:
             raise ValueError(f"eval.{key}={s}: must be >= 1 (1 = none)")
-    lows = dict(max_per_source=0, n_und=0, n_gen=0, n_grid=0, batch_size=1, max_new_tokens=1)
-    for key, low in lows.items():
-        if getattr(ev, key) < low:
-            raise ValueError(f"eval.{key}={getattr(ev, key)}: must be >= {low}")
+    for key, value, low in [
+        ("max_per_source", ev.max_per_source, 0),
+        ("n_und", ev.n_und, 0),
+        ("n_gen", ev.n_gen, 0),
+        ("n_grid", ev.n_grid, 0),
+        ("batch_size", ev.batch_size, 1),
+        ("max_new_tokens", ev.max_new_tokens, 1),
+    ]:
+        if value < low:
+            raise ValueError(f"eval.{key}={value}: must be >= {low}")
 
 
 def prompt_format(run: RunConfig) -> PromptFormat:

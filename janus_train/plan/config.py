@@ -259,9 +259,14 @@ class ClusterConfig:
 
     def validate(self) -> None:
         self.spec  # noqa: B018  (raises on an unknown GPU)
-        for key in ("nodes", "gpus_per_node", "und_sample_tokens", "gen_sample_tokens"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key}={getattr(self, key)}: must be > 0")
+        for key, value in [
+            ("nodes", self.nodes),
+            ("gpus_per_node", self.gpus_per_node),
+            ("und_sample_tokens", self.und_sample_tokens),
+            ("gen_sample_tokens", self.gen_sample_tokens),
+        ]:
+            if value <= 0:
+                raise ValueError(f"{key}={value}: must be > 0")
         self.lengths(4096, 576)
         if self.text_chunk < 0:
             raise ValueError(f"text_chunk={self.text_chunk}: must be >= 0")

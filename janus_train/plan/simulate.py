@@ -153,6 +153,31 @@ def _drawer(rng, tasks: list[str], bounds: dict, per_source: tuple, text_chunk: 
     return draw
 
 
+def _take_step(
+    queues: list[dict[int, list[tuple[int, str]]]], recipe, counts, step: int, world: int, seed: int
+) -> list[list[tuple[int, str]]]:
+    """Each rank's share of step ``step``, taken off the heads of ``queues`` (per rank, per
+    source: ``(tokens, task)`` of the samples dealt to it, FIFO) as the token-budget loader takes
+    them: the step's need per source, split by ``balance_takes`` with the loader's lag bounds
+    (``keep_bounds``); a share lists its samples source by source, in source order."""
+    need: dict[int, int] = {}
+    for share in rank_supply(recipe, counts, step, world, seed):
+        for i in share:
+            need[i] = need.get(i, 0) + 1
+    keep = keep_bounds(need, rank_supply(recipe, counts, step + 1, world, seed), world)
+    qlens = [{i: [n for n, _ in q.get(i, [])] for i in need} for q in queues]
+    takes = balance_takes(qlens, need, keep)
+    shares = []
+    for r in range(world):
+        mine = []
+        for i in sorted(need):
+            q = queues[r].setdefault(i, [])
+            mine += q[: takes[r][i]]
+            del q[: takes[r][i]]
+        shares.append(mine)
+    return shares
+
+
 @lru_cache(maxsize=256)
 def simulate(
     recipe_name: str | None,
@@ -197,24 +222,7 @@ def simulate(
     per_step = []
     for step in range(steps + 1):
         supply(step + 1)
-        need_sh = rank_supply(recipe, counts, step, world, seed)
-        nxt = rank_supply(recipe, counts, step + 1, world, seed)
-        need: dict[int, int] = {}
-        for share in need_sh:
-            for i in share:
-                need[i] = need.get(i, 0) + 1
-        keep = keep_bounds(need, nxt, world)
-        qlens = [{i: [n for n, _ in q.get(i, [])] for i in need} for q in queues]
-        takes = balance_takes(qlens, need, keep)
-        order = sorted(need)
-        shares = []
-        for r in range(world):
-            mine = []
-            for i in order:
-                q = queues[r].setdefault(i, [])
-                mine += q[: takes[r][i]]
-                del q[: takes[r][i]]
-            shares.append(mine)
+        shares = _take_step(queues, recipe, counts, step, world, seed)
         lay = layout([[n for n, _ in s] for s in shares], tokens_per_micro)
         if step == 0:
             continue  # warm-up: queues hold one step's supply ahead from here on

@@ -51,6 +51,16 @@ class DeepSpeedConfig:
     (``data_types.grad_accum_dtype``), else DeepSpeed rounds the fp32 sum back to bf16.
     fp32 runs: no effect."""
 
+    @property
+    def quantized(self) -> list[str]:
+        """The ZeRO++ quantization keys set true (``quantized_weights``, then
+        ``quantized_gradients``)."""
+        flags = [
+            ("quantized_weights", self.quantized_weights),
+            ("quantized_gradients", self.quantized_gradients),
+        ]
+        return [key for key, on in flags if on]
+
 
 @dataclass
 class TrainConfig:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from janus_train import compat
 from janus_train.batch import BatchPlan
+from janus_train.trainer.config import DeepSpeedConfig
 
 logger = logging.getLogger(__name__)
 
@@ -174,9 +175,9 @@ def resolve_precision(requested: str) -> str:
 
 
 def build_deepspeed_config(
-    ds_cfg, plan: BatchPlan, precision: str, weight_decay: float, lr: float
+    ds_cfg: DeepSpeedConfig, plan: BatchPlan, precision: str, weight_decay: float, lr: float
 ) -> dict:
-    """The DeepSpeed JSON for one stage. ``ds_cfg``: :class:`DeepSpeedConfig`.
+    """The DeepSpeed JSON for one stage.
 
     The optimizer is AdamW (0.9, 0.95) built by DeepSpeed (torch's AdamW, or DeepSpeedCPUAdam
     with optimizer offload); its learning rate is set by the loop every step.
@@ -211,9 +212,8 @@ def build_deepspeed_config(
         zero["stage3_gather_16bit_weights_on_model_save"] = False
         if ds_cfg.hpz_partition_size > 1:
             zero["zero_hpz_partition_size"] = ds_cfg.hpz_partition_size
-        for key in ("quantized_weights", "quantized_gradients"):  # ZeRO++ (config.validate)
-            if getattr(ds_cfg, key):
-                zero[f"zero_{key}"] = True
+        for key in ds_cfg.quantized:  # ZeRO++ (config.validate)
+            zero[f"zero_{key}"] = True
     extra: dict = {"checkpoint": {"tag_validation": "Ignore"}}  # a save's tag: the shared step
     if precision == "bf16" and ds_cfg.reduce_fp32 and ds_cfg.zero_stage >= 1:
         extra["communication_data_type"] = "fp32"  # see DeepSpeedConfig.reduce_fp32
@@ -255,12 +255,12 @@ def build_deepspeed_config(
     }
 
 
-def check_quantized_available(ds_cfg, world_size: int) -> None:
+def check_quantized_available(ds_cfg: DeepSpeedConfig, world_size: int) -> None:
     """ZeRO++ qwZ / qgZ run DeepSpeed's CUDA quantizer kernels, and qgZ's all-to-all groups
     take every GPU of a node (``torch.cuda.device_count()`` ranks each): refused in one line
     where that cannot hold, before any model is built (a dry run may plan for another
     machine, so it is not checked there)."""
-    keys = [k for k in ("quantized_weights", "quantized_gradients") if getattr(ds_cfg, k)]
+    keys = ds_cfg.quantized
     if not keys:
         return
     if not torch.cuda.is_available():
