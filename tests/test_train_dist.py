@@ -233,10 +233,13 @@ def resume_run(root, name="resume", extra=()):
 
 
 def _install_fake_eval(root):
-    """Stand-in ``janus_train.evaluate``: records its calls; runs a forward on every rank."""
+    """Stand-in ``janus_train.evaluate``: records its calls; runs a forward on every rank;
+    each rank writes its step and what ``is_main_process`` (evaluate's writer test) says."""
     import types
 
     import torch.distributed as dist
+
+    from janus_train.trainer.distributed import is_main_process
 
     def run_eval(model, processor, spec, model_cfg, data, ev, step, out_dir):
         model.eval()
@@ -244,7 +247,7 @@ def _install_fake_eval(root):
             ids = processor.tokenizer("a red circle", return_tensors="pt").input_ids
             logits = model(input_ids=ids).logits  # collective under ZeRO-3
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / f"rank{dist.get_rank()}").write_text(str(step))
+        (Path(out_dir) / f"rank{dist.get_rank()}").write_text(f"{step} {is_main_process()}")
         return {"fake_logit_mean": float(logits.float().mean())}
 
     sys.modules["janus_train.evaluate"] = types.SimpleNamespace(run_eval=run_eval)
@@ -635,6 +638,8 @@ def test_eval_call_point_and_gradient_checkpointing(scen):
     for step in (1, 2):
         d = scen / "stage1_z2" / "eval" / f"step_0000000{step}"
         assert sorted(p.name for p in d.iterdir()) == ["rank0", "rank1"]
+        main = [(d / f"rank{r}").read_text() for r in (0, 1)]
+        assert main == [f"{step} True", f"{step} False"]  # evaluate writes on rank 0 only
     cfg = (scen / "stage2_z3" / "config.yaml").read_text()
     assert "gradient_checkpointing: true" in cfg
     assert [r["step"] for r in _metrics(scen / "stage2_z3" / "metrics.jsonl")] == [1, 2]
