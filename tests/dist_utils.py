@@ -152,6 +152,9 @@ def run_guarded(
         _kill_group(proc)
         reader.join(timeout=10)
         raise subprocess.TimeoutExpired(cmd, e.timeout, output="".join(lines)) from None
+    except BaseException:  # Ctrl-C, a failing test: its own session gets no SIGINT, so kill it
+        _kill_group(proc)
+        raise
     reader.join(timeout=30)
     return subprocess.CompletedProcess(cmd, rc, "".join(lines))
 
@@ -249,7 +252,7 @@ def run_watched(
         t.start()
     try:
         rc = wait_while_talking(proc, last, timeout)
-    except subprocess.TimeoutExpired:
+    except BaseException:  # a hang, Ctrl-C or a failing on_line: the tree runs in its own session
         _kill_group(proc, list(seen))
         raise
     finally:
