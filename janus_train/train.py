@@ -72,7 +72,7 @@ from janus_train.model import (
     write_trainable_report,
 )
 from janus_train.model.attention import check_attn_available
-from janus_train.model.build import check_init_from, hf_init_from
+from janus_train.model.build import check_init_from, hf_init_from, loads_partitioned
 from janus_train.model.chat_template import set_chat_template
 from janus_train.model.forward import with_index
 from janus_train.model.kernels import build_head_loss, check_kernels_available
@@ -99,7 +99,7 @@ from janus_train.trainer.metrics import FlopCounter, MetricsLogger, Throughput, 
 from janus_train.trainer.model_card import model_card
 from janus_train.trainer.optim import build_param_groups, lr_at
 from janus_train.trainer.spec import StageSpec
-from janus_train.trainer.startup import node_local_init_from
+from janus_train.trainer.startup import node_copy_root, node_local_init_from
 from janus_train.trainer.state import (
     Checkpointer,
     TrainState,
@@ -316,17 +316,20 @@ def build_engine(
         get_processor(cfg.model, run_dir)
     barrier()
     # model.init_from is read in the training dtype: no rank holds an fp32 copy of a bf16 run;
-    # from the node's copy: the shared file system is read once per node
+    # a whole load reads the node's copy: the shared file system is read once per node
+    # (a partitioned load reads it in place: node_copy_root)
     bf16 = ds_config.get("bf16", {}).get("enabled", False)
     init = cfg.model.init_from and hf_init_from(cfg.model.init_from)
-    with node_local_init_from(
-        init, cfg.train.init_from_node_copy, info.rank, all_gather_objects
-    ) as src:
+    partitioned = partitioned_load(ds_config)  # ZeRO-3: no rank holds the whole model
+    root = node_copy_root(
+        cfg.train.init_from_node_copy, bool(partitioned and init and loads_partitioned(init))
+    )
+    with node_local_init_from(init, root, info.rank, all_gather_objects) as src:
         janus, processor = build_model(
             dataclasses.replace(cfg.model, init_from=src),
             workdir=run_dir,
             dtype=torch.bfloat16 if bf16 else torch.float32,
-            partitioned=partitioned_load(ds_config),  # ZeRO-3: no rank holds the whole model
+            partitioned=partitioned,
         )
     # The trained prompt format as the processor's chat template (evaluation, the export),
     # saved at once in run_dir/processor.

@@ -119,6 +119,81 @@ def test_partitioned_load_only_under_zero3_and_only_while_loading():
     assert not is_deepspeed_zero3_enabled()
 
 
+def _zero3(**settings) -> dict:
+    from janus_train.batch import plan_batch
+    from janus_train.trainer.config import DeepSpeedConfig
+    from janus_train.trainer.distributed import build_deepspeed_config
+
+    ds = DeepSpeedConfig(zero_stage=3, **settings)
+    return build_deepspeed_config(ds, plan_batch(2, 1, 2), "bf16", 0.0, 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("settings", "key"),
+    [
+        ({"hpz_partition_size": 2}, "deepspeed.hpz_partition_size"),
+        ({"quantized_weights": True}, "deepspeed.quantized_weights"),
+        ({"quantized_gradients": True}, "deepspeed.quantized_gradients"),
+        ({"offload_param": True}, "deepspeed.offload_param"),
+    ],
+)
+def test_partitioned_load_not_used_with_untested_zero3_settings(caplog, settings, key):
+    """hpZ, ZeRO++ quantization, parameter offload: ``zero.Init`` would build their
+    partitions before ``deepspeed.initialize``, never checked on a GPU: loaded whole, said once."""
+    import logging
+
+    from janus_train.trainer.distributed import partitioned_load
+
+    assert partitioned_load(_zero3()) is not None  # plain ZeRO-3 (the generated config)
+    caplog.set_level(logging.INFO, logger="janus_train")
+    caplog.clear()
+    assert partitioned_load(_zero3(**settings)) is None
+    said = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert len(said) == 1 and said[0].getMessage().startswith(key + ":")
+
+
+@pytest.mark.parametrize(
+    ("stage", "weights", "copied"),
+    [
+        (3, "model.safetensors", False),
+        (3, "pytorch_model.bin", True),
+        (2, "model.safetensors", True),
+    ],
+)
+def test_no_node_copy_under_the_partitioned_load(
+    monkeypatch, caplog, tmp_path, stage, weights, copied
+):
+    """Partitioned (ZeRO-3, safetensors), rank 0 reads the checkpoint, the others only the VQ's
+    tensors: each node leader's whole copy would multiply the file-system reads, so every rank
+    reads in place (said once). A whole load (a ``.bin`` checkpoint, ZeRO-2) keeps the copy."""
+    import json
+    import logging
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "janus"}))
+    (ckpt / weights).write_bytes(b"")
+    roots = []
+
+    class Entered(Exception):
+        pass
+
+    def fake_node_local_init_from(init_from, root, rank, exchange):
+        roots.append(root)
+        raise Entered
+
+    monkeypatch.setattr(train, "node_local_init_from", fake_node_local_init_from)
+    monkeypatch.setattr(train, "get_processor", lambda *a, **k: None)
+    caplog.set_level(logging.INFO, logger="janus_train")
+    run = tiny_run([f"model.init_from={ckpt}", "train.init_from_node_copy=/dev/shm"])
+    ds = _zero3() if stage == 3 else {"zero_optimization": {"stage": 2}}
+    with pytest.raises(Entered):
+        train.build_engine(run, resolve_stage(run), DistInfo(0, 1, 0), ds, tmp_path)
+    assert roots == ["/dev/shm" if copied else None]
+    said = [r for r in caplog.records if "init_from_node_copy" in r.getMessage()]
+    assert len(said) == (0 if copied else 1)
+
+
 def _ranks(n, fn):
     """``fn(rank, exchange)`` on ``n`` threads standing in for ranks; their results (or
     exceptions)."""

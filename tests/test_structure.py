@@ -489,6 +489,15 @@ def _dist(requirement: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def _project() -> dict:
+    """pyproject.toml's ``[project]`` table."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the dev extra installs tomli
+        import tomli as tomllib
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
 def _undeclared(files: list[Path], root: Path = ROOT) -> list[str]:
     """Third-party top-level imports whose distribution (import name -> distribution, e.g. PIL ->
     pillow, yaml -> pyyaml, from the installed metadata; the import name itself when not
@@ -496,11 +505,7 @@ def _undeclared(files: list[Path], root: Path = ROOT) -> list[str]:
     import importlib.metadata
     import sys
 
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10: the dev extra installs tomli
-        import tomli as tomllib
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = _project()
     extras = project.get("optional-dependencies", {})
     deps = project["dependencies"] + [d for k, ds in extras.items() if k != "dev" for d in ds]
     declared = {_dist(d) for d in deps}
@@ -520,6 +525,25 @@ def _undeclared(files: list[Path], root: Path = ROOT) -> list[str]:
 
 def test_every_third_party_import_is_a_declared_dependency():
     assert _undeclared(_package_files()) == []
+
+
+@pytest.mark.parametrize("name", ["accelerate", "deepspeed"])
+def test_what_transformers_deepspeed_integration_checks_is_declared(name):
+    """ZeRO-3's partitioned load (``trainer.distributed.partitioned_load``) builds transformers'
+    ``HfDeepSpeedConfig``, which checks accelerate's and deepspeed's versions against
+    transformers' own table (``dep_version_check``): both are declared (accelerate once came
+    only through peft), at a minimum that table accepts."""
+    from packaging.requirements import Requirement
+    from transformers.dependency_versions_table import deps
+
+    declared = {_dist(d): Requirement(d).specifier for d in _project()["dependencies"]}
+    assert name in declared, f"pyproject.toml does not declare {name}"
+    floors = [s.version for s in declared[name] if s.operator == ">="]
+    need = Requirement(deps[name]).specifier
+    assert floors and all(need.contains(v, prereleases=True) for v in floors), (
+        declared[name],
+        need,
+    )
 
 
 @pytest.mark.parametrize("src", ["import pytest", "from no_such_pkg_xyz import y", "import ruff"])

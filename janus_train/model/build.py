@@ -248,6 +248,12 @@ def set_checkpoint_every(model, k: int) -> None:
         layer.gradient_checkpointing = i % k == 0
 
 
+def loads_partitioned(init_from: str) -> bool:
+    """Whether, given a :class:`PartitionedLoad`, the HF-format directory ``init_from`` is
+    loaded partitioned: only safetensors are (``pytorch_model*.bin``: whole, warned)."""
+    return any(Path(init_from).glob("*.safetensors"))
+
+
 def _load_init_from(cfg: ModelConfig, dtype, attn: str, partitioned: PartitionedLoad | None):
     """``from_pretrained`` of ``cfg.init_from`` (an HF-format directory), partitioned when
     ``partitioned`` is given and the checkpoint is safetensors; (model, partitioned or None)."""
@@ -255,7 +261,7 @@ def _load_init_from(cfg: ModelConfig, dtype, attn: str, partitioned: Partitioned
 
     if not Path(cfg.init_from).is_dir():
         raise FileNotFoundError(f"model.init_from={cfg.init_from!r} is not a directory")
-    if partitioned and not any(Path(cfg.init_from).glob("*.safetensors")):
+    if partitioned and not loads_partitioned(cfg.init_from):
         logger.warning(
             "model.init_from=%s holds no safetensors: loaded whole on every rank, not "
             "partitioned (convert it with save_pretrained)",

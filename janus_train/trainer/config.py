@@ -138,7 +138,9 @@ class TrainConfig:
     ranks to load, so the shared file system is read once per node, not once per rank
     (``janus_train.trainer.startup``); on tmpfs (``/dev/shm``) the copy is the memory the ranks
     map. null, one rank per node, or too little space on any node: every rank reads
-    ``model.init_from`` itself (the last with a warning)."""
+    ``model.init_from`` itself (the last with a warning). Not used (logged) when the checkpoint
+    is loaded partitioned (ZeRO-3, safetensors): rank 0 reads it in place, the other ranks only
+    the VQ's tensors."""
     stop_grace_s: float = 300.0
     """After SIGTERM/SIGUSR1 the loop must complete a step, evaluation or checkpoint at least
     this often, else the rank is stuck (e.g. in a collective with a dead peer) and exits 70

@@ -283,17 +283,40 @@ def check_quantized_available(ds_cfg: DeepSpeedConfig, world_size: int) -> None:
         )
 
 
+UNTESTED_PARTITIONED = (
+    ("zero_hpz_partition_size", "deepspeed.hpz_partition_size"),
+    ("zero_quantized_weights", "deepspeed.quantized_weights"),
+    ("zero_quantized_gradients", "deepspeed.quantized_gradients"),
+    ("offload_param", "deepspeed.offload_param"),
+)
+"""(``zero_optimization`` key, our config key) of the ZeRO-3 settings under which the
+partitioned load is not used: with them ``zero.Init`` itself builds hpZ's secondary partitions,
+quantized or offloaded parameters before ``deepspeed.initialize``, and ``GatheredParameters``
+(``reinit_gen_*``) then runs on those: never checked on a GPU, so such a run loads whole."""
+
+
 def partitioned_load(ds_config: dict):
     """How ``build_model`` builds a ZeRO-3 run's ``model.init_from``
-    (:class:`janus_train.model.PartitionedLoad`), None under ZeRO-0/1/2.
+    (:class:`janus_train.model.PartitionedLoad`), None under ZeRO-0/1/2 or with a setting of
+    :data:`UNTESTED_PARTITIONED` (then loaded whole, as before; one INFO line names the key).
 
     Loading: transformers' public switch, an ``HfDeepSpeedConfig`` of this run's DeepSpeed
     config kept alive (transformers holds only a weak reference) for the ``from_pretrained``
     call, then removed, so no later ``from_pretrained`` (an export's check, evaluation) builds
     under ``zero.Init``. Gathering: ``deepspeed.zero.GatheredParameters`` with rank 0 as the
     modifier."""
-    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") != 3:
         return None
+    for ds_key, key in UNTESTED_PARTITIONED:
+        value = zero.get(ds_key)
+        if value and (ds_key != "zero_hpz_partition_size" or value > 1):
+            logger.info(
+                "%s: model.init_from loaded whole on every rank, then partitioned (the "
+                "partitioned load is not yet checked with it)",
+                key,
+            )
+            return None
     import deepspeed
 
     from janus_train.model import PartitionedLoad

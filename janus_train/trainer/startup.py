@@ -1,7 +1,8 @@
 """Start-up at scale: ``model.init_from`` read from the shared file system once per node.
 
 Every rank loads the whole checkpoint (memory-mapped safetensors, in the training dtype:
-``janus_train.model.build_model``). Read straight from a shared file system, a 256-rank job
+``janus_train.model.build_model``), unless it is loaded partitioned (ZeRO-3: rank 0 reads it
+whole, the others only the VQ's tensors; then no copy is made, :func:`node_copy_root`). Read straight from a shared file system, a 256-rank job
 fetches it 256 times at every start and requeue. Instead, one rank per node (the lowest rank on
 each host) copies the directory into node-local storage (``train.init_from_node_copy``,
 ``/dev/shm`` by default: on tmpfs the copy *is* the memory the node's ranks then map, no second
@@ -72,6 +73,22 @@ def _copy(src: Path, root: Path) -> tuple[str | None, str]:
     except OSError as e:
         return None, f"{where}: copy failed: {e}"
     return str(dst), ""
+
+
+def node_copy_root(root: str | None, partitioned: bool) -> str | None:
+    """``train.init_from_node_copy`` as the run uses it: None (no node copy) when ``model.init_from``
+    is loaded partitioned (ZeRO-3, ``janus_train.model.build``), where rank 0 alone reads the
+    model's tensors and every other rank only the VQ's (memory-mapped safetensors: only those
+    bytes): a node leader's copy would read the whole checkpoint once per node for them. Every
+    rank then reads ``init_from`` in place (logged, at INFO: rank 0's log)."""
+    if root and partitioned:
+        logger.info(
+            "train.init_from_node_copy=%s not used: model.init_from is loaded partitioned (rank "
+            "0 reads it whole, the other ranks only the VQ's tensors), read in place",
+            root,
+        )
+        return None
+    return root
 
 
 @contextmanager
