@@ -793,3 +793,44 @@ def test_writer_threads_neither_keep_the_process_alive_nor_are_cut_off_at_exit(t
     assert not (tmp_path / "hung" / ".tmp-step_00000002" / "files_rank0.json").exists()
     assert "checkpoint step_00000002 still being saved at exit after 2 s" in res.stderr
     assert "terminate called" not in res.stderr
+
+
+def test_an_async_save_in_a_forked_child_gets_a_writer_of_its_own(tmp_path):
+    """A process that saved asynchronously (its writer thread started), then forks a trainer
+    (a fork-based sweep or launcher): the parent's thread does not survive the fork, so the
+    child's save must start a writer of its own (it would wait for ever on the inherited queue)
+    and commits; the parent's writer goes on working. Bounded: the child gives up after 20 s,
+    the parent kills it after 60 s."""
+    import signal
+    import time
+    import traceback
+
+    e = FakeEngine(10)
+    assert save(e, tmp_path / "parent", 2, background=True) == "step_00000002"
+    c = tmp_path / "child"
+    pid = os.fork()
+    if pid == 0:  # the child always leaves through os._exit, never back into pytest
+        code = 1
+        try:
+            p = ckpt_save.begin_save(e, c, 4, {"step": 4}, {"rank": 0}, INFO, background=True)
+            deadline = time.monotonic() + 20
+            while not p.ready and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if p.ready and p.commit(10) == "step_00000004":
+                code = 0 if ckpt.read_latest(c) == "step_00000004" else 3
+            else:
+                code = 2
+        except BaseException:  # noqa: BLE001  # reported through the exit code
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done[0] == pid, "the child hung (killed after 60 s)"
+    assert os.waitstatus_to_exitcode(done[1]) == 0, "2: the child's save never ran"
+    assert ckpt.select_checkpoint(c, INFO)[0] == "step_00000004"
+    assert save(e, tmp_path / "parent", 4, background=True) == "step_00000004"

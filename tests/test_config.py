@@ -99,11 +99,13 @@ def _mutable_parts(obj, where: str = "spec") -> list[str]:
     import dataclasses
     from types import MappingProxyType
 
+    from janus_train.trainer.spec import FrozenMap
+
     if obj is None or isinstance(obj, str | int | float | bool):
         return []
     if isinstance(obj, tuple):
         return [p for i, x in enumerate(obj) for p in _mutable_parts(x, f"{where}[{i}]")]
-    if isinstance(obj, MappingProxyType):
+    if isinstance(obj, MappingProxyType | FrozenMap):
         return [p for k, v in obj.items() for p in _mutable_parts(v, f"{where}[{k!r}]")]
     if dataclasses.is_dataclass(obj) and obj.__dataclass_params__.frozen:
         return [
@@ -114,12 +116,8 @@ def _mutable_parts(obj, where: str = "spec") -> list[str]:
     return [f"{where}: {type(obj).__name__}"]
 
 
-def test_the_stage_spec_is_immutable_all_the_way_down(tmp_path):
-    """``prepare()`` resolves the stage once: neither the spec nor any piece of it (ratio,
-    framing, plan, recipe, its sources and their lists) can change afterwards; consumers read
-    the same values."""
-    import dataclasses
-
+def _resolved_spec(tmp_path):
+    """A stage spec resolved as ``prepare()`` does, with a three-source recipe loaded."""
     from janus_train.config import resolve_stage
     from tests.helpers import make_run, recipe_file
 
@@ -132,7 +130,16 @@ def test_the_stage_spec_is_immutable_all_the_way_down(tmp_path):
             dict(name="g", task="generation", format="caption", shards="g.tar"),
         ],
     )
-    spec = resolve_stage(make_run("stage2", recipe, 4), 1, with_recipe=True, check_shards=False)
+    return resolve_stage(make_run("stage2", recipe, 4), 1, with_recipe=True, check_shards=False)
+
+
+def test_the_stage_spec_is_immutable_all_the_way_down(tmp_path):
+    """``prepare()`` resolves the stage once: neither the spec nor any piece of it (ratio,
+    framing, plan, recipe, its sources and their lists) can change afterwards; consumers read
+    the same values."""
+    import dataclasses
+
+    spec = _resolved_spec(tmp_path)
     src = spec.recipe.sources[0]
     assert spec.ratio == {"und": 2, "text": 3, "gen": 5} and dict(spec.ratio)["gen"] == 5
     assert src.shards == ("u-0.tar", "u-1.tar") and src.steps == (0, 100) and src.weight == 2
@@ -159,6 +166,32 @@ def test_the_stage_spec_is_immutable_all_the_way_down(tmp_path):
     ratio["und"] = 7
     assert other.ratio["und"] == 1 and other.trainable == ("llm",) and spec.ratio["und"] == 2
     assert _mutable_parts(dataclasses.replace(spec.recipe, sources=[src])) == []
+
+
+def test_the_stage_spec_pickles_and_deep_copies_and_stays_immutable(tmp_path):
+    """Metric plugins receive the spec (``GenerationOutputs.stage``), which may cross a process
+    or be copied: a pickle round-trip, a deep copy and ``dataclasses.asdict`` work and give the
+    same values, and the copies are as immutable as the original."""
+    import copy
+    import dataclasses
+    import pickle
+
+    spec = _resolved_spec(tmp_path)
+    for other in (pickle.loads(pickle.dumps(spec)), copy.deepcopy(spec)):
+        assert other == spec and other is not spec and other.ratio is not spec.ratio
+        assert dict(other.ratio) == {"und": 2, "text": 3, "gen": 5}
+        assert other.recipe.sources[0].shards == ("u-0.tar", "u-1.tar")
+        assert _mutable_parts(other) == []
+        with pytest.raises(TypeError):
+            other.ratio["und"] = 9
+        with pytest.raises(AttributeError):
+            other.ratio._items = {}
+        with pytest.raises(AttributeError):
+            other.ratio = {}
+        assert other.ratio["und"] == 2
+    as_dict = dataclasses.asdict(spec)
+    assert dict(as_dict["ratio"]) == {"und": 2, "text": 3, "gen": 5}
+    assert as_dict["plan"] == dataclasses.asdict(spec.plan)
 
 
 def test_stage_steps_and_batch_have_one_key_and_reading_them_writes_nothing():

@@ -127,6 +127,19 @@ def _submit(fn: Callable[[], None], tag: str) -> _Job:
     return job
 
 
+def _forget_writer_after_fork() -> None:
+    """In a forked child: the parent's writer thread did not survive the fork, so the child's
+    first job starts one of its own (else it would wait for ever on a queue nobody reads); the
+    parent's jobs are not the child's to wait for at its exit."""
+    global _JOBS
+    _JOBS = None
+    _PENDING.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_writer_after_fork)
+
+
 @atexit.register
 def _join_at_exit() -> None:
     """Waits (bounded) for the jobs still running before the interpreter finalizes: a daemon

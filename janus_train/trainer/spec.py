@@ -1,21 +1,50 @@
 """One stage of one run, resolved once (``janus_train.config.resolve_stage``, called by
 ``train.prepare``): its hyper-parameters, task ratio, data recipe (loaded and checked against the
 stage, with its shards), framing, trainable groups and batch plan. Immutable all the way down
-(the ratio a read-only mapping, the recipe, its sources, the framing and the plan frozen
-dataclasses, sequences tuples); the components below the training loop each take their typed
-piece of it, never the whole config tree."""
+(the ratio a read-only :class:`FrozenMap`, the recipe, its sources, the framing and the plan
+frozen dataclasses, sequences tuples) and picklable (metric plugins receive it); the components
+below the training loop each take their typed piece of it, never the whole config tree."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 from janus_train.batch import BatchPlan
 from janus_train.data.builders import BuildContext
 from janus_train.data.loader import build_context
 from janus_train.data.recipe import Recipe
 from janus_train.model.chat_template import PromptFormat
+
+
+class FrozenMap(Mapping[str, Any]):
+    """A read-only mapping that, unlike ``types.MappingProxyType``, pickles and deep-copies (and
+    so goes through ``dataclasses.asdict``); equal to any mapping of the same items."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_items", MappingProxyType(dict(items)))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __reduce__(self):
+        return type(self), (dict(self._items),)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self._items)!r})"
 
 
 @dataclass(frozen=True)
@@ -57,7 +86,7 @@ class StageSpec:
     """Batch arithmetic at the run's world size, checked (``janus_train.batch.plan_batch``)."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ratio", MappingProxyType(dict(self.ratio)))
+        object.__setattr__(self, "ratio", FrozenMap(self.ratio))
         object.__setattr__(self, "trainable", tuple(self.trainable))
 
     @property
