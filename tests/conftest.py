@@ -17,7 +17,13 @@ def pytest_configure(config):
     oversubscribe the machine."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        torch.set_num_threads(threads)
+        # ...and so does every process a test starts (training runs, CLIs): with more OpenMP
+        # threads than free cores, torch's threads spin-wait on each other (a Linear + relu loop
+        # ran 9x slower with 2 threads than with 1 while another job held a core; the demo
+        # end-to-end run went from ~1 min to 26 min)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
 def tiny_run(overrides: list[str] | None = None) -> RunConfig:

@@ -44,7 +44,9 @@ def demo_run(tmp_path_factory):
         **os.environ,
         "JANUS_DATA_ROOT": str(data / "train"),
         "JANUS_EVAL_DATA_ROOT": str(data / "heldout"),
-        "OMP_NUM_THREADS": "2",
+        # the test process's share of the cores (tests/conftest.py: 1 per xdist worker on 2
+        # cores); more threads than free cores makes OpenMP spin (26 min instead of ~1 loaded)
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)),
     }
     # stage 2 (the LLM trains, every text token supervised), understanding + generation only
     cmd = [
