@@ -206,7 +206,8 @@ def test_two_ranks_token_budget_exact_ratio_equal_micro_steps_balanced(tmp_path)
         assert len(keys) == len(set(keys)) == 8 * want[task]
 
 
-if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "scenario":
-    scenario(sys.argv[2])
-elif __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "scenario_token":
-    scenario_token(sys.argv[2])
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] in ("scenario", "scenario_token"):
+    from janus_train.trainer.distributed import exit_finished
+
+    (scenario if sys.argv[1] == "scenario" else scenario_token)(sys.argv[2])
+    exit_finished(0)  # as janus-train does: no finalization racing gloo's threads (SIGABRT)

@@ -927,8 +927,11 @@ def test_local_pipeline_checks_batch_and_init_from_before_running(tmp_path):
 
 if __name__ == "__main__":
     if sys.argv[1] == "traffic":
+        from janus_train.trainer.distributed import exit_finished
+
         sys.path.insert(0, str(REPO / "tests"))
         traffic_worker(sys.argv[2])
+        exit_finished(0)  # as janus-train does: no finalization racing gloo's threads (SIGABRT)
     elif sys.argv[1:] == ["readme"]:  # rewrite README's janus-plan block from the current output
         path = REPO / "README.md"
         text = path.read_text()
