@@ -166,7 +166,9 @@ class _WrittenHere:
     DeepSpeed writes outside its checkpoint engine (e.g. NVMe offload copies), so that the
     rank that wrote a file is the one that fsyncs it (:attr:`files`, relative to ``root``).
     The hook is installed once per process (audit hooks cannot be removed) and is idle outside
-    the block."""
+    the block. Dynamo never traces it: the audit events of code run under a compiled region
+    (``model.compile``) would otherwise hand the hook's frame to dynamo, one more compiled
+    frame (and guards on the event name) in every later compilation of the process."""
 
     _active: _WrittenHere | None = None
     _installed = False
@@ -177,7 +179,7 @@ class _WrittenHere:
 
     def __enter__(self) -> _WrittenHere:
         if not _WrittenHere._installed:
-            sys.addaudithook(_WrittenHere._hook)
+            sys.addaudithook(torch.compiler.disable(_WrittenHere._hook))
             _WrittenHere._installed = True
         _WrittenHere._active = self
         return self
