@@ -185,7 +185,7 @@ def test_the_stage_spec_pickles_and_deep_copies_and_stays_immutable(tmp_path):
         with pytest.raises(TypeError):
             other.ratio["und"] = 9
         with pytest.raises(AttributeError):
-            other.ratio._items = {}
+            other.ratio.view = {}
         with pytest.raises(AttributeError):
             other.ratio = {}
         assert other.ratio["und"] == 2

@@ -23,28 +23,28 @@ class FrozenMap(Mapping[str, Any]):
     """A read-only mapping that, unlike ``types.MappingProxyType``, pickles and deep-copies (and
     so goes through ``dataclasses.asdict``); equal to any mapping of the same items."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("view",)
 
     def __init__(self, items: Mapping[str, Any]) -> None:
-        object.__setattr__(self, "_items", MappingProxyType(dict(items)))
+        object.__setattr__(self, "view", MappingProxyType(dict(items)))
 
     def __getitem__(self, key: str) -> Any:
-        return self._items[key]
+        return self.view[key]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
+        return iter(self.view)
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.view)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is read-only")
 
     def __reduce__(self):
-        return type(self), (dict(self._items),)
+        return type(self), (dict(self.view),)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({dict(self._items)!r})"
+        return f"{type(self).__name__}({dict(self.view)!r})"
 
 
 @dataclass(frozen=True)
