@@ -32,9 +32,6 @@ from janus_demo import world
 from janus_train import cli_help
 from janus_train.data.tario import iter_shard, write_tar
 
-SOURCES = ("caption", "conversation", "chat", "text", "imagenet")
-HELDOUT_SOURCES = ("caption", "conversation", "text", "imagenet")
-
 
 @dataclass
 class SynthConfig:
@@ -60,6 +57,20 @@ class SynthConfig:
     """Class-labelled images (ImageNet layout)."""
     n_heldout: int = 200
     """Samples per held-out source."""
+
+    def train_sizes(self) -> dict[str, int]:
+        """Samples per training source, in writing order: the one list of the sources."""
+        return {
+            "caption": self.n_caption,
+            "conversation": self.n_conversation,
+            "chat": self.n_chat,
+            "text": self.n_text,
+            "imagenet": self.n_imagenet,
+        }
+
+
+SOURCES = tuple(SynthConfig().train_sizes())
+HELDOUT_SOURCES = ("caption", "conversation", "text", "imagenet")
 
 
 def _png(img) -> bytes:
@@ -147,7 +158,10 @@ def make_samples(cfg: SynthConfig, split: str, source: str) -> list[dict]:
     heldout = split == "heldout"
     rng = random.Random(f"{cfg.seed}/{split}/{source}")
     size = cfg.image_size
-    n = cfg.n_heldout if heldout else getattr(cfg, f"n_{source}")
+    sizes = cfg.train_sizes()
+    if source not in sizes:
+        raise ValueError(f"unknown source {source!r}")
+    n = cfg.n_heldout if heldout else sizes[source]
     if source == "caption":
         return [
             _caption_sample(world.random_scene(rng, heldout), rng, size, long=rng.random() < 0.5)
@@ -164,9 +178,7 @@ def make_samples(cfg: SynthConfig, split: str, source: str) -> list[dict]:
         return [_chat_sample(rng) for _ in range(n)]
     if source == "imagenet":
         return [_class_sample(_single_object_scene(rng, heldout), rng, size) for _ in range(n)]
-    if source == "text":
-        return [{"txt": t} for t in world.text_sentences(rng, n, heldout)]
-    raise ValueError(f"unknown source {source!r}")
+    return [{"txt": t} for t in world.text_sentences(rng, n, heldout)]
 
 
 def synthesize(cfg: SynthConfig) -> dict:

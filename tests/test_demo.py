@@ -42,6 +42,18 @@ def test_synth_is_deterministic_and_seeded(data_dir, tmp_path):
     assert _tars(other)["train/caption/caption-000000.tar"] != a["train/caption/caption-000000.tar"]
 
 
+def test_every_source_writes_the_count_its_own_field_sets(data_dir):
+    """``n_<source>`` sets that source's training samples, ``n_heldout`` each held-out one's
+    (``SynthConfig.train_sizes`` maps the sources to the fields); an unknown source is refused."""
+    counts = json.loads((data_dir / "world.json").read_text())["counts"]
+    train = ("caption", "conversation", "chat", "text", "imagenet")
+    assert counts["train"] == {s: SMALL[f"n_{s}"] for s in train}
+    assert counts["heldout"] == dict.fromkeys(("caption", "conversation", "text", "imagenet"), 30)
+    for split in ("train", "heldout"):
+        with pytest.raises(ValueError, match="unknown source 'video'"):
+            synth.make_samples(synth.SynthConfig(), split, "video")
+
+
 def test_formats_match_the_tiny_recipes_and_build(data_dir, tiny_model_and_processor, monkeypatch):
     """Every tiny stage recipe loads on the train split, and every record of every source builds
     a training sample with the data pipeline's own builders."""
