@@ -5,6 +5,7 @@ the library (``janus_train``), never the reverse."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -662,11 +663,31 @@ def test_readme_architecture_names_every_module_and_no_other():
     named = {p for p in _readme_layout((ROOT / "README.md").read_text()) if p.endswith(".py")}
     files = {
         f.relative_to(ROOT).as_posix()
-        for f in (ROOT / "janus_train").rglob("*.py")
+        for pkg in ("janus_train", "janus_demo")
+        for f in (ROOT / pkg).rglob("*.py")
         if f.name != "__init__.py"
     }
-    assert {"janus_train/plan/search.py", "janus_train/cli/data.py"} <= named  # the parse works
+    assert {"janus_train/plan/search.py", "janus_demo/vq.py"} <= named  # the parse works
     assert sorted(files - named) == [] and sorted(named - files) == []
+
+
+def test_readme_architecture_names_every_script_and_config_group():
+    """The architecture block's one-line entries (``benchmarks/``, ``launch/``, ``conf/``,
+    ``data_recipes/``) name every benchmark and launch script, config group and the tiny
+    experiment's held-out recipe there are, and no file that is gone."""
+    block = (ROOT / "README.md").read_text().split("## Architecture", 1)[1].split("```")[1]
+    words = set(re.findall(r"[\w.]+/?", block))
+    want = {
+        *(f.name for f in (ROOT / "benchmarks").iterdir() if f.suffix in (".py", ".sh")),
+        *(f.name for f in (ROOT / "launch").iterdir() if f.suffix == ".sh"),
+        *(f"{d.name}/" for d in (ROOT / "conf").iterdir() if d.is_dir()),
+        "job.sh",
+        "slurm/",
+    }
+    assert sorted(want - words) == []
+    gone = {w for w in words if re.fullmatch(r"\w+\.(py|sh)", w)} - want
+    gone -= {p.rsplit("/", 1)[-1] for p in _readme_layout(f"## Architecture\n```\n{block}```")}
+    assert sorted(gone) == []
 
 
 def test_readme_layout_parse_nests_by_indent():
