@@ -7,7 +7,8 @@ checks and the counts.
   ``gen_pixel_values`` with the frozen VQ inside the step".
 - ``TASKS`` / ``TASK_IDS``: the three tasks in id order (``task_ids`` values, the order of the
   forward's per-task loss sums and token counts); ``RECIPE_TASKS``: the recipes' long names.
-- ``task_counts``: the one ratio splitter (largest remainder) of a step's samples into tasks.
+- ``task_counts``: the one ratio splitter (largest remainder) of a step's samples into tasks;
+  ``FrozenMap``: the read-only, picklable form a ratio or the counts take where they are kept.
 - ``TOKEN_KEYS`` / ``IMAGE_KEYS`` / ``REQUIRED_KEYS`` / ``PAD_VALUES``: the batch dict's keys
   and what padding holds; ``check_batch`` refuses a batch that breaks them (one line).
 - ``Sample`` --``collate``--> batch dict: the one padding / packing implementation of both
@@ -40,8 +41,10 @@ The batch dict (``JanusTrainModel.forward`` consumes it)::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,6 +74,34 @@ def task_counts(ratio: dict[str, int], total: int) -> dict[str, int]:
     for t in order[:rest]:
         counts[t] += 1
     return counts
+
+
+class FrozenMap(Mapping[str, Any]):
+    """A read-only mapping that, unlike ``types.MappingProxyType``, pickles and deep-copies (and
+    so goes through ``dataclasses.asdict``); equal to any mapping of the same items."""
+
+    __slots__ = ("view",)
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "view", MappingProxyType(dict(items)))
+
+    def __getitem__(self, key: str) -> Any:
+        return self.view[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.view)
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is read-only")
+
+    def __reduce__(self):
+        return type(self), (dict(self.view),)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({dict(self.view)!r})"
 
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "image_codes", "task_ids")

@@ -293,3 +293,26 @@ def reference_codes(vq, px: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     e = vq.quantize.embedding.weight.detach().double()
     cos = (z @ e.t()) / z.norm(dim=1, keepdim=True) / e.norm(dim=1)
     return cos.argmax(1).view(px.shape[0], -1), hf
+
+
+def mutable_parts(obj, where: str = "spec") -> list[str]:
+    """Every place inside ``obj`` that could be changed in place: a list, dict, set or other
+    object, a dataclass that is not frozen (a walk of every field, item and value)."""
+    import dataclasses
+    from types import MappingProxyType
+
+    from janus_train.batch import FrozenMap
+
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return []
+    if isinstance(obj, tuple):
+        return [p for i, x in enumerate(obj) for p in mutable_parts(x, f"{where}[{i}]")]
+    if isinstance(obj, MappingProxyType | FrozenMap):
+        return [p for k, v in obj.items() for p in mutable_parts(v, f"{where}[{k!r}]")]
+    if dataclasses.is_dataclass(obj) and obj.__dataclass_params__.frozen:
+        return [
+            p
+            for f in dataclasses.fields(obj)
+            for p in mutable_parts(getattr(obj, f.name), f"{where}.{f.name}")
+        ]
+    return [f"{where}: {type(obj).__name__}"]

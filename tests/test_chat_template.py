@@ -5,6 +5,7 @@ without images and system prompts; text-to-image prompts end with ``<begin_of_im
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -127,10 +128,14 @@ SHAPES = {
 
 
 def _ctx(processor, template: str, system: str | None, stage: str = "stage3"):
-    ctx = stage_context(tiny_run([f"stage={stage}"]), processor)
-    ctx.chat_template, ctx.system_prompt, ctx.sft = template, system, True
-    ctx.cfg_dropout = ctx.first_sentence_prob = 0.0
-    return ctx
+    return dataclasses.replace(
+        stage_context(tiny_run([f"stage={stage}"]), processor),
+        chat_template=template,
+        system_prompt=system,
+        sft=True,
+        cfg_dropout=0.0,
+        first_sentence_prob=0.0,
+    )
 
 
 def _hf(processor, messages, **kw) -> dict:

@@ -12,6 +12,7 @@ import pytest
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from janus_train.config import CONF_DIR, compose, recipe_ref, to_run_config
+from tests.helpers import mutable_parts
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 STAGES = sorted(p.stem for p in (CONF_DIR / "stage").glob("*.yaml"))
@@ -93,29 +94,6 @@ def test_stage_freeze_lists():
     assert get("stage3") == {"und_encoder", "und_adaptor", "gen_adaptor", "gen_head", "llm"}
 
 
-def _mutable_parts(obj, where: str = "spec") -> list[str]:
-    """Every place inside ``obj`` that could be changed in place: a list, dict, set or other
-    object, a dataclass that is not frozen (a walk of every field, item and value)."""
-    import dataclasses
-    from types import MappingProxyType
-
-    from janus_train.trainer.spec import FrozenMap
-
-    if obj is None or isinstance(obj, str | int | float | bool):
-        return []
-    if isinstance(obj, tuple):
-        return [p for i, x in enumerate(obj) for p in _mutable_parts(x, f"{where}[{i}]")]
-    if isinstance(obj, MappingProxyType | FrozenMap):
-        return [p for k, v in obj.items() for p in _mutable_parts(v, f"{where}[{k!r}]")]
-    if dataclasses.is_dataclass(obj) and obj.__dataclass_params__.frozen:
-        return [
-            p
-            for f in dataclasses.fields(obj)
-            for p in _mutable_parts(getattr(obj, f.name), f"{where}.{f.name}")
-        ]
-    return [f"{where}: {type(obj).__name__}"]
-
-
 def _resolved_spec(tmp_path):
     """A stage spec resolved as ``prepare()`` does, with a three-source recipe loaded."""
     from janus_train.config import resolve_stage
@@ -159,13 +137,13 @@ def test_the_stage_spec_is_immutable_all_the_way_down(tmp_path):
         with pytest.raises((TypeError, AttributeError)):
             attempt()
             pytest.fail(f"{what} changed")
-    assert _mutable_parts(spec) == []
+    assert mutable_parts(spec) == []
     # lists given to the recipe's types become tuples; a ratio given as a dict is copied
     ratio = {"und": 1, "text": 0, "gen": 1}
     other = dataclasses.replace(spec, ratio=ratio, trainable=["llm"])
     ratio["und"] = 7
     assert other.ratio["und"] == 1 and other.trainable == ("llm",) and spec.ratio["und"] == 2
-    assert _mutable_parts(dataclasses.replace(spec.recipe, sources=[src])) == []
+    assert mutable_parts(dataclasses.replace(spec.recipe, sources=[src])) == []
 
 
 def test_the_stage_spec_pickles_and_deep_copies_and_stays_immutable(tmp_path):
@@ -181,7 +159,7 @@ def test_the_stage_spec_pickles_and_deep_copies_and_stays_immutable(tmp_path):
         assert other == spec and other is not spec and other.ratio is not spec.ratio
         assert dict(other.ratio) == {"und": 2, "text": 3, "gen": 5}
         assert other.recipe.sources[0].shards == ("u-0.tar", "u-1.tar")
-        assert _mutable_parts(other) == []
+        assert mutable_parts(other) == []
         with pytest.raises(TypeError):
             other.ratio["und"] = 9
         with pytest.raises(AttributeError):

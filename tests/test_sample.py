@@ -65,7 +65,7 @@ def test_prompts_from_the_export_template_equal_the_training_builders(loaded):
     model, processor = loaded
     st = resolve_special_tokens(processor.tokenizer)
     ctx = stage_context(tiny_run(["stage=stage3", f"data.system_prompt={SYSTEM}"]), processor)
-    ctx.cfg_dropout = ctx.first_sentence_prob = 0.0
+    ctx = dataclasses.replace(ctx, cfg_dropout=0.0, first_sentence_prob=0.0)
     g = build_generation(PROMPTS[1], ctx, random.Random(0), codes=[0] * ctx.num_image_tokens)
     ids = S.generation_inputs(processor, [PROMPTS[1]])["input_ids"][0].tolist()
     assert ids == g.input_ids[: g.input_ids.index(st.boi) + 1]
@@ -76,7 +76,7 @@ def test_prompts_from_the_export_template_equal_the_training_builders(loaded):
     assert c.input_ids[: len(ids)] == ids and ids[1] != st.image  # system prompt first
     assert c.labels[len(ids)] != -100 and c.labels[len(ids) - 1] == -100
 
-    ctx.chat_template, ctx.system_prompt = "janus", None
+    ctx = dataclasses.replace(ctx, chat_template="janus", system_prompt=None)
     c = build_conversation(
         [("user", "<image>\n" + QUESTIONS[0]), ("assistant", "red")], [None], ctx, "und"
     )

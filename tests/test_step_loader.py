@@ -11,11 +11,13 @@ import inspect
 import pkgutil
 from pathlib import Path
 
+import pytest
+
 import janus_train.data
 from janus_train.data.synthetic import caption_records
 from janus_train.data.tario import write_tar
 from janus_train.step_loader import StepLoader
-from tests.helpers import make_run, recipe_file
+from tests.helpers import make_run, mutable_parts, recipe_file
 
 ROOT = Path(__file__).resolve().parents[1]
 MEMBERS = sorted(n for n, v in vars(StepLoader).items() if callable(v) and n[0] != "_")
@@ -101,6 +103,50 @@ def test_every_loader_class_implements_the_protocol(tiny_model_and_processor, tm
         assert isinstance(loader, StepLoader)
         assert len(loader.next_step()) >= 1  # a working instance, not just a name check
         loader.close()
+
+
+def test_loader_args_are_immutable_all_the_way_down(tiny_model_and_processor, tmp_path):
+    """The WebDataset loader's shared ``LoaderArgs`` (step loader, worker steps, workers): no
+    field, no step count, no piece of the build context can change once built; a pickle
+    round-trip (a spawned worker's copy) gives the same values, as read-only."""
+    import dataclasses
+    import pickle
+
+    from tests.helpers import stage_loader
+
+    write_tar(tmp_path / "cap-0.tar", caption_records(0, 4))
+    shards = str(tmp_path / "cap-0.tar")
+    rec = recipe_file(
+        tmp_path,
+        [
+            {"name": t, "task": t, "format": "caption", "shards": shards}
+            for t in ("understanding", "generation")
+        ],
+    )
+    run = make_run("stage1", rec, 2, num_workers=0, seq_len=128)  # und:gen 1:1 of 2
+    args = stage_loader(run, tiny_model_and_processor[1], micro_batch_size=1).args
+    attempts = {
+        "counts item": lambda a: a.counts.__setitem__("und", 9),
+        "counts": lambda a: setattr(a, "counts", {}),
+        "context": lambda a: setattr(a.ctx, "seq_len", 9),
+        "recipe": lambda a: setattr(a.recipe.sources[0], "weight", 3.0),
+    }
+    for a in (args, pickle.loads(pickle.dumps(args))):
+        assert dict(a.counts) == {"und": 1, "text": 0, "gen": 1} and a.ctx.seq_len == 128
+        for what, attempt in attempts.items():
+            with pytest.raises((TypeError, AttributeError)):
+                attempt(a)
+                pytest.fail(f"{what} changed")
+        assert dict(a.counts) == {"und": 1, "text": 0, "gen": 1} and a.ctx.seq_len == 128
+        # what is left mutable: the typed config's own (not frozen) class and the tokenizer
+        assert sorted(mutable_parts(a, "args")) == [
+            "args.ctx.tokenizer: " + type(a.ctx.tokenizer).__name__,
+            "args.dcfg: DataConfig",
+        ]
+    counts = {"und": 1, "text": 1, "gen": 0}  # a dict given is copied
+    other = dataclasses.replace(args, counts=counts)
+    counts["und"] = 7
+    assert other.counts["und"] == 1
 
 
 def test_the_check_sees_a_drifted_or_missing_method():

@@ -314,7 +314,7 @@ def inspect(args, overrides: list[str]) -> str:
     st = resolve_special_tokens(proc.tokenizer)
     lines = [
         f"recipe {recipe.name} ({recipe.path}); stage {run.stage.name}; "
-        f"per-step task counts {counts}"
+        f"per-step task counts {dict(counts)}"
     ]
     lengths: dict[str, list[int]] = {}
     for step in range(args.steps):

@@ -71,9 +71,10 @@ QA_QUESTION = "Describe the image in detail."
 _SENTENCE = re.compile(r"^(.+?[.!?])(?:\s|$)", re.S)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildContext:
-    """Everything a builder needs; picklable into dataloader workers."""
+    """Everything a builder needs; picklable into dataloader workers. Frozen (a variant is
+    ``dataclasses.replace(ctx, ...)``)."""
 
     tokenizer: object
     st: SpecialTokens

@@ -24,12 +24,12 @@ import copy
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from janus_train.batch import Sample
+from janus_train.batch import FrozenMap, Sample
 from janus_train.data.builders import BuildContext, collate_samples
 from janus_train.data.config import DataConfig
 from janus_train.data.mixing import rank_supply, step_plan
@@ -45,17 +45,24 @@ STATE_VERSION = 1
 class LoaderArgs:
     """What every part of a rank's WebDataset loader is built on, built once
     (``data.loader.build_train_loader``) and shared by the step loader, its :class:`WorkerSteps`
-    and the workers' :class:`StepDataset`."""
+    and the workers' :class:`StepDataset` (pickled into them). Immutable as ``StageSpec`` is:
+    the recipe and the build context frozen dataclasses, the counts a read-only
+    :class:`~janus_train.batch.FrozenMap`; only ``dcfg`` (the typed config's own class) and the
+    context's tokenizer are objects of their own."""
 
     recipe: Recipe
     """The stage's recipe, checked against it (``config.resolve_stage``)."""
     ctx: BuildContext
     dcfg: DataConfig
     """A snapshot of the data settings (later edits of the config do not leak in)."""
-    counts: dict[str, int]
-    """Samples per task of every step (``batch.task_counts`` of the ratio and global batch)."""
+    counts: Mapping[str, int]
+    """Samples per task of every step (``batch.task_counts`` of the ratio and global batch;
+    read-only)."""
     rank: int
     world_size: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "counts", FrozenMap(self.counts))
 
     @property
     def num_workers(self) -> int:

@@ -7,44 +7,14 @@ below the training loop each take their typed piece of it, never the whole confi
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Any
 
-from janus_train.batch import BatchPlan
+from janus_train.batch import BatchPlan, FrozenMap
 from janus_train.data.builders import BuildContext
 from janus_train.data.loader import build_context
 from janus_train.data.recipe import Recipe
 from janus_train.model.chat_template import PromptFormat
-
-
-class FrozenMap(Mapping[str, Any]):
-    """A read-only mapping that, unlike ``types.MappingProxyType``, pickles and deep-copies (and
-    so goes through ``dataclasses.asdict``); equal to any mapping of the same items."""
-
-    __slots__ = ("view",)
-
-    def __init__(self, items: Mapping[str, Any]) -> None:
-        object.__setattr__(self, "view", MappingProxyType(dict(items)))
-
-    def __getitem__(self, key: str) -> Any:
-        return self.view[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.view)
-
-    def __len__(self) -> int:
-        return len(self.view)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__} is read-only")
-
-    def __reduce__(self):
-        return type(self), (dict(self.view),)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({dict(self.view)!r})"
 
 
 @dataclass(frozen=True)
