@@ -672,16 +672,15 @@ def test_readme_architecture_names_every_module_and_no_other():
 
 
 def test_readme_architecture_names_every_script_and_config_group():
-    """The architecture block's one-line entries (``benchmarks/``, ``launch/``, ``conf/``,
-    ``data_recipes/``) name every benchmark and launch script, config group and the tiny
-    experiment's held-out recipe there are, and no file that is gone."""
+    """The architecture block's one-line entries (``benchmarks/``, ``launch/``, ``conf/``) name
+    every benchmark script, launch script (``launch/``, ``launch/slurm/``) and config group there
+    is, and no ``.py`` / ``.sh`` file that is gone."""
     block = (ROOT / "README.md").read_text().split("## Architecture", 1)[1].split("```")[1]
     words = set(re.findall(r"[\w.]+/?", block))
     want = {
         *(f.name for f in (ROOT / "benchmarks").iterdir() if f.suffix in (".py", ".sh")),
-        *(f.name for f in (ROOT / "launch").iterdir() if f.suffix == ".sh"),
+        *(f.name for d in ("launch", "launch/slurm") for f in (ROOT / d).glob("*.sh")),
         *(f"{d.name}/" for d in (ROOT / "conf").iterdir() if d.is_dir()),
-        "job.sh",
         "slurm/",
     }
     assert sorted(want - words) == []
