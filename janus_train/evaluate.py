@@ -54,6 +54,7 @@ from PIL import Image
 from janus_train import sample as S
 from janus_train.data.builders import BuildContext
 from janus_train.data.config import DataConfig
+from janus_train.model.chat_template import PromptFormat
 from janus_train.model.config import ModelConfig
 from janus_train.model.vq_codes import vq_codes
 from janus_train.trainer.config import EvalConfig
@@ -139,7 +140,7 @@ def _image(members):
     return decode_image(record_image(members)).convert("RGB")
 
 
-def understanding_items(recipe, fmt: S.PromptFormat, n: int):
+def understanding_items(recipe, fmt: PromptFormat, n: int):
     """(image, question, reference answer) from the eval recipe's understanding sources."""
     from janus_train.data.builders import record_caption, record_turns
 

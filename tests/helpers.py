@@ -4,6 +4,9 @@ never from one another."""
 
 from __future__ import annotations
 
+import ast
+import functools
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -13,6 +16,9 @@ from janus_train.config import compose, to_run_config
 from janus_train.model import JanusTrainModel, resolve_special_tokens
 
 IGN = -100
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = ("janus_train", "janus_demo")
+"""The library and the demo application: what the structure checks scan."""
 
 
 def token_ids(tok, text):
@@ -316,3 +322,31 @@ def mutable_parts(obj, where: str = "spec") -> list[str]:
             for p in mutable_parts(getattr(obj, f.name), f"{where}.{f.name}")
         ]
     return [f"{where}: {type(obj).__name__}"]
+
+
+def library_files(pkgs: Sequence[str] = LIBRARY, root: Path = ROOT) -> list[Path]:
+    """Every ``*.py`` under the packages ``pkgs`` of ``root``, sorted."""
+    return sorted(f for pkg in pkgs for f in (root / pkg).rglob("*.py"))
+
+
+@functools.cache
+def _parsed(path: Path, mtime_ns: int, size: int) -> ast.Module:
+    # the file's mtime and size are in the key: an edited file is parsed again
+    return ast.parse(path.read_text(), str(path))
+
+
+def parse_module(path: Path) -> ast.Module:
+    """``path`` parsed, once per version of the file (the structure checks share the trees;
+    read-only)."""
+    st = path.stat()
+    return _parsed(path, st.st_mtime_ns, st.st_size)
+
+
+def iter_library_asts(
+    pkgs: Sequence[str] = LIBRARY, root: Path = ROOT
+) -> Iterator[tuple[str, ast.Module]]:
+    """(path relative to ``root``, as ``janus_train/batch.py``; its parsed module) of every
+    module of ``pkgs``, sorted: the walk the structure checks (test_structure, test_compat) run
+    over the library."""
+    for f in library_files(pkgs, root):
+        yield f.relative_to(root).as_posix(), parse_module(f)

@@ -9,14 +9,14 @@ import datetime
 import inspect
 import sys
 import types
-from pathlib import Path
+from collections.abc import Iterable
 
 import pytest
 import torch
 
 from janus_train import compat
+from tests.helpers import iter_library_asts
 
-ROOT = Path(__file__).resolve().parents[1]
 COMPAT = "janus_train/compat.py"
 
 PUBLIC_UNDERSCORE = {("os", "_exit"), ("sys", "_getframe")}
@@ -46,12 +46,12 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
-def _own_names(files: list[Path]) -> set[str]:
+def _own_names(trees: Iterable[ast.Module]) -> set[str]:
     """Names the package defines itself: functions, classes, variables, arguments, and the
     attributes it assigns on ``self`` / ``cls``."""
     out = set()
-    for f in files:
-        for n in ast.walk(ast.parse(f.read_text())):
+    for tree in trees:
+        for n in ast.walk(tree):
             if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                 out.add(n.name)
             elif isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
@@ -68,17 +68,17 @@ def _own_names(files: list[Path]) -> set[str]:
     return out
 
 
-def private_uses(files: list[Path], root: Path = ROOT) -> list[str]:
-    """Every use of another package's private API outside compat.py: ``x._name`` and
-    ``getattr(x, "_name")`` of a name the package does not define itself, a non-Python dunder,
-    an import from a private module or of a private name, a shimmed public name."""
-    own = _own_names(files)
+def private_uses(modules: dict[str, ast.Module]) -> list[str]:
+    """Every use of another package's private API outside compat.py in ``modules`` (path ->
+    parsed module): ``x._name`` and ``getattr(x, "_name")`` of a name the package does not
+    define itself, a non-Python dunder, an import from a private module or of a private name, a
+    shimmed public name."""
+    own = _own_names(modules.values())
     out = []
-    for f in files:
-        rel = f.relative_to(root).as_posix()
+    for rel, tree in modules.items():
         if rel == COMPAT:
             continue
-        for n in ast.walk(ast.parse(f.read_text(), rel)):
+        for n in ast.walk(tree):
             line = getattr(n, "lineno", 0)
             if isinstance(n, ast.Attribute):
                 base = n.value.id if isinstance(n.value, ast.Name) else None
@@ -122,15 +122,10 @@ SCANNED = ("janus_train", "janus_demo", "benchmarks")
 """The library, the demo application and the benchmarks: none touches a private API itself."""
 
 
-def _package_files() -> list[Path]:
-    return sorted(f for pkg in SCANNED for f in (ROOT / pkg).rglob("*.py"))
-
-
 def test_no_private_api_outside_compat():
-    files = _package_files()
-    rels = {f.relative_to(ROOT).as_posix() for f in files}
-    assert COMPAT in rels and "benchmarks/bench_loss.py" in rels and "janus_demo/report.py" in rels
-    assert private_uses(files) == []
+    modules = dict(iter_library_asts(SCANNED))
+    assert {COMPAT, "benchmarks/bench_loss.py", "janus_demo/report.py"} <= set(modules)
+    assert private_uses(modules) == []
 
 
 @pytest.mark.parametrize(
@@ -145,20 +140,17 @@ def test_no_private_api_outside_compat():
         "from deepspeed.checkpoint.ds_to_universal import main\n",
     ],
 )
-def test_the_private_api_scan_sees_every_form(tmp_path, src):
-    f = tmp_path / "m.py"
-    f.write_text(src)
-    assert private_uses([f], tmp_path)
+def test_the_private_api_scan_sees_every_form(src):
+    assert private_uses({"m.py": ast.parse(src)})
 
 
-def test_the_private_api_scan_spares_own_names_and_public_ones(tmp_path):
-    f = tmp_path / "m.py"
-    f.write_text(
+def test_the_private_api_scan_spares_own_names_and_public_ones():
+    src = (
         "import os\nclass A:\n    _cache = {}\n    def __init__(self):\n        self._n = 1\n"
         "    def _step(self):\n        return A._cache, self._n\n"
         "def g(a):\n    a._step()\n    os._exit(1)\n    return a.__dict__, type(a).__name__\n"
     )
-    assert private_uses([f], tmp_path) == []
+    assert private_uses({"m.py": ast.parse(src)}) == []
 
 
 # --------------------------------------------------------------------------- torch.distributed

@@ -33,6 +33,7 @@ from janus_train.plan.costs import (
     model_sizes,
     model_state_bytes,
 )
+from janus_train.plan.search import StagePlan, plan_stage
 from janus_train.trainer.config import DeepSpeedConfig
 from janus_train.trainer.distributed import build_deepspeed_config
 from tests.helpers import stage_shape_of
@@ -247,7 +248,7 @@ def _plans(experiment: str, nodes: int, gpu: str) -> tuple[str, list]:
     """(janus-plan's stdout, its StagePlans) for the deployment: computed once per session."""
     argv = [f"experiment={experiment}", f"nodes={nodes}", "gpus_per_node=8", f"gpu={gpu}"]
     cluster, overrides, stages, _ = cli.split_args(argv)
-    plans = [cli.plan_stage(s, cluster, overrides, None) for s in stages]
+    plans = [plan_stage(s, cluster, overrides, None) for s in stages]
     return cli.report(plans, cluster, experiment), plans
 
 
@@ -457,7 +458,7 @@ def test_zeropp_quantization_is_searched_only_when_lossy_is_allowed():
     ):
         cluster, overrides, _, _ = cli.split_args([*argv, f"search_lossy={str(lossy).lower()}"])
         assert cluster.search_lossy is lossy
-        plan = cli.plan_stage("stage3", cluster, overrides, None)
+        plan = plan_stage("stage3", cluster, overrides, None)
         seen = {(c.est.ds.quantized_weights, c.est.ds.quantized_gradients) for c in plan.candidates
                 if c.est.ds.zero_stage == 3}  # fmt: skip
         assert seen == {(bool(w), bool(g)) for w, g in pairs}
@@ -597,7 +598,7 @@ def test_recipe_declared_lengths_drive_the_busiest_rank(tmp_path):
         "qa": ("recipe", (590, 590)),
         "t2i": ("default", (588, 658)),
     }
-    out = cli.render(cli.StagePlan(shape, [est], est), cl, "janus_pro_7b")
+    out = cli.render(StagePlan(shape, [est], est), cl, "janus_pro_7b")
     assert re.search(r"docs +text +recipe +mean +750  100 200 300 .* 1000 4096", out)
     assert re.search(r"t2i +gen +default +mean +623  588-658", out)
     cl2 = ClusterConfig(gpu="a100-80gb", mfu=0.35, text_tokens="4096-4096")

@@ -80,7 +80,7 @@ def test_prompts_from_the_export_template_equal_the_training_builders(loaded):
     c = build_conversation(
         [("user", "<image>\n" + QUESTIONS[0]), ("assistant", "red")], [None], ctx, "und"
     )
-    fmt = S.PromptFormat("chat", "janus", None)
+    fmt = PromptFormat("chat", "janus", None)
     ids = S.understanding_inputs(processor, _images(1), QUESTIONS[:1], fmt)["input_ids"][0]
     assert c.input_ids[: len(ids)] == ids.tolist()
     bare = copy.copy(processor)
@@ -212,7 +212,7 @@ def test_guided_greedy_codes_equal_a_hand_written_cfg_decode(loaded, scale):
     logits exactly as written in the Janus papers. Checked against a cache-free loop."""
     model, processor = loaded
     st = resolve_special_tokens(processor.tokenizer)
-    fmt = S.PromptFormat()
+    fmt = PromptFormat()
     greedy = S.SampleConfig(guidance_scale=scale, temperature=0.0)
     for p in PROMPTS[:2]:
         ids = S.generation_inputs(processor, [p], fmt)["input_ids"][0].tolist()

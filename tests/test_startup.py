@@ -4,6 +4,7 @@ rank never holds an fp32 copy of the weights (``benchmarks/bench_startup.py`` me
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -227,9 +228,9 @@ def test_init_from_is_read_once_per_node(tmp_path, monkeypatch):
     for name, data in files.items():
         (src / name).write_bytes(data)
     copies = []
-    real_copytree = startup.shutil.copytree
+    real_copytree = shutil.copytree
     monkeypatch.setattr(
-        startup.shutil, "copytree", lambda a, b, **kw: copies.append(a) or real_copytree(a, b, **kw)
+        shutil, "copytree", lambda a, b, **kw: copies.append(a) or real_copytree(a, b, **kw)
     )
     host = {0: "a", 1: "a", 2: "b", 3: "b"}
 
@@ -246,15 +247,15 @@ def test_init_from_is_read_once_per_node(tmp_path, monkeypatch):
     assert all(files_ == files for _, files_ in got)
     assert not list((tmp_path / "a").iterdir()) and not list((tmp_path / "b").iterdir())
 
-    real_usage = startup.shutil.disk_usage
+    real_usage = shutil.disk_usage
     monkeypatch.setattr(
-        startup.shutil,
+        shutil,
         "disk_usage",
         lambda p: real_usage(p)._replace(free=0) if str(p).endswith("b") else real_usage(p),
     )
     assert [d for d, _ in _ranks(4, load)] == [str(src)] * 4  # node b cannot: nobody copies
     assert not list((tmp_path / "a").iterdir())
-    monkeypatch.setattr(startup.shutil, "disk_usage", real_usage)
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
 
     got = _ranks(4, lambda r, ex: load(r, ex, fail=1))
     assert isinstance(got[1], RuntimeError) and all(isinstance(g, tuple) for g in got[::2])

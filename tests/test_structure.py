@@ -10,14 +10,21 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import iter_library_asts, library_files, parse_module
+
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ("janus_demo",)
 
 
 def _imports(path: Path) -> list[tuple[int, str]]:
     """(line, imported module) of every import statement in `path`, at any depth."""
+    return _tree_imports(parse_module(path))
+
+
+def _tree_imports(tree: ast.Module) -> list[tuple[int, str]]:
+    """(line, imported module) of every import statement in `tree`, at any depth."""
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -207,7 +214,7 @@ def test_no_import_cycle():
 def test_no_import_by_string():
     bad = [
         f"{f.relative_to(ROOT)}:{line}"
-        for f in _package_files()
+        for f in library_files()
         if f.relative_to(ROOT).as_posix() not in PLUGIN_LOADERS
         for line in _imports_by_string(f)
     ]
@@ -434,17 +441,14 @@ TAR_MODULE = "janus_train/data/tario.py"
 """The one tar reader and writer; everything else reads and writes shards through it."""
 
 
-def _package_files(root: Path = ROOT) -> list[Path]:
-    return sorted(f for pkg in ("janus_train", *APPS) for f in (root / pkg).rglob("*.py"))
-
-
-def _tar_by_hand(path: Path, root: Path = ROOT) -> list[str]:
-    """Tar handling outside the one module: importing tarfile, or webdataset's tar iteration /
-    gopen; and anywhere, a tar written member by member (TarInfo, addfile)."""
+def _tar_by_hand(rel: str, tree: ast.Module) -> list[str]:
+    """Tar handling outside the one module in module ``rel`` (``tree``): importing tarfile, or
+    webdataset's tar iteration / gopen; and anywhere, a tar written member by member (TarInfo,
+    addfile)."""
     out = []
-    inside = path.relative_to(root).as_posix() == TAR_MODULE
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        where = f"{path.relative_to(root)}:{getattr(node, 'lineno', 0)}"
+    inside = rel == TAR_MODULE
+    for node in ast.walk(tree):
+        where = f"{rel}:{getattr(node, 'lineno', 0)}"
         if isinstance(node, ast.Attribute) and node.attr in ("TarInfo", "addfile"):
             out.append(f"{where} writes a tar by hand ({node.attr})")
         if inside:
@@ -452,8 +456,8 @@ def _tar_by_hand(path: Path, root: Path = ROOT) -> list[str]:
         if isinstance(node, ast.Attribute) and node.attr in ("gopen", "tar_file_iterator"):
             out.append(f"{where} reads a tar stream ({node.attr})")
     out += [
-        f"{path.relative_to(root)}:{line} imports {mod}"
-        for line, mod in _imports(path)
+        f"{rel}:{line} imports {mod}"
+        for line, mod in _tree_imports(tree)
         if not inside
         and (mod.split(".")[0] == "tarfile" or mod.startswith("webdataset.tariterators"))
     ]
@@ -461,9 +465,9 @@ def _tar_by_hand(path: Path, root: Path = ROOT) -> list[str]:
 
 
 def test_one_tar_reader_and_no_tar_written_by_hand():
-    files = _package_files()
-    assert any(f.relative_to(ROOT).as_posix() == TAR_MODULE for f in files)
-    assert [b for f in files for b in _tar_by_hand(f)] == []
+    modules = dict(iter_library_asts())
+    assert TAR_MODULE in modules
+    assert [b for rel, tree in modules.items() for b in _tar_by_hand(rel, tree)] == []
 
 
 @pytest.mark.parametrize(
@@ -477,10 +481,8 @@ def test_one_tar_reader_and_no_tar_written_by_hand():
         "def w(tf, ti, b):\n    tf.addfile(ti, b)\n",
     ],
 )
-def test_the_tar_check_sees_every_form(tmp_path, src):
-    f = tmp_path / "m.py"
-    f.write_text(src)
-    assert _tar_by_hand(f, tmp_path)
+def test_the_tar_check_sees_every_form(src):
+    assert _tar_by_hand("m.py", ast.parse(src))
 
 
 def _dist(requirement: str) -> str:
@@ -525,7 +527,7 @@ def _undeclared(files: list[Path], root: Path = ROOT) -> list[str]:
 
 
 def test_every_third_party_import_is_a_declared_dependency():
-    assert _undeclared(_package_files()) == []
+    assert _undeclared(library_files()) == []
 
 
 @pytest.mark.parametrize("name", ["accelerate", "deepspeed"])
@@ -562,21 +564,21 @@ setup and teardown; the rest of the library calls its helpers) and ``compat.py``
 private timeout setter, behind its guard)."""
 
 
-def _direct_dist(path: Path, root: Path = ROOT) -> list[str]:
-    """Uses of ``torch.distributed`` or ``deepspeed.comm`` outside :data:`DIST_MODULES`: an
-    import of either (any form), or either reached as an attribute (``torch.distributed.x``)."""
-    rel = path.relative_to(root).as_posix()
+def _direct_dist(rel: str, tree: ast.Module) -> list[str]:
+    """Uses of ``torch.distributed`` or ``deepspeed.comm`` in module ``rel`` (``tree``) outside
+    :data:`DIST_MODULES`: an import of either (any form), or either reached as an attribute
+    (``torch.distributed.x``)."""
     if rel in DIST_MODULES:
         return []
     dist = ("torch.distributed", "deepspeed.comm")
     out = [
         f"{rel}:{line} imports {mod}"
-        for line, mod in _imports(path)
+        for line, mod in _tree_imports(tree)
         if any(mod == d or mod.startswith(f"{d}.") for d in dist)
     ]
     out += [
         f"{rel}:{n.lineno} uses {n.value.id}.{n.attr}"
-        for n in ast.walk(ast.parse(path.read_text(), str(path)))
+        for n in ast.walk(tree)
         if isinstance(n, ast.Attribute)
         and isinstance(n.value, ast.Name)
         and f"{n.value.id}.{n.attr}" in dist
@@ -585,9 +587,9 @@ def _direct_dist(path: Path, root: Path = ROOT) -> list[str]:
 
 
 def test_only_the_distributed_module_talks_to_the_process_group():
-    files = _package_files()
-    assert {f.relative_to(ROOT).as_posix() for f in files} >= DIST_MODULES
-    assert [b for f in files for b in _direct_dist(f)] == []
+    modules = dict(iter_library_asts())
+    assert set(modules) >= DIST_MODULES
+    assert [b for rel, tree in modules.items() for b in _direct_dist(rel, tree)] == []
 
 
 @pytest.mark.parametrize(
@@ -601,10 +603,8 @@ def test_only_the_distributed_module_talks_to_the_process_group():
         "import deepspeed\ndeepspeed.comm.barrier()\n",
     ],
 )
-def test_the_process_group_check_sees_every_form(tmp_path, src):
-    f = tmp_path / "m.py"
-    f.write_text(src)
-    assert _direct_dist(f, tmp_path)
+def test_the_process_group_check_sees_every_form(src):
+    assert _direct_dist("m.py", ast.parse(src))
 
 
 # --------------------------------------------------------------------------- function length
@@ -723,13 +723,68 @@ def _defined(tree: ast.Module) -> set[str]:
     return out
 
 
+def _module_aliases(tree: ast.Module, modules) -> dict[str, str]:
+    """Local name -> the module of ``modules`` an import anywhere in ``tree`` binds it to:
+    ``import a.b`` binds ``a``, ``import a.b as m`` ``m``, ``from a import b`` (a module) ``b``."""
+    out = {}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            pairs = [
+                (a.asname, a.name) if a.asname else (a.name.split(".")[0],) * 2 for a in n.names
+            ]
+        elif isinstance(n, ast.ImportFrom) and n.level == 0 and n.module:
+            pairs = [(a.asname or a.name, f"{n.module}.{a.name}") for a in n.names]
+        else:
+            continue
+        out.update((bound, mod) for bound, mod in pairs if mod in modules)
+    return out
+
+
+def _module_of(node: ast.expr, aliases: dict[str, str], modules) -> str | None:
+    """The module of ``modules`` that ``node`` (``m``, ``a.b.c``) names through ``aliases``."""
+    if isinstance(node, ast.Name):
+        return aliases.get(node.id)
+    if isinstance(node, ast.Attribute):
+        mod = _module_of(node.value, aliases, modules)
+        if mod and f"{mod}.{node.attr}" in modules:
+            return f"{mod}.{node.attr}"
+    return None
+
+
+def _attribute_uses(tree: ast.Module, modules) -> list[tuple[int, str, str]]:
+    """(line, module, name) of every name of a module of ``modules`` that ``tree`` reaches as
+    an attribute of the module's import (``mixing.task_counts``,
+    ``janus_train.data.mixing.task_counts``); submodules and dunders aside, and a name the file
+    patches on that module (``monkeypatch.setattr(m, "name", ...)``, ``m.name = ...``): a
+    patch goes where the name is looked up."""
+    aliases = _module_aliases(tree, modules)
+    uses, patched = [], set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Attribute):
+            mod = _module_of(n.value, aliases, modules)
+            if mod and f"{mod}.{n.attr}" not in modules and not n.attr.startswith("__"):
+                uses.append((n.lineno, mod, n.attr))
+                if isinstance(n.ctx, ast.Store | ast.Del):
+                    patched.add((mod, n.attr))
+        elif (
+            isinstance(n, ast.Call)
+            and getattr(n.func, "attr", getattr(n.func, "id", None)) == "setattr"
+            and len(n.args) > 1
+            and isinstance(n.args[1], ast.Constant)
+        ):
+            mod = _module_of(n.args[0], aliases, modules)
+            patched.add((mod, n.args[1].value))
+    return [u for u in uses if u[1:] not in patched]
+
+
 def _reexports(root: Path = ROOT, trees=("tests", "benchmarks")) -> list[str]:
-    """Names of this repository imported from a module that does not define them, and names a
-    library module re-exports (imports from another module of the repository and lists in
-    ``__all__`` or never uses): each name has one home, its users import it from there. A
-    package's ``__init__`` may gather the names its own submodules define (``janus_train.model``)."""
-    files = {_module_name(f, root): f for f in _package_files(root)}
-    parsed = {m: ast.parse(f.read_text(), str(f)) for m, f in files.items()}
+    """Names of this repository imported from a module that does not define them (``from m
+    import x``, or ``m.x`` on an imported module ``m``), and names a library module re-exports
+    (imports from another module of the repository and lists in ``__all__`` or never uses):
+    each name has one home, its users import it from there. A package's ``__init__`` may gather
+    the names its own submodules define (``janus_train.model``)."""
+    files = {_module_name(f, root): f for f in library_files(root=root)}
+    parsed = {m: parse_module(f) for m, f in files.items()}
     defined = {m: _defined(t) for m, t in parsed.items()}
 
     def gathered(pkg: str, name: str) -> bool:
@@ -747,11 +802,9 @@ def _reexports(root: Path = ROOT, trees=("tests", "benchmarks")) -> list[str]:
             )
         )
 
-    extra = [f for t in trees for f in sorted((root / t).rglob("*.py"))]
     out = []
-    for f in [*files.values(), *extra]:
-        tree = parsed.get(_module_name(f, root)) if f in files.values() else None
-        tree = tree or ast.parse(f.read_text(), str(f))
+    for f in [*files.values(), *library_files(trees, root)]:
+        tree = parse_module(f)
         mod, rel = _module_name(f, root), f.relative_to(root).as_posix()
         exported = {
             e.value
@@ -774,6 +827,9 @@ def _reexports(root: Path = ROOT, trees=("tests", "benchmarks")) -> list[str]:
                 lib = f in files.values() and rel.split("/")[0] in OWN
                 if lib and (bound in exported or bound not in used) and not gathered(mod, a.name):
                     out.append(f"{rel}:{n.lineno} re-exports {a.name} of {n.module}")
+        for line, home, name in _attribute_uses(tree, files):
+            if name not in defined[home] and not gathered(home, name):
+                out.append(f"{rel}:{line} uses {home}.{name} (not its home)")
     return out
 
 
@@ -790,9 +846,41 @@ def test_every_name_is_imported_from_its_home_and_never_re_exported():
         ("from janus_train.batch import TASKS\n__all__ = ['TASKS']\nx = TASKS\n", "re-exports"),
         ("from janus_train.mix import task_counts\nx = task_counts\n", "(not its home)"),
         ("from janus_train.model import TASKS\nx = TASKS\n", "(not its home)"),
+        # a module's attribute (the check saw only ``from m import x`` until these)
+        ("from janus_train import mix\nx = mix.task_counts\n", "uses janus_train.mix.task_counts"),
+        ("import janus_train.mix\njanus_train.mix.task_counts()\n", "(not its home)"),
+        ("import janus_train.mix as m\n\ndef f():\n    return m.task_counts\n", "(not its home)"),
+        ("import janus_train.model.forward as f\nx = f.TASKS\n", "(not its home)"),
     ],
 )
 def test_the_re_export_check_sees_both_sides(tmp_path, src, want):
+    _tiny_package(tmp_path, src)
+    got = [b for b in _reexports(tmp_path, ()) if "user.py" in b or "model/__init__" in b]
+    assert any(want in b for b in got if "user.py" in b), got
+    # the package gathering its own submodule's name is fine; passing on batch's TASKS is not
+    assert [b for b in got if "model/__init__" in b] == [
+        "janus_train/model/__init__.py:1 imports TASKS from janus_train.model.forward (not its home)",
+        "janus_train/model/__init__.py:1 re-exports TASKS of janus_train.model.forward",
+    ]
+
+
+def test_the_re_export_check_spares_homes_gathered_names_and_patches(tmp_path):
+    """A name reached on its home module, on the package gathering it, a module's dunder, a
+    submodule, and a name the file patches on the module that looks it up."""
+    _tiny_package(
+        tmp_path,
+        "import janus_train.model\nfrom janus_train import batch, mix\n"
+        "x = batch.task_counts, janus_train.batch.TASKS, janus_train.model.x, mix.__name__\n"
+        "y = janus_train.model.forward.x\n"
+        "def t(monkeypatch):\n    monkeypatch.setattr(mix, 'task_counts', mix.task_counts)\n"
+        "    janus_train.model.forward.TASKS = ()\n",
+    )
+    assert [b for b in _reexports(tmp_path, ()) if "user.py" in b] == []
+
+
+def _tiny_package(tmp_path: Path, user: str) -> None:
+    """A ``janus_train`` with ``batch`` (the home of TASKS, task_counts), ``mix`` and
+    ``model/forward`` (users of them), ``model/__init__`` (re-exporting TASKS) and ``user``."""
     pkg = tmp_path / "janus_train"
     (pkg / "model").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -802,14 +890,7 @@ def test_the_re_export_check_sees_both_sides(tmp_path, src, want):
     (pkg / "model" / "__init__.py").write_text(
         "from janus_train.model.forward import TASKS, x\n__all__ = ['TASKS', 'x']\n"
     )
-    (pkg / "user.py").write_text(src)
-    got = [b for b in _reexports(tmp_path, ()) if "user.py" in b or "model/__init__" in b]
-    assert any(want in b for b in got if "user.py" in b), got
-    # the package gathering its own submodule's name is fine; passing on batch's TASKS is not
-    assert [b for b in got if "model/__init__" in b] == [
-        "janus_train/model/__init__.py:1 imports TASKS from janus_train.model.forward (not its home)",
-        "janus_train/model/__init__.py:1 re-exports TASKS of janus_train.model.forward",
-    ]
+    (pkg / "user.py").write_text(user)
 
 
 # --------------------------------------------------------------------------- benchmark scripts
