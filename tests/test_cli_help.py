@@ -97,6 +97,18 @@ def test_every_cli_option_has_help_and_shows_its_default():
     assert seen > 30
 
 
+def test_sample_style_help_names_each_stage_default():
+    """``janus-sample --style`` states each shipped stage's ``und_format`` as conf/stage/ sets it."""
+    import yaml
+
+    from janus_train.cli.sample import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    stages = sorted((REPO / "conf" / "stage").glob("*.yaml"))
+    want = ", ".join(f"{f.stem} {yaml.safe_load(f.read_text())['und_format']}" for f in stages)
+    assert len(stages) == 3 and f"stage.und_format: {want};" in text
+
+
 def test_plan_help_lists_every_cluster_key_with_its_default():
     import dataclasses
 

@@ -22,6 +22,20 @@ from janus_train.model.chat_template import ROLES, STYLES, PromptFormat
 from janus_train.sample import SampleConfig, answer, generate_images, image_grid, load
 
 
+def _stage_styles() -> str:
+    """Each shipped stage's default understanding style, read from ``conf/stage/*.yaml`` (the
+    source of truth), e.g. ``stage1 plain, stage2 qa, stage3 chat``."""
+    from omegaconf import OmegaConf
+
+    from janus_train.config import CONF_DIR, StageConfig
+
+    base = OmegaConf.structured(StageConfig)
+    stages = sorted((CONF_DIR / "stage").glob("*.yaml"))
+    return ", ".join(
+        f"{p.stem} {OmegaConf.merge(base, OmegaConf.load(p)).und_format.value}" for p in stages
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from janus_train.cli_help import HelpFormatter, summary
 
@@ -38,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--style",
         choices=STYLES,
         default=None,
-        help="override the export's chat template: chat (stage 2/3) or plain (stage 1)",
+        help="override the export's chat template (the stages' defaults, stage.und_format: "
+        f"{_stage_styles()}; an experiment may override them)",
     )
     ap.add_argument(
         "--chat-template",

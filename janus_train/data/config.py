@@ -52,7 +52,8 @@ class DataConfig:
     workers, the batch contract as is."""
     pack: bool = False
     """Pack each micro-batch's samples into rows of ``seq_len`` (first fit; ``position_ids``
-    restart per sample). Samples of a row then share attention unless the attention
-    implementation separates them by ``position_ids`` (flash_attention_2)."""
+    restart per sample). Samples of a row never attend to each other: every accepted
+    ``model.attn_implementation`` keeps them apart by those restarts (cu_seqlens for the varlen
+    kernels, a block-causal mask for sdpa/eager/flex; ``janus_train.model.attention``)."""
     pad_to_multiple_of: int = 1
     """Pad each micro-batch's length to a multiple of this (e.g. 64 for tensor cores)."""
