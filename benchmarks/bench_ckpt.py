@@ -93,18 +93,21 @@ def main() -> None:
         t.processor, run.model, plan, spec.ratio, rank=info.rank, seq_len=args.seq_len
     )
 
-    def step(save_flags: tuple[float, float]) -> tuple[bool, bool]:
+    def step(saver=None) -> tuple[bool, bool]:
         """One optimizer step; returns whether every rank's checkpoint thread was done, and
-        whether some rank's failed (``train_step``'s flags)."""
+        whether some rank's failed (``train_step``'s flags; its release of the writes)."""
         micro = [{k: v.to(t.engine.device) for k, v in b.items()} for b in loader.next_step()]
         counts = torch.stack([count_supervised(b) for b in micro]).sum(0).to(torch.float64)
+        save_flags = (1.0, 0.0) if saver is None else saver.flags()
         red = all_reduce_sum(torch.cat([counts, torch.tensor(save_flags, dtype=torch.float64)]))
+        if saver is not None:
+            saver.release()
         forward_backward(t.engine, micro, step_weights(red[:3], "token_mean"), plan.loss_scale)
         t.engine.step()
         return int(red[3]) == info.world_size, bool(red[4] > 0)
 
     for _ in range(args.steps):  # warm-up
-        step((1.0, 0.0))
+        step()
     n_step = args.steps
     res = {}
     profiler = cProfile.Profile() if args.profile and info.is_main else None
@@ -113,10 +116,10 @@ def main() -> None:
         stalls, busy, idle = [], [], []  # stalls[i]: save i's time in save() and commit()
         for _ in range(args.saves):
             for _ in range(args.every):
-                flags = saver.flags()
+                writing = not saver.flags()[0]
                 t0 = time.perf_counter()
-                ready, failed = step(flags)
-                (busy if not flags[0] else idle).append(time.perf_counter() - t0)
+                ready, failed = step(saver)
+                (busy if writing else idle).append(time.perf_counter() - t0)
                 n_step += 1
                 if saver.pending is not None and ready:
                     t0 = time.perf_counter()

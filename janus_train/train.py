@@ -359,10 +359,11 @@ def train_step(
     guard: RunGuard,
     meter: Throughput,
     log_now: bool,
-    save_flags: tuple[float, float] = (1.0, 0.0),
+    saver: Checkpointer | None = None,
 ) -> StepOut:
     """One optimizer step (index ``step``, 0-based) on every rank. Collective.
-    ``save_flags``: this rank's (ready, failed) of the pending save (``Checkpointer.flags``)."""
+    ``saver``: its pending save's flags ride in the step's all-reduce, and its writes are
+    released once every rank is in it (``Checkpointer.release``)."""
     tc, plan, engine = cfg.train, spec.plan, t.engine
     host = loader.next_step()
     local_n = torch.stack([count_supervised(check_batch(b)) for b in host]).sum(0)
@@ -376,6 +377,7 @@ def train_step(
     # pending checkpoint's flags (this rank's thread done; it failed): once every rank is
     # done, the save advances a phase after this step.
     m = float(len(host))
+    save_flags = (1.0, 0.0) if saver is None else saver.flags()
     flags = [float(guard.stop_requested), m, m * m, *save_flags]
     red = all_reduce_sum(
         torch.cat(
@@ -385,6 +387,8 @@ def train_step(
             ]
         ).to(engine.device)
     ).cpu()
+    if saver is not None:  # every rank is past its save: its writer may take a core now
+        saver.release()
     n_tokens, stop = red[:3].to(local_n.dtype), bool(red[3] > 0)
     if float(red[5]) * plan.world_size != float(red[4]) ** 2:
         raise RuntimeError(
@@ -606,8 +610,7 @@ def run(cfg: RunConfig) -> int:
 
         while state.step < stop_step:
             log_now = (state.step + 1) % tc.log_every == 0 or state.step + 1 == stop_step
-            flags = saver.flags()
-            out = train_step(cfg, spec, t, loader, state.step, guard, meter, log_now, flags)
+            out = train_step(cfg, spec, t, loader, state.step, guard, meter, log_now, saver)
             state.step += 1
             guard.progress()
             if saver.pending is not None and out.saves_ready:  # e.g. every rank's files synced

@@ -8,7 +8,9 @@ torchrun launch (``python tests/test_ckpt_dist.py main <dir>`` is the worker):
 * one damaged copy per stage trained to the end: it resumes from step 2 and its losses and
   exported weights equal the reference's bitwise, ``ckpt/fallbacks`` = 1;
 * ENOSPC injected into rank 1's optimizer file of the step-2 save: both ranks raise the same
-  ``storage full:`` line, ``latest`` stays step 1, the partial directory is gone.
+  ``storage full:`` line, ``latest`` stays step 1, the partial directory is gone;
+* an error raised inside DeepSpeed's ``save_checkpoint`` on rank 1 at step 2: both ranks raise
+  it (no hang), ``latest`` stays step 1, the partial directory is gone.
 
 * every file of the reference runs' saves written by the ranks' writer threads
   (``train.ckpt_async``, the default; so are all the runs above), fsynced by the rank that
@@ -202,6 +204,25 @@ def scenario_main(root):
             torch.save = real_save
         (root / f"enospc_z{zero}.rank{dist.get_rank()}.json").write_text(json.dumps(msg))
 
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        real_zero = DeepSpeedEngine._save_zero_checkpoint
+
+        def broken(engine, save_path, tag, real_zero=real_zero):  # before ZeRO-3's epilogue
+            if dist.get_rank() == 1 and tag == "step_00000002":
+                raise RuntimeError("injected failure in DeepSpeed's save")
+            return real_zero(engine, save_path, tag)
+
+        DeepSpeedEngine._save_zero_checkpoint = broken
+        try:
+            train.run(_run(root, f"dserror_z{zero}", zero, 3))
+            msg = None
+        except RuntimeError as e:
+            msg = f"{type(e).__name__}: {e}"
+        finally:
+            DeepSpeedEngine._save_zero_checkpoint = real_zero
+        (root / f"dserror_z{zero}.rank{dist.get_rank()}.json").write_text(json.dumps(msg))
+
 
 def _metrics(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
@@ -297,6 +318,24 @@ def test_enospc_on_one_rank_stops_every_rank_with_previous_latest(scen, zero):
         f"storage full: could not write checkpoint {c}"
     )
     assert "step_00000001 is still the latest" in msgs[0]
+    assert (c / "latest").read_text() == "step_00000001"
+    assert sorted(p.name for p in c.iterdir()) == ["latest", "step_00000001"]
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_an_error_inside_deepspeeds_save_on_one_rank_stops_every_rank(scen, zero):
+    """An error raised inside DeepSpeed's ``save_checkpoint`` on rank 1 (its barriers skipped,
+    ZeRO-3's epilogue collective still to come): rank 1 still joins that collective, the
+    error is flagged at the next step's all-reduce and raised on every rank (rank 1 its own,
+    rank 0 one naming rank 1): no rank waits for the collective timeout, ``latest`` stays the
+    previous checkpoint and the partial directory is gone."""
+    c = scen / f"dserror_z{zero}" / "checkpoints"
+    msgs = [json.loads((scen / f"dserror_z{zero}.rank{r}.json").read_text()) for r in (0, 1)]
+    assert msgs[1] == "RuntimeError: injected failure in DeepSpeed's save"
+    assert msgs[0] == (
+        f"RuntimeError: checkpoint {c / 'step_00000002'}: rank 1 failed to write its files "
+        "(injected failure in DeepSpeed's save)"
+    )
     assert (c / "latest").read_text() == "step_00000001"
     assert sorted(p.name for p in c.iterdir()) == ["latest", "step_00000001"]
 

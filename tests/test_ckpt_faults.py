@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import subprocess
+import types
 import zlib
 from pathlib import Path
 
@@ -457,11 +458,14 @@ def _running_jobs() -> list[str]:
     return [j.tag for j in ckpt_save._PENDING if not j.done.is_set()]
 
 
-def test_a_save_after_a_pending_commit_agrees_on_it_in_its_one_collective(tmp_path, monkeypatch):
-    """The save after an asynchronous one of which only the agreement on rank 0's commit is
-    left runs one collective before DeepSpeed's save: that agreement's all-reduce, which is
-    also the new save's barrier (rank 0 made the directory first). When that commit failed, the
-    save raises it (on every rank: the all-reduce says so) and starts nothing."""
+def test_a_save_runs_no_collective_and_carries_the_pending_commits_agreement(tmp_path, monkeypatch):
+    """An asynchronous save runs no collective of ours (the Checkpointer cleared ``.tmp-``
+    once, in one barrier, when made). A save that finds the one before down to the agreement on
+    rank 0's commit carries it: rank 0's writer runs that commit first, and the new save's
+    write-phase flags settle both. When that commit failed, rank 0 flags the new save failed
+    (writing none of it), and the agreement raises the commit's error on every rank (one
+    all-reduce: the prior's, then the gather of its message), the new save's directory
+    removed and ``latest`` unchanged."""
     from janus_train.trainer.state import Checkpointer, TrainState
 
     class Loader:
@@ -471,29 +475,47 @@ def test_a_save_after_a_pending_commit_agrees_on_it_in_its_one_collective(tmp_pa
     calls, reduce = [], ckpt_save.all_reduce_sum
     monkeypatch.setattr(ckpt_save, "all_reduce_sum", lambda t: calls.append("reduce") or reduce(t))
     monkeypatch.setattr(ckpt_save, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(ckpt, "barrier", lambda: calls.append("barrier"))
     monkeypatch.setattr(ckpt_save, "all_gather_objects", lambda o: calls.append("gather") or [o])
     c = tmp_path / "checkpoints"
+    (c / ".tmp-step_00000002" / "step_00000002").mkdir(parents=True)
+    (c / ".tmp-step_00000002" / "step_00000002" / "zero_pp_rank_3_stale.pt").write_bytes(b"x")
     saver = Checkpointer(FakeEngine(), c, INFO, keep_last=10, background=True)
+    assert calls == ["barrier"] and not list(c.glob(".tmp-*"))  # an earlier run's leftovers
+    calls.clear()
     saver.save(TrainState(step=2), Loader())
-    assert calls == ["barrier"]
+    assert calls == []
     saver.pending.wait()
     saver.advance(none_failed=True)  # rank 0's commit job starts
-    calls.clear()
+    assert saver.pending.phase == "commit" and calls == []
     saver.save(TrainState(step=4), Loader())
-    assert calls == ["reduce"] and ckpt.read_latest(c) == "step_00000002"
-    assert saver.pending.tag == "step_00000004"
+    assert calls == [] and saver.pending.tag == "step_00000004"
+    assert saver.pending.prior is not None and saver.pending.prior.tag == "step_00000002"
+    saver.pending.wait()  # rank 0's thread: the commit of step 2, then the writes of step 4
+    assert ckpt.read_latest(c) == "step_00000002" and saver.flags() == (1.0, 0.0)
+    assert (
+        "zero_pp_rank_3_stale.pt"
+        not in json.loads((c / "step_00000002" / "manifest.json").read_text())["files"]
+    )
+    saver.advance(none_failed=True)  # settles both; step 4's commit starts
+    assert calls == [] and saver.pending.prior is None and saver.pending.phase == "commit"
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt_save, "_write_manifest", full)
     saver.pending.wait()
-    saver.advance(none_failed=True)
-    calls.clear()
+    assert ckpt.read_latest(c) == "step_00000002"  # step 4's commit failed in the thread
+    saver.save(TrainState(step=6), Loader())  # carries it: still no collective
+    assert calls == []
+    saver.pending.wait()
+    assert saver.flags() == (1.0, 1.0)  # rank 0 wrote nothing of step 6
+    assert not (c / ".tmp-step_00000006" / "step_00000006" / "trainer_state_rank0.pt").exists()
     with pytest.raises(StorageFull, match="step_00000002 is still the latest"):
-        saver.save(TrainState(step=6), Loader())
+        saver.advance(none_failed=False)
     assert calls == ["reduce", "gather"] and saver.pending is None
     assert ckpt.read_latest(c) == "step_00000002" and not list(c.glob(".tmp-*"))
+    assert _running_jobs() == []
 
 
 @pytest.mark.parametrize("phase", ["write", "commit", "failed"])
@@ -813,6 +835,7 @@ def test_an_async_save_in_a_forked_child_gets_a_writer_of_its_own(tmp_path):
         code = 1
         try:
             p = ckpt_save.begin_save(e, c, 4, {"step": 4}, {"rank": 0}, INFO, background=True)
+            p.release()  # (the loop's step all-reduce)
             deadline = time.monotonic() + 20
             while not p.ready and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -834,3 +857,133 @@ def test_an_async_save_in_a_forked_child_gets_a_writer_of_its_own(tmp_path):
     assert os.waitstatus_to_exitcode(done[1]) == 0, "2: the child's save never ran"
     assert ckpt.select_checkpoint(c, INFO)[0] == "step_00000004"
     assert save(e, tmp_path / "parent", 4, background=True) == "step_00000004"
+
+
+def test_snapshot_is_a_deep_copy_with_tensors_on_the_host():
+    """``snapshot`` (on the loop's thread at every save) against ``copy.deepcopy`` as the
+    reference: the same values and types all through (an ``OrderedDict`` state dict with its
+    ``_metadata``, a named tuple, an RNG state, a numpy array, an object), a tensor referenced
+    twice stays one tensor, and nothing the live state does afterwards reaches it."""
+    import collections
+    import copy
+    import dataclasses
+    import random
+
+    import numpy as np
+
+    Address = collections.namedtuple("Address", "numel start")
+
+    @dataclasses.dataclass
+    class Fragment:
+        numel: int
+        start: int
+
+    w = torch.arange(6.0)
+    sd = collections.OrderedDict(w=w, b=torch.ones(2))
+    sd._metadata = {"": {"version": 1}}
+    live = {
+        "module": sd,
+        "tied": w,
+        "shapes": [torch.Size([2, 3]), (1, (2, [3]))],
+        "address": Address(6, 0),
+        "fragment": Fragment(6, 0),
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state()},
+        "scaler": types.SimpleNamespace(scale=2.0**16, history=[1, 2]),
+        "dtype": torch.bfloat16,
+    }
+    want = copy.deepcopy(live)
+    got = ckpt_save.snapshot(live)
+    w.add_(100.0)  # the next optimizer step, in place
+    sd["b"] = torch.zeros(2)
+    live["shapes"][1][1][1].append(4)
+    live["scaler"].history.append(3)
+    live["fragment"].start = 7
+
+    def same(x, y) -> bool:
+        assert type(x) is type(y), (type(x), type(y))
+        if isinstance(x, torch.Tensor):
+            return torch.equal(x, y) and x.device.type == "cpu"
+        if isinstance(x, np.ndarray):
+            return np.array_equal(x, y)
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, list | tuple):
+            return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y, strict=True))
+        if isinstance(x, types.SimpleNamespace | Fragment):
+            return same(vars(x), vars(y))
+        return x == y
+
+    assert same(got, want)
+    assert got["module"]._metadata == {"": {"version": 1}}
+    assert got["tied"] is got["module"]["w"] and got["tied"] is not w
+    assert got["shapes"][1][1][1] == [3] and got["scaler"].history == [1, 2]
+
+
+def test_a_save_that_cannot_start_is_flagged_and_raised_at_the_agreement(tmp_path):
+    """A rank whose save fails before any write (its directory cannot be made; any error in
+    DeepSpeed's save) does not raise at the save, where the other ranks would go on into the
+    next step's collective without it: it flags the save failed, and the agreement raises the
+    error (on every rank: ``test_ckpt_dist``); ``latest`` and the files stay as they were."""
+    from janus_train.trainer.state import Checkpointer, TrainState
+
+    class Loader:
+        def state_dict(self):
+            return {"position": 3}
+
+    c = tmp_path / "checkpoints"
+    e = FakeEngine()
+    saver = Checkpointer(e, c, INFO, keep_last=10, background=True)
+    saver.save(TrainState(step=2), Loader())
+    saver.commit()
+    (c / ".tmp-step_00000004").write_text("a file where the save's directory goes")
+    saver.save(TrainState(step=4), Loader())  # no raise here
+    saver.pending.wait()
+    assert saver.flags() == (1.0, 1.0)
+    with pytest.raises(NotADirectoryError, match="tmp-step_00000004"):
+        saver.advance(none_failed=False)
+    assert saver.pending is None and ckpt.read_latest(c) == "step_00000002"
+    assert sorted(p.name for p in c.iterdir()) == [".tmp-step_00000004", "latest", "step_00000002"]
+
+
+def test_an_async_saves_writes_wait_for_the_release(tmp_path):
+    """The writes of an asynchronous save start only when released (the loop's next step
+    all-reduce, which every rank enters after its own save) or waited for: until then the
+    writer touches nothing, not even the directory, and the save is not ready."""
+    import time
+
+    c = tmp_path / "checkpoints"
+    e = FakeEngine()
+    p = ckpt_save.begin_save(e, c, 2, {"step": 2}, {"rank": 0}, INFO, background=True)
+    time.sleep(0.2)
+    assert not p.ready and not (c / ".tmp-step_00000002" / "step_00000002" / OPTIM).exists()
+    p.release()
+    p.wait()
+    assert p.ready and not p.failed
+    assert (c / ".tmp-step_00000002" / "step_00000002" / "trainer_state_rank0.pt").is_file()
+    assert p.commit(10) == "step_00000002"
+    q = ckpt_save.begin_save(e, c, 4, {"step": 4}, {"rank": 0}, INFO, background=True)
+    assert q.commit(10) == "step_00000004"  # waiting for it releases it
+
+
+def test_frozen_parameters_are_written_from_the_live_tensors():
+    """A save does not copy what no optimizer step changes: ``_frozen_storage`` names the host
+    storage of the frozen parameters (``requires_grad`` off) of DeepSpeed's ``param_names``,
+    read at the save (a parameter whose storage was replaced since is followed), and
+    ``snapshot`` keeps a tensor starting there as it is (any alias: the model's weight, a
+    fragment); a trainable parameter's alias is still copied."""
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    net[0].requires_grad_(False)
+    engine = types.SimpleNamespace(param_names={p: n for n, p in net.named_parameters()})
+    frozen = ckpt_save._frozen_storage(engine)
+    assert frozen == {net[0].weight.data_ptr(), net[0].bias.data_ptr()}
+    sd = net.state_dict()
+    got = ckpt_save.snapshot(
+        {"module": sd, "fragments": {"0.weight": net[0].weight}}, frozen=frozen
+    )
+    assert got["module"]["0.weight"].data_ptr() == net[0].weight.data_ptr()
+    assert got["fragments"]["0.weight"].data_ptr() == net[0].weight.data_ptr()
+    assert got["module"]["1.weight"].data_ptr() != net[1].weight.data_ptr()
+    assert torch.equal(got["module"]["1.weight"], net[1].weight)
+    net[0].weight.data = torch.zeros(3, 3)  # replaced storage: the new one is followed
+    assert ckpt_save._frozen_storage(engine) >= {net[0].weight.data_ptr()}
+    assert ckpt_save._frozen_storage(types.SimpleNamespace()) == frozenset()

@@ -125,7 +125,9 @@ def scenario_kill(root: Path, moment: str) -> None:
     p = _save(e, c, 4, info, background=True)
     for _ in range(2000):  # the loop's step boundaries
         time.sleep(0.005)
-        if int(all_reduce_sum(torch.tensor([float(p.ready)]))) == info.world_size:
+        every_rank_ready = int(all_reduce_sum(torch.tensor([float(p.ready)])))
+        p.release()  # every rank is past its save: its writes start (as the loop's step does)
+        if every_rank_ready == info.world_size:
             if p.advance(10):
                 break
     (root / f"{moment}.survived.rank{info.rank}").write_text("the kill did not happen")

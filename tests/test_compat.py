@@ -5,11 +5,13 @@ the shim uses on the installed versions (these tests fail when an upgrade change
 from __future__ import annotations
 
 import ast
+import contextlib
 import datetime
 import inspect
 import sys
 import types
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 import torch
@@ -455,3 +457,104 @@ def test_save_without_barriers_skips_exactly_deepspeeds_save_barriers(monkeypatc
     monkeypatch.setattr(compat, "version", lambda dist: (0, 99))
     with compat.save_without_barriers(engine) as skipped:
         assert skipped is False and ds_engine.dist is deepspeed.comm
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_reuse_save_metadata_gives_deepspeeds_own_state_and_walks_once(tmp_path, monkeypatch, zero):
+    """``compat.reuse_save_metadata``: a save's state dicts (captured, as the checkpoint writer
+    does) equal DeepSpeed's own uncached ones, at the first save and after more optimizer
+    steps (the data is read again, only the description is kept), on a model with a frozen
+    parameter, a tied one and a persistent buffer; the four walks run once per engine."""
+    from deepspeed.runtime import engine as ds_engine
+
+    from janus_train.trainer.distributed import init_engine, setup_distributed
+
+    setup_distributed(60)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+            self.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+            self.b.weight = self.a.weight  # tied
+            self.register_buffer("count", torch.zeros(2))
+
+        def forward(self, x):
+            return self.b(self.a(x)) + self.frozen(x)
+
+    torch.manual_seed(0)
+    net = Net()
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": zero},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+        "checkpoint": {"tag_validation": "Ignore"},
+    }
+    engine = init_engine(net, cfg, [p for p in net.parameters() if p.requires_grad])
+
+    def train():
+        engine.backward(engine(torch.randn(1, 4)).square().sum())
+        engine.step()
+
+    class Capture:
+        def __init__(self, inner):
+            self.inner, self.saved = inner, []
+
+        def save(self, state_dict, path):
+            self.saved.append(
+                (
+                    Path(path).name,
+                    torch.save(state_dict, tmp_path / "x")
+                    or torch.load(tmp_path / "x", weights_only=False),
+                )
+            )
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    def capture(reuse: bool):
+        cap = Capture(engine.checkpoint_engine)
+        engine.checkpoint_engine = cap
+        try:
+            with compat.save_without_barriers(engine), contextlib.ExitStack() as stack:
+                if reuse:
+                    assert stack.enter_context(compat.reuse_save_metadata(engine)) is True
+                engine.save_checkpoint(str(tmp_path / "s"), tag="t", save_latest=False)
+        finally:
+            engine.checkpoint_engine = cap.inner
+        return cap.saved
+
+    def same(x, y) -> bool:
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, list | tuple):
+            return len(x) == len(y) and all(same(a, b) for a, b in zip(x, y, strict=True))
+        return type(x) is type(y) and (x == y or x is y or repr(x) == repr(y))
+
+    calls = []
+    for name in (*compat.SAVE_METADATA, "_get_zero_frozen_param_attributes"):
+        real = getattr(ds_engine.DeepSpeedEngine, name)
+        monkeypatch.setattr(
+            ds_engine.DeepSpeedEngine,
+            name,
+            lambda self, *a, _real=real, _name=name: calls.append(_name) or _real(self, *a),
+        )
+    train()
+    for round_ in range(2):
+        plain = capture(reuse=False)
+        calls.clear()
+        reused = capture(reuse=True)
+        walked = sorted(calls)
+        assert [n for n, _ in reused] == [n for n, _ in plain]
+        for (name, got), (_, want) in zip(reused, plain, strict=True):
+            assert same(got, want), (round_, name)
+        frozen_calls = 2 if round_ == 0 else 1  # the shapes once, the fragments (data) each time
+        assert walked.count("_get_zero_frozen_param_attributes") == frozen_calls
+        assert (walked.count("_get_buffer_names") == 1) == (round_ == 0)
+        train()  # the weights and the optimizer's state move on
+    assert not {n for n in vars(engine) if n.startswith("_get_")}  # all put back
+    monkeypatch.setattr(compat, "version", lambda dist: (0, 99))
+    with compat.reuse_save_metadata(engine) as reused:
+        assert reused is False

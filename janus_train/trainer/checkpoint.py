@@ -233,6 +233,18 @@ def _aside(d: Path) -> Path:
     return dst
 
 
+def clear_partial_saves(ckpt_dir: str | os.PathLike, info: DistInfo) -> None:
+    """Collective: rank 0 removes what saves that never completed left (``.tmp-*``), before
+    any rank goes on. A process's saves write into ``.tmp-<tag>`` without a collective of
+    their own, so this runs before its first one."""
+    ckpt_dir = Path(ckpt_dir)
+    if info.is_main and ckpt_dir.is_dir():
+        for d in ckpt_dir.glob(".tmp-*"):
+            logger.warning("removing %s: a save that never completed", d)
+            shutil.rmtree(d, ignore_errors=True)
+    barrier()
+
+
 def select_checkpoint(
     ckpt_dir: str | os.PathLike, info: DistInfo, known_bad: dict[str, str] | None = None
 ) -> tuple[str | None, int]:
@@ -241,11 +253,7 @@ def select_checkpoint(
     interrupted saves are removed. ``known_bad``: tags already found bad (e.g. failed to load)
     with the reason. A checkpoint directory without any that verifies: ``ValueError``."""
     ckpt_dir = Path(ckpt_dir)
-    if info.is_main and ckpt_dir.is_dir():
-        for d in ckpt_dir.glob(".tmp-*"):
-            logger.warning("removing %s: a save that never completed", d)
-            shutil.rmtree(d, ignore_errors=True)
-    barrier()
+    clear_partial_saves(ckpt_dir, info)
     known_bad = dict(known_bad or {})
     lp = ckpt_dir / LATEST
     latest = lp.read_text().strip() if lp.is_file() else None

@@ -5,14 +5,19 @@ The layout and the reading side (verification, fallback) are in
 :meth:`PendingSave.commit`); a kill or power loss at any point leaves ``latest`` naming a
 complete checkpoint whose data is on disk:
 
-1. rank 0 checks the free space against the previous checkpoint's size (a warning when the
-   save would leave less than one checkpoint of room);
-2. every rank runs DeepSpeed's ``save_checkpoint`` (its collectives included, less its two
-   barriers: :func:`~janus_train.compat.save_without_barriers`; the directory was made
-   before one barrier of ours) with the file
+1. every rank runs DeepSpeed's ``save_checkpoint`` (its collectives included, less its two
+   barriers: :func:`~janus_train.compat.save_without_barriers`; the model's description
+   reused from the first save: :func:`~janus_train.compat.reuse_save_metadata`) with the file
    writes captured as host-memory snapshots (a) -- the only part the loop waits for with
-   ``train.ckpt_async`` -- then writes them and ``trainer_state_rank{r}.pt`` into
-   ``.tmp-<tag>/<tag>`` (b): inline, or in a writer thread of that rank while training goes on;
+   ``train.ckpt_async``. No collective of ours runs at the save: each rank makes
+   ``.tmp-<tag>/<tag>`` (DeepSpeed's ``makedirs``; the writer too, for its files), and
+   leftovers of earlier runs were removed once, when the
+   :class:`~janus_train.trainer.state.Checkpointer` was made. Then, inline or in the writer
+   thread of that rank (b), which starts once every rank has taken its snapshots (released
+   after the next step's all-reduce: :meth:`PendingSave.release`) while training goes on:
+2. rank 0 checks the free space against the previous checkpoint's size (a warning when the
+   save would leave less than one checkpoint of room); every rank writes its snapshots and
+   ``trainer_state_rank{r}.pt`` into ``.tmp-<tag>/<tag>``;
 3. every rank fsyncs the files it wrote itself and computes their size and CRC-32 (same
    thread): its captured snapshots, its ``trainer_state_rank{r}.pt`` and whatever DeepSpeed
    wrote on that rank outside its checkpoint engine (:class:`_WrittenHere`). On a multi-node
@@ -20,9 +25,11 @@ complete checkpoint whose data is on disk:
    syncs another's file (a file no rank saw itself write is synced by rank 0, with a warning);
 4. the commit, a collective on the main thread of every rank: synchronously, or (async) at
    the first step boundary at which every rank's writer has finished (a flag in the step's
-   token-count all-reduce), and at the latest before the next save (when only the agreement on
-   rank 0's commit is left, in the all-reduce that is also that save's barrier), at the end of
-   the stage and after a stop signal. Rank 0 merges the ranks' file lists (each rank's writer left its
+   token-count all-reduce), and at the latest before the next save, at the end of the stage and
+   after a stop signal. When only the agreement on rank 0's commit is left at the next save, that
+   save carries it: rank 0's writer thread runs the commit first, and the new save's flags
+   (every rank done, none failed) agree on both; a failed commit is raised on every rank at
+   that agreement. Rank 0 merges the ranks' file lists (each rank's writer left its
    list in ``.tmp-<tag>/files_rank{r}.json``; they are gathered instead when the flags are not
    known or some rank failed), writes ``manifest.json`` (fsynced), then fsyncs the directories
    (``<tag>``, its subdirectories, ``.tmp-<tag>``) once every rank's files are synced; steps
@@ -90,10 +97,13 @@ path of the loop has waited for it already, :meth:`PendingSave.wait`)."""
 
 
 class _Job:
-    """One phase of an asynchronous save (its writes, or rank 0's commit) for the thread."""
+    """One phase of an asynchronous save (its writes, or rank 0's commit) for the thread,
+    which starts it once ``go`` is set (at once, unless submitted ``held``)."""
 
-    def __init__(self, fn: Callable[[], None], tag: str) -> None:
-        self.fn, self.tag, self.done = fn, tag, threading.Event()
+    def __init__(self, fn: Callable[[], None], tag: str, held: bool = False) -> None:
+        self.fn, self.tag, self.done, self.go = fn, tag, threading.Event(), threading.Event()
+        if not held:
+            self.go.set()
 
 
 _JOBS: queue.SimpleQueue[_Job] | None = None
@@ -101,9 +111,24 @@ _PENDING: list[_Job] = []
 """The jobs submitted and not yet seen done."""
 
 
+_WRITER_NICE = 10
+"""How much lower the writer thread's CPU priority is than the loop's (Linux: a thread's nice
+value is its own): it serializes, checksums and syncs with the cycles training leaves idle,
+rather than taking a core from a rank's loop thread (on a host with few cores per rank)."""
+
+
+def _lower_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WRITER_NICE)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
+        pass
+
+
 def _work() -> None:
+    _lower_priority()
     while True:
         job = _JOBS.get()
+        job.go.wait()
         try:
             job.fn()
         except BaseException:  # noqa: BLE001,S110  # (a test's stand-in for SIGKILL) the
@@ -112,7 +137,7 @@ def _work() -> None:
             job.done.set()
 
 
-def _submit(fn: Callable[[], None], tag: str) -> _Job:
+def _submit(fn: Callable[[], None], tag: str, held: bool = False) -> _Job:
     """Runs ``fn`` in the process's one checkpoint thread, after the jobs before it. The
     thread is a daemon, started once (a thread start costs the loop milliseconds on a busy
     host): it never keeps a process alive, and idle it waits on a queue, where the end of
@@ -121,7 +146,7 @@ def _submit(fn: Callable[[], None], tag: str) -> _Job:
     if _JOBS is None:
         _JOBS = queue.SimpleQueue()
         threading.Thread(target=_work, name="janus-ckpt", daemon=True).start()
-    job = _Job(fn, tag)
+    job = _Job(fn, tag, held)
     _PENDING[:] = [j for j in _PENDING if not j.done.is_set()] + [job]
     _JOBS.put(job)
     return job
@@ -148,6 +173,7 @@ def _join_at_exit() -> None:
     under ``.tmp-``, removed at the next start)."""
     deadline = time.monotonic() + _EXIT_WAIT_S
     for job in list(_PENDING):
+        job.go.set()
         if not job.done.wait(max(0.0, deadline - time.monotonic())):
             logger.warning(
                 "checkpoint %s still being saved at exit after %.0f s: abandoned",
@@ -259,15 +285,20 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def _check_space(ckpt_dir: Path) -> int:
-    """Rank 0, step 1: the previous checkpoint's bytes (0 when none); warns when the next save
-    would leave less than one checkpoint of room."""
+def _latest_bytes(ckpt_dir: Path) -> int:
+    """The bytes of the checkpoint ``latest`` names (0 when none)."""
     latest = None
     try:
         latest = read_latest(ckpt_dir)
     except RuntimeError:
         pass
-    need = checkpoint_bytes(ckpt_dir / latest) if latest else 0
+    return checkpoint_bytes(ckpt_dir / latest) if latest else 0
+
+
+def _check_space(ckpt_dir: Path) -> int:
+    """Rank 0, step 1: the previous checkpoint's bytes (0 when none); warns when the next save
+    would leave less than one checkpoint of room."""
+    need = _latest_bytes(ckpt_dir)
     free = _free_bytes(ckpt_dir)
     if need and free < 2 * need:
         logger.warning(
@@ -291,42 +322,79 @@ def _finish_failed_save(engine, barriers: bool) -> None:
         barrier()
 
 
-_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.Size)
+_LEAVES = frozenset(
+    {int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.Size, torch.device}
+)
+"""Immutable types kept as they are (exact types: a subclass may add mutable state)."""
 
 
-def snapshot(obj, _memo: dict | None = None):
+def snapshot(obj, _memo: dict | None = None, frozen: frozenset[int] = frozenset()):
     """A deep copy of ``obj`` with every tensor copied to host memory (once, however often it
     is referenced): what a write started now serializes, whatever later optimizer steps do
-    to the live tensors. Containers are rebuilt directly (``copy.deepcopy`` is several times
-    slower on a state dict); any other object is deep-copied."""
+    to the live tensors. On the loop's thread at every save, so it is lean: containers are
+    rebuilt directly (``copy.deepcopy`` is several times slower on a state dict), a tuple or
+    named tuple of immutable leaves (an RNG state: 625 ints) is kept as it is, a dataclass of
+    them (ZeRO's fragment addresses) copied shallowly; any other object is deep-copied. ``frozen``: where parameters that no step
+    changes live on the host (:func:`_frozen_storage`): a host tensor starting there is kept
+    as it is (written from the live tensor)."""
     memo = {} if _memo is None else _memo
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in memo:
-            memo[id(obj)] = obj.detach().to("cpu", copy=True)
-        return memo[id(obj)]
-    if isinstance(obj, _IMMUTABLE):
+    cls = type(obj)
+    if cls in _LEAVES:
         return obj
+    if isinstance(obj, torch.Tensor):
+        got = memo.get(id(obj))
+        if got is None:
+            keep = obj.is_cpu and obj.data_ptr() in frozen
+            got = memo[id(obj)] = obj.detach() if keep else obj.detach().to("cpu", copy=True)
+        return got
     if isinstance(obj, dict):
+        if cls is dict:
+            return {k: snapshot(v, memo, frozen) for k, v in obj.items()}
         out = copy.copy(obj)  # the same class, with its attributes (a state dict's _metadata)
         for k, v in obj.items():
-            out[k] = snapshot(v, memo)
+            out[k] = snapshot(v, memo, frozen)
         return out
-    if type(obj) in (list, tuple):
-        return type(obj)(snapshot(v, memo) for v in obj)
+    if cls is list:
+        return [snapshot(v, memo, frozen) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "__dict__"):  # a tuple, a named tuple
+        if all(type(v) in _LEAVES for v in obj):
+            return obj  # immutable all through
+        if cls is tuple:
+            return tuple(snapshot(v, memo, frozen) for v in obj)
+    fields = getattr(obj, "__dict__", None)
+    if (
+        hasattr(cls, "__dataclass_fields__")
+        and type(fields) is dict
+        and all(type(v) in _LEAVES for v in fields.values())
+    ):  # a record of immutable values (ZeRO's fragment addresses): a shallow copy is whole
+        return copy.copy(obj)
     return copy.deepcopy(obj)
+
+
+def _frozen_storage(engine) -> frozenset[int]:
+    """Where the engine's frozen parameters (``requires_grad`` off, whole on this rank) start
+    in host memory: no optimizer step changes them, so a save writes them from the live
+    tensors instead of copying them on the loop's thread (both as the model's weights and as
+    DeepSpeed's frozen fragments; half the tensors of a stage-2 checkpoint, whose vision
+    encoder is frozen). Read at each save: a parameter whose storage was replaced since is
+    not mistaken for another."""
+    params = getattr(engine, "param_names", None)  # DeepSpeed's {parameter: name}, the module's
+    if params is None:
+        return frozenset()
+    return frozenset(p.data_ptr() for p in params if not p.requires_grad and p.is_cpu and p.numel())
 
 
 class _Capture:
     """Stands in for DeepSpeed's checkpoint engine during ``engine.save_checkpoint``: ``save``
     keeps a host snapshot of the state dict and the path instead of writing it (step 2a);
-    everything else is the engine's own."""
+    everything else is the engine's own. ``frozen``: see :func:`snapshot`."""
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
+    def __init__(self, inner, frozen: frozenset[int] = frozenset()) -> None:
+        self.inner, self.frozen = inner, frozen
         self.writes: list[tuple[Callable, object, str]] = []
 
     def save(self, state_dict, path: str) -> None:
-        self.writes.append((self.inner.save, snapshot(state_dict), str(path)))
+        self.writes.append((self.inner.save, snapshot(state_dict, frozen=self.frozen), str(path)))
 
     def preserves_storage_sharing(self) -> bool:
         return False  # the snapshot already copies every tensor by itself
@@ -336,14 +404,19 @@ class _Capture:
 
 
 def _write_and_sum(
-    d: Path, writes: list, extras: list[str], listing: Path
+    d: Path, writes: list, extras: list[str], listing: Path, before: Callable[[], None]
 ) -> tuple[BaseException | None, dict]:
-    """Steps 2b-3 on this rank (inline, or the writer thread): write the snapshots, then fsync
-    each file it wrote and those of ``extras`` and take their size and CRC-32; the result
-    also goes to ``listing`` (beside the checkpoint directory), where rank 0's commit reads it
-    when the loop's flags said every rank succeeded."""
+    """Steps 2-3 on this rank (inline, or the writer thread): make the snapshots'
+    directories, ``before`` (rank 0: the previous save's commit succeeded, the space
+    check), write the snapshots, then fsync each
+    file it wrote and those of ``extras`` and take their size and CRC-32; the result also
+    goes to ``listing`` (beside the checkpoint directory), where rank 0's commit reads it when
+    the loop's flags said every rank succeeded."""
     rels = [str(Path(p).relative_to(d)) for _, _, p in writes] + extras
     try:
+        for parent in sorted({Path(p).parent for _, _, p in writes}):
+            parent.mkdir(parents=True, exist_ok=True)
+        before()
         while writes:  # each snapshot's host memory is released once it is written
             save, obj, path = writes.pop(0)
             save(obj, path)
@@ -372,10 +445,23 @@ class PendingSave:
     syncs its files, in a thread of its own with ``background``), then ``commit`` (rank 0
     writes the manifest, renames, moves ``latest`` and prunes, in a thread with
     ``background``), then ``done``. :meth:`advance` moves it on one phase on every rank
-    together, on the caller's (main) thread; it is the only part with collectives."""
+    together, on the caller's (main) thread; it is the only part with collectives.
 
-    def __init__(self, ckpt_dir: Path, step: int, info: DistInfo, background: bool) -> None:
+    ``prior``: the save before, of which only the agreement on rank 0's commit was left when
+    this one began (asynchronous saves only): rank 0's writer thread ran that commit before
+    this save's writes (one thread, in order) and flags this save failed when it failed, so
+    this save's write-phase agreement settles both."""
+
+    def __init__(
+        self,
+        ckpt_dir: Path,
+        step: int,
+        info: DistInfo,
+        background: bool,
+        prior: PendingSave | None = None,
+    ) -> None:
         self.ckpt_dir, self.step, self.info, self.background = ckpt_dir, step, info, background
+        self.prior = prior
         self.need = 0
         self.tag = tag_for(step)
         self.tmp_root = ckpt_dir / f".tmp-{self.tag}"
@@ -387,11 +473,11 @@ class PendingSave:
         self._task: _Job | None = None
         self.device: torch.device | str = "cpu"  # the engine's: where a collective's tensor lives
 
-    def _run(self, fn: Callable[[], None]) -> None:
+    def _run(self, fn: Callable[[], None], held: bool = False) -> None:
         if not self.background:
             fn()
             return
-        self._task = _submit(fn, self.tag)
+        self._task = _submit(fn, self.tag, held)
 
     def _listing(self, rank: int) -> Path:
         return self.tmp_root / f"files_rank{rank}.json"
@@ -400,9 +486,28 @@ class PendingSave:
         d, listing = self.tmp_root / self.tag, self._listing(self.info.rank)
 
         def write() -> None:
-            self.written = _write_and_sum(d, writes, extras, listing)
+            self.written = _write_and_sum(d, writes, extras, listing, self._before_writes)
 
-        self._run(write)
+        self._run(write, held=True)
+
+    def release(self) -> None:
+        """Lets this rank's writer start (local): once every rank has taken its snapshots, i.e.
+        after the next collective every rank enters only after its save (the loop's step
+        all-reduce), so that a rank's writer never takes a core from another rank still in
+        its snapshot (measured: it doubled a third of the 2-rank stalls on 2 cores). Waiting
+        for the writer (:meth:`wait`, and so :meth:`advance` and :meth:`commit`) releases it."""
+        if self._task is not None:
+            self._task.go.set()
+
+    def _before_writes(self) -> None:
+        """Rank 0, first in its part of step 2 (the writer thread, after the previous save's
+        commit): that commit must have succeeded (else this save is flagged failed and the
+        agreement raises the commit's error), then the space check."""
+        if not self.info.is_main:
+            return
+        if self.prior is not None and self.prior.outcome is not None:
+            raise RuntimeError(f"the commit of {self.prior.tag} before it failed")
+        self.need = _check_space(self.ckpt_dir)
 
     @property
     def ready(self) -> bool:
@@ -417,6 +522,7 @@ class PendingSave:
     def wait(self) -> None:
         """Until this rank's part of the current phase is done (local, no collective)."""
         if self._task is not None:
+            self.release()
             self._task.done.wait()
 
     def advance(self, keep_last: int, none_failed: bool = False) -> bool:
@@ -431,6 +537,7 @@ class PendingSave:
         self.wait()
         self._task = None
         if self.phase == "write":
+            self._settle_prior(keep_last, none_failed)
             if none_failed:
                 if self.info.is_main:
                     self._run(lambda: self._commit_rank0(None, keep_last))
@@ -453,6 +560,24 @@ class PendingSave:
             raise RuntimeError(f"checkpoint {self.ckpt_dir / self.tag}: rank 0 failed ({what})")
         return True
 
+    def _settle_prior(self, keep_last: int, none_failed: bool) -> None:
+        """The agreement on :attr:`prior`'s commit, before this save's write phase ends: none
+        needed when no rank flagged a failure (rank 0's flag includes that commit's outcome);
+        else the prior's own (one all-reduce), which raises its failure on every rank, this
+        save's directory removed."""
+        prior, self.prior = self.prior, None
+        if prior is None:
+            return
+        if none_failed:
+            prior.phase = "done"
+            return
+        try:
+            prior.advance(keep_last)
+        except BaseException:
+            if self.info.is_main:
+                shutil.rmtree(self.tmp_root, ignore_errors=True)
+            raise
+
     def _any_failed(self, failed: bool) -> bool:
         """Collective: whether ``failed`` on some rank, in one all-reduce (the message, when
         there is one, takes a gather more)."""
@@ -463,7 +588,10 @@ class PendingSave:
         """Without any collective (an error is ending the run): wait for this rank's thread;
         then rank 0 commits the save when every rank's writer has left its listing (all
         files synced) within ``timeout_s``, or has already done so in its commit thread.
-        True when the save counts."""
+        True when the save counts (:attr:`prior`: settled first, logged when it counts)."""
+        prior, self.prior = self.prior, None
+        if prior is not None and prior.finish_alone(keep_last, timeout_s):
+            logger.warning("checkpoint %s committed on the way out", prior.tag)
         self.wait()
         if not self.info.is_main or self.written[0] is not None and self.phase == "write":
             return False
@@ -562,6 +690,7 @@ class PendingSave:
                 f"filled up right after ({error}); {free} free, a checkpoint needs about "
                 f"{_gib(self.need or checkpoint_bytes(dst))}; older checkpoints were not pruned"
             )
+        self.need = self.need or _latest_bytes(self.ckpt_dir)  # (failed before the check)
         need = f"about {_gib(self.need)}" if self.need else f"more than {_gib(written)}"
         return (
             f"storage full: could not write checkpoint {dst} ({error}); {free} free, a "
@@ -581,53 +710,53 @@ def begin_save(
     previous: PendingSave | None = None,
     keep_last: int = 2,
 ) -> PendingSave:
-    """Collective, steps 1-3: DeepSpeed's save runs (with its collectives) but its writes are
-    captured as host snapshots (:class:`_Capture`); then this rank writes them and
-    ``rank_state``, fsyncs and sums its files: inline, or with ``background`` in a thread of
-    its own while the caller goes on (nothing in the thread is a collective). The save counts
-    once :meth:`PendingSave.commit` returns. ``previous``: the save before, still pending,
-    committed first (``keep_last``); when only the agreement on rank 0's commit is left, that
-    agreement (one all-reduce) is also the barrier that orders this save's directory before
-    the other ranks' use of it (one collective less on the loop's thread)."""
+    """Steps 1-3: DeepSpeed's save runs (with its collectives) but its writes are captured as
+    host snapshots (:class:`_Capture`); then this rank writes them and ``rank_state``, fsyncs
+    and sums its files: inline, or with ``background`` in the writer thread while the caller
+    goes on (nothing in the thread is a collective). No collective of ours runs here: each
+    rank makes the directory (DeepSpeed's ``makedirs``; the writer too, for its files), and ``.tmp-<tag>`` must not hold an earlier run's
+    leftovers (:func:`~janus_train.trainer.checkpoint.clear_partial_saves` ran before the
+    run's first save). The save counts once :meth:`PendingSave.commit` returns.
+    ``previous``: the save before, still pending: committed first (a collective), except
+    when only the agreement on rank 0's commit is left of an asynchronous one, which this save
+    carries (:attr:`PendingSave.prior`)."""
     ckpt_dir = Path(ckpt_dir)
-    if previous is not None and not (previous.phase == "commit" and previous.background):
-        previous.commit(keep_last)
-        previous = None
-    p = PendingSave(ckpt_dir, step, info, background)
+    prior = None
+    if previous is not None:
+        if previous.background and previous.phase == "commit":
+            prior = previous
+        else:
+            previous.commit(keep_last)
+    p = PendingSave(ckpt_dir, step, info, background, prior)
     p.device = getattr(engine, "device", "cpu")
     tmp = p.tmp_root / p.tag
-    if info.is_main:
-        if previous is not None:
-            previous.wait()  # rank 0's commit: `latest` moved (or not) before the check below
-        if previous is None or previous.outcome is None:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(p.tmp_root, ignore_errors=True)
-            p.need = _check_space(ckpt_dir)
-            tmp.mkdir(parents=True)
-    if previous is None:
-        barrier()
-    else:
-        previous.commit(keep_last)  # raises on every rank when rank 0's commit failed
-    capture = _Capture(engine.checkpoint_engine)
+    capture = _Capture(engine.checkpoint_engine, _frozen_storage(engine))
     engine.checkpoint_engine = capture
-    # Lack of space is caught on the rank it hits and shared at the commit; every rank still
-    # takes part in each collective, so the others do not wait for it until the timeout.
-    # DeepSpeed's barriers are skipped (every rank alike): nothing is written in the call, the
-    # directory was made before the barrier above, and the commit needs every rank's flag.
+    # A failure on one rank (any error inside DeepSpeed's save, lack of space) is caught there
+    # and shared at the agreement, where every rank raises it: the failing rank still takes
+    # part in each collective of DeepSpeed's save (its epilogue run for it), so the others
+    # never wait for it until the timeout. DeepSpeed's barriers are skipped (every rank
+    # alike): nothing is written in the call but the directories (DeepSpeed's own
+    # ``makedirs`` on each rank), and the commit needs every rank's flag.
+    failure: BaseException | None = None
     skipped = False
     try:
-        with _WrittenHere(tmp) as written_here, compat.save_without_barriers(engine) as skipped:
+        with (
+            _WrittenHere(tmp) as written_here,
+            compat.save_without_barriers(engine) as skipped,
+            compat.reuse_save_metadata(engine),
+        ):
             engine.save_checkpoint(
                 str(p.tmp_root), tag=p.tag, client_state=client_state, save_latest=False
             )
-    except Exception as e:
-        if not is_storage_full(e):
-            raise
-        p.written = (e, {})
+    except Exception as e:  # noqa: BLE001  # raised on every rank by the agreement
+        failure = e
         _finish_failed_save(engine, barriers=not skipped)
-        return p
     finally:
         engine.checkpoint_engine = capture.inner
+    if failure is not None:
+        p.written = (failure, {})
+        return p
     # this rank's files: its captured writes, the state file, and what DeepSpeed wrote on this
     # rank outside its checkpoint engine (complete: written on this thread)
     writes = capture.writes

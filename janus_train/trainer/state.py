@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from janus_train.step_loader import StepLoader
 from janus_train.trainer.checkpoint import (
+    clear_partial_saves,
     convert_to_universal,
     get_rng_state,
     load_latest,
@@ -66,13 +67,15 @@ class TrainState:
 
 class Checkpointer:
     """The loop's saves of engine + train state + this rank's loader position and RNG.
+    Collective to make (what earlier runs' saves left under ``.tmp-`` is removed).
 
     :meth:`save` starts one (after committing the one before); it counts once :meth:`commit`
     returns. ``background`` (``train.ckpt_async``): ``save`` returns after the host snapshot; a
     writer thread of each rank writes and syncs its files, then a thread of rank 0 commits,
     while the loop goes on; the loop calls :meth:`advance` at a step boundary where every
-    rank's :meth:`flags` said ready (twice per save), and :meth:`commit` before the next
-    save and on leaving. Otherwise ``save`` writes and commits at once."""
+    rank's :meth:`flags` said ready (twice per save) and :meth:`commit` on leaving; a save
+    that finds the pending one down to the agreement on its commit carries it (no collective
+    at the save). Otherwise ``save`` writes and commits at once."""
 
     def __init__(
         self, engine, ckpt_dir: str | os.PathLike, info: DistInfo, keep_last: int, background: bool
@@ -80,6 +83,7 @@ class Checkpointer:
         self.engine, self.ckpt_dir, self.info = engine, ckpt_dir, info
         self.keep_last, self.background = keep_last, background
         self.pending: PendingSave | None = None
+        clear_partial_saves(ckpt_dir, info)  # the saves themselves run no collective of ours
 
     def flags(self) -> tuple[float, float]:
         """This rank's (ready, failed) for the loop's all-reduce: no save pending, or its part
@@ -87,6 +91,12 @@ class Checkpointer:
         p = self.pending
         ready = p is None or p.ready
         return float(ready), float(ready and p is not None and p.failed)
+
+    def release(self) -> None:
+        """Local: the pending save's writes may start (:meth:`PendingSave.release`); the loop
+        calls it right after its step's all-reduce, which every rank enters after its save."""
+        if self.pending is not None:
+            self.pending.release()
 
     def advance(self, none_failed: bool = False) -> None:
         """Collective, when every rank's ``flags`` said ready: the pending save's next phase
@@ -103,8 +113,9 @@ class Checkpointer:
             self.pending = None
 
     def save(self, state: TrainState, loader: StepLoader) -> None:
-        """Collective: commit the pending save, then start one of ``state`` (``begin_save``
-        commits the pending one, with one collective less when only its agreement is left)."""
+        """Collective only when a pending save is not down to the agreement on its commit
+        (then committed first): start a save of ``state`` (:func:`begin_save`, which carries
+        that agreement otherwise)."""
         previous, self.pending = self.pending, None  # a failed save never counts
         rank_state = {"loader": loader.state_dict(), "rng": get_rng_state()}
         self.pending = begin_save(
@@ -125,7 +136,7 @@ class Checkpointer:
         """On leaving with a save pending (an error, as the normal exits commit): finish it
         where no collective is needed (:meth:`PendingSave.finish_alone`), else it never
         counts (removed at the next start)."""
-        p, self.pending = self.pending, None
+        p, self.pending = self.pending, None  # (its prior save, if any, is settled first)
         if p is not None and p.finish_alone(self.keep_last, timeout_s=60.0):
             logger.warning("checkpoint %s committed on the way out", p.tag)
 
