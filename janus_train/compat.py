@@ -21,7 +21,7 @@ convert_to_universal           ``ds_to_universal.main`` driven with the ``Namesp
 restore_torch_linear           ZeRO-3's ``torch.nn.functional.linear`` patch and the
                                original it keeps (``InsertPostInitMethodToModuleSubClasses
                                .linear_bk``): DeepSpeed never puts it back
-run_checkpoint_epilogue        ``DeepSpeedEngine._optimizer_has_ckpt_event_epilogue``
+checkpoint_epilogue_once       ``DeepSpeedEngine._optimizer_has_ckpt_event_epilogue``
                                (a rank whose save failed must join the collective that
                                ``save_checkpoint`` runs after its writes)
 save_without_barriers          the module global ``dist`` of ``deepspeed.runtime.engine``
@@ -219,13 +219,40 @@ def restore_torch_linear() -> bool:
     return True
 
 
-def run_checkpoint_epilogue(engine) -> None:
-    """What DeepSpeed's ``save_checkpoint`` runs after writing its files (ZeRO-3: re-gather the
-    persistent parameters, a collective), for a rank whose write failed while the others went
-    on. An engine without the hook (not DeepSpeed's) has nothing to run."""
+@contextlib.contextmanager
+def checkpoint_epilogue_once(engine) -> Iterator[Callable[[], None]]:
+    """Around DeepSpeed's ``save_checkpoint``: yields ``finish()``, which runs what the save
+    runs after writing its files (ZeRO-3: re-gather the persistent parameters, a collective)
+    unless the save ran it already: for a rank whose save failed while the others went on,
+    wherever it failed (before the epilogue: it must join the others' collective; after: it
+    must not run a second one). An engine without the hook (not DeepSpeed's, or another
+    ZeRO stage) has nothing to run."""
     has_epilogue = getattr(engine, "_optimizer_has_ckpt_event_epilogue", None)
-    if has_epilogue is not None and has_epilogue():
-        engine.optimizer.checkpoint_event_epilogue()
+    if has_epilogue is None or not has_epilogue():
+        yield lambda: None
+        return
+    optimizer = engine.optimizer
+    real = optimizer.checkpoint_event_epilogue
+    ran: list[bool] = []
+
+    def recorded(*args, **kwargs):
+        ran.append(True)
+        return real(*args, **kwargs)
+
+    def finish() -> None:
+        if not ran:
+            ran.append(True)
+            real()
+
+    own = "checkpoint_event_epilogue" in vars(optimizer)
+    optimizer.checkpoint_event_epilogue = recorded
+    try:
+        yield finish
+    finally:
+        if own:
+            optimizer.checkpoint_event_epilogue = real
+        else:
+            del optimizer.checkpoint_event_epilogue
 
 
 class _WithoutBarrier:
@@ -251,9 +278,9 @@ def save_without_barriers(engine) -> Iterator[bool]:
     """While DeepSpeed's ``save_checkpoint`` runs in the block, its :data:`SAVE_BARRIERS`
     barriers and its copies of the recovery scripts (``zero_to_fp32.py``, into the save
     directory) are skipped; its other collectives (ZeRO-3's gathers, tag validation) run.
-    For a caller that writes no file inside the call (its checkpoint engine only records the
-    state dicts), has the directory made and agreed on before, and commits by a protocol of
-    its own: then those barriers only make every rank wait for the slowest. Yields whether
+    For a caller that writes no file inside the call but the directories (its checkpoint
+    engine only records the state dicts; every rank makes the directory itself) and commits
+    by a protocol of its own: then those barriers only make every rank wait for the slowest. Yields whether
     they are skipped: not for an engine other than DeepSpeed's or a DeepSpeed newer than
     :data:`TESTED` (the call then runs unchanged)."""
     try:
@@ -298,8 +325,9 @@ def reuse_save_metadata(engine) -> Iterator[bool]:
     describe it (the persistent buffers' names, which parameters share storage, the shapes of
     the optimized and of the frozen parameters: :data:`SAVE_METADATA`) are computed at the
     engine's first save only and reused at the next ones (~0.8 ms of a tiny model's ~2 ms
-    save on the loop's thread, more for a bigger model): an engine's modules, parameter set
-    and ZeRO groups do not change after it is built. Data (the parameters, the frozen
+    save on the loop's thread, more for a bigger model): an engine's modules, parameter set,
+    frozen set (``requires_grad``, set when the model is built) and ZeRO groups do not change
+    after it is built. Data (the parameters, the frozen
     fragments, the optimizer's state) is read at every save. Yields whether they are reused:
     not for an engine other than DeepSpeed's or a DeepSpeed newer than :data:`TESTED`."""
     try:

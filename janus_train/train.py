@@ -594,8 +594,9 @@ def run(cfg: RunConfig) -> int:
         saver = guard.add(Checkpointer(t.engine, prep.ckpt_dir, info, tc.keep_last, tc.ckpt_async))
 
         def checkpoint(save: bool, commit: bool, none_failed: bool = False) -> None:
-            """Start a save of this step (``save``; commits the pending one first) and/or
-            commit the pending save (``commit``; neither: advance it one phase)."""
+            """Start a save of this step (``save``; the pending one is committed first, or
+            carried when only its agreement is left) and/or commit the pending save
+            (``commit``; neither: advance it one phase)."""
             t0 = time.perf_counter()
             set_collective_timeout(tc.init_timeout_s)  # rank 0 writes more than the others
             if save:

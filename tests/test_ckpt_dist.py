@@ -10,7 +10,9 @@ torchrun launch (``python tests/test_ckpt_dist.py main <dir>`` is the worker):
 * ENOSPC injected into rank 1's optimizer file of the step-2 save: both ranks raise the same
   ``storage full:`` line, ``latest`` stays step 1, the partial directory is gone;
 * an error raised inside DeepSpeed's ``save_checkpoint`` on rank 1 at step 2: both ranks raise
-  it (no hang), ``latest`` stays step 1, the partial directory is gone.
+  it (no hang), ``latest`` stays step 1, the partial directory is gone;
+* the asynchronous protocol with a stand-in engine: a save carrying the agreement on the
+  previous commit, and a carried commit that failed on rank 0 raised on both ranks.
 
 * every file of the reference runs' saves written by the ranks' writer threads
   (``train.ckpt_async``, the default; so are all the runs above), fsynced by the rank that
@@ -224,6 +226,88 @@ def scenario_main(root):
         (root / f"dserror_z{zero}.rank{dist.get_rank()}.json").write_text(json.dumps(msg))
 
 
+class StandIn:
+    """DeepSpeed's files of a 2-rank ZeRO save written through ``checkpoint_engine`` (rank 0 the
+    model file, each rank its optimizer file), for the protocol scenario below."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank, self.w, self.checkpoint_engine = rank, torch.zeros(1000), self
+
+    def save(self, state_dict, path) -> None:
+        torch.save(state_dict, path)
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest) -> None:
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            self.save({"w": self.w, "client": client_state}, str(d / "mp_rank_00_model_states.pt"))
+        self.save({"exp_avg": self.w * 2}, str(d / f"zero_pp_rank_{self.rank}_optim_states.pt"))
+
+
+def scenario_carry(root: Path) -> None:
+    """The loop's protocol of asynchronous saves on 2 ranks, with the loop's step all-reduce
+    written out (flags, release, advance): a save that finds the previous one down to the
+    agreement on rank 0's commit carries it (no collective of ``ckpt_save`` at the save or at
+    that agreement); then rank 0's commit of step 4 fails (ENOSPC) and the save of step 6,
+    carrying it, raises the same ``storage full`` line on both ranks."""
+    from janus_train.errors import StorageFull
+    from janus_train.trainer import ckpt_save
+    from janus_train.trainer.distributed import all_reduce_sum, setup_distributed
+    from janus_train.trainer.state import Checkpointer, TrainState
+
+    info = setup_distributed()
+    calls: list[str] = []
+    reduce, gather = ckpt_save.all_reduce_sum, ckpt_save.all_gather_objects
+    ckpt_save.all_reduce_sum = lambda t: calls.append("reduce") or reduce(t)
+    ckpt_save.all_gather_objects = lambda o: calls.append("gather") or gather(o)
+
+    class Loader:
+        def state_dict(self):
+            return {"rank": info.rank}
+
+    c = root / "carry" / "checkpoints"
+    saver = Checkpointer(StandIn(info.rank), c, info, keep_last=10, background=True)
+
+    def boundary() -> None:  # train_step's all-reduce of the flags, then the loop's advance
+        ready, failed = all_reduce_sum(torch.tensor(saver.flags(), dtype=torch.float64))
+        saver.release()
+        if saver.pending is not None and int(ready) == info.world_size:
+            saver.advance(none_failed=not failed)
+
+    def to_commit_phase() -> None:
+        saver.pending.wait()  # this rank's writes done
+        boundary()  # every rank ready: rank 0's commit thread starts
+        assert saver.pending.phase == "commit"
+        saver.pending.wait()  # (rank 0: its commit done, not yet agreed on)
+
+    out: dict = {}
+    saver.save(TrainState(step=2), Loader())
+    to_commit_phase()
+    saver.save(TrainState(step=4), Loader())  # carries step 2's agreement
+    out["carried"] = saver.pending.prior.tag
+    if info.rank == 0:
+        real = ckpt_save._write_manifest
+
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        ckpt_save._write_manifest = full  # step 4's commit
+    to_commit_phase()  # settles step 2 without a collective of ckpt_save
+    out["calls_before_failure"] = list(calls)
+    if info.rank == 0:
+        ckpt_save._write_manifest = real
+    saver.save(TrainState(step=6), Loader())  # carries step 4's failed commit
+    saver.pending.wait()
+    out["flags_after_write"] = list(saver.flags())
+    try:
+        boundary()
+        out["error"] = None
+    except StorageFull as e:
+        out["error"] = str(e)
+    out["calls"] = calls
+    (root / f"carry.rank{info.rank}.json").write_text(json.dumps(out))
+
+
 def _metrics(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
@@ -322,6 +406,24 @@ def test_enospc_on_one_rank_stops_every_rank_with_previous_latest(scen, zero):
     assert sorted(p.name for p in c.iterdir()) == ["latest", "step_00000001"]
 
 
+def test_a_save_carries_the_agreement_on_the_previous_commit_on_two_ranks(scen):
+    """``scenario_carry``: the carried agreement needs no collective of ``ckpt_save``; a failed
+    carried commit (rank 0 only) is flagged by rank 0 alone and raised on both ranks, the same
+    line, with ``latest`` left at step 2 and no partial directory (step 6's included)."""
+    c = scen / "carry" / "checkpoints"
+    got = [json.loads((scen / f"carry.rank{r}.json").read_text()) for r in (0, 1)]
+    for rank, g in enumerate(got):
+        assert g["carried"] == "step_00000002"
+        assert g["calls_before_failure"] == []
+        assert g["flags_after_write"] == [1.0, 1.0 if rank == 0 else 0.0]
+        assert g["calls"] == ["reduce", "gather"]  # the carried commit's agreement, its message
+    assert got[0]["error"] == got[1]["error"]
+    assert got[0]["error"].startswith(f"storage full: could not write checkpoint {c}")
+    assert "step_00000002 is still the latest" in got[0]["error"]
+    assert (c / "latest").read_text() == "step_00000002"
+    assert sorted(p.name for p in c.iterdir()) == ["latest", "step_00000002"]
+
+
 @pytest.mark.parametrize("zero", [2, 3])
 def test_an_error_inside_deepspeeds_save_on_one_rank_stops_every_rank(scen, zero):
     """An error raised inside DeepSpeed's ``save_checkpoint`` on rank 1 (its barriers skipped,
@@ -344,6 +446,7 @@ if __name__ == "__main__":
     scenario, root = sys.argv[1], sys.argv[2]
     if scenario == "main":
         scenario_main(root)
+        scenario_carry(Path(root))
         from janus_train.trainer.distributed import exit_finished
 
         exit_finished(0)  # as janus-train does: no finalization racing gloo's threads (SIGABRT)

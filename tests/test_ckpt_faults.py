@@ -27,7 +27,7 @@ from janus_train.errors import (
     report_storage_full,
 )
 from janus_train.trainer import checkpoint as ckpt
-from janus_train.trainer import ckpt_save
+from janus_train.trainer import ckpt_capture, ckpt_save, ckpt_writer
 from janus_train.trainer.distributed import DistInfo
 
 INFO = DistInfo(rank=0, world_size=1, local_rank=0)
@@ -271,8 +271,9 @@ def test_every_file_and_directory_synced_before_latest_moves(tmp_path, monkeypat
 def test_files_written_outside_the_engine_are_synced_by_their_writer(tmp_path, monkeypatch, caplog):
     """What DeepSpeed writes on a rank outside its checkpoint engine (``open``, ``shutil``'s
     copies, a rename into place; any name) is that rank's: its writer fsyncs it with its
-    own files, before leaving its file list. A file written where Python does not see it (a
-    C++ writer) is still synced and listed, by rank 0's commit, with a warning naming it."""
+    own files, before leaving its file list (a hard link too). A file written where Python does
+    not see it (a C++ writer) is still synced and listed, by rank 0's commit, with a warning
+    naming it."""
     import shutil
 
     e = FakeEngine()
@@ -285,6 +286,7 @@ def test_files_written_outside_the_engine_are_synced_by_their_writer(tmp_path, m
         (d / "offloaded" / "a.bin").write_bytes(b"a" * 10)
         shutil.copyfile(d / "offloaded" / "a.bin", d / "b.part")
         os.replace(d / "b.part", d / "zero_pp_rank_7_b.bin")
+        os.link(d / "offloaded" / "a.bin", d / "linked.bin")
         torch._C.PyTorchFileWriter(str(d / "native.pt")).write_end_of_file()
 
     monkeypatch.setattr(e, "save_checkpoint", save_checkpoint)
@@ -295,7 +297,7 @@ def test_files_written_outside_the_engine_are_synced_by_their_writer(tmp_path, m
     tmp = f"{c}/.tmp-step_00000002"
     i_listed = log.index(("replace", f"{tmp}/files_rank0.json"))
     listed = json.loads((c / "step_00000002" / "manifest.json").read_text())["files"]
-    for rel in ("offloaded/a.bin", "zero_pp_rank_7_b.bin"):
+    for rel in ("offloaded/a.bin", "zero_pp_rank_7_b.bin", "linked.bin"):
         assert log.index(("fsync", f"{tmp}/step_00000002/{rel}")) < i_listed, rel
         assert rel in listed
     assert "b.part" not in listed
@@ -455,7 +457,7 @@ def test_checkpointer_flags_drive_the_phases(tmp_path, monkeypatch):
 
 
 def _running_jobs() -> list[str]:
-    return [j.tag for j in ckpt_save._PENDING if not j.done.is_set()]
+    return [j.tag for j in ckpt_writer.PENDING if not j.done.is_set()]
 
 
 def test_a_save_runs_no_collective_and_carries_the_pending_commits_agreement(tmp_path, monkeypatch):
@@ -657,14 +659,44 @@ def test_enospc_after_latest_moved_says_the_checkpoint_counts(two, monkeypatch, 
     assert ckpt.select_checkpoint(c, INFO) == ("step_00000012", 0)
 
 
-def test_deepspeed_save_epilogue_hook_exists():
-    """A rank whose save failed runs the epilogue the others run (compat.run_checkpoint_epilogue):
-    the hooks it calls must exist where ZeRO-3 defines its collective one."""
+def test_a_failed_save_runs_deepspeeds_epilogue_once():
+    """A rank whose save failed joins the epilogue collective the others run after their writes
+    (ZeRO-3's re-gather), exactly once: ``compat.checkpoint_epilogue_once`` runs it when the
+    save failed before it, not again when the save failed after it, and puts the optimizer
+    back; the hooks it relies on exist where ZeRO-3 defines its collective one."""
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 
+    from janus_train import compat
+
     assert callable(getattr(DeepSpeedEngine, "_optimizer_has_ckpt_event_epilogue", None))
     assert callable(getattr(DeepSpeedZeroOptimizer_Stage3, "checkpoint_event_epilogue", None))
+
+    class Optimizer:
+        def __init__(self):
+            self.calls = 0
+
+        def checkpoint_event_epilogue(self):
+            self.calls += 1
+
+    class Engine:
+        def __init__(self):
+            self.optimizer = Optimizer()
+
+        def _optimizer_has_ckpt_event_epilogue(self):
+            return True
+
+    for reached in (False, True):  # the save failed before / after its own epilogue
+        e = Engine()
+        with compat.checkpoint_epilogue_once(e) as finish:
+            if reached:
+                e.optimizer.checkpoint_event_epilogue()  # DeepSpeed's call, inside the save
+            finish()
+            finish()
+        assert e.optimizer.calls == 1, reached
+        assert "checkpoint_event_epilogue" not in vars(e.optimizer)
+    with compat.checkpoint_epilogue_once(object()) as finish:
+        finish()  # nothing to run
 
 
 def test_storage_full_classification():
@@ -764,7 +796,7 @@ _EXIT_SCRIPT = """
 import sys, threading, time
 from pathlib import Path
 import torch
-from janus_train.trainer import ckpt_save
+from janus_train.trainer import ckpt_save, ckpt_writer
 from janus_train.trainer.distributed import DistInfo
 
 class Writer:
@@ -783,7 +815,7 @@ class Engine:
         (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
         self.checkpoint_engine.save({"w": torch.ones(3)}, str(Path(save_dir) / tag / "m.pt"))
 
-ckpt_save._EXIT_WAIT_S = 2.0
+ckpt_writer.EXIT_WAIT_S = 2.0
 info = DistInfo(rank=0, world_size=1, local_rank=0)
 root = Path(sys.argv[1])
 for name, delay in (("slow", 0.1), ("hung", None)):
@@ -795,7 +827,7 @@ print("main thread done", flush=True)
 def test_writer_threads_neither_keep_the_process_alive_nor_are_cut_off_at_exit(tmp_path):
     """A script that leaves two asynchronous saves running when its main thread ends (the
     loop always waits for them; this is the backstop): the slow one is waited for at exit
-    and finishes (its file list is there), the hung one is abandoned after ``_EXIT_WAIT_S``
+    and finishes (its file list is there), the hung one is abandoned after ``ckpt_writer.EXIT_WAIT_S``
     with a warning, and the process exits 0 (a non-daemon thread would keep it alive for
     good; a daemon stopped mid-write could abort it)."""
     import sys
@@ -892,7 +924,7 @@ def test_snapshot_is_a_deep_copy_with_tensors_on_the_host():
         "dtype": torch.bfloat16,
     }
     want = copy.deepcopy(live)
-    got = ckpt_save.snapshot(live)
+    got = ckpt_capture.snapshot(live)
     w.add_(100.0)  # the next optimizer step, in place
     sd["b"] = torch.zeros(2)
     live["shapes"][1][1][1].append(4)
@@ -948,14 +980,15 @@ def test_a_save_that_cannot_start_is_flagged_and_raised_at_the_agreement(tmp_pat
 def test_an_async_saves_writes_wait_for_the_release(tmp_path):
     """The writes of an asynchronous save start only when released (the loop's next step
     all-reduce, which every rank enters after its own save) or waited for: until then the
-    writer touches nothing, not even the directory, and the save is not ready."""
+    writer writes no file (DeepSpeed makes the directory in its save, on the loop's thread;
+    this stand-in does too) and the save is not ready."""
     import time
 
     c = tmp_path / "checkpoints"
     e = FakeEngine()
     p = ckpt_save.begin_save(e, c, 2, {"step": 2}, {"rank": 0}, INFO, background=True)
     time.sleep(0.2)
-    assert not p.ready and not (c / ".tmp-step_00000002" / "step_00000002" / OPTIM).exists()
+    assert not p.ready and not [f for f in c.rglob("*") if f.is_file()]
     p.release()
     p.wait()
     assert p.ready and not p.failed
@@ -974,10 +1007,10 @@ def test_frozen_parameters_are_written_from_the_live_tensors():
     net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
     net[0].requires_grad_(False)
     engine = types.SimpleNamespace(param_names={p: n for n, p in net.named_parameters()})
-    frozen = ckpt_save._frozen_storage(engine)
+    frozen = ckpt_capture.frozen_storage(engine)
     assert frozen == {net[0].weight.data_ptr(), net[0].bias.data_ptr()}
     sd = net.state_dict()
-    got = ckpt_save.snapshot(
+    got = ckpt_capture.snapshot(
         {"module": sd, "fragments": {"0.weight": net[0].weight}}, frozen=frozen
     )
     assert got["module"]["0.weight"].data_ptr() == net[0].weight.data_ptr()
@@ -985,5 +1018,9 @@ def test_frozen_parameters_are_written_from_the_live_tensors():
     assert got["module"]["1.weight"].data_ptr() != net[1].weight.data_ptr()
     assert torch.equal(got["module"]["1.weight"], net[1].weight)
     net[0].weight.data = torch.zeros(3, 3)  # replaced storage: the new one is followed
-    assert ckpt_save._frozen_storage(engine) >= {net[0].weight.data_ptr()}
-    assert ckpt_save._frozen_storage(types.SimpleNamespace()) == frozenset()
+    assert ckpt_capture.frozen_storage(engine) >= {net[0].weight.data_ptr()}
+    assert ckpt_capture.frozen_storage(types.SimpleNamespace()) == frozenset()
+    trained = torch.nn.Parameter(torch.zeros(4))
+    alias = torch.nn.Parameter(trained.data, requires_grad=False)  # tied through .data
+    shared = types.SimpleNamespace(param_names={trained: "a", alias: "b"})
+    assert ckpt_capture.frozen_storage(shared) == frozenset()  # never taken as frozen

@@ -39,12 +39,12 @@ def _run(overrides):
 def test_compiled_layers_match_eager_and_compile_once(tmp_path, ckpt):
     from torch._dynamo.utils import counters
 
-    from janus_train.trainer.ckpt_save import _WrittenHere
+    from janus_train.trainer.ckpt_capture import WrittenHere
 
     # as in a run that saved a checkpoint: the writer's audit hook, installed for the rest of
     # the process, runs on audit events raised under the compiled layers and must not be
     # compiled itself (it was: one frame more, failing this test after a checkpoint test)
-    with _WrittenHere(tmp_path):
+    with WrittenHere(tmp_path):
         pass
     torch._dynamo.reset()
     counters.clear()

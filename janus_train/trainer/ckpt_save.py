@@ -20,7 +20,7 @@ complete checkpoint whose data is on disk:
    ``trainer_state_rank{r}.pt`` into ``.tmp-<tag>/<tag>``;
 3. every rank fsyncs the files it wrote itself and computes their size and CRC-32 (same
    thread): its captured snapshots, its ``trainer_state_rank{r}.pt`` and whatever DeepSpeed
-   wrote on that rank outside its checkpoint engine (:class:`_WrittenHere`). On a multi-node
+   wrote on that rank outside its checkpoint engine (:class:`~janus_train.trainer.ckpt_capture.WrittenHere`). On a multi-node
    shared file system only the writer's fsync flushes its node's client cache, so no rank
    syncs another's file (a file no rank saw itself write is synced by rank 0, with a warning);
 4. the commit, a collective on the main thread of every rank: synchronously, or (async) at
@@ -52,15 +52,10 @@ committed, nothing is pruned, and the run still stops with exit 3.
 
 from __future__ import annotations
 
-import atexit
-import copy
 import json
 import logging
 import os
-import queue
 import shutil
-import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +77,8 @@ from janus_train.trainer.checkpoint import (
     tag_for,
     write_atomic,
 )
+from janus_train.trainer.ckpt_capture import Capture, WrittenHere, frozen_storage, snapshot
+from janus_train.trainer.ckpt_writer import Job, submit
 from janus_train.trainer.distributed import (
     DistInfo,
     all_gather_objects,
@@ -90,154 +87,6 @@ from janus_train.trainer.distributed import (
 )
 
 logger = logging.getLogger(__name__)
-
-_EXIT_WAIT_S = 60.0
-"""How long the interpreter's exit waits for a save's job still running (every normal exit
-path of the loop has waited for it already, :meth:`PendingSave.wait`)."""
-
-
-class _Job:
-    """One phase of an asynchronous save (its writes, or rank 0's commit) for the thread,
-    which starts it once ``go`` is set (at once, unless submitted ``held``)."""
-
-    def __init__(self, fn: Callable[[], None], tag: str, held: bool = False) -> None:
-        self.fn, self.tag, self.done, self.go = fn, tag, threading.Event(), threading.Event()
-        if not held:
-            self.go.set()
-
-
-_JOBS: queue.SimpleQueue[_Job] | None = None
-_PENDING: list[_Job] = []
-"""The jobs submitted and not yet seen done."""
-
-
-_WRITER_NICE = 10
-"""How much lower the writer thread's CPU priority is than the loop's (Linux: a thread's nice
-value is its own): it serializes, checksums and syncs with the cycles training leaves idle,
-rather than taking a core from a rank's loop thread (on a host with few cores per rank)."""
-
-
-def _lower_priority() -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _WRITER_NICE)
-    except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
-        pass
-
-
-def _work() -> None:
-    _lower_priority()
-    while True:
-        job = _JOBS.get()
-        job.go.wait()
-        try:
-            job.fn()
-        except BaseException:  # noqa: BLE001,S110  # (a test's stand-in for SIGKILL) the
-            pass  # job's outcome stays "did not finish", which advance() raises on every rank
-        finally:
-            job.done.set()
-
-
-def _submit(fn: Callable[[], None], tag: str, held: bool = False) -> _Job:
-    """Runs ``fn`` in the process's one checkpoint thread, after the jobs before it. The
-    thread is a daemon, started once (a thread start costs the loop milliseconds on a busy
-    host): it never keeps a process alive, and idle it waits on a queue, where the end of
-    the interpreter can stop it safely."""
-    global _JOBS
-    if _JOBS is None:
-        _JOBS = queue.SimpleQueue()
-        threading.Thread(target=_work, name="janus-ckpt", daemon=True).start()
-    job = _Job(fn, tag, held)
-    _PENDING[:] = [j for j in _PENDING if not j.done.is_set()] + [job]
-    _JOBS.put(job)
-    return job
-
-
-def _forget_writer_after_fork() -> None:
-    """In a forked child: the parent's writer thread did not survive the fork, so the child's
-    first job starts one of its own (else it would wait for ever on a queue nobody reads); the
-    parent's jobs are not the child's to wait for at its exit."""
-    global _JOBS
-    _JOBS = None
-    _PENDING.clear()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_forget_writer_after_fork)
-
-
-@atexit.register
-def _join_at_exit() -> None:
-    """Waits (bounded) for the jobs still running before the interpreter finalizes: a daemon
-    thread stopped there while inside torch's C++ writer can abort the process (``terminate
-    called without an active exception``). A save abandoned here never counts (it stays
-    under ``.tmp-``, removed at the next start)."""
-    deadline = time.monotonic() + _EXIT_WAIT_S
-    for job in list(_PENDING):
-        job.go.set()
-        if not job.done.wait(max(0.0, deadline - time.monotonic())):
-            logger.warning(
-                "checkpoint %s still being saved at exit after %.0f s: abandoned",
-                job.tag,
-                _EXIT_WAIT_S,
-            )
-
-
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-
-class _WrittenHere:
-    """The files under ``root`` that this process creates, opens for writing or renames into
-    place while the ``with`` block runs, seen through Python's audit events (PEP 578: every
-    ``open``/``os.open``, ``shutil``'s copies included, and ``os.rename``/``os.replace``): what
-    DeepSpeed writes outside its checkpoint engine (e.g. NVMe offload copies), so that the
-    rank that wrote a file is the one that fsyncs it (:attr:`files`, relative to ``root``).
-    The hook is installed once per process (audit hooks cannot be removed) and is idle outside
-    the block. Dynamo never traces it: the audit events of code run under a compiled region
-    (``model.compile``) would otherwise hand the hook's frame to dynamo, one more compiled
-    frame (and guards on the event name) in every later compilation of the process."""
-
-    _active: _WrittenHere | None = None
-    _installed = False
-
-    def __init__(self, root: Path) -> None:
-        self.root = os.path.abspath(root) + os.sep
-        self._seen: dict[str, None] = {}  # insertion-ordered set
-
-    def __enter__(self) -> _WrittenHere:
-        if not _WrittenHere._installed:
-            sys.addaudithook(torch.compiler.disable(_WrittenHere._hook))
-            _WrittenHere._installed = True
-        _WrittenHere._active = self
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _WrittenHere._active = None
-
-    @property
-    def files(self) -> list[str]:
-        return [r for r in self._seen if os.path.isfile(os.path.join(self.root, r))]
-
-    def _add(self, path) -> None:
-        if isinstance(path, int):  # open() of a file descriptor: opened (and seen) before
-            return
-        full = os.path.abspath(os.fsdecode(path))
-        if full.startswith(self.root):
-            self._seen[full[len(self.root) :]] = None
-
-    @staticmethod
-    def _hook(event: str, args: tuple) -> None:
-        me = _WrittenHere._active
-        if me is None or event not in ("open", "os.rename"):
-            return
-        try:  # an exception here would fail the audited call itself
-            if event == "os.rename":
-                me._add(args[1])
-                return
-            path, mode, flags = args
-            if (flags or 0) & _WRITE_FLAGS or (mode and any(c in mode for c in "wax+")):
-                me._add(path)
-        except Exception:  # noqa: BLE001,S110  # a path it cannot read is not ours
-            pass
 
 
 def _commit(src: Path, dst: Path) -> None:
@@ -296,7 +145,7 @@ def _latest_bytes(ckpt_dir: Path) -> int:
 
 
 def _check_space(ckpt_dir: Path) -> int:
-    """Rank 0, step 1: the previous checkpoint's bytes (0 when none); warns when the next save
+    """Rank 0, step 2 (its writer): the previous checkpoint's bytes (0 when none); warns when the next save
     would leave less than one checkpoint of room."""
     need = _latest_bytes(ckpt_dir)
     free = _free_bytes(ckpt_dir)
@@ -310,97 +159,6 @@ def _check_space(ckpt_dir: Path) -> int:
             " and may fail" if free < need else "",
         )
     return need
-
-
-def _finish_failed_save(engine, barriers: bool) -> None:
-    """The collectives of DeepSpeed's ``save_checkpoint`` after its file writes, which a rank
-    whose write failed skipped (the other ranks are waiting in them): ZeRO-3's epilogue
-    (re-gathers the persistent parameters) and, unless ``barriers`` are skipped on every rank
-    (:func:`~janus_train.compat.save_without_barriers`), the closing barrier."""
-    compat.run_checkpoint_epilogue(engine)
-    if barriers:
-        barrier()
-
-
-_LEAVES = frozenset(
-    {int, float, complex, str, bytes, bool, type(None), torch.dtype, torch.Size, torch.device}
-)
-"""Immutable types kept as they are (exact types: a subclass may add mutable state)."""
-
-
-def snapshot(obj, _memo: dict | None = None, frozen: frozenset[int] = frozenset()):
-    """A deep copy of ``obj`` with every tensor copied to host memory (once, however often it
-    is referenced): what a write started now serializes, whatever later optimizer steps do
-    to the live tensors. On the loop's thread at every save, so it is lean: containers are
-    rebuilt directly (``copy.deepcopy`` is several times slower on a state dict), a tuple or
-    named tuple of immutable leaves (an RNG state: 625 ints) is kept as it is, a dataclass of
-    them (ZeRO's fragment addresses) copied shallowly; any other object is deep-copied. ``frozen``: where parameters that no step
-    changes live on the host (:func:`_frozen_storage`): a host tensor starting there is kept
-    as it is (written from the live tensor)."""
-    memo = {} if _memo is None else _memo
-    cls = type(obj)
-    if cls in _LEAVES:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        got = memo.get(id(obj))
-        if got is None:
-            keep = obj.is_cpu and obj.data_ptr() in frozen
-            got = memo[id(obj)] = obj.detach() if keep else obj.detach().to("cpu", copy=True)
-        return got
-    if isinstance(obj, dict):
-        if cls is dict:
-            return {k: snapshot(v, memo, frozen) for k, v in obj.items()}
-        out = copy.copy(obj)  # the same class, with its attributes (a state dict's _metadata)
-        for k, v in obj.items():
-            out[k] = snapshot(v, memo, frozen)
-        return out
-    if cls is list:
-        return [snapshot(v, memo, frozen) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "__dict__"):  # a tuple, a named tuple
-        if all(type(v) in _LEAVES for v in obj):
-            return obj  # immutable all through
-        if cls is tuple:
-            return tuple(snapshot(v, memo, frozen) for v in obj)
-    fields = getattr(obj, "__dict__", None)
-    if (
-        hasattr(cls, "__dataclass_fields__")
-        and type(fields) is dict
-        and all(type(v) in _LEAVES for v in fields.values())
-    ):  # a record of immutable values (ZeRO's fragment addresses): a shallow copy is whole
-        return copy.copy(obj)
-    return copy.deepcopy(obj)
-
-
-def _frozen_storage(engine) -> frozenset[int]:
-    """Where the engine's frozen parameters (``requires_grad`` off, whole on this rank) start
-    in host memory: no optimizer step changes them, so a save writes them from the live
-    tensors instead of copying them on the loop's thread (both as the model's weights and as
-    DeepSpeed's frozen fragments; half the tensors of a stage-2 checkpoint, whose vision
-    encoder is frozen). Read at each save: a parameter whose storage was replaced since is
-    not mistaken for another."""
-    params = getattr(engine, "param_names", None)  # DeepSpeed's {parameter: name}, the module's
-    if params is None:
-        return frozenset()
-    return frozenset(p.data_ptr() for p in params if not p.requires_grad and p.is_cpu and p.numel())
-
-
-class _Capture:
-    """Stands in for DeepSpeed's checkpoint engine during ``engine.save_checkpoint``: ``save``
-    keeps a host snapshot of the state dict and the path instead of writing it (step 2a);
-    everything else is the engine's own. ``frozen``: see :func:`snapshot`."""
-
-    def __init__(self, inner, frozen: frozenset[int] = frozenset()) -> None:
-        self.inner, self.frozen = inner, frozen
-        self.writes: list[tuple[Callable, object, str]] = []
-
-    def save(self, state_dict, path: str) -> None:
-        self.writes.append((self.inner.save, snapshot(state_dict, frozen=self.frozen), str(path)))
-
-    def preserves_storage_sharing(self) -> bool:
-        return False  # the snapshot already copies every tensor by itself
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
 
 
 def _write_and_sum(
@@ -470,14 +228,14 @@ class PendingSave:
         unfinished = RuntimeError(f"the writer of {self.tag} did not finish")
         self.written: tuple[BaseException | None, dict] = (unfinished, {})  # this rank's files
         self.outcome: tuple[str, BaseException] | None = None  # rank 0's commit: failure
-        self._task: _Job | None = None
+        self._task: Job | None = None
         self.device: torch.device | str = "cpu"  # the engine's: where a collective's tensor lives
 
     def _run(self, fn: Callable[[], None], held: bool = False) -> None:
         if not self.background:
             fn()
             return
-        self._task = _submit(fn, self.tag, held)
+        self._task = submit(fn, self.tag, held)
 
     def _listing(self, rank: int) -> Path:
         return self.tmp_root / f"files_rank{rank}.json"
@@ -588,11 +346,15 @@ class PendingSave:
         """Without any collective (an error is ending the run): wait for this rank's thread;
         then rank 0 commits the save when every rank's writer has left its listing (all
         files synced) within ``timeout_s``, or has already done so in its commit thread.
-        True when the save counts (:attr:`prior`: settled first, logged when it counts)."""
+        True when the save counts. :attr:`prior`: its commit ran before this save's writes on
+        rank 0 (which fail when it failed), logged either way."""
+        self.wait()  # (on rank 0, after the prior's commit: one thread, in order)
         prior, self.prior = self.prior, None
-        if prior is not None and prior.finish_alone(keep_last, timeout_s):
-            logger.warning("checkpoint %s committed on the way out", prior.tag)
-        self.wait()
+        if prior is not None and self.info.is_main:
+            if prior.finish_alone(keep_last, timeout_s):
+                logger.warning("checkpoint %s committed (agreed on the way out)", prior.tag)
+            else:
+                logger.warning("checkpoint %s: its commit failed: %s", prior.tag, prior.outcome)
         if not self.info.is_main or self.written[0] is not None and self.phase == "write":
             return False
         if self.phase == "write":
@@ -711,7 +473,7 @@ def begin_save(
     keep_last: int = 2,
 ) -> PendingSave:
     """Steps 1-3: DeepSpeed's save runs (with its collectives) but its writes are captured as
-    host snapshots (:class:`_Capture`); then this rank writes them and ``rank_state``, fsyncs
+    host snapshots (:class:`~janus_train.trainer.ckpt_capture.Capture`); then this rank writes them and ``rank_state``, fsyncs
     and sums its files: inline, or with ``background`` in the writer thread while the caller
     goes on (nothing in the thread is a collective). No collective of ours runs here: each
     rank makes the directory (DeepSpeed's ``makedirs``; the writer too, for its files), and ``.tmp-<tag>`` must not hold an earlier run's
@@ -730,7 +492,7 @@ def begin_save(
     p = PendingSave(ckpt_dir, step, info, background, prior)
     p.device = getattr(engine, "device", "cpu")
     tmp = p.tmp_root / p.tag
-    capture = _Capture(engine.checkpoint_engine, _frozen_storage(engine))
+    capture = Capture(engine.checkpoint_engine, frozen_storage(engine))
     engine.checkpoint_engine = capture
     # A failure on one rank (any error inside DeepSpeed's save, lack of space) is caught there
     # and shared at the agreement, where every rank raises it: the failing rank still takes
@@ -739,19 +501,22 @@ def begin_save(
     # alike): nothing is written in the call but the directories (DeepSpeed's own
     # ``makedirs`` on each rank), and the commit needs every rank's flag.
     failure: BaseException | None = None
-    skipped = False
     try:
         with (
-            _WrittenHere(tmp) as written_here,
+            WrittenHere(tmp) as written_here,
             compat.save_without_barriers(engine) as skipped,
             compat.reuse_save_metadata(engine),
+            compat.checkpoint_epilogue_once(engine) as finish_epilogue,
         ):
-            engine.save_checkpoint(
-                str(p.tmp_root), tag=p.tag, client_state=client_state, save_latest=False
-            )
-    except Exception as e:  # noqa: BLE001  # raised on every rank by the agreement
-        failure = e
-        _finish_failed_save(engine, barriers=not skipped)
+            try:
+                engine.save_checkpoint(
+                    str(p.tmp_root), tag=p.tag, client_state=client_state, save_latest=False
+                )
+            except Exception as e:  # noqa: BLE001  # raised on every rank by the agreement
+                failure = e
+                finish_epilogue()  # the collective the others run after their writes
+                if not skipped:
+                    barrier()  # DeepSpeed's closing one
     finally:
         engine.checkpoint_engine = capture.inner
     if failure is not None:
@@ -780,5 +545,7 @@ def save_checkpoint(
     :meth:`PendingSave.commit`). Returns the tag. ``client_state`` (same on all ranks) goes
     into DeepSpeed's files, ``rank_state`` (loader position, RNG) into
     ``trainer_state_rank{r}.pt``. Raises :class:`StorageFull` on every rank when some rank ran
-    out of space (``latest`` unchanged, the partial directory removed)."""
+    out of space (``latest`` unchanged, the partial directory removed). As for
+    :func:`begin_save`, an earlier run's ``.tmp-*`` must have been cleared
+    (:func:`~janus_train.trainer.checkpoint.clear_partial_saves`)."""
     return begin_save(engine, ckpt_dir, step, client_state, rank_state, info).commit(keep_last)
