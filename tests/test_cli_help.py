@@ -109,6 +109,20 @@ def test_sample_style_help_names_each_stage_default():
     assert len(stages) == 3 and f"stage.und_format: {want};" in text
 
 
+def test_sample_style_help_never_fails_the_command(tmp_path, monkeypatch):
+    """The help text reads the conf's stage files at every ``janus-sample`` call: a stage file it
+    cannot read (Hydra ``defaults``) is left out, no stage file gives a pointer, no error."""
+    from janus_train import config
+    from janus_train.cli.sample import _stage_styles
+
+    (tmp_path / "stage").mkdir()
+    monkeypatch.setattr(config, "CONF_DIR", tmp_path)
+    assert _stage_styles() == "see conf/stage"
+    (tmp_path / "stage" / "a.yaml").write_text("defaults:\n  - base\nund_format: qa\n")
+    (tmp_path / "stage" / "b.yaml").write_text("und_format: chat\n")
+    assert _stage_styles() == "b chat"
+
+
 def test_plan_help_lists_every_cluster_key_with_its_default():
     import dataclasses
 

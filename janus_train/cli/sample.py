@@ -24,16 +24,21 @@ from janus_train.sample import SampleConfig, answer, generate_images, image_grid
 
 def _stage_styles() -> str:
     """Each shipped stage's default understanding style, read from ``conf/stage/*.yaml`` (the
-    source of truth), e.g. ``stage1 plain, stage2 qa, stage3 chat``."""
+    source of truth), e.g. ``stage1 plain, stage2 qa, stage3 chat``. Only help text: a stage
+    file it cannot read (a user's conf with Hydra ``defaults``) is left out, and no conf
+    directory gives ``see conf/stage``, never an error of the command."""
     from omegaconf import OmegaConf
 
     from janus_train.config import CONF_DIR, StageConfig
 
     base = OmegaConf.structured(StageConfig)
-    stages = sorted((CONF_DIR / "stage").glob("*.yaml"))
-    return ", ".join(
-        f"{p.stem} {OmegaConf.merge(base, OmegaConf.load(p)).und_format.value}" for p in stages
-    )
+    styles = []
+    for p in sorted((CONF_DIR / "stage").glob("*.yaml")):
+        try:
+            styles.append(f"{p.stem} {OmegaConf.merge(base, OmegaConf.load(p)).und_format.value}")
+        except Exception:  # noqa: BLE001,S112  # help text only
+            continue
+    return ", ".join(styles) or "see conf/stage"
 
 
 def build_parser() -> argparse.ArgumentParser:

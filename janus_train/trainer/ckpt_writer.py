@@ -47,7 +47,8 @@ rather than taking a core from a rank's loop thread (on a host with few cores pe
 
 def _lower_priority() -> None:
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        me = threading.get_native_id()  # (relative: a run launched under `nice` stays lower)
+        os.setpriority(os.PRIO_PROCESS, me, os.getpriority(os.PRIO_PROCESS, me) + WRITER_NICE)
     except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
         pass
 
