@@ -273,6 +273,21 @@ SAVE_BARRIERS = 2
 directory; at the end, after every rank's writes), checked by ``tests/test_compat.py``."""
 
 
+def _tested_deepspeed_engine_module(engine):
+    """``deepspeed.runtime.engine`` when ``engine`` is its ``DeepSpeedEngine`` and DeepSpeed is
+    the :data:`TESTED` version (the save patches below are checked against it); else None."""
+    try:
+        from deepspeed.runtime import engine as ds_engine
+    except ImportError:
+        return None
+    if (
+        not isinstance(engine, ds_engine.DeepSpeedEngine)
+        or version("deepspeed") != TESTED["deepspeed"]
+    ):
+        return None
+    return ds_engine
+
+
 @contextlib.contextmanager
 def save_without_barriers(engine) -> Iterator[bool]:
     """While DeepSpeed's ``save_checkpoint`` runs in the block, its :data:`SAVE_BARRIERS`
@@ -280,18 +295,11 @@ def save_without_barriers(engine) -> Iterator[bool]:
     directory) are skipped; its other collectives (ZeRO-3's gathers, tag validation) run.
     For a caller that writes no file inside the call but the directories (its checkpoint
     engine only records the state dicts; every rank makes the directory itself) and commits
-    by a protocol of its own: then those barriers only make every rank wait for the slowest. Yields whether
-    they are skipped: not for an engine other than DeepSpeed's or a DeepSpeed newer than
-    :data:`TESTED` (the call then runs unchanged)."""
-    try:
-        from deepspeed.runtime import engine as ds_engine
-    except ImportError:
-        yield False
-        return
-    if (
-        not isinstance(engine, ds_engine.DeepSpeedEngine)
-        or version("deepspeed") != TESTED["deepspeed"]
-    ):
+    by a protocol of its own: then those barriers only make every rank wait for the slowest.
+    Yields whether they are skipped: not for an engine other than DeepSpeed's or a DeepSpeed
+    newer than :data:`TESTED` (the call then runs unchanged)."""
+    ds_engine = _tested_deepspeed_engine_module(engine)
+    if ds_engine is None:
         yield False
         return
     comm = ds_engine.dist
@@ -327,18 +335,10 @@ def reuse_save_metadata(engine) -> Iterator[bool]:
     engine's first save only and reused at the next ones (~0.8 ms of a tiny model's ~2 ms
     save on the loop's thread, more for a bigger model): an engine's modules, parameter set,
     frozen set (``requires_grad``, set when the model is built) and ZeRO groups do not change
-    after it is built. Data (the parameters, the frozen
-    fragments, the optimizer's state) is read at every save. Yields whether they are reused:
+    after it is built. Data (the parameters, the frozen fragments, the optimizer's state) is
+    read at every save. Yields whether they are reused:
     not for an engine other than DeepSpeed's or a DeepSpeed newer than :data:`TESTED`."""
-    try:
-        from deepspeed.runtime import engine as ds_engine
-    except ImportError:
-        yield False
-        return
-    if (
-        not isinstance(engine, ds_engine.DeepSpeedEngine)
-        or version("deepspeed") != TESTED["deepspeed"]
-    ):
+    if _tested_deepspeed_engine_module(engine) is None:
         yield False
         return
     names = (*SAVE_METADATA, "_get_zero_frozen_param_attributes", "_get_param_shape_func")
