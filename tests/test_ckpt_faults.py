@@ -69,6 +69,13 @@ class FakeEngine:
         return str(d), sd["client"]
 
 
+class Loader:
+    """A step loader as far as a save reads it."""
+
+    def state_dict(self):
+        return {"position": 3}
+
+
 def save(engine, c, step, keep_last=10, background=False):
     """A whole save; ``background``: written and committed by the threads of an async save."""
     engine.w = torch.full_like(engine.w, float(step))
@@ -424,10 +431,6 @@ def test_checkpointer_flags_drive_the_phases(tmp_path, monkeypatch):
     moves a save on one phase; a failure of rank 0's commit thread is flagged and raised."""
     from janus_train.trainer.state import Checkpointer, TrainState
 
-    class Loader:
-        def state_dict(self):
-            return {"position": 3}
-
     c = tmp_path / "checkpoints"
     e = FakeEngine()
     saver = Checkpointer(e, c, INFO, keep_last=10, background=True)
@@ -470,10 +473,6 @@ def test_a_save_runs_no_collective_and_carries_the_pending_commits_agreement(tmp
     all-reduce: the prior's, then the gather of its message), the new save's directory
     removed and ``latest`` unchanged."""
     from janus_train.trainer.state import Checkpointer, TrainState
-
-    class Loader:
-        def state_dict(self):
-            return {"position": 3}
 
     calls, reduce = [], ckpt_save.all_reduce_sum
     monkeypatch.setattr(ckpt_save, "all_reduce_sum", lambda t: calls.append("reduce") or reduce(t))
@@ -526,10 +525,6 @@ def test_an_error_exit_commits_a_written_save_without_collectives(tmp_path, monk
     """``Checkpointer.close`` (every exit of the loop): a save whose files every rank has
     synced is committed by rank 0 alone; one whose writer failed never counts."""
     from janus_train.trainer.state import Checkpointer, TrainState
-
-    class Loader:
-        def state_dict(self):
-            return {"position": 3}
 
     c = tmp_path / "checkpoints"
     e = FakeEngine()
@@ -958,10 +953,6 @@ def test_a_save_that_cannot_start_is_flagged_and_raised_at_the_agreement(tmp_pat
     next step's collective without it: it flags the save failed, and the agreement raises the
     error (on every rank: ``test_ckpt_dist``); ``latest`` and the files stay as they were."""
     from janus_train.trainer.state import Checkpointer, TrainState
-
-    class Loader:
-        def state_dict(self):
-            return {"position": 3}
 
     c = tmp_path / "checkpoints"
     e = FakeEngine()

@@ -75,6 +75,19 @@ def test_the_protocol_is_what_the_trainer_calls():
     assert used <= set(MEMBERS), f"the trainer calls {sorted(used - set(MEMBERS))} off-Protocol"
 
 
+def _caption_recipe(tmp_path):
+    """One caption shard of 4 records, read as an understanding and a generation source."""
+    write_tar(tmp_path / "cap-0.tar", caption_records(0, 4))
+    shards = str(tmp_path / "cap-0.tar")
+    return recipe_file(
+        tmp_path,
+        [
+            {"name": t, "task": t, "format": "caption", "shards": shards}
+            for t in ("understanding", "generation")
+        ],
+    )
+
+
 def test_every_loader_class_implements_the_protocol(tiny_model_and_processor, tmp_path):
     from tests.helpers import stage_loader, synthetic_loader
 
@@ -83,15 +96,7 @@ def test_every_loader_class_implements_the_protocol(tiny_model_and_processor, tm
     for cls in classes.values():
         assert _drift(cls) == []
     proc = tiny_model_and_processor[1]
-    write_tar(tmp_path / "cap-0.tar", caption_records(0, 4))
-    shards = str(tmp_path / "cap-0.tar")
-    rec = recipe_file(
-        tmp_path,
-        [
-            {"name": t, "task": t, "format": "caption", "shards": shards}
-            for t in ("understanding", "generation")
-        ],
-    )
+    rec = _caption_recipe(tmp_path)
     run = make_run("stage1", rec, 2, num_workers=0, seq_len=128)
     made = [
         stage_loader(run, proc, micro_batch_size=1),
@@ -114,15 +119,7 @@ def test_loader_args_are_immutable_all_the_way_down(tiny_model_and_processor, tm
 
     from tests.helpers import stage_loader
 
-    write_tar(tmp_path / "cap-0.tar", caption_records(0, 4))
-    shards = str(tmp_path / "cap-0.tar")
-    rec = recipe_file(
-        tmp_path,
-        [
-            {"name": t, "task": t, "format": "caption", "shards": shards}
-            for t in ("understanding", "generation")
-        ],
-    )
+    rec = _caption_recipe(tmp_path)
     run = make_run("stage1", rec, 2, num_workers=0, seq_len=128)  # und:gen 1:1 of 2
     args = stage_loader(run, tiny_model_and_processor[1], micro_batch_size=1).args
     attempts = {
