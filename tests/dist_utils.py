@@ -260,3 +260,44 @@ def run_watched(
     t_exit = time.monotonic()
     threads[1].join(timeout=10)
     return WatchedRun(rc, "".join(lines), t_exit - marked[0] if marked else None, seen)
+
+
+class ZeroFilesEngine:
+    """Stands in for a DeepSpeed engine in checkpoint-protocol scenarios under torchrun: the
+    files of a ZeRO save (rank 0 the model file, each rank its optimizer file), written through
+    ``checkpoint_engine`` as DeepSpeed does, and read back; ``w`` stands for the weights."""
+
+    def __init__(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        self.rank = dist.get_rank()
+        self.w = torch.zeros(50_000)
+        self.checkpoint_engine = self
+
+    def save(self, state_dict, path) -> None:
+        import torch
+
+        torch.save(state_dict, path)
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest) -> None:
+        import torch.distributed as dist
+
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            self.checkpoint_engine.save(
+                {"w": self.w, "client": client_state}, str(d / "mp_rank_00_model_states.pt")
+            )
+        name = f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt"
+        self.checkpoint_engine.save({"exp_avg": self.w * 2}, str(d / name))
+        dist.barrier()
+
+    def load_checkpoint(self, load_dir, tag, **_):
+        import torch
+
+        d = Path(load_dir) / tag
+        sd = torch.load(d / "mp_rank_00_model_states.pt", weights_only=False)
+        torch.load(d / f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt", weights_only=False)
+        self.w = sd["w"]
+        return str(d), sd["client"]

@@ -37,7 +37,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_utils import run_torchrun  # noqa: E402
+from dist_utils import ZeroFilesEngine, run_torchrun  # noqa: E402
 
 pytestmark = pytest.mark.dist
 SELF = str(Path(__file__).resolve())
@@ -226,24 +226,6 @@ def scenario_main(root):
         (root / f"dserror_z{zero}.rank{dist.get_rank()}.json").write_text(json.dumps(msg))
 
 
-class StandIn:
-    """DeepSpeed's files of a 2-rank ZeRO save written through ``checkpoint_engine`` (rank 0 the
-    model file, each rank its optimizer file), for the protocol scenario below."""
-
-    def __init__(self, rank: int) -> None:
-        self.rank, self.w, self.checkpoint_engine = rank, torch.zeros(1000), self
-
-    def save(self, state_dict, path) -> None:
-        torch.save(state_dict, path)
-
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest) -> None:
-        d = Path(save_dir) / tag
-        d.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            self.save({"w": self.w, "client": client_state}, str(d / "mp_rank_00_model_states.pt"))
-        self.save({"exp_avg": self.w * 2}, str(d / f"zero_pp_rank_{self.rank}_optim_states.pt"))
-
-
 def scenario_carry(root: Path) -> None:
     """The loop's protocol of asynchronous saves on 2 ranks, with the loop's step all-reduce
     written out (flags, release, advance): a save that finds the previous one down to the
@@ -266,7 +248,7 @@ def scenario_carry(root: Path) -> None:
             return {"rank": info.rank}
 
     c = root / "carry" / "checkpoints"
-    saver = Checkpointer(StandIn(info.rank), c, info, keep_last=10, background=True)
+    saver = Checkpointer(ZeroFilesEngine(), c, info, keep_last=10, background=True)
 
     def boundary() -> None:  # train_step's all-reduce of the flags, then the loop's advance
         ready, failed = all_reduce_sum(torch.tensor(saver.flags(), dtype=torch.float64))

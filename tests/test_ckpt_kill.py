@@ -33,51 +33,13 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dist_utils import ZeroFilesEngine as Engine  # noqa: E402
 from dist_utils import run_torchrun  # noqa: E402
 
 pytestmark = [pytest.mark.dist, pytest.mark.heavy]
 SELF = str(Path(__file__).resolve())
 MOMENTS = {"writing": 2, "written": 2, "manifest": 2, "renamed": 2, "latest": 4}
 """moment -> the step the killed directory resumes at"""
-
-
-class Engine:
-    """DeepSpeed's files of a 2-rank ZeRO save, written through ``checkpoint_engine``."""
-
-    def __init__(self) -> None:
-        import torch
-        import torch.distributed as dist
-
-        self.rank = dist.get_rank()
-        self.w = torch.zeros(50_000)
-        self.checkpoint_engine = self
-
-    def save(self, state_dict, path) -> None:
-        import torch
-
-        torch.save(state_dict, path)
-
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest) -> None:
-        import torch.distributed as dist
-
-        d = Path(save_dir) / tag
-        d.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            self.checkpoint_engine.save(
-                {"w": self.w, "client": client_state}, str(d / "mp_rank_00_model_states.pt")
-            )
-        name = f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt"
-        self.checkpoint_engine.save({"exp_avg": self.w * 2}, str(d / name))
-        dist.barrier()
-
-    def load_checkpoint(self, load_dir, tag, **_):
-        import torch
-
-        d = Path(load_dir) / tag
-        sd = torch.load(d / "mp_rank_00_model_states.pt", weights_only=False)
-        torch.load(d / f"zero_pp_rank_{self.rank}_mp_rank_00_optim_states.pt", weights_only=False)
-        self.w = sd["w"]
-        return str(d), sd["client"]
 
 
 def _save(engine, c, step, info, background=False):
