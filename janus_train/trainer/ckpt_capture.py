@@ -82,14 +82,14 @@ _LEAVES = frozenset(
 
 
 def snapshot(obj, _memo: dict | None = None, frozen: frozenset[int] = frozenset()):
-    """A deep copy of ``obj`` with every tensor copied to host memory (once, however often it
-    is referenced): what a write started now serializes, whatever later optimizer steps do
-    to the live tensors. On the loop's thread at every save, so it is lean: containers are
-    rebuilt directly (``copy.deepcopy`` is several times slower on a state dict), a tuple or
-    named tuple of immutable leaves (an RNG state: 625 ints) is kept as it is, a dataclass of
-    them (ZeRO's fragment addresses) copied shallowly; any other object is deep-copied. ``frozen``: where parameters that no step
-    changes live on the host (:func:`frozen_storage`): a host tensor starting there is kept
-    as it is (written from the live tensor)."""
+    """A deep copy of ``obj`` with every tensor copied to host memory (once, however often it is
+    referenced): what a write started now serializes, whatever later optimizer steps do to the
+    live tensors. On the loop's thread at every save, so it is lean: containers are rebuilt
+    directly (``copy.deepcopy`` is several times slower on a state dict), a tuple or named tuple
+    of immutable leaves (an RNG state: 625 ints) is kept as it is, a dataclass of them (ZeRO's
+    fragment addresses) copied shallowly; any other object is deep-copied. ``frozen``: where
+    parameters that no step changes live on the host (:func:`frozen_storage`): a host tensor
+    starting there is kept as it is (written from the live tensor)."""
     memo = {} if _memo is None else _memo
     cls = type(obj)
     if cls in _LEAVES:

@@ -18,11 +18,12 @@ complete checkpoint whose data is on disk:
 2. rank 0 checks the free space against the previous checkpoint's size (a warning when the
    save would leave less than one checkpoint of room); every rank writes its snapshots and
    ``trainer_state_rank{r}.pt`` into ``.tmp-<tag>/<tag>``;
-3. every rank fsyncs the files it wrote itself and computes their size and CRC-32 (same
-   thread): its captured snapshots, its ``trainer_state_rank{r}.pt`` and whatever DeepSpeed
-   wrote on that rank outside its checkpoint engine (:class:`~janus_train.trainer.ckpt_capture.WrittenHere`). On a multi-node
-   shared file system only the writer's fsync flushes its node's client cache, so no rank
-   syncs another's file (a file no rank saw itself write is synced by rank 0, with a warning);
+3. every rank fsyncs the files it wrote itself and computes their size and CRC-32 (same thread):
+   its captured snapshots, its ``trainer_state_rank{r}.pt`` and whatever DeepSpeed wrote on that
+   rank outside its checkpoint engine (:class:`~janus_train.trainer.ckpt_capture.WrittenHere`).
+   On a multi-node shared file system only the writer's fsync flushes its node's client cache,
+   so no rank syncs another's file (a file no rank saw itself write is synced by rank 0, with a
+   warning);
 4. the commit, a collective on the main thread of every rank: synchronously, or (async) at
    the first step boundary at which every rank's writer has finished (a flag in the step's
    token-count all-reduce), and at the latest before the next save, at the end of the stage and
@@ -145,8 +146,8 @@ def _latest_bytes(ckpt_dir: Path) -> int:
 
 
 def _check_space(ckpt_dir: Path) -> int:
-    """Rank 0, step 2 (its writer): the previous checkpoint's bytes (0 when none); warns when the next save
-    would leave less than one checkpoint of room."""
+    """Rank 0, step 2 (its writer): the previous checkpoint's bytes (0 when none); warns when
+    the next save would leave less than one checkpoint of room."""
     need = _latest_bytes(ckpt_dir)
     free = _free_bytes(ckpt_dir)
     if need and free < 2 * need:
@@ -473,15 +474,16 @@ def begin_save(
     keep_last: int = 2,
 ) -> PendingSave:
     """Steps 1-3: DeepSpeed's save runs (with its collectives) but its writes are captured as
-    host snapshots (:class:`~janus_train.trainer.ckpt_capture.Capture`); then this rank writes them and ``rank_state``, fsyncs
-    and sums its files: inline, or with ``background`` in the writer thread while the caller
-    goes on (nothing in the thread is a collective). No collective of ours runs here: each
-    rank makes the directory (DeepSpeed's ``makedirs``; the writer too, for its files), and ``.tmp-<tag>`` must not hold an earlier run's
-    leftovers (:func:`~janus_train.trainer.checkpoint.clear_partial_saves` ran before the
-    run's first save). The save counts once :meth:`PendingSave.commit` returns.
-    ``previous``: the save before, still pending: committed first (a collective), except
-    when only the agreement on rank 0's commit is left of an asynchronous one, which this save
-    carries (:attr:`PendingSave.prior`)."""
+    host snapshots (:class:`~janus_train.trainer.ckpt_capture.Capture`); then this rank writes
+    them and ``rank_state``, fsyncs and sums its files: inline, or with ``background`` in the
+    writer thread while the caller goes on (nothing in the thread is a collective). No
+    collective of ours runs here: each rank makes the directory (DeepSpeed's ``makedirs``; the
+    writer too, for its files), and ``.tmp-<tag>`` must not hold an earlier run's leftovers
+    (:func:`~janus_train.trainer.checkpoint.clear_partial_saves` ran before the run's first
+    save). The save counts once :meth:`PendingSave.commit` returns. ``previous``: the save
+    before, still pending: committed first (a collective), except when only the agreement on
+    rank 0's commit is left of an asynchronous one, which this save carries
+    (:attr:`PendingSave.prior`)."""
     ckpt_dir = Path(ckpt_dir)
     prior = None
     if previous is not None:

@@ -67,15 +67,14 @@ class TrainState:
 
 class Checkpointer:
     """The loop's saves of engine + train state + this rank's loader position and RNG.
-    Collective to make (what earlier runs' saves left under ``.tmp-`` is removed).
-
-    :meth:`save` starts one (the one before committed first, or carried when only its
-    agreement is left); it counts once :meth:`commit` returns. ``background`` (``train.ckpt_async``): ``save`` returns after the host snapshot; a
-    writer thread of each rank writes and syncs its files, then a thread of rank 0 commits,
-    while the loop goes on; the loop calls :meth:`advance` at a step boundary where every
-    rank's :meth:`flags` said ready (twice per save) and :meth:`commit` on leaving; a save
-    that finds the pending one down to the agreement on its commit carries it (no collective
-    at the save). Otherwise ``save`` writes and commits at once."""
+    Collective to make (what earlier runs' saves left under ``.tmp-`` is removed). :meth:`save`
+    starts one (the one before committed first, or carried when only its agreement is left); it
+    counts once :meth:`commit` returns. ``background`` (``train.ckpt_async``): ``save`` returns
+    after the host snapshot; a writer thread of each rank writes and syncs its files, then a
+    thread of rank 0 commits, while the loop goes on; the loop calls :meth:`advance` at a step
+    boundary where every rank's :meth:`flags` said ready (twice per save) and :meth:`commit` on
+    leaving; a save that finds the pending one down to the agreement on its commit carries it
+    (no collective at the save). Otherwise ``save`` writes and commits at once."""
 
     def __init__(
         self, engine, ckpt_dir: str | os.PathLike, info: DistInfo, keep_last: int, background: bool
